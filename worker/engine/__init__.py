@@ -1,0 +1,9 @@
+"""The pruning engine: pure PyTorch + transformers.
+
+It knows nothing of Celery, HTTP or the database. Entry points:
+
+- ``worker.engine.pipeline.run_job(PruneJob(...), on_progress=..., should_cancel=...)``
+  loads a model, calibrates, prunes block by block, evaluates and saves; returns the report.
+- ``worker.engine.sparsegpt.sparsegpt_prune`` solves one layer.
+- ``worker.engine.cli.main`` is ``sparsegpt prune``.
+"""
