@@ -1,0 +1,84 @@
+"""Tiny random causal LMs built from transformers configs, with a real (tiny) BPE tokenizer.
+
+No hub is needed: the tokenizer is trained on a slice of WikiText-2 from ../shared/data (or
+on a built-in paragraph when that is missing), the weights are random.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+_FALLBACK_TEXT = (
+    "The quick brown fox jumps over the lazy dog. SparseGPT prunes large language models "
+    "in one shot without retraining, layer by layer, using second order information. "
+) * 50
+
+ARCHS = ("llama", "opt", "bloom", "gpt2", "gpt_neox")
+
+
+def sample_text(chars: int = 60_000) -> str:
+    """A slice of real English text for tokenizers and calibration files."""
+    path = SHARED_DATA / "wikitext-2" / "valid.txt"
+    if path.exists():
+        return path.read_text(encoding="utf-8")[:chars]
+    return _FALLBACK_TEXT
+
+
+def make_tokenizer(vocab_size: int = 384) -> transformers.PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([sample_text()], trainer=trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+    )
+
+
+def make_config(arch: str, vocab_size: int, hidden: int = 64, blocks: int = 2, context: int = 256):
+    common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if arch == "llama":
+        return transformers.LlamaConfig(
+            hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=blocks,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+            tie_word_embeddings=False, **common)
+    if arch == "opt":
+        return transformers.OPTConfig(
+            hidden_size=hidden, ffn_dim=2 * hidden + 32, num_hidden_layers=blocks,
+            num_attention_heads=4, word_embed_proj_dim=hidden, max_position_embeddings=context,
+            **common)
+    if arch == "bloom":
+        return transformers.BloomConfig(hidden_size=hidden, n_layer=blocks, n_head=4, **common)
+    if arch == "gpt2":
+        return transformers.GPT2Config(
+            n_embd=hidden, n_layer=blocks, n_head=4, n_positions=context, **common)
+    if arch == "gpt_neox":
+        return transformers.GPTNeoXConfig(
+            hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=blocks,
+            num_attention_heads=4, max_position_embeddings=context, **common)
+    raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHS)}")
+
+
+def make_tiny_model(directory: Path, arch: str = "llama", seed: int = 0, **config_kwargs) -> Path:
+    """Save a 2-block random ``arch`` model and its tokenizer in ``directory``; return it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer()
+    config = make_config(arch, vocab_size=len(tokenizer), **config_kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
