@@ -1,0 +1,112 @@
+"""The ``sparsegpt`` console script: a small dispatcher.
+
+    sparsegpt serve  [--host H] [--port P] [--workers N]   the API (+ embedded Redis and workers)
+    sparsegpt worker [--gpu N] [--queue Q] [--loglevel L]  one Celery worker for one GPU
+    sparsegpt prune  MODEL --sparsity 2:4 ...              the engine alone (worker.engine.cli)
+    sparsegpt users  add NAME [--admin] | list             API accounts
+
+Each subcommand imports what it runs only when it runs, so ``serve`` never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from app.embedded import serve
+
+    return serve(host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    if args.gpu is not None:
+        # Before anything can touch CUDA (it is only touched inside the task anyway).
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+    from worker.celery_app import run_worker
+
+    return run_worker(
+        queues=args.queue,
+        gpu=args.gpu,
+        loglevel=args.loglevel,
+        hostname=args.hostname,
+        concurrency=args.concurrency,
+    )
+
+
+def _users(args: argparse.Namespace) -> int:
+    from app.users import main as users_main
+
+    return users_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsegpt",
+        description="SparseGPT pruning service: API server, GPU workers, and the engine's CLI.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("serve", help="run the API (with embedded Redis and local workers by default)")
+    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local worker processes to start (default 1; 0 on a server whose workers run apart)",
+    )
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("worker", help="run one Celery worker (one per GPU)")
+    p.add_argument("--gpu", type=int, default=None, help="GPU index (sets CUDA_VISIBLE_DEVICES)")
+    p.add_argument(
+        "--queue",
+        action="append",
+        default=None,
+        help="extra queue to consume (repeatable); the shared job queue is always consumed",
+    )
+    p.add_argument("--loglevel", default="info")
+    p.add_argument("--hostname", default=None, help="Celery node name (default sparsegpt-gpuN@host)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="processes in the pool (default 1: one job at a time per GPU)",
+    )
+    p.set_defaults(func=_worker)
+
+    sub.add_parser(
+        "prune",
+        help="prune a model with the engine alone (see `sparsegpt prune --help`)",
+        add_help=False,
+    )
+
+    p = sub.add_parser("users", help="manage API accounts")
+    usub = p.add_subparsers(dest="users_command", metavar="ACTION")
+    usub.required = True
+    a = usub.add_parser("add", help="create a user and print its token (once, on the last line)")
+    a.add_argument("name")
+    a.add_argument("--admin", action="store_true", help="may cancel or delete anyone's jobs")
+    usub.add_parser("list", help="list users")
+    p.set_defaults(func=_users)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "prune":
+        # Everything after `prune` belongs to the engine's own parser.
+        from worker.engine.cli import main as prune_main
+
+        return int(prune_main(argv[1:]) or 0)
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
