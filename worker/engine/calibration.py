@@ -1,0 +1,144 @@
+"""Calibration and evaluation text, the reference's way.
+
+Named sets come through ``datasets`` (c4, wikitext2, ptb); local .txt files are read whole
+and .jsonl files are the ``text`` field of each line, joined with blank lines. Calibration
+windows are sampled exactly as the reference does: ``random.seed(seed)``, then per sample
+``i = random.randint(0, ntok - seqlen - 1)`` and ``ids[i : i + seqlen]``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from worker.engine.errors import DataError, InvalidJob
+
+NAMED = ("c4", "wikitext2", "ptb")
+C4_TRAIN = "en/c4-train.00000-of-01024.json.gz"
+C4_VALIDATION = "en/c4-validation.00000-of-00008.json.gz"
+# datasets >= 4 runs no loading scripts; the hub's parquet conversion of ptb_text_only works.
+PTB_PARQUET = "refs/convert/parquet"
+
+
+def is_named(name: str) -> bool:
+    return name in NAMED
+
+
+def _load_dataset(*args, **kwargs):
+    import datasets  # imported on use: the CLI's argument checks should not pay for it
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as exc:  # network, hub or cache problems: say which set failed
+        raise DataError(f"could not load dataset {args[0]!r}: {exc}") from exc
+
+
+def read_text_file(path: str | Path) -> str:
+    """A .txt file whole, or the ``text`` fields of a .jsonl file joined with blank lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"text file {str(path)!r} does not exist")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path.name} is not UTF-8 text: {exc}") from None
+    if path.suffix.lower() in (".jsonl", ".json"):
+        texts = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path.name} line {lineno} is not JSON: {exc.msg}") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{path.name} line {lineno} has no string field 'text'")
+            texts.append(record["text"])
+        raw = "\n\n".join(texts)
+    if not raw.strip():
+        raise DataError(f"{path.name} holds no text")
+    return raw
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    """All tokens of ``text`` as one 1-D tensor (no truncation; the tokenizer's defaults)."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "longer than the maximum length" is expected here
+    try:
+        return torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def _sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, source: str) -> torch.Tensor:
+    if ids.numel() <= seqlen + 1:
+        raise DataError(
+            f"{source} has {ids.numel()} tokens, too few for windows of {seqlen}: "
+            "use a longer text or a shorter seqlen"
+        )
+    random.seed(seed)
+    rows = []
+    for _ in range(nsamples):
+        i = random.randint(0, ids.numel() - seqlen - 1)
+        rows.append(ids[i : i + seqlen])
+    return torch.stack(rows)  # (nsamples, seqlen)
+
+
+def _c4_calibration(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    data = _load_dataset("allenai/c4", data_files={"train": C4_TRAIN}, split="train")
+    random.seed(seed)
+    rows = []
+    for _ in range(nsamples):
+        for _attempt in range(10_000):  # documents longer than seqlen are common; guard anyway
+            doc = data[random.randint(0, len(data) - 1)]["text"]
+            ids = _tokenize(tokenizer, doc)
+            if ids.numel() > seqlen:
+                break
+        else:
+            raise DataError(f"c4: found no document longer than {seqlen} tokens")
+        i = random.randint(0, ids.numel() - seqlen - 1)
+        rows.append(ids[i : i + seqlen])
+    return torch.stack(rows)
+
+
+def _named_text(name: str, split: str) -> str:
+    """The joined text of a named set's split, as the reference joins it."""
+    if name == "wikitext2":
+        rows = _load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+        return (" " if split == "train" else "\n\n").join(rows)
+    if name == "ptb":
+        rows = _load_dataset("ptb_text_only", "penn_treebank", split=split, revision=PTB_PARQUET)["sentence"]
+        return " ".join(rows)
+    if name == "c4":
+        data = _load_dataset("allenai/c4", data_files={"validation": C4_VALIDATION}, split="validation")
+        return " ".join(data[:1100]["text"])
+    raise InvalidJob(f"unknown dataset {name!r}; use one of {', '.join(NAMED)} or a .txt/.jsonl file")
+
+
+def calibration_windows(tokenizer, source: str, *, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """(nsamples, seqlen) token ids from a named set or a local file."""
+    if nsamples < 1:
+        raise InvalidJob(f"nsamples must be at least 1, got {nsamples}")
+    if source == "c4":
+        return _c4_calibration(tokenizer, nsamples, seqlen, seed)
+    text = _named_text(source, "train") if is_named(source) else read_text_file(source)
+    return _sample_windows(_tokenize(tokenizer, text), nsamples, seqlen, seed, source)
+
+
+def evaluation_windows(tokenizer, source: str, *, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of seqlen from the start, the tail dropped: (windows, seqlen)."""
+    text = _named_text(source, "test" if source != "c4" else "validation") if is_named(source) else read_text_file(source)
+    ids = _tokenize(tokenizer, text)
+    count = ids.numel() // seqlen
+    if source == "c4":
+        count = min(count, 256)  # the reference cuts c4 evaluation to 256 windows
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count < 1:
+        raise DataError(f"{source} has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: count * seqlen].reshape(count, seqlen)

@@ -1,0 +1,191 @@
+"""Loading a causal LM (hub id, local directory or GGUF file) and saving the pruned one.
+
+The pruned model is saved as a DENSE safetensors checkpoint whose pruned weights are zeros:
+current serving stacks (vLLM, llm-compressor) no longer load sparse checkpoints, so this is
+what every tool reads. The model card says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from worker.engine.errors import InvalidJob, ModelNotFound
+
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidJob(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidJob("device cuda was asked for, but no CUDA GPU is available here")
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidJob(f"device {name!r} is not supported; use cpu or cuda")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto': fp16 on CUDA (as the reference), fp32 on the CPU."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise InvalidJob(f"unknown dtype {name!r}; use auto, float16, bfloat16 or float32")
+    return DTYPES[name]
+
+
+def _gguf_file(directory: Path) -> str | None:
+    """The one .gguf file of a directory that has no config.json, if that is what it holds."""
+    if (directory / "config.json").exists():
+        return None
+    ggufs = sorted(p.name for p in directory.glob("*.gguf"))
+    if len(ggufs) > 1:
+        raise InvalidJob(f"{directory} holds several .gguf files ({', '.join(ggufs)}): name one")
+    return ggufs[0] if ggufs else None
+
+
+def _explain_load_error(model: str, exc: Exception) -> ModelNotFound:
+    text = str(exc)
+    name = type(exc).__name__
+    if "Gated" in name or "gated" in text.lower():
+        return ModelNotFound(f"model {model!r} is gated: accept its licence on the Hub and set HF_TOKEN")
+    if "RepositoryNotFound" in name or "is not a local folder and is not a valid model identifier" in text:
+        return ModelNotFound(f"model {model!r} was not found (neither a local directory nor a Hub model id)")
+    if "RevisionNotFound" in name:
+        return ModelNotFound(f"model {model!r}: revision not found")
+    first_line = text.strip().splitlines()[0] if text.strip() else name
+    return ModelNotFound(f"model {model!r} could not be loaded: {first_line}")
+
+
+def load_model(model: str, *, dtype: torch.dtype, revision: str | None = None,
+               trust_remote_code: bool = False, token: str | None = None):
+    """(model on the CPU in eval mode, tokenizer). Weights are memory-mapped where possible."""
+    import transformers
+
+    path = Path(model).expanduser()
+    kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code,
+                    "token": token or os.environ.get("HF_TOKEN")}
+    if path.suffix == ".gguf" and path.is_file():
+        model_source, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.is_dir():
+        model_source = str(path)
+        gguf = _gguf_file(path)
+        if gguf:
+            kwargs["gguf_file"] = gguf
+    elif model.startswith(("/", "./", "../", "~")) or os.sep in model.strip("/").replace("/", "", 1):
+        raise ModelNotFound(f"model directory {model!r} does not exist")
+    else:
+        model_source = model
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_source, **kwargs)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(model_source, dtype=dtype, **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise InvalidJob(f"model {model!r} needs trust_remote_code, which this run does not allow") from None
+        raise _explain_load_error(model, exc) from None
+    except (OSError, EnvironmentError) as exc:
+        raise _explain_load_error(model, exc) from None
+    if "gguf_file" in kwargs:
+        # GGUF weights arrive dequantized; the config's quantization note no longer applies.
+        lm.config.quantization_config = None
+        if hasattr(lm.config, "__dict__"):
+            lm.config.__dict__.pop("quantization_config", None)
+    lm.eval()
+    lm.config.use_cache = False
+    return lm, tokenizer
+
+
+def context_length(model, tokenizer) -> int | None:
+    """The longest sequence the model was built for, or None when it has no fixed limit."""
+    config = model.config
+    for attr in ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
+
+
+def model_card(report: dict) -> str:
+    dense = report.get("dense_perplexity") or {}
+    pruned = report.get("perplexity") or {}
+    rows = "\n".join(
+        f"| {name} | {dense.get(name, float('nan')):.3f} | {ppl:.3f} |" for name, ppl in pruned.items()
+    ) or "| (not evaluated) | | |"
+    cal = report.get("calibration", {})
+    blocks: dict[int, list[float]] = {}
+    for layer in report.get("layers", []):
+        blocks.setdefault(layer["block"], []).append(layer["sparsity"])
+    per_block = "\n".join(f"| {b} | {sum(v) / len(v):.4f} |" for b, v in sorted(blocks.items()))
+    return f"""---
+library_name: transformers
+base_model: {report.get("model")}
+tags:
+- sparsegpt
+- pruned
+- sparse
+---
+
+# {Path(str(report.get("model"))).name} pruned with {report.get("method")} ({report.get("pattern")})
+
+One-shot pruned, without retraining, by sparsegpt-service.
+
+- Method: **{report.get("method")}**, pattern **{report.get("pattern")}**, achieved sparsity
+  {report.get("sparsity", 0):.4f} over the pruned Linear layers (embeddings and lm_head are dense).
+- Calibration: {cal.get("dataset")}, {cal.get("nsamples")} samples of {cal.get("seqlen")} tokens, seed {cal.get("seed")}.
+- Solver: blocksize {report.get("solver", {}).get("blocksize")}, percdamp {report.get("solver", {}).get("percdamp")},
+  weight bits {report.get("solver", {}).get("wbits") or "none (not quantized)"}.
+
+**This is a dense checkpoint with zeros.** The pruned weights are stored as explicit zeros in
+ordinary safetensors files: it loads anywhere `AutoModelForCausalLM.from_pretrained` works, at
+the dense model's size and speed. Serving stacks (vLLM, llm-compressor) no longer load sparse
+or 2:4-compressed checkpoints, so no compressed format is written.
+
+## Perplexity
+
+| evaluation set | dense | pruned |
+|---|---|---|
+{rows}
+
+## Sparsity per block
+
+| block | sparsity |
+|---|---|
+{per_block}
+"""
+
+
+def save_pruned(model, tokenizer, output: str | Path, report: dict) -> Path:
+    """Write the HF directory (safetensors, config, tokenizer, README card, report) atomically.
+
+    It is written next to ``output`` and renamed into place, so an interrupted save never
+    leaves a partial directory at ``output``.
+    """
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise InvalidJob(f"output directory {str(output)!r} exists and is not empty")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "README.md").write_text(model_card(report), encoding="utf-8")
+        (staging / "sparsegpt_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        if output.exists():
+            output.rmdir()
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output

@@ -1,0 +1,311 @@
+"""The block-by-block driver: prune (and evaluate) a causal LM one decoder block at a time.
+
+The model stays on the CPU; only the block in flight is moved to the compute device, so a
+model larger than the accelerator is pruned with one accelerator. Per block:
+
+1. a calibration pass through the DENSE block, forward pre-hooks accumulating each Linear's
+   Hessian (Linears that read the same tensor, q/k/v or gate/up, share one);
+2. the Linears are solved (layers sharing a Hessian in one stacked solve) and written back;
+3. a second pass through the PRUNED block makes the next block's inputs, in place.
+
+The calibration batch runs through a block in chunks of several sequences, not one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from worker.engine.architectures import (
+    Adapter,
+    LayerSelection,
+    prunable_linears,
+    set_weight_matrix,
+    weight_matrix,
+)
+from worker.engine.baselines import magnitude_prune, wanda_prune
+from worker.engine.patterns import SparsityPattern
+from worker.engine.progress import Tracker
+from worker.engine.sparsegpt import Hessian, relative_error, sparsegpt_prune_shared
+
+log = logging.getLogger(__name__)
+METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
+@dataclass
+class LayerResult:
+    block: int
+    name: str  # full module name, e.g. "model.layers.0.self_attn.q_proj"
+    sparsity: float  # zeros / weights after pruning
+    error: float | None  # relative reconstruction error on the calibration data
+    seconds: float
+    loss: float | None = None  # SparseGPT's own objective
+
+    def as_dict(self) -> dict:
+        return {"block": self.block, "name": self.name, "sparsity": self.sparsity,
+                "error": self.error, "seconds": self.seconds, "loss": self.loss}
+
+
+@dataclass
+class SolverSettings:
+    method: str
+    pattern: SparsityPattern
+    blocksize: int = 128
+    percdamp: float = 0.01
+    wbits: int | None = None
+
+
+@dataclass
+class BlockInputs:
+    """What enters a block, per chunk of sequences: hidden states and the other arguments."""
+
+    hidden: list[torch.Tensor]  # each (b, seq, hidden), on the storage device
+    args: list[tuple]  # positional arguments after the hidden states, on the compute device
+    kwargs: list[dict]  # attention mask, position ids / embeddings, alibi, ..., on the compute device
+
+
+class _BlockZeroReached(Exception):
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__("captured")
+        self.args, self.kwargs = args, kwargs
+
+
+def to_device(obj, device: torch.device, non_blocking: bool = False):
+    """Move every tensor inside nested tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=non_blocking)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device, non_blocking) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device, non_blocking) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+    return obj
+
+
+def storage_device(device: torch.device, nbytes: int) -> torch.device:
+    """Keep activations on the accelerator only when they fit comfortably, else on the CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        if nbytes <= 0.4 * free:
+            return device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, *, batch_size: int,
+                         device: torch.device) -> BlockInputs:
+    """Run the model's embeddings on ``ids`` (n, seq) and stop at block 0, keeping its inputs.
+
+    The embeddings run where the model lives (the CPU); the block's other arguments are
+    whatever the model itself passes (causal mask, position ids, rotary cos/sin, alibi).
+    """
+    def stop(_module, args, kwargs):
+        raise _BlockZeroReached(args, kwargs)
+
+    model_device = next(model.parameters()).device
+    itemsize = next(model.parameters()).element_size()
+    hidden_size = model.config.hidden_size if hasattr(model.config, "hidden_size") else None
+    nbytes = ids.numel() * (hidden_size or 0) * itemsize
+    store = storage_device(device, nbytes)
+    pin = store.type == "cpu" and device.type == "cuda"
+    inputs = BlockInputs(hidden=[], args=[], kwargs=[])
+    handle = adapter.blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for chunk in ids.split(batch_size):
+            try:
+                model(input_ids=chunk.to(model_device), use_cache=False)
+            except _BlockZeroReached as captured:
+                args, kwargs = captured.args, dict(captured.kwargs)
+            else:
+                raise RuntimeError("the model returned without calling its first decoder block")
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            hidden = hidden.to(store)
+            inputs.hidden.append(hidden.pin_memory() if pin else hidden)
+            inputs.args.append(to_device(tuple(args[1:]), device))
+            inputs.kwargs.append(to_device(kwargs, device))
+    finally:
+        handle.remove()
+    return inputs
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, *, keep: bool,
+              after_chunk=None) -> None:
+    """Run every chunk through ``block``; with ``keep`` the outputs replace the inputs in place."""
+    for c, hidden in enumerate(inputs.hidden):
+        out = block(hidden.to(device, non_blocking=True), *inputs.args[c], **inputs.kwargs[c])
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if keep:
+            inputs.hidden[c] = out.to(hidden.device, non_blocking=True)
+        if after_chunk is not None:
+            after_chunk()
+
+
+class HessianCollector:
+    """Forward pre-hooks that accumulate the Hessian of each hooked Linear's input.
+
+    Linears called with the very same input tensor in one forward pass (q/k/v, gate/up)
+    share the Hessian of the first of them: ``groups`` maps that owner to all its readers.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device):
+        self.hessians: dict[str, Hessian] = {}
+        self.groups: dict[str, list[str]] = {}
+        self._owner_of: dict[str, str] = {}
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, owner), one pass
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+        self.device = device
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if name in self._owner_of:
+                if self._owner_of[name] != name:
+                    return
+            else:
+                seen = self._seen.get(id(x))
+                owner = seen[1] if seen is not None and seen[0] is x else name
+                self._owner_of[name] = owner
+                self.groups.setdefault(owner, []).append(name)
+                if owner != name:
+                    return
+            self._seen[id(x)] = (x, name)
+            if name not in self.hessians:
+                self.hessians[name] = Hessian(x.shape[-1], self.device)
+            self.hessians[name].add_batch(x)
+
+        return hook
+
+    def end_pass(self) -> None:
+        self._seen.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._seen.clear()
+
+
+def _sparsity(W: torch.Tensor) -> float:
+    return (W == 0).sum().item() / W.numel()
+
+
+def solve_group(names: list[str], modules: dict[str, nn.Module], H: torch.Tensor | None,
+                solver: SolverSettings, device: torch.device) -> list[tuple[float | None, float | None]]:
+    """Prune the layers of one Hessian group in place; (error, loss) per layer."""
+    dense = [weight_matrix(modules[n]).to(device) for n in names]
+    if solver.method == "sparsegpt":
+        results = sparsegpt_prune_shared(dense, H, solver.pattern, blocksize=solver.blocksize,
+                                         percdamp=solver.percdamp, wbits=solver.wbits)
+        pruned, stats = [r.weight for r in results], [(r.error, r.loss) for r in results]
+    else:
+        if solver.method == "wanda":
+            pruned = [wanda_prune(W, torch.diag(H), solver.pattern) for W in dense]
+        else:
+            pruned = [magnitude_prune(W, solver.pattern) for W in dense]
+        stats = [(relative_error(W, P, H) if H is not None else None, None) for W, P in zip(dense, pruned)]
+    for n, P in zip(names, pruned):
+        set_weight_matrix(modules[n], P)
+    return stats
+
+
+@torch.no_grad()
+def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tensor | None, *,
+                     solver: SolverSettings, selection: LayerSelection, device: torch.device,
+                     batch_size: int, tracker: Tracker) -> list[LayerResult]:
+    """Prune the selected Linears of every selected block; returns one result per Linear.
+
+    ``calibration`` (nsamples, seqlen) token ids; magnitude pruning needs none.
+    """
+    blocks = adapter.blocks
+    nblocks = len(blocks)
+    selection.validate(nblocks)
+    last = selection.last_block if selection.last_block is not None else nblocks - 1
+    offload = next(model.parameters()).device
+    needs_data = solver.method != "magnitude"
+    inputs = (capture_block_inputs(model, adapter, calibration, batch_size=batch_size, device=device)
+              if needs_data else None)
+    results: list[LayerResult] = []
+
+    for i in range(last + 1):
+        block = blocks[i]
+        tracker.emit(i / (last + 1), layer=i, layers=nblocks, message=f"block {i + 1} of {nblocks}")
+        if not selection.block_selected(i):
+            if needs_data:
+                block.to(device)
+                run_block(block, inputs, device, keep=True)
+                block.to(offload)
+            continue
+        block.to(device)
+        prefix = adapter.block_name(i)
+        modules = {name: m for name, m in prunable_linears(block).items()
+                   if selection.module_selected(f"{prefix}.{name}")}
+        if needs_data:
+            collector = HessianCollector(modules, device)
+            try:
+                run_block(block, inputs, device, keep=False, after_chunk=collector.end_pass)
+            finally:
+                collector.remove()
+            groups = [(names, collector.hessians[owner].H) for owner, names in collector.groups.items()]
+            del collector
+        else:
+            groups = [([name], None) for name in modules]
+
+        for g, (names, H) in enumerate(groups):
+            tracker.emit((i + g / max(len(groups), 1)) / (last + 1), layer=i, layers=nblocks,
+                         module=f"{prefix}.{names[0]}", message=f"pruning {', '.join(names)}")
+            t0 = time.perf_counter()
+            stats = solve_group(names, modules, H, solver, device)
+            seconds = time.perf_counter() - t0
+            rows = [weight_matrix(modules[n]).shape[0] for n in names]
+            for n, r, (error, loss) in zip(names, rows, stats):
+                results.append(LayerResult(
+                    block=i, name=f"{prefix}.{n}", sparsity=_sparsity(weight_matrix(modules[n])),
+                    error=error, loss=loss, seconds=seconds * r / sum(rows)))
+        del groups
+        if needs_data and i < last:
+            run_block(block, inputs, device, keep=True)  # the pruned block feeds the next one
+        block.to(offload)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    tracker.emit(1.0, layer=nblocks - 1, layers=nblocks, message="pruned")
+    return results
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, adapter: Adapter, windows: torch.Tensor, *, device: torch.device,
+               batch_size: int, tracker: Tracker, label: str = "") -> float:
+    """exp(mean over windows of the mean next-token cross-entropy), computed block by block."""
+    nblocks = len(adapter.blocks)
+    offload = next(model.parameters()).device
+    inputs = capture_block_inputs(model, adapter, windows, batch_size=batch_size, device=device)
+    for i, block in enumerate(adapter.blocks):
+        tracker.emit(i / (nblocks + 1), layer=i, layers=nblocks, message=f"{label} block {i + 1} of {nblocks}")
+        block.to(device)
+        run_block(block, inputs, device, keep=True)
+        block.to(offload)
+    tracker.emit(nblocks / (nblocks + 1), layer=nblocks - 1, layers=nblocks, message=f"{label} head")
+    head = adapter.head_modules()
+    for m in head:
+        m.to(device)
+    nlls = []
+    try:
+        targets = windows.split(batch_size)
+        for c, hidden in enumerate(inputs.hidden):
+            for w in range(hidden.shape[0]):  # one window at a time: logits are (seq, vocab) fp32
+                h = hidden[w : w + 1].to(device)
+                for m in adapter.final:
+                    h = m(h)
+                logits = adapter.lm_head(h).float()[0, :-1]
+                if adapter.logit_softcap:
+                    logits = torch.tanh(logits / adapter.logit_softcap) * adapter.logit_softcap
+                labels = targets[c][w, 1:].to(device)
+                nlls.append(nn.functional.cross_entropy(logits, labels).item())
+    finally:
+        for m in head:
+            m.to(offload)
+    return float(torch.exp(torch.tensor(nlls, dtype=torch.float64).mean()).item())
