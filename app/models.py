@@ -101,6 +101,7 @@ class Job(Base):
     artifact_size: Mapped[int | None] = mapped_column(BigInteger)
     artifact_sha256: Mapped[str | None] = mapped_column(String(64))
 
+    owner: Mapped[User | None] = relationship(lazy="joined")
     modules: Mapped[list[ModuleResult]] = relationship(
         back_populates="job",
         cascade="all, delete-orphan",
