@@ -73,6 +73,7 @@ def load_model(model: str, *, dtype: torch.dtype, revision: str | None = None,
     """(model on the CPU in eval mode, tokenizer). Weights are memory-mapped where possible."""
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # the engine reports its own progress
     path = Path(model).expanduser()
     kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code,
                     "token": token or os.environ.get("HF_TOKEN")}
