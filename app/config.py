@@ -47,6 +47,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("SPARSEGPT_HEARTBEAT_TIMEOUT", "SPARSEGPT_HEARTBEAT_TIMEOUT_S"),
     )
 
+    # The engine's device on the workers: auto (CUDA when there is one) | cpu | cuda | cuda:N.
+    worker_device: str = "auto"
+
     # Request limits.
     max_upload_bytes: int = 64 * 1024 * 1024
     max_nsamples: int = 4096

@@ -10,7 +10,7 @@ import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BUILTIN_DATASETS = ("c4", "wikitext2", "ptb")
 METHODS = ("sparsegpt", "wanda", "magnitude")
@@ -155,6 +155,16 @@ class JobSpec(_Strict):
                 f"{value!r} is not a Hugging Face model id (org/name) nor an absolute local path"
             )
         return value
+
+    @model_validator(mode="after")
+    def _solver_fits(self) -> JobSpec:
+        if self.solver.wbits is not None and self.method != "sparsegpt":
+            raise ValueError("solver.wbits (joint quantization) works with method sparsegpt only")
+        if isinstance(self.sparsity, str) and self.method == "sparsegpt":
+            m = int(self.sparsity.split(":")[1])
+            if self.solver.blocksize % m:
+                raise ValueError(f"solver.blocksize {self.solver.blocksize} must be a multiple of M={m} for {self.sparsity}")
+        return self
 
     @field_validator("revision")
     @classmethod
