@@ -1,0 +1,191 @@
+"""``sparsegpt serve``: the whole service from one command.
+
+With nothing configured: a SQLite file in the data directory, a redis-server of its own on a
+free loopback port (when REDIS_URL is not set), migrations applied, ``--workers`` local worker
+processes, and the API on 127.0.0.1:8000. SIGINT/SIGTERM stop the API, then the workers, then
+Redis. On a team server (``--workers 0``) the workers run as their own services.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from app import db
+from app.config import get_settings
+
+log = logging.getLogger("sparsegpt.serve")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit(
+            "sparsegpt serve: REDIS_URL is not set and no redis-server is installed; "
+            "install Redis (apt-get install redis-server) or set REDIS_URL=redis://host:6379/0"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(directory), "--daemonize", "no", "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            client.ping()
+            return proc, url
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                proc.kill()
+                raise SystemExit(f"sparsegpt serve: redis-server did not start: {err.strip()[:500]}")
+            time.sleep(0.05)
+
+
+class Workers:
+    """Local ``sparsegpt worker`` processes, restarted if one dies, stopped on the way out."""
+
+    def __init__(self, count: int, env: dict[str, str]):
+        self.count, self.env = count, env
+        self.procs: list[subprocess.Popen | None] = [None] * count
+        self.stopping = threading.Event()
+        self.restarts: list[float] = []
+        self.lock = threading.Lock()
+
+    def _spawn(self, index: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "app.cli", "worker", f"--hostname=local{index}@%h"]
+        if self.count > 1:
+            cmd.append(f"--gpu={index}")  # one GPU per local worker
+        return subprocess.Popen(cmd, env=self.env, start_new_session=True)
+
+    def start(self) -> None:
+        for index in range(self.count):
+            self.procs[index] = self._spawn(index)
+        threading.Thread(target=self._watch, name="workers-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(2.0):
+            with self.lock:
+                for index, proc in enumerate(self.procs):
+                    if proc is None or proc.poll() is None or self.stopping.is_set():
+                        continue
+                    now = time.monotonic()
+                    self.restarts = [t for t in self.restarts if now - t < 60] + [now]
+                    if len(self.restarts) > 5 * self.count:
+                        log.error("local worker %d keeps dying (exit %s); not restarting it", index, proc.returncode)
+                        self.procs[index] = None
+                        continue
+                    log.warning("local worker %d exited with %s; restarting it", index, proc.returncode)
+                    self.procs[index] = self._spawn(index)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Warm shutdown first (SIGTERM: a running job may finish its step), then cold (SIGQUIT),
+        then SIGKILL for the worker's whole process group. A job cut short is redelivered
+        (acks late) when a worker starts again."""
+        self.stopping.set()
+        with self.lock:
+            procs = [p for p in self.procs if p is not None and p.poll() is None]
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
+            for proc in procs:
+                if proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            deadline = time.monotonic() + wait
+            for proc in procs:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            procs = [p for p in procs if p.poll() is None]
+            if not procs:
+                break
+        with self.lock:
+            for proc in self.procs:  # the pool children, if any survived their parent
+                if proc is not None:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+
+
+def _raise_exit(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def serve(*, host: str | None, port: int | None, workers: int | None, log_level: str = "info") -> int:
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    previous = signal.signal(signal.SIGTERM, _raise_exit)
+    settings = get_settings()
+    host, port = host or "127.0.0.1", port or 8000
+    workers = 1 if workers is None else workers
+    if workers < 0:
+        raise SystemExit("sparsegpt serve: --workers must be 0 or more")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # The children must agree with us on every default: pass them explicitly.
+    os.environ["SPARSEGPT_DATA_DIR"] = str(settings.data_dir)
+    os.environ.setdefault("DATABASE_URL", settings.database)
+    redis_proc = None
+    pool: Workers | None = None
+    try:
+        if not settings.redis_url:
+            redis_proc, url = start_redis(settings.data_dir / "redis")
+            os.environ["REDIS_URL"] = url
+            log.info("started redis-server (pid %d) at %s", redis_proc.pid, url)
+        get_settings.cache_clear()
+        settings = get_settings()
+        db.migrate(settings.database)
+        log.info("database %s is at the latest migration", settings.database.split("@")[-1])
+        if workers:
+            pool = Workers(workers, dict(os.environ))
+            pool.start()
+            log.info("started %d local worker process(es)", workers)
+
+        import uvicorn
+
+        from app.main import create_app
+
+        config = uvicorn.Config(
+            create_app(settings, migrate=False), host=host, port=port, log_level=log_level,
+            timeout_graceful_shutdown=5, proxy_headers=False,
+        )
+        server = uvicorn.Server(config)
+        server.run()
+        return 0 if server.started else 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if pool is not None:
+            log.info("stopping the local workers")
+            pool.stop()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            try:
+                redis_proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                redis_proc.kill()
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)

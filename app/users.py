@@ -1,0 +1,51 @@
+"""``sparsegpt users add NAME [--admin]`` / ``sparsegpt users list``.
+
+A token is printed once, alone on the last line; only its sha256 is stored (tokens are 256
+random bits, so a fast hash is enough; the API compares hashes in constant time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import secrets
+
+from sqlalchemy.exc import IntegrityError
+
+from app import crud, db
+from app.config import get_settings
+
+TOKEN_PREFIX = "sgpt_"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}$")
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    db.migrate(settings.database)
+    if args.users_command == "add":
+        if not _NAME.match(args.name):
+            print(f"sparsegpt users: {args.name!r} is not a valid name (letters, digits, _ . @ -; at most 64)")
+            return 2
+        token = new_token()
+        try:
+            with db.session_scope(settings.database) as session:
+                crud.create_user(session, name=args.name, token_hash=hash_token(token), is_admin=args.admin)
+        except IntegrityError:
+            print(f"sparsegpt users: a user named {args.name!r} already exists")
+            return 1
+        print(f"created {'admin ' if args.admin else ''}user {args.name}; its API token (shown once):")
+        print(token)
+        return 0
+    with db.session_scope(settings.database) as session:
+        for user in crud.list_users(session):
+            print(f"{user.id}\t{user.name}\t{'admin' if user.is_admin else 'member'}\t{user.created_at:%Y-%m-%d %H:%M}")
+    return 0
