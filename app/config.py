@@ -15,7 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="SPARSEGPT_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix="SPARSEGPT_", env_file=".env", env_file_encoding="utf-8", extra="ignore",
+        populate_by_name=True,
     )
 
     # Where the SQLite file, uploads and artifacts live.

@@ -174,7 +174,7 @@ async def upload_calibration_set(request: Request, session: SessionDep, settings
     limit = settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=f"the upload is larger than this server's limit of {limit} bytes")
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, detail=f"the upload is larger than this server's upload limit of {limit} bytes")
     part = _FilePart(settings.uploads_dir, limit)
     parser = MultipartParser(boundary, part.callbacks())
     received = 0
@@ -182,7 +182,7 @@ async def upload_calibration_set(request: Request, session: SessionDep, settings
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit + MULTIPART_OVERHEAD:
-                raise UploadError(413, f"the upload is larger than this server's limit of {limit} bytes")
+                raise UploadError(413, f"the upload is larger than this server's upload limit of {limit} bytes")
             parser.write(chunk)
         parser.finalize()
         if not part.found or part.path is None:
