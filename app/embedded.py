@@ -130,8 +130,12 @@ class Workers:
                         pass
 
 
+class _Terminated(Exception):
+    """SIGTERM: stop like Ctrl-C does (uvicorn re-raises the signal after its own shutdown)."""
+
+
 def _raise_exit(signum, _frame) -> None:
-    raise SystemExit(128 + signum)
+    raise _Terminated()
 
 
 def serve(*, host: str | None, port: int | None, workers: int | None, log_level: str = "info") -> int:
@@ -173,8 +177,8 @@ def serve(*, host: str | None, port: int | None, workers: int | None, log_level:
         server = uvicorn.Server(config)
         server.run()
         return 0 if server.started else 1
-    except KeyboardInterrupt:
-        return 130
+    except (KeyboardInterrupt, _Terminated):
+        return 0
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
