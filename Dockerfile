@@ -1,0 +1,19 @@
+# One image for the API and the GPU workers of docker-compose.yml.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    SPARSEGPT_DATA_DIR=/data HF_HOME=/hf-cache
+
+WORKDIR /srv/sparsegpt
+# torch first (the default Linux wheel carries its CUDA libraries), then the service.
+RUN pip install "torch>=2.4,<2.15"
+COPY pyproject.toml README.md* ./
+COPY app ./app
+COPY worker ./worker
+COPY migrations ./migrations
+COPY alembic.ini ./
+RUN pip install . && useradd --create-home --uid 1000 sparsegpt \
+    && mkdir -p /data /hf-cache && chown sparsegpt /data /hf-cache
+USER sparsegpt
+EXPOSE 8000
+CMD ["sparsegpt", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "0"]
