@@ -13,7 +13,7 @@ import redis
 import redis.asyncio as aredis
 from fastapi import FastAPI
 
-from app import db
+from app import dashboard, db
 from app.api import calibration, events, health, jobs
 from app.config import Settings, get_settings
 
@@ -47,4 +47,5 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     for router in (jobs.router, events.router, calibration.router, health.router):
         app.include_router(router, prefix="/api/v1")
     app.include_router(health.router, include_in_schema=False)  # /health for load balancers
+    dashboard.install(app)  # the browser pages (templates/) and /static
     return app
