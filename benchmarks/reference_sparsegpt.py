@@ -54,6 +54,15 @@ def parse_pattern(value: str) -> tuple[float, int, int]:
     return float(value), 0, 0
 
 
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """True at the n smallest scores of every group of m consecutive columns (rows x cols)."""
+    rows, cols = score.shape
+    groups = score.reshape(rows, cols // m, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(2, torch.topk(groups, n, dim=2, largest=False)[1], True)
+    return mask.reshape(rows, cols)
+
+
 # ----------------------------------------------------------------------------- data
 
 def load_model(path: str | Path):
@@ -251,9 +260,7 @@ class WandaLayer:
         metric = W.abs().float() * torch.sqrt(self.scaler_row.reshape(1, -1))
         mask = torch.zeros_like(metric, dtype=torch.bool)  # True = prune
         if prunen:
-            for j in range(0, metric.shape[1], prunem):
-                group = metric[:, j : j + prunem]
-                mask.scatter_(1, j + torch.topk(group, prunen, dim=1, largest=False)[1], True)
+            mask = nm_mask(metric, prunen, prunem)
         else:
             order = torch.sort(metric, dim=-1, stable=True)[1]
             mask.scatter_(1, order[:, : int(metric.shape[1] * sparsity)], True)
@@ -312,12 +319,7 @@ def prune_magnitude(model, pattern: str) -> dict:
         for lin in block_linears(block).values():
             W = lin.weight.data
             if prunen:
-                absw = W.abs()
-                mask = torch.zeros_like(W, dtype=torch.bool)
-                for j in range(0, W.shape[1], prunem):
-                    mask.scatter_(1, j + torch.topk(absw[:, j : j + prunem], prunen, dim=1,
-                                                    largest=False)[1], True)
-                W[mask] = 0
+                W[nm_mask(W.abs(), prunen, prunem)] = 0
             else:
                 thresh = torch.sort(W.abs().flatten())[0][int(W.numel() * sparsity)]
                 W[W.abs() <= thresh] = 0
@@ -350,9 +352,10 @@ def run(method: str, pattern: str | None, *, model_path=DEFAULT_MODEL,
     t_load = time.perf_counter() - t_start
     result: dict = {"method": method, "pattern": pattern or "-", "runner": "reference"}
 
-    t0 = time.perf_counter()
     if method in ("sparsegpt", "wanda"):
         samples = calibration_samples(tokenize_file(tokenizer, calibration), nsamples, seqlen, seed)
+    t0 = time.perf_counter()  # the prune phase: forward passes, Hessians, solves (not tokenizing)
+    if method in ("sparsegpt", "wanda"):
         info = prune_sequential(model, samples, method, pattern, blocksize=blocksize,
                                 percdamp=percdamp, log=print if verbose else None)
         result["seconds_solve"] = info["seconds_solve"]
