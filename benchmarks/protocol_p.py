@@ -217,7 +217,6 @@ def check_targets(runs: list[dict]) -> list[dict]:
         if r["runner"] != "engine" or r["method"] != "sparsegpt" or "error" in r:
             continue
         q = r.get("ratios", {})
-        fixed = fixed_for(r)
         for name, value, limit in (
             ("ppl within 1% of the reference (this run)", q.get("ppl_vs_reference"), 1.01),
             ("ppl within 1% of BENCHMARK.md's reference", q.get("ppl_vs_fixed"), 1.01),
@@ -228,7 +227,6 @@ def check_targets(runs: list[dict]) -> list[dict]:
             ok = None if value is None else value <= limit
             checks.append({"pattern": r["pattern"], "target": name, "value": value,
                            "limit": limit, "ok": ok})
-        del fixed
     if checks:
         print("\nTargets (engine, SparseGPT):")
         for c in checks:
@@ -325,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                 if runner == "engine" and engine_dense_pending:
                     extra, engine_dense_pending = ["--dense"], False
                 runs.append(run_child(runner, method, pattern, args, pythons[runner], extra))
+                add_ratios(runs)
+                write_json(args, runs, [], time.perf_counter() - t_start, methods, patterns,
+                           list(pythons), notes, partial=True)  # partial figures survive a stop
     total = time.perf_counter() - t_start
 
     add_ratios(runs)
@@ -334,23 +335,30 @@ def main(argv: list[str] | None = None) -> int:
         if "dense_perplexity" in r:
             print(f"\nengine's own dense perplexity: {r['dense_perplexity']:.3f}")
     print(f"\nbenchmark wall time {total / 60:.1f} min")
-
-    if args.json:
-        import torch
-
-        payload = {
-            "protocol": "P", "config": {k: str(v) for k, v in vars(args).items()},
-            "methods": methods, "patterns": patterns, "runners": list(pythons), "notes": notes,
-            "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                            "machine": platform.machine(), "cpus": os.cpu_count()},
-            "fixed": {f"{m} {p}": v for (m, p), v in FIXED.items()},
-            "fixed_llmcompressor": {f"{m} {p}": v for (m, p), v in FIXED_LLMC.items()},
-            "runs": runs, "targets": checks, "wall_seconds": total,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2))
-        print(f"figures written to {args.json}")
+    write_json(args, runs, checks, total, methods, patterns, list(pythons), notes)
     return 1 if any("error" in r for r in runs) else 0
+
+
+def write_json(args, runs, checks, total, methods, patterns, runners, notes, partial=False) -> None:
+    if not args.json:
+        return
+    import torch
+
+    payload = {
+        "protocol": "P", "partial": partial,
+        "config": {k: v if isinstance(v, (int, float, bool)) or v is None else str(v)
+                   for k, v in vars(args).items()},
+        "methods": methods, "patterns": patterns, "runners": runners, "notes": notes,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "machine": platform.machine(), "cpus": os.cpu_count()},
+        "fixed": {f"{m} {p}": v for (m, p), v in FIXED.items()},
+        "fixed_llmcompressor": {f"{m} {p}": v for (m, p), v in FIXED_LLMC.items()},
+        "runs": runs, "targets": checks, "wall_seconds": total,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(payload, indent=2))
+    if not partial:
+        print(f"figures written to {args.json}")
 
 
 if __name__ == "__main__":
