@@ -104,8 +104,9 @@ def test_sparsegpt_beats_wanda_beats_magnitude(pattern):
     assert result.error == pytest.approx(e_sparsegpt.item(), rel=1e-3)
 
 
-def test_hessian_follows_the_reference_running_average():
-    _, X = make_inputs(tokens=480)
+@pytest.mark.parametrize("cols", [256, 1100])  # one tile; three tiles of the symmetric product
+def test_hessian_follows_the_reference_running_average(cols):
+    _, X = make_inputs(cols=cols, tokens=480)
     batches = X.reshape(6, 2, 40, -1)  # 6 batches of 2 sequences of 40 tokens
     ours = Hessian(X.shape[1], "cpu")
     H = torch.zeros(X.shape[1], X.shape[1])
@@ -173,3 +174,18 @@ def test_bad_patterns_are_refused():
         with pytest.raises(InvalidJob):
             parse_sparsity(bad)
     assert str(parse_sparsity("2:4")) == "2:4" and parse_sparsity("50%").sparsity == 0.5
+
+
+@pytest.mark.parametrize("pattern", ["0.5", "0.3", "2:4", "4:8"])
+@pytest.mark.parametrize("blocksize", [128, 32])
+def test_solved_blocks_equal_the_column_loop(pattern, blocksize):
+    """The fast path (batched triangular solves) gives the reference loop's masks and weights."""
+    W, X = make_inputs(rows=64, cols=320, seed=5)
+    H = hessian_of(X)
+    p = parse_sparsity(pattern)
+    fast = sparsegpt_prune_shared([W[:40], W[40:]], H, p, blocksize=blocksize)
+    loop = sparsegpt_prune_shared([W[:40], W[40:]], H, p, blocksize=blocksize, column_loop=True)
+    for a, b in zip(fast, loop):
+        assert torch.equal(a.weight == 0, b.weight == 0)
+        assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-4)
+        assert a.loss == pytest.approx(b.loss, rel=1e-4)

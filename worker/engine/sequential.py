@@ -68,6 +68,10 @@ class BlockInputs:
     kwargs: list[dict]  # attention mask, position ids / embeddings, alibi, ..., on the compute device
 
 
+class StopBlockPass(Exception):
+    """Raised by a hook to end a block's forward pass early (its output is not needed)."""
+
+
 class _BlockZeroReached(Exception):
     def __init__(self, args: tuple, kwargs: dict):
         super().__init__("captured")
@@ -138,7 +142,10 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, *, ke
               after_chunk=None) -> None:
     """Run every chunk through ``block``; with ``keep`` the outputs replace the inputs in place."""
     for c, hidden in enumerate(inputs.hidden):
-        out = block(hidden.to(device, non_blocking=True), *inputs.args[c], **inputs.kwargs[c])
+        try:
+            out = block(hidden.to(device, non_blocking=True), *inputs.args[c], **inputs.kwargs[c])
+        except StopBlockPass:
+            out = None  # a calibration pass that had all it needed
         out = out[0] if isinstance(out, (tuple, list)) else out
         if keep:
             inputs.hidden[c] = out.to(hidden.device, non_blocking=True)
@@ -153,7 +160,11 @@ class HessianCollector:
     share the Hessian of the first of them: ``groups`` maps that owner to all its readers.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], device: torch.device):
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device, *, stop_early: bool = True):
+        self.names = set(modules)
+        # Once the last Linear has its input, the rest of the dense pass is not needed: its
+        # hook stops the pass, provided every other hooked Linear has been called by then.
+        self.stop_at = next(reversed(modules), None) if stop_early else None
         self.hessians: dict[str, Hessian] = {}
         self.groups: dict[str, list[str]] = {}
         self._owner_of: dict[str, str] = {}
@@ -178,6 +189,8 @@ class HessianCollector:
             if name not in self.hessians:
                 self.hessians[name] = Hessian(x.shape[-1], self.device)
             self.hessians[name].add_batch(x)
+            if name == self.stop_at and self.names <= self._owner_of.keys():
+                raise StopBlockPass
 
         return hook
 

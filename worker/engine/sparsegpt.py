@@ -24,25 +24,41 @@ class Hessian:
     """H = (2/n) sum_x x x^T over the calibration tokens, n counting sequences (the reference's rule).
 
     The sum is kept in fp32 and scaled once at the end, which is the reference's running
-    average ``H *= n/(n+b); H += 2/(n+b) X X^T`` without rescaling on every batch.
+    average ``H *= n/(n+b); H += 2/(n+b) X X^T`` without rescaling on every batch. Only the
+    tiles on and above the diagonal are multiplied (H is symmetric): for wide inputs that
+    is up to 3/8 fewer flops than X^T X.
     """
+
+    TILE = 512  # inputs narrower than two tiles are multiplied whole
 
     def __init__(self, columns: int, device: torch.device | str):
         self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # (cols, cols)
         self.nsamples = 0
+        parts = min(4, max(1, columns // self.TILE))
+        edges = [round(columns * k / parts) for k in range(parts + 1)]
+        self._tiles = list(zip(edges[:-1], edges[1:]))
 
     def add_batch(self, x: torch.Tensor) -> None:
         """``x``: the layer's input for ``b`` sequences, shape (b, seq, cols) or (b, cols)."""
         batch = x.shape[0] if x.dim() > 2 else 1
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, cols)
-        self.sum.addmm_(x.t(), x)
+        if len(self._tiles) == 1:
+            self.sum.addmm_(x.t(), x)
+        else:
+            for a, (i0, i1) in enumerate(self._tiles):
+                xi = x[:, i0:i1].t()
+                for j0, j1 in self._tiles[a:]:
+                    self.sum[i0:i1, j0:j1].addmm_(xi, x[:, j0:j1])
         self.nsamples += batch
 
     @property
     def H(self) -> torch.Tensor:
         if self.nsamples == 0:
             raise ValueError("the Hessian has seen no calibration data")
-        return self.sum * (2.0 / self.nsamples)
+        S = self.sum
+        if len(self._tiles) > 1:  # mirror the upper tiles into the lower ones
+            S = torch.triu(S) + torch.triu(S, 1).t()
+        return S * (2.0 / self.nsamples)
 
 
 @dataclass
@@ -142,6 +158,7 @@ def sparsegpt_prune_shared(
     blocksize: int = 128,
     percdamp: float = 0.01,
     wbits: int | None = None,
+    column_loop: bool = False,
 ) -> list[PruneResult]:
     """Prune several layers that read the same input (q/k/v; gate/up) in one pass.
 
@@ -149,6 +166,10 @@ def sparsegpt_prune_shared(
     within each column block (unstructured, with each layer's own threshold), so solving the
     stacked rows gives each layer exactly what solving it alone would, with one inverse
     Hessian and one column loop instead of one per layer.
+
+    ``column_loop`` runs the reference's loop, one column at a time (always used with
+    quantization); otherwise each block is solved a group of columns at a time (see
+    ``_block_solved``), which gives the same masks and weights up to float rounding.
     """
     if pattern.structured and blocksize % pattern.m:
         raise ValueError(f"blocksize {blocksize} must be a multiple of M={pattern.m} for {pattern}")
@@ -167,46 +188,22 @@ def sparsegpt_prune_shared(
 
     Hinv, used_percdamp, damp = inverse_hessian_factor(H, percdamp)
     Losses = torch.zeros(rows, device=W.device)
-    n, m = pattern.n, pattern.m
+    loop = column_loop or quantizer is not None
 
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
-        count = i2 - i1
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        diag1 = torch.diag(Hinv1)
-
         if pattern.structured:
-            M1 = torch.zeros_like(W1, dtype=torch.bool)
+            M1 = torch.zeros_like(W1, dtype=torch.bool)  # chosen group by group, from the running W1
         else:
-            score = W1**2 / diag1.reshape(1, -1) ** 2
-            M1 = torch.empty_like(W1, dtype=torch.bool)
-            for r0, r1 in segments:  # each layer keeps its own threshold
-                seg = score[r0:r1]
-                thresh = torch.sort(seg.flatten())[0][int(seg.numel() * pattern.sparsity)]
-                M1[r0:r1] = seg <= thresh
-
-        for i in range(count):
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if pattern.structured and i % m == 0 and i + m <= count:  # a ragged tail stays dense
-                score = W1[:, i : i + m] ** 2 / diag1[i : i + m].reshape(1, -1) ** 2
-                M1.scatter_(1, i + torch.topk(score, n, dim=1, largest=False)[1], True)
-            q = w.clone()
-            q[M1[:, i]] = 0
-            if quantizer is not None:
-                q = quantizer.quantize(q)
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d**2
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-
+            M1 = unstructured_mask(W1, torch.diag(Hinv1), pattern.sparsity, segments)
+        if loop:
+            Q1, Err1 = _block_column_loop(W1, Hinv1, M1, pattern, quantizer)
+        else:
+            Q1, Err1 = _block_solved(W1, Hinv1, M1, pattern)
         W[:, i1:i2] = Q1
-        Losses += torch.sum(Losses1, 1) / 2
+        Losses += torch.sum(Err1**2, 1) / 2  # (w - q)^2 / d^2 = err^2
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
 
     return [
@@ -248,3 +245,87 @@ def relative_error(
     if not math.isfinite(denom) or denom <= 0:
         return 0.0
     return max(quad(delta), 0.0) / denom
+
+
+def unstructured_mask(W1: torch.Tensor, diag1: torch.Tensor, sparsity: float,
+                      segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The reference's block mask: score w^2 / [H^-1]_jj^2, ``score <= sorted[int(N * s)]``.
+
+    Computed per layer (row segment), so stacked layers keep their own thresholds.
+    """
+    score = W1**2 / diag1.reshape(1, -1) ** 2
+    M1 = torch.empty_like(W1, dtype=torch.bool)
+    for r0, r1 in segments:
+        seg = score[r0:r1]
+        k = int(seg.numel() * sparsity)
+        thresh = torch.kthvalue(seg.flatten().cpu(), k + 1).values.to(seg.device)  # = sort(seg)[k]
+        M1[r0:r1] = seg <= thresh
+    return M1
+
+
+def _block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quantizer | None):
+    """The reference's inner loop over the block's columns; returns (Q1, Err1). Fills M1 for N:M."""
+    count = W1.shape[1]
+    n, m = pattern.n, pattern.m
+    diag1 = torch.diag(Hinv1)
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    for i in range(count):
+        w = W1[:, i]
+        d = Hinv1[i, i]
+        if pattern.structured and i % m == 0 and i + m <= count:  # a ragged tail stays dense
+            score = W1[:, i : i + m] ** 2 / diag1[i : i + m].reshape(1, -1) ** 2
+            M1.scatter_(1, i + torch.topk(score, n, dim=1, largest=False)[1], True)
+        q = w.masked_fill(M1[:, i], 0)
+        if quantizer is not None:
+            q = quantizer.quantize(q)
+        Q1[:, i] = q
+        err1 = (w - q) / d
+        W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
+        Err1[:, i] = err1
+    return Q1, Err1
+
+
+def _block_solved(W1, Hinv1, M1, pattern: SparsityPattern):
+    """The same block without a Python step per column; returns (Q1, Err1). Fills M1 for N:M.
+
+    Without quantization a kept weight has no error (q = w), so the loop's errors E solve,
+    row by row, the triangular system "for each pruned i: sum_{k<=i} E_k U_ki = W1_i" with
+    U = Hinv1 (upper), and the kept weights end as W1 - E U. The mask of an N:M group depends
+    on the running weights, so groups are solved in order (M columns a step); an
+    unstructured block's mask is known up front and the whole block is one step.
+    """
+    rows, count = W1.shape
+    step = pattern.m if pattern.structured else count
+    diag1 = torch.diag(Hinv1)
+    E = torch.zeros_like(W1)
+    for g in range(0, count, step):
+        h = min(g + step, count)
+        Wg = W1[:, g:h] - E[:, :g].matmul(Hinv1[:g, g:h]) if g else W1[:, g:h]  # running weights
+        if pattern.structured:
+            if h - g < pattern.m:
+                break  # a ragged tail stays dense
+            score = Wg**2 / diag1[g:h].reshape(1, -1) ** 2
+            M1[:, g:h].scatter_(1, torch.topk(score, pattern.n, dim=1, largest=False)[1], True)
+        E[:, g:h] = _masked_forward_substitution(Wg, Hinv1[g:h, g:h], M1[:, g:h])
+    Q1 = W1 - E.matmul(Hinv1)
+    Q1[M1] = 0
+    return Q1, E
+
+
+def _masked_forward_substitution(Wg: torch.Tensor, U: torch.Tensor, Mg: torch.Tensor) -> torch.Tensor:
+    """Per row r: E_r with E_ri = 0 where kept, and sum_{k<=i} E_rk U_ki = Wg_ri where pruned.
+
+    Solved as one batched lower-triangular system T_r E_r = (Mg * Wg)_r with
+    T_r = diag(Mg_r) U^T + diag(1 - Mg_r), in row chunks of at most 64 MB.
+    """
+    rows, k = Wg.shape
+    out = torch.empty_like(Wg)
+    eye = torch.eye(k, dtype=Wg.dtype, device=Wg.device)
+    chunk = max(1, (1 << 24) // (k * k))
+    for r0 in range(0, rows, chunk):
+        m = Mg[r0 : r0 + chunk].to(Wg.dtype)  # (r, k)
+        T = m.unsqueeze(2) * U.t().unsqueeze(0) + (1 - m).unsqueeze(2) * eye  # (r, k, k), lower
+        rhs = (m * Wg[r0 : r0 + chunk]).unsqueeze(2)
+        out[r0 : r0 + chunk] = torch.linalg.solve_triangular(T, rhs, upper=False).squeeze(2)
+    return out
