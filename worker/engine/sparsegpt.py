@@ -116,7 +116,8 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
         applied = damp
         L, info = torch.linalg.cholesky_ex(H)
         if info.item() == 0:
-            Hinv = torch.cholesky_inverse(L)
+            Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device), upper=False)
+            Hinv = Linv.t().matmul(Linv)  # = cholesky_inverse(L), without its slow CPU kernel
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info.item() == 0:
                 return U, percdamp, damp
@@ -286,6 +287,9 @@ def _block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quant
     return Q1, Err1
 
 
+SUBBLOCK = 16  # columns per step of an unstructured block in the solved path
+
+
 def _block_solved(W1, Hinv1, M1, pattern: SparsityPattern):
     """The same block without a Python step per column; returns (Q1, Err1). Fills M1 for N:M.
 
@@ -293,23 +297,28 @@ def _block_solved(W1, Hinv1, M1, pattern: SparsityPattern):
     row by row, the triangular system "for each pruned i: sum_{k<=i} E_k U_ki = W1_i" with
     U = Hinv1 (upper), and the kept weights end as W1 - E U. The mask of an N:M group depends
     on the running weights, so groups are solved in order (M columns a step); an
-    unstructured block's mask is known up front and the whole block is one step.
+    unstructured block's mask is known up front, and it is solved SUBBLOCK columns a step,
+    which keeps the per-row triangular systems small.
     """
     rows, count = W1.shape
-    step = pattern.m if pattern.structured else count
+    step = pattern.m if pattern.structured else SUBBLOCK
     diag1 = torch.diag(Hinv1)
     E = torch.zeros_like(W1)
+    Q1 = W1.clone()  # a ragged N:M tail stays as it is
     for g in range(0, count, step):
         h = min(g + step, count)
-        Wg = W1[:, g:h] - E[:, :g].matmul(Hinv1[:g, g:h]) if g else W1[:, g:h]  # running weights
+        Wg = W1[:, g:h]  # the running weights: every earlier step's update is applied
         if pattern.structured:
             if h - g < pattern.m:
                 break  # a ragged tail stays dense
             score = Wg**2 / diag1[g:h].reshape(1, -1) ** 2
             M1[:, g:h].scatter_(1, torch.topk(score, pattern.n, dim=1, largest=False)[1], True)
-        E[:, g:h] = _masked_forward_substitution(Wg, Hinv1[g:h, g:h], M1[:, g:h])
-    Q1 = W1 - E.matmul(Hinv1)
-    Q1[M1] = 0
+        Ug = Hinv1[g:h, g:h]
+        Eg = _masked_forward_substitution(Wg, Ug, M1[:, g:h])
+        E[:, g:h] = Eg
+        Q1[:, g:h] = (Wg - Eg.matmul(Ug)).masked_fill_(M1[:, g:h], 0)
+        if h < count:
+            W1[:, h:] -= Eg.matmul(Hinv1[g:h, h:])
     return Q1, E
 
 
