@@ -310,12 +310,38 @@ def _clean_msg(msg: str) -> str:
     return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
+_PLAIN = {
+    "greater_than_equal": "must be at least {ge}", "greater_than": "must be more than {gt}",
+    "less_than_equal": "must be at most {le}", "less_than": "must be less than {lt}",
+    "int_parsing": "must be a whole number", "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number", "missing": "is required",
+    "string_too_short": "is required", "string_too_long": "is too long (at most {max_length} characters)",
+    "literal_error": "must be one of {expected}",
+}
+
+
+def _message(error: dict[str, Any]) -> str:
+    """A pydantic error in plain words (the spec's own messages are kept as they are)."""
+    template = _PLAIN.get(str(error.get("type")))
+    if template:
+        try:
+            text = template.format(**(error.get("ctx") or {}))
+        except (KeyError, IndexError):
+            return _clean_msg(str(error.get("msg", "invalid")))
+        text = text[0].upper() + text[1:]
+        raw = error.get("input")
+        if isinstance(raw, (str, int, float)) and not isinstance(raw, bool) and str(raw).strip():
+            text += f" (got {str(raw)[:60]})"
+        return text
+    return _clean_msg(str(error.get("msg", "invalid")))
+
+
 def field_errors(errors: list[dict[str, Any]]) -> dict[str, list[str]]:
     """pydantic / SpecError entries -> {form field: [messages]} ("" for the form as a whole)."""
     out: dict[str, list[str]] = {}
     for error in errors:
         loc = tuple(p for p in error.get("loc", ()) if p != "body")
-        msg = _clean_msg(str(error.get("msg", "invalid")))
+        msg = _message(error)
         field = None
         for size in range(len(loc), 0, -1):
             key = tuple(p for p in loc[:size] if isinstance(p, str))
@@ -324,8 +350,6 @@ def field_errors(errors: list[dict[str, Any]]) -> dict[str, list[str]]:
                 break
         if field is None and not loc:  # a check across fields (model validator)
             field = "wbits" if "wbits" in msg else "blocksize" if "blocksize" in msg else ""
-        if field == "calibration_source" and loc[:2] == ("calibration", "dataset"):
-            field = "calibration_source"
         out.setdefault(field or "", []).append(msg)
     return out
 
@@ -578,6 +602,7 @@ def compare_page(request: Request) -> HTMLResponse:
             return error_page(request, 400, "Bad job list", f"{part.strip()!r} is not a job id. Use /compare?ids=1,2,3.")
         if parsed not in ids:
             ids.append(parsed)
+    ids.sort()
     if len(ids) > 12:
         return error_page(request, 400, "Too many jobs", "Compare at most 12 jobs at a time.")
     if len(ids) < 2:
@@ -679,8 +704,10 @@ def line_chart(series: list[tuple[str, list[tuple[int, float]]]], *, title: str,
     lo, hi = (min(xs), max(xs)) if xs else (0, 1)
     span = max(1, hi - lo)
 
+    pad = 18.0
+
     def px(x: int) -> float:
-        return _LEFT + plot_w * ((x - lo) / span if hi > lo else 0.5)
+        return _LEFT + pad + (plot_w - 2 * pad) * ((x - lo) / span if hi > lo else 0.5)
 
     def py(y: float) -> float:
         return _TOP + plot_h - plot_h * min(y, top) / top
@@ -695,9 +722,10 @@ def line_chart(series: list[tuple[str, list[tuple[int, float]]]], *, title: str,
             parts.append(f'<polyline class="series" data-series="{escape(name)}" points="{path}" stroke="{color}"/>')
         for x, y in points:
             parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{color}"><title>{escape(name)}, block {x}: {y:.4g}</title></circle>')
-        legend_x = _LEFT + 8 + 110 * index
-        parts.append(f'<rect x="{legend_x}" y="{_TOP + 4}" width="12" height="4" fill="{color}"/>')
-        parts.append(f'<text class="legend" x="{legend_x + 16}" y="{_TOP + 10}">{escape(name)}</text>')
+        legend_x = _W - _RIGHT - 120 * (len(series) - index)
+        parts.append(f'<rect x="{legend_x}" y="8" width="12" height="4" fill="{color}"/>')
+        label = name if points else f"{name} (none)"
+        parts.append(f'<text class="legend" x="{legend_x + 16}" y="14">{escape(label)}</text>')
     if not ys:
         parts.append(f'<text class="empty" x="{_W / 2}" y="{_H / 2}" text-anchor="middle">no per-block results yet</text>')
     parts.append("</svg>")

@@ -103,9 +103,9 @@
           if (stale) await swap();
         }
       } catch (err) { /* the next tick tries again */ }
-      setTimeout(tick, activeRows() ? 2000 : 10000);
+      setTimeout(tick, activeRows() ? 2000 : 5000);
     }
-    setTimeout(tick, activeRows() ? 2000 : 10000);
+    setTimeout(tick, activeRows() ? 2000 : 5000);
   }
 
   /* --- one job ------------------------------------------------------------------------- */

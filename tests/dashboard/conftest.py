@@ -50,7 +50,7 @@ def allowed_dir(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("allowed")
     make_tiny_model(root / "llama")
-    make_tiny_model(root / "llama-deep", blocks=8, hidden=128)
+    make_tiny_model(root / "llama-deep", blocks=8, hidden=192)  # seconds per block: time to cancel
     if WIKITEXT.exists():
         shutil.copy(WIKITEXT, root / "valid.txt")
     else:

@@ -73,8 +73,8 @@ def test_bad_form_shows_errors_by_their_fields_and_keeps_values(page, dashboard,
     assert info.value.status == 422
     expect(page.locator("#form-errors")).to_be_visible()
     expect(page.locator(".field:has(#sparsity) .field-error")).to_contain_text("N:M needs 0 < N < M")
-    expect(page.locator(".field:has(#nsamples) .field-error")).to_contain_text("greater than or equal to 1")
-    expect(page.locator(".field:has(#percdamp) .field-error")).to_contain_text("valid number")
+    expect(page.locator(".field:has(#nsamples) .field-error")).to_have_text("Must be at least 1 (got 0)")
+    expect(page.locator(".field:has(#percdamp) .field-error")).to_have_text("Must be a number (got abc)")
     assert page.locator(".field.has-error").count() == 3
     # The values come back as typed.
     for selector, value in {"#model": model, "#sparsity": "3:2", "#nsamples": "0", "#seqlen": "32",
@@ -162,7 +162,7 @@ def deep_job(allowed_dir) -> dict:
     """Slow enough on the CPU to be cancelled while it runs."""
     return {
         "model": str(allowed_dir / "llama-deep"), "sparsity": 0.5, "dtype": "float32",
-        "calibration": {"dataset": str(allowed_dir / "calibration.txt"), "nsamples": 64, "seqlen": 128},
+        "calibration": {"dataset": str(allowed_dir / "valid.txt"), "nsamples": 128, "seqlen": 256},
         "evaluation": {"datasets": []},
     }
 
@@ -230,13 +230,13 @@ def test_clone_edit_and_compare(page, dashboard):
     expect(page.locator('input[name=calibration_source][value=upload]')).to_be_checked()
     expect(page.locator("#calibration_upload")).to_have_value(spec["calibration"]["dataset"])
     expect(page.locator("#eval_extra")).to_have_value(spec["evaluation"]["datasets"][0])
-    page.select_option("#method", "magnitude")
+    page.select_option("#method", "wanda")
     page.click("#submit-job")
     expect(page).to_have_url(re.compile(r"/jobs/\d+$"))
     clone = int(page.url.rsplit("/", 1)[1])
     page.wait_for_function("document.querySelector('#job-main').dataset.status === 'succeeded'", timeout=90_000)
     cloned = dashboard.client.get(f"/api/v1/jobs/{clone}").json()
-    assert cloned["spec"] == {**spec, "method": "magnitude"}
+    assert cloned["spec"] == {**spec, "method": "wanda"}
 
     # Compare them from the table's checkboxes.
     page.goto("/")
@@ -247,11 +247,25 @@ def test_clone_edit_and_compare(page, dashboard):
     diff = page.locator("#spec-table tr.diff")
     expect(diff).to_have_count(1)
     expect(diff).to_have_attribute("data-key", "method")
-    expect(diff).to_contain_text("magnitude")
+    expect(diff).to_contain_text("wanda")
     expect(page.locator("#ppl-table tbody tr")).to_have_count(1)
     expect(page.locator("#ppl-table tbody td")).to_have_count(2)
     expect(page.locator("#compare-chart polyline.series")).to_have_count(2)
     shot(page, "08-compare")
+
+
+def test_status_filter(page, dashboard):
+    page.goto("/")
+    expect(page.locator("table.jobs tbody tr")).to_have_count(4)
+    page.click(".filters a[data-status=cancelled]")
+    expect(page).to_have_url(re.compile(r"/\?status=cancelled$"))
+    rows = page.locator("table.jobs tbody tr")
+    expect(rows).to_have_count(2)
+    for i in range(2):
+        expect(rows.nth(i)).to_have_attribute("data-status", "cancelled")
+    ids = [int(rows.nth(i).get_attribute("data-job")) for i in range(2)]
+    assert ids == sorted(ids, reverse=True), "newest first"
+    shot(page, "10-jobs-filtered")
 
 
 def test_not_found_and_bad_queries(page, dashboard):
@@ -266,3 +280,23 @@ def test_not_found_and_bad_queries(page, dashboard):
     response = page.goto("/compare")
     assert response.status == 200
     expect(page.locator("#compare-help")).to_be_visible()
+
+
+def test_a_failed_job_shows_its_reason(page, dashboard, allowed_dir):
+    page.goto("/jobs/new")
+    page.fill("#model", str(allowed_dir))  # a directory, but no model in it
+    page.check('input[name=calibration_source][value=path]')
+    page.fill("#calibration_path", str(allowed_dir / "calibration.txt"))
+    page.fill("#nsamples", "4")
+    page.fill("#seqlen", "32")
+    page.uncheck('input[name=eval_sets][value=wikitext2]')
+    page.click("#submit-job")
+    expect(page).to_have_url(re.compile(r"/jobs/\d+$"))
+    job_id = int(page.url.rsplit("/", 1)[1])
+    page.wait_for_function("document.querySelector('#job-main').dataset.status === 'failed'", timeout=60_000)
+    job = dashboard.client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]
+    expect(page.locator("#failure h2")).to_have_text("This job failed")
+    expect(page.locator("#failure-reason")).to_have_text(job["error"])
+    expect(page.locator("#retry-job")).to_be_visible()
+    shot(page, "11-job-failed")
