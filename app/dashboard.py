@@ -440,12 +440,15 @@ async def submit_job_form(request: Request):
             errors["calibration_source"] = ["choose where the calibration text comes from"]
         elif values["calibration_source"] == "upload" and not values["calibration_upload"]:
             errors["calibration_source"] = ["choose one of the uploaded files"]
+        source_errors, errors = errors, {}
+        try:  # every field's errors at once; the calibration choice's own message wins
+            spec = JobSpec.model_validate(spec_body(values))
+        except ValidationError as err:
+            errors = field_errors(err.errors())
+        errors.update(source_errors)
         if not errors:
             try:
-                spec = JobSpec.model_validate(spec_body(values))
                 data = check_spec(spec, settings, session)
-            except ValidationError as err:
-                errors = field_errors(err.errors())
             except SpecError as err:
                 errors = field_errors(err.errors)
         if errors:
@@ -474,6 +477,17 @@ def _create_and_enqueue(session: Session, settings, data: dict[str, Any], owner_
 
 
 # --- one job ----------------------------------------------------------------------------------------
+
+
+def spec_view(spec: dict[str, Any]) -> dict[str, Any]:
+    """The stored spec over the schema's defaults, so that every field has a value to show."""
+    merged = JobSpec(model="org/model", sparsity=0.5).model_dump(mode="json")
+    for key, value in (spec or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def _block_series(job: Job) -> tuple[list[int], list[float | None], list[float | None]]:
@@ -511,7 +525,7 @@ def job_page(request: Request, job_id: str) -> HTMLResponse:
         result = job.result or {}
         seconds = result.get("seconds") or {}
         context = {
-            "job": job, "progress": progress, "pview": progress_view(progress), "charts": charts_svg,
+            "job": job, "spec": spec_view(job.spec), "progress": progress, "pview": progress_view(progress), "charts": charts_svg,
             "metrics": job.metrics, "modules": job.modules, "result": result, "seconds": seconds,
             "environment": result.get("environment") or {}, "active": job.status not in TERMINAL,
             "may_change": _may_change(request, job), "spec_json": json.dumps(job.spec, indent=2),
