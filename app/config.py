@@ -6,8 +6,12 @@ SPARSEGPT_LOCAL_DIRS; every other knob is ``SPARSEGPT_<FIELD>``.
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +61,25 @@ class Settings(BaseSettings):
     max_seqlen: int = 32768
     max_eval_sets: int = 8
 
+    # Accounts. required: every route but /health, /login, static files and the API docs needs a
+    # token (Bearer) or a dashboard session; off: single-user mode, everyone is the local admin,
+    # allowed only while the server listens on loopback. Unset: off on loopback, else required.
+    auth: Literal["required", "off"] | None = None
+    # Signs the dashboard's session cookie; unset: generated once and kept in data_dir/secret_key.
+    secret_key: str | None = None
+    session_max_age_s: int = 14 * 24 * 3600
+
+    # Per-user cap on queued + running jobs (0: no cap); 429 beyond it.
+    max_active_jobs_per_user: int = 8
+    # A worker fails a job before it starts when the data directory has less free space.
+    min_free_disk_mb: int = 2048
+    # Artifacts of finished jobs are deleted this long after the job ended (0: kept forever).
+    artifact_retention_s: int = 30 * 24 * 3600
+    # The sweeper (in the API process): expired heartbeats, lost queue messages, old artifacts.
+    sweep_interval_s: float = 15.0
+    # A queued job whose run message is in no queue this long after it was sent is sent again.
+    lost_message_grace_s: float = 30.0
+
     # Redis: events kept per job stream, and how long a finished job's stream stays readable.
     events_maxlen: int = 10_000
     events_ttl_s: int = 7 * 24 * 3600
@@ -96,6 +119,46 @@ class Settings(BaseSettings):
     @property
     def visibility_timeout_s(self) -> int:
         return self.job_time_limit_s + 3600
+
+    def session_secret(self) -> str:
+        """The cookie-signing secret: the setting, else one generated once in the data dir
+        (created exclusively, so several processes starting at once agree on it)."""
+        if self.secret_key:
+            return self.secret_key
+        path = self.data_dir / "secret_key"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            pass
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            for _ in range(50):  # another process is writing it
+                value = path.read_text().strip()
+                if value:
+                    return value
+                import time
+
+                time.sleep(0.02)
+            raise RuntimeError(f"{path} exists but is empty; delete it or set SPARSEGPT_SECRET_KEY")
+        value = secrets.token_urlsafe(48)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(value + "\n")
+        return value
+
+
+def is_loopback(host: str | None) -> bool:
+    """127.0.0.0/8, ::1 and "localhost"; anything else (0.0.0.0, a LAN address, a name) is not."""
+    if not host:
+        return False
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache

@@ -68,7 +68,12 @@ class User(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_status_id", "status", "id"),)
+    __table_args__ = (
+        Index("ix_jobs_status_id", "status", "id"),
+        Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),
+        # One job per (user, Idempotency-Key): a repeated POST finds the first job.
+        Index("ux_jobs_owner_idempotency_key", "owner_id", "idempotency_key", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
@@ -100,6 +105,16 @@ class Job(Base):
     artifact_path: Mapped[str | None] = mapped_column(String(1024))
     artifact_size: Mapped[int | None] = mapped_column(BigInteger)
     artifact_sha256: Mapped[str | None] = mapped_column(String(64))
+    # Set when the retention sweep (or a person) removed the artifact's files.
+    artifact_expired_at: Mapped[datetime | None] = mapped_column()
+
+    # The Idempotency-Key of the POST that made it, and the sha256 of that request's spec.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    spec_sha256: Mapped[str | None] = mapped_column(String(64))
+    # When its run message was last sent (the sweeper re-sends one the broker lost).
+    enqueued_at: Mapped[datetime | None] = mapped_column()
+    # POST /jobs/{id}/retry: the job this one repeats.
+    retry_of: Mapped[int | None] = mapped_column(Integer)
 
     owner: Mapped[User | None] = relationship(lazy="joined")
     modules: Mapped[list[ModuleResult]] = relationship(
