@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from app import db
-from app.config import get_settings
+from app.config import Settings, get_settings, is_loopback
 
 log = logging.getLogger("sparsegpt.serve")
 
@@ -138,11 +138,27 @@ def _raise_exit(signum, _frame) -> None:
     raise _Terminated()
 
 
+def auth_mode(settings: Settings, host: str) -> str:
+    """SPARSEGPT_AUTH, or its default: off on loopback, required on any other address.
+    Single-user mode (off) beyond loopback would hand the whole team's server to anyone who
+    can reach it: refused."""
+    mode = settings.auth or ("off" if is_loopback(host) else "required")
+    if mode == "off" and not is_loopback(host):
+        raise SystemExit(
+            f"sparsegpt serve: SPARSEGPT_AUTH=off (single-user mode, no sign-in) is refused on --host {host}: "
+            "it is allowed only on a loopback address (127.0.0.1, ::1, localhost). On a shared server keep "
+            "SPARSEGPT_AUTH=required (the default there) and give each person a token: sparsegpt users add NAME [--admin]"
+        )
+    return mode
+
+
 def serve(*, host: str | None, port: int | None, workers: int | None, log_level: str = "info") -> int:
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    previous = signal.signal(signal.SIGTERM, _raise_exit)
     settings = get_settings()
     host, port = host or "127.0.0.1", port or 8000
+    mode = auth_mode(settings, host)  # before anything starts
+    os.environ["SPARSEGPT_AUTH"] = mode
+    previous = signal.signal(signal.SIGTERM, _raise_exit)
     workers = 1 if workers is None else workers
     if workers < 0:
         raise SystemExit("sparsegpt serve: --workers must be 0 or more")
@@ -161,6 +177,15 @@ def serve(*, host: str | None, port: int | None, workers: int | None, log_level:
         settings = get_settings()
         db.migrate(settings.database)
         log.info("database %s is at the latest migration", settings.database.split("@")[-1])
+        if mode == "required":
+            log.info("sign-in required: API clients send Authorization: Bearer <token>; the dashboard signs in at /login")
+            from app import crud
+
+            with db.session_scope(settings.database) as session:
+                if not any(not u.token_hash.startswith("!") for u in crud.list_users(session)):
+                    log.warning("no accounts yet: create one with `sparsegpt users add NAME --admin`")
+        else:
+            log.info("single-user mode (listening on %s only): no sign-in", host)
         if workers:
             pool = Workers(workers, dict(os.environ))
             pool.start()

@@ -11,11 +11,14 @@ from contextlib import asynccontextmanager
 
 import redis
 import redis.asyncio as aredis
-from fastapi import FastAPI
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from fastapi import Depends, FastAPI
 
-from app import dashboard, db
-from app.api import calibration, events, health, jobs
+from app import auth, dashboard, db, login
+from app.api import calibration, events, health, jobs, usage
 from app.config import Settings, get_settings
+from app.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +32,20 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         if migrate:
             db.migrate(settings.database)  # alembic upgrade head
         app.state.sessions = db.session_factory(settings.database)
-        app.state.redis = redis.Redis.from_url(settings.redis, decode_responses=True, health_check_interval=30)
+        # One quick retry (a restarted Redis), not the client's default backoff: while Redis is
+        # down, requests answer from the database without waiting on it.
+        app.state.redis = redis.Redis.from_url(
+            settings.redis, decode_responses=True, health_check_interval=30, socket_connect_timeout=2,
+            socket_timeout=10, retry=Retry(NoBackoff(), 1),
+        )
         app.state.aredis = aredis.Redis.from_url(settings.redis, decode_responses=True, health_check_interval=30)
+        app.state.local_user = auth.ensure_local_user(app.state.sessions)
+        sweeper = Sweeper(settings, app.state.sessions, app.state.redis)
+        sweeper.start()  # expired heartbeats, lost queue messages, old artifacts
         try:
             yield
         finally:
+            sweeper.stop()
             await app.state.aredis.aclose()
             app.state.redis.close()
 
@@ -42,10 +54,15 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         version="0.1.0",
         summary="Queue one-shot SparseGPT / Wanda / magnitude pruning jobs on shared GPUs.",
         lifespan=lifespan,
+        # Every route needs a signed-in user (Bearer token or the dashboard's session cookie),
+        # except /health, /login, /logout, static files and the docs: see app.auth.
+        dependencies=[Depends(auth.authenticate)],
+        responses={401: {"description": "sign in: Authorization: Bearer <token>, or the dashboard's session"}},
     )
     app.state.settings = settings
-    for router in (jobs.router, events.router, calibration.router, health.router):
+    for router in (jobs.router, events.router, calibration.router, health.router, usage.router):
         app.include_router(router, prefix="/api/v1")
     app.include_router(health.router, include_in_schema=False)  # /health for load balancers
+    app.include_router(login.router)  # /login, /logout
     dashboard.install(app)  # the browser pages (templates/) and /static
     return app

@@ -1,0 +1,200 @@
+"""Who is asking: a Bearer token, the dashboard's signed session cookie, or (single-user mode
+only) the built-in local admin.
+
+``authenticate`` is a dependency applied to the whole app (app.main): it sets
+``request.state.user`` and answers 401 (API, with WWW-Authenticate) or a redirect to /login
+(dashboard pages) when a signed-in user is required and none is given. /health, /login,
+static files and the API docs are left open.
+
+The mode comes from settings.auth: "required", "off" (single-user: everyone is the local
+admin; `sparsegpt serve` refuses it on a non-loopback address), or unset: `sparsegpt serve`
+decides from --host; an app made some other way (``uvicorn --factory``) then lets a request
+in without credentials only when it arrived on a loopback address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+
+from app import crud
+from app.config import Settings, is_loopback
+
+SESSION_COOKIE = "sparsegpt_session"
+LOCAL_USER = "(local)"  # not a name `sparsegpt users add` accepts, so no account can take it
+PUBLIC_PATHS = frozenset({"/health", "/login", "/logout"})
+PUBLIC_PREFIXES = ("/static/",)
+TOKEN_MAX_LEN = 512
+
+
+@dataclass(frozen=True)
+class CurrentUser:
+    """The signed-in user, detached from any database session."""
+
+    id: int
+    name: str
+    is_admin: bool
+    local: bool = False  # the single-user mode's built-in admin
+
+    def may_manage(self, owner_id: int | None) -> bool:
+        """Cancel, retry, delete: the job's owner or an admin."""
+        return self.is_admin or (owner_id is not None and owner_id == self.id)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def serializer(settings: Settings) -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(settings.session_secret(), salt="sparsegpt-session")
+
+
+def session_value(settings: Settings, user) -> str:
+    """The cookie's content: the user's id and a piece of its token hash, signed; a new token
+    (or a deleted user) ends every session made with the old one."""
+    return serializer(settings).dumps({"uid": user.id, "th": user.token_hash[:16]})
+
+
+def user_for_token(session, token: str):
+    """The user whose token this is, or None; the stored hash is compared in constant time."""
+    if not token or len(token) > TOKEN_MAX_LEN:
+        return None
+    digest = hash_token(token)
+    user = crud.get_user_by_token_hash(session, digest)
+    if user is None or not hmac.compare_digest(user.token_hash, digest):
+        return None
+    return user
+
+
+def _user_for_cookie(session, settings: Settings, value: str):
+    try:
+        data = serializer(settings).loads(value, max_age=settings.session_max_age_s)
+        uid, fragment = int(data["uid"]), str(data["th"])
+    except (BadSignature, KeyError, TypeError, ValueError):
+        return None
+    user = crud.get_user(session, uid)
+    if user is None or not hmac.compare_digest(user.token_hash[:16], fragment):
+        return None
+    return user
+
+
+def auth_required(request: Request) -> bool:
+    mode = request.app.state.settings.auth
+    if mode is not None:
+        return mode == "required"
+    server = request.scope.get("server")
+    return not (server and is_loopback(str(server[0])))
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+def _wants_page(request: Request) -> bool:
+    """A dashboard page (redirect to /login) rather than the API (401)."""
+    path = request.url.path
+    if path.startswith("/api/") or request.method not in ("GET", "HEAD"):
+        return False
+    accept = request.headers.get("accept", "")
+    return "text/html" in accept or not path.startswith("/api")
+
+
+def _unauthorized(request: Request, reason: str) -> HTTPException:
+    if _wants_page(request) and not request.headers.get("authorization"):
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return HTTPException(status.HTTP_303_SEE_OTHER, detail=reason, headers={"Location": f"/login?next={quote(target, safe='/')}"})
+    headers = {"WWW-Authenticate": 'Bearer realm="sparsegpt"'}
+    if request.headers.get("hx-request"):
+        headers["HX-Redirect"] = "/login"
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=reason, headers=headers)
+
+
+def _current(user, *, local: bool = False) -> CurrentUser:
+    return CurrentUser(id=user.id, name=user.name, is_admin=bool(user.is_admin), local=local)
+
+
+def resolve_user(request: Request) -> CurrentUser | None:
+    """The user the request's credentials name; raises 401 for a bad token or cookie-less
+    request when sign-in is required; None on a public path without credentials."""
+    settings: Settings = request.app.state.settings
+    header = request.headers.get("authorization")
+    sessions = request.app.state.sessions
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _unauthorized(request, "the Authorization header must be: Bearer <token>")
+        with sessions() as session:
+            user = user_for_token(session, token.strip())
+            if user is None:
+                raise _unauthorized(request, "the API token is not valid (ask an admin for one: sparsegpt users add NAME)")
+            return _current(user)
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        with sessions() as session:
+            user = _user_for_cookie(session, settings, cookie)
+        if user is not None:
+            return _current(user)
+    if not auth_required(request):
+        local = request.app.state.local_user
+        return local
+    if is_public(request.url.path):
+        return None
+    reason = "your session has expired; sign in again" if cookie else "sign in: send Authorization: Bearer <token>"
+    raise _unauthorized(request, reason)
+
+
+# Declares the scheme in the OpenAPI document (the docs' Authorize button); the header itself is
+# read by resolve_user, which also takes the session cookie.
+bearer_scheme = HTTPBearer(auto_error=False, description="an API token from `sparsegpt users add NAME`")
+
+
+def authenticate(
+    request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None
+) -> CurrentUser | None:
+    """The app-wide dependency: sets request.state.user (None only on public paths)."""
+    if is_public(request.url.path):
+        try:
+            user = resolve_user(request)
+        except HTTPException:
+            user = None
+    else:
+        user = resolve_user(request)
+    request.state.user = user
+    return user
+
+
+def require_user(request: Request) -> CurrentUser:
+    """For route parameters: the user ``authenticate`` found."""
+    user = getattr(request.state, "user", None)
+    if user is None:
+        user = authenticate(request)
+    if user is None:
+        raise _unauthorized(request, "sign in: send Authorization: Bearer <token>")
+    return user
+
+
+UserDep = Annotated[CurrentUser, Depends(require_user)]
+
+
+def ensure_local_user(sessions) -> CurrentUser:
+    """Create (once) the single-user mode's admin row; safe when several processes race."""
+    from sqlalchemy.exc import IntegrityError
+
+    for _ in range(3):
+        session = sessions()
+        try:
+            user = crud.get_or_create_local_user(session, name=LOCAL_USER)
+            session.commit()
+            return _current(user, local=True)
+        except IntegrityError:
+            session.rollback()
+        finally:
+            session.close()
+    raise RuntimeError("could not create the local user")
