@@ -34,9 +34,9 @@ def client(settings: Settings) -> Celery:
         return app
 
 
-def enqueue_job(settings: Settings, job_id: int, *, queue: str | None = None) -> str:
+def enqueue_job(settings: Settings, job_id: int, *, queue: str | None = None, task_id: str | None = None) -> str:
     """Send the run message for a committed job row; returns the Celery task id."""
-    task_id = f"job-{job_id}-{uuid.uuid4().hex[:12]}"
+    task_id = task_id or f"job-{job_id}-{uuid.uuid4().hex[:12]}"
     client(settings).send_task(
         RUN_JOB_TASK,
         args=[job_id],

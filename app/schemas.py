@@ -198,6 +198,7 @@ class ArtifactOut(BaseModel):
     size: int
     sha256: str
     format: Literal["tar"] = "tar"
+    expires_at: datetime | None = Field(None, description="when the retention sweep deletes it (null: kept)")
 
 
 class JobSummary(BaseModel):
@@ -225,6 +226,8 @@ class JobOut(JobSummary):
     metrics: list[MetricOut]
     modules: list[ModuleResultOut]
     artifact: ArtifactOut | None
+    artifact_expired_at: datetime | None = Field(None, description="when the artifact's files were removed")
+    retry_of: int | None = Field(None, description="the job this one repeats (POST /jobs/{id}/retry)")
     events_url: str
 
 
@@ -267,3 +270,34 @@ class HealthOut(BaseModel):
     database: ComponentHealth
     redis: ComponentHealth
     workers: list[WorkerOut]
+
+
+class UserOut(BaseModel):
+    name: str
+    is_admin: bool
+    local: bool = Field(description="the single-user mode's built-in admin (no sign-in)")
+
+
+class DiskOut(BaseModel):
+    path: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    min_free_bytes: int = Field(description="below this, workers refuse to start jobs")
+
+
+class UserUsageOut(BaseModel):
+    user: str | None
+    active_jobs: int = Field(description="queued + running")
+    jobs: int
+    artifact_bytes: int
+
+
+class UsageOut(BaseModel):
+    disk: DiskOut
+    artifacts_bytes: int = Field(description="artifact files on disk under the data directory")
+    uploads_bytes: int
+    artifact_retention_s: int = Field(description="artifacts are deleted this long after their job ended; 0: kept")
+    max_active_jobs_per_user: int = Field(description="0: no cap")
+    you: UserUsageOut
+    users: list[UserUsageOut]

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import crud
 from app.api.deps import SessionDep, SettingsDep
+from app.auth import UserDep
 from app.models import CalibrationSet
 from app.schemas import CalibrationSetList, CalibrationSetOut
 
@@ -148,7 +149,7 @@ def _check_content(path: Path, fmt: str) -> None:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=CalibrationSetOut,
-    responses={413: {"description": "larger than the upload limit"}, 415: {"description": "not multipart/form-data"},
+    responses={400: {"description": "a malformed multipart body"}, 413: {"description": "larger than the upload limit"}, 415: {"description": "not multipart/form-data"},
                422: {"description": "not a .txt/.jsonl text file"}},
     openapi_extra={
         "requestBody": {
@@ -165,7 +166,7 @@ def _check_content(path: Path, fmt: str) -> None:
         }
     },
 )
-async def upload_calibration_set(request: Request, session: SessionDep, settings: SettingsDep) -> CalibrationSetOut:
+async def upload_calibration_set(request: Request, session: SessionDep, settings: SettingsDep, user: UserDep) -> CalibrationSetOut:
     """Upload a calibration (or evaluation) text file as the multipart field ``file``."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
@@ -204,7 +205,7 @@ async def upload_calibration_set(request: Request, session: SessionDep, settings
     final = settings.uploads_dir / f"{sha}.{fmt}"  # content-addressed: the name never comes from input
     os.replace(part.path, final)
     row = crud.create_calibration_set(
-        session, name=_safe_name(part.filename), format=fmt, size=part.size, sha256=sha, path=str(final)
+        session, name=_safe_name(part.filename), format=fmt, size=part.size, sha256=sha, path=str(final), owner_id=user.id
     )
     session.commit()
     return out(row)

@@ -78,7 +78,10 @@ async def job_events(
             job = crud.get_job(session, job_id, details=with_snapshot)
             if job is None:
                 return None, None, 0
-            snap = job_out(job, live_progress(r_sync, job)).model_dump(mode="json") if with_snapshot else None
+            snap = (
+                job_out(job, live_progress(r_sync, job), retention_s=request.app.state.settings.artifact_retention_s).model_dump(mode="json")
+                if with_snapshot else None
+            )
             return job.status, snap, job.attempt
 
     job_status, _, _ = await run_in_threadpool(load, False)
