@@ -65,7 +65,14 @@ class JobRun:
     def __init__(self, settings: Settings, job_id: int, *, worker: str):
         self.settings, self.job_id, self.worker = settings, job_id, worker
         self.url = settings.database
-        self.redis = redis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0", decode_responses=True)
+        # Short timeouts: while Redis is down or restarting, progress is dropped, the job runs on.
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.redis = redis.Redis.from_url(
+            settings.redis_url or "redis://127.0.0.1:6379/0", decode_responses=True,
+            socket_timeout=5, socket_connect_timeout=2, health_check_interval=10, retry=Retry(NoBackoff(), 1),
+        )
         self.attempt = 0
         self.cancel = threading.Event()  # set by the heartbeat (database flag) or the Redis flag
         self.lost = threading.Event()  # another attempt owns the job now: stop quietly
@@ -248,6 +255,7 @@ class JobRun:
     def _prune_job(self, spec: dict[str, Any], partial: Path):
         from worker.engine.pipeline import PruneJob
 
+        check_free_disk(self.settings)
         if spec.get("trust_remote_code") and not self.settings.allow_trust_remote_code:
             raise Refused("trust_remote_code is refused by this server's settings")
         model = spec["model"]
@@ -284,6 +292,21 @@ class JobRun:
             output=str(partial),
         )
         return job, labels
+
+
+def check_free_disk(settings: Settings) -> None:
+    """Refuse to start when the data directory's disk has less free space than the setting."""
+    minimum = settings.min_free_disk_mb * 1024 * 1024
+    if minimum <= 0:
+        return
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(settings.data_dir).free
+    if free < minimum:
+        raise Refused(
+            f"not started: the server's data directory ({settings.data_dir}) has {free / 2**30:.2f} GiB free, "
+            f"below the {minimum / 2**30:.2f} GiB minimum (SPARSEGPT_MIN_FREE_DISK_MB); "
+            "delete old jobs' artifacts (DELETE /api/v1/jobs/{id}) or ask an admin to free space, then retry"
+        )
 
 
 # --- failure reasons ---------------------------------------------------------------------------

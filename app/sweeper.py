@@ -1,0 +1,188 @@
+"""The sweeper: what no redelivery would fix, found from the database and put right.
+
+- A running job whose heartbeat is older than SPARSEGPT_HEARTBEAT_TIMEOUT: its worker vanished
+  (the whole worker killed, the machine lost) and the broker will not hand the message out again
+  before the visibility timeout (hours). It goes back to queued with a new run message, or ends
+  failed past the attempt limit (cancelled when a cancel was asked).
+- A queued job whose run message is in no broker queue (Redis restarted without persistence,
+  or the API died between the commit and the send): the message is sent again.
+- Artifacts older than the retention time: marked expired, then their files removed.
+
+Every change is a compare-and-set on the job row, so sweepers in several processes (one per
+API process) and a worker's own heartbeat or claim never both move a job; a duplicate message is
+harmless too (the worker's claim is a compare-and-set). It runs in the API process on a thread
+(Celery beat is not part of the embedded setup).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import redis as redis_lib
+
+from app import crud, events
+from app.config import Settings
+from app.models import utcnow
+from app.queue import enqueue_job
+
+log = logging.getLogger("sparsegpt.sweeper")
+
+# kombu's Redis transport: one list per priority step, and the hash of delivered, unacked messages.
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (0, 3, 6, 9)
+UNACKED_KEY = "unacked"
+SCAN_LIMIT = 20_000
+
+
+@dataclass
+class SweepReport:
+    requeued: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    cancelled: list[int] = field(default_factory=list)
+    resent: list[int] = field(default_factory=list)
+    expired: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def broker_messages(r: redis_lib.Redis, queue: str) -> str:
+    """Every waiting and delivered-but-unacked message for ``queue``, as one text to search."""
+    parts: list[str] = []
+    for step in PRIORITY_STEPS:
+        key = queue if step == 0 else f"{queue}{PRIORITY_SEP}{step}"
+        parts.extend(_text(x) for x in r.lrange(key, 0, SCAN_LIMIT))
+    parts.extend(_text(x) for x in r.hvals(UNACKED_KEY))
+    return "\n".join(parts)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def new_task_id(job_id: int) -> str:
+    return f"job-{job_id}-{uuid.uuid4().hex[:12]}"
+
+
+def sweep_once(settings: Settings, sessions, r: redis_lib.Redis, *, send=enqueue_job) -> SweepReport:
+    report = SweepReport()
+    _release_stale(settings, sessions, r, report, send)
+    _resend_lost(settings, sessions, r, report, send)
+    _expire_artifacts(settings, sessions, report)
+    return report
+
+
+def _release_stale(settings, sessions, r, report: SweepReport, send) -> None:
+    before = crud.stale_before(settings.heartbeat_timeout_s)
+    with sessions() as session:
+        stale = crud.running_jobs_with_stale_heartbeat(session, stale_before=before)
+    for job in stale:
+        task_id = new_task_id(job.id)
+        with sessions() as session:
+            outcome = crud.release_stale(session, job, max_attempts=settings.max_attempts, stale_before=before, task_id=task_id)
+            session.commit()
+        if outcome is None:
+            continue  # another process moved it first
+        log.warning("job %s: heartbeat expired (worker %s, attempt %s): %s", job.id, job.worker, job.attempt, outcome)
+        if outcome == "requeued":
+            report.requeued.append(job.id)
+            _publish_status(settings, r, job.id, "queued", job.attempt, "requeued: its worker stopped sending heartbeats")
+            try:
+                send(settings, job.id, task_id=task_id)
+            except Exception as err:  # the lost-message sweep sends it once the broker is back
+                report.errors.append(f"job {job.id}: could not send: {err}")
+        else:
+            (report.failed if outcome == "failed" else report.cancelled).append(job.id)
+            with sessions() as session:
+                row = crud.get_job(session, job.id)
+                error = row.error if row else None
+            _publish_status(settings, r, job.id, outcome, job.attempt, error, final=True)
+
+
+def _resend_lost(settings, sessions, r, report: SweepReport, send) -> None:
+    before = utcnow() - timedelta(seconds=settings.lost_message_grace_s)
+    with sessions() as session:
+        candidates = crud.queued_jobs_sent_before(session, before=before)
+    if not candidates:
+        return
+    try:
+        present = broker_messages(r, settings.queue)
+    except redis_lib.RedisError as err:
+        report.errors.append(f"broker unreachable: {err}")
+        return
+    for job_id, task_id in candidates:
+        if task_id and task_id in present:
+            continue
+        new = new_task_id(job_id)
+        with sessions() as session:
+            won = crud.replace_task_id(session, job_id=job_id, old=task_id, new=new)
+            session.commit()
+        if not won:
+            continue
+        try:
+            send(settings, job_id, task_id=new)
+        except Exception as err:
+            report.errors.append(f"job {job_id}: could not send: {err}")
+            continue
+        log.warning("job %s: its run message %s was in no queue (Redis restarted?); sent it again as %s", job_id, task_id, new)
+        report.resent.append(job_id)
+
+
+def _expire_artifacts(settings, sessions, report: SweepReport) -> None:
+    if settings.artifact_retention_s <= 0:
+        return
+    before = utcnow() - timedelta(seconds=settings.artifact_retention_s)
+    with sessions() as session:
+        jobs = crud.artifacts_to_expire(session, finished_before=before)
+    root = settings.artifacts_dir.resolve()
+    for job in jobs:
+        with sessions() as session:
+            won = crud.mark_artifact_expired(session, job_id=job.id)
+            session.commit()
+        if not won:
+            continue
+        target = (root / str(int(job.id))).resolve()
+        if target.parent == root:  # the job's own directory, named by its id
+            shutil.rmtree(target, ignore_errors=True)
+        report.expired.append(job.id)
+        log.info("job %s: artifact deleted (older than %ss)", job.id, settings.artifact_retention_s)
+
+
+def _publish_status(settings, r, job_id, status, attempt, error, final=False) -> None:
+    try:
+        events.publish(r, job_id, "status", {"status": status, "attempt": attempt, "error": error},
+                       maxlen=settings.events_maxlen, ttl_s=settings.events_ttl_s if final else None)
+    except redis_lib.RedisError:
+        pass
+
+
+class Sweeper:
+    """``sweep_once`` every ``settings.sweep_interval_s`` on a daemon thread."""
+
+    def __init__(self, settings: Settings, sessions, r: redis_lib.Redis):
+        self.settings, self.sessions, self.r = settings, sessions, r
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.settings.sweep_interval_s <= 0:
+            return
+        self.thread = threading.Thread(target=self._loop, name="sparsegpt-sweeper", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop_event.wait(self.settings.sweep_interval_s):
+            try:
+                report = sweep_once(self.settings, self.sessions, self.r)
+                for error in report.errors:
+                    log.warning("sweep: %s", error)
+            except Exception:  # the database restarting: next round
+                log.exception("sweep failed")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
