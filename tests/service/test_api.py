@@ -30,6 +30,11 @@ def client(service_env) -> TestClient:
         max_nsamples=512,
         max_seqlen=4096,
         max_eval_sets=3,
+        # Single-user mode (everyone is the local admin) and no per-user cap: these tests are
+        # about the API's input handling; tests/team covers accounts and limits.
+        auth="off",
+        max_active_jobs_per_user=0,
+        sweep_interval_s=0,
     )
     with TestClient(create_app(settings)) as test_client:
         yield test_client

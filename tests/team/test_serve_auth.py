@@ -1,0 +1,50 @@
+"""`sparsegpt serve` and SPARSEGPT_AUTH: single-user mode is refused beyond loopback, sign-in is
+the default on any other address, and off is the default on loopback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.service.conftest import REPO, free_port, spawn, wait_for_health
+from tests.team.conftest import add_user, base_env
+
+pytestmark = pytest.mark.slow
+
+
+def serve_env(tmp_path, redis_url, **extra):
+    return base_env(SPARSEGPT_DATA_DIR=str(tmp_path / "data"), REDIS_URL=redis_url, **extra)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10"])
+def test_auth_off_beyond_loopback_is_refused(tmp_path, host):
+    env = serve_env(tmp_path, "redis://127.0.0.1:1/0", SPARSEGPT_AUTH="off")
+    result = subprocess.run([sys.executable, "-m", "app.cli", "serve", "--host", host, "--port", str(free_port()), "--workers", "0"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert f"SPARSEGPT_AUTH=off (single-user mode, no sign-in) is refused on --host {host}" in result.stderr
+    assert not (tmp_path / "data" / "sparsegpt.db").exists(), "refused before anything started"
+
+
+@pytest.mark.parametrize("host,mode", [("0.0.0.0", None), ("127.0.0.1", "required"), ("127.0.0.1", None)])
+def test_default_mode_follows_the_address(tmp_path, redis_server, host, mode):
+    extra = {"SPARSEGPT_AUTH": mode} if mode else {}
+    env = serve_env(tmp_path, redis_server.url, **extra)
+    token = add_user(env, "carol")
+    port = free_port()
+    api = spawn(["serve", "--host", host, "--port", str(port), "--workers", "0", "--log-level", "warning"], env, tmp_path / "api.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(base, api)
+        anonymous = httpx.get(f"{base}/api/v1/me", timeout=10)
+        signed_in = httpx.get(f"{base}/api/v1/me", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert signed_in.status_code == 200 and signed_in.json()["name"] == "carol"
+        if host == "127.0.0.1" and mode is None:
+            assert anonymous.status_code == 200 and anonymous.json() == {"name": "(local)", "is_admin": True, "local": True}
+        else:
+            assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Bearer")
+    finally:
+        api.stop()
