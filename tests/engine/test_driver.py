@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -28,9 +29,13 @@ def models(workdir):
     return {arch: make_tiny_model(workdir / arch, arch) for arch in ARCHS}
 
 
+# SPARSEGPT_TEST_DEVICE=cuda runs the driver tests on a GPU (still fp32, to compare exactly).
+DEVICE = os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu")
+
+
 def job_for(model_dir, workdir, **overrides) -> PruneJob:
     settings = dict(model=str(model_dir), calibration=str(workdir / "cal.txt"), nsamples=8, seqlen=64,
-                    eval_sets=[str(workdir / "cal.txt")], eval_windows=4, device="cpu")
+                    eval_sets=[str(workdir / "cal.txt")], eval_windows=4, device=DEVICE, dtype="float32")
     settings.update(overrides)
     return PruneJob(**settings)
 
