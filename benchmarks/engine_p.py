@@ -74,6 +74,10 @@ def run(method: str, pattern: str, *, model_path=ref.DEFAULT_MODEL,
         "peak_rss_at_eval_start": marks.get("peak_after_prune"),
         "peak_rss": ref.peak_rss_bytes(), "stages": marks["stages"],
     }
+    layers = report.get("layers") or []
+    if layers and all("seconds" in layer for layer in layers):
+        result["seconds_solve"] = sum(layer["seconds"] for layer in layers)
+    result["layers"] = layers
     ppl = report.get("perplexity", {})
     if eval_key in ppl:
         result["perplexity"] = ppl[eval_key]
