@@ -98,12 +98,14 @@ def is_public(path: str) -> bool:
 
 
 def _wants_page(request: Request) -> bool:
-    """A dashboard page (redirect to /login) rather than the API (401)."""
+    """A dashboard page (redirect to /login) rather than the API (401): any page GET, and a
+    browser's form POST (it asks for text/html; the 303 turns it into GET /login)."""
     path = request.url.path
-    if path.startswith("/api/") or request.method not in ("GET", "HEAD"):
+    if path.startswith("/api/"):
         return False
-    accept = request.headers.get("accept", "")
-    return "text/html" in accept or not path.startswith("/api")
+    if request.method in ("GET", "HEAD"):
+        return True
+    return "text/html" in request.headers.get("accept", "")
 
 
 def _unauthorized(request: Request, reason: str) -> HTTPException:

@@ -372,3 +372,44 @@ def test_artifact_path_outside_the_artifacts_dir_is_never_served(env, tmp_path):
         session.get(crud.Job, job_id).artifact_path = "/etc"
     response = env.client.get(f"/api/v1/jobs/{job_id}/artifact", headers=env.as_("alice"))
     assert response.status_code == 410 and "root:" not in response.text
+
+
+def test_browser_form_post_without_session_goes_to_login(env):
+    response = env.client.post("/jobs/1/cancel", headers={"accept": "text/html,application/xhtml+xml"})
+    assert response.status_code == 303 and response.headers["location"] == "/login?next=/jobs/1/cancel"
+    api = env.client.post("/api/v1/jobs/1/cancel", headers={"accept": "text/html"})
+    assert api.status_code == 401
+
+
+def test_progress_reporter_does_not_wait_on_a_dead_redis(module_redis):
+    """Redis hanging (a socket that never answers): the engine's progress and cancel-flag calls
+    do not wait on it each time (they back off), and publishing resumes once Redis is back."""
+    import socket
+    import time
+
+    import redis as redis_lib
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from worker.progress import RedisProgress
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(128)  # accepts connections (the kernel does), never answers
+    dead = redis_lib.Redis(port=hung.getsockname()[1], socket_timeout=0.25, socket_connect_timeout=0.25,
+                           retry=Retry(NoBackoff(), 1), decode_responses=True)
+    reporter = RedisProgress(dead, 999_001, 1, maxlen=100, ttl_s=60, backoff_s=30)
+    start = time.monotonic()
+    for i in range(200):  # without the backoff: 400 calls x 2 tries x 0.25 s
+        reporter.progress({"stage": "pruning", "layer": i})
+        assert reporter.cancel_flag() is False
+    assert time.monotonic() - start < 3.0 and reporter.dropped == 200
+    hung.close()
+    reporter.backoff_s = 0.3
+    reporter._down_until = time.monotonic() + 0.3
+    assert reporter.snapshot()["layer"] == 199, "the latest state is kept for the database heartbeat"
+    live = redis_lib.Redis.from_url(module_redis.url, decode_responses=True)
+    reporter.client = live
+    time.sleep(0.35)
+    reporter.progress({"stage": "pruning", "layer": 200})
+    assert live.xlen("sparsegpt:job:999001:events") == 1
