@@ -3,7 +3,7 @@
     sparsegpt serve  [--host H] [--port P] [--workers N]   the API (+ embedded Redis and workers)
     sparsegpt worker [--gpu N] [--queue Q] [--loglevel L]  one Celery worker for one GPU
     sparsegpt prune  MODEL --sparsity 2:4 ...              the engine alone (worker.engine.cli)
-    sparsegpt users  add NAME [--admin] | list             API accounts
+    sparsegpt users  add NAME [--admin] | token NAME | remove NAME | list   API accounts
 
 Each subcommand imports what it runs only when it runs, so ``serve`` never loads torch.
 """
@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = usub.add_parser("add", help="create a user and print its token (once, on the last line)")
     a.add_argument("name")
     a.add_argument("--admin", action="store_true", help="may cancel or delete anyone's jobs")
+    t = usub.add_parser("token", help="replace a user's token (prints the new one once, on the last line)")
+    t.add_argument("name")
+    r = usub.add_parser("remove", help="remove a user (their jobs stay)")
+    r.add_argument("name")
     usub.add_parser("list", help="list users")
     p.set_defaults(func=_users)
     return parser

@@ -1,4 +1,4 @@
-"""``sparsegpt users add NAME [--admin]`` / ``sparsegpt users list``.
+"""``sparsegpt users add NAME [--admin]`` / ``token NAME`` / ``remove NAME`` / ``list``.
 
 A token is printed once, alone on the last line; only its sha256 is stored (tokens are 256
 random bits, so a fast hash is enough; the API compares hashes in constant time).
@@ -45,7 +45,24 @@ def main(args: argparse.Namespace) -> int:
         print(f"created {'admin ' if args.admin else ''}user {args.name}; its API token (shown once):")
         print(token)
         return 0
+    if args.users_command in ("token", "remove"):
+        with db.session_scope(settings.database) as session:
+            user = crud.get_user_by_name(session, args.name)
+            if user is None or user.token_hash.startswith("!"):
+                print(f"sparsegpt users: no user named {args.name!r}")
+                return 1
+            if args.users_command == "remove":
+                session.delete(user)  # their jobs stay, without an owner (admins manage them)
+                print(f"removed user {args.name}; their token and dashboard sessions no longer work")
+                return 0
+            token = new_token()
+            user.token_hash = hash_token(token)
+        print(f"new API token for {args.name} (the old one and its dashboard sessions stop working; shown once):")
+        print(token)
+        return 0
     with db.session_scope(settings.database) as session:
         for user in crud.list_users(session):
+            if user.token_hash.startswith("!"):
+                continue  # the single-user mode's built-in admin
             print(f"{user.id}\t{user.name}\t{'admin' if user.is_admin else 'member'}\t{user.created_at:%Y-%m-%d %H:%M}")
     return 0

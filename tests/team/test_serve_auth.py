@@ -48,3 +48,32 @@ def test_default_mode_follows_the_address(tmp_path, redis_server, host, mode):
             assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Bearer")
     finally:
         api.stop()
+
+
+def test_users_cli_token_rotation_and_removal(tmp_path, redis_server):
+    """A new token replaces the old one (and ends its sessions); a removed user is refused."""
+    env = serve_env(tmp_path, redis_server.url, SPARSEGPT_AUTH="required")
+    old = add_user(env, "dave")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "app.cli", "users", *a], cwd=REPO, env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    rotated = run("token", "dave")
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    new = rotated.stdout.strip().splitlines()[-1]
+    assert new.startswith("sgpt_") and new != old
+    assert run("token", "nobody").returncode == 1
+    port = free_port()
+    api = spawn(["serve", "--port", str(port), "--workers", "0", "--log-level", "warning"], env, tmp_path / "api.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(base, api)
+        me = lambda token: httpx.get(f"{base}/api/v1/me", headers={"Authorization": f"Bearer {token}"}, timeout=10)  # noqa: E731
+        assert me(old).status_code == 401 and me(new).status_code == 200
+        login = httpx.post(f"{base}/login", data={"token": new, "next": "/"}, timeout=10)
+        cookie = login.cookies["sparsegpt_session"]
+        assert httpx.get(f"{base}/api/v1/me", cookies={"sparsegpt_session": cookie}, timeout=10).status_code == 200
+        assert run("remove", "dave").returncode == 0
+        assert "dave" not in run("list").stdout
+        assert me(new).status_code == 401
+        assert httpx.get(f"{base}/api/v1/me", cookies={"sparsegpt_session": cookie}, timeout=10).status_code == 401
+    finally:
+        api.stop()
