@@ -125,6 +125,21 @@ def check_job_cap(session: Session, settings: Settings, user: CurrentUser) -> No
         )
 
 
+def create_for_user(
+    session: Session, settings: Settings, user: CurrentUser, data: dict[str, Any], *,
+    spec_sha256: str | None = None, retry_of: int | None = None,
+) -> Job:
+    """The one way a job is made for a person (the API, its retry, and the dashboard's form):
+    under the user's row lock, the per-user cap (HTTPException 429), the row, the commit, the
+    run message (HTTPException 503 when Redis is down). ``data`` is ``check_spec``'s output."""
+    crud.lock_user(session, user.id)
+    check_job_cap(session, settings, user)
+    job = crud.create_job(session, spec=data, owner_id=user.id, spec_sha256=spec_sha256, retry_of=retry_of)
+    session.commit()  # the worker must find the row: enqueue only after the commit
+    _enqueue(session, settings, job.id)
+    return crud.get_job(session, job.id, details=True)
+
+
 def _enqueue(session: Session, settings: Settings, job_id: int) -> None:
     """Send the run message for a committed row; 503 (and the job failed) when Redis is down."""
     try:
@@ -254,12 +269,7 @@ def retry_job(job_id: JobId, response: Response, session: SessionDep, settings: 
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=err.errors) from None
     except ValueError as err:  # pydantic's ValidationError: a spec stored by an older version
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"job {job_id}'s spec is no longer valid: {err}") from None
-    crud.lock_user(session, user.id)
-    check_job_cap(session, settings, user)
-    job = crud.create_job(session, spec=data, owner_id=user.id, spec_sha256=spec_digest(spec), retry_of=old.id)
-    session.commit()
-    _enqueue(session, settings, job.id)
-    job = crud.get_job(session, job.id, details=True)
+    job = create_for_user(session, settings, user, data, spec_sha256=spec_digest(spec), retry_of=old.id)
     response.headers["Location"] = job_url(job.id)
     return job_out(job, retention_s=settings.artifact_retention_s)
 

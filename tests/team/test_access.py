@@ -413,3 +413,32 @@ def test_progress_reporter_does_not_wait_on_a_dead_redis(module_redis):
     time.sleep(0.35)
     reporter.progress({"stage": "pruning", "layer": 200})
     assert live.xlen("sparsegpt:job:999001:events") == 1
+
+
+def test_cap_and_idempotency_hold_on_sqlite(module_redis, models_dir, tmp_path_factory):
+    """The same rules on the embedded default database (its write lock serializes a user's submissions)."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('sqlite-team') / 'sparsegpt.db'}"
+    client, _, tokens = make_inprocess(url, module_redis, models_dir, tmp_path_factory)
+    headers = {"Authorization": f"Bearer {tokens['alice']}"}
+    with client:
+        codes: list[int] = []
+
+        def submit(extra: dict) -> None:
+            codes.append(client.post("/api/v1/jobs", json={"model": "facebook/opt-125m", "sparsity": 0.5},
+                                     headers={**headers, **extra}).status_code)
+
+        threads = [threading.Thread(target=submit, args=({},)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(codes) == [201] * 3 + [429] * 5
+        for job in client.get("/api/v1/jobs", headers=headers).json()["items"]:
+            client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=headers)
+        codes.clear()
+        threads = [threading.Thread(target=submit, args=({"Idempotency-Key": "same"},)) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(codes) == [200] * 4 + [201]
