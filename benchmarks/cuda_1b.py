@@ -92,7 +92,11 @@ def run_reference(model_dir: Path, calibration: str, pattern: str, nsamples: int
     samples = [w[None].to(device) for w in windows]
     sync(device)
     t0 = time.perf_counter()
-    ref.prune_sequential(model, samples, "sparsegpt", pattern, log=None)
+    torch.set_default_device(device)  # the plain solver makes its Hessians with torch.zeros(...)
+    try:
+        ref.prune_sequential(model, samples, "sparsegpt", pattern, log=None)
+    finally:
+        torch.set_default_device("cpu")
     sync(device)
     seconds = time.perf_counter() - t0
     del model
