@@ -26,6 +26,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from app import crud
 from app.config import Settings, is_loopback
+from app.users import hash_token  # the one token hash (sha256 of a 256-bit token)
 
 SESSION_COOKIE = "sparsegpt_session"
 LOCAL_USER = "(local)"  # not a name `sparsegpt users add` accepts, so no account can take it
@@ -48,18 +49,19 @@ class CurrentUser:
         return self.is_admin or (owner_id is not None and owner_id == self.id)
 
 
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
 def serializer(settings: Settings) -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(settings.session_secret(), salt="sparsegpt-session")
 
 
+def _token_tag(settings: Settings, token_hash: str) -> str:
+    """Binds a session to the token it was made with, without showing anything of the token."""
+    return hmac.new(settings.session_secret().encode(), token_hash.encode(), hashlib.sha256).hexdigest()[:32]
+
+
 def session_value(settings: Settings, user) -> str:
-    """The cookie's content: the user's id and a piece of its token hash, signed; a new token
-    (or a deleted user) ends every session made with the old one."""
-    return serializer(settings).dumps({"uid": user.id, "th": user.token_hash[:16]})
+    """The cookie's content: the user's id and a tag of its token, signed; a new token (or a
+    removed user) ends every session made with the old one."""
+    return serializer(settings).dumps({"uid": user.id, "th": _token_tag(settings, user.token_hash)})
 
 
 def user_for_token(session, token: str):
@@ -80,7 +82,7 @@ def _user_for_cookie(session, settings: Settings, value: str):
     except (BadSignature, KeyError, TypeError, ValueError):
         return None
     user = crud.get_user(session, uid)
-    if user is None or not hmac.compare_digest(user.token_hash[:16], fragment):
+    if user is None or not hmac.compare_digest(_token_tag(settings, user.token_hash), fragment):
         return None
     return user
 
