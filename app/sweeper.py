@@ -96,6 +96,7 @@ def _release_stale(settings, sessions, r, report: SweepReport, send) -> None:
                 report.errors.append(f"job {job.id}: could not send: {err}")
         else:
             (report.failed if outcome == "failed" else report.cancelled).append(job.id)
+            remove_partials(settings, job.id)
             with sessions() as session:
                 row = crud.get_job(session, job.id)
                 error = row.error if row else None
@@ -149,6 +150,17 @@ def _expire_artifacts(settings, sessions, report: SweepReport) -> None:
             shutil.rmtree(target, ignore_errors=True)
         report.expired.append(job.id)
         log.info("job %s: artifact deleted (older than %ss)", job.id, settings.artifact_retention_s)
+
+
+def remove_partials(settings: Settings, job_id: int) -> None:
+    """A job that ended because its worker vanished: the unfinished outputs its attempts left."""
+    job_dir = settings.artifacts_dir / str(int(job_id))
+    for partial in job_dir.glob("attempt-*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+    try:
+        job_dir.rmdir()
+    except OSError:
+        pass
 
 
 def _publish_status(settings, r, job_id, status, attempt, error, final=False) -> None:

@@ -98,6 +98,7 @@ class JobRun:
             log.info("job %s not run: %s", self.job_id, claim.reason)
             if claim.reason.startswith("gave up"):
                 self._reporter(claim.job.attempt).status(FAILED, final=True, error=claim.reason)
+                remove_partials(self._job_dir())  # what the killed attempts left
             return {"job": self.job_id, "skipped": claim.reason}
         self.attempt = claim.job.attempt
         reporter = self._reporter(self.attempt)
@@ -292,6 +293,16 @@ class JobRun:
             output=str(partial),
         )
         return job, labels
+
+
+def remove_partials(job_dir: Path) -> None:
+    """Unfinished outputs of attempts whose process was killed (no ``finally`` ran for them)."""
+    for partial in job_dir.glob("attempt-*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+    try:
+        job_dir.rmdir()  # only if nothing else is there
+    except OSError:
+        pass
 
 
 def check_free_disk(settings: Settings) -> None:

@@ -49,6 +49,18 @@ def wait_attempt_running(stack, job_id: int, attempt: int, timeout: float = 120)
     raise AssertionError(f"job {job_id} attempt {attempt} never ran: {job}")
 
 
+def partial_dirs(stack, job_id: int, wait_s: float = 10) -> list[str]:
+    """What is left of the job's artifact directory, itself included (waiting a little: the row
+    is marked failed first, then the leftovers are removed)."""
+    job_dir = os.path.join(stack.env["SPARSEGPT_DATA_DIR"], "artifacts", str(job_id))
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = [job_dir, *sorted(os.listdir(job_dir))] if os.path.isdir(job_dir) else []
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
 def assert_finished_once(stack, job: dict, attempt: int) -> None:
     assert job["status"] == "succeeded", job
     assert job["attempt"] == attempt and job["error"] is None
@@ -88,6 +100,7 @@ def test_sigkill_mid_job(make_stack, redis_server, models_dir):
     assert job["status"] == "failed" and job["attempt"] == 2, job
     assert "gave up after 2 attempt(s)" in job["error"] and "attempt limit 2" in job["error"]
     assert job["artifact"] is None
+    assert partial_dirs(stack, second) == [], "the killed attempts' unfinished outputs are removed"
     # The worker survived its pool process being killed, and still takes jobs.
     with stack.client() as c:
         small = c.post("/api/v1/jobs", json=job_body(models_dir)).json()["id"]
@@ -115,6 +128,7 @@ def test_whole_worker_killed_heartbeat_sweeper(make_stack, redis_server, models_
     job = stack.wait(job_id, timeout=30)
     assert job["status"] == "failed" and job["attempt"] == 2
     assert "gave up after 2 attempt(s)" in job["error"] and "stopped sending heartbeats" in job["error"]
+    assert partial_dirs(stack, job_id) == [], "the killed attempts' unfinished outputs are removed"
     # Nothing stays running; a new worker still runs new work.
     stack.start_worker("v3")
     with stack.client() as c:
