@@ -129,6 +129,8 @@ async def job_events(
                 yield b": redis unavailable, retrying\n\n"
             if not batch:
                 current, _, _ = await run_in_threadpool(load, False)
+                if current is None:  # deleted meanwhile: end the stream (a reconnect gets 404)
+                    return
                 if current in TERMINAL:
                     async for chunk in drain_and_close(cursor):
                         yield chunk

@@ -442,3 +442,21 @@ def test_cap_and_idempotency_hold_on_sqlite(module_redis, models_dir, tmp_path_f
         for t in threads:
             t.join()
         assert sorted(codes) == [200] * 4 + [201]
+
+
+@pytest.mark.timeout(60)
+def test_event_stream_ends_when_its_job_is_deleted(env):
+    import time
+
+    job_id = post_job(env, "alice").json()["id"]
+    env.client.post(f"/api/v1/jobs/{job_id}/cancel", headers=env.as_("alice"))
+    with db.session_scope(env.settings.database) as session:  # back to queued: a stream that would stay open
+        session.get(crud.Job, job_id).status = "queued"
+    timer = threading.Timer(0.5, lambda: env.client.delete(f"/api/v1/jobs/{job_id}", headers=env.as_("alice")))
+    start = time.monotonic()
+    timer.start()
+    with env.client.stream("GET", f"/api/v1/jobs/{job_id}/events", headers=env.as_("alice")) as stream:
+        body = stream.read().decode()
+    timer.join()
+    assert "event: snapshot" in body and time.monotonic() - start < 20
+    assert env.client.get(f"/api/v1/jobs/{job_id}/events", headers=env.as_("alice")).status_code == 404
