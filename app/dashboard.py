@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -33,9 +33,8 @@ from starlette.datastructures import FormData, UploadFile
 
 from app import crud, events
 from app.api.calibration import FORMATS, UploadError, _check_content, _safe_name
-from app.api.jobs import live_progress
+from app.api.jobs import create_for_user, live_progress
 from app.models import QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, CalibrationSet, Job
-from app.queue import enqueue_job
 from app.schemas import BUILTIN_DATASETS, DTYPES, METHODS, JobSpec, upload_id
 from app.validation import SpecError, check_spec
 
@@ -454,26 +453,14 @@ async def submit_job_form(request: Request):
         if errors:
             context = _form_context(session, values, errors, notice=notice)
             return render(request, "new_job.html", context, status_code=422)
-        user = _user(request)
-        job_id = _create_and_enqueue(session, settings, data, owner_id=getattr(user, "id", None))
+        try:  # the API's path: per-user cap (429) and the queue (503) answer with a reason
+            job_id = create_for_user(session, settings, _user(request), data).id
+        except HTTPException as err:
+            context = _form_context(session, values, {}, notice=str(err.detail))
+            return render(request, "new_job.html", context, status_code=err.status_code)
     finally:
         session.close()
     return RedirectResponse(f"/jobs/{job_id}", status_code=303)
-
-
-def _create_and_enqueue(session: Session, settings, data: dict[str, Any], owner_id: int | None) -> int:
-    """What POST /api/v1/jobs does: commit the row, then send the run message (or fail it)."""
-    job = crud.create_job(session, spec=data, owner_id=owner_id)
-    session.commit()
-    try:
-        task_id = enqueue_job(settings, job.id)
-    except Exception as err:  # kombu/redis connection errors: the job page shows the reason
-        log.exception("could not enqueue job %s", job.id)
-        crud.fail_unqueued(session, job_id=job.id, error=f"could not be queued: the broker is unreachable ({err})")
-    else:
-        crud.set_task_id(session, job_id=job.id, task_id=task_id)
-    session.commit()
-    return job.id
 
 
 # --- one job ----------------------------------------------------------------------------------------
@@ -585,8 +572,10 @@ def retry_job_form(request: Request, job_id: str):
             text = "; ".join(_clean_msg(str(e.get("msg"))) for e in problems)
             return error_page(request, 422, "Cannot retry",
                               f"Job {job.id}'s spec is no longer accepted: {text}. Use Clone to edit it.")
-        user = _user(request)
-        new_id = _create_and_enqueue(session, settings, data, owner_id=getattr(user, "id", None))
+        try:
+            new_id = create_for_user(session, settings, _user(request), data, retry_of=job.id).id
+        except HTTPException as err:
+            return error_page(request, err.status_code, "Cannot retry", str(err.detail))
     return RedirectResponse(f"/jobs/{new_id}?message=A retry of job {job.id}.", status_code=303)
 
 

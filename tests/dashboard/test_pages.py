@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from app import crud, db
@@ -16,7 +17,7 @@ from app.models import CANCELLED
 
 @pytest.fixture()
 def client(tmp_path):
-    settings = Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:6379/11")  # Redis is not used here
+    settings = Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:6379/11", auth="off")  # Redis is not used here
     app = create_app(settings)
     with TestClient(app) as client:
         with db.session_scope(settings.database) as session:
@@ -72,3 +73,18 @@ def test_cancel_and_retry_forms(client):
     assert client.post("/jobs/1/cancel").status_code == 200  # already cancelled: says so
     assert client.post("/jobs/999/cancel").status_code == 404
     assert client.post("/jobs/999/retry").status_code == 404
+
+
+def test_dashboard_submissions_obey_the_per_user_cap(tmp_path):
+    """Retry (like the form) goes through the API's create path: cap reached -> 429 with the reason."""
+    settings = Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:6379/11", auth="off",
+                        max_active_jobs_per_user=1, queue="test-pages-cap")  # a queue no worker reads
+    with TestClient(create_app(settings)) as client:
+        with db.session_scope(settings.database) as session:
+            crud.create_job(session, spec={"model": "org/m", "method": "wanda", "sparsity": "2:4"})
+        first = client.post("/jobs/1/retry", follow_redirects=False)
+        assert first.status_code == 303 and first.headers["location"].startswith("/jobs/2")
+        second = client.post("/jobs/1/retry")
+        assert second.status_code == 429
+        assert "Cannot retry" in second.text
+    redis.Redis.from_url(settings.redis_url).delete(settings.queue)
