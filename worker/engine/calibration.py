@@ -19,8 +19,8 @@ from worker.engine.errors import DataError, InvalidJob
 NAMED = ("c4", "wikitext2", "ptb")
 C4_TRAIN = "en/c4-train.00000-of-01024.json.gz"
 C4_VALIDATION = "en/c4-validation.00000-of-00008.json.gz"
-# datasets >= 4 runs no loading scripts; the hub's parquet conversion of ptb_text_only works.
-PTB_PARQUET = "refs/convert/parquet"
+# datasets >= 4 runs no loading scripts: ptb_text_only is read from the Hub's parquet export.
+PTB_PARQUET = "hf://datasets/ptb-text-only/ptb_text_only@refs%2Fconvert%2Fparquet/penn_treebank/{split}/0000.parquet"
 
 
 def is_named(name: str) -> bool:
@@ -112,7 +112,7 @@ def _named_text(name: str, split: str) -> str:
         rows = _load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
         return (" " if split == "train" else "\n\n").join(rows)
     if name == "ptb":
-        rows = _load_dataset("ptb_text_only", "penn_treebank", split=split, revision=PTB_PARQUET)["sentence"]
+        rows = _load_dataset("parquet", data_files={split: PTB_PARQUET.format(split=split)}, split=split)["sentence"]
         return " ".join(rows)
     if name == "c4":
         data = _load_dataset("allenai/c4", data_files={"validation": C4_VALIDATION}, split="validation")
