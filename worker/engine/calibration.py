@@ -27,13 +27,14 @@ def is_named(name: str) -> bool:
     return name in NAMED
 
 
-def _load_dataset(*args, **kwargs):
+def _load_dataset(label: str, *args, **kwargs):
     import datasets  # imported on use: the CLI's argument checks should not pay for it
 
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as exc:  # network, hub or cache problems: say which set failed
-        raise DataError(f"could not load dataset {args[0]!r}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"could not load the {label} dataset: {first}") from exc
 
 
 def read_text_file(path: str | Path) -> str:
@@ -90,7 +91,7 @@ def _sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, so
 
 
 def _c4_calibration(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    data = _load_dataset("allenai/c4", data_files={"train": C4_TRAIN}, split="train")
+    data = _load_dataset("c4", "allenai/c4", data_files={"train": C4_TRAIN}, split="train")
     random.seed(seed)
     rows = []
     for _ in range(nsamples):
@@ -109,13 +110,13 @@ def _c4_calibration(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.T
 def _named_text(name: str, split: str) -> str:
     """The joined text of a named set's split, as the reference joins it."""
     if name == "wikitext2":
-        rows = _load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+        rows = _load_dataset("wikitext2", "Salesforce/wikitext", "wikitext-2-raw-v1", split=split)["text"]
         return (" " if split == "train" else "\n\n").join(rows)
     if name == "ptb":
-        rows = _load_dataset("parquet", data_files={split: PTB_PARQUET.format(split=split)}, split=split)["sentence"]
+        rows = _load_dataset("ptb", "parquet", data_files={split: PTB_PARQUET.format(split=split)}, split=split)["sentence"]
         return " ".join(rows)
     if name == "c4":
-        data = _load_dataset("allenai/c4", data_files={"validation": C4_VALIDATION}, split="validation")
+        data = _load_dataset("c4", "allenai/c4", data_files={"validation": C4_VALIDATION}, split="validation")
         return " ".join(data[:1100]["text"])
     raise InvalidJob(f"unknown dataset {name!r}; use one of {', '.join(NAMED)} or a .txt/.jsonl file")
 
