@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from worker.engine.architectures import LayerSelection, adapter_for
-from worker.engine.calibration import calibration_windows, evaluation_windows
+from worker.engine.calibration import calibration_windows, evaluation_windows, is_named, read_text_file
 from worker.engine.checkpoint import context_length, load_model, resolve_device, resolve_dtype, save_pruned
 from worker.engine.errors import InvalidJob
 from worker.engine.patterns import parse_sparsity
@@ -22,7 +22,9 @@ from worker.engine.progress import CancelCheck, ProgressCallback, Tracker
 from worker.engine.sequential import METHODS, SolverSettings, perplexity, prune_sequential
 
 DEFAULT_SEQLEN = 2048  # the reference's; capped by the model's context
-TOKENS_PER_CHUNK = 16_384  # sequences per block forward: enough to keep the matmuls busy
+# Tokens per block forward. Enough to keep the matmuls busy; on the CPU small enough that a
+# chunk's attention and MLP temporaries stay a fraction of the model (they set the peak RSS).
+TOKENS_PER_CHUNK = {"cuda": 16_384, "cpu": 2_048}
 
 
 @dataclass
@@ -115,7 +117,7 @@ def run_job(job: PruneJob, *, on_progress: ProgressCallback | None = None,
     seqlen = job.seqlen or min(DEFAULT_SEQLEN, context or DEFAULT_SEQLEN)
     if context is not None and seqlen > context:
         raise InvalidJob(f"seqlen {seqlen} is longer than the model's context of {context} tokens")
-    batch_size = job.batch_size or max(1, TOKENS_PER_CHUNK // seqlen)
+    batch_size = job.batch_size or max(1, TOKENS_PER_CHUNK[device.type] // seqlen)
     seconds["load"] = time.perf_counter() - t_start
 
     tracker.begin("calibrating", f"sampling {job.nsamples} windows of {seqlen} tokens from {job.calibration}")
@@ -124,16 +126,21 @@ def run_job(job: PruneJob, *, on_progress: ProgressCallback | None = None,
     if job.method != "magnitude":
         calibration = calibration_windows(tokenizer, job.calibration, nsamples=job.nsamples,
                                           seqlen=seqlen, seed=job.seed)
-    eval_windows = {name: evaluation_windows(tokenizer, name, seqlen=seqlen, max_windows=job.eval_windows)
-                    for name in job.eval_sets}
+    for name in job.eval_sets:  # fail now, not after the prune, on a missing or empty file
+        if not is_named(name):
+            read_text_file(name)
     seconds["data"] = time.perf_counter() - t0
+    eval_windows: dict[str, torch.Tensor] = {}  # tokenized when first needed, then kept
 
     def measure(stage: str, label: str) -> dict[str, float]:
         tracker.begin(stage, f"{label} perplexity")
         result = {}
-        for k, (name, windows) in enumerate(eval_windows.items()):
-            result[name] = perplexity(model, adapter, windows, device=device, batch_size=batch_size,
-                                      tracker=tracker, label=f"{label} {name}")
+        for name in job.eval_sets:
+            if name not in eval_windows:
+                eval_windows[name] = evaluation_windows(tokenizer, name, seqlen=seqlen,
+                                                        max_windows=job.eval_windows)
+            result[name] = perplexity(model, adapter, eval_windows[name], device=device,
+                                      batch_size=batch_size, tracker=tracker, label=f"{label} {name}")
         return result
 
     t0 = time.perf_counter()
