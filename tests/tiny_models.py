@@ -19,6 +19,7 @@ _FALLBACK_TEXT = (
 ) * 50
 
 ARCHS = ("llama", "opt", "bloom", "gpt2", "gpt_neox")
+MORE_ARCHS = ("mistral", "qwen2", "gemma", "phi", "falcon")  # the other families of the adapter
 
 
 def sample_text(chars: int = 60_000) -> str:
@@ -67,7 +68,22 @@ def make_config(arch: str, vocab_size: int, hidden: int = 64, blocks: int = 2, c
         return transformers.GPTNeoXConfig(
             hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=blocks,
             num_attention_heads=4, max_position_embeddings=context, **common)
-    raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHS)}")
+    llama_like = dict(hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=blocks,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context, **common)
+    if arch == "mistral":
+        return transformers.MistralConfig(**llama_like)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**llama_like)
+    if arch == "gemma":
+        return transformers.GemmaConfig(head_dim=16, **llama_like)
+    if arch == "phi":
+        return transformers.PhiConfig(hidden_size=hidden, intermediate_size=2 * hidden + 32,
+                                      num_hidden_layers=blocks, num_attention_heads=4,
+                                      max_position_embeddings=context, **common)
+    if arch == "falcon":
+        return transformers.FalconConfig(hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=4,
+                                         new_decoder_architecture=False, multi_query=True, alibi=False, **common)
+    raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHS + MORE_ARCHS)}")
 
 
 def make_tiny_model(directory: Path, arch: str = "llama", seed: int = 0, **config_kwargs) -> Path:

@@ -10,7 +10,7 @@ import torch
 import transformers
 from torch.testing import assert_close
 
-from tests.tiny_models import ARCHS, make_tiny_model, sample_text
+from tests.tiny_models import ARCHS, MORE_ARCHS, make_tiny_model, sample_text
 from worker.engine.architectures import adapter_for, prunable_linears, weight_matrix
 from worker.engine.calibration import evaluation_windows
 from worker.engine.errors import InvalidJob, JobCancelled
@@ -184,3 +184,20 @@ def test_default_seqlen_is_capped_by_the_context(models, workdir):
     report = run_job(job_for(models["llama"], workdir, seqlen=None, nsamples=2, eval_sets=[],
                              method="wanda"))
     assert report["calibration"]["seqlen"] == 256  # the tiny model's context, below 2048
+
+
+@pytest.mark.parametrize("arch", MORE_ARCHS)
+def test_other_families(arch, workdir, tmp_path):
+    """Mistral, Qwen2, Gemma, Phi and Falcon through the same adapter: sparse, and the
+    block-by-block perplexity equals the whole-model one."""
+    model_dir = make_tiny_model(tmp_path / arch, arch)
+    out = tmp_path / "pruned"
+    report = run_job(job_for(model_dir, workdir, sparsity="4:8", output=str(out)))
+    pruned = load(out)
+    for block in adapter_for(pruned).blocks:
+        for name, module in prunable_linears(block).items():
+            W = weight_matrix(module)
+            assert torch.all((W == 0).reshape(W.shape[0], -1, 8).sum(-1) == 4), name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    windows = evaluation_windows(tokenizer, str(workdir / "cal.txt"), seqlen=64, max_windows=4)
+    assert report["perplexity"][str(workdir / "cal.txt")] == pytest.approx(direct_perplexity(pruned, windows), rel=1e-4)
