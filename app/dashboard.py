@@ -19,7 +19,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import redis
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
@@ -31,10 +30,10 @@ from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
-from app import crud, events
+from app import crud
 from app.api.calibration import FORMATS, UploadError, _check_content, _safe_name
-from app.api.jobs import create_for_user, live_progress
-from app.models import QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, CalibrationSet, Job
+from app.api.jobs import create_for_user, live_progress, request_cancel
+from app.models import STATUSES, SUCCEEDED, TERMINAL, CalibrationSet, Job
 from app.schemas import BUILTIN_DATASETS, DTYPES, METHODS, JobSpec, upload_id
 from app.validation import SpecError, check_spec
 
@@ -534,18 +533,7 @@ def cancel_job_form(request: Request, job_id: str):
             return error_page(request, 404, "Job not found", f"There is no job {job_id!r}.")
         if not _may_change(request, job):
             return error_page(request, 403, "Not yours", f"Only the owner of job {job.id} or an admin may cancel it.")
-        outcome = crud.request_cancel(session, job_id=job.id)
-        session.commit()
-        r: redis.Redis = request.app.state.redis
-        try:
-            if outcome.outcome == "requested":
-                r.set(events.cancel_key(job.id), "1", ex=settings.job_time_limit_s)
-            elif outcome.outcome == "cancelled":
-                events.publish(r, job.id, "status",
-                               {"status": "cancelled", "attempt": outcome.job.attempt, "error": outcome.job.error},
-                               maxlen=settings.events_maxlen, ttl_s=settings.events_ttl_s)
-        except redis.RedisError:
-            log.warning("Redis unreachable while cancelling job %s; the database flag stands", job.id)
+        outcome = request_cancel(session, settings, request.app.state.redis, job.id)
         message = {
             "cancelled": "Cancelled before it started.",
             "requested": "Cancel requested: the job stops after the module it is working on.",

@@ -307,6 +307,25 @@ def delete_job(job_id: JobId, session: SessionDep, settings: SettingsDep, r: Red
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
+def request_cancel(session: Session, settings: Settings, r: redis.Redis, job_id: int):
+    """The one way a job is cancelled (the API and the dashboard): the database first (a queued
+    job ends now, a running one is flagged), then Redis: the worker's fast cancel flag, or the
+    final status event for SSE clients. Redis being down only delays what the database says."""
+    result = crud.request_cancel(session, job_id=job_id)
+    session.commit()
+    try:
+        if result.outcome == "requested":
+            r.set(events.cancel_key(job_id), "1", ex=settings.job_time_limit_s)
+        elif result.outcome == "cancelled":
+            events.publish(
+                r, job_id, "status", {"status": "cancelled", "attempt": result.job.attempt, "error": result.job.error},
+                maxlen=settings.events_maxlen, ttl_s=settings.events_ttl_s,
+            )
+    except redis.RedisError:
+        log.warning("Redis unreachable while cancelling job %s; the database flag stands", job_id)
+    return result
+
+
 @router.post(
     "/{job_id}/cancel",
     response_model=JobOut,
@@ -317,22 +336,11 @@ def cancel_job(job_id: JobId, session: SessionDep, settings: SettingsDep, r: Red
     """A queued job is cancelled at once (200); a running one is asked to stop (202) and ends
     `cancelled` between modules, leaving no partial artifact."""
     _forbid_unless_manager(user, _job_or_404(session, job_id), "cancel")
-    result = crud.request_cancel(session, job_id=job_id)
-    session.commit()
+    result = request_cancel(session, settings, r, job_id)
     if result.outcome == "missing":
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
     if result.outcome == "finished":
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} is already {result.job.status}")
-    try:
-        if result.outcome == "requested":
-            r.set(events.cancel_key(job_id), "1", ex=settings.job_time_limit_s)
-        else:
-            events.publish(
-                r, job_id, "status", {"status": "cancelled", "attempt": result.job.attempt, "error": result.job.error},
-                maxlen=settings.events_maxlen, ttl_s=settings.events_ttl_s,
-            )
-    except redis.RedisError:
-        log.warning("Redis unreachable while cancelling job %s; the database flag stands", job_id)
     job = crud.get_job(session, job_id, details=True)
     code = status.HTTP_202_ACCEPTED if result.outcome == "requested" else status.HTTP_200_OK
     return JSONResponse(job_out(job, retention_s=settings.artifact_retention_s).model_dump(mode="json"), status_code=code)
