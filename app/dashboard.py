@@ -523,16 +523,24 @@ def job_page(request: Request, job_id: str) -> HTMLResponse:
         return render(request, "job.html", context)
 
 
+def _job_to_change(request: Request, session: Session, job_id: str, verb: str):
+    """(job, None) when the signed-in user may ``verb`` it, else (None, a 404 or 403 page)."""
+    parsed = _parse_job_id(job_id)
+    job = crud.get_job(session, parsed) if parsed else None
+    if job is None:
+        return None, error_page(request, 404, "Job not found", f"There is no job {job_id!r}.")
+    if not _may_change(request, job):
+        return None, error_page(request, 403, "Not yours", f"Only the owner of job {job.id} or an admin may {verb} it.")
+    return job, None
+
+
 @router.post("/jobs/{job_id}/cancel")
 def cancel_job_form(request: Request, job_id: str):
     settings = request.app.state.settings
-    parsed = _parse_job_id(job_id)
     with _session(request) as session:
-        job = crud.get_job(session, parsed) if parsed else None
-        if job is None:
-            return error_page(request, 404, "Job not found", f"There is no job {job_id!r}.")
-        if not _may_change(request, job):
-            return error_page(request, 403, "Not yours", f"Only the owner of job {job.id} or an admin may cancel it.")
+        job, refusal = _job_to_change(request, session, job_id, "cancel")
+        if refusal is not None:
+            return refusal
         outcome = request_cancel(session, settings, request.app.state.redis, job.id)
         message = {
             "cancelled": "Cancelled before it started.",
@@ -546,13 +554,10 @@ def cancel_job_form(request: Request, job_id: str):
 def retry_job_form(request: Request, job_id: str):
     """A new job with the same spec, queued now (checked again: an upload may be gone)."""
     settings = request.app.state.settings
-    parsed = _parse_job_id(job_id)
     with _session(request) as session:
-        job = crud.get_job(session, parsed) if parsed else None
-        if job is None:
-            return error_page(request, 404, "Job not found", f"There is no job {job_id!r}.")
-        if not _may_change(request, job):
-            return error_page(request, 403, "Not yours", f"Only the owner of job {job.id} or an admin may retry it.")
+        job, refusal = _job_to_change(request, session, job_id, "retry")
+        if refusal is not None:
+            return refusal
         try:
             data = check_spec(JobSpec.model_validate(job.spec), settings, session)
         except (ValidationError, SpecError) as err:

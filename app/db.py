@@ -67,10 +67,10 @@ def session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(get_engine(url), expire_on_commit=False)
 
 
-@contextmanager
-def session_scope(url: str) -> Iterator[Session]:
-    """A session that commits on success and rolls back on error."""
-    session = session_factory(url)()
+def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error (a generator: FastAPI
+    dependencies use it as is, ``session_scope`` as a context manager)."""
+    session = sessions()
     try:
         yield session
         session.commit()
@@ -79,6 +79,12 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """A session on ``url`` that commits on success and rolls back on error."""
+    yield from transaction(session_factory(url))
 
 
 def alembic_config(url: str):
