@@ -25,8 +25,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.pg import scratch_database
+
 REPO = Path(__file__).resolve().parents[2]
-PG_URL = os.environ.get("SPARSEGPT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_BASE = os.environ.get("SPARSEGPT_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 REDIS_DB = {"sqlite": 13, "postgresql": 14}
 UPLOAD_LIMIT = 256 * 1024
@@ -52,24 +53,8 @@ def redis_available() -> None:
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A database of its own on the PostgreSQL server, dropped at the end of the session."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    admin = make_url(PG_URL)
-    conninfo = admin.set(drivername="postgresql").render_as_string(hide_password=False)
-    name = f"sparsegpt_test_{secrets.token_hex(4)}"
-    try:
-        with psycopg.connect(conninfo, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as err:
-        pytest.skip(f"no PostgreSQL at {PG_URL} ({err}); set SPARSEGPT_TEST_POSTGRES_URL")
-    url = admin.set(database=name).render_as_string(hide_password=False)
-    yield url
-    from app import db
-
-    db.dispose_all()
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database("sparsegpt_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])

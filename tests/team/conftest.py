@@ -24,7 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import PG_URL, REPO, Proc, free_port, spawn, wait_for_health
+from tests.pg import scratch_database
+from tests.service.conftest import REPO, Proc, free_port, spawn, wait_for_health
 
 SMALL = {"nsamples": 4, "seqlen": 32}
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -86,23 +87,8 @@ def redis_server(redis_binary, tmp_path) -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def team_pg() -> Iterator[str]:
     """A PostgreSQL database of its own, dropped at the end of the session."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    admin = make_url(PG_URL)
-    conninfo = admin.set(drivername="postgresql").render_as_string(hide_password=False)
-    name = f"sparsegpt_team_{secrets.token_hex(4)}"
-    try:
-        with psycopg.connect(conninfo, autocommit=True, connect_timeout=3) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as err:
-        pytest.skip(f"no PostgreSQL at {PG_URL} ({err}); set SPARSEGPT_TEST_POSTGRES_URL")
-    yield admin.set(database=name).render_as_string(hide_password=False)
-    from app import db
-
-    db.dispose_all()
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database("sparsegpt_team") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
