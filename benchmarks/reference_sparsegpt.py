@@ -377,10 +377,8 @@ def run(method: str, pattern: str | None, *, model_path=DEFAULT_MODEL,
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Reference SparseGPT / Wanda / magnitude on protocol P")
-    p.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude", "dense"])
-    p.add_argument("--sparsity", default="0.5", help="0.5, 2:4, 4:8, ...")
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """Protocol P's data and solver settings, with its defaults (every runner takes these)."""
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--calibration", default=str(DATA / "calibration.txt"))
     p.add_argument("--eval", dest="eval_file", default=str(DATA / "eval.txt"))
@@ -393,6 +391,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--percdamp", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the figures here")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Reference SparseGPT / Wanda / magnitude on protocol P")
+    p.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude", "dense"])
+    p.add_argument("--sparsity", default="0.5", help="0.5, 2:4, 4:8, ...")
+    add_protocol_args(p)
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     result = run(a.method, None if a.method == "dense" else a.sparsity, model_path=a.model,
