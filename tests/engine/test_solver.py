@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from worker.engine.baselines import magnitude_prune, wanda_prune
 from worker.engine.patterns import parse_sparsity
-from worker.engine.sparsegpt import Hessian, sparsegpt_prune, sparsegpt_prune_shared
+from worker.engine.sparsegpt import Hessian, inverse_hessian_factor, sparsegpt_prune, sparsegpt_prune_shared
 
 
 def make_inputs(rows=48, cols=256, tokens=600, seed=0):
@@ -104,7 +104,7 @@ def test_sparsegpt_beats_wanda_beats_magnitude(pattern):
     assert result.error == pytest.approx(e_sparsegpt.item(), rel=1e-3)
 
 
-@pytest.mark.parametrize("cols", [256, 1100])  # one tile; three tiles of the symmetric product
+@pytest.mark.parametrize("cols", [150, 256, 1100])  # one tile; 2 and 6 tiles a side of the symmetric product
 def test_hessian_follows_the_reference_running_average(cols):
     _, X = make_inputs(cols=cols, tokens=480)
     batches = X.reshape(6, 2, 40, -1)  # 6 batches of 2 sequences of 40 tokens
@@ -155,6 +155,17 @@ def test_joint_quantization_keeps_zeros_on_a_grid():
     for row in P:
         assert row.unique().numel() <= 2**3  # 3-bit grid (0 is on it)
     assert 0 < result.error < 1
+
+
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse():
+    _, X = make_inputs(cols=200)
+    H = hessian_of(X)
+    U, percdamp, damp = inverse_hessian_factor(H.clone(), 0.01)
+    assert percdamp == 0.01
+    H64 = H.double() + damp * torch.eye(200, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.linalg.inv(H64), upper=True)
+    assert torch.equal(U, torch.triu(U)) and bool((torch.diag(U) > 0).all())
+    assert_close(U.double(), expected, rtol=1e-3, atol=1e-5 * expected.abs().max().item())
 
 
 def test_cholesky_failure_retries_with_more_dampening(caplog):

@@ -25,16 +25,17 @@ class Hessian:
 
     The sum is kept in fp32 and scaled once at the end, which is the reference's running
     average ``H *= n/(n+b); H += 2/(n+b) X X^T`` without rescaling on every batch. Only the
-    tiles on and above the diagonal are multiplied (H is symmetric): for wide inputs that
-    is up to 3/8 fewer flops than X^T X.
+    tiles on and above the diagonal are multiplied (H is symmetric): with p tiles a side that
+    is (p + 1) / 2p of the flops of X^T X (0.56 at p = 8), at the same speed per flop.
     """
 
-    TILE = 512  # inputs narrower than two tiles are multiplied whole
+    TILE = 192  # columns per tile; narrower inputs are multiplied whole
+    MAX_PARTS = 8  # measured on CPU (2 threads, 2048 tokens a call): 576 wide 0.65x, 1536 wide 0.51x the time of X^T X
 
     def __init__(self, columns: int, device: torch.device | str):
         self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # (cols, cols)
         self.nsamples = 0
-        parts = min(4, max(1, columns // self.TILE))
+        parts = min(self.MAX_PARTS, max(1, math.ceil(columns / self.TILE)))
         edges = [round(columns * k / parts) for k in range(parts + 1)]
         self._tiles = list(zip(edges[:-1], edges[1:]))
 
@@ -100,6 +101,21 @@ class PruneResult:
     percdamp: float  # the dampening that was finally used
 
 
+def _upper_cholesky_of_inverse(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The upper Cholesky factor U of H^-1 (H^-1 = U^T U) from ONE Cholesky factorization.
+
+    With J the order-reversing permutation and J H J = L L^T, U = J L^-1 J: it is upper
+    triangular with a positive diagonal and U^T U = J L^-T L^-1 J = (J (J H J) J)^-1 = H^-1,
+    so it is that unique factor. This is the reference's cholesky -> cholesky_inverse ->
+    cholesky (about 3.7 n^3 flops) in about 1.3 n^3, equal up to float rounding.
+    """
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if info.item() != 0:
+        return L, False
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1), True
+
+
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, float]:
     """Upper Cholesky factor of (H + damp I)^-1, the percdamp used and damp; H is dampened in place.
 
@@ -114,13 +130,9 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
         damp = percdamp * mean_diag
         H[idx, idx] += damp - applied
         applied = damp
-        L, info = torch.linalg.cholesky_ex(H)
-        if info.item() == 0:
-            Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device), upper=False)
-            Hinv = Linv.t().matmul(Linv)  # = cholesky_inverse(L), without its slow CPU kernel
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info.item() == 0:
-                return U, percdamp, damp
+        U, ok = _upper_cholesky_of_inverse(H)
+        if ok:
+            return U, percdamp, damp
         if percdamp >= 1.0:
             raise torch.linalg.LinAlgError(
                 "the Hessian is not positive definite even with percdamp 1.0: "
@@ -187,6 +199,8 @@ def sparsegpt_prune_shared(
     H[dead, dead] = 1
     W[:, dead] = 0
     quantizer = Quantizer.fit(W, wbits) if wbits else None
+    W_dense = W.clone()
+    dense_quad = (W.matmul(H) * W).sum(1)  # per row: w H w^T, before dampening
 
     Hinv, used_percdamp, damp = inverse_hessian_factor(H, percdamp)
     Losses = torch.zeros(rows, device=W.device)
@@ -213,15 +227,25 @@ def sparsegpt_prune_shared(
         Losses += torch.sum(Err1**2, 1) / 2  # (w - q)^2 / d^2 = err^2
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
 
+    # The error needs no second product with H: the updates made W - W' = Err U (U = Hinv),
+    # so (W - W')(H + damp I)(W - W')^T = Err Err^T = 2 * Losses, row by row.
+    delta_sq = ((W_dense - W) ** 2).sum(1)
+    data_quad = 2 * Losses - damp * delta_sq  # per row: (w - w') H (w - w')^T without the dampening
     return [
         PruneResult(
             weight=W[r0:r1],
             loss=Losses[r0:r1].sum().item(),
-            error=relative_error(w, W[r0:r1], H, damp=damp, dead=dead),
+            error=_ratio(data_quad[r0:r1].sum().item(), dense_quad[r0:r1].sum().item()),
             percdamp=used_percdamp,
         )
-        for w, (r0, r1) in zip(weights, segments)
+        for r0, r1 in segments
     ]
+
+
+def _ratio(error_quad: float, dense_quad: float) -> float:
+    if not math.isfinite(dense_quad) or dense_quad <= 0:
+        return 0.0
+    return max(error_quad, 0.0) / dense_quad
 
 
 def relative_error(
@@ -248,10 +272,7 @@ def relative_error(
     def quad(A: torch.Tensor) -> float:  # tr(A H A^T) without the dampening
         return (A.matmul(H) * A).sum().item() - damp * (A * A).sum().item()
 
-    denom = quad(W_dense)
-    if not math.isfinite(denom) or denom <= 0:
-        return 0.0
-    return max(quad(delta), 0.0) / denom
+    return _ratio(quad(delta), quad(W_dense))
 
 
 def unstructured_mask(W1: torch.Tensor, diag1: torch.Tensor, sparsity: float,
