@@ -204,11 +204,10 @@ def sparsegpt_prune_shared(
 
     Hinv, used_percdamp, damp = inverse_hessian_factor(H, percdamp)
     Losses = torch.zeros(rows, device=W.device)
-    # The solved path replaces ~8 tiny ops per column by ~20 per step: a win for unstructured
-    # blocks (16 columns a step) everywhere, and for N:M (M columns a step) on a GPU, where its
-    # batched triangular solve is one kernel; on the CPU that solve is one LAPACK call per row.
+    # On the CPU the column loop (three small ops per column) is the faster; on a GPU the
+    # solved path, whose batched triangular solve is one kernel for many columns.
     if column_loop is None:
-        column_loop = pattern.structured and W.device.type == "cpu"
+        column_loop = W.device.type == "cpu"
     loop = column_loop or quantizer is not None
 
     for i1 in range(0, columns, blocksize):
@@ -293,6 +292,8 @@ def unstructured_mask(W1: torch.Tensor, diag1: torch.Tensor, sparsity: float,
 
 def _block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quantizer | None):
     """The reference's inner loop over the block's columns; returns (Q1, Err1). Fills M1 for N:M."""
+    if quantizer is None:
+        return _block_column_loop_pruning(W1, Hinv1, M1, pattern)
     count = W1.shape[1]
     n, m = pattern.n, pattern.m
     diag1 = torch.diag(Hinv1)
@@ -312,6 +313,30 @@ def _block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quant
         W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
         Err1[:, i] = err1
     return Q1, Err1
+
+
+def _block_column_loop_pruning(W1, Hinv1, M1, pattern: SparsityPattern):
+    """The same loop without quantization, in three small ops per column (``W1`` is updated in place).
+
+    A kept weight has q = w, so err = (w * pruned) / d, the reference's value; the update of
+    column i itself leaves w there (kept) or ~0 (pruned, set to exactly 0 at the end), so the
+    running ``W1`` ends as Q1. The per-column views are made once per block.
+    """
+    count = W1.shape[1]
+    n, m = pattern.n, pattern.m
+    diag1 = torch.diag(Hinv1)
+    Err1 = torch.empty_like(W1)
+    pruned = M1.to(W1.dtype)  # 1 where pruned
+    err_cols, pruned_cols, w_cols, d_cols = Err1.unbind(1), pruned.unbind(1), W1.unbind(1), diag1.unbind(0)
+    for i in range(count):
+        if pattern.structured and i % m == 0 and i + m <= count:  # a ragged tail stays dense
+            score = W1[:, i : i + m] ** 2 / diag1[i : i + m].reshape(1, -1) ** 2
+            lowest = torch.topk(score, n, dim=1, largest=False)[1]
+            M1[:, i : i + m].scatter_(1, lowest, True)
+            pruned[:, i : i + m].scatter_(1, lowest, 1.0)
+        err1 = torch.mul(w_cols[i], pruned_cols[i], out=err_cols[i]).div_(d_cols[i])
+        W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
+    return W1.masked_fill_(M1, 0), Err1
 
 
 SUBBLOCK = 16  # columns per step of an unstructured block in the solved path
