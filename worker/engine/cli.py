@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="never prune modules whose full name matches; repeatable")
     p.add_argument("--batch-size", type=int, help="sequences per block forward (default ~16k tokens)")
+    p.add_argument("--exact", action="store_true",
+                   help="reproduce the reference SparseGPT's arithmetic bit for bit (one sequence per "
+                        "forward, its Hessian, inverse and column loop); slower, for checking results")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
     p.add_argument("--output", "-o", help="directory to save the pruned model in")
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_windows=args.eval_windows, eval_dense=not args.no_dense_eval, device=args.device,
         dtype=args.dtype, output=args.output, first_block=args.first_block,
         last_block=args.last_block, include=args.include, exclude=args.exclude,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, exact=args.exact,
     )
     prog = "sparsegpt prune"
     if args.report and not Path(args.report).parent.exists():

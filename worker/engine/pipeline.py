@@ -53,6 +53,9 @@ class PruneJob:
     include: list[str] = field(default_factory=list)  # fnmatch patterns on full module names
     exclude: list[str] = field(default_factory=list)
     batch_size: int | None = None  # sequences per block forward; None: ~16k tokens
+    # Reproduce the reference's arithmetic bit for bit: one sequence per forward, its running
+    # Hessian per layer, its dampening, inverse and column loop. Slower; for checking results.
+    exact: bool = False
 
     def validate(self) -> None:
         """Raise InvalidJob for anything wrong that is knowable before loading the model."""
@@ -70,6 +73,10 @@ class PruneJob:
             raise InvalidJob(f"wbits must be between 2 and 8, got {self.wbits}")
         if self.wbits is not None and self.method != "sparsegpt":
             raise InvalidJob("joint quantization (wbits) is part of the SparseGPT solver only")
+        if self.exact and self.method != "sparsegpt":
+            raise InvalidJob("exact reproduces the reference SparseGPT; it applies to method sparsegpt only")
+        if self.exact and self.batch_size not in (None, 1):
+            raise InvalidJob("exact runs one sequence per forward, as the reference: leave batch_size unset")
         if pattern.structured and self.method == "sparsegpt" and self.blocksize % pattern.m:
             raise InvalidJob(f"blocksize {self.blocksize} must be a multiple of M={pattern.m} for {pattern}")
 
@@ -118,6 +125,7 @@ def run_job(job: PruneJob, *, on_progress: ProgressCallback | None = None,
     if context is not None and seqlen > context:
         raise InvalidJob(f"seqlen {seqlen} is longer than the model's context of {context} tokens")
     batch_size = job.batch_size or max(1, TOKENS_PER_CHUNK[device.type] // seqlen)
+    prune_batch = 1 if job.exact else batch_size  # the reference's one sequence per forward
     seconds["load"] = time.perf_counter() - t_start
 
     tracker.begin("calibrating", f"sampling {job.nsamples} windows of {seqlen} tokens from {job.calibration}")
@@ -150,9 +158,9 @@ def run_job(job: PruneJob, *, on_progress: ProgressCallback | None = None,
     tracker.begin("pruning", f"{job.method} {pattern}")
     t0 = time.perf_counter()
     solver = SolverSettings(method=job.method, pattern=pattern, blocksize=job.blocksize,
-                            percdamp=job.percdamp, wbits=job.wbits)
+                            percdamp=job.percdamp, wbits=job.wbits, exact=job.exact)
     layers = prune_sequential(model, adapter, calibration, solver=solver, selection=selection,
-                              device=device, batch_size=batch_size, tracker=tracker)
+                              device=device, batch_size=prune_batch, tracker=tracker)
     seconds["prune"] = time.perf_counter() - t0
     peak_prune_rss = _peak_rss_bytes()
 

@@ -60,6 +60,7 @@ class SolverSettings:
     blocksize: int = 128
     percdamp: float = 0.01
     wbits: int | None = None
+    exact: bool = False  # the reference's arithmetic, operation for operation (see PruneJob.exact)
 
 
 @dataclass
@@ -182,7 +183,8 @@ class HessianCollector:
     share the Hessian of the first of them: ``groups`` maps that owner to all its readers.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], device: torch.device, *, stop_early: bool = True):
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device, *, stop_early: bool = True,
+                 exact: bool = False):
         self.names = set(modules)
         # Once the last Linear has its input, the rest of the dense pass is not needed: its
         # hook stops the pass, provided every other hooked Linear has been called by then.
@@ -193,6 +195,7 @@ class HessianCollector:
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, owner), one pass
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
         self.device = device
+        self.exact = exact
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -209,7 +212,7 @@ class HessianCollector:
                     return
             self._seen[id(x)] = (x, name)
             if name not in self.hessians:
-                self.hessians[name] = Hessian(x.shape[-1], self.device)
+                self.hessians[name] = Hessian(x.shape[-1], self.device, exact=self.exact)
             self.hessians[name].add_batch(x)
             if name == self.stop_at and self.names <= self._owner_of.keys():
                 raise StopBlockPass
@@ -235,7 +238,7 @@ def solve_group(names: list[str], modules: dict[str, nn.Module], H: torch.Tensor
     dense = [weight_matrix(modules[n]).to(device) for n in names]
     if solver.method == "sparsegpt":
         results = sparsegpt_prune_shared(dense, H, solver.pattern, blocksize=solver.blocksize,
-                                         percdamp=solver.percdamp, wbits=solver.wbits)
+                                         percdamp=solver.percdamp, wbits=solver.wbits, exact=solver.exact)
         pruned, stats = [r.weight for r in results], [(r.error, r.loss) for r in results]
     else:
         if solver.method == "wanda":
@@ -280,7 +283,7 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
         modules = {name: m for name, m in prunable_linears(block).items()
                    if selection.module_selected(f"{prefix}.{name}")}
         if needs_data:
-            collector = HessianCollector(modules, device)
+            collector = HessianCollector(modules, device, exact=solver.exact)
             try:
                 run_block(block, inputs, device, keep=False, after_chunk=collector.end_pass)
             finally:

@@ -27,14 +27,18 @@ class Hessian:
     average ``H *= n/(n+b); H += 2/(n+b) X X^T`` without rescaling on every batch. Only the
     tiles on and above the diagonal are multiplied (H is symmetric): with p tiles a side that
     is (p + 1) / 2p of the flops of X^T X (0.56 at p = 8), at the same speed per flop.
+
+    With ``exact`` it is the reference's running average itself, operation for operation
+    (slower; see ``sparsegpt_prune_shared``'s ``exact``).
     """
 
     TILE = 192  # columns per tile; narrower inputs are multiplied whole
     MAX_PARTS = 8  # measured on CPU (2 threads, 2048 tokens a call): 576 wide 0.65x, 1536 wide 0.51x the time of X^T X
 
-    def __init__(self, columns: int, device: torch.device | str):
+    def __init__(self, columns: int, device: torch.device | str, *, exact: bool = False):
         self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # (cols, cols)
         self.nsamples = 0
+        self.exact = exact
         parts = min(self.MAX_PARTS, max(1, math.ceil(columns / self.TILE)))
         edges = [round(columns * k / parts) for k in range(parts + 1)]
         self._tiles = list(zip(edges[:-1], edges[1:]))
@@ -42,6 +46,13 @@ class Hessian:
     def add_batch(self, x: torch.Tensor) -> None:
         """``x``: the layer's input for ``b`` sequences, shape (b, seq, cols) or (b, cols)."""
         batch = x.shape[0] if x.dim() > 2 else 1
+        if self.exact:  # H *= n/(n+b); n += b; H += (sqrt(2/n) X)(sqrt(2/n) X)^T, as the reference
+            x = x.reshape(-1, x.shape[-1]).t()
+            self.sum *= self.nsamples / (self.nsamples + batch)
+            self.nsamples += batch
+            x = math.sqrt(2 / self.nsamples) * x.float()
+            self.sum += x.matmul(x.t())
+            return
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, cols)
         if len(self._tiles) == 1:
             self.sum.addmm_(x.t(), x)
@@ -56,6 +67,8 @@ class Hessian:
     def H(self) -> torch.Tensor:
         if self.nsamples == 0:
             raise ValueError("the Hessian has seen no calibration data")
+        if self.exact:
+            return self.sum
         S = self.sum
         if len(self._tiles) > 1:  # mirror the upper tiles into the lower ones
             S = torch.triu(S) + torch.triu(S, 1).t()
@@ -116,23 +129,37 @@ def _upper_cholesky_of_inverse(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1), True
 
 
-def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, float]:
+def _reference_upper_cholesky_of_inverse(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The reference's own chain: cholesky -> cholesky_inverse -> cholesky(upper)."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item() != 0:
+        return L, False
+    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    return U, info.item() == 0
+
+
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float, *,
+                           exact: bool = False) -> tuple[torch.Tensor, float, float]:
     """Upper Cholesky factor of (H + damp I)^-1, the percdamp used and damp; H is dampened in place.
 
     A matrix that is not positive definite even after dampening is retried with ten times
     more dampening (up to 1.0), and the retry is logged: it means too few calibration
-    samples for this layer's width, or degenerate inputs.
+    samples for this layer's width, or degenerate inputs. ``exact`` computes the dampening
+    and the factor with the reference's operations (fp32 dampening, three factorizations).
     """
-    mean_diag = torch.mean(torch.diag(H)).item()
+    mean_diag = torch.mean(torch.diag(H))
+    if not exact:
+        mean_diag = mean_diag.item()
+    factor = _reference_upper_cholesky_of_inverse if exact else _upper_cholesky_of_inverse
     idx = torch.arange(H.shape[0], device=H.device)
     applied = 0.0
     while True:
         damp = percdamp * mean_diag
         H[idx, idx] += damp - applied
         applied = damp
-        U, ok = _upper_cholesky_of_inverse(H)
+        U, ok = factor(H)
         if ok:
-            return U, percdamp, damp
+            return U, percdamp, float(damp)
         if percdamp >= 1.0:
             raise torch.linalg.LinAlgError(
                 "the Hessian is not positive definite even with percdamp 1.0: "
@@ -172,6 +199,7 @@ def sparsegpt_prune_shared(
     percdamp: float = 0.01,
     wbits: int | None = None,
     column_loop: bool | None = None,
+    exact: bool = False,
 ) -> list[PruneResult]:
     """Prune several layers that read the same input (q/k/v; gate/up) in one pass.
 
@@ -184,9 +212,16 @@ def sparsegpt_prune_shared(
     quantization); otherwise each block is solved a group of columns at a time (see
     ``_block_solved``), which gives the same masks and weights up to float rounding. None
     picks the faster of the two for the pattern and device.
+
+    ``exact`` reproduces the reference's arithmetic operation for operation: each layer
+    solved alone, its dampening, inverse and column loop; with the same H it gives the
+    reference's weights bit for bit (on the same machine and library), and is slower.
     """
     if pattern.structured and blocksize % pattern.m:
         raise ValueError(f"blocksize {blocksize} must be a multiple of M={pattern.m} for {pattern}")
+    if exact and len(weights) > 1:  # a GEMM's rounding may depend on the rows it is given
+        return [sparsegpt_prune_shared([w], H, pattern, blocksize=blocksize, percdamp=percdamp,
+                                       wbits=wbits, exact=True)[0] for w in weights]
     W = torch.cat([w.to(torch.float32) for w in weights])  # (rows, cols), a new tensor
     H = H.to(torch.float32, copy=True)
     rows, columns = W.shape
@@ -202,13 +237,13 @@ def sparsegpt_prune_shared(
     W_dense = W.clone()
     dense_quad = (W.matmul(H) * W).sum(1)  # per row: w H w^T, before dampening
 
-    Hinv, used_percdamp, damp = inverse_hessian_factor(H, percdamp)
+    Hinv, used_percdamp, damp = inverse_hessian_factor(H, percdamp, exact=exact)
     Losses = torch.zeros(rows, device=W.device)
     # On the CPU the column loop (three small ops per column) is the faster; on a GPU the
     # solved path, whose batched triangular solve is one kernel for many columns.
     if column_loop is None:
         column_loop = W.device.type == "cpu"
-    loop = column_loop or quantizer is not None
+    loop = column_loop or quantizer is not None or exact
 
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
@@ -219,7 +254,7 @@ def sparsegpt_prune_shared(
         else:
             M1 = unstructured_mask(W1, torch.diag(Hinv1), pattern.sparsity, segments)
         if loop:
-            Q1, Err1 = _block_column_loop(W1, Hinv1, M1, pattern, quantizer)
+            Q1, Err1 = _block_column_loop(W1, Hinv1, M1, pattern, quantizer, general=exact)
         else:
             Q1, Err1 = _block_solved(W1, Hinv1, M1, pattern)
         W[:, i1:i2] = Q1
@@ -290,9 +325,13 @@ def unstructured_mask(W1: torch.Tensor, diag1: torch.Tensor, sparsity: float,
     return M1
 
 
-def _block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quantizer | None):
-    """The reference's inner loop over the block's columns; returns (Q1, Err1). Fills M1 for N:M."""
-    if quantizer is None:
+def _block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quantizer | None, *,
+                       general: bool = False):
+    """The reference's inner loop over the block's columns, with its operations; returns (Q1, Err1).
+
+    Fills M1 for N:M. Without quantization (and unless ``general``) the leaner loop below.
+    """
+    if quantizer is None and not general:
         return _block_column_loop_pruning(W1, Hinv1, M1, pattern)
     count = W1.shape[1]
     n, m = pattern.n, pattern.m
@@ -310,7 +349,7 @@ def _block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quant
             q = quantizer.quantize(q)
         Q1[:, i] = q
         err1 = (w - q) / d
-        W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
+        W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
         Err1[:, i] = err1
     return Q1, Err1
 
