@@ -36,7 +36,7 @@ def run(method: str, pattern: str, *, model_path=ref.DEFAULT_MODEL,
         calibration=ref.DATA / "calibration.txt", eval_file=ref.DATA / "eval.txt",
         nsamples: int = 32, seqlen: int = 512, seed: int = 0, eval_limit: int | None = 40,
         blocksize: int = 128, percdamp: float = 0.01, threads: int = 2, dense: bool = False,
-        do_eval: bool = True) -> dict:
+        do_eval: bool = True, exact: bool = False) -> dict:
     import torch
 
     from worker.engine.pipeline import PruneJob, run_job
@@ -47,7 +47,7 @@ def run(method: str, pattern: str, *, model_path=ref.DEFAULT_MODEL,
                    calibration=str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed,
                    blocksize=blocksize, percdamp=percdamp,
                    eval_sets=[eval_key] if do_eval else [], eval_windows=eval_limit,
-                   eval_dense=dense and do_eval, device="cpu", dtype="float32", output=None)
+                   eval_dense=dense and do_eval, device="cpu", dtype="float32", output=None, exact=exact)
 
     marks: dict = {"stages": []}
 
@@ -94,11 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sparsity", default="0.5")
     ref.add_protocol_args(p)
     p.add_argument("--dense", action="store_true", help="let the engine evaluate the dense model too")
+    p.add_argument("--exact", action="store_true", help="the engine's exact mode (the reference's arithmetic)")
     a = p.parse_args(argv)
     result = run(a.method, a.sparsity, model_path=a.model, calibration=a.calibration,
                  eval_file=a.eval_file, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                  eval_limit=a.eval_windows, blocksize=a.blocksize, percdamp=a.percdamp,
-                 threads=a.threads, dense=a.dense, do_eval=not a.no_eval)
+                 threads=a.threads, dense=a.dense, do_eval=not a.no_eval, exact=a.exact)
     print(json.dumps(result, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))

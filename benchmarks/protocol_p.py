@@ -36,10 +36,11 @@ DEFAULT_MODEL = REPO / "models" / "smollm2-135m"
 BENCH_VENV_PYTHON = REPO / ".venv-bench" / "bin" / "python"
 GB = 1e9
 
-RUNNERS = ("engine", "reference", "llmcompressor")
-SCRIPTS = {"engine": "engine_p.py", "reference": "reference_sparsegpt.py",
+RUNNERS = ("engine", "engine-exact", "reference", "llmcompressor")
+SCRIPTS = {"engine": "engine_p.py", "engine-exact": "engine_p.py", "reference": "reference_sparsegpt.py",
            "llmcompressor": "llmcompressor_p.py"}
 METHODS = {"engine": ("sparsegpt", "wanda", "magnitude"),
+           "engine-exact": ("sparsegpt",),  # the engine with exact=True: the reference's arithmetic
            "reference": ("sparsegpt", "wanda", "magnitude"),
            "llmcompressor": ("sparsegpt", "wanda")}
 
@@ -214,7 +215,7 @@ def check_targets(runs: list[dict]) -> list[dict]:
     """Issue 2 / issue 6 targets for the engine's SparseGPT rows."""
     checks = []
     for r in runs:
-        if r["runner"] != "engine" or r["method"] != "sparsegpt" or "error" in r:
+        if r["runner"] not in ("engine", "engine-exact") or r["method"] != "sparsegpt" or "error" in r:
             continue
         q = r.get("ratios", {})
         for name, value, limit in (
@@ -225,13 +226,13 @@ def check_targets(runs: list[dict]) -> list[dict]:
             ("peak RSS <= 0.8x the reference (this run)", q.get("rss_vs_reference"), 0.8),
         ):
             ok = None if value is None else value <= limit
-            checks.append({"pattern": r["pattern"], "target": name, "value": value,
-                           "limit": limit, "ok": ok})
+            checks.append({"runner": r["runner"], "pattern": r["pattern"], "target": name,
+                           "value": value, "limit": limit, "ok": ok})
     if checks:
         print("\nTargets (engine, SparseGPT):")
         for c in checks:
             verdict = {True: "PASS", False: "FAIL", None: "n/a "}[c["ok"]]
-            print(f"  {verdict}  {c['pattern']:>4}  {c['target']:<46} "
+            print(f"  {verdict}  {c.get('runner', 'engine'):<13}{c['pattern']:>4}  {c['target']:<46} "
                   f"{_fmt(c['value'], '.3f', 7)} (limit {c['limit']})")
     return checks
 
@@ -244,7 +245,8 @@ def parse_args(argv):
     p.add_argument("--methods", default="sparsegpt", help="comma list of sparsegpt,wanda,magnitude")
     p.add_argument("--patterns", default="0.5", help="comma list, e.g. 0.5,2:4,4:8")
     p.add_argument("--runners", default="engine,reference,llmcompressor",
-                   help="comma list of engine,reference,llmcompressor (missing ones are skipped)")
+                   help="comma list of engine,engine-exact,reference,llmcompressor (missing ones "
+                        "are skipped; engine-exact is the engine reproducing the reference bit for bit)")
     p.add_argument("--full", action="store_true",
                    help="all methods (sparsegpt, wanda, magnitude) at 0.5, 2:4 and 4:8")
     p.add_argument("--no-dense", action="store_true", help="skip the dense evaluation")
@@ -292,11 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     notes = []
     if "reference" in wanted:
         pythons["reference"] = sys.executable
-    if "engine" in wanted:
+    for name in ("engine", "engine-exact"):
+        if name not in wanted:
+            continue
         if engine_available():
-            pythons["engine"] = sys.executable
+            pythons[name] = sys.executable
         else:
-            notes.append("engine: worker.engine.pipeline not importable, skipped")
+            notes.append(f"{name}: worker.engine.pipeline not importable, skipped")
     if "llmcompressor" in wanted:
         lc = llmcompressor_python()
         if lc:
@@ -319,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             for runner in RUNNERS:
                 if runner not in pythons or method not in METHODS[runner]:
                     continue
-                extra = []
+                extra = ["--exact"] if runner == "engine-exact" else []
                 if runner == "engine" and engine_dense_pending:
                     extra, engine_dense_pending = ["--dense"], False
                 runs.append(run_child(runner, method, pattern, args, pythons[runner], extra))
