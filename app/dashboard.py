@@ -217,7 +217,7 @@ FORM_DEFAULTS: dict[str, Any] = {
     "model": "", "revision": "", "trust_remote_code": False, "method": "sparsegpt", "sparsity": "0.5",
     "calibration_source": "c4", "calibration_upload": "", "calibration_path": "",
     "nsamples": "128", "seqlen": "", "seed": "0",
-    "blocksize": "128", "percdamp": "0.01", "wbits": "",
+    "blocksize": "128", "percdamp": "0.01", "wbits": "", "exact": False,
     "eval_sets": ["wikitext2"], "eval_extra": "", "max_windows": "", "dense": True, "dtype": "auto",
 }
 
@@ -228,6 +228,7 @@ _FIELD_OF_LOC = {
     ("calibration", "dataset"): "calibration_source", ("calibration", "nsamples"): "nsamples",
     ("calibration", "seqlen"): "seqlen", ("calibration", "seed"): "seed",
     ("solver", "blocksize"): "blocksize", ("solver", "percdamp"): "percdamp", ("solver", "wbits"): "wbits",
+    ("solver", "exact"): "exact",
     ("evaluation", "datasets"): "eval_sets", ("evaluation", "max_windows"): "max_windows",
     ("evaluation", "dense"): "dense",
 }
@@ -245,6 +246,7 @@ def form_from_spec(spec: dict[str, Any]) -> dict[str, Any]:
         nsamples=str(cal.get("nsamples", 128)), seqlen="" if cal.get("seqlen") is None else str(cal["seqlen"]),
         seed=str(cal.get("seed", 0)), blocksize=str(solver.get("blocksize", 128)),
         percdamp=f"{solver.get('percdamp', 0.01):g}", wbits="" if solver.get("wbits") is None else str(solver["wbits"]),
+        exact=bool(solver.get("exact", False)),
         max_windows="" if ev.get("max_windows") is None else str(ev["max_windows"]),
         dense=bool(ev.get("dense", True)), dtype=spec.get("dtype", "auto"),
     )
@@ -271,6 +273,7 @@ def form_values(form: FormData) -> dict[str, Any]:
     values = {name: _text(form, name) for name, default in FORM_DEFAULTS.items() if isinstance(default, str)}
     values["trust_remote_code"] = form.get("trust_remote_code") is not None
     values["dense"] = form.get("dense") is not None
+    values["exact"] = form.get("exact") is not None
     values["eval_sets"] = [v for v in form.getlist("eval_sets") if isinstance(v, str)]
     return values
 
@@ -291,6 +294,8 @@ def spec_body(values: dict[str, Any]) -> dict[str, Any]:
     solver: dict[str, Any] = {"blocksize": values["blocksize"], "percdamp": values["percdamp"]}
     if values["wbits"]:
         solver["wbits"] = values["wbits"]
+    if values["exact"]:
+        solver["exact"] = True
     evaluation: dict[str, Any] = {"datasets": [*values["eval_sets"], *extra], "dense": values["dense"]}
     if values["max_windows"]:
         evaluation["max_windows"] = values["max_windows"]
@@ -347,7 +352,7 @@ def field_errors(errors: list[dict[str, Any]]) -> dict[str, list[str]]:
                 field = _FIELD_OF_LOC[key]
                 break
         if field is None and not loc:  # a check across fields (model validator)
-            field = "wbits" if "wbits" in msg else "blocksize" if "blocksize" in msg else ""
+            field = next((f for f in ("wbits", "exact", "blocksize") if f in msg), "")
         out.setdefault(field or "", []).append(msg)
     return out
 

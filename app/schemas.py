@@ -102,6 +102,8 @@ class SolverSpec(_Strict):
     blocksize: int = Field(128, ge=1, le=8192, description="columns solved together (SparseGPT's B)")
     percdamp: float = Field(0.01, gt=0, le=1, description="Hessian dampening, a fraction of its mean diagonal")
     wbits: int | None = Field(None, ge=2, le=8, description="joint quantization bits (paper section 5)")
+    exact: bool = Field(False, description="reproduce the reference SparseGPT's arithmetic bit for bit "
+                                           "(one sequence per forward; slower), for checking a result")
 
 
 class JobSpec(_Strict):
@@ -160,6 +162,8 @@ class JobSpec(_Strict):
     def _solver_fits(self) -> JobSpec:
         if self.solver.wbits is not None and self.method != "sparsegpt":
             raise ValueError("solver.wbits (joint quantization) works with method sparsegpt only")
+        if self.solver.exact and self.method != "sparsegpt":
+            raise ValueError("solver.exact reproduces the reference SparseGPT: it works with method sparsegpt only")
         if isinstance(self.sparsity, str) and self.method == "sparsegpt":
             m = int(self.sparsity.split(":")[1])
             if self.solver.blocksize % m:

@@ -285,6 +285,7 @@ class JobRun:
             blocksize=solver["blocksize"],
             percdamp=solver["percdamp"],
             wbits=solver.get("wbits"),
+            exact=bool(solver.get("exact", False)),
             eval_sets=eval_sets,
             eval_windows=ev.get("max_windows"),
             eval_dense=ev.get("dense", True),

@@ -21,6 +21,7 @@ def test_defaults_are_the_specs_defaults():
      "solver": {"blocksize": 64, "percdamp": 0.05}},
     {"model": "/models/llama", "sparsity": 0.6, "calibration": {"dataset": "/data/c.txt"},
      "evaluation": {"datasets": []}, "solver": {"wbits": 4}},
+    {"model": "org/name", "sparsity": "2:4", "solver": {"exact": True}},
 ])
 def test_clone_round_trip(spec):
     """A stored spec, put in the form (Clone) and submitted unchanged, is the same spec."""
@@ -48,6 +49,7 @@ def test_errors_land_on_their_fields():
     assert set(errors_for(model="../etc")) == {"model"}
     # Checks across fields go to the field they name.
     assert set(errors_for(method="wanda", wbits="4")) == {"wbits"}
+    assert set(errors_for(method="magnitude", exact=True)) == {"exact"}
     assert set(errors_for(sparsity="2:4", blocksize="6")) == {"blocksize"}
 
 

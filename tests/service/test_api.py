@@ -70,7 +70,7 @@ def test_submit_returns_201_location_and_defaults(client, models_dir, upload):
     job = response.json()
     assert response.headers["location"] == f"/api/v1/jobs/{job['id']}"
     assert job["status"] == "queued" and job["attempt"] == 0 and job["artifact"] is None
-    assert job["spec"]["solver"] == {"blocksize": 128, "percdamp": 0.01, "wbits": None}
+    assert job["spec"]["solver"] == {"blocksize": 128, "percdamp": 0.01, "wbits": None, "exact": False}
     assert job["spec"]["method"] == "sparsegpt" and job["spec"]["dtype"] == "auto"
     assert job["spec"]["calibration"] == {"dataset": upload["ref"], "nsamples": 4, "seqlen": 32, "seed": 0}
     again = client.get(response.headers["location"])
@@ -175,6 +175,7 @@ BAD_SPECS = [
     ({"solver": {"percdamp": 0}}, "greater than 0"),
     ({"solver": {"wbits": 1}}, "greater than or equal to 2"),
     ({"method": "magnitude", "solver": {"wbits": 4}}, "method sparsegpt only"),
+    ({"method": "wanda", "solver": {"exact": True}}, "solver.exact reproduces the reference"),
     ({"dtype": "int8"}, "'auto', 'float16', 'bfloat16' or 'float32'"),
     ({"colour": "blue"}, "Extra inputs are not permitted"),
 ]

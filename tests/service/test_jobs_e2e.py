@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 import threading
 import time
@@ -121,6 +122,21 @@ def test_job_end_to_end(service, models_dir, uploaded, tmp_path):
 
     # Downloading twice gives the same bytes (the archive is reproducible).
     assert hashlib.sha256(client.get(artifact["url"]).content).hexdigest() == artifact["sha256"]
+
+
+def test_exact_reaches_the_engine(service, models_dir, uploaded):
+    """solver.exact runs the engine's exact mode: the saved report says so, and it is 2:4."""
+    body = small_job(models_dir, uploaded, solver={"exact": True}, evaluation={"datasets": []})
+    response = service.client.post("/api/v1/jobs", json=body)
+    assert response.status_code == 201, response.text
+    job = service.wait_done(response.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["spec"]["solver"]["exact"] is True
+    download = service.client.get(job["artifact"]["url"])
+    with tarfile.open(fileobj=io.BytesIO(download.content)) as tar:
+        [member] = [m for m in tar.getmembers() if m.name.endswith("/sparsegpt_report.json")]
+        report = json.load(tar.extractfile(member))
+    assert report["job"]["exact"] is True and report["pattern"] == "2:4"
 
 
 def test_cancel_running_and_queued(service, models_dir, uploaded):

@@ -239,10 +239,12 @@ def sparsegpt_prune_shared(
 
     Hinv, used_percdamp, damp = inverse_hessian_factor(H, percdamp, exact=exact)
     Losses = torch.zeros(rows, device=W.device)
-    # On the CPU the column loop (three small ops per column) is the faster; on a GPU the
-    # solved path, whose batched triangular solve is one kernel for many columns.
+    # Measured on protocol P's layers (2 CPU threads, ms per block): unstructured, loop 786 vs
+    # solved 659 (its mask is known up front, 16 columns a step); N:M, loop 914 vs solved 1077
+    # (the mask follows the running weights, M columns a step). On a GPU the solved path's
+    # batched triangular solve is one kernel for many columns, so it is used there for both.
     if column_loop is None:
-        column_loop = W.device.type == "cpu"
+        column_loop = pattern.structured and W.device.type == "cpu"
     loop = column_loop or quantizer is not None or exact
 
     for i1 in range(0, columns, blocksize):
