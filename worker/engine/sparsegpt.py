@@ -245,7 +245,6 @@ def sparsegpt_prune_shared(
     # batched triangular solve is one kernel for many columns, so it is used there for both.
     if column_loop is None:
         column_loop = pattern.structured and W.device.type == "cpu"
-    loop = column_loop or quantizer is not None or exact
 
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
@@ -255,8 +254,10 @@ def sparsegpt_prune_shared(
             M1 = torch.zeros_like(W1, dtype=torch.bool)  # chosen group by group, from the running W1
         else:
             M1 = unstructured_mask(W1, torch.diag(Hinv1), pattern.sparsity, segments)
-        if loop:
-            Q1, Err1 = _block_column_loop(W1, Hinv1, M1, pattern, quantizer, general=exact)
+        if quantizer is not None or exact:  # the reference's operations
+            Q1, Err1 = _block_column_loop(W1, Hinv1, M1, pattern, quantizer)
+        elif column_loop:
+            Q1, Err1 = _block_column_loop_pruning(W1, Hinv1, M1, pattern)
         else:
             Q1, Err1 = _block_solved(W1, Hinv1, M1, pattern)
         W[:, i1:i2] = Q1
@@ -327,14 +328,18 @@ def unstructured_mask(W1: torch.Tensor, diag1: torch.Tensor, sparsity: float,
     return M1
 
 
-def _block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quantizer | None, *,
-                       general: bool = False):
+def _nm_lowest(Wg: torch.Tensor, diag_g: torch.Tensor, n: int) -> torch.Tensor:
+    """Per row, the positions of the n lowest scores w^2 / [H^-1]_jj^2 in a group of M columns."""
+    score = Wg**2 / diag_g.reshape(1, -1) ** 2
+    return torch.topk(score, n, dim=1, largest=False)[1]
+
+
+def _block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quantizer | None):
     """The reference's inner loop over the block's columns, with its operations; returns (Q1, Err1).
 
-    Fills M1 for N:M. Without quantization (and unless ``general``) the leaner loop below.
+    Fills M1 for N:M. Used with quantization and for ``exact``; plain pruning on the CPU
+    takes the leaner loop below.
     """
-    if quantizer is None and not general:
-        return _block_column_loop_pruning(W1, Hinv1, M1, pattern)
     count = W1.shape[1]
     n, m = pattern.n, pattern.m
     diag1 = torch.diag(Hinv1)
@@ -344,8 +349,7 @@ def _block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quant
         w = W1[:, i]
         d = Hinv1[i, i]
         if pattern.structured and i % m == 0 and i + m <= count:  # a ragged tail stays dense
-            score = W1[:, i : i + m] ** 2 / diag1[i : i + m].reshape(1, -1) ** 2
-            M1.scatter_(1, i + torch.topk(score, n, dim=1, largest=False)[1], True)
+            M1.scatter_(1, i + _nm_lowest(W1[:, i : i + m], diag1[i : i + m], n), True)
         q = w.masked_fill(M1[:, i], 0)
         if quantizer is not None:
             q = quantizer.quantize(q)
@@ -371,8 +375,7 @@ def _block_column_loop_pruning(W1, Hinv1, M1, pattern: SparsityPattern):
     err_cols, pruned_cols, w_cols, d_cols = Err1.unbind(1), pruned.unbind(1), W1.unbind(1), diag1.unbind(0)
     for i in range(count):
         if pattern.structured and i % m == 0 and i + m <= count:  # a ragged tail stays dense
-            score = W1[:, i : i + m] ** 2 / diag1[i : i + m].reshape(1, -1) ** 2
-            lowest = torch.topk(score, n, dim=1, largest=False)[1]
+            lowest = _nm_lowest(W1[:, i : i + m], diag1[i : i + m], n)
             M1[:, i : i + m].scatter_(1, lowest, True)
             pruned[:, i : i + m].scatter_(1, lowest, 1.0)
         err1 = torch.mul(w_cols[i], pruned_cols[i], out=err_cols[i]).div_(d_cols[i])
@@ -404,8 +407,7 @@ def _block_solved(W1, Hinv1, M1, pattern: SparsityPattern):
         if pattern.structured:
             if h - g < pattern.m:
                 break  # a ragged tail stays dense
-            score = Wg**2 / diag1[g:h].reshape(1, -1) ** 2
-            M1[:, g:h].scatter_(1, torch.topk(score, pattern.n, dim=1, largest=False)[1], True)
+            M1[:, g:h].scatter_(1, _nm_lowest(Wg, diag1[g:h], pattern.n), True)
         Ug = Hinv1[g:h, g:h]
         Eg = _masked_forward_substitution(Wg, Ug, M1[:, g:h])
         E[:, g:h] = Eg
