@@ -64,11 +64,12 @@ def memory_bound(model_dir: Path, nsamples: int, seqlen: int) -> dict:
 
 
 def run_ours(model_dir: Path, calibration: str, pattern: str, nsamples: int, seqlen: int, device: str) -> dict:
-    from worker.engine.pipeline import PruneJob, run_job
+    from worker.engine.pipeline import RunOptions, run_job
+    from worker.engine.spec import JobSpec
 
-    report = run_job(PruneJob(model=str(model_dir), sparsity=pattern, calibration=calibration,
-                              nsamples=nsamples, seqlen=seqlen, eval_sets=[], device=device,
-                              dtype="float16" if device == "cuda" else "float32"))
+    spec = JobSpec.from_flat(model=str(model_dir), sparsity=pattern, dataset=calibration, nsamples=nsamples,
+                             seqlen=seqlen, datasets=[], dtype="float16" if device == "cuda" else "float32")
+    report = run_job(spec, RunOptions(device=device))
     return {"prune_s": report["seconds"]["prune"], "peak_bytes": report["peak_memory_bytes"],
             "sparsity": report["sparsity"]}
 

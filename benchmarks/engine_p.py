@@ -39,15 +39,17 @@ def run(method: str, pattern: str, *, model_path=ref.DEFAULT_MODEL,
         do_eval: bool = True, exact: bool = False) -> dict:
     import torch
 
-    from worker.engine.pipeline import PruneJob, run_job
+    from worker.engine.pipeline import RunOptions, run_job
+    from worker.engine.spec import JobSpec
 
     torch.set_num_threads(threads)
     eval_key = str(eval_file)
-    job = PruneJob(model=str(model_path), sparsity=pattern, method=method,
-                   calibration=str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed,
-                   blocksize=blocksize, percdamp=percdamp,
-                   eval_sets=[eval_key] if do_eval else [], eval_windows=eval_limit,
-                   eval_dense=dense and do_eval, device="cpu", dtype="float32", output=None, exact=exact)
+    job = JobSpec.from_flat(model=str(model_path), sparsity=pattern, method=method,
+                            dataset=str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed,
+                            blocksize=blocksize, percdamp=percdamp,
+                            datasets=[eval_key] if do_eval else [], max_windows=eval_limit,
+                            dense=dense and do_eval, dtype="float32", exact=exact)
+    options = RunOptions(device="cpu")
 
     marks: dict = {"stages": []}
 
@@ -60,7 +62,7 @@ def run(method: str, pattern: str, *, model_path=ref.DEFAULT_MODEL,
             marks["peak_after_prune"] = ref.peak_rss_bytes()
 
     t0 = time.perf_counter()
-    report = run_job(job, on_progress=on_progress)
+    report = run_job(job, options, on_progress=on_progress)
     wall = time.perf_counter() - t0
 
     seconds = report.get("seconds", {})

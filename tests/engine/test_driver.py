@@ -14,7 +14,8 @@ from tests.tiny_models import ARCHS, MORE_ARCHS, make_tiny_model, sample_text
 from worker.engine.architectures import adapter_for, prunable_linears, weight_matrix
 from worker.engine.calibration import evaluation_windows
 from worker.engine.errors import InvalidJob, JobCancelled
-from worker.engine.pipeline import PruneJob, run_job
+from worker.engine.pipeline import RunOptions, run_job
+from worker.engine.spec import JobSpec
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +34,12 @@ def models(workdir):
 DEVICE = os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu")
 
 
-def job_for(model_dir, workdir, **overrides) -> PruneJob:
-    settings = dict(model=str(model_dir), calibration=str(workdir / "cal.txt"), nsamples=8, seqlen=64,
-                    eval_sets=[str(workdir / "cal.txt")], eval_windows=4, device=DEVICE, dtype="float32")
-    settings.update(overrides)
-    return PruneJob(**settings)
+def job_for(model_dir, workdir, *, output=None, batch_size=None, **overrides) -> tuple[JobSpec, RunOptions]:
+    """The spec (fields by their own names, see JobSpec.from_flat) and the run options."""
+    fields = dict(model=str(model_dir), sparsity=0.5, dataset=str(workdir / "cal.txt"), nsamples=8, seqlen=64,
+                  datasets=[str(workdir / "cal.txt")], max_windows=4, dtype="float32")
+    fields.update(overrides)
+    return JobSpec.from_flat(**fields), RunOptions(device=DEVICE, output=output, batch_size=batch_size)
 
 
 def load(path):
@@ -59,7 +61,7 @@ def direct_perplexity(model, windows: torch.Tensor) -> float:
 def test_prune_save_reload(arch, sparsity, models, workdir, tmp_path):
     events = []
     out = tmp_path / "pruned"
-    report = run_job(job_for(models[arch], workdir, sparsity=sparsity, output=str(out)),
+    report = run_job(*job_for(models[arch], workdir, sparsity=sparsity, output=str(out)),
                      on_progress=events.append)
     dense, pruned = load(models[arch]), load(out)
 
@@ -99,7 +101,7 @@ def test_prune_save_reload(arch, sparsity, models, workdir, tmp_path):
 def test_saved_model_reproduces_the_pruned_logits(models, workdir, tmp_path):
     """Saving and reloading changes nothing: logits equal those of the weights in the report."""
     out = tmp_path / "pruned"
-    run_job(job_for(models["llama"], workdir, output=str(out), eval_sets=[]))
+    run_job(*job_for(models["llama"], workdir, output=str(out), datasets=[]))
     reloaded = load(out)
     again = load(out)
     ids = torch.randint(0, reloaded.config.vocab_size, (2, 32))
@@ -115,7 +117,7 @@ def test_saved_model_reproduces_the_pruned_logits(models, workdir, tmp_path):
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
 def test_methods_rank_by_reconstruction_error(method, models, workdir):
-    report = run_job(job_for(models["llama"], workdir, method=method, eval_sets=[]))
+    report = run_job(*job_for(models["llama"], workdir, method=method, datasets=[]))
     assert report["sparsity"] == pytest.approx(0.5, abs=0.01)
     if method == "magnitude":
         assert all(layer["error"] is None for layer in report["layers"])
@@ -126,7 +128,7 @@ def test_methods_rank_by_reconstruction_error(method, models, workdir):
 def test_sparsegpt_error_is_lowest(models, workdir):
     errors = {}
     for method in ("sparsegpt", "wanda"):
-        report = run_job(job_for(models["opt"], workdir, method=method, eval_sets=[], last_block=0))
+        report = run_job(*job_for(models["opt"], workdir, method=method, datasets=[], last_block=0))
         errors[method] = sum(layer["error"] for layer in report["layers"])
     assert errors["sparsegpt"] < errors["wanda"]
 
@@ -136,7 +138,7 @@ def test_batched_forwards_give_the_same_weights(models, workdir, tmp_path):
     outs = {}
     for batch in (1, 8):
         outs[batch] = tmp_path / f"b{batch}"
-        run_job(job_for(models["llama"], workdir, batch_size=batch, eval_sets=[], output=str(outs[batch])))
+        run_job(*job_for(models["llama"], workdir, batch_size=batch, datasets=[], output=str(outs[batch])))
     a, b = load(outs[1]), load(outs[8])
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p == 0, q == 0), f"masks differ in {name}"
@@ -145,8 +147,8 @@ def test_batched_forwards_give_the_same_weights(models, workdir, tmp_path):
 
 def test_layer_selection(models, workdir, tmp_path):
     out = tmp_path / "sel"
-    report = run_job(job_for(models["llama"], workdir, first_block=1, exclude=["*.mlp.down_proj"],
-                             eval_sets=[], output=str(out)))
+    report = run_job(*job_for(models["llama"], workdir, first_block=1, exclude=["*.mlp.down_proj"],
+                             datasets=[], output=str(out)))
     names = {layer["name"] for layer in report["layers"]}
     assert all(n.startswith("model.layers.1.") for n in names)
     assert "model.layers.1.mlp.down_proj" not in names and "model.layers.1.self_attn.q_proj" in names
@@ -169,7 +171,7 @@ def test_cancellation_stops_between_modules(models, workdir, tmp_path):
 
     out = tmp_path / "cancelled"
     with pytest.raises(JobCancelled):
-        run_job(job_for(models["llama"], workdir, output=str(out)), on_progress=on_progress,
+        run_job(*job_for(models["llama"], workdir, output=str(out)), on_progress=on_progress,
                 should_cancel=should_cancel)
     assert len(modules_seen) == 2
     assert not out.exists() and not list(tmp_path.glob(".cancelled*"))
@@ -177,11 +179,11 @@ def test_cancellation_stops_between_modules(models, workdir, tmp_path):
 
 def test_seqlen_beyond_context_is_refused(models, workdir):
     with pytest.raises(InvalidJob, match="longer than the model's context"):
-        run_job(job_for(models["gpt2"], workdir, seqlen=4096))
+        run_job(*job_for(models["gpt2"], workdir, seqlen=4096))
 
 
 def test_default_seqlen_is_capped_by_the_context(models, workdir):
-    report = run_job(job_for(models["llama"], workdir, seqlen=None, nsamples=2, eval_sets=[],
+    report = run_job(*job_for(models["llama"], workdir, seqlen=None, nsamples=2, datasets=[],
                              method="wanda"))
     assert report["calibration"]["seqlen"] == 256  # the tiny model's context, below 2048
 
@@ -192,7 +194,7 @@ def test_other_families(arch, workdir, tmp_path):
     block-by-block perplexity equals the whole-model one."""
     model_dir = make_tiny_model(tmp_path / arch, arch)
     out = tmp_path / "pruned"
-    report = run_job(job_for(model_dir, workdir, sparsity="4:8", output=str(out)))
+    report = run_job(*job_for(model_dir, workdir, sparsity="4:8", output=str(out)))
     pruned = load(out)
     for block in adapter_for(pruned).blocks:
         for name, module in prunable_linears(block).items():

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -167,11 +168,12 @@ or 2:4-compressed checkpoints, so no compressed format is written.
 """
 
 
-def save_pruned(model, tokenizer, output: str | Path, report: dict) -> Path:
+def save_pruned(model, tokenizer, output: str | Path, finish_report: Callable[[], dict]) -> Path:
     """Write the HF directory (safetensors, config, tokenizer, README card, report) atomically.
 
-    It is written next to ``output`` and renamed into place, so an interrupted save never
-    leaves a partial directory at ``output``.
+    ``finish_report()`` is called once the weights and tokenizer are written, so the report
+    and the card carry the real save time. The directory is written next to ``output`` and
+    renamed into place, so an interrupted save never leaves a partial directory at ``output``.
     """
     output = Path(output)
     if output.exists() and any(output.iterdir()):
@@ -181,6 +183,7 @@ def save_pruned(model, tokenizer, output: str | Path, report: dict) -> Path:
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        report = finish_report()
         (staging / "README.md").write_text(model_card(report), encoding="utf-8")
         (staging / "sparsegpt_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         if output.exists():

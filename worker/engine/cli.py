@@ -1,6 +1,9 @@
 """``sparsegpt prune MODEL``: the engine alone, from the command line.
 
-Bad input ends with one line on stderr and exit code 2; Ctrl-C with 130.
+The job's flags are built from the job spec (``worker.engine.spec``): each spec field with a CLI
+flag becomes one, with the spec's default and description, and the arguments are checked by the
+spec itself, before torch is imported, so a bad argument is refused at once with the same reason
+the API and the form give. Bad input ends with one line on stderr and exit code 2; Ctrl-C with 130.
 """
 
 from __future__ import annotations
@@ -10,8 +13,15 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from worker.engine.spec import BUILTIN_DATASETS, JobSpec, Leaf, error_path, leaf_fields, plain_message, set_path
 
 EXIT_USAGE = 2
+PROG = "sparsegpt prune"
+_SPEC = "spec:"  # argparse dest prefix of the flags that are spec fields
 
 
 class _Parser(argparse.ArgumentParser):
@@ -19,44 +29,138 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def _add_spec_flag(p: argparse.ArgumentParser, leaf: Leaf) -> None:
+    """One flag for one spec field; unset flags are left out, so the spec's defaults apply."""
+    text = leaf.info.description or ""
+    if leaf.choices:
+        text += f" ({', '.join(leaf.choices)})"
+    dest = _SPEC + leaf.dotted
+    if leaf.kind == "bool":
+        action = "store_false" if leaf.ui.cli_negate else "store_true"
+        p.add_argument(leaf.ui.cli, dest=dest, action=action, default=argparse.SUPPRESS,
+                       help=("do not " + text) if leaf.ui.cli_negate else text)
+        return
+    if leaf.default not in (None, [], ""):
+        text += f" (default {leaf.default})"
+    if leaf.kind == "list":
+        p.add_argument(leaf.ui.cli, dest=dest, action="append", metavar="GLOB", default=argparse.SUPPRESS,
+                       help=text + "; repeatable")
+        return
+    default = argparse.SUPPRESS
+    if leaf.required and leaf.ui.suggested is not None:
+        default = leaf.ui.suggested
+        text += f" (default {default})"
+    p.add_argument(leaf.ui.cli, dest=dest, default=default, metavar=leaf.path[-1].upper(), help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="sparsegpt prune", description="Prune a causal LM one-shot with SparseGPT "
+    p = _Parser(prog=PROG, description="Prune a causal LM one-shot with SparseGPT "
                 "(or the magnitude / Wanda baselines) and report its perplexity.")
     p.add_argument("model", help="Hugging Face model id, local model directory, or .gguf file")
-    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
-    p.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
-    p.add_argument("--sparsity", default="0.5", help="a ratio (0.5) or N:M zeros per group (2:4, 4:8)")
-    p.add_argument("--calibration", default="c4", help="c4, wikitext2, ptb, or a .txt/.jsonl file")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration sequences (default 128)")
-    p.add_argument("--seqlen", type=int, help="tokens per sequence (default min(2048, model context))")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--blocksize", type=int, default=128, help="solver column block (default 128)")
-    p.add_argument("--percdamp", type=float, default=0.01, help="Hessian dampening (default 0.01)")
-    p.add_argument("--wbits", type=int, help="jointly quantize weights to this many bits (2-8)")
+    for leaf in leaf_fields():
+        if leaf.ui.cli:
+            _add_spec_flag(p, leaf)
     p.add_argument("--eval", dest="eval_sets", action="append", metavar="NAME|FILE",
                    help="perplexity set (wikitext2, c4, ptb or a file); repeatable; default wikitext2")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
-    p.add_argument("--no-dense-eval", action="store_true", help="do not evaluate the dense model")
-    p.add_argument("--eval-windows", type=int, help="at most this many windows per evaluation set")
-    p.add_argument("--first-block", type=int, help="first decoder block to prune (0-based)")
-    p.add_argument("--last-block", type=int, help="last decoder block to prune (inclusive)")
-    p.add_argument("--include", action="append", default=[], metavar="GLOB",
-                   help="prune only modules whose full name matches (e.g. '*.mlp.*'); repeatable")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="never prune modules whose full name matches; repeatable")
     p.add_argument("--batch-size", type=int, help="sequences per block forward (default ~16k tokens)")
-    p.add_argument("--exact", action="store_true",
-                   help="reproduce the reference SparseGPT's arithmetic bit for bit (one sequence per "
-                        "forward, its Hessian, inverse and column loop); slower, for checking results")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32")
     p.add_argument("--output", "-o", help="directory to save the pruned model in")
     p.add_argument("--report", help="write the report as JSON to this file")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--verbose", "-v", action="store_true", help="show tracebacks of unexpected errors")
     return p
+
+
+def _local(value: str) -> str:
+    """Files named on the command line are absolute in the spec (it holds no relative paths)."""
+    return value if value in BUILTIN_DATASETS else str(Path(value).expanduser().resolve())
+
+
+def spec_data(args: argparse.Namespace) -> dict[str, Any]:
+    """The job spec (as a JSON-like dict) the arguments describe."""
+    model = args.model
+    if Path(model).expanduser().exists():  # a local directory or .gguf file, else a Hub id
+        model = str(Path(model).expanduser().resolve())
+    data: dict[str, Any] = {"model": model}
+    for name, value in vars(args).items():
+        if name.startswith(_SPEC):
+            set_path(data, tuple(name[len(_SPEC):].split(".")), value)
+    calibration = data.get("calibration", {}).get("dataset")
+    if calibration is not None:
+        data["calibration"]["dataset"] = _local(calibration)
+    datasets = [] if args.no_eval else [_local(v) for v in (args.eval_sets or ["wikitext2"])]
+    set_path(data, ("evaluation", "datasets"), datasets)
+    return data
+
+
+def _flag(path: tuple[str, ...]) -> str:
+    if path == ("model",):
+        return "MODEL"
+    if path == ("evaluation", "datasets"):
+        return "--eval"
+    return next((leaf.ui.cli for leaf in leaf_fields() if leaf.path == path and leaf.ui.cli), ".".join(path))
+
+
+def describe(err: ValidationError) -> str:
+    """Every problem of the spec on one line, each named by its flag."""
+    return "; ".join(f"{_flag(error_path(e))}: {plain_message(e)}" for e in err.errors())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = JobSpec.model_validate(spec_data(args))
+    except ValidationError as err:
+        print(f"{PROG}: error: {describe(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.report and not Path(args.report).parent.exists():
+        print(f"{PROG}: error: report directory {str(Path(args.report).parent)!r} does not exist", file=sys.stderr)
+        return EXIT_USAGE
+    return _run(spec, args)
+
+
+def _run(spec: JobSpec, args: argparse.Namespace) -> int:
+    # Imported after the arguments are checked, so --help and argument errors are instant.
+    from worker.engine.errors import EngineError, JobCancelled
+    from worker.engine.pipeline import RunOptions, run_job
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = RunOptions(device=args.device, output=args.output, batch_size=args.batch_size)
+    on_progress, close = (None, lambda: None)
+    if not args.quiet:
+        from worker.engine.progress import console_reporter
+
+        on_progress, close = console_reporter()
+    try:
+        report = run_job(spec, options, on_progress=on_progress)
+    except JobCancelled:
+        close()
+        return 130
+    except KeyboardInterrupt:
+        close()
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except EngineError as exc:
+        close()
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a bug or an environment problem: one line unless --verbose
+        close()
+        if args.verbose:
+            raise
+        print(f"{PROG}: error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", file=sys.stderr)
+        return 1
+    close()
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2), encoding="utf-8")
+    print(summary(report))
+    return 0
 
 
 def summary(report: dict) -> str:
@@ -70,64 +174,6 @@ def summary(report: dict) -> str:
     if report.get("output"):
         lines.append(f"saved to {report['output']} (a dense safetensors checkpoint with zeros)")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # Imported after parsing so --help and argument errors are instant.
-    from worker.engine.errors import EngineError, JobCancelled
-    from worker.engine.pipeline import PruneJob, run_job
-
-    eval_sets = [] if args.no_eval else (args.eval_sets or ["wikitext2"])
-    job = PruneJob(
-        model=args.model, sparsity=args.sparsity, method=args.method, revision=args.revision,
-        trust_remote_code=args.trust_remote_code, calibration=args.calibration,
-        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, blocksize=args.blocksize,
-        percdamp=args.percdamp, wbits=args.wbits, eval_sets=eval_sets,
-        eval_windows=args.eval_windows, eval_dense=not args.no_dense_eval, device=args.device,
-        dtype=args.dtype, output=args.output, first_block=args.first_block,
-        last_block=args.last_block, include=args.include, exclude=args.exclude,
-        batch_size=args.batch_size, exact=args.exact,
-    )
-    prog = "sparsegpt prune"
-    if args.report and not Path(args.report).parent.exists():
-        print(f"{prog}: error: report directory {str(Path(args.report).parent)!r} does not exist", file=sys.stderr)
-        return EXIT_USAGE
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    on_progress, close = (None, lambda: None)
-    if not args.quiet:
-        from worker.engine.progress import console_reporter
-
-        on_progress, close = console_reporter()
-    try:
-        report = run_job(job, on_progress=on_progress)
-    except JobCancelled:
-        close()
-        return 130
-    except KeyboardInterrupt:
-        close()
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except EngineError as exc:
-        close()
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as exc:  # a bug or an environment problem: one line unless --verbose
-        close()
-        if args.verbose:
-            raise
-        print(f"{prog}: error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)",
-              file=sys.stderr)
-        return 1
-    close()
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=2), encoding="utf-8")
-    print(summary(report))
-    return 0
 
 
 if __name__ == "__main__":

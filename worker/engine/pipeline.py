@@ -1,7 +1,9 @@
-"""One pruning job from start to end: load, calibrate, evaluate dense, prune, evaluate, save.
+"""One pruning job from start to end, as named steps, each timed: load, calibrate, evaluate the
+dense model, prune, evaluate, save.
 
-``run_job(PruneJob(...), on_progress=..., should_cancel=...)`` is what the CLI and the
-Celery worker call; it returns the report (a JSON-able dict).
+``run_job(spec, RunOptions(...), on_progress=..., should_cancel=...)`` is what the CLI and the
+Celery worker call; ``spec`` is the job spec (``worker.engine.spec.JobSpec``) with its datasets
+resolved to built-in names or file paths. It returns the report (a JSON-able dict).
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -17,9 +20,9 @@ from worker.engine.architectures import LayerSelection, adapter_for
 from worker.engine.calibration import calibration_windows, evaluation_windows, is_named, read_text_file
 from worker.engine.checkpoint import context_length, load_model, resolve_device, resolve_dtype, save_pruned
 from worker.engine.errors import InvalidJob
-from worker.engine.patterns import parse_sparsity
 from worker.engine.progress import CancelCheck, ProgressCallback, Tracker
-from worker.engine.sequential import METHODS, SolverSettings, perplexity, prune_sequential
+from worker.engine.sequential import LayerResult, SolverSettings, perplexity, prune_sequential
+from worker.engine.spec import JobSpec, upload_id
 
 DEFAULT_SEQLEN = 2048  # the reference's; capped by the model's context
 # Tokens per block forward. Enough to keep the matmuls busy; on the CPU small enough that a
@@ -28,57 +31,22 @@ TOKENS_PER_CHUNK = {"cuda": 16_384, "cpu": 2_048}
 
 
 @dataclass
-class PruneJob:
-    model: str  # a Hub id or a local directory (or .gguf file)
-    sparsity: str | float = 0.5  # 0.5, or "2:4" (N zeros in every M)
-    method: str = "sparsegpt"  # sparsegpt | wanda | magnitude
-    revision: str | None = None
-    trust_remote_code: bool = False
-    token: str | None = None  # Hub token for gated models (else HF_TOKEN)
-    calibration: str = "c4"  # c4 | wikitext2 | ptb | a .txt/.jsonl file
-    nsamples: int = 128
-    seqlen: int | None = None  # None: min(2048, the model's context)
-    seed: int = 0
-    blocksize: int = 128
-    percdamp: float = 0.01
-    wbits: int | None = None  # joint quantization to this many bits (2..8), paper section 5
-    eval_sets: list[str] = field(default_factory=lambda: ["wikitext2"])
-    eval_windows: int | None = None  # at most this many windows per evaluation set
-    eval_dense: bool = True  # also measure the dense model, for the before/after table
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # compute and saved dtype: auto (fp16 on CUDA, fp32 on CPU) | float16 | bfloat16 | float32
-    output: str | None = None  # directory for the pruned model; None: not saved
-    first_block: int | None = None
-    last_block: int | None = None
-    include: list[str] = field(default_factory=list)  # fnmatch patterns on full module names
-    exclude: list[str] = field(default_factory=list)
-    batch_size: int | None = None  # sequences per block forward; None: ~16k tokens
-    # Reproduce the reference's arithmetic bit for bit: one sequence per forward, its running
-    # Hessian per layer, its dampening, inverse and column loop. Slower; for checking results.
-    exact: bool = False
+class RunOptions:
+    """How this run is carried out, as opposed to what the job is (the spec)."""
 
-    def validate(self) -> None:
-        """Raise InvalidJob for anything wrong that is knowable before loading the model."""
-        if self.method not in METHODS:
-            raise InvalidJob(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        pattern = parse_sparsity(self.sparsity)
-        for name, value, low in (("nsamples", self.nsamples, 1), ("blocksize", self.blocksize, 1),
-                                 ("seqlen", self.seqlen, 2), ("eval_windows", self.eval_windows, 1),
-                                 ("batch_size", self.batch_size, 1)):
-            if value is not None and (not isinstance(value, int) or value < low):
-                raise InvalidJob(f"{name} must be an integer of at least {low}, got {value!r}")
-        if not 0 < self.percdamp <= 1:
-            raise InvalidJob(f"percdamp must be in (0, 1], got {self.percdamp}")
-        if self.wbits is not None and not 2 <= self.wbits <= 8:
-            raise InvalidJob(f"wbits must be between 2 and 8, got {self.wbits}")
-        if self.wbits is not None and self.method != "sparsegpt":
-            raise InvalidJob("joint quantization (wbits) is part of the SparseGPT solver only")
-        if self.exact and self.method != "sparsegpt":
-            raise InvalidJob("exact reproduces the reference SparseGPT; it applies to method sparsegpt only")
-        if self.exact and self.batch_size not in (None, 1):
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    output: str | None = None  # directory for the pruned model; None: not saved
+    token: str | None = None  # Hub token for gated models (else HF_TOKEN)
+    batch_size: int | None = None  # sequences per block forward; None: ~16k tokens on CUDA, 2k on the CPU
+
+    def validate(self, spec: JobSpec) -> None:
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise InvalidJob(f"batch_size must be an integer of at least 1, got {self.batch_size!r}")
+        if spec.solver.exact and self.batch_size not in (None, 1):
             raise InvalidJob("exact runs one sequence per forward, as the reference: leave batch_size unset")
-        if pattern.structured and self.method == "sparsegpt" and self.blocksize % pattern.m:
-            raise InvalidJob(f"blocksize {self.blocksize} must be a multiple of M={pattern.m} for {pattern}")
+        for name in (spec.calibration.dataset, *spec.evaluation.datasets):
+            if upload_id(name) is not None:
+                raise InvalidJob(f"{name} names an upload of the service; the engine reads a built-in set or a file")
 
 
 def _peak_rss_bytes() -> int:
@@ -97,110 +65,148 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def run_job(job: PruneJob, *, on_progress: ProgressCallback | None = None,
-            should_cancel: CancelCheck | None = None) -> dict:
-    """Run ``job``; returns the report. Raises EngineError subclasses for what a user can fix."""
-    job.validate()
-    pattern = parse_sparsity(job.sparsity)
-    device = resolve_device(job.device)
-    dtype = resolve_dtype(job.dtype, device)
-    evaluate = bool(job.eval_sets)
-    stages = ["loading", "calibrating"] + (["evaluating_dense"] if evaluate and job.eval_dense else []) \
-        + ["pruning"] + (["evaluating"] if evaluate else []) + (["saving"] if job.output else [])
-    tracker = Tracker(on_progress, should_cancel, stages)
-    torch.set_float32_matmul_precision("highest")  # TF32 changes the solve's results
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds: dict[str, float] = {}
-    t_start = time.perf_counter()
+class _Run:
+    """The state one job's steps share; each step is a method, timed into ``seconds``."""
 
-    tracker.begin("loading", f"loading {job.model}")
-    model, tokenizer = load_model(job.model, dtype=dtype, revision=job.revision,
-                                  trust_remote_code=job.trust_remote_code, token=job.token)
-    adapter = adapter_for(model)
-    selection = LayerSelection(job.first_block, job.last_block, list(job.include), list(job.exclude))
-    selection.validate(len(adapter.blocks))
-    context = context_length(model, tokenizer)
-    seqlen = job.seqlen or min(DEFAULT_SEQLEN, context or DEFAULT_SEQLEN)
-    if context is not None and seqlen > context:
-        raise InvalidJob(f"seqlen {seqlen} is longer than the model's context of {context} tokens")
-    batch_size = job.batch_size or max(1, TOKENS_PER_CHUNK[device.type] // seqlen)
-    prune_batch = 1 if job.exact else batch_size  # the reference's one sequence per forward
-    seconds["load"] = time.perf_counter() - t_start
+    def __init__(self, spec: JobSpec, options: RunOptions, tracker: Tracker):
+        self.spec, self.options, self.tracker = spec, options, tracker
+        self.device = resolve_device(options.device)
+        self.dtype = resolve_dtype(spec.dtype, self.device)
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+        self.eval_windows: dict[str, torch.Tensor] = {}  # tokenized when first needed, then kept
 
-    tracker.begin("calibrating", f"sampling {job.nsamples} windows of {seqlen} tokens from {job.calibration}")
-    t0 = time.perf_counter()
-    calibration = None
-    if job.method != "magnitude":
-        calibration = calibration_windows(tokenizer, job.calibration, nsamples=job.nsamples,
-                                          seqlen=seqlen, seed=job.seed)
-    for name in job.eval_sets:  # fail now, not after the prune, on a missing or empty file
-        if not is_named(name):
-            read_text_file(name)
-    seconds["data"] = time.perf_counter() - t0
-    eval_windows: dict[str, torch.Tensor] = {}  # tokenized when first needed, then kept
+    @contextmanager
+    def timed(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
-    def measure(stage: str, label: str) -> dict[str, float]:
-        tracker.begin(stage, f"{label} perplexity")
+    def load(self) -> None:
+        spec = self.spec
+        self.tracker.begin("loading", f"loading {spec.model}")
+        self.model, self.tokenizer = load_model(spec.model, dtype=self.dtype, revision=spec.revision,
+                                                trust_remote_code=spec.trust_remote_code, token=self.options.token)
+        self.adapter = adapter_for(self.model)
+        self.selection = LayerSelection(**spec.layers.model_dump())
+        self.selection.validate(len(self.adapter.blocks))
+        context = context_length(self.model, self.tokenizer)
+        self.seqlen = spec.calibration.seqlen or min(DEFAULT_SEQLEN, context or DEFAULT_SEQLEN)
+        if context is not None and self.seqlen > context:
+            raise InvalidJob(f"seqlen {self.seqlen} is longer than the model's context of {context} tokens")
+        self.batch_size = self.options.batch_size or max(1, TOKENS_PER_CHUNK[self.device.type] // self.seqlen)
+
+    def calibrate(self) -> None:
+        cal = self.spec.calibration
+        self.tracker.begin("calibrating", f"sampling {cal.nsamples} windows of {self.seqlen} tokens from {cal.dataset}")
+        self.calibration = None
+        if self.spec.method != "magnitude":
+            self.calibration = calibration_windows(self.tokenizer, cal.dataset, nsamples=cal.nsamples,
+                                                   seqlen=self.seqlen, seed=cal.seed)
+        for name in self.spec.evaluation.datasets:  # fail now, not after the prune, on a missing or empty file
+            if not is_named(name):
+                read_text_file(name)
+
+    def evaluate(self, stage: str, label: str) -> dict[str, float]:
+        self.tracker.begin(stage, f"{label} perplexity")
         result = {}
-        for name in job.eval_sets:
-            if name not in eval_windows:
-                eval_windows[name] = evaluation_windows(tokenizer, name, seqlen=seqlen,
-                                                        max_windows=job.eval_windows)
-            result[name] = perplexity(model, adapter, eval_windows[name], device=device,
-                                      batch_size=batch_size, tracker=tracker, label=f"{label} {name}")
+        for name in self.spec.evaluation.datasets:
+            if name not in self.eval_windows:
+                self.eval_windows[name] = evaluation_windows(self.tokenizer, name, seqlen=self.seqlen,
+                                                             max_windows=self.spec.evaluation.max_windows)
+            result[name] = perplexity(self.model, self.adapter, self.eval_windows[name], device=self.device,
+                                      batch_size=self.batch_size, tracker=self.tracker, label=f"{label} {name}")
         return result
 
-    t0 = time.perf_counter()
-    dense_ppl = measure("evaluating_dense", "dense") if evaluate and job.eval_dense else {}
-    seconds["eval_dense"] = time.perf_counter() - t0
+    def prune(self) -> list[LayerResult]:
+        spec = self.spec
+        self.tracker.begin("pruning", f"{spec.method} {spec.pattern}")
+        solver = SolverSettings(method=spec.method, pattern=spec.pattern, blocksize=spec.solver.blocksize,
+                                percdamp=spec.solver.percdamp, wbits=spec.solver.wbits, exact=spec.solver.exact)
+        batch = 1 if spec.solver.exact else self.batch_size  # the reference's one sequence per forward
+        layers = prune_sequential(self.model, self.adapter, self.calibration, solver=solver,
+                                  selection=self.selection, device=self.device, batch_size=batch,
+                                  tracker=self.tracker)
+        self.peak_prune_rss = _peak_rss_bytes()
+        return layers
 
-    tracker.begin("pruning", f"{job.method} {pattern}")
-    t0 = time.perf_counter()
-    solver = SolverSettings(method=job.method, pattern=pattern, blocksize=job.blocksize,
-                            percdamp=job.percdamp, wbits=job.wbits, exact=job.exact)
-    layers = prune_sequential(model, adapter, calibration, solver=solver, selection=selection,
-                              device=device, batch_size=prune_batch, tracker=tracker)
-    seconds["prune"] = time.perf_counter() - t0
-    peak_prune_rss = _peak_rss_bytes()
-
-    t0 = time.perf_counter()
-    pruned_ppl = measure("evaluating", "pruned") if evaluate else {}
-    seconds["eval"] = time.perf_counter() - t0 + seconds["eval_dense"]
-
-    zeros = sum(r.sparsity * _numel(model, r.name) for r in layers)
-    total = sum(_numel(model, r.name) for r in layers)
-    report = {
-        "model": job.model, "revision": job.revision, "method": job.method, "pattern": str(pattern),
-        "sparsity": zeros / total if total else 0.0,
-        "calibration": {"dataset": job.calibration, "nsamples": job.nsamples, "seqlen": seqlen,
-                        "seed": job.seed},
-        "solver": {"blocksize": job.blocksize, "percdamp": job.percdamp, "wbits": job.wbits},
-        "evaluation": {"datasets": list(job.eval_sets), "max_windows": job.eval_windows,
-                       "windows": {k: int(v.shape[0]) for k, v in eval_windows.items()}},
-        "dense_perplexity": dense_ppl, "perplexity": pruned_ppl,
-        "seconds": seconds,
-        "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                              else peak_prune_rss),
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "dtype": str(dtype).replace("torch.", ""),
-        "layers": [r.as_dict() for r in layers],
-        "environment": environment(device),
-        "job": {k: v for k, v in asdict(job).items() if k != "token"},
-        "output": None,
-    }
-    if job.output:
-        tracker.begin("saving", f"saving to {job.output}")
+    def save(self, report: dict) -> None:
+        self.tracker.begin("saving", f"saving to {self.options.output}")
         t0 = time.perf_counter()
-        report["output"] = str(job.output)
-        seconds["save"] = 0.0
-        seconds["total"] = time.perf_counter() - t_start
-        save_pruned(model, tokenizer, job.output, report)
-        seconds["save"] = time.perf_counter() - t0
-    seconds["total"] = time.perf_counter() - t_start
-    tracker.emit(1.0, message="done")
+
+        def finish() -> dict:  # called once the weights are written: the report says what it cost
+            self.seconds["save"] = time.perf_counter() - t0
+            self.seconds["total"] = time.perf_counter() - self.start
+            return report
+
+        save_pruned(self.model, self.tokenizer, self.options.output, finish)
+        self.seconds["save"] = time.perf_counter() - t0
+
+    def report(self, layers: list[LayerResult], dense_ppl: dict, pruned_ppl: dict) -> dict:
+        spec, device = self.spec, self.device
+        sizes = [self.model.get_submodule(r.name).weight.numel() for r in layers]
+        zeros = sum(r.sparsity * n for r, n in zip(layers, sizes))
+        used = [getattr(r, "percdamp", spec.solver.percdamp) for r in layers]
+        return {
+            "model": spec.model, "revision": spec.revision, "method": spec.method, "pattern": str(spec.pattern),
+            "sparsity": zeros / sum(sizes) if sizes else 0.0,
+            "calibration": {**spec.calibration.model_dump(), "seqlen": self.seqlen},
+            "solver": {"blocksize": spec.solver.blocksize, "percdamp": spec.solver.percdamp,
+                       "percdamp_max_used": max(used, default=spec.solver.percdamp),
+                       "wbits": spec.solver.wbits, "exact": spec.solver.exact},
+            "layers_selected": spec.layers.model_dump(),
+            "evaluation": {"datasets": list(spec.evaluation.datasets), "max_windows": spec.evaluation.max_windows,
+                           "windows": {k: int(v.shape[0]) for k, v in self.eval_windows.items()}},
+            "dense_perplexity": dense_ppl, "perplexity": pruned_ppl,
+            "seconds": self.seconds,
+            "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                                  else self.peak_prune_rss),
+            "peak_rss_bytes": _peak_rss_bytes(),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "layers": [r.as_dict() for r in layers],
+            "environment": environment(device),
+            "spec": spec.model_dump(mode="json"),
+            "run": {k: v for k, v in asdict(self.options).items() if k != "token"},
+            "output": str(self.options.output) if self.options.output else None,
+        }
+
+
+def _stages(spec: JobSpec, options: RunOptions) -> list[str]:
+    evaluate = bool(spec.evaluation.datasets)
+    return ["loading", "calibrating"] + (["evaluating_dense"] if evaluate and spec.evaluation.dense else []) \
+        + ["pruning"] + (["evaluating"] if evaluate else []) + (["saving"] if options.output else [])
+
+
+def run_job(spec: JobSpec, options: RunOptions | None = None, *, on_progress: ProgressCallback | None = None,
+            should_cancel: CancelCheck | None = None) -> dict:
+    """Run the job ``spec`` describes; returns the report. Raises EngineError subclasses for what a
+    user can fix."""
+    options = options or RunOptions()
+    options.validate(spec)
+    run = _Run(spec, options, Tracker(on_progress, should_cancel, _stages(spec, options)))
+    torch.set_float32_matmul_precision("highest")  # TF32 changes the solve's results
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    evaluate = bool(spec.evaluation.datasets)
+    with run.timed("load"):
+        run.load()
+    with run.timed("data"):
+        run.calibrate()
+    dense_ppl, pruned_ppl = {}, {}
+    if evaluate and spec.evaluation.dense:
+        with run.timed("eval_dense"):
+            dense_ppl = run.evaluate("evaluating_dense", "dense")
+    with run.timed("prune"):
+        layers = run.prune()
+    if evaluate:
+        with run.timed("eval_pruned"):
+            pruned_ppl = run.evaluate("evaluating", "pruned")
+    run.seconds["eval"] = run.seconds.get("eval_dense", 0.0) + run.seconds.get("eval_pruned", 0.0)
+    report = run.report(layers, dense_ppl, pruned_ppl)
+    if options.output:
+        run.save(report)
+    run.seconds["total"] = time.perf_counter() - run.start
+    run.tracker.emit(1.0, message="done")
     return report
-
-
-def _numel(model: torch.nn.Module, name: str) -> int:
-    return model.get_submodule(name).weight.numel()

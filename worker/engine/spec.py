@@ -1,0 +1,381 @@
+"""The job spec: one definition of what a pruning job is, shared by everything that makes one.
+
+``JobSpec`` holds the fields, their defaults, parsing and validation. The API takes it as its
+request body, the dashboard's form maps its inputs onto it, the CLI's flags are built from it,
+and the worker hands the stored spec to the engine unchanged (only dataset references resolved).
+
+Each field that a person sets by hand carries a ``UI`` marker in its annotation: the name of
+its input in the new-job form and its CLI flag. ``leaf_fields()`` lists them, so the form and
+the CLI need no table of their own: a new field is a change here, in the form template and a
+test. What needs the server's state (its caps, allowed directories, uploads that exist) is
+checked by the service, not here.
+
+Pure Python + pydantic: importing this module loads no torch (the API imports it).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+from worker.engine.patterns import SparsityPattern, parse_sparsity
+
+BUILTIN_DATASETS = ("c4", "wikitext2", "ptb")
+METHODS = ("sparsegpt", "wanda", "magnitude")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]*$")
+_UPLOAD = re.compile(r"^upload:(\d{1,12})$")
+MAX_GLOBS = 32
+
+
+@dataclass(frozen=True)
+class UI:
+    """How a person sets a field: its input in the new-job form and its flag in the CLI.
+
+    ``suggested`` is the value a required field starts with in the form and the CLI (the API
+    has no default for it); ``cli_negate`` makes the flag set False (``--no-dense-eval``)."""
+
+    form: str | None = None
+    cli: str | None = None
+    suggested: str | None = None
+    cli_negate: bool = False
+
+
+def check_dataset_name(value: str) -> str:
+    """A built-in set (c4, wikitext2, ptb), an uploaded set (upload:<id>) or an absolute path."""
+    value = value.strip()
+    if value in BUILTIN_DATASETS or _UPLOAD.match(value) or value.startswith("/"):
+        if "\x00" in value:
+            raise ValueError("a dataset path cannot contain NUL characters")
+        return value
+    raise ValueError(
+        f"dataset {value!r}: use one of {', '.join(BUILTIN_DATASETS)}, upload:<id> "
+        "(see POST /api/v1/calibration-sets), or an absolute path under the server's allowed directories"
+    )
+
+
+def upload_id(dataset: str) -> int | None:
+    """The id in ``upload:<id>``, else None."""
+    match = _UPLOAD.match(dataset)
+    return int(match.group(1)) if match else None
+
+
+def _check_globs(values: list[str]) -> list[str]:
+    if len(values) > MAX_GLOBS:
+        raise ValueError(f"at most {MAX_GLOBS} patterns")
+    out = []
+    for value in values:
+        value = value.strip()
+        if not value or len(value) > 200 or "\x00" in value:
+            raise ValueError(f"{value[:40]!r} is not a module name pattern (1 to 200 characters, e.g. '*.mlp.*')")
+        out.append(value)
+    return out
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationSpec(_Strict):
+    dataset: Annotated[str, Field(description="c4, wikitext2, ptb, upload:<id>, or an allowed file path"),
+                       UI(cli="--calibration")] = "c4"
+    nsamples: Annotated[int, Field(ge=1, description="calibration windows (the server caps it)"),
+                        UI(form="nsamples", cli="--nsamples")] = 128
+    seqlen: Annotated[int | None, Field(ge=8, description="tokens per window; null: the model's context, at most 2048"),
+                      UI(form="seqlen", cli="--seqlen")] = None
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1, description="the windows' sampling seed"),
+                    UI(form="seed", cli="--seed")] = 0
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, value: str) -> str:
+        return check_dataset_name(value)
+
+
+class EvaluationSpec(_Strict):
+    datasets: Annotated[list[str], Field(description="perplexity sets; [] skips evaluation")] = \
+        Field(default_factory=lambda: ["wikitext2"])
+    max_windows: Annotated[int | None, Field(ge=1, description="cap on evaluation windows per set"),
+                           UI(form="max_windows", cli="--eval-windows")] = None
+    dense: Annotated[bool, Field(description="also measure the dense model"),
+                     UI(form="dense", cli="--no-dense-eval", cli_negate=True)] = True
+
+    @field_validator("datasets")
+    @classmethod
+    def _datasets(cls, values: list[str]) -> list[str]:
+        checked = [check_dataset_name(v) for v in values]
+        if len(set(checked)) != len(checked):
+            raise ValueError("evaluation datasets must not repeat")
+        return checked
+
+
+class SolverSpec(_Strict):
+    blocksize: Annotated[int, Field(ge=1, le=8192, description="columns solved together (SparseGPT's B)"),
+                         UI(form="blocksize", cli="--blocksize")] = 128
+    percdamp: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False,
+                                     description="Hessian dampening, a fraction of its mean diagonal"),
+                        UI(form="percdamp", cli="--percdamp")] = 0.01
+    wbits: Annotated[int | None, Field(ge=2, le=8, description="joint quantization bits (paper section 5)"),
+                     UI(form="wbits", cli="--wbits")] = None
+    exact: Annotated[bool, Field(description="reproduce the reference SparseGPT's arithmetic bit for bit "
+                                             "(one sequence per forward; slower), for checking a result"),
+                     UI(form="exact", cli="--exact")] = False
+
+
+class LayersSpec(_Strict):
+    """Which decoder blocks and modules are pruned (the rest stay dense)."""
+
+    first_block: Annotated[int | None, Field(ge=0, le=100_000, description="first block to prune (0-based)"),
+                           UI(form="first_block", cli="--first-block")] = None
+    last_block: Annotated[int | None, Field(ge=0, le=100_000, description="last block to prune (inclusive)"),
+                          UI(form="last_block", cli="--last-block")] = None
+    include: Annotated[list[str], Field(description="prune only modules whose full name matches one of "
+                                                    "these globs (e.g. '*.mlp.*'); []: all"),
+                       UI(form="include", cli="--include")] = Field(default_factory=list)
+    exclude: Annotated[list[str], Field(description="never prune modules whose full name matches one of these globs"),
+                       UI(form="exclude", cli="--exclude")] = Field(default_factory=list)
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _globs(cls, values: list[str]) -> list[str]:
+        return _check_globs(values)
+
+    @model_validator(mode="after")
+    def _range(self) -> LayersSpec:
+        if self.first_block is not None and self.last_block is not None and self.first_block > self.last_block:
+            raise ValueError(f"layers.first_block {self.first_block} is after layers.last_block {self.last_block}")
+        return self
+
+
+class JobSpec(_Strict):
+    """What POST /api/v1/jobs takes. Only ``model`` and ``sparsity`` are required."""
+
+    model: Annotated[str, Field(min_length=1, max_length=512, description="hub id (org/name) or allowed local path"),
+                     UI(form="model")]
+    revision: Annotated[str | None, Field(max_length=255, description="Hub branch, tag or commit"),
+                        UI(form="revision", cli="--revision")] = None
+    trust_remote_code: Annotated[bool, Field(description="run the model repository's own code"),
+                                 UI(form="trust_remote_code", cli="--trust-remote-code")] = False
+    method: Annotated[Literal["sparsegpt", "wanda", "magnitude"], Field(description="the pruning method"),
+                      UI(form="method", cli="--method")] = "sparsegpt"
+    sparsity: Annotated[float | str, Field(description='a ratio (0.5) or an N:M pattern ("2:4")'),
+                        UI(form="sparsity", cli="--sparsity", suggested="0.5")]
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    solver: SolverSpec = Field(default_factory=SolverSpec)
+    layers: LayersSpec = Field(default_factory=LayersSpec)
+    dtype: Annotated[Literal["auto", "float16", "bfloat16", "float32"],
+                     Field(description="load, compute and save dtype"), UI(form="dtype", cli="--dtype")] = "auto"
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "facebook/opt-125m",
+                    "method": "sparsegpt",
+                    "sparsity": "2:4",
+                    "calibration": {"dataset": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0},
+                    "evaluation": {"datasets": ["wikitext2"], "max_windows": None},
+                    "solver": {"blocksize": 128, "percdamp": 0.01, "wbits": None},
+                }
+            ]
+        },
+    )
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _sparsity(cls, value: Any) -> float | str:
+        pattern = parse_sparsity(value)
+        return str(pattern) if pattern.structured else pattern.sparsity
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        value = value.strip()
+        if "\x00" in value:
+            raise ValueError("the model cannot contain NUL characters")
+        if value.startswith(("/", "~", ".")):
+            if not value.startswith("/"):
+                raise ValueError("a local model must be an absolute path under the server's allowed directories")
+            return value
+        if not _HUB_ID.match(value) or ".." in value:
+            raise ValueError(f"{value!r} is not a Hugging Face model id (org/name) nor an absolute local path")
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str | None) -> str | None:
+        if value is not None and (not _REVISION.match(value) or ".." in value):
+            raise ValueError(f"revision {value!r}: a branch, tag or commit hash")
+        return value
+
+    @model_validator(mode="after")
+    def _solver_fits(self) -> JobSpec:
+        if self.solver.wbits is not None and self.method != "sparsegpt":
+            raise ValueError("solver.wbits (joint quantization) works with method sparsegpt only")
+        if self.solver.exact and self.method != "sparsegpt":
+            raise ValueError("solver.exact reproduces the reference SparseGPT: it works with method sparsegpt only")
+        pattern = self.pattern
+        if pattern.structured and self.method == "sparsegpt" and self.solver.blocksize % pattern.m:
+            raise ValueError(f"solver.blocksize {self.solver.blocksize} must be a multiple of M={pattern.m} "
+                             f"for {pattern}")
+        return self
+
+    @property
+    def pattern(self) -> SparsityPattern:
+        return parse_sparsity(self.sparsity)
+
+    @classmethod
+    def from_flat(cls, **fields: Any) -> JobSpec:
+        """``JobSpec.from_flat(model=..., sparsity="2:4", dataset="c4", nsamples=8, datasets=[])``:
+        each field by its own name, for Python callers (field names are unique across sections)."""
+        paths = {path[-1]: path for path in field_paths(cls)}
+        data: dict[str, Any] = {}
+        for name, value in fields.items():
+            if name not in paths:
+                raise TypeError(f"JobSpec has no field {name!r}")
+            set_path(data, paths[name], value)
+        return cls.model_validate(data)
+
+    def with_datasets(self, resolve) -> JobSpec:
+        """A copy whose calibration and evaluation references are ``resolve(name)`` (the worker
+        turns upload:<id> into the stored file's path)."""
+        data = self.model_dump()
+        data["calibration"]["dataset"] = resolve(self.calibration.dataset)
+        data["evaluation"]["datasets"] = [resolve(name) for name in self.evaluation.datasets]
+        return JobSpec.model_validate(data)
+
+
+# --- walking the spec's fields (the form and the CLI are built from this) ----------------------
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One field a person sets: its path in the spec (``("solver", "blocksize")``)."""
+
+    path: tuple[str, ...]
+    info: FieldInfo
+    ui: UI
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def kind(self) -> str:
+        """bool, int, float, list or str (what a text input or a flag is converted to)."""
+        annotation = self.info.annotation
+        args = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+        if get_origin(annotation) is list or any(get_origin(a) is list for a in args):
+            return "list"
+        for kind in (bool, int, float):
+            if args == [kind]:
+                return kind.__name__
+        return "str"
+
+    @property
+    def required(self) -> bool:
+        return self.info.is_required()
+
+    @property
+    def default(self) -> Any:
+        return None if self.required else self.info.get_default(call_default_factory=True)
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        args = get_args(self.info.annotation)
+        return args if get_origin(self.info.annotation) is Literal else None
+
+
+def field_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """The path of every field of the spec, depth first."""
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from field_paths(annotation, (*prefix, name))
+        else:
+            yield (*prefix, name)
+
+
+def leaf_fields(model: type[BaseModel] = JobSpec, prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
+    """Every field of the spec, depth first, that has a UI marker (in declaration order)."""
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from leaf_fields(annotation, (*prefix, name))
+            continue
+        ui = next((m for m in info.metadata if isinstance(m, UI)), None)
+        if ui is not None:
+            yield Leaf((*prefix, name), info, ui)
+
+
+def set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        data = data.setdefault(part, {})
+    data[path[-1]] = value
+
+
+def get_path(data: dict[str, Any], path: tuple[str, ...], default: Any = None) -> Any:
+    for part in path:
+        if not isinstance(data, dict) or part not in data:
+            return default
+        data = data[part]
+    return data
+
+
+# --- errors in plain words (the form and the CLI say the same thing) --------------------------
+
+_PLAIN = {
+    "greater_than_equal": "must be at least {ge}", "greater_than": "must be more than {gt}",
+    "less_than_equal": "must be at most {le}", "less_than": "must be less than {lt}",
+    "int_parsing": "must be a whole number", "int_from_float": "must be a whole number",
+    "int_type": "must be a whole number", "float_parsing": "must be a number", "float_type": "must be a number",
+    "finite_number": "must be a finite number", "bool_parsing": "must be true or false",
+    "missing": "is required", "string_too_short": "is required",
+    "string_too_long": "is too long (at most {max_length} characters)", "literal_error": "must be one of {expected}",
+}
+
+
+def plain_message(error: dict[str, Any]) -> str:
+    """A pydantic error entry in plain words; the spec's own messages are kept as they are."""
+    template = _PLAIN.get(str(error.get("type")))
+    if template:
+        try:
+            text = template.format(**(error.get("ctx") or {}))
+        except (KeyError, IndexError):
+            return _strip_prefix(str(error.get("msg", "invalid")))
+        text = text[0].upper() + text[1:]
+        raw = error.get("input")
+        if isinstance(raw, (str, int, float)) and not isinstance(raw, bool) and str(raw).strip():
+            text += f" (got {str(raw)[:60]})"
+        return text
+    return _strip_prefix(str(error.get("msg", "invalid")))
+
+
+def _strip_prefix(msg: str) -> str:
+    return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def error_path(error: dict[str, Any]) -> tuple[str, ...]:
+    """The spec path an error belongs to. A check across fields (raised with no location) names
+    the field it is about at the start of its message (``solver.wbits ...``)."""
+    loc = tuple(p for p in error.get("loc", ()) if p != "body" and isinstance(p, str))
+    msg = _strip_prefix(str(error.get("msg", "")))
+    dotted = msg.split(" ", 1)[0]
+    leaves = {leaf.dotted: leaf.path for leaf in leaf_fields()}
+    if dotted in leaves and (not loc or leaves[dotted][: len(loc)] == loc):
+        return leaves[dotted]
+    return loc
+
+
+def first_error(exc: Exception) -> tuple[tuple[str, ...], str]:
+    """(path, plain message) of the first problem of a ValidationError."""
+    errors = exc.errors() if hasattr(exc, "errors") else [{"msg": str(exc), "loc": ()}]
+    return error_path(errors[0]), plain_message(errors[0])
