@@ -26,7 +26,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from app import crud
 from app.config import Settings, is_loopback
-from app.users import hash_token  # the one token hash (sha256 of a 256-bit token)
+from app.tokens import hash_token
 
 SESSION_COOKIE = "sparsegpt_session"
 LOCAL_USER = "(local)"  # not a name `sparsegpt users add` accepts, so no account can take it

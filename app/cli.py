@@ -16,7 +16,7 @@ import sys
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from app.embedded import serve
+    from app.serve import serve
 
     return serve(host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
 

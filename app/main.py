@@ -16,7 +16,7 @@ from redis.retry import Retry
 from fastapi import Depends, FastAPI
 
 from app import auth, dashboard, db, login
-from app.api import calibration, events, health, jobs, usage
+from app.api import events, health, jobs, uploads, usage
 from app.config import Settings, get_settings
 from app.sweeper import Sweeper
 
@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         responses={401: {"description": "sign in: Authorization: Bearer <token>, or the dashboard's session"}},
     )
     app.state.settings = settings
-    for router in (jobs.router, events.router, calibration.router, health.router, usage.router):
+    for router in (jobs.router, events.router, uploads.router, health.router, usage.router):
         app.include_router(router, prefix="/api/v1")
     app.include_router(health.router, include_in_schema=False)  # /health for load balancers
     app.include_router(login.router)  # /login, /logout

@@ -25,7 +25,7 @@ from datetime import timedelta
 
 import redis as redis_lib
 
-from app import crud, events
+from app import crud, streams
 from app.config import Settings
 from app.models import utcnow
 from app.queue import enqueue_job
@@ -165,7 +165,7 @@ def remove_partials(settings: Settings, job_id: int) -> None:
 
 def _publish_status(settings, r, job_id, status, attempt, error, final=False) -> None:
     try:
-        events.publish(r, job_id, "status", {"status": status, "attempt": attempt, "error": error},
+        streams.publish(r, job_id, "status", {"status": status, "attempt": attempt, "error": error},
                        maxlen=settings.events_maxlen, ttl_s=settings.events_ttl_s if final else None)
     except redis_lib.RedisError:
         pass

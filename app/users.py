@@ -7,25 +7,17 @@ random bits, so a fast hash is enough; the API compares hashes in constant time)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
-import secrets
 
 from sqlalchemy.exc import IntegrityError
 
 from app import crud, db
 from app.config import get_settings
+from app.tokens import hash_token, new_token
 
-TOKEN_PREFIX = "sgpt_"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}$")
 
 
-def new_token() -> str:
-    return TOKEN_PREFIX + secrets.token_urlsafe(32)
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def main(args: argparse.Namespace) -> int:

@@ -19,8 +19,9 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app import crud, events
-from app.api.jobs import JobId, job_out, live_progress
+from app import crud, streams
+from app.api.jobs import JobId, job_out
+from app.services.jobs import live_progress
 from app.models import TERMINAL
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -87,7 +88,7 @@ async def job_events(
     job_status, _, _ = await run_in_threadpool(load, False)
     if job_status is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
-    key = events.stream_key(job_id)
+    key = streams.stream_key(job_id)
 
     async def drain_and_close(cursor: str) -> AsyncIterator[bytes]:
         """The job is over: send what is left in the stream, then a final status if none came."""

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from app import events
+from app import streams
 from app.schemas import ComponentHealth, HealthOut, WorkerOut
 
 router = APIRouter(tags=["health"])
@@ -32,7 +32,7 @@ def health(request: Request) -> JSONResponse:
     try:
         r = request.app.state.redis
         r.ping()
-        keys = list(r.scan_iter(match=events.WORKER_PATTERN, count=500))
+        keys = list(r.scan_iter(match=streams.WORKER_PATTERN, count=500))
         now = time.time()
         for raw in r.mget(keys) if keys else []:
             if not raw:

@@ -25,7 +25,7 @@ def test_app_never_imports_worker():
 
 def test_api_and_worker_main_process_load_no_torch():
     code = (
-        "import sys, app.main, app.embedded, app.cli, worker.celery_app, worker.tasks, worker.progress\n"
+        "import sys, app.main, app.serve, app.cli, worker.celery_app, worker.tasks, worker.reporter\n"
         "app.main.create_app()\n"
         "bad = [m for m in ('torch', 'transformers', 'worker.engine.pipeline') if m in sys.modules]\n"
         "assert not bad, bad\n"

@@ -391,7 +391,7 @@ def test_progress_reporter_does_not_wait_on_a_dead_redis(module_redis):
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    from worker.progress import RedisProgress
+    from worker.reporter import RedisProgress
 
     hung = socket.socket()
     hung.bind(("127.0.0.1", 0))

@@ -1,4 +1,5 @@
-"""Checks of a job spec that need the server: its caps, allowed directories, uploads."""
+"""The job spec checked against the server: its caps, allowed directories and uploads (the spec
+itself, ``worker.engine.spec.JobSpec``, checks everything that needs no server state)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from sqlalchemy.orm import Session
 from app import crud
 from app.config import Settings
 from app.paths import PathNotAllowed, resolve_allowed
-from app.schemas import BUILTIN_DATASETS, JobSpec, upload_id
+from worker.engine.spec import BUILTIN_DATASETS, JobSpec, upload_id
 
 
 class SpecError(ValueError):

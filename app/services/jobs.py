@@ -1,0 +1,245 @@
+"""Jobs: the one way each thing is done to a job, for the API and the dashboard alike.
+
+Create (idempotency key, the per-user cap, the row, the commit, then the queue), retry, cancel,
+delete, the artifact to download, the live progress, and who may change a job. Failures are
+``HTTPException``s with the status and a reason a person can act on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from fastapi import HTTPException, status
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import crud, streams
+from app.auth import CurrentUser
+from app.config import Settings
+from app.models import RUNNING, SUCCEEDED, TERMINAL, Job
+from app.queue import enqueue_job
+from app.services.specs import SpecError, check_spec
+from worker.engine.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+def job_url(job_id: int) -> str:
+    return f"/api/v1/jobs/{job_id}"
+
+
+def live_progress(r: redis.Redis, job: Job) -> dict[str, Any] | None:
+    """The latest progress: Redis has it live while the job runs, the database otherwise."""
+    if job.status == RUNNING:
+        try:
+            raw = r.get(streams.state_key(job.id))
+            if raw:
+                return json.loads(raw)
+        except redis.RedisError:
+            pass
+    return job.progress
+
+
+def spec_digest(spec: JobSpec) -> str:
+    """The request's spec, validated and in canonical JSON: the same body gives the same digest
+    whatever its key order, spacing or omitted defaults."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def get_or_404(session: Session, job_id: int, *, details: bool = False) -> Job:
+    job = crud.get_job(session, job_id, details=details)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
+    return job
+
+
+def may_change(user: CurrentUser | None, job: Job) -> bool:
+    """Only the owner or an admin cancels, retries or deletes a job (anyone in single-user mode)."""
+    return user is None or user.may_manage(job.owner_id)
+
+
+def forbid_unless_manager(user: CurrentUser, job: Job, action: str) -> None:
+    if not may_change(user, job):
+        owner = job.owner.name if job.owner else "nobody (its owner was removed)"
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail=f"job {job.id} belongs to {owner}; only its owner or an admin may {action} it",
+        )
+
+
+# --- create ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Created:
+    job: Job
+    replayed: bool = False  # an earlier request with the same Idempotency-Key made it
+
+
+def _check_job_cap(session: Session, settings: Settings, user: CurrentUser) -> None:
+    """Under the user's row lock (crud.lock_user), so concurrent submissions count each other."""
+    cap = settings.max_active_jobs_per_user
+    if cap <= 0:
+        return
+    active = crud.count_active_jobs(session, owner_id=user.id)
+    if active >= cap:
+        session.rollback()
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=(f"{user.name} has {active} job(s) queued or running, and this server's limit per user is {cap} "
+                    "(SPARSEGPT_MAX_ACTIVE_JOBS_PER_USER): wait for one to finish or cancel one"),
+            headers={"Retry-After": "30"},
+        )
+
+
+def _replayed(existing: Job, digest: str, key: str) -> Created:
+    if existing.spec_sha256 != digest:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail=(f"Idempotency-Key {key!r} was already used for job {existing.id} with a different body; "
+                    "send the same body to get that job again, or use a new key for a new job"),
+        )
+    return Created(existing, replayed=True)
+
+
+def create(session: Session, settings: Settings, user: CurrentUser, spec: JobSpec, *,
+           idempotency_key: str | None = None, retry_of: int | None = None) -> Created:
+    """The one way a job is made (the API, its retry, the dashboard's form): the spec checked
+    against the server (422 SpecError), the idempotency key's earlier job if any, then under the
+    user's row lock the per-user cap (429), the row, the commit and the run message (503 when
+    the queue is down)."""
+    digest = spec_digest(spec)
+    if idempotency_key is not None:
+        existing = crud.get_job_by_idempotency_key(session, owner_id=user.id, key=idempotency_key)
+        if existing is not None:
+            return _replayed(existing, digest, idempotency_key)
+    data = check_spec(spec, settings, session)
+    crud.lock_user(session, user.id)
+    if idempotency_key is not None:  # a twin request may have committed while we validated
+        existing = crud.get_job_by_idempotency_key(session, owner_id=user.id, key=idempotency_key)
+        if existing is not None:
+            session.rollback()
+            return _replayed(existing, digest, idempotency_key)
+    _check_job_cap(session, settings, user)
+    try:
+        job = crud.create_job(session, spec=data, owner_id=user.id, idempotency_key=idempotency_key,
+                              spec_sha256=digest, retry_of=retry_of)
+        session.commit()  # the worker must find the row: enqueue only after the commit
+    except IntegrityError:  # the twin committed between our check and our insert
+        session.rollback()
+        existing = crud.get_job_by_idempotency_key(session, owner_id=user.id, key=idempotency_key or "")
+        if existing is None:
+            raise
+        return _replayed(existing, digest, idempotency_key or "")
+    _enqueue(session, settings, job.id)
+    return Created(crud.get_job(session, job.id, details=True))
+
+
+def _enqueue(session: Session, settings: Settings, job_id: int) -> None:
+    """Send the run message for a committed row; 503 (and the job failed) when Redis is down."""
+    try:
+        task_id = enqueue_job(settings, job_id)
+    except Exception as err:  # kombu/redis connection errors
+        log.exception("could not enqueue job %s", job_id)
+        crud.fail_unqueued(session, job_id=job_id, error=f"could not be queued: the broker is unreachable ({err})")
+        session.commit()
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="the job queue (Redis) is unreachable; try again") from None
+    crud.set_task_id(session, job_id=job_id, task_id=task_id)
+    session.commit()
+
+
+def retry(session: Session, settings: Settings, user: CurrentUser, job_id: int) -> Job:
+    """A new job with the same spec, checked again against today's limits; the old one stays."""
+    old = get_or_404(session, job_id)
+    forbid_unless_manager(user, old, "retry")
+    if old.status not in TERMINAL:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} is {old.status}; retry it once it has finished (or cancel it)")
+    try:
+        spec = JobSpec.model_validate(old.spec)
+    except ValidationError as err:  # a spec stored by an older version
+        raise SpecError([{**e, "loc": ["body", *e["loc"]]} for e in err.errors(include_input=False)]) from None
+    return create(session, settings, user, spec, retry_of=old.id).job
+
+
+# --- cancel and delete -------------------------------------------------------------------------
+
+
+def cancel(session: Session, settings: Settings, r: redis.Redis, job_id: int) -> crud.CancelOutcome:
+    """The database first (a queued job ends now, a running one is flagged), then Redis: the
+    worker's fast cancel flag, or the final status event for SSE clients. Redis being down only
+    delays what the database says."""
+    result = crud.request_cancel(session, job_id=job_id)
+    session.commit()
+    try:
+        if result.outcome == "requested":
+            r.set(streams.cancel_key(job_id), "1", ex=settings.job_time_limit_s)
+        elif result.outcome == "cancelled":
+            streams.publish(
+                r, job_id, "status", {"status": "cancelled", "attempt": result.job.attempt, "error": result.job.error},
+                maxlen=settings.events_maxlen, ttl_s=settings.events_ttl_s,
+            )
+    except redis.RedisError:
+        log.warning("Redis unreachable while cancelling job %s; the database flag stands", job_id)
+    return result
+
+
+def delete(session: Session, settings: Settings, r: redis.Redis, user: CurrentUser, job_id: int) -> None:
+    """Remove a queued or finished job: its row, results, events and artifact files."""
+    forbid_unless_manager(user, get_or_404(session, job_id), "delete")
+    outcome = crud.delete_job(session, job_id=job_id)
+    if outcome == "running":
+        session.rollback()
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} is running; cancel it first (POST {job_url(job_id)}/cancel)")
+    if outcome == "missing":
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
+    session.commit()
+    remove_artifact_files(settings, job_id)
+    try:
+        r.delete(streams.stream_key(job_id), streams.state_key(job_id), streams.cancel_key(job_id))
+    except redis.RedisError:
+        log.warning("Redis unreachable while deleting job %s's events; they expire on their own", job_id)
+
+
+def remove_artifact_files(settings: Settings, job_id: int) -> None:
+    """The job's directory under the artifacts dir: named by the job id, never by input."""
+    root = settings.artifacts_dir.resolve()
+    target = (root / str(int(job_id))).resolve()
+    if target.parent == root:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+# --- the artifact --------------------------------------------------------------------------------
+
+
+def artifact_available(job: Job) -> bool:
+    """The job succeeded and its files are still on this server."""
+    return (job.status == SUCCEEDED and bool(job.artifact_sha256) and job.artifact_size is not None
+            and bool(job.artifact_path) and job.artifact_expired_at is None and Path(job.artifact_path).is_dir())
+
+
+def artifact_dir(session: Session, settings: Settings, job_id: int) -> tuple[Job, Path]:
+    """The job and its pruned model directory, or 409 (not succeeded) / 410 (gone)."""
+    job = get_or_404(session, job_id)
+    if job.status != SUCCEEDED:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} is {job.status}; the artifact exists once it has succeeded")
+    if job.artifact_expired_at is not None:
+        raise HTTPException(
+            status.HTTP_410_GONE,
+            detail=f"job {job_id}'s artifact was deleted on {job.artifact_expired_at:%Y-%m-%d %H:%M} UTC "
+                   f"(artifacts are kept {settings.artifact_retention_s / 86400:g} days); retry the job to make it again",
+        )
+    root = Path(job.artifact_path or "")
+    # The path is the worker's, under the artifacts directory; never one a request named.
+    inside = root.resolve().is_relative_to(settings.artifacts_dir.resolve()) if job.artifact_path else False
+    if not job.artifact_path or not inside or not root.is_dir() or not job.artifact_sha256:
+        raise HTTPException(status.HTTP_410_GONE, detail=f"job {job_id}'s artifact is no longer on the server")
+    return job, root

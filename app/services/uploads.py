@@ -1,0 +1,243 @@
+"""The one upload path: calibration (or evaluation) text files that jobs name as ``upload:<id>``.
+
+The API's ``POST /calibration-sets`` and the dashboard's new-job form both read their body
+here, from the raw request stream, so one size cap holds while it streams (413 as soon as the
+body passes it, chunked or not) instead of after Starlette has spooled the whole upload. The
+file goes to a temporary file beside the uploads, hashed as it arrives; ``store`` checks its
+content and keeps it content-addressed (the stored name never comes from input).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs
+
+from fastapi import HTTPException, Request
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from app import crud
+from app.config import Settings
+from app.models import CalibrationSet
+
+FORMATS = {".txt": "txt", ".jsonl": "jsonl"}
+MULTIPART_OVERHEAD = 64 * 1024  # headers, boundaries and the small fields around the file
+MAX_FIELDS = 100  # text fields of a form
+
+
+class UploadError(HTTPException):
+    """A body that cannot be taken, with its status (400, 413, 415, 422) and the reason."""
+
+
+def safe_name(filename: str) -> str:
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", base).strip("._")[:128] or "upload"
+
+
+@dataclass
+class ReceivedFile:
+    """A file part written to a temporary file (``discard`` it, or ``store`` it)."""
+
+    filename: str
+    path: Path
+    size: int = 0
+    sha: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+
+    @property
+    def format(self) -> str:
+        return FORMATS[self.path.suffix]
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class Received:
+    """A parsed body: its text fields (in order, repeated names kept) and the file, if any."""
+
+    fields: dict[str, list[str]] = field(default_factory=dict)
+    file: ReceivedFile | None = None
+
+    def get(self, name: str) -> str | None:
+        values = self.fields.get(name)
+        return values[0] if values else None
+
+    def getlist(self, name: str) -> list[str]:
+        return list(self.fields.get(name, []))
+
+
+class _Parts:
+    """python-multipart callbacks: text fields into memory (capped), the file part to disk."""
+
+    def __init__(self, directory: Path, limit: int, file_field: str):
+        self.directory, self.limit, self.file_field = directory, limit, file_field
+        self.received = Received()
+        self.headers: dict[str, str] = {}
+        self._header = [b"", b""]
+        self.name: str | None = None  # the current part's field name
+        self.value = bytearray()
+        self.handle = None
+        self.text_bytes = 0
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda d, s, e: self._header.__setitem__(0, self._header[0] + d[s:e]),
+            "on_header_value": lambda d, s, e: self._header.__setitem__(1, self._header[1] + d[s:e]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._data,
+            "on_part_end": self._part_end,
+        }
+
+    def _part_begin(self) -> None:
+        self.headers, self._header, self.name, self.value = {}, [b"", b""], None, bytearray()
+
+    def _header_end(self) -> None:
+        self.headers[self._header[0].decode("latin-1").lower()] = self._header[1].decode("latin-1")
+        self._header = [b"", b""]
+
+    def _headers_finished(self) -> None:
+        _, params = parse_options_header(self.headers.get("content-disposition", ""))
+        self.name = params.get(b"name", b"").decode("utf-8", "replace")
+        filename = params.get(b"filename")
+        if filename is None:
+            return
+        filename = filename.decode("utf-8", "replace")
+        if self.name != self.file_field:
+            raise UploadError(422, f"unexpected file field {self.name[:40]!r}: send the file as {self.file_field!r}")
+        if self.received.file is not None:
+            raise UploadError(422, f"send one file per upload (one multipart field named {self.file_field!r})")
+        if not filename:  # a form's empty file input
+            self.name = None
+            return
+        suffix = Path(filename).suffix.lower()
+        if suffix not in FORMATS:
+            raise UploadError(
+                422, f"{filename!r}: calibration sets are .txt (plain text) or .jsonl (one {{\"text\": ...}} per line)")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.directory, prefix=".upload-", suffix=suffix)
+        self.handle = os.fdopen(fd, "wb")
+        self.received.file = ReceivedFile(filename=filename, path=Path(name))
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if self.handle is not None:
+            file = self.received.file
+            file.size += len(chunk)
+            if file.size > self.limit:
+                raise UploadError(413, f"the file is larger than this server's upload limit of {self.limit} bytes")
+            file.sha.update(chunk)
+            self.handle.write(chunk)
+        elif self.name is not None:
+            self.text_bytes += len(chunk)
+            if self.text_bytes > MULTIPART_OVERHEAD:
+                raise UploadError(413, f"the form's text fields are larger than {MULTIPART_OVERHEAD} bytes")
+            self.value += chunk
+
+    def _part_end(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+        elif self.name is not None:
+            if sum(map(len, self.received.fields.values())) >= MAX_FIELDS:
+                raise UploadError(413, f"more than {MAX_FIELDS} form fields")
+            self.received.fields.setdefault(self.name, []).append(self.value.decode("utf-8", "replace"))
+        self.name = None
+
+    def discard(self) -> None:
+        if self.handle is not None and not self.handle.closed:
+            self.handle.close()
+        if self.received.file is not None:
+            self.received.file.discard()
+
+
+async def receive(request: Request, settings: Settings, *, file_field: str, form: bool = False) -> Received:
+    """Read a multipart body under the upload cap (a ``form`` may also come url-encoded)."""
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    limit = settings.max_upload_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
+        raise UploadError(413, f"the upload is larger than this server's upload limit of {limit} bytes")
+    if form and content_type == b"application/x-www-form-urlencoded":
+        return Received(fields=await _urlencoded(request))
+    boundary = params.get(b"boundary")
+    if content_type != b"multipart/form-data" or not boundary:
+        raise UploadError(415, f"send multipart/form-data with the file in a field named {file_field!r}")
+    parts = _Parts(settings.uploads_dir, limit, file_field)
+    parser = MultipartParser(boundary, parts.callbacks())
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit + MULTIPART_OVERHEAD:
+                raise UploadError(413, f"the upload is larger than this server's upload limit of {limit} bytes")
+            parser.write(chunk)
+        parser.finalize()
+        if parts.handle is not None:
+            raise UploadError(422, "the multipart body ended in the middle of the file")
+    except MultipartParseError as err:
+        parts.discard()
+        raise UploadError(400, f"malformed multipart body: {err}") from None
+    except BaseException:
+        parts.discard()
+        raise
+    return parts.received
+
+
+async def _urlencoded(request: Request) -> dict[str, list[str]]:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MULTIPART_OVERHEAD:
+            raise UploadError(413, f"the form is larger than {MULTIPART_OVERHEAD} bytes")
+    try:
+        return parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_FIELDS)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise UploadError(400, f"malformed form: {err}") from None
+
+
+def check_content(path: Path, fmt: str) -> None:
+    """UTF-8 text with something in it; .jsonl: one JSON object with a "text" string per line."""
+    texts = 0
+    try:
+        with path.open("r", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                if fmt == "jsonl":
+                    try:
+                        obj = json.loads(line)
+                    except (ValueError, RecursionError):
+                        raise UploadError(422, f"line {number} is not JSON (a .jsonl file holds one {{\"text\": ...}} object per line)") from None
+                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                        raise UploadError(422, f"line {number} has no \"text\" string")
+                texts += 1
+    except UnicodeDecodeError as err:
+        raise UploadError(422, f"the file is not UTF-8 text (byte {err.start})") from None
+    if texts == 0:
+        raise UploadError(422, "the file holds no text")
+
+
+async def store(session: Session, settings: Settings, file: ReceivedFile, *, owner_id: int | None) -> CalibrationSet:
+    """Check a received file's content and keep it as a calibration set (content-addressed)."""
+    try:
+        await run_in_threadpool(check_content, file.path, file.format)
+    except BaseException:
+        file.discard()
+        raise
+    sha = file.sha.hexdigest()
+    final = settings.uploads_dir / f"{sha}.{file.format}"
+    os.replace(file.path, final)
+    row = crud.create_calibration_set(session, name=safe_name(file.filename), format=file.format, size=file.size,
+                                      sha256=sha, path=str(final), owner_id=owner_id)
+    session.commit()
+    return row
