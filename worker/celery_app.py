@@ -22,7 +22,7 @@ import time
 
 from celery import Celery, signals
 
-from app import db, events
+from app import db, streams
 from app.config import get_settings
 from app.queue import broker_options
 
@@ -84,7 +84,7 @@ def _register(sender=None, **_kwargs) -> None:
     except AttributeError:
         queues = [settings.queue]
     client = redis.Redis.from_url(settings.redis_url or DEFAULT_REDIS)
-    key = _registration.key = events.worker_key(name)
+    key = _registration.key = streams.worker_key(name)
     ttl = settings.worker_seen_ttl_s
     info = {"name": name, "queues": queues, "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
 
