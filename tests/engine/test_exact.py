@@ -3,8 +3,8 @@
 The yardstick is benchmarks/reference_sparsegpt.py, the plain reference procedure that the
 benchmark measures the engine against (one sequence per forward, one running Hessian per
 Linear, cholesky -> cholesky_inverse -> cholesky, the column loop). With the same model and
-calibration windows, ``PruneJob(exact=True)`` must give the very same weights, and the
-default fast path the same up to float rounding.
+calibration windows, a job with ``solver.exact`` (worker.engine.reference) must give the very
+same weights, and the default fast path the same up to float rounding.
 """
 
 from __future__ import annotations
@@ -15,11 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from torch import nn
 
-from tests.tiny_models import make_tiny_model, sample_text
+from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.architectures import adapter_for, prunable_linears, weight_matrix
 from worker.engine.errors import InvalidJob
-from worker.engine.pipeline import PruneJob, run_job
+from worker.engine.patterns import parse_sparsity
+from worker.engine.pipeline import RunOptions, run_job
+from worker.engine.reference import RunningHessian, reference_prune_shared
+from worker.engine.spec import JobSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import reference_sparsegpt as reference  # noqa: E402
@@ -48,10 +52,11 @@ def block_weights(model) -> dict[str, torch.Tensor]:
             for name, m in prunable_linears(block).items()}
 
 
-def engine_weights(model_dir: Path, calibration: Path, sparsity: str, out: Path, **job) -> dict[str, torch.Tensor]:
-    run_job(PruneJob(model=str(model_dir), sparsity=sparsity, calibration=str(calibration), nsamples=NSAMPLES,
-                     seqlen=SEQLEN, blocksize=BLOCKSIZE, eval_sets=[], device="cpu", dtype="float32",
-                     output=str(out), **job))
+def engine_weights(model_dir: Path, calibration: Path, sparsity: str, out: Path, **fields) -> dict[str, torch.Tensor]:
+    spec = JobSpec.from_flat(model=str(model_dir), sparsity=sparsity, dataset=str(calibration), nsamples=NSAMPLES,
+                             seqlen=SEQLEN, blocksize=BLOCKSIZE, datasets=[], dtype="float32", **fields)
+    report = run_job(spec, RunOptions(device="cpu", output=str(out)))
+    assert all(layer["percdamp"] == 0.01 for layer in report["layers"])  # the dampening used, per layer
     return block_weights(transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
 
 
@@ -71,8 +76,33 @@ def test_exact_gives_the_reference_weights_bit_for_bit(sparsity, setup, tmp_path
         assert agree > 0.99, f"{name}: {agree:.4f} of the masks agree"
 
 
+@pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
+def test_reference_module_gives_the_reference_layer_bit_for_bit(sparsity):
+    """RunningHessian + reference_prune_shared against the reference's own layer class, no driver."""
+    g = torch.Generator().manual_seed(2)
+    layers = [nn.Linear(96, rows, bias=False) for rows in (40, 24)]  # two layers reading one input
+    for layer in layers:
+        layer.weight.data = torch.randn(layer.weight.shape, generator=g)
+    ours = RunningHessian(96, "cpu")
+    theirs = [reference.SparseGPTLayer(layer) for layer in layers]
+    for _ in range(5):  # one sequence per forward, as the reference
+        x = torch.randn(1, 30, 96, generator=g) * torch.linspace(0.1, 3, 96)
+        ours.add_batch(x)
+        for t in theirs:
+            t.add_batch(x)
+    assert torch.equal(ours.H, theirs[0].H)
+    pattern = parse_sparsity(sparsity)
+    results = reference_prune_shared([layer.weight.data for layer in layers], ours.H, pattern, blocksize=32)
+    for t, layer, result in zip(theirs, layers, results):
+        loss = t.prune(pattern.sparsity, pattern.n, pattern.m, blocksize=32)
+        assert torch.equal(result.weight, layer.weight.data)
+        assert result.loss == pytest.approx(loss) and result.percdamp == 0.01
+
+
 def test_exact_is_refused_where_it_means_nothing(setup):
     model_dir, calibration = setup
-    for bad in (dict(method="wanda"), dict(batch_size=4)):
-        with pytest.raises(InvalidJob, match="exact"):
-            run_job(PruneJob(model=str(model_dir), calibration=str(calibration), exact=True, **bad))
+    with pytest.raises(ValueError, match="exact"):
+        JobSpec.from_flat(model=str(model_dir), sparsity=0.5, dataset=str(calibration), method="wanda", exact=True)
+    spec = JobSpec.from_flat(model=str(model_dir), sparsity=0.5, dataset=str(calibration), exact=True)
+    with pytest.raises(InvalidJob, match="exact"):
+        run_job(spec, RunOptions(batch_size=4))

@@ -200,3 +200,23 @@ def test_solved_blocks_equal_the_column_loop(pattern, blocksize):
         assert torch.equal(a.weight == 0, b.weight == 0)
         assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-4)
         assert a.loss == pytest.approx(b.loss, rel=1e-4)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_dampening_used_reaches_the_layer_report(exact):
+    """A Hessian that needed more dampening says so in its layers' results (fast and reference arithmetic)."""
+    from torch import nn
+
+    from worker.engine.sequential import LayerResult, SolverSettings, solve_group, sparsegpt_arithmetic
+
+    H = torch.eye(64)
+    H[0, 0] = -0.05  # indefinite: 1% dampening is not enough, 10% is
+    modules = {"a": nn.Linear(64, 8), "b": nn.Linear(64, 4)}
+    solver = SolverSettings(method="sparsegpt", pattern=parse_sparsity(0.5), exact=exact)
+    stats = solve_group(["a", "b"], modules, H, solver, torch.device("cpu"),
+                        prune_shared=sparsegpt_arithmetic(solver).prune_shared)
+    for name, (error, loss, percdamp) in zip("ab", stats):
+        row = LayerResult(block=0, name=name, sparsity=0.5, error=error, loss=loss, percdamp=percdamp,
+                          seconds=0.0).as_dict()
+        assert {"block", "name", "sparsity", "error", "seconds", "loss"} <= row.keys()
+        assert isinstance(row["percdamp"], float) and row["percdamp"] == pytest.approx(0.1)

@@ -17,7 +17,9 @@ import ctypes
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -32,7 +34,8 @@ from worker.engine.architectures import (
 from worker.engine.baselines import magnitude_prune, wanda_prune
 from worker.engine.patterns import SparsityPattern
 from worker.engine.progress import Tracker
-from worker.engine.sparsegpt import Hessian, relative_error, sparsegpt_prune_shared
+from worker.engine.reference import RunningHessian, reference_prune_shared
+from worker.engine.sparsegpt import Hessian, PruneResult, relative_error, sparsegpt_prune_shared
 
 log = logging.getLogger(__name__)
 METHODS = ("sparsegpt", "wanda", "magnitude")
@@ -47,10 +50,11 @@ class LayerResult:
     error: float | None  # relative reconstruction error on the calibration data
     seconds: float
     loss: float | None = None  # SparseGPT's own objective
+    percdamp: float = 0.0  # SparseGPT's dampening as used (above the asked one when H needed more); 0 for the baselines
 
     def as_dict(self) -> dict:
         return {"block": self.block, "name": self.name, "sparsity": self.sparsity,
-                "error": self.error, "seconds": self.seconds, "loss": self.loss}
+                "error": self.error, "seconds": self.seconds, "loss": self.loss, "percdamp": self.percdamp}
 
 
 @dataclass
@@ -60,7 +64,22 @@ class SolverSettings:
     blocksize: int = 128
     percdamp: float = 0.01
     wbits: int | None = None
-    exact: bool = False  # the reference's arithmetic, operation for operation (see PruneJob.exact)
+    exact: bool = False  # the reference's arithmetic, operation for operation (see sparsegpt_arithmetic)
+
+
+class Arithmetic(NamedTuple):
+    """How SparseGPT's numbers are computed: the Hessian accumulator and the solve of a Hessian group."""
+
+    hessian: Callable[[int, torch.device], Hessian | RunningHessian]  # (columns, device)
+    prune_shared: Callable[..., list[PruneResult]]  # sparsegpt_prune_shared's signature
+
+
+def sparsegpt_arithmetic(solver: SolverSettings) -> Arithmetic:
+    """The fast solver, or with ``solver.exact`` the reference's operations (worker.engine.reference),
+    which reproduce benchmarks/reference_sparsegpt.py bit for bit. The one place ``exact`` is read."""
+    if solver.exact:
+        return Arithmetic(hessian=RunningHessian, prune_shared=reference_prune_shared)
+    return Arithmetic(hessian=Hessian, prune_shared=sparsegpt_prune_shared)
 
 
 @dataclass
@@ -181,21 +200,22 @@ class HessianCollector:
 
     Linears called with the very same input tensor in one forward pass (q/k/v, gate/up)
     share the Hessian of the first of them: ``groups`` maps that owner to all its readers.
+    ``hessian(columns, device)`` makes each accumulator.
     """
 
     def __init__(self, modules: dict[str, nn.Module], device: torch.device, *, stop_early: bool = True,
-                 exact: bool = False):
+                 hessian: Callable[[int, torch.device], Hessian | RunningHessian] = Hessian):
         self.names = set(modules)
         # Once the last Linear has its input, the rest of the dense pass is not needed: its
         # hook stops the pass, provided every other hooked Linear has been called by then.
         self.stop_at = next(reversed(modules), None) if stop_early else None
-        self.hessians: dict[str, Hessian] = {}
+        self.hessians: dict[str, Hessian | RunningHessian] = {}
         self.groups: dict[str, list[str]] = {}
         self._owner_of: dict[str, str] = {}
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, owner), one pass
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
         self.device = device
-        self.exact = exact
+        self.hessian = hessian
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -212,7 +232,7 @@ class HessianCollector:
                     return
             self._seen[id(x)] = (x, name)
             if name not in self.hessians:
-                self.hessians[name] = Hessian(x.shape[-1], self.device, exact=self.exact)
+                self.hessians[name] = self.hessian(x.shape[-1], self.device)
             self.hessians[name].add_batch(x)
             if name == self.stop_at and self.names <= self._owner_of.keys():
                 raise StopBlockPass
@@ -232,20 +252,24 @@ def _sparsity(W: torch.Tensor) -> float:
     return (W == 0).sum().item() / W.numel()
 
 
-def solve_group(names: list[str], modules: dict[str, nn.Module], H: torch.Tensor | None,
-                solver: SolverSettings, device: torch.device) -> list[tuple[float | None, float | None]]:
-    """Prune the layers of one Hessian group in place; (error, loss) per layer."""
+def solve_group(names: list[str], modules: dict[str, nn.Module], H: torch.Tensor | None, solver: SolverSettings,
+                device: torch.device, *, prune_shared: Callable[..., list[PruneResult]],
+                ) -> list[tuple[float | None, float | None, float]]:
+    """Prune the layers of one Hessian group in place; (error, loss, percdamp) per layer.
+
+    ``prune_shared`` is SparseGPT's solve (``sparsegpt_arithmetic(solver).prune_shared``).
+    """
     dense = [weight_matrix(modules[n]).to(device) for n in names]
     if solver.method == "sparsegpt":
-        results = sparsegpt_prune_shared(dense, H, solver.pattern, blocksize=solver.blocksize,
-                                         percdamp=solver.percdamp, wbits=solver.wbits, exact=solver.exact)
-        pruned, stats = [r.weight for r in results], [(r.error, r.loss) for r in results]
+        results = prune_shared(dense, H, solver.pattern, blocksize=solver.blocksize,
+                               percdamp=solver.percdamp, wbits=solver.wbits)
+        pruned, stats = [r.weight for r in results], [(r.error, r.loss, r.percdamp) for r in results]
     else:
         if solver.method == "wanda":
             pruned = [wanda_prune(W, torch.diag(H), solver.pattern) for W in dense]
         else:
             pruned = [magnitude_prune(W, solver.pattern) for W in dense]
-        stats = [(relative_error(W, P, H) if H is not None else None, None) for W, P in zip(dense, pruned)]
+        stats = [(relative_error(W, P, H) if H is not None else None, None, 0.0) for W, P in zip(dense, pruned)]
     for n, P in zip(names, pruned):
         set_weight_matrix(modules[n], P)
     return stats
@@ -267,6 +291,7 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
     needs_data = solver.method != "magnitude"
     inputs = (capture_block_inputs(model, adapter, calibration, batch_size=batch_size, device=device)
               if needs_data else None)
+    arithmetic = sparsegpt_arithmetic(solver)
     results: list[LayerResult] = []
 
     for i in range(last + 1):
@@ -283,7 +308,7 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
         modules = {name: m for name, m in prunable_linears(block).items()
                    if selection.module_selected(f"{prefix}.{name}")}
         if needs_data:
-            collector = HessianCollector(modules, device, exact=solver.exact)
+            collector = HessianCollector(modules, device, hessian=arithmetic.hessian)
             try:
                 run_block(block, inputs, device, keep=False, after_chunk=collector.end_pass)
             finally:
@@ -297,13 +322,13 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
             tracker.emit((i + g / max(len(groups), 1)) / (last + 1), layer=i, layers=nblocks,
                          module=f"{prefix}.{names[0]}", message=f"pruning {', '.join(names)}")
             t0 = time.perf_counter()
-            stats = solve_group(names, modules, H, solver, device)
+            stats = solve_group(names, modules, H, solver, device, prune_shared=arithmetic.prune_shared)
             seconds = time.perf_counter() - t0
             rows = [weight_matrix(modules[n]).shape[0] for n in names]
-            for n, r, (error, loss) in zip(names, rows, stats):
+            for n, r, (error, loss, percdamp) in zip(names, rows, stats):
                 results.append(LayerResult(
                     block=i, name=f"{prefix}.{n}", sparsity=_sparsity(weight_matrix(modules[n])),
-                    error=error, loss=loss, seconds=seconds * r / sum(rows)))
+                    error=error, loss=loss, percdamp=percdamp, seconds=seconds * r / sum(rows)))
         del groups
         if needs_data and i < last:
             run_block(block, inputs, device, keep=True)  # the pruned block feeds the next one

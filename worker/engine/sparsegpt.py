@@ -2,16 +2,23 @@
 
 Names follow the paper and the reference implementation: ``H`` the Hessian of the layer's
 inputs, ``Hinv`` the upper Cholesky factor of its inverse, column blocks ``i1:i2`` of width
-``blocksize``, ``W1``/``Q1``/``Err1``/``Losses1`` the block's running weights, pruned (and
-quantized) weights, scaled errors and losses, ``d = Hinv1[i, i]``.
+``blocksize``, ``W1``/``Q1``/``Err1`` the block's running weights, pruned (and quantized)
+weights and scaled errors, ``d = Hinv1[i, i]``.
+
+In the order they run: ``Hessian`` (accumulate H), ``LayerStack`` (the layers reading one H,
+dead inputs zeroed, the optional ``Quantizer``), ``inverse_hessian_factor`` (dampen, factor),
+``solve`` (block by block: mask, OBS updates, lazy update of the later columns). The same steps
+with the reference's own arithmetic (the bit-for-bit mode) are ``worker.engine.reference``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -19,26 +26,26 @@ from worker.engine.patterns import SparsityPattern
 
 log = logging.getLogger(__name__)
 
+# (W1, Hinv1, M1) -> (Q1, Err1): one block's columns; fills M1 for N:M
+BlockStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (H, percdamp) -> (upper Cholesky factor of (H + damp I)^-1, percdamp used, damp); dampens H in place
+Factorization = Callable[[torch.Tensor, float], tuple[torch.Tensor, float, float]]
+
 
 class Hessian:
     """H = (2/n) sum_x x x^T over the calibration tokens, n counting sequences (the reference's rule).
 
-    The sum is kept in fp32 and scaled once at the end, which is the reference's running
-    average ``H *= n/(n+b); H += 2/(n+b) X X^T`` without rescaling on every batch. Only the
-    tiles on and above the diagonal are multiplied (H is symmetric): with p tiles a side that
-    is (p + 1) / 2p of the flops of X^T X (0.56 at p = 8), at the same speed per flop.
-
-    With ``exact`` it is the reference's running average itself, operation for operation
-    (slower; see ``sparsegpt_prune_shared``'s ``exact``).
+    The fp32 sum is scaled once at the end: the reference's running average (``RunningHessian``)
+    without rescaling on every batch. Only the tiles on and above the diagonal are multiplied
+    (H is symmetric): with p tiles a side, (p + 1) / 2p of the flops of X^T X (0.56 at p = 8).
     """
 
     TILE = 192  # columns per tile; narrower inputs are multiplied whole
     MAX_PARTS = 8  # measured on CPU (2 threads, 2048 tokens a call): 576 wide 0.65x, 1536 wide 0.51x the time of X^T X
 
-    def __init__(self, columns: int, device: torch.device | str, *, exact: bool = False):
+    def __init__(self, columns: int, device: torch.device | str):
         self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)  # (cols, cols)
         self.nsamples = 0
-        self.exact = exact
         parts = min(self.MAX_PARTS, max(1, math.ceil(columns / self.TILE)))
         edges = [round(columns * k / parts) for k in range(parts + 1)]
         self._tiles = list(zip(edges[:-1], edges[1:]))
@@ -46,13 +53,6 @@ class Hessian:
     def add_batch(self, x: torch.Tensor) -> None:
         """``x``: the layer's input for ``b`` sequences, shape (b, seq, cols) or (b, cols)."""
         batch = x.shape[0] if x.dim() > 2 else 1
-        if self.exact:  # H *= n/(n+b); n += b; H += (sqrt(2/n) X)(sqrt(2/n) X)^T, as the reference
-            x = x.reshape(-1, x.shape[-1]).t()
-            self.sum *= self.nsamples / (self.nsamples + batch)
-            self.nsamples += batch
-            x = math.sqrt(2 / self.nsamples) * x.float()
-            self.sum += x.matmul(x.t())
-            return
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, cols)
         if len(self._tiles) == 1:
             self.sum.addmm_(x.t(), x)
@@ -67,8 +67,6 @@ class Hessian:
     def H(self) -> torch.Tensor:
         if self.nsamples == 0:
             raise ValueError("the Hessian has seen no calibration data")
-        if self.exact:
-            return self.sum
         S = self.sum
         if len(self._tiles) > 1:  # mirror the upper tiles into the lower ones
             S = torch.triu(S) + torch.triu(S, 1).t()
@@ -107,11 +105,33 @@ class Quantizer:
 
 
 @dataclass
-class PruneResult:
+class PruneResult:  # one layer's solve
     weight: torch.Tensor  # (rows, cols) fp32, pruned (and quantized)
     loss: float  # the reference's sum of (w - q)^2 / d^2 / 2
     error: float  # relative reconstruction error ||(W - W') X||^2 / ||W X||^2 over the calibration data
     percdamp: float  # the dampening that was finally used
+
+
+@dataclass
+class LayerStack:
+    """The rows of the layers that read one H, stacked: the solve's W and H (fp32 copies). Dead
+    inputs (diag(H) == 0) get H_jj = 1 and W[:, j] = 0; the ``wbits`` grid is fitted to that W."""
+
+    W: torch.Tensor  # (rows, cols), every layer's rows one after the other
+    H: torch.Tensor  # (cols, cols)
+    segments: list[tuple[int, int]]  # rows r0:r1 of each layer in W
+    quantizer: Quantizer | None
+
+    @classmethod
+    def of(cls, weights: Sequence[torch.Tensor], H: torch.Tensor, wbits: int | None) -> "LayerStack":
+        W = torch.cat([w.to(torch.float32) for w in weights])  # a new tensor
+        H = H.to(torch.float32, copy=True)
+        bounds = [0, *itertools.accumulate(w.shape[0] for w in weights)]
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        quantizer = Quantizer.fit(W, wbits) if wbits else None
+        return cls(W=W, H=H, segments=list(zip(bounds[:-1], bounds[1:])), quantizer=quantizer)
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -129,28 +149,20 @@ def _upper_cholesky_of_inverse(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1), True
 
 
-def _reference_upper_cholesky_of_inverse(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The reference's own chain: cholesky -> cholesky_inverse -> cholesky(upper)."""
-    L, info = torch.linalg.cholesky_ex(H)
-    if info.item() != 0:
-        return L, False
-    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-    return U, info.item() == 0
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, float]:
+    """Upper Cholesky factor of (H + damp I)^-1, the percdamp used and damp = percdamp * mean(diag(H));
+    H is dampened in place, with more dampening if needed (``dampened_factor``)."""
+    return dampened_factor(H, percdamp, torch.mean(torch.diag(H)).item(), _upper_cholesky_of_inverse)
 
 
-def inverse_hessian_factor(H: torch.Tensor, percdamp: float, *,
-                           exact: bool = False) -> tuple[torch.Tensor, float, float]:
-    """Upper Cholesky factor of (H + damp I)^-1, the percdamp used and damp; H is dampened in place.
+def dampened_factor(H: torch.Tensor, percdamp: float, mean_diag: float | torch.Tensor,
+                    factor: Callable[[torch.Tensor], tuple[torch.Tensor, bool]]) -> tuple[torch.Tensor, float, float]:
+    """Add ``percdamp * mean_diag`` to H's diagonal (in place) and ``factor`` it: (U, percdamp, damp).
 
-    A matrix that is not positive definite even after dampening is retried with ten times
-    more dampening (up to 1.0), and the retry is logged: it means too few calibration
-    samples for this layer's width, or degenerate inputs. ``exact`` computes the dampening
-    and the factor with the reference's operations (fp32 dampening, three factorizations).
+    ``factor(H)`` returns the upper Cholesky factor of H^-1 and whether it succeeded. If H is
+    not positive definite even so, ten times more dampening (up to 1.0) is tried, and logged:
+    too few calibration samples for this layer's width, or degenerate inputs.
     """
-    mean_diag = torch.mean(torch.diag(H))
-    if not exact:
-        mean_diag = mean_diag.item()
-    factor = _reference_upper_cholesky_of_inverse if exact else _upper_cholesky_of_inverse
     idx = torch.arange(H.shape[0], device=H.device)
     applied = 0.0
     while True:
@@ -172,15 +184,8 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float, *,
 
 
 @torch.no_grad()
-def sparsegpt_prune(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    pattern: SparsityPattern,
-    *,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    wbits: int | None = None,
-) -> PruneResult:
+def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, *, blocksize: int = 128,
+                    percdamp: float = 0.01, wbits: int | None = None) -> PruneResult:
     """Prune ``W`` (rows, cols) to ``pattern`` minimizing ||W X - W' X||^2 given H ~ X X^T.
 
     Neither ``W`` nor ``H`` is modified. Both should be on the same device; the computation
@@ -190,62 +195,55 @@ def sparsegpt_prune(
 
 
 @torch.no_grad()
-def sparsegpt_prune_shared(
-    weights: Sequence[torch.Tensor],
-    H: torch.Tensor,
-    pattern: SparsityPattern,
-    *,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    wbits: int | None = None,
-    column_loop: bool | None = None,
-    exact: bool = False,
-) -> list[PruneResult]:
+def sparsegpt_prune_shared(weights: Sequence[torch.Tensor], H: torch.Tensor, pattern: SparsityPattern, *,
+                           blocksize: int = 128, percdamp: float = 0.01, wbits: int | None = None,
+                           column_loop: bool | None = None) -> list[PruneResult]:
     """Prune several layers that read the same input (q/k/v; gate/up) in one pass.
 
-    The OBS update never mixes rows, and the masks are chosen per row (N:M) or per layer
-    within each column block (unstructured, with each layer's own threshold), so solving the
-    stacked rows gives each layer exactly what solving it alone would, with one inverse
-    Hessian and one column loop instead of one per layer.
+    The OBS update never mixes rows, and the masks are chosen per row (N:M) or per layer in
+    each block (unstructured: each layer's own threshold), so solving the stacked rows gives
+    each layer what solving it alone would, with one inverse Hessian and one loop for all.
 
-    ``column_loop`` runs the reference's loop, one column at a time (always used with
-    quantization); otherwise each block is solved a group of columns at a time (see
-    ``_block_solved``), which gives the same masks and weights up to float rounding. None
-    picks the faster of the two for the pattern and device.
-
-    ``exact`` reproduces the reference's arithmetic operation for operation: each layer
-    solved alone, its dampening, inverse and column loop; with the same H it gives the
-    reference's weights bit for bit (on the same machine and library), and is slower.
+    ``column_loop`` runs the blocks one column at a time (always so with quantization), else
+    a group of columns at a time (``_block_solved``: the same masks and weights up to float
+    rounding); None picks the faster for the pattern and device.
     """
-    if pattern.structured and blocksize % pattern.m:
-        raise ValueError(f"blocksize {blocksize} must be a multiple of M={pattern.m} for {pattern}")
-    if exact and len(weights) > 1:  # a GEMM's rounding may depend on the rows it is given
-        return [sparsegpt_prune_shared([w], H, pattern, blocksize=blocksize, percdamp=percdamp,
-                                       wbits=wbits, exact=True)[0] for w in weights]
-    W = torch.cat([w.to(torch.float32) for w in weights])  # (rows, cols), a new tensor
-    H = H.to(torch.float32, copy=True)
-    rows, columns = W.shape
-    bounds = [0]
-    for w in weights:
-        bounds.append(bounds[-1] + w.shape[0])
-    segments = list(zip(bounds[:-1], bounds[1:]))
+    stack = LayerStack.of(weights, H, wbits)
+    step = _fast_block_step(pattern, stack.quantizer, stack.W.device, column_loop)
+    return solve(stack, pattern, blocksize=blocksize, percdamp=percdamp,
+                 factorize=inverse_hessian_factor, block_step=step)
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    quantizer = Quantizer.fit(W, wbits) if wbits else None
-    W_dense = W.clone()
-    dense_quad = (W.matmul(H) * W).sum(1)  # per row: w H w^T, before dampening
 
-    Hinv, used_percdamp, damp = inverse_hessian_factor(H, percdamp, exact=exact)
-    Losses = torch.zeros(rows, device=W.device)
+def _fast_block_step(pattern: SparsityPattern, quantizer: Quantizer | None, device: torch.device,
+                     column_loop: bool | None) -> BlockStep:
+    """The fast solver's block step: the column loop with quantization, else lean loop or solved blocks."""
+    if quantizer is not None:
+        return partial(block_column_loop, pattern=pattern, quantizer=quantizer)
     # Measured on protocol P's layers (2 CPU threads, ms per block): unstructured, loop 786 vs
     # solved 659 (its mask is known up front, 16 columns a step); N:M, loop 914 vs solved 1077
     # (the mask follows the running weights, M columns a step). On a GPU the solved path's
     # batched triangular solve is one kernel for many columns, so it is used there for both.
     if column_loop is None:
-        column_loop = pattern.structured and W.device.type == "cpu"
+        column_loop = pattern.structured and device.type == "cpu"
+    return partial(_block_column_loop_pruning if column_loop else _block_solved, pattern=pattern)
 
+
+@torch.no_grad()
+def solve(stack: LayerStack, pattern: SparsityPattern, *, blocksize: int, percdamp: float,
+          factorize: Factorization, block_step: BlockStep) -> list[PruneResult]:
+    """Algorithm 1 on ``stack`` (its W ends pruned, its H dampened); one result per layer.
+
+    ``factorize`` and ``block_step`` are the arithmetic: the fast solver's, or the reference's.
+    """
+    if pattern.structured and blocksize % pattern.m:
+        raise ValueError(f"blocksize {blocksize} must be a multiple of M={pattern.m} for {pattern}")
+    W, H = stack.W, stack.H
+    rows, columns = W.shape
+    W_dense = W.clone()
+    dense_quad = (W.matmul(H) * W).sum(1)  # per row: w H w^T, before dampening
+
+    Hinv, used_percdamp, damp = factorize(H, percdamp)
+    Losses = torch.zeros(rows, device=W.device)
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
         W1 = W[:, i1:i2].clone()
@@ -253,13 +251,8 @@ def sparsegpt_prune_shared(
         if pattern.structured:
             M1 = torch.zeros_like(W1, dtype=torch.bool)  # chosen group by group, from the running W1
         else:
-            M1 = unstructured_mask(W1, torch.diag(Hinv1), pattern.sparsity, segments)
-        if quantizer is not None or exact:  # the reference's operations
-            Q1, Err1 = _block_column_loop(W1, Hinv1, M1, pattern, quantizer)
-        elif column_loop:
-            Q1, Err1 = _block_column_loop_pruning(W1, Hinv1, M1, pattern)
-        else:
-            Q1, Err1 = _block_solved(W1, Hinv1, M1, pattern)
+            M1 = unstructured_mask(W1, torch.diag(Hinv1), pattern.sparsity, stack.segments)
+        Q1, Err1 = block_step(W1, Hinv1, M1)
         W[:, i1:i2] = Q1
         Losses += torch.sum(Err1**2, 1) / 2  # (w - q)^2 / d^2 = err^2
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
@@ -275,7 +268,7 @@ def sparsegpt_prune_shared(
             error=_ratio(data_quad[r0:r1].sum().item(), dense_quad[r0:r1].sum().item()),
             percdamp=used_percdamp,
         )
-        for r0, r1 in segments
+        for r0, r1 in stack.segments
     ]
 
 
@@ -285,31 +278,11 @@ def _ratio(error_quad: float, dense_quad: float) -> float:
     return max(error_quad, 0.0) / dense_quad
 
 
-def relative_error(
-    W_dense: torch.Tensor,
-    W_pruned: torch.Tensor,
-    H: torch.Tensor,
-    *,
-    damp: float = 0.0,
-    dead: torch.Tensor | None = None,
-) -> float:
-    """||(W - W') X||^2 / ||W X||^2 from H = (2/n) X X^T (the scale cancels).
-
-    ``H`` may carry ``damp`` on its diagonal and 1s on the ``dead`` inputs' diagonal (the
-    solver's in-place changes); both are taken out so the error is the one on the data.
-    """
-    W_dense, W_pruned = W_dense.float(), W_pruned.float()
-    if dead is not None and bool(dead.any()):
-        W_dense = W_dense.clone()
-        W_dense[:, dead] = 0  # dead inputs are always zero: they add nothing to the outputs
-        W_pruned = W_pruned.clone()
-        W_pruned[:, dead] = 0
-    delta = W_dense - W_pruned
-
-    def quad(A: torch.Tensor) -> float:  # tr(A H A^T) without the dampening
-        return (A.matmul(H) * A).sum().item() - damp * (A * A).sum().item()
-
-    return _ratio(quad(delta), quad(W_dense))
+def relative_error(W_dense: torch.Tensor, W_pruned: torch.Tensor, H: torch.Tensor) -> float:
+    """||(W - W') X||^2 / ||W X||^2 from H = (2/n) X X^T (the scale cancels): the baselines' error."""
+    W_dense = W_dense.float()
+    delta = W_dense - W_pruned.float()
+    return _ratio((delta.matmul(H) * delta).sum().item(), (W_dense.matmul(H) * W_dense).sum().item())
 
 
 def unstructured_mask(W1: torch.Tensor, diag1: torch.Tensor, sparsity: float,
@@ -334,11 +307,10 @@ def _nm_lowest(Wg: torch.Tensor, diag_g: torch.Tensor, n: int) -> torch.Tensor:
     return torch.topk(score, n, dim=1, largest=False)[1]
 
 
-def _block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quantizer | None):
+def block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quantizer | None):
     """The reference's inner loop over the block's columns, with its operations; returns (Q1, Err1).
 
-    Fills M1 for N:M. Used with quantization and for ``exact``; plain pruning on the CPU
-    takes the leaner loop below.
+    Fills M1 for N:M. Used with quantization and by ``worker.engine.reference``.
     """
     count = W1.shape[1]
     n, m = pattern.n, pattern.m
