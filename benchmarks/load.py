@@ -53,7 +53,7 @@ def free_port() -> int:
 
 def start_server(workdir: Path) -> tuple[subprocess.Popen, str, Path]:
     sys.path.insert(0, str(REPO))
-    from tests.tiny_models import make_tiny_model, sample_text
+    from tests.support.tiny_models import make_tiny_model, sample_text
 
     models = workdir / "models"
     make_tiny_model(models / "llama")

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from tests.tiny_models import make_tokenizer, sample_text
+from tests.support.tiny_models import make_tokenizer, sample_text
 from worker.engine.calibration import calibration_windows, evaluation_windows, read_text_file
 from worker.engine.errors import DataError
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from tests.tiny_models import make_tiny_model, sample_text
+from tests.support.tiny_models import make_tiny_model, sample_text
 
 SPARSEGPT = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -10,7 +10,7 @@ import torch
 import transformers
 from torch.testing import assert_close
 
-from tests.tiny_models import ARCHS, MORE_ARCHS, make_tiny_model, sample_text
+from tests.support.tiny_models import ARCHS, MORE_ARCHS, make_tiny_model, sample_text
 from worker.engine.architectures import adapter_for, prunable_linears, weight_matrix
 from worker.engine.calibration import evaluation_windows
 from worker.engine.errors import InvalidJob, JobCancelled

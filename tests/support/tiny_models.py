@@ -1,7 +1,7 @@
 """Tiny random causal LMs built from transformers configs, with a real (tiny) BPE tokenizer.
 
-No hub is needed: the tokenizer is trained on a slice of WikiText-2 from ../shared/data (or
-on a built-in paragraph when that is missing), the weights are random.
+No hub is needed: the tokenizer is trained on a slice of WikiText-2 from the shared data
+(tests/support/paths.py; a built-in paragraph when that is missing), the weights are random.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from tests.support.paths import WIKITEXT_VALID
 _FALLBACK_TEXT = (
     "The quick brown fox jumps over the lazy dog. SparseGPT prunes large language models "
     "in one shot without retraining, layer by layer, using second order information. "
@@ -24,9 +24,8 @@ MORE_ARCHS = ("mistral", "qwen2", "gemma", "phi", "falcon")  # the other familie
 
 def sample_text(chars: int = 60_000) -> str:
     """A slice of real English text for tokenizers and calibration files."""
-    path = SHARED_DATA / "wikitext-2" / "valid.txt"
-    if path.exists():
-        return path.read_text(encoding="utf-8")[:chars]
+    if WIKITEXT_VALID.exists():
+        return WIKITEXT_VALID.read_text(encoding="utf-8")[:chars]
     return _FALLBACK_TEXT
 
 

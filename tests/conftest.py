@@ -1,0 +1,179 @@
+"""Fixtures every test directory shares (helpers live in tests/support/).
+
+- Redis from SPARSEGPT_TEST_REDIS_URL (default redis://127.0.0.1:6379): database 13 for SQLite
+  runs of the shared service, 14 for PostgreSQL ones, flushed at the start; queues get a
+  random name. ``redis_server`` / ``module_redis``: a redis-server of a test's own.
+- PostgreSQL from SPARSEGPT_TEST_POSTGRES_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/test):
+  scratch databases created for the session and dropped after.
+- ``service``: the API (``sparsegpt serve --workers 0``) and one worker (``sparsegpt worker``) as
+  subprocesses, per backend ("sqlite" and "postgresql"), shared by the tests that use it.
+- ``make_stack``: API and workers for one test, which it may kill -9 and restart.
+- ``models_dir``: the allowed local directory (tiny LLaMAs and a text file).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.pg import scratch_database
+from tests.support.processes import RedisServer, add_user, base_env, free_port, spawn, wait_for_health
+from tests.support.stacks import Service, Stack
+
+REDIS_BASE = os.environ.get("SPARSEGPT_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+REDIS_DB = {"sqlite": 13, "postgresql": 14}
+UPLOAD_LIMIT = 256 * 1024
+
+
+def _redis_url(backend: str) -> str:
+    return f"{REDIS_BASE}/{REDIS_DB[backend]}"
+
+
+@pytest.fixture(scope="session")
+def redis_available() -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_BASE + "/0", socket_connect_timeout=2).ping()
+    except redis.RedisError as err:
+        pytest.skip(f"no Redis at {REDIS_BASE} ({err}); set SPARSEGPT_TEST_REDIS_URL")
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A database of its own on the PostgreSQL server, dropped at the end of the session."""
+    with scratch_database("sparsegpt_test") as url:
+        yield url
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """The allowed local directory: a tiny LLaMA, a bigger one for cancelling, a text file."""
+    from tests.support.tiny_models import make_tiny_model, sample_text
+
+    root = tmp_path_factory.mktemp("models")
+    make_tiny_model(root / "llama")
+    make_tiny_model(root / "llama-deep", blocks=8, hidden=128)
+    (root / "calib.txt").write_text(sample_text(12_000), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def calib_bytes(models_dir) -> bytes:
+    return (models_dir / "calib.txt").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def service_env(backend, redis_available, models_dir, tmp_path_factory, request) -> dict[str, str]:
+    """Environment for this backend's API and worker processes (and its in-process Settings)."""
+    import redis
+
+    data = tmp_path_factory.mktemp(f"data-{backend}")
+    if backend == "postgresql":
+        database = request.getfixturevalue("pg_database")
+    else:
+        database = f"sqlite:///{data / 'sparsegpt.db'}"
+    redis.Redis.from_url(_redis_url(backend)).flushdb()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSEGPT_")}
+    env.update(
+        SPARSEGPT_DATA_DIR=str(data),
+        DATABASE_URL=database,
+        REDIS_URL=_redis_url(backend),
+        SPARSEGPT_LOCAL_DIRS=str(models_dir),
+        SPARSEGPT_QUEUE=f"test-{backend}-{secrets.token_hex(3)}",
+        SPARSEGPT_WORKER_DEVICE="cpu",
+        SPARSEGPT_HEARTBEAT_INTERVAL_S="0.5",
+        SPARSEGPT_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
+        SPARSEGPT_MAX_NSAMPLES="512",
+        SPARSEGPT_MAX_SEQLEN="4096",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def service(backend, service_env, tmp_path_factory) -> Iterator[Service]:
+    """The API and one worker for this backend, as real processes."""
+    logs = tmp_path_factory.mktemp(f"logs-{backend}")
+    port = free_port()
+    api = spawn(["serve", "--workers", "0", "--port", str(port), "--log-level", "warning"], service_env, logs / "api.log")
+    base = f"http://127.0.0.1:{port}"
+    worker = None
+    try:
+        wait_for_health(base, api)
+        worker = spawn(["worker", f"--hostname=test-{backend}@%h", "--loglevel=info"], service_env, logs / "worker.log")
+        wait_for_health(base, worker, worker=f"test-{backend}@")
+        with httpx.Client(base_url=base, timeout=30) as client:
+            yield Service(base, service_env, api, worker, client)
+    finally:
+        if worker is not None:
+            worker.stop()
+        api.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_binary() -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs a redis-server binary on PATH")
+
+
+@pytest.fixture
+def redis_server(redis_binary, tmp_path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def team_pg() -> Iterator[str]:
+    """A PostgreSQL database of its own, dropped at the end of the session."""
+    with scratch_database("sparsegpt_team") as url:
+        yield url
+
+
+@pytest.fixture
+def make_stack(team_pg, models_dir, tmp_path) -> Iterator:
+    """make_stack(redis_url, **settings) -> a Stack with its environment (no process started)."""
+    stacks: list[Stack] = []
+
+    def make(redis_url: str, **settings: str) -> Stack:
+        data = tmp_path / f"data{len(stacks)}"
+        env = base_env(
+            SPARSEGPT_DATA_DIR=str(data), DATABASE_URL=team_pg, REDIS_URL=redis_url,
+            SPARSEGPT_LOCAL_DIRS=str(models_dir), SPARSEGPT_QUEUE=f"team-{secrets.token_hex(3)}",
+            SPARSEGPT_AUTH="required", SPARSEGPT_HEARTBEAT_INTERVAL_S="0.5", SPARSEGPT_MIN_FREE_DISK_MB="1",
+        )
+        env.update({f"SPARSEGPT_{k.upper()}": str(v) for k, v in settings.items()})
+        logs = tmp_path / f"logs{len(stacks)}"
+        logs.mkdir()
+        stack = Stack(env, logs)
+        stack.token = add_user(env, f"admin{secrets.token_hex(3)}", admin=True)
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def module_redis(redis_binary, tmp_path_factory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.kill()

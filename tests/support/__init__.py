@@ -1,0 +1,1 @@
+"""Helpers the tests share: paths and shared data, tiny models, processes, PostgreSQL."""

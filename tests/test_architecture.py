@@ -1,0 +1,64 @@
+"""The import rules of the README's architecture section, and the size of the rooms.
+
+- ``worker/engine`` imports nothing of ``app``, ``worker`` (outside the engine), Celery, the web
+  framework or the database: it runs alone from the CLI and from Python.
+- ``app`` never imports ``worker``, except the job spec (``worker.engine.spec``, torch-free);
+  ``app/cli.py`` dispatches to the worker and the engine lazily, inside its subcommands.
+- The API process and the worker's main process load no torch (only the task does, in the
+  pool's child), and neither does the spec.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINE_FORBIDDEN = ("app", "worker", "celery", "fastapi", "starlette", "sqlalchemy", "redis", "kombu")
+MAX_MODULE_LINES = 420
+
+
+def imports(package: str) -> list[tuple[str, int, str]]:
+    """(file, line, imported module) of every import statement under ``package``."""
+    found = []
+    for path in sorted((REPO / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                found += [(str(path.relative_to(REPO)), node.lineno, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                found.append((str(path.relative_to(REPO)), node.lineno, node.module or ""))
+    return found
+
+
+def test_the_engine_imports_nothing_of_the_service():
+    bad = [(f, line, m) for f, line, m in imports("worker/engine")
+           if m.split(".")[0] in ENGINE_FORBIDDEN and not m.startswith("worker.engine")]
+    assert bad == []
+
+
+def test_app_imports_of_the_worker_are_the_spec_only():
+    bad = [(f, line, m) for f, line, m in imports("app")
+           if (m == "worker" or m.startswith("worker.") or m.split(".")[0] == "torch")
+           and m != "worker.engine.spec" and f != "app/cli.py"]
+    assert bad == []
+
+
+def test_api_worker_main_process_and_spec_load_no_torch():
+    code = (
+        "import sys, worker.engine.spec\n"
+        "assert 'torch' not in sys.modules\n"
+        "import app.main, app.serve, app.cli, worker.celery_app, worker.tasks, worker.reporter\n"
+        "app.main.create_app()\n"
+        "bad = [m for m in ('torch', 'transformers', 'worker.engine.pipeline') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_no_module_of_app_or_worker_is_oversized():
+    sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines())
+             for package in ("app", "worker") for p in (REPO / package).rglob("*.py")}
+    assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}
