@@ -36,7 +36,7 @@ SMALL = dict(SHAPE, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
 def build_model(directory: Path, shape: dict, device: str) -> Path:
     import transformers
 
-    from tests.tiny_models import make_tokenizer
+    from tests.support.tiny_models import make_tokenizer
 
     config = transformers.LlamaConfig(**shape, tie_word_embeddings=False)
     torch.manual_seed(0)
