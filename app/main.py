@@ -15,7 +15,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from fastapi import Depends, FastAPI
 
-from app import auth, dashboard, db, login
+from app import auth, db, login, web
 from app.api import events, health, jobs, uploads, usage
 from app.config import Settings, get_settings
 from app.sweeper import Sweeper
@@ -64,5 +64,5 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
         app.include_router(router, prefix="/api/v1")
     app.include_router(health.router, include_in_schema=False)  # /health for load balancers
     app.include_router(login.router)  # /login, /logout
-    dashboard.install(app)  # the browser pages (templates/) and /static
+    web.install(app)  # the browser pages (templates/) and /static
     return app

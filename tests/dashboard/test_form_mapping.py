@@ -5,13 +5,31 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from app.dashboard import FORM_DEFAULTS, field_errors, flatten, form_from_spec, line_chart, spec_body
-from app.schemas import JobSpec
+from app.web.charts import line_chart
+from app.web.forms import FORM_DEFAULTS, field_errors, form_from_spec, form_values, spec_body, split_list
+from app.web.pages import flatten
+from worker.engine.spec import JobSpec, get_path, leaf_fields
 
 
 def test_defaults_are_the_specs_defaults():
     spec = JobSpec.model_validate(spec_body({**FORM_DEFAULTS, "model": "facebook/opt-125m"}))
     assert spec == JobSpec(model="facebook/opt-125m", sparsity=0.5)
+    # Every optional field a person sets has an input that starts at the spec's default.
+    dumped = JobSpec(model="org/name", sparsity=0.5).model_dump()
+    for leaf in (leaf for leaf in leaf_fields() if leaf.ui.form and not leaf.required):
+        default, shown = get_path(dumped, leaf.path), FORM_DEFAULTS[leaf.ui.form]
+        if leaf.kind == "bool":
+            assert shown is default, leaf.dotted
+        elif leaf.kind == "list":
+            assert split_list(shown) == default, leaf.dotted
+        else:
+            assert shown == ("" if default is None else str(default)), leaf.dotted
+
+
+def test_empty_optional_inputs_take_the_specs_defaults():
+    empty = {name: "" for name, value in FORM_DEFAULTS.items() if isinstance(value, str)}
+    values = {**FORM_DEFAULTS, **empty, "model": "org/name", "sparsity": "2:4", "calibration_source": "c4"}
+    assert JobSpec.model_validate(spec_body(values)) == JobSpec(model="org/name", sparsity="2:4")
 
 
 @pytest.mark.parametrize("spec", [
@@ -20,14 +38,36 @@ def test_defaults_are_the_specs_defaults():
      "evaluation": {"datasets": ["ptb", "/data/eval.txt"], "max_windows": 5, "dense": False},
      "solver": {"blocksize": 64, "percdamp": 0.05}},
     {"model": "/models/llama", "sparsity": 0.6, "calibration": {"dataset": "/data/c.txt"},
-     "evaluation": {"datasets": []}, "solver": {"wbits": 4}},
+     "evaluation": {"datasets": []}, "solver": {"wbits": 4, "percdamp": 1e-5}},
     {"model": "org/name", "sparsity": "2:4", "solver": {"exact": True}},
+    {"model": "org/name", "sparsity": 0.5,
+     "layers": {"first_block": 2, "last_block": 9, "include": ["*.mlp.*", "*.self_attn.o_proj"],
+                "exclude": ["*.mlp.down_proj"]}},
+    {"model": "org/name", "sparsity": 0.7, "layers": {"last_block": 0, "exclude": ["model.layers.0.*"]}},
 ])
 def test_clone_round_trip(spec):
     """A stored spec, put in the form (Clone) and submitted unchanged, is the same spec."""
     stored = JobSpec.model_validate(spec).model_dump(mode="json")
     again = JobSpec.model_validate(spec_body(form_from_spec(stored))).model_dump(mode="json")
     assert again == stored
+
+
+def test_clone_of_a_spec_stored_before_layers_existed():
+    form = form_from_spec({"model": "org/name", "method": "wanda", "sparsity": "2:4"})
+    assert (form["first_block"], form["include"], form["method"]) == ("", "", "wanda")
+
+
+def test_posted_fields_to_the_spec():
+    """What a browser posts (checkboxes only when ticked, lists as text) -> the nested body."""
+    fields = {"model": [" org/name "], "sparsity": ["2:4"], "calibration_source": ["path"],
+              "calibration_path": ["/data/c.txt"], "eval_sets": ["c4", "ptb"], "eval_extra": ["upload:3,\n/data/e.txt"],
+              "exact": ["1"], "first_block": ["1"], "include": ["*.mlp.*,\n*.self_attn.*,"], "exclude": [" "]}
+    spec = JobSpec.model_validate(spec_body(form_values(fields)))
+    assert spec.model == "org/name" and spec.calibration.dataset == "/data/c.txt"
+    assert spec.evaluation.datasets == ["c4", "ptb", "upload:3", "/data/e.txt"]
+    assert spec.solver.exact and not spec.evaluation.dense and not spec.trust_remote_code  # unticked: absent
+    assert (spec.layers.first_block, spec.layers.last_block) == (1, None)
+    assert spec.layers.include == ["*.mlp.*", "*.self_attn.*"] and spec.layers.exclude == []
 
 
 def errors_for(**changes) -> dict[str, list[str]]:
@@ -39,7 +79,7 @@ def errors_for(**changes) -> dict[str, list[str]]:
 
 def test_errors_land_on_their_fields():
     assert errors_for(sparsity="3:2", nsamples="0") == {
-        "sparsity": ["pattern '3:2': N:M needs 0 < N < M (for example 2:4 or 4:8)"],
+        "sparsity": ["sparsity pattern '3:2': N:M needs 0 < N < M (for example 2:4 or 4:8)"],
         "nsamples": ["Must be at least 1 (got 0)"],
     }
     assert set(errors_for(seqlen="4", blocksize="x", percdamp="2", seed="-1", max_windows="0")) == {
@@ -47,10 +87,23 @@ def test_errors_land_on_their_fields():
     assert set(errors_for(calibration_source="path", calibration_path="relative.txt")) == {"calibration_source"}
     assert set(errors_for(eval_extra="nonsense")) == {"eval_sets"}
     assert set(errors_for(model="../etc")) == {"model"}
+    assert set(errors_for(model="")) == {"model"}
     # Checks across fields go to the field they name.
     assert set(errors_for(method="wanda", wbits="4")) == {"wbits"}
     assert set(errors_for(method="magnitude", exact=True)) == {"exact"}
     assert set(errors_for(sparsity="2:4", blocksize="6")) == {"blocksize"}
+
+
+def test_layer_errors_land_on_their_fields():
+    assert errors_for(first_block="-1") == {"first_block": ["Must be at least 0 (got -1)"]}
+    assert errors_for(last_block="two") == {"last_block": ["Must be a whole number (got two)"]}
+    reversed_range = errors_for(first_block="5", last_block="2")
+    assert list(reversed_range) == ["first_block"]
+    assert "is after layers.last_block 2" in reversed_range["first_block"][0]
+    empty_pattern = errors_for(include="*.mlp.*,,*.self_attn.*")
+    assert list(empty_pattern) == ["include"] and "is not a module name pattern" in empty_pattern["include"][0]
+    assert set(errors_for(exclude="*.mlp.*, ,*.o_proj")) == {"exclude"}
+    assert set(errors_for(include=", ".join(["*.mlp.*"] * 40))) == {"include"}
 
 
 def test_flatten_and_chart_escape_what_they_show():

@@ -82,9 +82,50 @@ def test_dashboard_submissions_obey_the_per_user_cap(tmp_path):
     with TestClient(create_app(settings)) as client:
         with db.session_scope(settings.database) as session:
             crud.create_job(session, spec={"model": "org/m", "method": "wanda", "sparsity": "2:4"})
+        unfinished = client.post("/jobs/1/retry")  # like the API: a job is retried once it has ended
+        assert unfinished.status_code == 409 and "Cannot retry" in unfinished.text
+        with db.session_scope(settings.database) as session:
+            crud.request_cancel(session, job_id=1)
         first = client.post("/jobs/1/retry", follow_redirects=False)
         assert first.status_code == 303 and first.headers["location"].startswith("/jobs/2")
         second = client.post("/jobs/1/retry")
         assert second.status_code == 429
         assert "Cannot retry" in second.text
+    redis.Redis.from_url(settings.redis_url).delete(settings.queue)
+
+
+def test_forms_as_different_users(tmp_path):
+    """Signed-in users (Bearer here, the session cookie in a browser): the form makes a job of
+    its sender's; only its owner or an admin cancels or retries it from the job's page."""
+    from app.tokens import hash_token, new_token
+
+    settings = Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:6379/11", auth="required",
+                        queue="test-pages-users")  # a queue no worker reads
+    with TestClient(create_app(settings), follow_redirects=False) as client:
+        tokens = {}
+        with db.session_scope(settings.database) as session:
+            for name, admin in (("alice", False), ("bob", False), ("root", True)):
+                tokens[name] = new_token()
+                crud.create_user(session, name=name, token_hash=hash_token(tokens[name]), is_admin=admin)
+        as_ = {name: {"Authorization": f"Bearer {token}"} for name, token in tokens.items()}
+        form = {"model": "org/name", "sparsity": "2:4", "method": "wanda", "calibration_source": "c4",
+                "eval_sets": "wikitext2", "first_block": "1", "include": "*.mlp.*"}
+        created = client.post("/jobs/new", data=form, headers=as_["alice"])
+        assert created.status_code == 303, created.text
+        job_id = int(created.headers["location"].rsplit("/", 1)[1])
+        job = client.get(f"/api/v1/jobs/{job_id}", headers=as_["bob"]).json()
+        assert job["owner"] == "alice" and job["spec"]["layers"] == {
+            "first_block": 1, "last_block": None, "include": ["*.mlp.*"], "exclude": []}
+        page = client.get(f"/jobs/{job_id}", headers=as_["bob"]).text
+        assert 'id="cancel-job"' not in page and "only *.mlp.*" in page  # bob sees it, without Cancel
+
+        for action in ("cancel", "retry"):
+            refused = client.post(f"/jobs/{job_id}/{action}", headers=as_["bob"])
+            assert refused.status_code == 403 and 'id="error-message"' in refused.text
+        assert client.post(f"/jobs/{job_id}/cancel", headers=as_["alice"]).status_code == 303
+        retried = client.post(f"/jobs/{job_id}/retry", headers=as_["root"])  # an admin may
+        assert retried.status_code == 303 and "A%20retry" in retried.headers["location"]
+        new_id = int(retried.headers["location"].split("?")[0].rsplit("/", 1)[1])
+        assert client.get(f"/api/v1/jobs/{new_id}", headers=as_["root"]).json()["owner"] == "root"
+        assert client.post(f"/jobs/{new_id}/cancel", headers=as_["root"]).status_code == 303
     redis.Redis.from_url(settings.redis_url).delete(settings.queue)

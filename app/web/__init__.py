@@ -1,0 +1,29 @@
+"""The browser dashboard: server-rendered Jinja2 pages (templates/) and static files (app/static/).
+
+- ``pages``: the jobs table (/), the new-job form (/jobs/new), a job (/jobs/{id}), a comparison
+  (/compare?ids=1,2)
+- ``actions``: what the pages' forms post: a new job, cancel, retry; each parses the form,
+  calls ``app.services`` (the same path as the API) and renders
+- ``forms``: the new-job form's inputs <-> the job spec, built from the spec's own fields
+- ``charts``: the SVG charts; ``filters``: how values read; ``render``: templates and error pages
+
+Live updates come from the API (SSE and JSON) through a small script, app/static/dashboard.js.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from app.web import actions, pages
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+
+def install(app: FastAPI) -> None:
+    """Register the dashboard's pages, its forms' actions and its static files on the app."""
+    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    app.include_router(pages.router)
+    app.include_router(actions.router)

@@ -1,0 +1,142 @@
+"""What the dashboard's forms post: a new job (/jobs/new), cancel and retry (/jobs/{id}/...).
+
+Each parses the form, calls the service the API calls (``app.services``: the same checks, caps
+and queue), and renders the form again with its errors or redirects (303) to the job's page.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from app import crud
+from app.services import jobs, uploads
+from app.services.specs import SpecError
+from app.web import forms
+from app.web.pages import form_page
+from app.web.render import current_user, error_page, open_session, parse_job_id
+from worker.engine.spec import JobSpec
+
+router = APIRouter(include_in_schema=False)
+
+# A body the upload path refuses before the form can be read: its page title, by status.
+_REFUSED = {400: "Malformed form", 413: "Upload too large", 415: "Not a form", 422: "File refused"}
+
+
+# --- a new job -----------------------------------------------------------------------------------
+
+
+def _refused(request: Request, err: uploads.UploadError) -> HTMLResponse:
+    advice = {413: "Go back and choose a smaller calibration file.",
+              422: "Go back and choose a .txt or .jsonl file."}.get(err.status_code, "Go back and try again.")
+    return error_page(request, err.status_code, _REFUSED.get(err.status_code, "The form was refused"),
+                      f"The form could not be read: {err.detail}. {advice}")
+
+
+async def _take_file(request: Request, session: Session, values: dict[str, Any],
+                     file: uploads.ReceivedFile | None) -> tuple[dict[str, list[str]], str]:
+    """Store the uploaded calibration file when the form chose "upload a new file" (discard it
+    otherwise); then the form names the stored upload. Returns (errors, notice)."""
+    if values["calibration_source"] != "file":
+        if file is not None:
+            file.discard()
+        return forms.calibration_choice_errors(values), ""
+    if file is None:
+        return {"calibration_source": ["choose a .txt or .jsonl file to upload"]}, ""
+    try:
+        row = await uploads.store(session, request.app.state.settings, file, owner_id=current_user(request).id)
+    except uploads.UploadError as err:
+        return {"calibration_source": [str(err.detail)]}, ""
+    values.update(calibration_source="upload", calibration_upload=f"upload:{row.id}")  # kept for the next try
+    return {}, f"{row.name} was uploaded as upload:{row.id}."
+
+
+def _create(request: Request, session: Session, values: dict[str, Any], errors: dict[str, list[str]],
+            notice: str) -> Response:
+    """Validate the form as the spec, then create through ``jobs.create`` (the server's checks,
+    the per-user cap, the queue); the form again with what went wrong, or the job's page."""
+    try:  # every field's errors at once; the calibration choice's own message wins
+        spec = JobSpec.model_validate(forms.spec_body(values))
+    except ValidationError as err:
+        errors = {**forms.field_errors(err.errors()), **errors}
+    if errors:
+        return form_page(request, session, values, errors, status_code=422, notice=notice)
+    try:
+        job = jobs.create(session, request.app.state.settings, current_user(request), spec).job
+    except SpecError as err:
+        return form_page(request, session, values, forms.field_errors(err.errors), status_code=422, notice=notice)
+    except HTTPException as err:  # the per-user cap (429), the queue (503): the reason as the notice
+        return form_page(request, session, values, {}, status_code=err.status_code, notice=str(err.detail))
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+
+
+@router.post("/jobs/new", response_class=HTMLResponse)
+async def submit_job_form(request: Request) -> Response:
+    # The body is parsed as it streams, under the server's upload cap (uploads.receive); an
+    # empty body (no fields at all, so no content type) is an empty form: its errors, not a 415.
+    try:
+        received = uploads.Received() if request.headers.get("content-length") == "0" else await uploads.receive(
+            request, request.app.state.settings, file_field="calibration_file", form=True)
+    except uploads.UploadError as err:
+        return _refused(request, err)
+    values = forms.form_values(received.fields)
+    with open_session(request) as session:
+        try:
+            errors, notice = await _take_file(request, session, values, received.file)
+        except BaseException:
+            if received.file is not None:
+                received.file.discard()
+            raise
+        # The rest is blocking (database, queue): off the event loop, like the API's routes.
+        return await run_in_threadpool(_create, request, session, values, errors, notice)
+
+
+# --- cancel and retry ------------------------------------------------------------------------------
+
+
+_CANCELLED = {
+    "cancelled": "Cancelled before it started.",
+    "requested": "Cancel requested: the job stops after the module it is working on.",
+}
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel_job_form(request: Request, job_id: str) -> Response:
+    parsed = parse_job_id(job_id)
+    with open_session(request) as session:
+        job = crud.get_job(session, parsed) if parsed else None
+        if job is None:
+            return error_page(request, 404, "Job not found", f"There is no job {job_id!r}.")
+        if not jobs.may_change(current_user(request), job):
+            return error_page(request, 403, "Not yours", f"Only the owner of job {job.id} or an admin may cancel it.")
+        outcome = jobs.cancel(session, request.app.state.settings, request.app.state.redis, job.id)
+        if outcome.outcome == "finished":
+            message = f"The job had already ended ({outcome.job.status if outcome.job else ''})."
+        else:
+            message = _CANCELLED.get(outcome.outcome, "")
+    return RedirectResponse(f"/jobs/{job.id}?message={message}", status_code=303)
+
+
+@router.post("/jobs/{job_id}/retry")
+def retry_job_form(request: Request, job_id: str) -> Response:
+    """A new job with the same spec, queued now (checked again: an upload may be gone)."""
+    parsed = parse_job_id(job_id)
+    if parsed is None:
+        return error_page(request, 404, "Job not found", f"There is no job {job_id!r}.")
+    with open_session(request) as session:
+        try:
+            new = jobs.retry(session, request.app.state.settings, current_user(request), parsed)
+        except SpecError as err:
+            text = "; ".join(forms.describe(e) for e in err.errors)
+            return error_page(request, 422, "Cannot retry",
+                              f"Job {parsed}'s spec is no longer accepted: {text}. Use Clone to edit it.")
+        except HTTPException as err:  # 404, 403 (not yours), 409 (not finished), 429, 503
+            title = {404: "Job not found", 403: "Not yours"}.get(err.status_code, "Cannot retry")
+            return error_page(request, err.status_code, title, str(err.detail))
+        new_id = new.id
+    return RedirectResponse(f"/jobs/{new_id}?message=A retry of job {parsed}.", status_code=303)

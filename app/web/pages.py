@@ -1,0 +1,214 @@
+"""The dashboard's pages (GET): the jobs table (/), the new-job form (/jobs/new), one job
+(/jobs/{id}) and a comparison (/compare?ids=1,2). Each reads through ``app.crud`` and
+``app.services.jobs`` and renders a template; bad ids and queries are 4xx pages, never a 500."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+from sqlalchemy.orm import Session
+
+from app import crud
+from app.models import STATUSES, TERMINAL, Job
+from app.services import jobs
+from app.web import forms
+from app.web.charts import bar_chart, line_chart
+from app.web.filters import progress_view
+from app.web.render import current_user, error_page, open_session, parse_job_id, render
+from worker.engine.spec import BUILTIN_DATASETS, JobSpec
+
+router = APIRouter(include_in_schema=False)
+PAGE_SIZE = 20
+MAX_COMPARED = 12
+
+
+# --- the jobs table --------------------------------------------------------------------------------
+
+
+def _disk(session: Session, data_dir: Path) -> dict[str, Any]:
+    artifacts, artifact_bytes = crud.artifact_totals(session)
+    try:
+        usage = shutil.disk_usage(data_dir)
+        free, total = usage.free, usage.total
+    except OSError:
+        free = total = None
+    return {"artifacts": artifacts, "artifact_bytes": artifact_bytes, "free": free, "total": total}
+
+
+@router.get("/", response_class=HTMLResponse)
+def jobs_page(request: Request, status: str = "", page: str = "1") -> HTMLResponse:
+    status = status.strip()
+    if status and status not in STATUSES:
+        return error_page(request, 400, "Unknown status", f"{status!r} is not a job status; use one of {', '.join(STATUSES)}.")
+    page_no = int(page) if page.strip().isdigit() and 0 < int(page) < 10**6 else 1
+    r = request.app.state.redis
+    with open_session(request) as session:
+        items, total = crud.jobs_page(session, status=status or None, limit=PAGE_SIZE, offset=(page_no - 1) * PAGE_SIZE)
+        counts = crud.status_counts(session)
+        rows = [{"job": job, "progress": progress_view(jobs.live_progress(r, job)),
+                 "metric": job.metrics[0] if job.metrics else None} for job in items]
+        return render(request, "jobs.html", {
+            "rows": rows, "total": total, "status": status, "page": page_no,
+            "pages": max(1, math.ceil(total / PAGE_SIZE)), "counts": counts, "all_count": sum(counts.values()),
+            "disk": _disk(session, request.app.state.settings.data_dir), "page_size": PAGE_SIZE,
+        })
+
+
+# --- the new-job form (what it posts: app.web.actions) -------------------------------------------------
+
+
+def form_page(request: Request, session: Session, values: dict[str, Any], errors: dict[str, list[str]], *,
+              status_code: int = 200, **extra: Any) -> HTMLResponse:
+    """The new-job form with these values and errors (by input name; "" for the whole form)."""
+    context = {
+        "form": values, "errors": errors, "uploads": crud.list_calibration_sets(session, limit=100),
+        "choices": forms.CHOICES, "builtin": BUILTIN_DATASETS, **extra,
+    }
+    return render(request, "new_job.html", context, status_code=status_code)
+
+
+# Declared before /jobs/{job_id}, which would otherwise take "new" as a job id.
+@router.get("/jobs/new", response_class=HTMLResponse)
+def new_job_page(request: Request, clone: str = "") -> HTMLResponse:
+    with open_session(request) as session:
+        if not clone:
+            return form_page(request, session, dict(forms.FORM_DEFAULTS), {})
+        job_id = parse_job_id(clone)
+        job = crud.get_job(session, job_id) if job_id else None
+        if job is None:
+            return error_page(request, 404, "Job not found", f"There is no job {clone!r} to clone.")
+        return form_page(request, session, forms.form_from_spec(job.spec), {}, clone_of=job)
+
+
+# --- one job -------------------------------------------------------------------------------------------
+
+
+def spec_view(spec: dict[str, Any] | None) -> dict[str, Any]:
+    """The stored spec over the spec's defaults, so that every field has a value to show (a job
+    stored before a section existed shows that section's defaults)."""
+    merged = JobSpec(model="org/model", sparsity=0.5).model_dump(mode="json")
+    for key, value in (spec or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _block_series(job: Job) -> tuple[list[int], list[float], list[float | None]]:
+    """Per block: mean achieved sparsity and mean relative reconstruction error of its modules."""
+    blocks: dict[int, list] = {}
+    for module in job.modules:
+        blocks.setdefault(module.block, []).append(module)
+    order = sorted(blocks)
+    sparsity = [sum(m.sparsity for m in blocks[b]) / len(blocks[b]) for b in order]
+    errors = []
+    for b in order:
+        values = [m.error for m in blocks[b] if m.error is not None and math.isfinite(m.error)]
+        errors.append(sum(values) / len(values) if values else None)
+    return order, sparsity, errors
+
+
+def _job_charts(job: Job) -> dict[str, Any]:
+    blocks, sparsity, errors = _block_series(job)
+    if not blocks:
+        return {}
+    labels = [str(b) for b in blocks]
+    return {
+        "sparsity": bar_chart(labels, [100 * s for s in sparsity], title="Achieved sparsity per block (%)",
+                              y_max=100, value_format="{:.1f}%", css="bar-sparsity"),
+        "error": bar_chart(labels, errors, title="Relative reconstruction error per block (mean of its modules)",
+                           value_format="{:.3g}", css="bar-error"),
+    }
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(request: Request, job_id: str) -> HTMLResponse:
+    parsed = parse_job_id(job_id)
+    with open_session(request) as session:
+        job = crud.get_job(session, parsed, details=True) if parsed else None
+        if job is None:
+            return error_page(request, 404, "Job not found", f"There is no job {job_id!r}. It may have been deleted.")
+        progress = jobs.live_progress(request.app.state.redis, job)
+        result = job.result or {}
+        return render(request, "job.html", {
+            "job": job, "spec": spec_view(job.spec), "progress": progress, "pview": progress_view(progress),
+            "charts": _job_charts(job), "metrics": job.metrics, "modules": job.modules, "result": result,
+            "seconds": result.get("seconds") or {}, "environment": result.get("environment") or {},
+            "active": job.status not in TERMINAL, "may_change": jobs.may_change(current_user(request), job),
+            "spec_json": json.dumps(job.spec, indent=2), "artifact_ok": jobs.artifact_available(job),
+            "message": request.query_params.get("message", "")[:300],
+        })
+
+
+# --- compare -------------------------------------------------------------------------------------------
+
+
+def flatten(spec: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested spec as dotted keys and the text each value shows."""
+    out: dict[str, str] = {}
+    for key, value in spec.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, list):
+            out[name] = ", ".join(map(str, value)) or "(none)"
+        else:
+            out[name] = "–" if value is None else str(value)
+    return out
+
+
+def _compare_ids(request: Request) -> list[int] | HTMLResponse:
+    """The distinct job ids of ?ids=1,2&ids=3, sorted, or a 400 page."""
+    ids: list[int] = []
+    for value in request.query_params.getlist("ids"):
+        for part in (p for p in value.split(",") if p.strip()):
+            parsed = parse_job_id(part)
+            if parsed is None:
+                return error_page(request, 400, "Bad job list", f"{part.strip()!r} is not a job id. Use /compare?ids=1,2,3.")
+            if parsed not in ids:
+                ids.append(parsed)
+    if len(ids) > MAX_COMPARED:
+        return error_page(request, 400, "Too many jobs", f"Compare at most {MAX_COMPARED} jobs at a time.")
+    return sorted(ids)
+
+
+def _comparison(jobs_: list[Job]) -> dict[str, Any]:
+    """The spec side by side (over the defaults, so older jobs compare fairly), perplexities
+    per set, and each job's error per block as one line."""
+    flat = [flatten(spec_view(job.spec)) for job in jobs_]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    spec_rows = [{"key": k, "values": [f.get(k, "–") for f in flat],
+                  "differs": len({f.get(k, "–") for f in flat}) > 1} for k in keys]
+    datasets = list(dict.fromkeys(m.dataset for job in jobs_ for m in job.metrics))
+    ppl = [{"dataset": d, "values": [next((m for m in job.metrics if m.dataset == d), None) for job in jobs_]}
+           for d in datasets]
+    series = []
+    for job in jobs_:
+        blocks, _, errors = _block_series(job)
+        series.append((f"job {job.id}", [(b, e) for b, e in zip(blocks, errors) if e is not None]))
+    chart = line_chart(series, title="Relative reconstruction error per block", x_label="block")
+    return {"spec_rows": spec_rows, "ppl": ppl, "chart": chart, "differences": sum(r["differs"] for r in spec_rows)}
+
+
+@router.get("/compare", response_class=HTMLResponse)
+def compare_page(request: Request) -> HTMLResponse:
+    ids = _compare_ids(request)
+    if isinstance(ids, HTMLResponse):
+        return ids
+    if len(ids) < 2:
+        return render(request, "compare.html", {"jobs": [], "ids": ids, "need_more": True})
+    with open_session(request) as session:
+        found = []
+        for job_id in ids:
+            job = crud.get_job(session, job_id, details=True)
+            if job is None:
+                return error_page(request, 404, "Job not found", f"There is no job {job_id} to compare.")
+            found.append(job)
+        return render(request, "compare.html", {"jobs": found, "ids": ids, "need_more": False, **_comparison(found)})

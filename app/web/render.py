@@ -1,0 +1,50 @@
+"""Rendering a page: the Jinja2 environment (templates/, with the filters of ``app.web.filters``),
+``render`` and ``error_page``, and the small request helpers every page uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
+
+from app.auth import CurrentUser
+from app.models import STATUSES
+from app.web.filters import fmt_bytes, fmt_duration, fmt_ppl, fmt_secs, fmt_time, progress_view
+
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
+templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
+templates.env.filters.update(secs=fmt_secs, time=fmt_time, duration=fmt_duration, bytes=fmt_bytes, ppl=fmt_ppl)
+templates.env.globals.update(STATUSES=STATUSES, progress_view=progress_view)
+
+
+def render(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> HTMLResponse:
+    context.setdefault("current_user", current_user(request))
+    return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+def error_page(request: Request, status_code: int, title: str, message: str) -> HTMLResponse:
+    return render(request, "error.html", {"title": title, "message": message, "code": status_code}, status_code)
+
+
+def open_session(request: Request) -> Session:
+    """A database session for one page (``with open_session(request) as session``): open while
+    the template renders, since templates read the job's relationships."""
+    return request.app.state.sessions()
+
+
+def current_user(request: Request) -> CurrentUser | None:
+    """The signed-in user ``app.auth.authenticate`` found (never None on a page's route)."""
+    return getattr(request.state, "user", None)
+
+
+def parse_job_id(raw: str) -> int | None:
+    """A job id from a path or query string, or None for anything else (a 404 or 400 page)."""
+    raw = raw.strip()
+    if not raw.isdigit() or len(raw) > 10:
+        return None
+    value = int(raw)
+    return value if 1 <= value <= 2**31 - 1 else None
