@@ -101,7 +101,7 @@ def test_redelivered_message_for_a_finished_job_runs_nothing(settings):
 
 def test_failure_reasons_are_actionable(settings, monkeypatch):
     from worker.engine.errors import ModelNotFound
-    from worker.tasks import describe_failure
+    from worker.failures import describe_failure
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
 

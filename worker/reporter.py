@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from app import events
+from app import streams
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class RedisProgress:
             self.dropped += 1
             return
         try:
-            events.publish(self.client, self.job_id, kind, payload, maxlen=self.maxlen, ttl_s=ttl_s)
+            streams.publish(self.client, self.job_id, kind, payload, maxlen=self.maxlen, ttl_s=ttl_s)
         except (redis.RedisError, OSError) as err:
             self.dropped += 1
             self._failed(err, "progress not published")
@@ -84,13 +84,13 @@ class RedisProgress:
         if not self._available():
             return False
         try:
-            return bool(self.client.exists(events.cancel_key(self.job_id)))
+            return bool(self.client.exists(streams.cancel_key(self.job_id)))
         except (redis.RedisError, OSError) as err:
             self._failed(err, "cancel flag not read")
             return False
 
     def clear_cancel_flag(self) -> None:
         try:
-            self.client.delete(events.cancel_key(self.job_id))
+            self.client.delete(streams.cancel_key(self.job_id))
         except (redis.RedisError, OSError):
             pass
