@@ -13,9 +13,8 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.paths import REPO
 ENGINE_FORBIDDEN = ("app", "worker", "celery", "fastapi", "starlette", "sqlalchemy", "redis", "kombu")
 MAX_MODULE_LINES = 420
 

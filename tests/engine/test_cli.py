@@ -6,12 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
+from tests.support.paths import REPO
 from tests.support.tiny_models import make_tiny_model, sample_text
 
 SPARSEGPT = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
@@ -31,7 +31,7 @@ def files(tmp_path_factory):
 
 def prune(*args, cwd=None):
     return subprocess.run([*SPARSEGPT, "prune", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=300, cwd=cwd or Path(__file__).resolve().parents[2])
+                          env=ENV, timeout=300, cwd=cwd or REPO)
 
 
 def test_prune_end_to_end(files, tmp_path):

@@ -9,7 +9,6 @@ same weights, and the default fast path the same up to float rounding.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 import transformers
 from torch import nn
 
+from benchmarks import reference_sparsegpt as reference
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.architectures import adapter_for, prunable_linears, weight_matrix
 from worker.engine.errors import InvalidJob
@@ -25,8 +25,6 @@ from worker.engine.pipeline import RunOptions, run_job
 from worker.engine.reference import RunningHessian, reference_prune_shared
 from worker.engine.spec import JobSpec
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import reference_sparsegpt as reference  # noqa: E402
 
 NSAMPLES, SEQLEN, BLOCKSIZE = 8, 64, 32  # hidden 64, MLP 128: two and four column blocks
 

@@ -16,6 +16,7 @@ from tests.support.processes import Proc, kill_group, spawn, wait_for_health, fr
 # Small jobs: a 2-block model, 4 windows of 32 tokens, 2 evaluation windows, on the CPU.
 SMALL = {"nsamples": 4, "seqlen": 32}
 TERMINAL = ("succeeded", "failed", "cancelled")
+UPLOAD_LIMIT = 256 * 1024  # the shared service's upload cap
 
 
 @dataclass

@@ -24,7 +24,8 @@ EXAMPLES = int(os.environ.get("SPARSEGPT_FUZZ_EXAMPLES", "12"))
 @pytest.fixture(scope="module")
 def live(team_pg, redis_binary, models_dir, tmp_path_factory):
     """The API as a process (no worker: jobs stay queued), with a user's token."""
-    from tests.team.conftest import RedisServer, Stack, add_user, base_env
+    from tests.support.processes import RedisServer, add_user, base_env
+    from tests.support.stacks import Stack
 
     import secrets
 

@@ -14,8 +14,8 @@ import pytest
 from fastapi.routing import APIRoute
 
 from app import archive, crud, db
-from app.models import utcnow
-from tests.team.conftest import InProcess, job_body, make_inprocess
+from app.models import Job, utcnow
+from tests.support.stacks import InProcess, job_body, make_inprocess
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def test_retention_sweep_and_usage(env, tmp_path):
     job = env.client.get(f"/api/v1/jobs/{job_id}", headers=env.as_("alice")).json()
     assert job["artifact"]["expires_at"] is not None
     with db.session_scope(env.settings.database) as session:  # it ended long ago
-        session.get(crud.Job, job_id).finished_at = utcnow() - timedelta(seconds=env.settings.artifact_retention_s + 60)
+        session.get(Job, job_id).finished_at = utcnow() - timedelta(seconds=env.settings.artifact_retention_s + 60)
     report = sweep_once(env.settings, env.client.app.state.sessions, env.client.app.state.redis)
     assert job_id in report.expired
     assert not (env.settings.artifacts_dir / str(job_id)).exists()
@@ -369,7 +369,7 @@ def test_artifact_path_outside_the_artifacts_dir_is_never_served(env, tmp_path):
     """Even if a row named another directory (it never comes from input), it is not streamed."""
     job_id = finished_job_with_artifact(env, "alice", tmp_path)
     with db.session_scope(env.settings.database) as session:
-        session.get(crud.Job, job_id).artifact_path = "/etc"
+        session.get(Job, job_id).artifact_path = "/etc"
     response = env.client.get(f"/api/v1/jobs/{job_id}/artifact", headers=env.as_("alice"))
     assert response.status_code == 410 and "root:" not in response.text
 
@@ -451,7 +451,7 @@ def test_event_stream_ends_when_its_job_is_deleted(env):
     job_id = post_job(env, "alice").json()["id"]
     env.client.post(f"/api/v1/jobs/{job_id}/cancel", headers=env.as_("alice"))
     with db.session_scope(env.settings.database) as session:  # back to queued: a stream that would stay open
-        session.get(crud.Job, job_id).status = "queued"
+        session.get(Job, job_id).status = "queued"
     timer = threading.Timer(0.5, lambda: env.client.delete(f"/api/v1/jobs/{job_id}", headers=env.as_("alice")))
     start = time.monotonic()
     timer.start()

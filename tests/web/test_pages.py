@@ -12,7 +12,6 @@ from fastapi.testclient import TestClient
 from app import crud, db
 from app.config import Settings
 from app.main import create_app
-from app.models import CANCELLED
 
 
 @pytest.fixture()

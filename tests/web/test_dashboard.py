@@ -14,7 +14,7 @@ import time
 import pytest
 from playwright.sync_api import expect
 
-from tests.dashboard.conftest import shot
+from tests.support.browser import shot
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

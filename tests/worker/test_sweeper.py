@@ -10,9 +10,9 @@ import pytest
 import redis
 
 from app import crud, db
-from app.models import utcnow
+from app.models import Job, utcnow
 from app.sweeper import broker_messages, sweep_once
-from tests.team.conftest import InProcess, make_inprocess
+from tests.support.stacks import InProcess, make_inprocess
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def claimed(env, job_id, *, beat_age_s: float) -> None:
     with db.session_scope(env.settings.database) as session:
         assert crud.claim_job(session, job_id=job_id, worker="gone@elsewhere", pid=4242,
                               stale_before=crud.stale_before(60), max_attempts=env.settings.max_attempts).claimed
-        session.get(crud.Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=beat_age_s)
+        session.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=beat_age_s)
 
 
 def row(env, job_id):

@@ -7,13 +7,14 @@ import hashlib
 import io
 import json
 import tarfile
-import threading
 import time
 
 import httpx
 import pytest
 
-from tests.service.conftest import SMALL, UPLOAD_LIMIT, read_sse
+from tests.support.processes import read_sse
+
+from tests.support.stacks import SMALL
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +137,7 @@ def test_exact_reaches_the_engine(service, models_dir, uploaded):
     with tarfile.open(fileobj=io.BytesIO(download.content)) as tar:
         [member] = [m for m in tar.getmembers() if m.name.endswith("/sparsegpt_report.json")]
         report = json.load(tar.extractfile(member))
-    assert report["job"]["exact"] is True and report["pattern"] == "2:4"
+    assert report["spec"]["solver"]["exact"] is True and report["pattern"] == "2:4"
 
 
 def test_cancel_running_and_queued(service, models_dir, uploaded):

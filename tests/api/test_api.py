@@ -3,8 +3,6 @@ worker, and every 4xx. Jobs go to a queue no worker consumes, so they stay queue
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
 from pathlib import Path
 
@@ -13,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.main import create_app
-from tests.service.conftest import SMALL, UPLOAD_LIMIT
+from tests.support.stacks import SMALL, UPLOAD_LIMIT
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,11 @@ import time
 import httpx
 import pytest
 
-from tests.service.conftest import REPO, SMALL, free_port, read_sse
+from tests.support.paths import REPO
+
+from tests.support.processes import free_port, read_sse
+
+from tests.support.stacks import SMALL
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,10 @@ import sys
 import httpx
 import pytest
 
-from tests.service.conftest import REPO, free_port, spawn, wait_for_health
-from tests.team.conftest import add_user, base_env
+from tests.support.paths import REPO
+
+from tests.support.processes import free_port, spawn, wait_for_health
+from tests.support.processes import add_user, base_env
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,8 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.service.conftest import read_sse
-from tests.team.conftest import job_body, slow_body
+from tests.support.processes import read_sse
+from tests.support.stacks import job_body, slow_body
 
 pytestmark = pytest.mark.slow
 
