@@ -112,17 +112,21 @@ def service_env(backend, redis_available, models_dir, tmp_path_factory, request)
 @pytest.fixture(scope="session")
 def service(backend, service_env, tmp_path_factory) -> Iterator[Service]:
     """The API and one worker for this backend, as real processes."""
-    logs = tmp_path_factory.mktemp(f"logs-{backend}")
+    yield from run_service(service_env, tmp_path_factory.mktemp(f"logs-{backend}"), f"test-{backend}")
+
+
+def run_service(env: dict[str, str], logs: Path, worker_name: str) -> Iterator[Service]:
+    """``sparsegpt serve --workers 0`` and one ``sparsegpt worker``, until the generator closes."""
     port = free_port()
-    api = spawn(["serve", "--workers", "0", "--port", str(port), "--log-level", "warning"], service_env, logs / "api.log")
+    api = spawn(["serve", "--workers", "0", "--port", str(port), "--log-level", "warning"], env, logs / "api.log")
     base = f"http://127.0.0.1:{port}"
     worker = None
     try:
         wait_for_health(base, api)
-        worker = spawn(["worker", f"--hostname=test-{backend}@%h", "--loglevel=info"], service_env, logs / "worker.log")
-        wait_for_health(base, worker, worker=f"test-{backend}@")
+        worker = spawn(["worker", f"--hostname={worker_name}@%h", "--loglevel=info"], env, logs / "worker.log")
+        wait_for_health(base, worker, worker=f"{worker_name}@")
         with httpx.Client(base_url=base, timeout=30) as client:
-            yield Service(base, service_env, api, worker, client)
+            yield Service(base, env, api, worker, client)
     finally:
         if worker is not None:
             worker.stop()
@@ -228,20 +232,7 @@ def dashboard(redis_available, allowed_dir, tmp_path_factory, request) -> Iterat
         SPARSEGPT_MAX_UPLOAD_BYTES=str(DASHBOARD_UPLOAD_LIMIT), SPARSEGPT_MAX_NSAMPLES="512", SPARSEGPT_MAX_SEQLEN="4096",
         PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
     )
-    port = free_port()
-    api = spawn(["serve", "--workers", "0", "--port", str(port), "--log-level", "warning"], env, logs / "api.log")
-    base = f"http://127.0.0.1:{port}"
-    worker = None
-    try:
-        wait_for_health(base, api)
-        worker = spawn(["worker", "--hostname=test-dashboard@%h", "--loglevel=info"], env, logs / "worker.log")
-        wait_for_health(base, worker, worker="test-dashboard@")
-        with httpx.Client(base_url=base, timeout=30) as client:
-            yield Service(base, env, api, worker, client)
-    finally:
-        if worker is not None:
-            worker.stop()
-        api.stop()
+    yield from run_service(env, logs, "test-dashboard")
 
 
 @pytest.fixture(scope="session")
