@@ -113,7 +113,8 @@ class _Parts:
             return
         filename = filename.decode("utf-8", "replace")
         if self.name != self.file_field:
-            raise UploadError(422, f"unexpected file field {self.name[:40]!r}: send the file as {self.file_field!r}")
+            raise UploadError(422, f"{self.name[:40]!r} is not the file field: send the file in a multipart "
+                                   f"field named {self.file_field!r}")
         if self.received.file is not None:
             raise UploadError(422, f"send one file per upload (one multipart field named {self.file_field!r})")
         if not filename:  # a form's empty file input
