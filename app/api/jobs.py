@@ -164,10 +164,7 @@ def delete_job(job_id: JobId, session: SessionDep, settings: SettingsDep, r: Red
 def cancel_job(job_id: JobId, session: SessionDep, settings: SettingsDep, r: RedisDep, user: UserDep) -> Response:
     """A queued job is cancelled at once (200); a running one is asked to stop (202) and ends
     `cancelled` between modules, leaving no partial artifact."""
-    jobs.forbid_unless_manager(user, jobs.get_or_404(session, job_id), "cancel")
-    result = jobs.cancel(session, settings, r, job_id)
-    if result.outcome == "missing":
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
+    result = jobs.cancel(session, settings, r, user, job_id)
     if result.outcome == "finished":
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} is already {result.job.status}")
     job = jobs.get_or_404(session, job_id, details=True)

@@ -67,7 +67,7 @@ def may_change(user: CurrentUser | None, job: Job) -> bool:
     return user is None or user.may_manage(job.owner_id)
 
 
-def forbid_unless_manager(user: CurrentUser, job: Job, action: str) -> None:
+def forbid_unless_manager(user: CurrentUser | None, job: Job, action: str) -> None:
     if not may_change(user, job):
         owner = job.owner.name if job.owner else "nobody (its owner was removed)"
         raise HTTPException(
@@ -173,12 +173,17 @@ def retry(session: Session, settings: Settings, user: CurrentUser, job_id: int) 
 # --- cancel and delete -------------------------------------------------------------------------
 
 
-def cancel(session: Session, settings: Settings, r: redis.Redis, job_id: int) -> crud.CancelOutcome:
-    """The database first (a queued job ends now, a running one is flagged), then Redis: the
-    worker's fast cancel flag, or the final status event for SSE clients. Redis being down only
-    delays what the database says."""
+def cancel(session: Session, settings: Settings, r: redis.Redis, user: CurrentUser | None,
+           job_id: int) -> crud.CancelOutcome:
+    """404 / 403 unless the user may cancel the job; then the database first (a queued job ends
+    now, a running one is flagged), then Redis: the worker's fast cancel flag, or the final
+    status event for SSE clients. Redis being down only delays what the database says. The
+    outcome "finished" (it had already ended) is for the caller to word."""
+    forbid_unless_manager(user, get_or_404(session, job_id), "cancel")
     result = crud.request_cancel(session, job_id=job_id)
     session.commit()
+    if result.outcome == "missing":  # deleted since it was read
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
     try:
         if result.outcome == "requested":
             r.set(streams.cancel_key(job_id), "1", ex=settings.job_time_limit_s)

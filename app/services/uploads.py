@@ -162,14 +162,15 @@ class _Parts:
 
 
 async def receive(request: Request, settings: Settings, *, file_field: str, form: bool = False) -> Received:
-    """Read a multipart body under the upload cap (a ``form`` may also come url-encoded)."""
+    """Read a multipart body under the upload cap (a ``form`` may also come url-encoded, or
+    empty: no fields at all, so no content type)."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     limit = settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
         raise UploadError(413, f"the upload is larger than this server's upload limit of {limit} bytes")
-    if form and content_type == b"application/x-www-form-urlencoded":
-        return Received(fields=await _urlencoded(request))
+    if form and (declared == "0" or content_type == b"application/x-www-form-urlencoded"):
+        return Received(fields=await _urlencoded(request))  # an empty body is an empty form
     boundary = params.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
         raise UploadError(415, f"send multipart/form-data with the file in a field named {file_field!r}")

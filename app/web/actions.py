@@ -14,7 +14,6 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app import crud
 from app.services import jobs, uploads
 from app.services.specs import SpecError
 from app.web import forms
@@ -77,11 +76,9 @@ def _create(request: Request, session: Session, values: dict[str, Any], errors: 
 
 @router.post("/jobs/new", response_class=HTMLResponse)
 async def submit_job_form(request: Request) -> Response:
-    # The body is parsed as it streams, under the server's upload cap (uploads.receive); an
-    # empty body (no fields at all, so no content type) is an empty form: its errors, not a 415.
+    # The body is parsed as it streams, under the server's upload cap (uploads.receive).
     try:
-        received = uploads.Received() if request.headers.get("content-length") == "0" else await uploads.receive(
-            request, request.app.state.settings, file_field="calibration_file", form=True)
+        received = await uploads.receive(request, request.app.state.settings, file_field="calibration_file", form=True)
     except uploads.UploadError as err:
         return _refused(request, err)
     values = forms.form_values(received.fields)
@@ -108,18 +105,25 @@ _CANCELLED = {
 @router.post("/jobs/{job_id}/cancel")
 def cancel_job_form(request: Request, job_id: str) -> Response:
     parsed = parse_job_id(job_id)
+    if parsed is None:
+        return error_page(request, 404, "Job not found", f"There is no job {job_id!r}.")
     with open_session(request) as session:
-        job = crud.get_job(session, parsed) if parsed else None
-        if job is None:
-            return error_page(request, 404, "Job not found", f"There is no job {job_id!r}.")
-        if not jobs.may_change(current_user(request), job):
-            return error_page(request, 403, "Not yours", f"Only the owner of job {job.id} or an admin may cancel it.")
-        outcome = jobs.cancel(session, request.app.state.settings, request.app.state.redis, job.id)
+        try:
+            outcome = jobs.cancel(session, request.app.state.settings, request.app.state.redis,
+                                  current_user(request), parsed)
+        except HTTPException as err:  # 404, 403 (not yours)
+            return _refusal(request, err, "Cannot cancel")
         if outcome.outcome == "finished":
             message = f"The job had already ended ({outcome.job.status if outcome.job else ''})."
         else:
             message = _CANCELLED.get(outcome.outcome, "")
-    return RedirectResponse(f"/jobs/{job.id}?message={message}", status_code=303)
+    return RedirectResponse(f"/jobs/{parsed}?message={message}", status_code=303)
+
+
+def _refusal(request: Request, err: HTTPException, title: str) -> HTMLResponse:
+    """The service's refusal as a page, titled by its status."""
+    title = {404: "Job not found", 403: "Not yours"}.get(err.status_code, title)
+    return error_page(request, err.status_code, title, str(err.detail))
 
 
 @router.post("/jobs/{job_id}/retry")
@@ -136,7 +140,6 @@ def retry_job_form(request: Request, job_id: str) -> Response:
             return error_page(request, 422, "Cannot retry",
                               f"Job {parsed}'s spec is no longer accepted: {text}. Use Clone to edit it.")
         except HTTPException as err:  # 404, 403 (not yours), 409 (not finished), 429, 503
-            title = {404: "Job not found", 403: "Not yours"}.get(err.status_code, "Cannot retry")
-            return error_page(request, err.status_code, title, str(err.detail))
+            return _refusal(request, err, "Cannot retry")
         new_id = new.id
     return RedirectResponse(f"/jobs/{new_id}?message=A retry of job {parsed}.", status_code=303)
