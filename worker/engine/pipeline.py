@@ -148,13 +148,13 @@ class _Run:
         spec, device = self.spec, self.device
         sizes = [self.model.get_submodule(r.name).weight.numel() for r in layers]
         zeros = sum(r.sparsity * n for r, n in zip(layers, sizes))
-        used = [getattr(r, "percdamp", spec.solver.percdamp) for r in layers]
+        used = [r.percdamp for r in layers]
         return {
             "model": spec.model, "revision": spec.revision, "method": spec.method, "pattern": str(spec.pattern),
             "sparsity": zeros / sum(sizes) if sizes else 0.0,
             "calibration": {**spec.calibration.model_dump(), "seqlen": self.seqlen},
             "solver": {"blocksize": spec.solver.blocksize, "percdamp": spec.solver.percdamp,
-                       "percdamp_max_used": max(used, default=spec.solver.percdamp),
+                       "percdamp_max_used": max(used, default=0.0),  # 0.0: no layer was dampened
                        "wbits": spec.solver.wbits, "exact": spec.solver.exact},
             "layers_selected": spec.layers.model_dump(),
             "evaluation": {"datasets": list(spec.evaluation.datasets), "max_windows": spec.evaluation.max_windows,
