@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cache
 from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -316,6 +317,12 @@ def leaf_fields(model: type[BaseModel] = JobSpec, prefix: tuple[str, ...] = ()) 
             yield Leaf((*prefix, name), info, ui)
 
 
+@cache
+def leaf_paths() -> dict[str, tuple[str, ...]]:
+    """Each leaf's path by its dotted name (``"solver.wbits"``), computed once."""
+    return {leaf.dotted: leaf.path for leaf in leaf_fields()}
+
+
 def set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     for part in path[:-1]:
         data = data.setdefault(part, {})
@@ -369,7 +376,7 @@ def error_path(error: dict[str, Any]) -> tuple[str, ...]:
     loc = tuple(p for p in error.get("loc", ()) if p != "body" and isinstance(p, str))
     msg = _strip_prefix(str(error.get("msg", "")))
     dotted = msg.split(" ", 1)[0]
-    leaves = {leaf.dotted: leaf.path for leaf in leaf_fields()}
+    leaves = leaf_paths()
     if dotted in leaves and (not loc or leaves[dotted][: len(loc)] == loc):
         return leaves[dotted]
     return loc
