@@ -75,3 +75,14 @@ def test_missing_model_is_one_line_and_exit_2(tmp_path):
     result = prune(tmp_path / "no-such-model", "-q")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "does not exist" in result.stderr
+
+
+def test_summary_says_what_a_layer_selection_left_dense():
+    from worker.engine.cli import summary
+
+    report = {"method": "sparsegpt", "pattern": "0.5", "sparsity": 0.5, "layers": [{}], "peak_memory_bytes": 0,
+              "seconds": {"prune": 1.0, "total": 2.0}, "perplexity": {}, "dense_perplexity": {},
+              "layers_selected": {"first_block": 1, "last_block": None, "include": [], "exclude": ["*.down_proj"]}}
+    assert "layer selection (blocks 1..last; exclude *.down_proj): the modules it leaves out stay dense" in summary(report)
+    report["layers_selected"] = {"first_block": None, "last_block": None, "include": [], "exclude": []}
+    assert "layer selection" not in summary(report)

@@ -167,6 +167,13 @@ def summary(report: dict) -> str:
     lines = [f"{report['method']} {report['pattern']}: sparsity {report['sparsity']:.4f} over "
              f"{len(report['layers'])} layers, prune {report['seconds']['prune']:.1f} s, "
              f"total {report['seconds']['total']:.1f} s, peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB"]
+    selected = report.get("layers_selected") or {}
+    if any(selected.get(k) not in (None, []) for k in ("first_block", "last_block", "include", "exclude")):
+        first, last = selected.get("first_block"), selected.get("last_block")
+        parts = [f"blocks {'first' if first is None else first}..{'last' if last is None else last}"]
+        parts += [f"{key} {', '.join(selected[key])}" for key in ("include", "exclude") if selected.get(key)]
+        lines.append(f"layer selection ({'; '.join(parts)}): the modules it leaves out stay dense and are "
+                     "not counted in the sparsity above")
     for name, ppl in report["perplexity"].items():
         dense = report["dense_perplexity"].get(name)
         before = f"{dense:.3f} -> " if dense is not None else ""
