@@ -14,7 +14,6 @@ in without credentials only when it arrived on a loopback address.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Annotated
@@ -22,13 +21,13 @@ from urllib.parse import quote
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from app import crud
+from app import sessions as sessions_mod
 from app.config import Settings, is_loopback
 from app.tokens import hash_token
 
-SESSION_COOKIE = "sparsegpt_session"
+SESSION_COOKIE = sessions_mod.SESSION_COOKIE
 LOCAL_USER = "(local)"  # not a name `sparsegpt users add` accepts, so no account can take it
 PUBLIC_PATHS = frozenset({"/health", "/login", "/logout"})
 PUBLIC_PREFIXES = ("/static/",)
@@ -49,21 +48,6 @@ class CurrentUser:
         return self.is_admin or (owner_id is not None and owner_id == self.id)
 
 
-def serializer(settings: Settings) -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(settings.session_secret(), salt="sparsegpt-session")
-
-
-def _token_tag(settings: Settings, token_hash: str) -> str:
-    """Binds a session to the token it was made with, without showing anything of the token."""
-    return hmac.new(settings.session_secret().encode(), token_hash.encode(), hashlib.sha256).hexdigest()[:32]
-
-
-def session_value(settings: Settings, user) -> str:
-    """The cookie's content: the user's id and a tag of its token, signed; a new token (or a
-    removed user) ends every session made with the old one."""
-    return serializer(settings).dumps({"uid": user.id, "th": _token_tag(settings, user.token_hash)})
-
-
 def user_for_token(session, token: str):
     """The user whose token this is, or None; the stored hash is compared in constant time."""
     if not token or len(token) > TOKEN_MAX_LEN:
@@ -71,18 +55,6 @@ def user_for_token(session, token: str):
     digest = hash_token(token)
     user = crud.get_user_by_token_hash(session, digest)
     if user is None or not hmac.compare_digest(user.token_hash, digest):
-        return None
-    return user
-
-
-def _user_for_cookie(session, settings: Settings, value: str):
-    try:
-        data = serializer(settings).loads(value, max_age=settings.session_max_age_s)
-        uid, fragment = int(data["uid"]), str(data["th"])
-    except (BadSignature, KeyError, TypeError, ValueError):
-        return None
-    user = crud.get_user(session, uid)
-    if user is None or not hmac.compare_digest(_token_tag(settings, user.token_hash), fragment):
         return None
     return user
 
@@ -142,7 +114,7 @@ def resolve_user(request: Request) -> CurrentUser | None:
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
         with sessions() as session:
-            user = _user_for_cookie(session, settings, cookie)
+            user = sessions_mod.user_for_cookie(session, settings, cookie)
         if user is not None:
             return _current(user)
     if not auth_required(request):
@@ -162,7 +134,10 @@ bearer_scheme = HTTPBearer(auto_error=False, description="an API token from `spa
 def authenticate(
     request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None
 ) -> CurrentUser | None:
-    """The app-wide dependency: sets request.state.user (None only on public paths)."""
+    """The app-wide dependency: sets request.state.user (None only on public paths). When an
+    outer layer already decided (before the body was read), its answer stands."""
+    if getattr(request.state, "user_resolved", False):
+        return request.state.user
     if is_public(request.url.path):
         try:
             user = resolve_user(request)

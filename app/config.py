@@ -61,6 +61,41 @@ class Settings(BaseSettings):
     max_seqlen: int = 32768
     max_eval_sets: int = 8
 
+    # --- the edge (app/guard.py, app/serve.py): limits applied before a route runs ---------
+    # Host header names the server answers to (comma-separated; "*" any). Empty: loopback
+    # names only (localhost, 127.0.0.1, [::1]) plus the address `sparsegpt serve --host` binds.
+    allowed_hosts: str = ""
+    # Largest request body of a JSON or form route (uploads have max_upload_bytes), enforced
+    # while the body streams in, chunked bodies too.
+    max_body_bytes: int = 1024 * 1024
+    # Seconds a connection may take to send its request headers, and to stay idle between
+    # requests; the most connections one API process holds at once (503 beyond it).
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 5.0
+    max_connections: int = 1000
+    # Addresses of reverse proxies whose X-Forwarded-For/-Proto are believed (comma-separated;
+    # "*" any). Empty: proxy headers are ignored.
+    forwarded_allow_ips: str = ""
+
+    # --- live progress (app/api/events.py) ---------------------------------------------------
+    # Server-Sent-Event streams one API process serves at once (503 + Retry-After beyond it).
+    max_streams_per_process: int = 200
+
+    # --- job size (app/services/specs.py) -----------------------------------------------------
+    # Calibration tokens (nsamples x seqlen) and evaluation windows per dataset a job may ask for.
+    max_calibration_tokens: int = 4096 * 2048
+    max_eval_windows: int = 4096
+    # Memory a worker may give one job's activations and weights (GB); a job whose estimate is
+    # larger is refused with the numbers (0: not checked).
+    max_job_memory_gb: float = 80.0
+
+    # --- uploads (app/services/uploads.py) ------------------------------------------------------
+    # Per user: bytes and number of calibration files kept; files older than the retention are
+    # deleted by the sweeper unless a queued or running job uses them (0: no limit / kept).
+    upload_quota_bytes_per_user: int = 1024 * 1024 * 1024
+    max_uploads_per_user: int = 100
+    upload_retention_s: int = 90 * 24 * 3600
+
     # Accounts. required: every route but /health, /login, static files and the API docs needs a
     # token (Bearer) or a dashboard session; off: single-user mode, everyone is the local admin,
     # allowed only while the server listens on loopback. Unset: off on loopback, else required.

@@ -115,6 +115,18 @@ def migrate(url: str) -> None:
                 connection.execute(text("SELECT pg_advisory_unlock(74612001)"))
                 connection.commit()
     else:
-        with engine.begin() as connection:
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+        # Foreign keys off while migrating (they can only be switched outside a transaction):
+        # a migration that rebuilds a table drops the old one, which would otherwise cascade.
+        with engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()  # ends SQLAlchemy's autobegun transaction (no SQL was in one)
+            try:
+                with connection.begin():
+                    config.attributes["connection"] = connection
+                    command.upgrade(config, "head")
+                    problems = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if problems:
+                        raise RuntimeError(f"the migration left rows whose foreign keys point nowhere: {problems[:5]}")
+            finally:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Form, Query, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from app import auth
+from app import auth, sessions
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
@@ -57,7 +57,7 @@ def login(
     settings = request.app.state.settings
     response = RedirectResponse(target, status_code=status.HTTP_303_SEE_OTHER)
     response.set_cookie(
-        auth.SESSION_COOKIE, auth.session_value(settings, user), max_age=settings.session_max_age_s,
+        auth.SESSION_COOKIE, sessions.session_value(settings, user), max_age=settings.session_max_age_s,
         httponly=True, samesite="lax", secure=request.url.scheme == "https", path="/",
     )
     return response

@@ -10,7 +10,6 @@ import logging
 from contextlib import asynccontextmanager
 
 import redis
-import redis.asyncio as aredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from fastapi import Depends, FastAPI
@@ -38,7 +37,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
             settings.redis, decode_responses=True, health_check_interval=30, socket_connect_timeout=2,
             socket_timeout=10, retry=Retry(NoBackoff(), 1),
         )
-        app.state.aredis = aredis.Redis.from_url(settings.redis, decode_responses=True, health_check_interval=30)
+        app.state.aredis = events.async_redis(settings)  # the live-progress streams' pool
         app.state.local_user = auth.ensure_local_user(app.state.sessions)
         sweeper = Sweeper(settings, app.state.sessions, app.state.redis)
         sweeper.start()  # expired heartbeats, lost queue messages, old artifacts

@@ -66,6 +66,19 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class WebSession(Base):
+    """A dashboard sign-in. The cookie carries a random session id; only its sha256 is stored,
+    and logout (or an admin) revokes the row, which ends the session at once."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex of the session id
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
@@ -73,6 +86,9 @@ class Job(Base):
         Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),
         # One job per (user, Idempotency-Key): a repeated POST finds the first job.
         Index("ux_jobs_owner_idempotency_key", "owner_id", "idempotency_key", unique=True),
+        # Ids are never reused (a deleted job's id must not name another user's job later);
+        # PostgreSQL's sequences never reuse one anyway.
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -163,6 +179,7 @@ class CalibrationSet(Base):
     """An uploaded .txt/.jsonl file; jobs name it as ``upload:<id>``. The path is ours."""
 
     __tablename__ = "calibration_sets"
+    __table_args__ = {"sqlite_autoincrement": True}  # upload:<id> never names a later file
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))

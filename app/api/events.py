@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import redis
+import redis.asyncio as aredis
 from fastapi import APIRouter, Header, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -28,6 +29,11 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 _STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 BLOCK_MS = 5000
+
+
+def async_redis(settings) -> "aredis.Redis":
+    """The asyncio Redis client the streams read with (one pool per API process)."""
+    return aredis.Redis.from_url(settings.redis, decode_responses=True, health_check_interval=30)
 
 
 def _sse(kind: str, data: str, event_id: str | None) -> bytes:
