@@ -43,6 +43,7 @@ def main(args: argparse.Namespace) -> int:
             if user is None or user.token_hash.startswith("!"):
                 print(f"sparsegpt users: no user named {args.name!r}")
                 return 1
+            crud.revoke_user_sessions(session, user.id)  # their dashboard sessions end now
             if args.users_command == "remove":
                 session.delete(user)  # their jobs stay, without an owner (admins manage them)
                 print(f"removed user {args.name}; their token and dashboard sessions no longer work")

@@ -54,3 +54,10 @@ from app.crud.accounts import (  # noqa: F401
     get_user_by_name,
     list_users,
 )
+from app.crud.sessions import (  # noqa: F401
+    create_web_session,
+    get_web_session,
+    revoke_web_session,
+    revoke_user_sessions,
+    purge_web_sessions,
+)

@@ -1,4 +1,5 @@
-"""The browser dashboard: server-rendered Jinja2 pages (templates/) and static files (app/static/).
+"""The browser dashboard: server-rendered Jinja2 pages (templates/, installed as the package
+``app.templates``) and static files (app/static/, package data).
 
 - ``pages``: the jobs table (/), the new-job form (/jobs/new), a job (/jobs/{id}), a comparison
   (/compare?ids=1,2)
@@ -6,24 +7,25 @@
   calls ``app.services`` (the same path as the API) and renders
 - ``forms``: the new-job form's inputs <-> the job spec, built from the spec's own fields
 - ``charts``: the SVG charts; ``filters``: how values read; ``render``: templates and error pages
+- ``csrf``: the forms' tokens against cross-site request forgery
 
 Live updates come from the API (SSE and JSON) through a small script, app/static/dashboard.js.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib.resources import files
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from app.web import actions, pages
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+STATIC_DIR = str(files("app").joinpath("static"))  # package data, installed or not
 
 
 def install(app: FastAPI) -> None:
     """Register the dashboard's pages, its forms' actions and its static files on the app."""
-    app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(pages.router)
     app.include_router(actions.router)

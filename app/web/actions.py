@@ -1,14 +1,15 @@
 """What the dashboard's forms post: a new job (/jobs/new), cancel and retry (/jobs/{id}/...).
 
-Each parses the form, calls the service the API calls (``app.services``: the same checks, caps
-and queue), and renders the form again with its errors or redirects (303) to the job's page.
+Each checks the form's CSRF token (``app.web.csrf``: 403 without the right one), parses the
+form, calls the service the API calls (``app.services``: the same checks, caps and queue), and
+renders the form again with its errors or redirects (303) to the job's page.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
@@ -16,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.services import jobs, uploads
 from app.services.specs import SpecError
-from app.web import forms
+from app.web import csrf, forms
 from app.web.pages import form_page
 from app.web.render import current_user, error_page, open_session, parse_job_id
 from worker.engine.spec import JobSpec
@@ -76,11 +77,17 @@ def _create(request: Request, session: Session, values: dict[str, Any], errors: 
 
 @router.post("/jobs/new", response_class=HTMLResponse)
 async def submit_job_form(request: Request) -> Response:
+    if not csrf.can_pass(request):  # no token could be right: refused before the body is read
+        return csrf.refused(request)
     # The body is parsed as it streams, under the server's upload cap (uploads.receive).
     try:
         received = await uploads.receive(request, request.app.state.settings, file_field="calibration_file", form=True)
     except uploads.UploadError as err:
         return _refused(request, err)
+    if not csrf.valid(request, received.get(csrf.FIELD)):  # before anything is stored
+        if received.file is not None:
+            received.file.discard()
+        return csrf.refused(request)
     values = forms.form_values(received.fields)
     with open_session(request) as session:
         try:
@@ -103,7 +110,9 @@ _CANCELLED = {
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel_job_form(request: Request, job_id: str) -> Response:
+def cancel_job_form(request: Request, job_id: str, csrf_token: Annotated[str, Form(max_length=256)] = "") -> Response:
+    if not csrf.valid(request, csrf_token):
+        return csrf.refused(request)
     parsed = parse_job_id(job_id)
     if parsed is None:
         return error_page(request, 404, "Job not found", f"There is no job {job_id!r}.")
@@ -127,8 +136,10 @@ def _refusal(request: Request, err: HTTPException, title: str) -> HTMLResponse:
 
 
 @router.post("/jobs/{job_id}/retry")
-def retry_job_form(request: Request, job_id: str) -> Response:
+def retry_job_form(request: Request, job_id: str, csrf_token: Annotated[str, Form(max_length=256)] = "") -> Response:
     """A new job with the same spec, queued now (checked again: an upload may be gone)."""
+    if not csrf.valid(request, csrf_token):
+        return csrf.refused(request)
     parsed = parse_job_id(job_id)
     if parsed is None:
         return error_page(request, 404, "Job not found", f"There is no job {job_id!r}.")

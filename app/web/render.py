@@ -1,9 +1,10 @@
-"""Rendering a page: the Jinja2 environment (templates/, with the filters of ``app.web.filters``),
-``render`` and ``error_page``, and the small request helpers every page uses."""
+"""Rendering a page: the Jinja2 environment (the templates of the package ``app.templates``, the
+repository's templates/ directory, with the filters of ``app.web.filters``), ``render`` and
+``error_page``, and the small request helpers every page uses."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib.resources import files
 from typing import Any
 
 from fastapi import Request
@@ -13,17 +14,20 @@ from sqlalchemy.orm import Session
 
 from app.auth import CurrentUser
 from app.models import STATUSES
+from app.web import csrf
 from app.web.filters import fmt_bytes, fmt_duration, fmt_ppl, fmt_secs, fmt_time, progress_view
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
-templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
+# Where the package's templates are, installed or not (a directory: the package is never zipped).
+TEMPLATES_DIR = str(files("app.templates"))
+templates = Jinja2Templates(directory=TEMPLATES_DIR)
 templates.env.filters.update(secs=fmt_secs, time=fmt_time, duration=fmt_duration, bytes=fmt_bytes, ppl=fmt_ppl)
-templates.env.globals.update(STATUSES=STATUSES, progress_view=progress_view)
+templates.env.globals.update(STATUSES=STATUSES, progress_view=progress_view, csrf_token=csrf.token)
 
 
 def render(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> HTMLResponse:
     context.setdefault("current_user", current_user(request))
-    return templates.TemplateResponse(request, name, context, status_code=status_code)
+    response = templates.TemplateResponse(request, name, context, status_code=status_code)
+    return csrf.remember(request, response)  # the cookie its forms' tokens are bound to, when new
 
 
 def error_page(request: Request, status_code: int, title: str, message: str) -> HTMLResponse:
