@@ -1,4 +1,4 @@
-# One image for the API and the GPU workers of docker-compose.yml.
+# One image for the API and the GPU workers of docker-compose.yml (nginx runs from its own image).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
@@ -11,6 +11,7 @@ COPY pyproject.toml README.md* ./
 COPY app ./app
 COPY worker ./worker
 COPY migrations ./migrations
+COPY templates ./templates
 COPY alembic.ini ./
 RUN pip install . && useradd --create-home --uid 1000 sparsegpt \
     && mkdir -p /data /hf-cache && chown sparsegpt /data /hf-cache
