@@ -65,7 +65,8 @@ def test_compose_api_trusts_forwarded_headers_from_the_proxy_network_only():
     subnet = interpolate(doc["networks"]["edge"]["ipam"]["config"][0]["subnet"])
     api_env = {k: interpolate(str(v)) for k, v in services["api"]["environment"].items()}
     assert api_env["SPARSEGPT_FORWARDED_ALLOW_IPS"] == subnet
-    assert "localhost" in api_env["SPARSEGPT_ALLOWED_HOSTS"].split(",")  # the healthcheck's Host
+    assert api_env["SPARSEGPT_ALLOWED_HOSTS"] == "localhost"  # ${SPARSEGPT_HOSTNAME:-localhost}
+    assert interpolate(services["api"]["environment"]["SPARSEGPT_ALLOWED_HOSTS"], {"SPARSEGPT_HOSTNAME": "gpu.example.org"}) == "gpu.example.org"
     assert services["proxy"]["networks"] == ["edge"] and "edge" in services["api"]["networks"]
     others = [name for name, svc in services.items() if name not in ("api", "proxy") and "edge" in (svc.get("networks") or [])]
     assert others == [], f"only the proxy and the API belong on the trusted edge network: {others}"
@@ -283,6 +284,9 @@ def test_sign_in_is_rate_limited_per_address(api, tmp_path):
 # --- what the API learns from the proxy (SPARSEGPT_ALLOWED_HOSTS, SPARSEGPT_FORWARDED_ALLOW_IPS) ---
 
 def _sign_in(client: httpx.Client, token: str) -> httpx.Response:
+    """The dashboard's sign-in as a browser does it (its Origin): the API's cross-site check
+    compares that Origin with the scheme it was told and the Host with its port, so this only
+    succeeds when the proxy passes both."""
     page = client.get("/login")
     assert page.status_code == 200, page.text
     match = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
