@@ -7,6 +7,8 @@
 - A queued job whose run message is in no broker queue (Redis restarted without persistence,
   or the API died between the commit and the send): the message is sent again.
 - Artifacts older than the retention time: marked expired, then their files removed.
+- Uploaded calibration sets older than SPARSEGPT_UPLOAD_RETENTION_S: the row and the file
+  deleted, unless a queued or running job names them (they go in a later round).
 
 Every change is a compare-and-set on the job row, so sweepers in several processes (one per
 API process) and a worker's own heartbeat or claim never both move a job; a duplicate message is
@@ -29,6 +31,7 @@ from app import crud, streams
 from app.config import Settings
 from app.models import utcnow
 from app.queue import enqueue_job
+from app.services import uploads
 
 log = logging.getLogger("sparsegpt.sweeper")
 
@@ -46,6 +49,7 @@ class SweepReport:
     cancelled: list[int] = field(default_factory=list)
     resent: list[int] = field(default_factory=list)
     expired: list[int] = field(default_factory=list)
+    uploads_deleted: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -72,6 +76,7 @@ def sweep_once(settings: Settings, sessions, r: redis_lib.Redis, *, send=enqueue
     _release_stale(settings, sessions, r, report, send)
     _resend_lost(settings, sessions, r, report, send)
     _expire_artifacts(settings, sessions, report)
+    _expire_uploads(settings, sessions, report)
     return report
 
 
@@ -150,6 +155,23 @@ def _expire_artifacts(settings, sessions, report: SweepReport) -> None:
             shutil.rmtree(target, ignore_errors=True)
         report.expired.append(job.id)
         log.info("job %s: artifact deleted (older than %ss)", job.id, settings.artifact_retention_s)
+
+
+def _expire_uploads(settings, sessions, report: SweepReport) -> None:
+    if settings.upload_retention_s <= 0:
+        return
+    before = utcnow() - timedelta(seconds=settings.upload_retention_s)
+    with sessions() as session:
+        old = crud.calibration_sets_created_before(session, before=before)
+        in_use = crud.uploads_in_use(session) if old else {}
+    for set_id in old:
+        if set_id in in_use:
+            continue  # a queued or running job names it: a later round
+        with sessions() as session:
+            removal = uploads.remove(session, settings, set_id)
+        if removal.deleted:
+            report.uploads_deleted.append(set_id)
+            log.info("upload:%s deleted (older than %ss)", set_id, settings.upload_retention_s)
 
 
 def remove_partials(settings: Settings, job_id: int) -> None:

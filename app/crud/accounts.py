@@ -5,11 +5,17 @@ from __future__ import annotations
 from __future__ import annotations
 
 
-from sqlalchemy import select, update
+import re
+from datetime import datetime
+
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from app.models import (
+    QUEUED,
+    RUNNING,
     CalibrationSet,
+    Job,
     User,
     utcnow,
 )
@@ -38,6 +44,54 @@ def get_calibration_set(session: Session, set_id: int) -> CalibrationSet | None:
 
 def list_calibration_sets(session: Session, *, limit: int = 200) -> list[CalibrationSet]:
     return list(session.scalars(select(CalibrationSet).order_by(CalibrationSet.id.desc()).limit(limit)))
+
+
+def upload_usage(session: Session, *, owner_id: int) -> tuple[int, int]:
+    """(files, bytes) of the calibration sets a user owns."""
+    count, total = session.execute(
+        select(func.count(), func.coalesce(func.sum(CalibrationSet.size), 0)).where(CalibrationSet.owner_id == owner_id)
+    ).one()
+    return int(count), int(total)
+
+
+def calibration_sets_created_before(session: Session, *, before: datetime, limit: int = 1000) -> list[int]:
+    query = select(CalibrationSet.id).where(CalibrationSet.created_at < before).order_by(CalibrationSet.id).limit(limit)
+    return list(session.scalars(query))
+
+
+_UPLOAD_REF = re.compile(r"^\s*upload:(\d{1,12})\s*$")
+
+
+def uploads_in_use(session: Session) -> dict[int, list[int]]:
+    """Upload id -> the ids of the queued or running jobs whose spec names it (``upload:<id>``
+    as the calibration dataset or an evaluation dataset)."""
+    used: dict[int, list[int]] = {}
+    for job_id, spec in session.execute(select(Job.id, Job.spec).where(Job.status.in_((QUEUED, RUNNING)))):
+        spec = spec if isinstance(spec, dict) else {}
+        names = [(spec.get("calibration") or {}).get("dataset")]
+        names += list((spec.get("evaluation") or {}).get("datasets") or [])
+        for name in names:
+            match = _UPLOAD_REF.match(name) if isinstance(name, str) else None
+            if match and job_id not in used.setdefault(int(match.group(1)), []):
+                used[int(match.group(1))].append(job_id)
+    return used
+
+
+def delete_calibration_set(session: Session, *, set_id: int) -> str | None:
+    """Removes the row (not committed); its file's path, or None when there was no such row."""
+    path = session.scalar(select(CalibrationSet.path).where(CalibrationSet.id == set_id))
+    if path is None:
+        return None
+    done = session.execute(
+        delete(CalibrationSet).where(CalibrationSet.id == set_id).execution_options(synchronize_session=False)
+    ).rowcount
+    return path if done else None
+
+
+def calibration_path_in_use(session: Session, path: str) -> bool:
+    """Whether a calibration set still names this stored file (the same content uploaded twice
+    is one content-addressed file)."""
+    return session.scalar(select(func.count()).select_from(CalibrationSet).where(CalibrationSet.path == path)) > 0
 
 
 # --- users ------------------------------------------------------------------------------------

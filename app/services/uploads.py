@@ -5,15 +5,24 @@ here, from the raw request stream, so one size cap holds while it streams (413 a
 body passes it, chunked or not) instead of after Starlette has spooled the whole upload. The
 file goes to a temporary file beside the uploads, hashed as it arrives; ``store`` checks its
 content and keeps it content-addressed (the stored name never comes from input).
+
+Per user (``Quota``): at most settings.max_uploads_per_user files and
+settings.upload_quota_bytes_per_user bytes. The quota left is this upload's cap while it
+streams (min(max_upload_bytes, quota - used)), and ``store`` counts again under the user's row
+lock before it keeps the file, so two concurrent uploads cannot both pass. ``remove`` deletes a
+set (DELETE /calibration-sets/{id}, and the sweeper past settings.upload_retention_s) unless a
+queued or running job names it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -25,6 +34,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app import crud
+from app.auth import CurrentUser
 from app.config import Settings
 from app.models import CalibrationSet
 
@@ -34,7 +44,65 @@ MAX_FIELDS = 100  # text fields of a form
 
 
 class UploadError(HTTPException):
-    """A body that cannot be taken, with its status (400, 413, 415, 422) and the reason."""
+    """A body that cannot be taken, with its status (400, 409, 413, 415, 422) and the reason."""
+
+
+@dataclass
+class Quota:
+    """What one user holds (``files``, ``used`` bytes) against the server's per-user limits."""
+
+    settings: Settings
+    name: str = ""
+    files: int = 0
+    used: int = 0
+
+    @property
+    def left(self) -> int | None:
+        """Bytes of quota left (None: no quota)."""
+        quota = self.settings.upload_quota_bytes_per_user
+        return max(quota - self.used, 0) if quota > 0 else None
+
+    @property
+    def cap(self) -> int:
+        """The largest file this user may upload now."""
+        left = self.left
+        return self.settings.max_upload_bytes if left is None else min(self.settings.max_upload_bytes, left)
+
+    def too_large(self, what: str = "the upload") -> UploadError:
+        left = self.left
+        if left is None or left >= self.settings.max_upload_bytes:
+            return UploadError(413, f"{what} is larger than this server's upload limit of "
+                                    f"{self.settings.max_upload_bytes} bytes (SPARSEGPT_MAX_UPLOAD_BYTES)")
+        return UploadError(413, f"{what} is larger than the {left} bytes left of {self.name}'s upload quota: "
+                                f"{self.files} file(s) use {self.used} of {self.settings.upload_quota_bytes_per_user} "
+                                f"bytes (SPARSEGPT_UPLOAD_QUOTA_BYTES_PER_USER); delete some (DELETE "
+                                "/api/v1/calibration-sets/{id}) or ask an admin")
+
+    def full(self) -> UploadError | None:
+        """The refusal when the user already holds as many files as allowed."""
+        limit = self.settings.max_uploads_per_user
+        if limit <= 0 or self.files < limit:
+            return None
+        return UploadError(409, f"{self.name} has {self.files} uploaded file(s), and this server's limit per user is "
+                                f"{limit} (SPARSEGPT_MAX_UPLOADS_PER_USER): delete one (DELETE "
+                                "/api/v1/calibration-sets/{id}) or ask an admin")
+
+
+def quota_of(session: Session, settings: Settings, user_id: int | None, name: str | None = None) -> Quota:
+    if user_id is None:
+        return Quota(settings, name or "this user")
+    if name is None:
+        user = crud.get_user(session, user_id)
+        name = user.name if user is not None else f"user {user_id}"
+    files, used = crud.upload_usage(session, owner_id=user_id)
+    return Quota(settings, name, files, used)
+
+
+def _load_quota(sessions, settings: Settings, user: CurrentUser | None) -> Quota:
+    if user is None:
+        return Quota(settings)
+    with sessions() as session:
+        return quota_of(session, settings, user.id, user.name)
 
 
 def safe_name(filename: str) -> str:
@@ -77,8 +145,9 @@ class Received:
 class _Parts:
     """python-multipart callbacks: text fields into memory (capped), the file part to disk."""
 
-    def __init__(self, directory: Path, limit: int, file_field: str):
-        self.directory, self.limit, self.file_field = directory, limit, file_field
+    def __init__(self, directory: Path, quota: Quota, file_field: str):
+        self.directory, self.quota, self.file_field = directory, quota, file_field
+        self.limit = quota.cap
         self.received = Received()
         self.headers: dict[str, str] = {}
         self._header = [b"", b""]
@@ -124,6 +193,9 @@ class _Parts:
         if suffix not in FORMATS:
             raise UploadError(
                 422, f"{filename!r}: calibration sets are .txt (plain text) or .jsonl (one {{\"text\": ...}} per line)")
+        full = self.quota.full()
+        if full is not None:
+            raise full
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=self.directory, prefix=".upload-", suffix=suffix)
         self.handle = os.fdopen(fd, "wb")
@@ -135,7 +207,7 @@ class _Parts:
             file = self.received.file
             file.size += len(chunk)
             if file.size > self.limit:
-                raise UploadError(413, f"the file is larger than this server's upload limit of {self.limit} bytes")
+                raise self.quota.too_large("the file")
             file.sha.update(chunk)
             self.handle.write(chunk)
         elif self.name is not None:
@@ -162,26 +234,28 @@ class _Parts:
 
 
 async def receive(request: Request, settings: Settings, *, file_field: str, form: bool = False) -> Received:
-    """Read a multipart body under the upload cap (a ``form`` may also come url-encoded, or
-    empty: no fields at all, so no content type)."""
+    """Read a multipart body under the upload cap: the server's, or the signed-in user's quota
+    left when smaller (a ``form`` may also come url-encoded, or empty: no fields at all, so no
+    content type)."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
-    limit = settings.max_upload_bytes
+    quota = await run_in_threadpool(_load_quota, request.app.state.sessions, settings, getattr(request.state, "user", None))
+    limit = quota.cap
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
-        raise UploadError(413, f"the upload is larger than this server's upload limit of {limit} bytes")
+        raise quota.too_large()
     if form and (declared == "0" or content_type == b"application/x-www-form-urlencoded"):
         return Received(fields=await _urlencoded(request))  # an empty body is an empty form
     boundary = params.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
         raise UploadError(415, f"send multipart/form-data with the file in a field named {file_field!r}")
-    parts = _Parts(settings.uploads_dir, limit, file_field)
+    parts = _Parts(settings.uploads_dir, quota, file_field)
     parser = MultipartParser(boundary, parts.callbacks())
     received = 0
     try:
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit + MULTIPART_OVERHEAD:
-                raise UploadError(413, f"the upload is larger than this server's upload limit of {limit} bytes")
+                raise quota.too_large()
             parser.write(chunk)
         parser.finalize()
         if parts.handle is not None:
@@ -218,8 +292,11 @@ def check_content(path: Path, fmt: str) -> None:
                 if fmt == "jsonl":
                     try:
                         obj = json.loads(line)
-                    except (ValueError, RecursionError):
+                    except ValueError:
                         raise UploadError(422, f"line {number} is not JSON (a .jsonl file holds one {{\"text\": ...}} object per line)") from None
+                    except RecursionError:  # json.loads recurses once per [ or {
+                        raise UploadError(422, f"line {number} is nested too deeply (a .jsonl file holds one flat "
+                                               "{\"text\": ...} object per line)") from None
                     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                         raise UploadError(422, f"line {number} has no \"text\" string")
                 texts += 1
@@ -230,16 +307,73 @@ def check_content(path: Path, fmt: str) -> None:
 
 
 async def store(session: Session, settings: Settings, file: ReceivedFile, *, owner_id: int | None) -> CalibrationSet:
-    """Check a received file's content and keep it as a calibration set (content-addressed)."""
+    """Check a received file's content and keep it as a calibration set (content-addressed),
+    counted against its owner's quota again under the owner's row lock (a concurrent upload of
+    the same user may have been kept since this one started): refused (409, 413) and discarded
+    when it no longer fits."""
     try:
         await run_in_threadpool(check_content, file.path, file.format)
+        return await run_in_threadpool(_keep, session, settings, file, owner_id)
     except BaseException:
         file.discard()
         raise
+
+
+def _keep(session: Session, settings: Settings, file: ReceivedFile, owner_id: int | None) -> CalibrationSet:
+    if owner_id is not None:
+        crud.lock_user(session, owner_id)  # until the commit: the user's other uploads wait
+        quota = quota_of(session, settings, owner_id)
+        refusal = quota.full() or (quota.too_large("the file") if file.size > quota.cap else None)
+        if refusal is not None:
+            session.rollback()
+            raise refusal
     sha = file.sha.hexdigest()
     final = settings.uploads_dir / f"{sha}.{file.format}"
-    os.replace(file.path, final)
     row = crud.create_calibration_set(session, name=safe_name(file.filename), format=file.format, size=file.size,
                                       sha256=sha, path=str(final), owner_id=owner_id)
-    session.commit()
+    session.commit()  # before the file is in place: a concurrent ``remove`` of a twin then keeps it
+    try:
+        with _files_locked(settings):
+            os.replace(file.path, final)
+    except OSError as err:
+        crud.delete_calibration_set(session, set_id=row.id)
+        session.commit()
+        raise UploadError(507, f"the file could not be stored: {err.strerror}") from None
     return row
+
+
+@contextmanager
+def _files_locked(settings: Settings):
+    """Serializes putting a stored file in place with removing one (a file may be shared by
+    sets of the same content): an exclusive lock on uploads_dir/.lock, across processes."""
+    settings.uploads_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.uploads_dir / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+@dataclass
+class Removal:
+    deleted: bool = False
+    in_use_by: list[int] = field(default_factory=list)  # queued or running jobs naming it
+
+
+def remove(session: Session, settings: Settings, set_id: int) -> Removal:
+    """Delete a calibration set and its file unless a queued or running job names it. The row
+    goes first (a compare-and-set: one of several sweepers wins), the file once no set names it."""
+    path = crud.delete_calibration_set(session, set_id=set_id)
+    if path is None:
+        session.rollback()
+        return Removal()
+    users = crud.uploads_in_use(session).get(set_id, [])
+    if users:
+        session.rollback()
+        return Removal(in_use_by=users)
+    session.commit()
+    with _files_locked(settings):
+        if not crud.calibration_path_in_use(session, path):
+            stored = Path(path).resolve()
+            if stored.parent == settings.uploads_dir.resolve():  # ours: named by its hash, never by input
+                stored.unlink(missing_ok=True)
+        session.rollback()  # the read's transaction
+    return Removal(deleted=True)
