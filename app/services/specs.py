@@ -3,6 +3,7 @@ itself, ``worker.engine.spec.JobSpec``, checks everything that needs no server s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -10,7 +11,10 @@ from sqlalchemy.orm import Session
 from app import crud
 from app.config import Settings
 from app.paths import PathNotAllowed, resolve_allowed
+from app.services.estimate import JobSize, estimate, hub_config, local_config
 from worker.engine.spec import BUILTIN_DATASETS, JobSpec, upload_id
+
+DEFAULT_SEQLEN = 2048  # what the engine uses when the spec has none (or the model's context, if shorter)
 
 
 class SpecError(ValueError):
@@ -60,12 +64,13 @@ def check_spec(spec: JobSpec, settings: Settings, session: Session) -> dict[str,
     cal = spec.calibration
     if cal.nsamples > settings.max_nsamples:
         errors.append(
-            _error(("calibration", "nsamples"), f"nsamples {cal.nsamples} is above this server's limit of {settings.max_nsamples}")
+            _error(("calibration", "nsamples"), f"nsamples {_number(cal.nsamples)} is above this server's limit of {settings.max_nsamples}")
         )
     if cal.seqlen is not None and cal.seqlen > settings.max_seqlen:
         errors.append(
-            _error(("calibration", "seqlen"), f"seqlen {cal.seqlen} is above this server's limit of {settings.max_seqlen}")
+            _error(("calibration", "seqlen"), f"seqlen {_number(cal.seqlen)} is above this server's limit of {settings.max_seqlen}")
         )
+    _check_size(spec, settings, errors)
     data["calibration"]["dataset"] = _dataset(cal.dataset, ("calibration", "dataset"), settings, session, errors)
     sets = spec.evaluation.datasets
     if len(sets) > settings.max_eval_sets:
@@ -73,6 +78,84 @@ def check_spec(spec: JobSpec, settings: Settings, session: Session) -> dict[str,
     data["evaluation"]["datasets"] = [
         _dataset(v, ("evaluation", "datasets", i), settings, session, errors) for i, v in enumerate(sets)
     ]
+    if not errors:
+        _check_memory(spec, data, settings, session, errors)
     if errors:
         raise SpecError(errors)
     return data
+
+
+def _number(value: int) -> str:
+    """An integer as a person reads it; a huge one is not echoed in full."""
+    text = f"{value:,}"
+    return text if len(text) <= 30 else f"a {len(str(value))}-digit number"
+
+
+def _check_size(spec: JobSpec, settings: Settings, errors: list) -> None:
+    """Calibration tokens (nsamples x seqlen) and evaluation windows, against the server's caps."""
+    cal = spec.calibration
+    seqlen = cal.seqlen if cal.seqlen is not None else DEFAULT_SEQLEN
+    tokens = cal.nsamples * seqlen
+    if spec.method != "magnitude" and tokens > settings.max_calibration_tokens:
+        errors.append(_error(
+            ("calibration", "nsamples"),
+            f"nsamples {_number(cal.nsamples)} x seqlen {_number(seqlen)}{'' if cal.seqlen else ' (the default)'} = "
+            f"{_number(tokens)} calibration tokens, above this server's limit of "
+            f"{_number(settings.max_calibration_tokens)} (SPARSEGPT_MAX_CALIBRATION_TOKENS); lower nsamples or seqlen",
+        ))
+    windows = spec.evaluation.max_windows
+    if windows is not None and windows > settings.max_eval_windows:
+        errors.append(_error(
+            ("evaluation", "max_windows"),
+            f"evaluation.max_windows {_number(windows)} is above this server's limit of "
+            f"{_number(settings.max_eval_windows)} windows per set (SPARSEGPT_MAX_EVAL_WINDOWS)",
+        ))
+
+
+def _text_bytes(name: str, stored: str, session: Session) -> int | None:
+    """The size of an evaluation text (None for a built-in set)."""
+    if name in BUILTIN_DATASETS:
+        return None
+    set_id = upload_id(name)
+    if set_id is not None:
+        row = crud.get_calibration_set(session, set_id)
+        return int(row.size) if row is not None else 0
+    try:
+        return Path(stored).stat().st_size
+    except OSError:
+        return 0
+
+
+def job_dtype(spec_dtype: str, worker_device: str) -> tuple[str, str]:
+    """(working dtype, device kind) as the API guesses the worker's: ``auto`` is fp16 on CUDA and
+    fp32 on the CPU; a worker device of ``auto`` is taken for a GPU (the smaller estimate: the
+    worker checks again with what it has)."""
+    device = "cpu" if worker_device == "cpu" else "cuda"
+    if spec_dtype != "auto":
+        return spec_dtype, device
+    return ("float32" if device == "cpu" else "float16"), device
+
+
+def _check_memory(spec: JobSpec, data: dict[str, Any], settings: Settings, session: Session, errors: list) -> None:
+    """The job's memory estimate against SPARSEGPT_MAX_JOB_MEMORY_GB, when the model's config can
+    be read here: a local directory's config.json, or a Hub model's config.json alone (short
+    timeout). When it cannot (offline, gated, GGUF), the worker checks before calibrating."""
+    if settings.max_job_memory_gb <= 0:
+        return
+    if spec.model.startswith("/"):
+        config = local_config(data["model"])
+    else:
+        config = hub_config(spec.model, spec.revision)
+    if config is None:
+        return
+    dtype, device = job_dtype(spec.dtype, settings.worker_device)
+    names = spec.evaluation.datasets
+    size = JobSize(
+        method=spec.method, nsamples=spec.calibration.nsamples, seqlen=spec.calibration.seqlen, dtype=dtype,
+        device=device, max_windows=spec.evaluation.max_windows,
+        eval_sets=tuple((n, _text_bytes(n, s, session)) for n, s in zip(names, data["evaluation"]["datasets"])),
+    )
+    found = estimate(config, size)
+    refusal = found.refusal(settings.max_job_memory_gb) if found is not None else None
+    if refusal:
+        errors.append(_error(found.field, refusal))

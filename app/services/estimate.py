@@ -1,0 +1,256 @@
+"""How much memory a pruning job needs, from the model's ``config.json`` and the spec, counted
+the way the engine runs it (``worker/engine/pipeline.py`` and ``sequential.py``). No torch here:
+the API checks it before a job is queued, the worker again once it knows its device, its dtype
+and the model's config (``worker/memory.py``).
+
+Where the engine keeps what, for the whole job (host memory and the accelerator together):
+
+- the model's weights: ALL of them, in host memory, in the working dtype (fp16 on CUDA and fp32
+  on the CPU for ``dtype: auto``), from the load to the save;
+- the calibration activations: the hidden states entering the block in flight,
+  nsamples x seqlen x hidden in the working dtype, ONE buffer (a block's outputs replace its
+  inputs chunk by chunk); on the GPU when they fit in 40 % of its free memory, else in pinned
+  host memory. Evaluation holds windows x seqlen x hidden the same way, one set at a time,
+  after the calibration buffer is gone: the larger of the two counts;
+- the block in flight on the compute device: a copy of its weights (on a GPU), the fp32
+  Hessians of its Linears' inputs (columns^2 x 4 bytes per group: q/k/v share one, gate/up
+  share one), all held until the block is solved, the solve's fp32 working copies of its
+  largest group, and one chunk's forward temporaries (16k tokens a chunk on CUDA, 2k on the CPU).
+
+Not counted: attention score matrices (the default SDPA attention does not materialise them),
+the tokenizer, the Python process itself (a few hundred MB).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GB = 1e9
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+DEFAULT_SEQLEN = 2048  # the engine's when the spec has none (capped by the model's context)
+TOKENS_PER_CHUNK = {"cuda": 16_384, "cpu": 2_048}  # as worker/engine/pipeline.py
+LOGIT_TOKENS = 256  # evaluation's fp32 logits are made this many tokens at a time
+# Evaluation windows of the built-in sets (tokens of their test split with a LLaMA-sized
+# vocabulary, rounded up); c4's evaluation is cut at 256 windows, as the reference does.
+BUILTIN_EVAL_TOKENS = {"wikitext2": 345_000, "ptb": 120_000, "c4": 600_000}
+BUILTIN_EVAL_WINDOWS = {"c4": 256}
+BYTES_PER_TOKEN = 4  # an uploaded or local text file: about 4 bytes of English per token
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+HUB_TIMEOUT_S = 4.0
+NON_GATED = {"opt", "gpt2", "bloom", "gpt_neox", "phi", "falcon", "gptj", "gpt_bigcode", "mpt", "codegen", "starcoder2"}
+SETTING = "SPARSEGPT_MAX_JOB_MEMORY_GB"
+
+
+def _first(config: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        value = config.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes the estimate needs, read from a transformers config (as a dict)."""
+
+    model_type: str
+    hidden: int
+    layers: int
+    vocab: int
+    intermediate: int
+    attn_out: int  # columns of the attention's output projection (heads x head_dim)
+    kv: int  # rows of each of k and v (kv heads x head_dim)
+    gated: bool  # gate/up/down MLP (LLaMA family) rather than fc1/fc2
+    experts: int
+    tied: bool
+    context: int | None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape | None:
+        """None when the config does not say the model's sizes (the worker checks after loading)."""
+        if not isinstance(config, dict):
+            return None
+        if _first(config, "hidden_size", "n_embd", "d_model") is None and isinstance(config.get("text_config"), dict):
+            config = {**config["text_config"], "model_type": config["text_config"].get("model_type", config.get("model_type"))}
+        hidden = _first(config, "hidden_size", "n_embd", "d_model", "dim")
+        layers = _first(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
+        vocab = _first(config, "vocab_size", "padded_vocab_size")
+        if hidden is None or layers is None or vocab is None:
+            return None
+        heads = _first(config, "num_attention_heads", "n_head", "num_heads", "n_heads") or 1
+        head_dim = _first(config, "head_dim") or max(1, hidden // heads)
+        kv_heads = 1 if config.get("multi_query") is True else _first(config, "num_key_value_heads", "num_kv_heads") or heads
+        model_type = str(config.get("model_type") or "")
+        return cls(
+            model_type=model_type, hidden=hidden, layers=layers, vocab=vocab,
+            intermediate=_first(config, "intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size") or 4 * hidden,
+            attn_out=heads * head_dim, kv=kv_heads * head_dim, gated=model_type not in NON_GATED,
+            experts=_first(config, "num_local_experts", "num_experts", "n_routed_experts") or 1,
+            tied=bool(config.get("tie_word_embeddings", True)),
+            context=_first(config, "max_position_embeddings", "n_positions", "seq_length", "max_seq_len"),
+        )
+
+    @property
+    def block_params(self) -> int:
+        h = self.hidden
+        attention = h * self.attn_out + 2 * h * self.kv + self.attn_out * h
+        return attention + (3 if self.gated else 2) * h * self.intermediate * self.experts
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.block_params + self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def hessian_bytes(self) -> int:
+        """One block's fp32 Hessians: q/k/v's input, o's, the MLP's input and down's (per expert)."""
+        h, i = self.hidden, self.intermediate
+        return 4 * (h * h + self.attn_out ** 2 + self.experts * (h * h + i * i))
+
+    @property
+    def solve_bytes(self) -> int:
+        """The largest group's solve: its weights stacked in fp32 plus their errors, the Hessian's
+        fp32 copy and its inverse factor."""
+        h, i = self.hidden, self.intermediate
+        groups = [((self.attn_out + 2 * self.kv) * h, h), ((2 if self.gated else 1) * i * h, h), (h * i, i)]
+        return max(2 * 4 * weights + 2 * 4 * cols * cols for weights, cols in groups)
+
+
+@dataclass(frozen=True)
+class JobSize:
+    """What of the job the estimate depends on."""
+
+    method: str
+    nsamples: int
+    seqlen: int | None  # None: the model's context, at most 2048 (the engine's default)
+    dtype: str  # float16 | bfloat16 | float32 (the working dtype)
+    device: str  # cuda | cpu (the compute device)
+    eval_sets: tuple[tuple[str, int | None], ...] = ()  # (name, text bytes; None: a built-in set)
+    max_windows: int | None = None
+
+
+def _gb(nbytes: float) -> str:
+    value = nbytes / GB
+    return f"{value:,.0f} GB" if value >= 10 else f"{value:.2g} GB" if value >= 0.01 else f"{value:.1g} GB"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    total: int
+    weights: int
+    activations: int
+    block: int
+    parts: tuple[str, ...]  # each part in words, with its numbers
+    advice: str
+    field: tuple[str, ...]  # the spec field to lower (where a form shows the message)
+
+    def refusal(self, limit_gb: float) -> str | None:
+        """The message when the job does not fit ``limit_gb`` (0 or less: no limit)."""
+        if limit_gb <= 0 or self.total <= limit_gb * GB:
+            return None
+        return (f"this job needs about {_gb(self.total)} ({'; '.join(self.parts)}) but a worker gives a job "
+                f"at most {limit_gb:g} GB ({SETTING}); {self.advice}")
+
+
+def _eval_windows(name: str, text_bytes: int | None, seqlen: int, max_windows: int | None) -> int:
+    tokens = BUILTIN_EVAL_TOKENS.get(name, 0) if text_bytes is None else text_bytes // BYTES_PER_TOKEN
+    windows = tokens // seqlen
+    if name in BUILTIN_EVAL_WINDOWS and text_bytes is None:
+        windows = min(windows, BUILTIN_EVAL_WINDOWS[name])
+    return min(windows, max_windows) if max_windows is not None else windows
+
+
+def estimate(config: dict[str, Any], job: JobSize, *, parameters: int | None = None) -> Estimate | None:
+    """The job's peak memory, or None when the config does not give the model's sizes.
+    ``parameters``: the loaded model's exact count (the worker knows it), else from the config."""
+    shape = ModelShape.from_config(config)
+    if shape is None:
+        return None
+    size = ITEMSIZE.get(job.dtype, 4)
+    dtype = f"{size} bytes ({job.dtype})"
+    seqlen = job.seqlen or min(DEFAULT_SEQLEN, shape.context or DEFAULT_SEQLEN)
+    params = parameters or shape.params
+    weights = params * size
+    parts = [f"model weights {_gb(weights)} = {params / 1e9:.3g} B parameters x {dtype}, in host memory"]
+
+    calibration = job.nsamples * seqlen * shape.hidden * size if job.method != "magnitude" else 0
+    windows = {name: _eval_windows(name, nbytes, seqlen, job.max_windows) for name, nbytes in job.eval_sets}
+    worst = max(windows, key=windows.get, default=None)
+    evaluation = windows[worst] * seqlen * shape.hidden * size if worst is not None else 0
+    cal_text = (f"calibration activations {_gb(calibration)} = {job.nsamples} samples x {seqlen} tokens x "
+                f"{shape.hidden} hidden x {dtype}")
+    eval_text = (f"evaluation activations {_gb(evaluation)} = {windows.get(worst, 0)} windows of {worst} x "
+                 f"{seqlen} tokens x {shape.hidden} hidden x {dtype}")
+    if calibration >= evaluation:
+        activations, field = calibration, ("calibration", "nsamples")
+        advice = "lower nsamples or seqlen"
+        parts.insert(0, cal_text)
+    else:
+        activations, field = evaluation, ("evaluation", "max_windows")
+        advice = "lower evaluation.max_windows or seqlen"
+        parts.insert(0, eval_text)
+
+    chunk_tokens = max(1, TOKENS_PER_CHUNK.get(job.device, 2048) // seqlen) * seqlen
+    forward = chunk_tokens * (6 * shape.hidden + 3 * shape.intermediate) * size
+    logits = 3 * LOGIT_TOKENS * shape.vocab * 4 if windows else 0
+    block = (shape.hessian_bytes + shape.solve_bytes + max(forward, logits)
+             + (shape.block_params * size if job.device == "cuda" else 0))
+    parts.append(f"one block in flight {_gb(block)} (its fp32 Hessians and solve, a chunk of {chunk_tokens} tokens"
+                 f"{', its weights on the GPU' if job.device == 'cuda' else ''})")
+    total = weights + activations + block
+    if weights + block > activations:
+        field = ("model",)
+        advice = "use a smaller model, or a worker with more memory and a higher limit"
+    return Estimate(total=total, weights=weights, activations=activations, block=block,
+                    parts=tuple(parts), advice=advice, field=field)
+
+
+# --- the model's config ----------------------------------------------------------------------
+
+
+def local_config(directory: str | Path) -> dict[str, Any] | None:
+    """``config.json`` of a model directory (already resolved under the allowed directories);
+    None when there is none (a GGUF file) or it is not a small JSON object."""
+    path = Path(directory) / "config.json"
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+_hub_cache: dict[tuple[str, str | None], tuple[float, dict[str, Any] | None]] = {}
+_hub_lock = threading.Lock()
+HUB_CACHE_S = 600.0
+
+
+def hub_config(model: str, revision: str | None, *, token: str | None = None,
+               timeout_s: float = HUB_TIMEOUT_S) -> dict[str, Any] | None:
+    """Only ``config.json`` of a Hub model (the Hub's cache first), with a short timeout; None
+    when it cannot be had (offline, gated, not found, slow): the worker estimates it then."""
+    key = (model, revision)
+    with _hub_lock:
+        hit = _hub_cache.get(key)
+        if hit is not None and time.monotonic() - hit[0] < HUB_CACHE_S:
+            return hit[1]
+    config = None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(model, "config.json", revision=revision, etag_timeout=timeout_s,
+                               token=token or os.environ.get("HF_TOKEN") or False)
+        config = local_config(Path(path).parent)
+    except Exception:  # offline, gated, no such repo, network: not this check's business
+        config = None
+    with _hub_lock:
+        if len(_hub_cache) > 256:
+            _hub_cache.clear()
+        _hub_cache[key] = (time.monotonic(), config)
+    return config

@@ -1,0 +1,161 @@
+"""Job size, checked before a job is queued (issue 11, item 9): calibration tokens
+(nsamples x seqlen) and evaluation windows under the server's caps, and the job's memory
+estimate (from the model's config.json) under SPARSEGPT_MAX_JOB_MEMORY_GB. The API and the
+dashboard's form answer 422 naming the numbers and the setting; nothing is queued.
+
+A real API process (`sparsegpt serve --workers 0`, SQLite, single-user mode on loopback) over
+HTTP, its queue read by no worker. The allowed directory holds config.json files of real model
+sizes (LLaMA-7B, LLaMA-2-70B; no weights: the API reads the config alone)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.processes import base_env, free_port, spawn, wait_for_health
+
+LLAMA_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+            "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "float16"}
+LLAMA_70B = {**LLAMA_7B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+             "num_attention_heads": 64, "num_key_value_heads": 8}
+HUB_MODEL = "org/name"  # offline (HF_HUB_OFFLINE=1): its config cannot be read, the worker checks it
+
+
+@pytest.fixture(scope="module")
+def allowed(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("allowed")
+    for name, config in {"llama-7b": LLAMA_7B, "llama-70b": LLAMA_70B}.items():
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(config))
+    return root
+
+
+@pytest.fixture(scope="module")
+def api(module_redis, allowed, tmp_path_factory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("job-size")
+    env = base_env(
+        SPARSEGPT_DATA_DIR=str(tmp / "data"), REDIS_URL=module_redis.url, SPARSEGPT_AUTH="off",
+        SPARSEGPT_LOCAL_DIRS=str(allowed), SPARSEGPT_QUEUE=f"idle-{free_port()}", SPARSEGPT_MAX_ACTIVE_JOBS_PER_USER="0",
+        # The deployment's defaults (a GPU worker: fp16 for dtype auto), spelled out.
+        SPARSEGPT_WORKER_DEVICE="auto", SPARSEGPT_MAX_NSAMPLES="4096", SPARSEGPT_MAX_SEQLEN="32768",
+        SPARSEGPT_MAX_CALIBRATION_TOKENS=str(4096 * 2048), SPARSEGPT_MAX_EVAL_WINDOWS="4096",
+        SPARSEGPT_MAX_JOB_MEMORY_GB="80",
+    )
+    port = free_port()
+    proc = spawn(["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "0", "--log-level", "warning"],
+                 env, tmp / "api.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(base, proc)
+        yield base
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def client(api) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api, timeout=30) as c:
+        yield c
+
+
+def body(model: str = HUB_MODEL, *, nsamples: int = 128, seqlen: int | None = 2048, **changes) -> dict:
+    spec = {"model": model, "sparsity": "2:4", "calibration": {"dataset": "c4", "nsamples": nsamples, "seqlen": seqlen},
+            "evaluation": {"datasets": ["wikitext2"]}}
+    spec.update(changes)
+    return spec
+
+
+def refusal(response: httpx.Response) -> tuple[list, str]:
+    assert response.status_code == 422, (response.status_code, response.text[:2000])
+    detail = response.json()["detail"]
+    return [d.get("loc") for d in detail], " | ".join(d["msg"] for d in detail)
+
+
+def test_calibration_tokens_are_capped(client):
+    """4096 samples and 32768 tokens were each under their cap: 1.1 TB of fp16 activations at
+    hidden 4096. Their product is capped now; at the cap, the job is queued."""
+    locs, msg = refusal(client.post("/api/v1/jobs", json=body(nsamples=4096, seqlen=32768)))
+    assert locs == [["body", "calibration", "nsamples"]]
+    assert "nsamples 4,096 x seqlen 32,768 = 134,217,728 calibration tokens" in msg
+    assert "limit of 8,388,608 (SPARSEGPT_MAX_CALIBRATION_TOKENS)" in msg and "lower nsamples or seqlen" in msg
+    # No seqlen: the engine's default of 2048 counts.
+    _, msg = refusal(client.post("/api/v1/jobs", json=body(nsamples=4097, seqlen=None)))
+    assert "seqlen 2,048 (the default)" in msg
+    accepted = client.post("/api/v1/jobs", json=body(nsamples=4096, seqlen=2048))
+    assert accepted.status_code == 201, accepted.text
+    assert accepted.json()["status"] == "queued"
+
+
+@pytest.mark.parametrize("windows", [4097, 10**40, 10**400], ids=["4097", "1e40", "1e400"])
+def test_evaluation_windows_are_capped(client, windows):
+    """evaluation.max_windows had no cap (10**40 was accepted); a huge integer is a 422, not a
+    500, and is not echoed back in full."""
+    response = client.post("/api/v1/jobs", json=body(evaluation={"datasets": ["wikitext2"], "max_windows": windows}))
+    locs, msg = refusal(response)
+    assert ["body", "evaluation", "max_windows"] in locs
+    assert str(10**40) not in response.text
+    if windows < 10**300:  # (the edge may refuse a 400-digit number before the spec sees it)
+        assert "above this server's limit of 4,096 windows per set (SPARSEGPT_MAX_EVAL_WINDOWS)" in msg
+    ok = client.post("/api/v1/jobs", json=body(evaluation={"datasets": ["wikitext2"], "max_windows": 4096}))
+    assert ok.status_code == 201, ok.text
+
+
+def test_memory_estimate_refuses_what_no_worker_can_hold(client, allowed):
+    """LLaMA-7B, within both caps (4096 x 2048 tokens) and fp16: 69 GB of activations, 13 GB of
+    weights, a block's Hessians and solve: above the 80 GB a worker gives a job."""
+    model = str(allowed / "llama-7b")
+    locs, msg = refusal(client.post("/api/v1/jobs", json=body(model, nsamples=4096, seqlen=2048)))
+    assert locs == [["body", "calibration", "nsamples"]]
+    numbers = re.search(r"this job needs about (\d+) GB \(calibration activations (\d+) GB = 4096 samples x 2048 tokens "
+                        r"x 4096 hidden x 2 bytes \(float16\); model weights (\d+) GB = 6.74 B parameters", msg)
+    assert numbers, msg
+    total, activations, weights = map(int, numbers.groups())
+    assert activations == 69 and weights == 13 and 82 <= total <= 95, msg
+    assert "but a worker gives a job at most 80 GB (SPARSEGPT_MAX_JOB_MEMORY_GB); lower nsamples or seqlen" in msg
+    # float32 doubles it; fewer samples fit.
+    _, msg = refusal(client.post("/api/v1/jobs", json=body(model, nsamples=2048, seqlen=2048, dtype="float32")))
+    assert "2048 samples x 2048 tokens x 4096 hidden x 4 bytes (float32)" in msg
+    fits = client.post("/api/v1/jobs", json=body(model, nsamples=2048, seqlen=2048))
+    assert fits.status_code == 201, fits.text
+
+
+def test_memory_estimate_of_the_model_itself(client, allowed):
+    """LLaMA-2-70B's fp16 weights alone are 138 GB: refused on the model, whatever the samples."""
+    locs, msg = refusal(client.post("/api/v1/jobs", json=body(str(allowed / "llama-70b"), nsamples=8, seqlen=512)))
+    assert locs == [["body", "model"]]
+    assert re.search(r"model weights 13\d GB = 69 B parameters x 2 bytes \(float16\)", msg), msg
+    assert "use a smaller model" in msg and "SPARSEGPT_MAX_JOB_MEMORY_GB" in msg
+
+
+def test_a_hub_model_whose_config_cannot_be_read_is_left_to_the_worker(client):
+    """Offline, the Hub's config.json cannot be fetched: the caps still apply, the estimate is
+    the worker's (tests/worker/test_oom.py)."""
+    response = client.post("/api/v1/jobs", json=body(HUB_MODEL, nsamples=4096, seqlen=2048))
+    assert response.status_code == 201, response.text
+
+
+def test_the_dashboard_form_refuses_with_the_numbers(api, allowed):
+    """The new-job form: the same checks, shown by the nsamples field, values kept."""
+    with httpx.Client(base_url=api, headers={"Origin": api, "Accept": "text/html"}, timeout=30) as browser:
+        page = browser.get("/jobs/new")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+        form = {"csrf_token": token, "model": str(allowed / "llama-7b"), "sparsity": "2:4", "method": "sparsegpt",
+                "calibration_source": "c4", "nsamples": "4096", "seqlen": "2048", "eval_sets": "wikitext2",
+                "dtype": "auto", "blocksize": "128", "percdamp": "0.01", "seed": "0"}
+        response = browser.post("/jobs/new", data=form)
+        assert response.status_code == 422, response.text[-2000:]
+        assert "this job needs about" in response.text and "SPARSEGPT_MAX_JOB_MEMORY_GB" in response.text
+        field = re.search(r'id="error-nsamples"[^>]*>(.*?)<', response.text, re.S)
+        assert field and "4096 samples x 2048 tokens" in field.group(1), response.text[-3000:]
+
+        form.update(model=HUB_MODEL, nsamples="4096", seqlen="32768")
+        response = browser.post("/jobs/new", data=form)
+        assert response.status_code == 422
+        assert "134,217,728 calibration tokens" in response.text and "SPARSEGPT_MAX_CALIBRATION_TOKENS" in response.text
+        assert 'value="32768"' in response.text  # what was typed comes back
