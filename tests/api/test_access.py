@@ -134,9 +134,16 @@ def test_dashboard_session_login_logout(env):
     c.cookies.set("sparsegpt_session", cookie[:-3] + ("AAA" if not cookie.endswith("AAA") else "BBB"))
     assert c.get("/api/v1/me").status_code == 401
     c.cookies.set("sparsegpt_session", cookie)
-    out = c.get("/logout")
+    assert c.get("/logout").status_code == 200  # a page with the logout button: a GET ends nothing
+    assert c.get("/api/v1/me").status_code == 200
+    token = re.search(r'name="csrf_token" value="([0-9a-f]{64})"', c.get("/").text).group(1)
+    own = {"Origin": "http://testserver"}  # from the dashboard's own page
+    assert c.post("/logout", headers=own).status_code == 403  # logging out is a form: it needs its token
+    out = c.post("/logout", data={"csrf_token": token}, headers=own)
     assert out.status_code == 303 and out.headers["location"] == "/login"
     assert 'sparsegpt_session=""' in out.headers["set-cookie"] or "max-age=0" in out.headers["set-cookie"].lower()
+    c.cookies.set("sparsegpt_session", cookie)
+    assert c.get("/api/v1/me").status_code == 401  # the session ended on the server
     c.cookies.clear()
 
 

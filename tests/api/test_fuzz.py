@@ -51,7 +51,7 @@ OPERATIONS = [
     "POST /api/v1/jobs", "GET /api/v1/jobs", "GET /api/v1/jobs/{job_id}", "POST /api/v1/jobs/{job_id}/retry",
     "DELETE /api/v1/jobs/{job_id}", "POST /api/v1/jobs/{job_id}/cancel", "GET /api/v1/jobs/{job_id}/artifact",
     "POST /api/v1/calibration-sets", "GET /api/v1/calibration-sets", "GET /api/v1/health", "GET /api/v1/me",
-    "GET /api/v1/usage",
+    "GET /api/v1/usage", "DELETE /api/v1/calibration-sets/{set_id}",
 ]
 
 

@@ -53,3 +53,12 @@ def test_too_short_text_is_a_clear_error(tokenizer, tmp_path):
     (tmp_path / "short.txt").write_text("just a few words")
     with pytest.raises(DataError, match="too few for windows of 512"):
         calibration_windows(tokenizer, str(tmp_path / "short.txt"), nsamples=2, seqlen=512, seed=0)
+
+
+def test_deeply_nested_jsonl_line_is_a_data_error(tmp_path):
+    """A file named by path is not checked at upload: a line nested past Python's recursion
+    limit is a DataError naming the line, not a RecursionError."""
+    path = tmp_path / "deep.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + "[" * 200_000 + "]" * 200_000 + "\n")
+    with pytest.raises(DataError, match="line 2 is nested too deeply"):
+        read_text_file(path)

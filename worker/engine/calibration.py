@@ -55,6 +55,8 @@ def read_text_file(path: str | Path) -> str:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path.name} line {lineno} is not JSON: {exc.msg}") from None
+            except RecursionError:
+                raise DataError(f"{path.name} line {lineno} is nested too deeply") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise DataError(f"{path.name} line {lineno} has no string field 'text'")
             texts.append(record["text"])
