@@ -82,7 +82,7 @@ def _wants_page(request: Request) -> bool:
     return "text/html" in request.headers.get("accept", "")
 
 
-def _unauthorized(request: Request, reason: str) -> HTTPException:
+def unauthorized(request: Request, reason: str) -> HTTPException:
     if _wants_page(request) and not request.headers.get("authorization"):
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return HTTPException(status.HTTP_303_SEE_OTHER, detail=reason, headers={"Location": f"/login?next={quote(target, safe='/')}"})
@@ -105,11 +105,11 @@ def resolve_user(request: Request) -> CurrentUser | None:
     if header is not None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise _unauthorized(request, "the Authorization header must be: Bearer <token>")
+            raise unauthorized(request, "the Authorization header must be: Bearer <token>")
         with sessions() as session:
             user = user_for_token(session, token.strip())
             if user is None:
-                raise _unauthorized(request, "the API token is not valid (ask an admin for one: sparsegpt users add NAME)")
+                raise unauthorized(request, "the API token is not valid (ask an admin for one: sparsegpt users add NAME)")
             return _current(user)
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
@@ -123,7 +123,7 @@ def resolve_user(request: Request) -> CurrentUser | None:
     if is_public(request.url.path):
         return None
     reason = "your session has expired; sign in again" if cookie else "sign in: send Authorization: Bearer <token>"
-    raise _unauthorized(request, reason)
+    raise unauthorized(request, reason)
 
 
 # Declares the scheme in the OpenAPI document (the docs' Authorize button); the header itself is
@@ -155,7 +155,7 @@ def require_user(request: Request) -> CurrentUser:
     if user is None:
         user = authenticate(request)
     if user is None:
-        raise _unauthorized(request, "sign in: send Authorization: Bearer <token>")
+        raise unauthorized(request, "sign in: send Authorization: Bearer <token>")
     return user
 
 

@@ -13,8 +13,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from fastapi import Depends, FastAPI
+from fastapi.exceptions import RequestValidationError
 
-from app import auth, db, login, web
+from app import auth, db, guard, login, web
 from app.api import events, health, jobs, uploads, usage
 from app.config import Settings, get_settings
 from app.sweeper import Sweeper
@@ -22,7 +23,9 @@ from app.sweeper import Sweeper
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, *, migrate: bool = True) -> FastAPI:
+def create_app(settings: Settings | None = None, *, migrate: bool = True, bind_host: str | None = None) -> FastAPI:
+    """``bind_host``: the address ``sparsegpt serve --host`` listens on (a Host header the
+    server answers to, besides the loopback names and settings.allowed_hosts)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -64,4 +67,10 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     app.include_router(health.router, include_in_schema=False)  # /health for load balancers
     app.include_router(login.router)  # /login, /logout
     web.install(app)  # the browser pages (templates/) and /static
+    # 422s name the field and the problem, never the input (a file, a megabyte of JSON).
+    app.add_exception_handler(RequestValidationError, guard.validation_error_handler)
+    # Added last, so outermost: Host, cross-site requests, sign-in and body caps are decided
+    # before any route runs and before the body is read (app/guard.py).
+    docs = {app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url} - {None}
+    app.add_middleware(guard.Guard, settings=settings, bind_host=bind_host, open_paths=frozenset(docs))
     return app

@@ -108,6 +108,12 @@ class ComponentHealth(BaseModel):
     error: str | None = None
 
 
+class HealthStatusOut(BaseModel):
+    """The public /health: the overall status only."""
+
+    status: Literal["ok", "degraded", "down"]
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "degraded", "down"]
     database: ComponentHealth

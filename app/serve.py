@@ -4,12 +4,20 @@ With nothing configured: a SQLite file in the data directory, a redis-server of 
 free loopback port (when REDIS_URL is not set), migrations applied, ``--workers`` local worker
 processes, and the API on 127.0.0.1:8000. SIGINT/SIGTERM stop the API, then the workers, then
 Redis. On a team server (``--workers 0``) the workers run as their own services.
+
+uvicorn (h11) runs with limits it lacks alone (``EdgeProtocol``): request headers within
+settings.header_timeout_s, settings.keepalive_timeout_s idle between requests, at most
+settings.max_connections held (below the open-files limit, raised to its hard limit); "Too many
+open files" is logged once a minute, not once per connection (``RateLimitedFilter``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -19,10 +27,14 @@ import threading
 import time
 from pathlib import Path
 
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
 from app import db
 from app.config import Settings, get_settings, is_loopback
 
 log = logging.getLogger("sparsegpt.serve")
+FD_RESERVE = 256  # open files kept for the database, Redis, uploads and logs beyond the connections
 
 
 def free_port() -> int:
@@ -130,6 +142,184 @@ class Workers:
                         pass
 
 
+class _Pool:
+    """One server's connections that are not in a request (waiting for headers, or idle),
+    oldest first: the ones closed to make room when the bound is passed."""
+
+    def __init__(self, connections: set, loop) -> None:
+        self.connections, self.loop = connections, loop
+        self.waiting: dict[EdgeProtocol, None] = {}
+        self.trim_pending = False
+
+    def evict(self, count: int, *, keep=None) -> int:
+        """Close up to ``count`` waiting connections, oldest first, but not one that was accepted
+        a moment ago and has not been read yet (its request may be there)."""
+        now, closed = self.loop.time(), 0
+        for other in list(self.waiting):
+            if closed >= count:
+                break
+            if other is not keep and (other.heard or now - other.born >= EdgeProtocol.GRACE_S):
+                other.close_quietly()
+                closed += 1
+        return closed
+
+    def schedule_trim(self) -> None:
+        if not self.trim_pending:
+            self.trim_pending = True
+            self.loop.call_later(0.02, self.trim)
+
+    def trim(self) -> None:
+        """Back to the bound, a moment after a burst of connections (their requests read by then)."""
+        self.trim_pending = False
+        excess = len(self.connections) - EdgeProtocol.max_connections
+        if excess > 0 and self.evict(excess) < excess:
+            self.schedule_trim()
+
+
+class EdgeProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for request headers and a bound on connections
+    (class attributes, set by ``serve``): past ``max_connections`` the oldest connections
+    that are not in a request are closed (a moment later: a burst's own requests are read
+    first); past ``ceiling`` (what the open-files limit allows) at once, and a new connection
+    gets a 503 when no connection can be closed for it."""
+
+    header_timeout_s: float = 10.0
+    max_connections: int = 1000
+    ceiling: int = 1000
+    GRACE_S = 0.1
+    _BUSY_503 = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nretry-after: 2\r\n"
+                 b"connection: close\r\ncontent-length: 36\r\n\r\ntoo many connections; try again soon")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer = None
+        self.heard, self.born = False, 0.0
+        pool = self.server_state.__dict__.get("edge_pool") or _Pool(self.connections, self.loop)
+        self._pool: _Pool = self.server_state.__dict__.setdefault("edge_pool", pool)
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.born = self.loop.time()
+        count = len(self.connections)
+        if count > self.ceiling and not self._pool.evict(count - self.ceiling, keep=self):
+            _limited_log.warning("%d connections, none of them idle: refusing new ones (503)", count - 1)
+            transport.write(self._BUSY_503)
+            transport.close()
+            return
+        if count > self.max_connections:
+            self._pool.schedule_trim()
+        self._wait_for_headers()
+
+    def _wait_for_headers(self) -> None:
+        self._pool.waiting[self] = None
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.cycle is None or self.cycle.response_complete:  # still no complete request headers
+            self.close_quietly()
+
+    def _in_request(self) -> None:
+        self._pool.waiting.pop(self, None)
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def close_quietly(self) -> None:
+        self._pool.waiting.pop(self, None)
+        if not self.transport.is_closing():
+            with contextlib.suppress(h11.LocalProtocolError):
+                self.conn.send(h11.ConnectionClosed())
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = True
+        if self.cycle is not None and self.cycle.response_complete and self._header_timer is None:
+            self._wait_for_headers()  # a next request begins: its headers have the same deadline
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        before = self.cycle
+        super().handle_events()
+        if self.cycle is not before:
+            self._in_request()
+
+    def on_response_complete(self) -> None:
+        if not self.transport.is_closing():
+            self._pool.waiting[self] = None  # idle: the keep-alive timeout runs
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._in_request()
+        super().connection_lost(exc)
+
+
+class RateLimitedFilter(logging.Filter):
+    """Lets one record about running out of file descriptors through per interval (without its
+    traceback, with a count of the ones held back): a flood of connections must not become a
+    flood of log lines."""
+
+    def __init__(self, interval_s: float = 60.0):
+        super().__init__()
+        self.interval_s, self.last, self.held = interval_s, float("-inf"), 0
+
+    @staticmethod
+    def _exhaustion(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        while exc is not None:
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                return True
+            exc = exc.__cause__ or exc.__context__
+        message = record.getMessage()
+        return "Too many open files" in message or "out of system resource" in message or record.name == _limited_log.name
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._exhaustion(record):
+            return True
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            self.held += 1
+            return False
+        self.last = now
+        if self.held:
+            record.msg, record.args = f"{record.getMessage()} ({self.held} more like it in the last interval)", ()
+            self.held = 0
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+_limited_log = logging.getLogger("sparsegpt.serve.limits")
+
+
+def install_log_limits(interval_s: float = 60.0) -> RateLimitedFilter:
+    """One shared filter on the loggers that report accept() failures and crashed requests, and their handlers."""
+    limit = RateLimitedFilter(interval_s)
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access", "asyncio", _limited_log.name):
+        logger = logging.getLogger(name)
+        logger.addFilter(limit)
+        for handler in logger.handlers:
+            handler.addFilter(limit)
+    return limit
+
+
+def raise_open_files_limit() -> int:
+    """The soft RLIMIT_NOFILE raised to the hard limit; returns the soft limit now in force."""
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    except (ValueError, OSError):
+        pass  # an unlimited hard limit: the soft one stays
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def connection_bound(settings: Settings, open_files: int) -> int:
+    """settings.max_connections, kept below the open-files limit (FD_RESERVE spare)."""
+    bound = max(1, min(settings.max_connections, open_files - FD_RESERVE))
+    if bound < settings.max_connections:
+        log.warning("max_connections %d is above what %d open files allow: %d", settings.max_connections, open_files, bound)
+    return bound
+
+
 class _Terminated(Exception):
     """SIGTERM: stop like Ctrl-C does (uvicorn re-raises the signal after its own shutdown)."""
 
@@ -195,10 +385,18 @@ def serve(*, host: str | None, port: int | None, workers: int | None, log_level:
 
         from app.main import create_app
 
+        open_files = raise_open_files_limit()
+        EdgeProtocol.header_timeout_s = settings.header_timeout_s
+        EdgeProtocol.max_connections = connection_bound(settings, open_files)
+        EdgeProtocol.ceiling = max(EdgeProtocol.max_connections, open_files - FD_RESERVE)
+        forwarded = settings.forwarded_allow_ips.strip()
         config = uvicorn.Config(
-            create_app(settings, migrate=False), host=host, port=port, log_level=log_level,
-            timeout_graceful_shutdown=5, proxy_headers=False,
+            create_app(settings, migrate=False, bind_host=host), host=host, port=port, log_level=log_level,
+            timeout_graceful_shutdown=5, http=EdgeProtocol, timeout_keep_alive=settings.keepalive_timeout_s,
+            # X-Forwarded-Proto/-For are believed only from these addresses (none: ignored).
+            proxy_headers=bool(forwarded), forwarded_allow_ips=forwarded or None,
         )
+        install_log_limits()  # after uvicorn set up its handlers
         server = uvicorn.Server(config)
         server.run()
         return 0 if server.started else 1

@@ -1,4 +1,8 @@
-"""GET /health: the database, Redis, and the workers seen recently."""
+"""GET /health: the database, Redis, and the workers seen recently.
+
+Anyone (a load balancer, docker's healthcheck) gets the overall status only, 200 or 503; a
+signed-in user (a token, the dashboard's session, single-user mode) also gets the details:
+connection errors, workers with their pids and queues. /api/v1/health always needs sign-in."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from app import streams
-from app.schemas import ComponentHealth, HealthOut, WorkerOut
+from app.schemas import ComponentHealth, HealthOut, HealthStatusOut, WorkerOut
 
 router = APIRouter(tags=["health"])
 
@@ -21,7 +25,8 @@ def _short(err: Exception) -> str:
 
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut, "description": "database or Redis down"}})
 def health(request: Request) -> JSONResponse:
-    """200 while the database and Redis answer ("degraded" when no worker was seen), else 503."""
+    """200 while the database and Redis answer ("degraded" when no worker was seen), else 503.
+    Without sign-in (the public /health), only ``{"status": ...}``."""
     try:
         with request.app.state.sessions() as session:
             session.execute(text("SELECT 1"))
@@ -52,5 +57,8 @@ def health(request: Request) -> JSONResponse:
         overall = "down"
     else:
         overall = "ok" if workers else "degraded"
+    code = 503 if overall == "down" else 200
+    if getattr(request.state, "user", None) is None:
+        return JSONResponse(HealthStatusOut(status=overall).model_dump(mode="json"), status_code=code)
     body = HealthOut(status=overall, database=database, redis=redis_ok, workers=workers)
-    return JSONResponse(body.model_dump(mode="json"), status_code=503 if overall == "down" else 200)
+    return JSONResponse(body.model_dump(mode="json"), status_code=code)
