@@ -2,7 +2,8 @@
 cancellation check, record results, metrics and the artifact (or a reason a person can act on).
 
 What the job runs on is checked and resolved in ``worker.job_inputs``, the heartbeat and the
-cancel checks live in ``worker.liveness``, failure reasons are worded in ``worker.failures``.
+cancel checks live in ``worker.liveness``, failure reasons are worded in ``worker.failures``,
+the job's memory (its estimate, the soft limit, an OOM kill) in ``worker.memory``.
 Nothing here imports torch at module level: the engine is imported inside the task, in the
 pool's child process, so the worker's main process never touches CUDA.
 """
@@ -13,22 +14,29 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import redis
+from celery.exceptions import WorkerLostError
+from celery.worker.request import Request
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from app import archive, crud, db
 from app.config import Settings, get_settings
-from app.models import CANCELLED, FAILED, SUCCEEDED
+from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED
 from app.queue import RUN_JOB_TASK
 from worker.celery_app import celery_app
 from worker.failures import describe_failure, is_cancel, is_expected, late_cancel
 from worker.job_inputs import JobInputs, job_inputs
 from worker.liveness import Liveness
+from worker.memory import (
+    MemoryWatch, OomCounters, check_loaded_model, oom_counters, oom_evidence, oom_reason, read_sample,
+)
 from worker.reporter import RedisProgress
 
 log = logging.getLogger(__name__)
@@ -56,7 +64,66 @@ def owner_is_dead(worker: str | None, pid: int | None) -> bool:
     return host == socket.gethostname() and not _pid_alive(pid)
 
 
-@celery_app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+class JobRequest(Request):
+    """The worker's main process's side of one delivery. A pool process killed mid-job (SIGKILL)
+    is redelivered (acks_late, reject_on_worker_lost): a person's kill -9 or a lost machine is
+    worth another attempt, but the kernel's OOM killer would only kill it again. So the OOM
+    counters are read when the job starts and when its process is lost; an OOM kill fails the
+    job with that reason (the redelivered message then finds it finished and does nothing)."""
+
+    def on_accepted(self, pid, time_accepted):
+        self.oom_before = oom_counters()
+        super().on_accepted(pid, time_accepted)
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)  # ExceptionWithTraceback
+        if isinstance(exc, (WorkerLostError, SystemExit)) and self.args:
+            try:
+                fail_if_oom_killed(int(self.args[0]), self.worker_pid, getattr(self, "oom_before", None))
+            except Exception:  # the database down: the attempt is retried as any lost one
+                log.exception("job %s: could not check whether its process was OOM-killed", self.args[0])
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+
+_oom_seen: int | None = None  # the cgroup's OOM-kill count when a lost process was last checked
+
+
+def fail_if_oom_killed(job_id: int, pid: int | None, before: OomCounters | None) -> bool:
+    """In the worker's main process, once the pool process ``pid`` running the job is gone."""
+    global _oom_seen
+    settings = get_settings()
+    client = redis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0", decode_responses=True,
+                                  socket_timeout=5, socket_connect_timeout=2)
+    try:
+        sample = read_sample(client, job_id)
+        if sample is not None and pid is not None and sample.get("pid") != pid:
+            sample = None  # an older attempt's
+        after = oom_counters()
+        if before is not None and before.cgroup is not None and _oom_seen is not None:
+            before = replace(before, cgroup=max(before.cgroup, _oom_seen))
+        evidence = oom_evidence(before, after, sample)
+        _oom_seen = after.cgroup  # one OOM kill explains one lost process, not a later one's too
+        if evidence is None:
+            return False
+        reason = oom_reason(sample)
+        with db.session_scope(settings.database) as session:
+            job = crud.get_job(session, job_id)
+            if job is None or job.status != RUNNING or (pid is not None and job.worker_pid != pid):
+                return False
+            attempt = job.attempt
+            if not crud.finish_job(session, job_id=job_id, attempt=attempt, status=FAILED, error=reason):
+                return False
+        log.error("job %s failed: %s (%s)", job_id, reason, evidence)
+        RedisProgress(client, job_id, attempt, maxlen=settings.events_maxlen,
+                      ttl_s=settings.events_ttl_s).status(FAILED, final=True, error=reason)
+    finally:
+        client.close()
+    remove_partials(settings.artifacts_dir / str(job_id))
+    return True
+
+
+@celery_app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+                 Request=JobRequest)
 def run_job_task(self, job_id: int) -> dict[str, Any]:
     hostname = self.request.hostname or f"sparsegpt@{socket.gethostname()}"
     return JobRun(get_settings(), int(job_id), worker=hostname).run()
@@ -100,9 +167,11 @@ class JobRun:
         self.attempt = claim.job.attempt
         reporter = self._reporter(self.attempt)
         reporter.status("running", worker=self.worker)
-        partial = self._job_dir() / f"attempt-{self.attempt}.partial"
+        partial = self.partial = self._job_dir() / f"attempt-{self.attempt}.partial"
+        watch = MemoryWatch(self.redis, self.job_id, self.attempt, on_over_limit=self._over_memory_limit,
+                            max_rss_bytes=int(self.settings.worker_max_rss_gb * 1e9))
         self.liveness = Liveness(self.url, self.job_id, self.attempt, reporter,
-                                 interval_s=self.settings.heartbeat_interval_s)
+                                 interval_s=self.settings.heartbeat_interval_s, watch=watch)
         try:
             with self.liveness:  # the heartbeat beats until the attempt is recorded
                 return self._execute(spec, partial)
@@ -121,7 +190,8 @@ class JobRun:
 
             options = RunOptions(device=self.settings.worker_device, output=str(partial),
                                  token=os.environ.get("HF_TOKEN") or None)
-            report = run_job(inputs.spec, options, on_progress=self.reporter.progress, should_cancel=should_cancel)
+            report = run_job(inputs.spec, options, on_progress=self.reporter.progress, should_cancel=should_cancel,
+                             on_loaded=lambda facts: check_loaded_model(facts, inputs.spec, self.settings.max_job_memory_gb))
             if should_cancel():
                 raise late_cancel()
         except BaseException as exc:  # every way out is recorded
@@ -175,6 +245,19 @@ class JobRun:
             )
         self.reporter.status(status, final=True, error=reason)
         return {"job": self.job_id, "status": status, "error": reason}
+
+    def _over_memory_limit(self, reason: str) -> None:
+        """The heartbeat thread's memory guard tripped: the job is failed, then this process is
+        ended at once (its memory is what is wrong; the pool starts another)."""
+        with db.session_scope(self.url) as session:
+            done = crud.finish_job(session, job_id=self.job_id, attempt=self.attempt, status=FAILED, error=reason,
+                                   progress=self.reporter.snapshot())
+        if not done:  # finished or taken over meanwhile: nothing to stop
+            return
+        log.error("job %s failed: %s", self.job_id, reason)
+        self.reporter.status(FAILED, final=True, error=reason)
+        shutil.rmtree(self.partial, ignore_errors=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     # --- helpers ------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import platform
 import resource
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -180,9 +181,11 @@ def _stages(spec: JobSpec, options: RunOptions) -> list[str]:
 
 
 def run_job(spec: JobSpec, options: RunOptions | None = None, *, on_progress: ProgressCallback | None = None,
-            should_cancel: CancelCheck | None = None) -> dict:
+            should_cancel: CancelCheck | None = None, on_loaded: Callable[[dict], None] | None = None) -> dict:
     """Run the job ``spec`` describes; returns the report. Raises EngineError subclasses for what a
-    user can fix."""
+    user can fix. ``on_loaded(facts)``, once the model is loaded and before calibrating, gets its
+    config (a dict), parameter count, working dtype, device kind and seqlen; it may raise to stop
+    the job (the worker checks the job's memory estimate there)."""
     options = options or RunOptions()
     options.validate(spec)
     run = _Run(spec, options, Tracker(on_progress, should_cancel, _stages(spec, options)))
@@ -192,6 +195,9 @@ def run_job(spec: JobSpec, options: RunOptions | None = None, *, on_progress: Pr
     evaluate = bool(spec.evaluation.datasets)
     with run.timed("load"):
         run.load()
+    if on_loaded is not None:
+        on_loaded({"config": run.model.config.to_dict(), "parameters": sum(p.numel() for p in run.model.parameters()),
+                   "dtype": str(run.dtype).replace("torch.", ""), "device": run.device.type, "seqlen": run.seqlen})
     with run.timed("data"):
         run.calibrate()
     dense_ppl, pruned_ppl = {}, {}
