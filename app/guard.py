@@ -35,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import auth
@@ -59,8 +60,8 @@ API_NEEDS_BEARER = ("the session cookie does not change anything over /api/*: AP
 class BodyTooLarge(HTTPException):
     """Raised from ``receive`` when the body passes its cap (FastAPI answers it as a 413)."""
 
-    def __init__(self, limit: int):
-        super().__init__(413, f"the request body is larger than this server's limit of {limit} bytes for this route")
+    def __init__(self, reason: str):
+        super().__init__(413, reason)
 
 
 class BadJSON(ValueError):
@@ -275,17 +276,22 @@ class Guard:
             if reason:
                 await _send(JSONResponse({"detail": reason}, 403), scope, receive, send, has_body)
                 return
-        if not auth.is_public(path) and path not in self.open_paths:
+        if not auth.is_public(path) and path not in self.open_paths and _routed(scope):
             refusal = await self._authenticate(scope, headers, method, path)
             if refusal is not None:
                 await _send(refusal, scope, receive, send, has_body)
                 return
-        cap = self.upload_cap if (method, path) in UPLOAD_ROUTES else self.settings.max_body_bytes
+        if (method, path) in UPLOAD_ROUTES:
+            cap = self.upload_cap
+            reason = f"the upload is larger than this server's upload limit of {self.settings.max_upload_bytes} bytes"
+        else:
+            cap = self.settings.max_body_bytes
+            reason = f"the request body is larger than this server's limit of {cap} bytes (SPARSEGPT_MAX_BODY_BYTES)"
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:
-            await _send(JSONResponse({"detail": BodyTooLarge(cap).detail}, 413), scope, receive, send, True)
+            await _send(JSONResponse({"detail": reason}, 413), scope, receive, send, True)
             return
-        receive = _capped(receive, cap)
+        receive = _capped(receive, cap, reason)
         if has_body and method in UNSAFE_METHODS and _is_json(headers) and (method, path) not in UPLOAD_ROUTES:
             try:
                 body, receive = await _buffer(receive)
@@ -341,7 +347,16 @@ class Guard:
         return wrapped
 
 
-def _capped(receive: Receive, cap: int) -> Receive:
+def _routed(scope: Scope) -> bool:
+    """Whether a route takes this method and path (else the app answers 404/405 as before, with
+    no sign-in asked and no body read)."""
+    router = getattr(scope.get("app"), "router", None)
+    if router is None:
+        return True
+    return any(route.matches(scope)[0] == Match.FULL for route in router.routes)
+
+
+def _capped(receive: Receive, cap: int, reason: str) -> Receive:
     """``receive`` that counts the body's bytes and raises BodyTooLarge past the cap."""
     count = 0
 
@@ -351,7 +366,7 @@ def _capped(receive: Receive, cap: int) -> Receive:
         if message["type"] == "http.request":
             count += len(message.get("body", b""))
             if count > cap:
-                raise BodyTooLarge(cap)
+                raise BodyTooLarge(reason)
         return message
 
     return wrapped
