@@ -1,10 +1,12 @@
 """Who is asking: a Bearer token, the dashboard's signed session cookie, or (single-user mode
 only) the built-in local admin.
 
-``authenticate`` is a dependency applied to the whole app (app.main): it sets
-``request.state.user`` and answers 401 (API, with WWW-Authenticate) or a redirect to /login
-(dashboard pages) when a signed-in user is required and none is given. /health, /login,
-static files and the API docs are left open.
+The edge (app.guard) calls ``resolve_user`` from the headers alone, before a route runs or any
+body is read, and answers 401 (API, with WWW-Authenticate) or a redirect to /login (dashboard
+pages) when a signed-in user is required and none is given; ``authenticate``, a dependency
+applied to the whole app (app.main), then takes its answer as ``request.state.user`` (and
+decides itself for an app without the edge). /health, /login, /logout, static files and the
+API docs are left open.
 
 The mode comes from settings.auth: "required", "off" (single-user: everyone is the local
 admin; `sparsegpt serve` refuses it on a non-loopback address), or unset: `sparsegpt serve`

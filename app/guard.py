@@ -135,7 +135,7 @@ def cross_site_reason(scope: Scope, headers: dict[str, str], host: str) -> str |
     referer = headers.get("referer")
     if referer:
         if origin_of(referer) != own or own is None:
-            return f"cross-site request refused: Referer from {origin_of(referer) or 'elsewhere'} is not this server ({own})"
+            return f"cross-site request refused: Referer from {_printable(origin_of(referer) or 'elsewhere')} is not this server ({own})"
         return None
     site = headers.get("sec-fetch-site")
     if site is not None and site not in ("same-origin", "none"):
