@@ -16,9 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
+import sys
 import threading
 import time
+from pathlib import Path
 
 from celery import Celery, signals
 
@@ -114,8 +117,79 @@ def _unregister(**_kwargs) -> None:
 
 @signals.worker_process_init.connect
 def _after_fork(**_kwargs) -> None:
-    """Pool child: never reuse database connections inherited from the parent."""
+    """Pool child: never reuse database connections inherited from the parent; run the job
+    from the neutral directory."""
     db.dispose_all()
+    if _neutral.path is not None:
+        os.chdir(_neutral.path)
+
+
+# --- the neutral working directory -------------------------------------------------------------
+# transformers' from_pretrained("org/name") and datasets' load_dataset("org/name") look for a
+# directory of that name relative to the working directory before they ask the Hub: a worker
+# started in a directory holding "outside/secretmodel" would load it from disk. The worker (its
+# main process once it is up, each pool process before it runs a job) therefore works in
+# <data_dir>/worker-cwd, emptied when the worker starts; nothing is ever written there.
+
+WORKER_CWD = "worker-cwd"
+_CACHE_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE", "TORCH_HOME", "XDG_CACHE_HOME")
+
+
+class _Neutral:
+    path: Path | None = None
+
+
+_neutral = _Neutral()
+
+
+def prepare_neutral_cwd(settings=None) -> Path:
+    """Create (or empty) <data_dir>/worker-cwd and make every relative path this process will
+    use absolute first (settings, cache variables, sys.path), so leaving the start directory
+    changes nothing else. Returns the directory; ``os.chdir`` into it is the caller's."""
+    settings = settings or get_settings()
+    # Relative settings would be resolved against the new directory: pin them to the start one.
+    settings.local_dirs = ":".join(str(p) for p in settings.allowed_dirs)
+    os.environ["SPARSEGPT_LOCAL_DIRS"] = settings.local_dirs
+    if settings.database_url:
+        settings.database_url = os.environ["DATABASE_URL"] = _absolute_sqlite(settings.database_url)
+    for name in _CACHE_VARIABLES:
+        if os.environ.get(name) and not os.path.isabs(os.environ[name]):
+            os.environ[name] = os.path.abspath(os.environ[name])
+    sys.path[:] = [os.path.abspath(p) if not os.path.isabs(p) else p for p in sys.path]
+    path = settings.data_dir / WORKER_CWD
+    path.mkdir(parents=True, exist_ok=True)
+    for entry in path.iterdir():  # left by hand, or by an older version: a job could name it
+        log.warning("removing %s from the worker's working directory", entry)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    _neutral.path = path
+    return path
+
+
+def _absolute_sqlite(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    name = parsed.database
+    if not parsed.drivername.startswith("sqlite") or not name or name == ":memory:" or name.startswith("file:"):
+        return url
+    return url if os.path.isabs(name) else parsed.set(database=os.path.abspath(name)).render_as_string(hide_password=False)
+
+
+@signals.worker_init.connect
+def _prepare_neutral_cwd(**_kwargs) -> None:
+    """Before the pool starts (its processes chdir in ``_after_fork``)."""
+    prepare_neutral_cwd()
+
+
+@signals.worker_ready.connect
+def _enter_neutral_cwd(**_kwargs) -> None:
+    """The main process too, once its log and pid files are open (relative ones stay where
+    they were asked for)."""
+    if _neutral.path is not None:
+        os.chdir(_neutral.path)
 
 
 def run_worker(

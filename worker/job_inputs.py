@@ -4,13 +4,14 @@ The job row stores the spec the API accepted (``worker.engine.spec.JobSpec`` as 
 written by an older version validates too, missing sections take their defaults). Here it is
 validated, refused when it asks for what the server disallows (trust_remote_code, a path that
 left the allowed directories since it was queued, an upload that vanished, too little free
-disk), and its references resolved for the engine: a local model path to its real path,
+disk, a Hub id that names something in the working directory), and its references resolved for the engine: a local model path to its real path,
 ``upload:<id>`` to the stored file, a dataset path re-resolved under the allowed directories.
 The engine gets the result unchanged. No torch here.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +52,24 @@ def job_inputs(stored: dict[str, Any], settings: Settings) -> JobInputs:
         raise Refused("trust_remote_code is refused by this server's settings")
     if spec.model.startswith("/"):
         spec = spec.model_copy(update={"model": _allowed(spec.model, settings, kind="dir")})
+    else:
+        check_hub_id(spec.model)
     labels: dict[str, str] = {}
     spec = _validated(spec.with_datasets, lambda name: _dataset(name, settings, labels))
     return JobInputs(spec, labels)
+
+
+def check_hub_id(model: str) -> None:
+    """A Hub id is never read from the disk. transformers looks for a directory named like the
+    id relative to the working directory first; the worker works in an empty one of its own
+    (``worker.celery_app``), and refuses the job when that is not so rather than load it."""
+    if os.path.lexists(model):
+        raise Refused(
+            f"model {model!r} is a Hub id, yet the worker's working directory ({os.getcwd()}) holds an entry "
+            "of that name; a Hub id is never loaded from the disk (a local model is named by its absolute "
+            "path under SPARSEGPT_LOCAL_DIRS): start the worker with `sparsegpt worker`, which works in "
+            "<data_dir>/worker-cwd"
+        )
 
 
 def _validated(make, arg) -> JobSpec:
