@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 from worker.engine.errors import InvalidJob
 
-_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_NM = re.compile(r"^\s*([0-9]{1,4})\s*:\s*([0-9]{1,4})\s*$")
+_RATIO = re.compile(r"^[+-]?([0-9]*(\.[0-9]*)?([eE][+-]?[0-9]+)?|nan|inf|infinity)\s*%?$", re.I)
+MAX_TEXT = 40  # a sparsity is written in a few characters ("0.5", "50%", "2:4"): longer text is refused unread
+_EXPECTED = "a ratio strictly between 0 and 1 (0.5, 50%) or an N:M pattern (2:4, 4:8)"
 
 
 @dataclass(frozen=True)
@@ -25,8 +29,16 @@ class SparsityPattern:
 
 
 def parse_sparsity(value: str | float) -> SparsityPattern:
-    """'0.5' / 0.5 -> 50% unstructured; '2:4' -> 2 zeros in every 4 (SparseGPT's prunen:prunem)."""
+    """'0.5' / 0.5 -> 50% unstructured; '2:4' -> 2 zeros in every 4 (SparseGPT's prunen:prunem).
+
+    Refused with a reason, never an OverflowError: text longer than ``MAX_TEXT`` characters or
+    not in ASCII, N or M of more than 4 digits, NaN, infinities, and numbers (a
+    400-digit integer too) outside (0, 1)."""
     if isinstance(value, str):
+        if len(value) > MAX_TEXT:
+            raise InvalidJob(f"sparsity is {len(value)} characters long; expected {_EXPECTED}")
+        if not value.isascii() or not value.isprintable():
+            raise InvalidJob(f"sparsity must be plain text: {_EXPECTED}")
         match = _NM.match(value)
         if match:
             n, m = int(match.group(1)), int(match.group(2))
@@ -35,15 +47,30 @@ def parse_sparsity(value: str | float) -> SparsityPattern:
             if m > 128:
                 raise InvalidJob(f"sparsity pattern {value!r}: M must be at most 128")
             return SparsityPattern(sparsity=n / m, n=n, m=m)
+        text = value.strip()
+        if not _RATIO.match(text) or not text.rstrip("%").strip():
+            raise InvalidJob(f"sparsity {value!r} is neither a ratio (0.5) nor an N:M pattern (2:4, 4:8)")
         try:
-            value = float(value.strip().rstrip("%")) / (100 if value.strip().endswith("%") else 1)
+            value = float(text.rstrip("%").strip()) / (100 if text.endswith("%") else 1)
         except ValueError:
             raise InvalidJob(
                 f"sparsity {value!r} is neither a ratio (0.5) nor an N:M pattern (2:4, 4:8)"
             ) from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidJob(f"sparsity {value!r} is neither a ratio (0.5) nor an N:M pattern (2:4, 4:8)")
+        raise InvalidJob(f"sparsity {_short(value)} is neither a ratio (0.5) nor an N:M pattern (2:4, 4:8)")
+    if isinstance(value, int):  # never converted: float(10**400) overflows
+        raise InvalidJob(f"sparsity {_short(value)} is out of range: a ratio must be strictly between 0 and 1")
     ratio = float(value)
+    if not math.isfinite(ratio):
+        raise InvalidJob(f"sparsity must be a finite number: {_EXPECTED}")
     if not 0.0 < ratio < 1.0:
         raise InvalidJob(f"sparsity {ratio:g} is out of range: a ratio must be strictly between 0 and 1")
     return SparsityPattern(sparsity=ratio)
+
+
+def _short(value: object) -> str:
+    """A value for a message: as it is when short, else its kind and size (never 400 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**12:
+        return f"a {len(str(abs(value)))}-digit number" if abs(value) < 10**4000 else "a huge number"
+    text = repr(value)
+    return text if len(text) <= MAX_TEXT else f"{type(value).__name__} of {len(text)} characters"

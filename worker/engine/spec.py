@@ -79,8 +79,27 @@ def _check_globs(values: list[str]) -> list[str]:
     return out
 
 
+def check_text(value: Any) -> Any:
+    """Text (or a list of texts) that can be stored and shown: no lone UTF-16 surrogate
+    (``"\\udc80"``, what a command line's undecodable bytes become), which no UTF-8 text holds.
+    Its message does not repeat the text."""
+    for item in value if isinstance(value, (list, tuple)) else (value,):
+        if isinstance(item, str) and not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"must be valid Unicode text: character {err.start + 1} is a lone surrogate "
+                                 f"(U+{ord(item[err.start]):04X}), which no UTF-8 text can hold") from None
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        return check_text(value)
 
 
 class CalibrationSpec(_Strict):
@@ -157,7 +176,9 @@ class LayersSpec(_Strict):
 class JobSpec(_Strict):
     """What POST /api/v1/jobs takes. Only ``model`` and ``sparsity`` are required."""
 
-    model: Annotated[str, Field(min_length=1, max_length=512, description="hub id (org/name) or allowed local path"),
+    model: Annotated[str, Field(min_length=1, max_length=512,
+                                description="a Hub id (org/name; never looked up on the server's disk) or an "
+                                            "absolute path under the server's allowed directories"),
                      UI(form="model")]
     revision: Annotated[str | None, Field(max_length=255, description="Hub branch, tag or commit"),
                         UI(form="revision", cli="--revision")] = None
@@ -199,6 +220,9 @@ class JobSpec(_Strict):
     @field_validator("model")
     @classmethod
     def _model(cls, value: str) -> str:
+        """Either a path or a Hub id, never both: a path is absolute (``./``, ``../`` and ``~``
+        are refused: relative to what?), anything else is a Hub id that the worker never looks
+        for on its disk, even when ``org/name`` exists relative to some directory."""
         value = value.strip()
         if "\x00" in value:
             raise ValueError("the model cannot contain NUL characters")
@@ -343,6 +367,7 @@ _PLAIN = {
     "greater_than_equal": "must be at least {ge}", "greater_than": "must be more than {gt}",
     "less_than_equal": "must be at most {le}", "less_than": "must be less than {lt}",
     "int_parsing": "must be a whole number", "int_from_float": "must be a whole number",
+    "int_parsing_size": "is too large a number",
     "int_type": "must be a whole number", "float_parsing": "must be a number", "float_type": "must be a number",
     "finite_number": "must be a finite number", "bool_parsing": "must be true or false",
     "missing": "is required", "string_too_short": "is required",
