@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +102,18 @@ def list_jobs(
         count = count.where(Job.status == status)
     items = session.scalars(query.order_by(Job.id.desc()).limit(limit).offset(offset)).unique().all()
     return list(items), session.scalar(count) or 0
+
+
+def discard_unsent(session: Session, *, job_id: int) -> bool:
+    """The run message could not be sent: the queued row whose message never went out is
+    removed, so the client's retry (with the same Idempotency-Key, or none) makes the job
+    afresh. False, and nothing changed, when the message went out after all: a task id is
+    recorded (the sweeper sent it) or a worker claimed the job."""
+    return bool(session.execute(
+        delete(Job)
+        .where(Job.id == job_id, Job.status == QUEUED, Job.celery_task_id.is_(None))
+        .execution_options(synchronize_session=False)
+    ).rowcount)
 
 
 def fail_unqueued(session: Session, *, job_id: int, error: str) -> None:

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from sqlalchemy.orm import Session
 from app import crud, streams
 from app.auth import CurrentUser
 from app.config import Settings
-from app.models import RUNNING, SUCCEEDED, TERMINAL, Job
+from app.crud.jobs import discard_unsent
+from app.models import QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job, utcnow
 from app.queue import enqueue_job
 from app.services.specs import SpecError, check_spec
 from worker.engine.spec import JobSpec
@@ -108,7 +110,18 @@ def _replayed(existing: Job, digest: str, key: str) -> Created:
             detail=(f"Idempotency-Key {key!r} was already used for job {existing.id} with a different body; "
                     "send the same body to get that job again, or use a new key for a new job"),
         )
+    if existing.status == QUEUED and existing.celery_task_id is None and existing.created_at > _recently():
+        # The first request with this key is still sending the run message; if that fails the
+        # row is removed (see _enqueue), so it must not be handed out yet.
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, headers={"Retry-After": "2"},
+            detail=f"an earlier request with Idempotency-Key {key!r} is still queueing its job; send this one again in a moment",
+        )
     return Created(existing, replayed=True)
+
+
+def _recently(seconds: float = 60.0):
+    return utcnow() - timedelta(seconds=seconds)
 
 
 def create(session: Session, settings: Settings, user: CurrentUser, spec: JobSpec, *,
@@ -145,14 +158,19 @@ def create(session: Session, settings: Settings, user: CurrentUser, spec: JobSpe
 
 
 def _enqueue(session: Session, settings: Settings, job_id: int) -> None:
-    """Send the run message for a committed row; 503 (and the job failed) when Redis is down."""
+    """Send the run message for a committed row. When Redis is down the row is taken back (its
+    message never went out, so no worker has it) and the answer is 503: the client's retry,
+    with the same Idempotency-Key or without one, makes the job afresh, and it runs once."""
     try:
         task_id = enqueue_job(settings, job_id)
     except Exception as err:  # kombu/redis connection errors
-        log.exception("could not enqueue job %s", job_id)
-        crud.fail_unqueued(session, job_id=job_id, error=f"could not be queued: the broker is unreachable ({err})")
+        log.warning("could not enqueue job %s: %s", job_id, err)
+        taken_back = discard_unsent(session, job_id=job_id)
         session.commit()
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="the job queue (Redis) is unreachable; try again") from None
+        if taken_back:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "5"},
+                                detail="the job queue (Redis) is unreachable; nothing was queued, try again") from None
+        return  # the message went out after all (the sweeper sent it, or a worker has it): the job stands
     crud.set_task_id(session, job_id=job_id, task_id=task_id)
     session.commit()
 

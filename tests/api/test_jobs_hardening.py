@@ -1,0 +1,82 @@
+"""Jobs over real HTTP against real processes (issue 11, items 8 and 15).
+
+- Idempotency during a broker outage: POST /jobs answered 503 "try again" when Redis was down,
+  but the committed row kept the Idempotency-Key and was marked failed, so the retry with the
+  same key replayed a failed job. Now the row whose run message never went out is taken back:
+  the retry queues the job, and it runs once.
+- Ids are never reused (SQLite reused the id of a deleted newest job: another user's job then
+  answered at the old id, and the old id's Redis stream could replay for it).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis
+
+from app import streams
+from tests.support.stacks import SMALL, job_body
+
+pytestmark = pytest.mark.slow
+
+
+def queued_messages(url: str, queue: str) -> list[str]:
+    return [m.decode(errors="replace") for m in redis.Redis.from_url(url).lrange(queue, 0, -1)]
+
+
+def test_a_retry_after_a_broker_outage_queues_the_job(make_stack, redis_server, models_dir):
+    stack = make_stack(redis_server.url)
+    stack.start_api()
+    body = job_body(models_dir)
+    key = {"Idempotency-Key": f"outage-{uuid.uuid4()}"}
+    with stack.client(timeout=60) as client:
+        redis_server.kill()
+        refused = client.post("/api/v1/jobs", json=body, headers=key)
+        assert refused.status_code == 503, refused.text
+        assert "try again" in refused.json()["detail"] and refused.headers.get("retry-after")
+        assert client.get("/api/v1/jobs").json()["total"] == 0, "nothing was queued, and nothing is left behind"
+
+        redis_server.start()  # the same port, empty (nothing saved)
+        retried = client.post("/api/v1/jobs", json=body, headers=key)
+        assert retried.status_code == 201, retried.text
+        job = retried.json()
+        assert job["status"] == "queued" and job["error"] is None
+        messages = queued_messages(redis_server.url, stack.env["SPARSEGPT_QUEUE"])
+        assert len(messages) == 1 and f"job-{job['id']}-" in messages[0], messages
+
+        again = client.post("/api/v1/jobs", json=body, headers=key)  # the key now names the queued job
+        assert again.status_code == 200 and again.json()["id"] == job["id"]
+        assert client.get("/api/v1/jobs").json()["total"] == 1
+
+        stack.start_worker("after-outage")
+        done = stack.wait(job["id"])
+        assert done["status"] == "succeeded" and done["attempt"] == 1, done
+        assert client.get("/api/v1/jobs").json()["total"] == 1
+
+
+def test_a_deleted_jobs_id_is_never_reused(service, models_dir):
+    """On SQLite and PostgreSQL: delete the newest job, create another: a new id, the old one
+    404, and the old id's Redis keys gone with it."""
+    client = service.client
+    r = redis.Redis.from_url(service.env["REDIS_URL"])
+    body = job_body(models_dir, calibration={"dataset": str(models_dir / "calib.txt"), **SMALL}, evaluation={"datasets": []})
+    first = client.post("/api/v1/jobs", json=body)
+    assert first.status_code == 201, first.text
+    old = first.json()["id"]
+    assert service.wait_done(old)["status"] == "succeeded"
+    assert r.exists(streams.stream_key(old)), "the finished job's events are in Redis"
+    assert client.get("/api/v1/jobs").json()["items"][0]["id"] == old, "the deleted job is the newest"
+
+    assert client.delete(f"/api/v1/jobs/{old}").status_code == 204
+    assert client.get(f"/api/v1/jobs/{old}").status_code == 404
+    assert r.exists(streams.stream_key(old), streams.state_key(old), streams.cancel_key(old)) == 0
+
+    second = client.post("/api/v1/jobs", json=body)
+    assert second.status_code == 201, second.text
+    new = second.json()["id"]
+    assert new > old
+    assert client.get(f"/api/v1/jobs/{old}").status_code == 404
+    assert client.get(f"/api/v1/jobs/{old}/events").status_code == 404
+    assert service.wait_done(new)["status"] == "succeeded"
+    assert client.get(f"/api/v1/jobs/{old}").status_code == 404
