@@ -132,8 +132,10 @@ class ManyStreams:
         self.tasks.append(asyncio.ensure_future(self._reader(index, reader)))
 
     def open(self, batch: int = 50) -> None:
+        async def opening(indices: range) -> None:
+            await asyncio.gather(*(self._open(i) for i in indices))
         for start in range(0, self.count, batch):
-            self.loop.run_until_complete(asyncio.gather(*(self._open(i) for i in range(start, min(self.count, start + batch)))))
+            self.loop.run_until_complete(opening(range(start, min(self.count, start + batch))))
 
     def wait_all(self, marker: bytes, timeout: float) -> int:
         """Run the loop until every stream has received ``marker``; how many did."""
@@ -165,5 +167,8 @@ class ManyStreams:
             writer.close()
         for task in self.tasks:
             task.cancel()
-        self.loop.run_until_complete(asyncio.gather(*self.tasks, return_exceptions=True))
+
+        async def ending() -> None:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.loop.run_until_complete(ending())
         self.loop.close()
