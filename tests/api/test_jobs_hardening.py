@@ -80,3 +80,29 @@ def test_a_deleted_jobs_id_is_never_reused(service, models_dir):
     assert client.get(f"/api/v1/jobs/{old}/events").status_code == 404
     assert service.wait_done(new)["status"] == "succeeded"
     assert client.get(f"/api/v1/jobs/{old}").status_code == 404
+
+
+def test_a_replay_of_a_job_still_being_queued_waits(make_stack, redis_server, models_dir):
+    """A twin request with the same key, between the first one's commit and its run message
+    (which may yet fail and take the row back), is told to come again instead of getting a job
+    that could vanish; once the message is out, the replay is the job."""
+    from app import auth, crud, db
+    from app.services.jobs import spec_digest
+    from worker.engine.spec import JobSpec
+
+    stack = make_stack(redis_server.url)
+    stack.start_api()
+    body, key = job_body(models_dir), f"twin-{uuid.uuid4()}"
+    url = stack.env["DATABASE_URL"]
+    with db.session_scope(url) as session:  # the first request's row, committed, its message not sent yet
+        user = crud.get_user_by_token_hash(session, auth.hash_token(stack.token))
+        job_id = crud.create_job(session, spec=JobSpec.model_validate(body).model_dump(mode="json"), owner_id=user.id,
+                                 idempotency_key=key, spec_sha256=spec_digest(JobSpec.model_validate(body))).id
+    with stack.client() as client:
+        twin = client.post("/api/v1/jobs", json=body, headers={"Idempotency-Key": key})
+        assert twin.status_code == 409 and twin.headers.get("retry-after"), twin.text
+        assert "still queueing" in twin.json()["detail"]
+        with db.session_scope(url) as session:  # the first request's message went out
+            crud.set_task_id(session, job_id=job_id, task_id=f"job-{job_id}-sent")
+        replay = client.post("/api/v1/jobs", json=body, headers={"Idempotency-Key": key})
+        assert replay.status_code == 200 and replay.json()["id"] == job_id, replay.text
