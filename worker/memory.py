@@ -197,7 +197,7 @@ class MemoryWatch:
             self.tripped.set()
             self._record(rss, peak, now)
             self.on_over_limit(
-                f"the job's worker process used {rss / GB:.2f} GB, above this worker's limit of "
+                f"the job's worker process used {rss / GB:.3f} GB, above this worker's limit of "
                 f"{self.max_rss_bytes / GB:g} GB (SPARSEGPT_WORKER_MAX_RSS_GB); stopped and not retried: "
                 "lower nsamples or seqlen (or evaluation.max_windows), or use a worker with more memory"
             )
