@@ -75,9 +75,11 @@ def job_out(job: Job, progress: dict[str, Any] | None = None, *, retention_s: in
     response_model=JobOut,
     responses={
         200: {"model": JobOut, "description": "the job an earlier request with this Idempotency-Key made"},
+        409: {"description": "an earlier request with this Idempotency-Key is still queueing its job (Retry-After)"},
         422: {"description": "invalid spec, or an Idempotency-Key reused with another body"},
         **LIMITED,
-        503: {"description": "the queue is unreachable"},
+        503: {"description": "the queue is unreachable: nothing was queued; send it again (with the same "
+                             "Idempotency-Key, it makes the job once)"},
     },
 )
 def submit_job(
@@ -131,7 +133,8 @@ def get_job(job_id: JobId, session: SessionDep, r: RedisDep, settings: SettingsD
     status_code=status.HTTP_201_CREATED,
     response_model=JobOut,
     responses={**NOT_FOUND, **FORBIDDEN, 409: {"description": "the job has not finished"},
-               422: {"description": "its spec is no longer allowed here"}, **LIMITED, 503: {"description": "the queue is unreachable"}},
+               422: {"description": "its spec is no longer allowed here"}, **LIMITED,
+               503: {"description": "the queue is unreachable: nothing was queued; send it again"}},
 )
 def retry_job(job_id: JobId, response: Response, session: SessionDep, settings: SettingsDep, user: UserDep) -> JobOut:
     """A new job with the same spec (checked again against today's limits); the old one stays."""

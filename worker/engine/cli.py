@@ -56,7 +56,9 @@ def _add_spec_flag(p: argparse.ArgumentParser, leaf: Leaf) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Prune a causal LM one-shot with SparseGPT "
                 "(or the magnitude / Wanda baselines) and report its perplexity.")
-    p.add_argument("model", help="Hugging Face model id, local model directory, or .gguf file")
+    p.add_argument("model", help="Hugging Face model id, local model directory, or .gguf file (a path that exists "
+                                 "here is read from the disk; the server reads only absolute paths under its "
+                                 "allowed directories, and never looks for a Hub id on its disk)")
     for leaf in leaf_fields():
         if leaf.ui.cli:
             _add_spec_flag(p, leaf)
