@@ -62,14 +62,16 @@ class Settings(BaseSettings):
     max_eval_sets: int = 8
 
     # --- the edge (app/guard.py, app/serve.py): limits applied before a route runs ---------
-    # Host header names the server answers to (comma-separated; "*" any). Empty: loopback
-    # names only (localhost, 127.0.0.1, [::1]) plus the address `sparsegpt serve --host` binds.
+    # Host header names the server answers to (comma-separated; "*" any) besides those it always
+    # answers: the loopback names (localhost, 127.0.0.1, [::1]), the address `sparsegpt serve
+    # --host` binds and the address a connection arrived on (no DNS-rebinding name is one).
     allowed_hosts: str = ""
     # Largest request body of a JSON or form route (uploads have max_upload_bytes), enforced
     # while the body streams in, chunked bodies too.
     max_body_bytes: int = 1024 * 1024
     # Seconds a connection may take to send its request headers, and to stay idle between
-    # requests; the most connections one API process holds at once (503 beyond it).
+    # requests; the most connections one API process holds at once (kept below the open-files
+    # limit): beyond it the oldest idle or half-sent ones are closed, 503 when none can be.
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 5.0
     max_connections: int = 1000
@@ -79,6 +81,8 @@ class Settings(BaseSettings):
 
     # --- live progress (app/api/events.py) ---------------------------------------------------
     # Server-Sent-Event streams one API process serves at once (503 + Retry-After beyond it).
+    # Each open stream holds one Redis connection while its XREAD blocks (5 s): the process's
+    # stream pool has this many + 16 connections.
     max_streams_per_process: int = 200
 
     # --- job size (app/services/specs.py) -----------------------------------------------------
@@ -88,6 +92,9 @@ class Settings(BaseSettings):
     # Memory a worker may give one job's activations and weights (GB); a job whose estimate is
     # larger is refused with the numbers (0: not checked).
     max_job_memory_gb: float = 80.0
+    # A worker fails a job whose process's resident memory goes above this (GB), and ends that
+    # process at once, before the kernel's OOM killer picks one (0: off).
+    worker_max_rss_gb: float = 0.0
 
     # --- uploads (app/services/uploads.py) ------------------------------------------------------
     # Per user: bytes and number of calibration files kept; files older than the retention are
