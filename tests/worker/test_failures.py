@@ -137,3 +137,14 @@ def test_memory_error_and_cuda_oom(settings):
     cuda = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total)")
     reason = describe_failure(cuda, SPEC, settings)
     assert reason.startswith("CUDA out of memory") and "nsamples 128 -> 64" in reason
+
+
+def test_a_missing_repo_is_not_called_gated():
+    """The Hub's 404 help text says "a private or gated repo" for every missing id: the engine
+    must say the model was not found, not that it is gated."""
+    err = hub_error(404, **{"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
+    assert "gated" in str(err).lower()  # the help text the old check tripped on
+    reworded = _explain_load_error("org/model", err)
+    assert "was not found" in str(reworded) and "is gated" not in str(reworded), reworded
+    gated = _explain_load_error("org/model", hub_error(403, **{"X-Error-Code": "GatedRepo"}))
+    assert "is gated" in str(gated), gated

@@ -59,7 +59,9 @@ def _gguf_file(directory: Path) -> str | None:
 def _explain_load_error(model: str, exc: Exception) -> ModelNotFound:
     text = str(exc)
     name = type(exc).__name__
-    if "Gated" in name or "gated" in text.lower():
+    lowered = text.lower()
+    # Not any "gated": the Hub's 404 help says "a private or gated repo" for every missing id.
+    if "Gated" in name or "access a gated repo" in lowered or "cannot access gated repo" in lowered:
         return ModelNotFound(f"model {model!r} is gated: accept its licence on the Hub and set HF_TOKEN")
     if "RepositoryNotFound" in name or "is not a local folder and is not a valid model identifier" in text:
         return ModelNotFound(f"model {model!r} was not found (neither a local directory nor a Hub model id)")
