@@ -41,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import auth
 from app.config import Settings
 from app.services.uploads import MULTIPART_OVERHEAD
+from worker.engine.spec import plain_message
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -221,12 +222,12 @@ def _clean(value: object, limit: int) -> str:
 
 
 def validation_details(errors) -> list[dict]:
-    """A 422's detail: where and what, never the input (it may be a file or a megabyte of
-    JSON), messages truncated; at most 50 errors."""
+    """A 422's detail: where and what in plain words (the form and the CLI say the same), never
+    the input itself (it may be a file or a megabyte of JSON), messages truncated; at most 50."""
     details = []
     for error in list(errors)[:50]:
         loc = [part if isinstance(part, int) else _clean(part, 64) for part in tuple(error.get("loc", ()))[:12]]
-        msg = str(error.get("msg", ""))
+        msg = plain_message(error)  # the spec's plain words; a short input at most 60 characters
         ctx = error.get("ctx") or {}
         if error.get("type") == "json_invalid" and isinstance(ctx.get("error"), str):
             msg = f"{msg}: {ctx['error']}"

@@ -99,7 +99,12 @@ def test_the_same_input_is_refused_for_the_same_reason(client, args, body, form)
     assert reason in result.stderr, result.stderr
     with pytest.raises(ValidationError) as info:
         JobSpec.model_validate(spec_data(build_parser().parse_args([MODEL, *args])))
-    assert [plain_message(e) for e in info.value.errors()] == reasons
+    # The same words; an echo of the offending value, " (got ...)", is where the input was kept.
+    assert [stem(plain_message(e)) for e in info.value.errors()] == [stem(r) for r in reasons]
+
+
+def stem(reason: str) -> str:
+    return reason.split(" (got ", 1)[0]
 
 
 def test_the_same_input_is_accepted_as_the_same_spec(client):
