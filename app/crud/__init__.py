@@ -20,7 +20,7 @@ from app.crud.jobs import (  # noqa: F401
     delete_job,
     get_job,
     list_jobs,
-    fail_unqueued,
+    discard_unsent,
     CancelOutcome,
     request_cancel,
     refresh_job,

@@ -11,7 +11,6 @@ from sqlalchemy.orm import Session, selectinload
 from app.models import (
     CANCELLED,
     SUCCEEDED,
-    FAILED,
     QUEUED,
     RUNNING,
     Job,
@@ -114,15 +113,6 @@ def discard_unsent(session: Session, *, job_id: int) -> bool:
         .where(Job.id == job_id, Job.status == QUEUED, Job.celery_task_id.is_(None))
         .execution_options(synchronize_session=False)
     ).rowcount)
-
-
-def fail_unqueued(session: Session, *, job_id: int, error: str) -> None:
-    """The run message could not be sent: the queued job fails with the reason."""
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == QUEUED)
-        .values(status=FAILED, error=error, finished_at=utcnow())
-    )
 
 
 @dataclass

@@ -25,7 +25,6 @@ from sqlalchemy.orm import Session
 from app import crud, streams
 from app.auth import CurrentUser
 from app.config import Settings
-from app.crud.jobs import discard_unsent
 from app.models import QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job, utcnow
 from app.queue import enqueue_job
 from app.services.specs import SpecError, check_spec
@@ -165,7 +164,7 @@ def _enqueue(session: Session, settings: Settings, job_id: int) -> None:
         task_id = enqueue_job(settings, job_id)
     except Exception as err:  # kombu/redis connection errors
         log.warning("could not enqueue job %s: %s", job_id, err)
-        taken_back = discard_unsent(session, job_id=job_id)
+        taken_back = crud.discard_unsent(session, job_id=job_id)
         session.commit()
         if taken_back:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "5"},

@@ -86,3 +86,17 @@ def test_summary_says_what_a_layer_selection_left_dense():
     assert "layer selection (blocks 1..last; exclude *.down_proj): the modules it leaves out stay dense" in summary(report)
     report["layers_selected"] = {"first_block": None, "last_block": None, "include": [], "exclude": []}
     assert "layer selection" not in summary(report)
+
+
+def test_a_hub_id_is_never_read_from_the_working_directory(tmp_path, monkeypatch):
+    """load_model reads a path only when it is one (absolute, ./, ../, ~): a relative org/name
+    that happens to exist beside the process is a Hub id, refused with the way to name it."""
+    from worker.engine.checkpoint import load_model
+    from worker.engine.errors import InvalidJob
+
+    make_tiny_model(tmp_path / "outside" / "secretmodel")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidJob, match=r"read as a Hub id.*\./outside/secretmodel"):
+        load_model("outside/secretmodel", dtype=torch.float32)
+    model, _ = load_model("./outside/secretmodel", dtype=torch.float32)
+    assert model.config.model_type == "llama"

@@ -80,15 +80,21 @@ def load_model(model: str, *, dtype: torch.dtype, revision: str | None = None,
     path = Path(model).expanduser()
     kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code,
                     "token": token or os.environ.get("HF_TOKEN")}
-    if path.suffix == ".gguf" and path.is_file():
+    # A path is absolute or starts with ./ ../ ~; anything else is a Hub id and never read from
+    # the disk (from_pretrained would read ./org/name before asking the Hub).
+    local = path.is_absolute() or model.startswith(("./", "../", "~"))
+    if local and path.suffix == ".gguf" and path.is_file():
         model_source, kwargs["gguf_file"] = str(path.parent), path.name
-    elif path.is_dir():
+    elif local and path.is_dir():
         model_source = str(path)
         gguf = _gguf_file(path)
         if gguf:
             kwargs["gguf_file"] = gguf
-    elif model.startswith(("/", "./", "../", "~")) or os.sep in model.strip("/").replace("/", "", 1):
+    elif local or os.sep in model.strip("/").replace("/", "", 1):
         raise ModelNotFound(f"model directory {model!r} does not exist")
+    elif os.path.lexists(model):
+        raise InvalidJob(f"{model!r} is read as a Hub id, but the working directory holds an entry of that name; "
+                         f"name the local model as ./{model} or by its absolute path")
     else:
         model_source = model
     try:
