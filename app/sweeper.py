@@ -50,6 +50,7 @@ class SweepReport:
     resent: list[int] = field(default_factory=list)
     expired: list[int] = field(default_factory=list)
     uploads_deleted: list[int] = field(default_factory=list)
+    sessions_purged: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -77,6 +78,8 @@ def sweep_once(settings: Settings, sessions, r: redis_lib.Redis, *, send=enqueue
     _resend_lost(settings, sessions, r, report, send)
     _expire_artifacts(settings, sessions, report)
     _expire_uploads(settings, sessions, report)
+    with sessions() as session, session.begin():  # sign-ins that admit nobody any more
+        report.sessions_purged = crud.purge_web_sessions(session)
     return report
 
 

@@ -129,3 +129,23 @@ def test_free_disk_check_fails_the_job_with_the_reason(env):
     assert job.status == "failed" and job.attempt == 1
     assert "not started" in job.error and "GiB free" in job.error and "SPARSEGPT_MIN_FREE_DISK_MB" in job.error
     assert not (settings.artifacts_dir / str(job_id)).exists() or not any((settings.artifacts_dir / str(job_id)).iterdir())
+
+
+def test_sign_ins_that_admit_nobody_are_purged(env):
+    """Expired and revoked dashboard sessions are deleted by the sweeper; a live one stays."""
+    from app.models import User, WebSession
+
+    now = utcnow()
+    with db.session_scope(env.settings.database) as session:
+        user_id = session.query(User).filter(User.name == "alice").one().id
+        for key, expires, revoked in (("live", now + timedelta(hours=1), None),
+                                      ("expired", now - timedelta(seconds=1), None),
+                                      ("revoked", now + timedelta(hours=1), now)):
+            crud.create_web_session(session, key=f"{key}-{'0' * 50}"[:64], user_id=user_id, expires_at=expires)
+            if revoked:
+                crud.revoke_web_session(session, f"{key}-{'0' * 50}"[:64])
+    report = sweep_once(env.settings, env.client.app.state.sessions, env.client.app.state.redis)
+    assert report.sessions_purged >= 2
+    with db.session_scope(env.settings.database) as session:
+        left = {row.id.split("-")[0] for row in session.query(WebSession).filter(WebSession.user_id == user_id)}
+    assert "live" in left and not {"expired", "revoked"} & left
