@@ -50,7 +50,10 @@ def _add_spec_flag(p: argparse.ArgumentParser, leaf: Leaf) -> None:
     if leaf.required and leaf.ui.suggested is not None:
         default = leaf.ui.suggested
         text += f" (default {default})"
-    p.add_argument(leaf.ui.cli, dest=dest, default=default, metavar=leaf.path[-1].upper(), help=text)
+    metavar = leaf.path[-1].rstrip("_").upper()
+    if leaf.path == ("sparsity_profile",):  # the CLI also reads the per-block list from a file
+        metavar, text = "uniform|owl|S0,S1,...|@FILE.json", text + "; @FILE.json: a JSON list in a file"
+    p.add_argument(leaf.ui.cli, dest=dest, default=default, metavar=metavar, help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,12 +92,30 @@ def spec_data(args: argparse.Namespace) -> dict[str, Any]:
     for name, value in vars(args).items():
         if name.startswith(_SPEC):
             set_path(data, tuple(name[len(_SPEC):].split(".")), value)
+    profile = data.get("sparsity_profile")
+    if isinstance(profile, str) and profile.startswith("@"):  # @file.json: a JSON list, one sparsity per block
+        data["sparsity_profile"] = _profile_file(profile[1:])
     calibration = data.get("calibration", {}).get("dataset")
     if calibration is not None:
         data["calibration"]["dataset"] = _local(calibration)
     datasets = [] if args.no_eval else [_local(v) for v in (args.eval_sets or ["wikitext2"])]
     set_path(data, ("evaluation", "datasets"), datasets)
     return data
+
+
+class ArgumentFileError(ValueError):
+    """A file named by an argument cannot be read as what it must hold (one line, exit 2)."""
+
+
+def _profile_file(name: str) -> list:
+    try:
+        value = json.loads(Path(name).expanduser().read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ArgumentFileError(f"--sparsity-profile: cannot read {name!r} as JSON ({reason})") from None
+    if not isinstance(value, list):
+        raise ArgumentFileError(f"--sparsity-profile: {name!r} must hold a JSON list, one sparsity per block")
+    return value
 
 
 def _flag(path: tuple[str, ...]) -> str:
@@ -116,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = JobSpec.model_validate(spec_data(args))
     except ValidationError as err:
         print(f"{PROG}: error: {describe(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except ArgumentFileError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     if args.report and not Path(args.report).parent.exists():
         print(f"{PROG}: error: report directory {str(Path(args.report).parent)!r} does not exist", file=sys.stderr)
@@ -169,6 +193,13 @@ def summary(report: dict) -> str:
     lines = [f"{report['method']} {report['pattern']}: sparsity {report['sparsity']:.4f} over "
              f"{len(report['layers'])} layers, prune {report['seconds']['prune']:.1f} s, "
              f"total {report['seconds']['total']:.1f} s, peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB"]
+    profile = report.get("profile") or {}
+    if profile.get("profile") in ("owl", "list"):
+        rows = [(b, t, a) for b, (t, a) in enumerate(zip(profile["targets"], profile["achieved"])) if t is not None]
+        extra = f", M {profile['m']:g}, lambda {profile['lambda']:g}" if profile["profile"] == "owl" else ""
+        lines.append(f"sparsity profile {profile['profile']}{extra} (the overall sparsity above is weighted by "
+                     "parameters); block: target -> achieved")
+        lines.append("  " + ", ".join(f"{b}: {t:.3f} -> {a:.3f}" for b, t, a in rows))
     selected = report.get("layers_selected") or {}
     if any(selected.get(k) not in (None, []) for k in ("first_block", "last_block", "include", "exclude")):
         first, last = selected.get("first_block"), selected.get("last_block")

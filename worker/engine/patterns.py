@@ -74,3 +74,44 @@ def _short(value: object) -> str:
         return f"a {len(str(abs(value)))}-digit number" if abs(value) < 10**4000 else "a huge number"
     text = repr(value)
     return text if len(text) <= MAX_TEXT else f"{type(value).__name__} of {len(text)} characters"
+
+
+# --- how the target spreads over the decoder blocks ----------------------------------------------
+
+PROFILES = ("uniform", "owl")
+MAX_PROFILE = 4096  # values in a per-block profile (more blocks than any decoder has)
+_PROFILE_EXPECTED = ("uniform, owl, or one sparsity per decoder block separated by commas "
+                     "(0.6, 0.7, 0.8; a JSON list in the API)")
+
+
+def parse_profile(value: object) -> str | tuple[float, ...]:
+    """``"uniform"`` / ``"owl"``, or a per-block profile: a list of ratios, or text listing them
+    ("0.6, 0.7", "[0.6, 0.7]"). Each value must be a finite ratio strictly between 0 and 1; the
+    number of values is checked against the model's blocks once it is loaded."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in PROFILES:
+            return text.lower()
+        if len(text) > 24 * MAX_PROFILE or not text.isascii() or not text.isprintable():
+            raise InvalidJob(f"sparsity_profile must be {_PROFILE_EXPECTED}")
+        items: list[object] = [v.strip() for v in text.strip("[]() ").split(",")]
+        if not text.strip("[]() ") or "," not in text and not _RATIO.match(text.strip("[]() ")):
+            raise InvalidJob(f"sparsity_profile {_short(value)} is not {_PROFILE_EXPECTED}")
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise InvalidJob(f"sparsity_profile {_short(value)} is not {_PROFILE_EXPECTED}")
+    if not items or len(items) > MAX_PROFILE:
+        raise InvalidJob(f"sparsity_profile has {len(items)} values: one per decoder block, at most {MAX_PROFILE}")
+    out = []
+    for b, item in enumerate(items):
+        if isinstance(item, str) and not (item and _RATIO.match(item) and not item.endswith("%")):
+            raise InvalidJob(f"sparsity_profile value {_short(item)} (block {b}) is not a number; expected {_PROFILE_EXPECTED}")
+        if isinstance(item, bool) or not isinstance(item, (int, float, str)) or isinstance(item, int):
+            raise InvalidJob(f"sparsity_profile value {_short(item)} (block {b}) must be a ratio strictly between 0 and 1")
+        ratio = float(item)
+        if not math.isfinite(ratio) or not 0.0 < ratio < 1.0:
+            raise InvalidJob(f"sparsity_profile value {ratio:g} (block {b}) is out of range: "
+                             "each must be a finite ratio strictly between 0 and 1")
+        out.append(ratio)
+    return tuple(out)

@@ -21,6 +21,7 @@ from worker.engine.architectures import LayerSelection, adapter_for
 from worker.engine.calibration import calibration_windows, evaluation_windows, is_named, read_text_file
 from worker.engine.checkpoint import context_length, load_model, resolve_device, resolve_dtype, save_pruned
 from worker.engine.errors import InvalidJob
+from worker.engine.owl import block_targets, check_profile
 from worker.engine.progress import CancelCheck, ProgressCallback, Tracker
 from worker.engine.sequential import LayerResult, SolverSettings, perplexity, prune_sequential
 from worker.engine.spec import JobSpec, upload_id
@@ -93,6 +94,7 @@ class _Run:
         self.adapter = adapter_for(self.model)
         self.selection = LayerSelection(**spec.layers.model_dump())
         self.selection.validate(len(self.adapter.blocks))
+        check_profile(spec.sparsity_profile, len(self.adapter.blocks))
         context = context_length(self.model, self.tokenizer)
         self.seqlen = spec.calibration.seqlen or min(DEFAULT_SEQLEN, context or DEFAULT_SEQLEN)
         if context is not None and self.seqlen > context:
@@ -103,12 +105,20 @@ class _Run:
         cal = self.spec.calibration
         self.tracker.begin("calibrating", f"sampling {cal.nsamples} windows of {self.seqlen} tokens from {cal.dataset}")
         self.calibration = None
-        if self.spec.method != "magnitude":
+        if self.spec.method != "magnitude" or self.spec.sparsity_profile == "owl":  # OWL's scores need activations
             self.calibration = calibration_windows(self.tokenizer, cal.dataset, nsamples=cal.nsamples,
                                                    seqlen=self.seqlen, seed=cal.seed)
         for name in self.spec.evaluation.datasets:  # fail now, not after the prune, on a missing or empty file
             if not is_named(name):
                 read_text_file(name)
+
+    def profile(self) -> None:
+        """The per-block targets of a non-uniform profile (OWL: one pass over the dense model)."""
+        spec = self.spec
+        self.targets, self.profile_info = block_targets(
+            spec.sparsity_profile, sparsity=spec.pattern.sparsity, m=spec.owl.m, lam=spec.owl.lambda_,
+            model=self.model, adapter=self.adapter, calibration=self.calibration, selection=self.selection,
+            device=self.device, batch_size=self.batch_size, tracker=self.tracker)
 
     def evaluate(self, stage: str, label: str) -> dict[str, float]:
         self.tracker.begin(stage, f"{label} perplexity")
@@ -129,7 +139,7 @@ class _Run:
         batch = 1 if spec.solver.exact else self.batch_size  # the reference's one sequence per forward
         layers = prune_sequential(self.model, self.adapter, self.calibration, solver=solver,
                                   selection=self.selection, device=self.device, batch_size=batch,
-                                  tracker=self.tracker)
+                                  tracker=self.tracker, targets=self.targets)
         self.peak_prune_rss = _peak_rss_bytes()
         return layers
 
@@ -150,9 +160,17 @@ class _Run:
         sizes = [self.model.get_submodule(r.name).weight.numel() for r in layers]
         zeros = sum(r.sparsity * n for r, n in zip(layers, sizes))
         used = [r.percdamp for r in layers]
+        per_block: dict[int, list] = {}
+        for r, n in zip(layers, sizes):
+            per_block.setdefault(r.block, []).append((r, n))
+        nblocks = len(self.adapter.blocks)
         return {
             "model": spec.model, "revision": spec.revision, "method": spec.method, "pattern": str(spec.pattern),
-            "sparsity": zeros / sum(sizes) if sizes else 0.0,
+            "sparsity": zeros / sum(sizes) if sizes else 0.0,  # weighted by parameters: zeros / pruned weights
+            "profile": {**self.profile_info,  # per block (None: not pruned); each weighted by its Linears' sizes
+                        "targets": [per_block[b][0][0].target if b in per_block else None for b in range(nblocks)],
+                        "achieved": [sum(r.sparsity * n for r, n in per_block[b]) / sum(n for _, n in per_block[b])
+                                     if b in per_block else None for b in range(nblocks)]},
             "calibration": {**spec.calibration.model_dump(), "seqlen": self.seqlen},
             "solver": {"blocksize": spec.solver.blocksize, "percdamp": spec.solver.percdamp,
                        "percdamp_max_used": max(used, default=0.0),  # 0.0: no layer was dampened
@@ -200,6 +218,10 @@ def run_job(spec: JobSpec, options: RunOptions | None = None, *, on_progress: Pr
                    "dtype": str(run.dtype).replace("torch.", ""), "device": run.device.type, "seqlen": run.seqlen})
     with run.timed("data"):
         run.calibrate()
+    with run.timed("profile"):  # OWL's pass over the dense model; nothing to do for the others
+        run.profile()
+    if spec.sparsity_profile != "owl":
+        del run.seconds["profile"]
     dense_ppl, pruned_ppl = {}, {}
     if evaluate and spec.evaluation.dense:
         with run.timed("eval_dense"):

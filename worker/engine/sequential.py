@@ -18,7 +18,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -51,9 +51,10 @@ class LayerResult:
     seconds: float
     loss: float | None = None  # SparseGPT's own objective
     percdamp: float = 0.0  # SparseGPT's dampening as used (above the asked one when H needed more); 0 for the baselines
+    target: float | None = None  # the sparsity asked of this layer's block (its profile's value; N:M: N/M)
 
     def as_dict(self) -> dict:
-        return {"block": self.block, "name": self.name, "sparsity": self.sparsity,
+        return {"block": self.block, "name": self.name, "sparsity": self.sparsity, "target": self.target,
                 "error": self.error, "seconds": self.seconds, "loss": self.loss, "percdamp": self.percdamp}
 
 
@@ -278,10 +279,11 @@ def solve_group(names: list[str], modules: dict[str, nn.Module], H: torch.Tensor
 @torch.no_grad()
 def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tensor | None, *,
                      solver: SolverSettings, selection: LayerSelection, device: torch.device,
-                     batch_size: int, tracker: Tracker) -> list[LayerResult]:
+                     batch_size: int, tracker: Tracker, targets: dict[int, float] | None = None) -> list[LayerResult]:
     """Prune the selected Linears of every selected block; returns one result per Linear.
 
-    ``calibration`` (nsamples, seqlen) token ids; magnitude pruning needs none.
+    ``calibration`` (nsamples, seqlen) token ids; magnitude pruning needs none. ``targets``: an
+    unstructured sparsity per block (a non-uniform profile, worker.engine.owl) instead of the pattern's.
     """
     blocks = adapter.blocks
     nblocks = len(blocks)
@@ -318,17 +320,19 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
         else:
             groups = [([name], None) for name in modules]
 
+        block_solver = solver if targets is None else replace(solver, pattern=SparsityPattern(targets[i]))
         for g, (names, H) in enumerate(groups):
             tracker.emit((i + g / max(len(groups), 1)) / (last + 1), layer=i, layers=nblocks,
                          module=f"{prefix}.{names[0]}", message=f"pruning {', '.join(names)}")
             t0 = time.perf_counter()
-            stats = solve_group(names, modules, H, solver, device, prune_shared=arithmetic.prune_shared)
+            stats = solve_group(names, modules, H, block_solver, device, prune_shared=arithmetic.prune_shared)
             seconds = time.perf_counter() - t0
             rows = [weight_matrix(modules[n]).shape[0] for n in names]
             for n, r, (error, loss, percdamp) in zip(names, rows, stats):
                 results.append(LayerResult(
                     block=i, name=f"{prefix}.{n}", sparsity=_sparsity(weight_matrix(modules[n])),
-                    error=error, loss=loss, percdamp=percdamp, seconds=seconds * r / sum(rows)))
+                    error=error, loss=loss, percdamp=percdamp, seconds=seconds * r / sum(rows),
+                    target=block_solver.pattern.sparsity))
         del groups
         if needs_data and i < last:
             run_block(block, inputs, device, keep=True)  # the pruned block feeds the next one

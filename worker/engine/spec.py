@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Annotated, Any, Iterator, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from worker.engine.patterns import SparsityPattern, parse_sparsity
+from worker.engine.patterns import SparsityPattern, parse_profile, parse_sparsity
 
 BUILTIN_DATASETS = ("c4", "wikitext2", "ptb")
 METHODS = ("sparsegpt", "wanda", "magnitude")
@@ -37,10 +37,8 @@ MAX_GLOBS = 32
 
 @dataclass(frozen=True)
 class UI:
-    """How a person sets a field: its input in the new-job form and its flag in the CLI.
-
-    ``suggested`` is the value a required field starts with in the form and the CLI (the API
-    has no default for it); ``cli_negate`` makes the flag set False (``--no-dense-eval``)."""
+    """A field's input in the new-job form and its CLI flag; ``suggested``: the value a required field
+    starts with there; ``cli_negate``: the flag sets False (``--no-dense-eval``)."""
 
     form: str | None = None
     cli: str | None = None
@@ -173,6 +171,17 @@ class LayersSpec(_Strict):
         return self
 
 
+class OwlSpec(_Strict):
+    """OWL (``sparsity_profile: "owl"``, arXiv 2310.05175); ``lambda_`` is ``lambda`` in JSON too."""
+
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, loc_by_alias=False)
+    m: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False, description="a Wanda score is an outlier above M "
+                              "times its block's mean"), UI(form="owl_m", cli="--owl-m")] = 5.0
+    lambda_: Annotated[float, Field(alias="lambda", ge=0, lt=0.5, allow_inf_nan=False, description="the blocks' "
+                                    "sparsities spread over 2 x lambda around the target"),
+                       UI(form="owl_lambda", cli="--owl-lambda")] = 0.08
+
+
 class JobSpec(_Strict):
     """What POST /api/v1/jobs takes. Only ``model`` and ``sparsity`` are required."""
 
@@ -188,6 +197,11 @@ class JobSpec(_Strict):
                       UI(form="method", cli="--method")] = "sparsegpt"
     sparsity: Annotated[float | str, Field(description='a ratio (0.5) or an N:M pattern ("2:4")'),
                         UI(form="sparsity", cli="--sparsity", suggested="0.5")]
+    sparsity_profile: Annotated[str | tuple[float, ...], BeforeValidator(parse_profile), Field(
+        description='how the sparsity spreads over the decoder blocks: uniform; owl (blocks with more outliers '
+                    'pruned less, the mean kept); or one sparsity per block ([0.6, 0.7, ...]; unstructured only)'),
+        UI(form="sparsity_profile", cli="--sparsity-profile")] = "uniform"
+    owl: OwlSpec = Field(default_factory=OwlSpec)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     solver: SolverSpec = Field(default_factory=SolverSpec)
@@ -195,21 +209,11 @@ class JobSpec(_Strict):
     dtype: Annotated[Literal["auto", "float16", "bfloat16", "float32"],
                      Field(description="load, compute and save dtype"), UI(form="dtype", cli="--dtype")] = "auto"
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "model": "facebook/opt-125m",
-                    "method": "sparsegpt",
-                    "sparsity": "2:4",
-                    "calibration": {"dataset": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0},
-                    "evaluation": {"datasets": ["wikitext2"], "max_windows": None},
-                    "solver": {"blocksize": 128, "percdamp": 0.01, "wbits": None},
-                }
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "model": "facebook/opt-125m", "method": "sparsegpt", "sparsity": "2:4",
+        "calibration": {"dataset": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0},
+        "evaluation": {"datasets": ["wikitext2"], "max_windows": None},
+        "solver": {"blocksize": 128, "percdamp": 0.01, "wbits": None}}]})
 
     @field_validator("sparsity", mode="before")
     @classmethod
@@ -251,6 +255,9 @@ class JobSpec(_Strict):
         if pattern.structured and self.method == "sparsegpt" and self.solver.blocksize % pattern.m:
             raise ValueError(f"solver.blocksize {self.solver.blocksize} must be a multiple of M={pattern.m} "
                              f"for {pattern}")
+        if pattern.structured and self.sparsity_profile != "uniform":
+            raise ValueError(f"sparsity_profile {'owl' if self.sparsity_profile == 'owl' else 'per block'} needs an unstructured sparsity (0.7), not {pattern}: an N:M "
+                             "pattern has exactly N zeros in every M weights of every block, so it stays uniform")
         return self
 
     @property
