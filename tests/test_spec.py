@@ -65,6 +65,12 @@ CASES = [
      {"first_block": "3", "last_block": "1"}),
     (["--first-block", "-1"], {"layers": {"first_block": -1}}, {"first_block": "-1"}),
     (["--percdamp", "nan"], {"solver": {"percdamp": "nan"}}, {"percdamp": "nan"}),
+    (["--sparsity", "2:4", "--sparsity-profile", "owl"], {"sparsity": "2:4", "sparsity_profile": "owl"},
+     {"sparsity": "2:4", "sparsity_profile": "owl"}),
+    (["--sparsity-profile", "0.5,1.5"], {"sparsity_profile": [0.5, 1.5]}, {"sparsity_profile": "0.5, 1.5"}),
+    (["--sparsity-profile", "owls"], {"sparsity_profile": "owls"}, {"sparsity_profile": "owls"}),
+    (["--owl-lambda", "0.5"], {"owl": {"lambda": 0.5}}, {"owl_lambda": "0.5"}),
+    (["--owl-m", "-1"], {"owl": {"m": -1}}, {"owl_m": "-1"}),
 ]
 
 

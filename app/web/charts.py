@@ -103,3 +103,38 @@ def line_chart(series: list[tuple[str, list[tuple[int, float]]]], *, title: str,
         parts.append(f'<text class="empty" x="{_W / 2}" y="{_H / 2}" text-anchor="middle">no per-block results yet</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+def profile_chart(profile: dict | None) -> Markup | None:
+    """Per block, the sparsity asked (the report's ``profile.targets``: uniform, OWL's or the user's)
+    beside the sparsity achieved (``profile.achieved``), in %; blocks left dense are skipped. None
+    without a profile (a job from before issue 12)."""
+    if not isinstance(profile, dict):
+        return None
+    targets, achieved = profile.get("targets") or [], profile.get("achieved") or []
+    rows = [(b, t, a) for b, (t, a) in enumerate(zip(targets, achieved))
+            if isinstance(t, (int, float)) and isinstance(a, (int, float)) and math.isfinite(t) and math.isfinite(a)]
+    if not rows:
+        return None
+    kind = str(profile.get("profile") or "uniform")
+    parts = _frame(f"Sparsity per block, {kind}: target vs achieved (%)", 100.0)
+    plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
+    slot = plot_w / len(rows)
+    width = max(1.0, slot * 0.38)
+    colors = {"target": "#9ca3af", "achieved": PALETTE[0]}
+    for i, (block, target, done) in enumerate(rows):
+        x0 = _LEFT + slot * i + slot * 0.1
+        if len(rows) <= 32 or i % math.ceil(len(rows) / 32) == 0:
+            parts.append(f'<text class="tick" x="{x0 + width:.1f}" y="{_TOP + plot_h + 14}" text-anchor="middle">{block}</text>')
+        for j, (name, value) in enumerate((("target", target), ("achieved", done))):
+            height = plot_h * min(max(value, 0.0), 1.0)
+            parts.append(
+                f'<rect class="bar-{name}" data-block="{block}" x="{x0 + j * width:.1f}" y="{_TOP + plot_h - height:.1f}" '
+                f'width="{width:.1f}" height="{max(height, 0.5):.1f}" fill="{colors[name]}">'
+                f'<title>block {block}: {name} {100 * value:.2f}%</title></rect>')
+    for index, name in enumerate(("target", "achieved")):
+        legend_x = _W - _RIGHT - 90 * (2 - index)
+        parts.append(f'<rect x="{legend_x}" y="8" width="12" height="8" fill="{colors[name]}"/>')
+        parts.append(f'<text class="legend" x="{legend_x + 16}" y="16">{name}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))

@@ -213,3 +213,15 @@ def test_the_form_shows_and_takes_back_a_profile(stored):
     form = form_from_spec(dumped)
     assert form["sparsity_profile"] in ("owl", "[0.6, 0.75, 0.8]")
     assert JobSpec.model_validate(spec_body(form)).model_dump(mode="json") == dumped
+
+
+def test_the_job_page_chart_draws_target_and_achieved_per_block():
+    from app.web.charts import profile_chart
+
+    svg = str(profile_chart({"profile": "owl", "targets": [None, 0.62, 0.78], "achieved": [None, 0.6201, 0.7803]}))
+    assert "target vs achieved" in svg and "owl" in svg
+    assert svg.count('class="bar-target"') == 2 and svg.count('class="bar-achieved"') == 2  # block 0 left dense
+    assert "block 1: target 62.00%" in svg and "block 2: achieved 78.03%" in svg
+    assert profile_chart(None) is None and profile_chart({"targets": [None], "achieved": [None]}) is None
+    svg = str(profile_chart({"profile": "<script>", "targets": [0.5], "achieved": [0.5]}))
+    assert "<script>" not in svg and "&lt;script&gt;" in svg
