@@ -174,7 +174,7 @@ class LayersSpec(_Strict):
 class OwlSpec(_Strict):
     """OWL (``sparsity_profile: "owl"``, arXiv 2310.05175); ``lambda_`` is ``lambda`` in JSON too."""
 
-    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, loc_by_alias=False)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, loc_by_alias=False)
     m: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False, description="a Wanda score is an outlier above M "
                               "times its block's mean"), UI(form="owl_m", cli="--owl-m")] = 5.0
     lambda_: Annotated[float, Field(alias="lambda", ge=0, lt=0.5, allow_inf_nan=False, description="the blocks' "
