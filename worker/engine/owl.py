@@ -106,7 +106,8 @@ def block_outlier_ratios(model: nn.Module, adapter: Adapter, calibration: torch.
                 h.remove()
         if modules:
             weights = [weight_matrix(modules[n]) for n in modules]
-            out[i] = (outlier_ratio(weights, [norms[n] for n in modules], m), sum(W.numel() for W in weights))
+            sq = [norms.get(n, torch.zeros(W.shape[1], device=W.device)) for n, W in zip(modules, weights)]  # not called: 0
+            out[i] = (outlier_ratio(weights, sq, m), sum(W.numel() for W in weights))
         block.to(offload)
         release_memory(device)
     del inputs
