@@ -4,6 +4,7 @@ random models; the options refused with one reason where they cannot apply; 60-8
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from worker.engine.pipeline import RunOptions, run_job
 from worker.engine.spec import JobSpec
 
 BLOCKS, PLANTED = 4, 3
+DEVICE = os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu")  # as tests/engine/test_driver.py
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def planted(workdir):
 def run(model_dir, workdir, **fields) -> dict:
     spec = JobSpec.from_flat(**{"model": str(model_dir), "sparsity": 0.7, "dataset": str(workdir / "cal.txt"),
                                 "nsamples": 8, "seqlen": 64, "datasets": [], "dtype": "float32", **fields})
-    return run_job(spec, RunOptions(device="cpu"))
+    return run_job(spec, RunOptions(device=DEVICE))
 
 
 def weighted_mean(values, sizes) -> float:
