@@ -6,6 +6,7 @@ No hub is needed: the tokenizer is trained on a slice of WikiText-2 from the sha
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -26,7 +27,17 @@ def sample_text(chars: int = 60_000) -> str:
     """A slice of real English text for tokenizers and calibration files."""
     if WIKITEXT_VALID.exists():
         return WIKITEXT_VALID.read_text(encoding="utf-8")[:chars]
-    return _FALLBACK_TEXT
+    # No shared data (a clone elsewhere): the fallback's words in a fixed pseudo-random order,
+    # as long as asked, so that files cut from it at any offset hold text.
+    words = _FALLBACK_TEXT.split()
+    rng = random.Random(0)
+    out: list[str] = []
+    size = 0
+    while size < chars:
+        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(6, 18))).capitalize() + "."
+        out.append(sentence)
+        size += len(sentence) + 1
+    return " ".join(out)[:chars]
 
 
 def make_tokenizer(vocab_size: int = 384) -> transformers.PreTrainedTokenizerFast:
