@@ -344,3 +344,20 @@ def test_host_header_reaches_the_api(proxy):
         assert client.get("/login", headers={"Host": f"sparsegpt.test:{proxy.http_port}"}).status_code == 200
         refused = client.get("/login", headers={"Host": "rebound.example"})
         assert refused.status_code == 400, (refused.status_code, refused.text[:300])
+
+
+@needs_nginx
+def test_an_anonymous_upload_is_refused_before_its_body(proxy):
+    """The upload routes stream through nginx: the API refuses a caller without a token from the
+    headers alone, so the 401 comes back before the body is sent and nothing is stored at the
+    proxy (buffered, nginx read the whole declared body into a temp file first)."""
+    host, port = proxy.base.removeprefix("http://").split(":")
+    for path in ("/api/v1/calibration-sets", "/jobs/new"):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: multipart/form-data; "
+                          f"boundary=x\r\nContent-Length: 1000000\r\nAccept: application/json\r\n\r\n").encode())
+            sock.sendall(b"--x\r\n")  # a start of the body, then nothing
+            ready, _, _ = select.select([sock], [], [], 5)
+            assert ready, f"{path}: no answer before the body was sent (nginx buffers it)"
+            head = sock.recv(4096).decode("latin-1")
+        assert head.startswith("HTTP/1.1 401") or head.startswith("HTTP/1.1 303"), (path, head[:200])
