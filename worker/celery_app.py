@@ -157,6 +157,10 @@ def prepare_neutral_cwd(settings=None) -> Path:
             os.environ[name] = os.path.abspath(os.environ[name])
     sys.path[:] = [os.path.abspath(p) if not os.path.isabs(p) else p for p in sys.path]
     path = settings.data_dir / WORKER_CWD
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        # Emptying a link's target would delete whatever it points at: the link goes instead.
+        log.warning("%s is not a directory of its own; replacing it with an empty one", path)
+        path.unlink()
     path.mkdir(parents=True, exist_ok=True)
     for entry in path.iterdir():  # left by hand, or by an older version: a job could name it
         log.warning("removing %s from the worker's working directory", entry)

@@ -77,7 +77,10 @@ class JobRequest(Request):
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
         exc = getattr(exc_info.exception, "exc", exc_info.exception)  # ExceptionWithTraceback
-        if isinstance(exc, (WorkerLostError, SystemExit)) and self.args:
+        # Only a SIGKILL is the OOM killer's doing (a segfault or another exit is retried as any
+        # lost attempt).
+        killed = isinstance(exc, SystemExit) or (isinstance(exc, WorkerLostError) and "signal 9" in str(exc))
+        if killed and self.args:
             try:
                 fail_if_oom_killed(int(self.args[0]), self.worker_pid, getattr(self, "oom_before", None))
             except Exception:  # the database down: the attempt is retried as any lost one

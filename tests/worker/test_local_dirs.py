@@ -131,3 +131,21 @@ def test_the_neutral_directory_is_emptied_and_relative_settings_are_pinned(tmp_p
     assert settings.allowed_dirs == [tmp_path / "models", tmp_path / "other"]
     assert settings.database == f"sqlite:///{tmp_path / 'db' / 'jobs.db'}"
     assert os.environ["SPARSEGPT_LOCAL_DIRS"] == f"{tmp_path / 'models'}:{tmp_path / 'other'}"
+
+
+def test_a_linked_neutral_directory_is_replaced_not_emptied(tmp_path, monkeypatch):
+    """<data_dir>/worker-cwd as a symlink (planted, or a mistake): the link is replaced by an
+    empty directory; what it pointed at keeps every file."""
+    from worker.celery_app import WORKER_CWD, prepare_neutral_cwd
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in ("SPARSEGPT_LOCAL_DIRS", "DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    precious = tmp_path / "models"
+    (precious / "llama").mkdir(parents=True)
+    (precious / "weights.bin").write_bytes(b"x")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / WORKER_CWD).symlink_to(precious)
+    path = prepare_neutral_cwd(Settings(_env_file=None, data_dir=tmp_path / "data"))
+    assert not path.is_symlink() and path.is_dir() and list(path.iterdir()) == []
+    assert sorted(p.name for p in precious.iterdir()) == ["llama", "weights.bin"]
