@@ -27,7 +27,10 @@ def client(settings: Settings) -> Celery:
         app = _clients.get(key)
         if app is None:
             app = Celery("sparsegpt-api", broker=settings.redis, set_as_current=False)
-            app.conf.broker_transport_options = broker_options(settings)
+            # A hung Redis fails a send within seconds (the client's default waits forever),
+            # well before anyone could take the job's Idempotency-Key for a lost request.
+            app.conf.broker_transport_options = {**broker_options(settings), "socket_timeout": 5.0,
+                                                 "socket_connect_timeout": 5.0}
             app.conf.broker_connection_retry_on_startup = True
             app.conf.task_ignore_result = True
             _clients[key] = app

@@ -12,7 +12,6 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from sqlalchemy.orm import Session
 from app import crud, streams
 from app.auth import CurrentUser
 from app.config import Settings
-from app.models import QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job, utcnow
+from app.models import QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job
 from app.queue import enqueue_job
 from app.services.specs import SpecError, check_spec
 from worker.engine.spec import JobSpec
@@ -109,18 +108,15 @@ def _replayed(existing: Job, digest: str, key: str) -> Created:
             detail=(f"Idempotency-Key {key!r} was already used for job {existing.id} with a different body; "
                     "send the same body to get that job again, or use a new key for a new job"),
         )
-    if existing.status == QUEUED and existing.celery_task_id is None and existing.created_at > _recently():
+    if existing.status == QUEUED and existing.celery_task_id is None:
         # The first request with this key is still sending the run message; if that fails the
-        # row is removed (see _enqueue), so it must not be handed out yet.
+        # row is removed (see _enqueue), so it must not be handed out yet. (A row whose API
+        # process died here gets its message from the sweeper, and a task id with it.)
         raise HTTPException(
             status.HTTP_409_CONFLICT, headers={"Retry-After": "2"},
             detail=f"an earlier request with Idempotency-Key {key!r} is still queueing its job; send this one again in a moment",
         )
     return Created(existing, replayed=True)
-
-
-def _recently(seconds: float = 60.0):
-    return utcnow() - timedelta(seconds=seconds)
 
 
 def create(session: Session, settings: Settings, user: CurrentUser, spec: JobSpec, *,

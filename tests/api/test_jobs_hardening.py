@@ -107,3 +107,37 @@ def test_a_replay_of_a_job_still_being_queued_waits(make_stack, redis_server, mo
             crud.set_task_id(session, job_id=job_id, task_id=f"job-{job_id}-sent")
         replay = client.post("/api/v1/jobs", json=body, headers={"Idempotency-Key": key})
         assert replay.status_code == 200 and replay.json()["id"] == job_id, replay.text
+
+
+@pytest.mark.slow
+def test_a_hung_broker_answers_503_and_the_key_waits_for_it(make_stack, redis_server, models_dir):
+    """Redis frozen (SIGSTOP): the POST's send times out (503, nothing queued) instead of hanging,
+    and a twin with the same key meanwhile gets 409, never the row that is about to go."""
+    import signal
+    import threading
+    import time
+
+    stack = make_stack(redis_server.url)
+    stack.start_api()
+    body = job_body(models_dir)
+    key = {"Idempotency-Key": f"hung-{uuid.uuid4()}"}
+    with stack.client(timeout=120) as client:
+        before = client.get("/api/v1/jobs").json()["total"]
+        results = {}
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            first = threading.Thread(target=lambda: results.update(first=client.post("/api/v1/jobs", json=body, headers=key)))
+            started = time.monotonic()
+            first.start()
+            time.sleep(3)
+            twin = client.post("/api/v1/jobs", json=body, headers=key)
+            assert twin.status_code == 409 and twin.headers.get("retry-after"), twin.text
+            first.join(90)
+            took = time.monotonic() - started
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        assert results["first"].status_code == 503, results["first"].text
+        assert took < 60, f"the send hung {took:.0f} s"
+        assert client.get("/api/v1/jobs").json()["total"] == before
+        again = client.post("/api/v1/jobs", json=body, headers=key)
+        assert again.status_code == 201, again.text
