@@ -64,18 +64,22 @@ def test_compose_api_trusts_forwarded_headers_from_the_proxy_network_only():
     services = doc["services"]
     subnet = interpolate(doc["networks"]["edge"]["ipam"]["config"][0]["subnet"])
     api_env = {k: interpolate(str(v)) for k, v in services["api"]["environment"].items()}
-    assert api_env["SPARSEGPT_FORWARDED_ALLOW_IPS"] == subnet
+    proxy_address = interpolate(services["proxy"]["networks"]["edge"]["ipv4_address"])
+    # The proxy's own address only: the subnet's gateway is the Docker host, whose users must not
+    # be believed about the client's address or scheme.
+    assert api_env["SPARSEGPT_FORWARDED_ALLOW_IPS"] == proxy_address
+    assert ipaddress.ip_address(proxy_address) in ipaddress.ip_network(subnet)
     assert api_env["SPARSEGPT_ALLOWED_HOSTS"] == "localhost"  # ${SPARSEGPT_HOSTNAME:-localhost}
     assert interpolate(services["api"]["environment"]["SPARSEGPT_ALLOWED_HOSTS"], {"SPARSEGPT_HOSTNAME": "gpu.example.org"}) == "gpu.example.org"
-    assert services["proxy"]["networks"] == ["edge"] and "edge" in services["api"]["networks"]
+    assert list(services["proxy"]["networks"]) == ["edge"] and "edge" in services["api"]["networks"]
     others = [name for name, svc in services.items() if name not in ("api", "proxy") and "edge" in (svc.get("networks") or [])]
     assert others == [], f"only the proxy and the API belong on the trusted edge network: {others}"
     # uvicorn (the API's server) takes a CIDR in forwarded_allow_ips
     from uvicorn.middleware.proxy_headers import _TrustedHosts
 
-    trusted = _TrustedHosts(subnet)
-    inside = str(next(ipaddress.ip_network(subnet).hosts()))
-    assert inside in trusted and "192.0.2.1" not in trusted
+    trusted = _TrustedHosts(api_env["SPARSEGPT_FORWARDED_ALLOW_IPS"])
+    gateway = str(next(ipaddress.ip_network(subnet).hosts()))
+    assert proxy_address in trusted and gateway not in trusted and "192.0.2.1" not in trusted
 
 
 @needs_nginx
