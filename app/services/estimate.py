@@ -22,17 +22,26 @@ the tokenizer, the Python process itself (a few hundred MB). Measured on the CPU
 LLaMA of hidden 512, 2048 x 256 calibration tokens), the peak above the loaded process was
 10-30 % over this estimate (the allocator's fragmentation during a block's pass): the limit
 should leave that margin.
+
+A config whose sizes are no sizes (an integer of 2**31 or more, e.g. ``"hidden_size": 10**400``)
+is refused, local or Hub alike: ``estimate`` gives an ``Estimate`` whose ``refusal`` names the
+field (the API answers 422 on ``model``); no worker could load such a model either. A size of 0,
+a negative one or one of another type counts as not given, as before (some configs write -1 or
+null for "unset"); a too-large context length is ignored (it only caps the default seqlen). Any
+other arithmetic failure gives None (left to the worker), never an exception.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 GB = 1e9
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -45,16 +54,32 @@ BUILTIN_EVAL_TOKENS = {"wikitext2": 345_000, "ptb": 120_000, "c4": 600_000}
 BUILTIN_EVAL_WINDOWS = {"c4": 256}
 BYTES_PER_TOKEN = 4  # an uploaded or local text file: about 4 bytes of English per token
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
-HUB_TIMEOUT_S = 4.0
+MAX_SIZE = 2**31 - 1  # any size or count in a config above this is no size
+HUB_TIMEOUT_S = 5.0  # a Hub fetch's TOTAL deadline (connection, redirects, body)
+HUB_MAX_FETCHES = 4  # Hub fetches at once in this process; more: left to the worker
 NON_GATED = {"opt", "gpt2", "bloom", "gpt_neox", "phi", "falcon", "gptj", "gpt_bigcode", "mpt", "codegen", "starcoder2"}
 SETTING = "SPARSEGPT_MAX_JOB_MEMORY_GB"
 
 
-def _first(config: dict[str, Any], *names: str) -> int | None:
+class UnusableConfig(ValueError):
+    """A size in config.json that is no size (an integer above ``MAX_SIZE``)."""
+
+    def __init__(self, name: str, value: int):
+        shown = f"{value:,}" if value < 10**15 else f"about 10^{int(value.bit_length() * 0.30103)}"
+        super().__init__(f"the model's config.json gives {name} = {shown}, which is not a size (at most "
+                         f"{MAX_SIZE:,}): its memory cannot be estimated and no worker could load it")
+
+
+def _first(config: dict[str, Any], *names: str, strict: bool = True) -> int | None:
+    """The first of ``names`` that is a positive integer; one above ``MAX_SIZE`` raises
+    ``UnusableConfig`` (``strict``) or counts as not given."""
     for name in names:
         value = config.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+            if value <= MAX_SIZE:
+                return value
+            if strict:
+                raise UnusableConfig(name, value)
     return None
 
 
@@ -76,7 +101,8 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelShape | None:
-        """None when the config does not say the model's sizes (the worker checks after loading)."""
+        """None when the config does not say the model's sizes (the worker checks after loading);
+        ``UnusableConfig`` when one of them is an integer above ``MAX_SIZE``."""
         if not isinstance(config, dict):
             return None
         if _first(config, "hidden_size", "n_embd", "d_model") is None and isinstance(config.get("text_config"), dict):
@@ -96,7 +122,7 @@ class ModelShape:
             attn_out=heads * head_dim, kv=kv_heads * head_dim, gated=model_type not in NON_GATED,
             experts=_first(config, "num_local_experts", "num_experts", "n_routed_experts") or 1,
             tied=bool(config.get("tie_word_embeddings", True)),
-            context=_first(config, "max_position_embeddings", "n_positions", "seq_length", "max_seq_len"),
+            context=_first(config, "max_position_embeddings", "n_positions", "seq_length", "max_seq_len", strict=False),
         )
 
     @property
@@ -151,9 +177,12 @@ class Estimate:
     parts: tuple[str, ...]  # each part in words, with its numbers
     advice: str
     field: tuple[str, ...]  # the spec field to lower (where a form shows the message)
+    problem: str = ""  # the config is unusable (``UnusableConfig``): refused whatever the limit
 
     def refusal(self, limit_gb: float) -> str | None:
         """The message when the job does not fit ``limit_gb`` (0 or less: no limit)."""
+        if self.problem:
+            return self.problem
         if limit_gb <= 0 or self.total <= limit_gb * GB:
             return None
         return (f"this job needs about {_gb(self.total)} ({'; '.join(self.parts)}) but a worker gives a job "
@@ -169,11 +198,22 @@ def _eval_windows(name: str, text_bytes: int | None, seqlen: int, max_windows: i
 
 
 def estimate(config: dict[str, Any], job: JobSize, *, parameters: int | None = None) -> Estimate | None:
-    """The job's peak memory, or None when the config does not give the model's sizes.
-    ``parameters``: the loaded model's exact count (the worker knows it), else from the config."""
-    shape = ModelShape.from_config(config)
-    if shape is None:
+    """The job's peak memory, or None when the config does not give the model's sizes (or the
+    arithmetic fails). ``parameters``: the loaded model's exact count (the worker knows it), else
+    from the config. A config whose sizes are no sizes gives an ``Estimate`` that is refused."""
+    try:
+        shape = ModelShape.from_config(config)
+        if shape is None:
+            return None
+        return _sized(shape, job, parameters)
+    except UnusableConfig as err:
+        return Estimate(total=0, weights=0, activations=0, block=0, parts=(), advice="", field=("model",),
+                        problem=f"{err}; fix the model's config.json")
+    except (ArithmeticError, ValueError, TypeError):  # (sizes are bounded: not expected) the worker's then
         return None
+
+
+def _sized(shape: ModelShape, job: JobSize, parameters: int | None) -> Estimate:
     size = ITEMSIZE.get(job.dtype, 4)
     dtype = f"{size} bytes ({job.dtype})"
     seqlen = job.seqlen or min(DEFAULT_SEQLEN, shape.context or DEFAULT_SEQLEN)
@@ -232,29 +272,75 @@ def local_config(directory: str | Path) -> dict[str, Any] | None:
 
 _hub_cache: dict[tuple[str, str | None], tuple[float, dict[str, Any] | None]] = {}
 _hub_lock = threading.Lock()
-HUB_CACHE_S = 600.0
+_hub_slots = threading.BoundedSemaphore(HUB_MAX_FETCHES)
+HUB_CACHE_S = 600.0  # a config read is kept this long
+HUB_FAILURE_CACHE_S = 60.0  # and a failure (not a busy skip) this long
+_REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _fetch_config(url: str, token: str | None, deadline: float) -> dict[str, Any] | None:
+    """ONE streaming GET (redirects followed, no retries), at most ``MAX_CONFIG_BYTES`` read and
+    nothing written to disk; None on any failure or once past ``deadline`` (monotonic)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    timeout = httpx.Timeout(max(0.1, deadline - time.monotonic()))
+    with (httpx.Client(timeout=timeout, follow_redirects=True, max_redirects=5) as client,
+          client.stream("GET", url, headers=headers) as response):
+        length = response.headers.get("content-length", "")
+        if response.status_code != 200 or (length.isdigit() and int(length) > MAX_CONFIG_BYTES):
+            return None
+        body = bytearray()
+        for chunk in response.iter_bytes():  # (each read is bounded by the timeout above)
+            body += chunk
+            if len(body) > MAX_CONFIG_BYTES or time.monotonic() > deadline:
+                return None
+    data = json.loads(bytes(body).decode("utf-8"))
+    return data if isinstance(data, dict) else None
 
 
 def hub_config(model: str, revision: str | None, *, token: str | None = None,
                timeout_s: float = HUB_TIMEOUT_S) -> dict[str, Any] | None:
-    """Only ``config.json`` of a Hub model (the Hub's cache first), with a short timeout; None
-    when it cannot be had (offline, gated, not found, slow): the worker estimates it then."""
+    """Only ``config.json`` of a Hub model, fetched here (``HF_ENDPOINT``, ``HF_TOKEN``): one GET
+    of at most ``MAX_CONFIG_BYTES``, not kept in the Hub's cache, within ``timeout_s`` in all;
+    None when it cannot be had (offline, gated, not found, slow, too big, or ``HUB_MAX_FETCHES``
+    fetches already under way): the worker estimates it then. Called in the API's request
+    threads: the caller waits ``timeout_s`` at most, whatever the network does (the fetch runs in
+    a thread of its own, which holds its slot until httpx's timeouts end it). Results are cached
+    (a config ``HUB_CACHE_S``, a failure ``HUB_FAILURE_CACHE_S``)."""
     key = (model, revision)
     with _hub_lock:
         hit = _hub_cache.get(key)
-        if hit is not None and time.monotonic() - hit[0] < HUB_CACHE_S:
+        if hit is not None and time.monotonic() - hit[0] < (HUB_CACHE_S if hit[1] is not None else HUB_FAILURE_CACHE_S):
             return hit[1]
-    config = None
-    try:
-        from huggingface_hub import hf_hub_download
+    if _offline() or not _REPO_ID.match(model) or ".." in model or len(model) > 96:
+        return None
+    if not _hub_slots.acquire(blocking=False):
+        return None  # busy: not cached, the next job may find a slot
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/{model}/resolve/{quote(revision or 'main', safe='')}/config.json"
+    deadline = time.monotonic() + timeout_s
+    found: list[dict[str, Any] | None] = []
 
-        path = hf_hub_download(model, "config.json", revision=revision, etag_timeout=timeout_s,
-                               token=token or os.environ.get("HF_TOKEN") or False)
-        config = local_config(Path(path).parent)
-    except Exception:  # offline, gated, no such repo, network: not this check's business
+    def fetch() -> None:
         config = None
-    with _hub_lock:
-        if len(_hub_cache) > 256:
-            _hub_cache.clear()
-        _hub_cache[key] = (time.monotonic(), config)
-    return config
+        try:
+            config = _fetch_config(url, token or os.environ.get("HF_TOKEN"), deadline)
+        except Exception:  # noqa: BLE001 (network, TLS, bad JSON: not this check's business)
+            config = None
+        finally:
+            _hub_slots.release()
+            found.append(config)
+            with _hub_lock:
+                if len(_hub_cache) > 256:
+                    _hub_cache.clear()
+                _hub_cache[key] = (time.monotonic(), config)
+
+    thread = threading.Thread(target=fetch, name=f"hub_config {model}", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()) + 0.05)
+    return found[0] if found else None

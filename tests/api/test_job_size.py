@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.services.estimate import JobSize, estimate
 from tests.support.processes import base_env, free_port, spawn, wait_for_health
 
 LLAMA_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
@@ -24,13 +25,15 @@ LLAMA_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidde
             "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "float16"}
 LLAMA_70B = {**LLAMA_7B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
              "num_attention_heads": 64, "num_key_value_heads": 8}
+HOSTILE = {**LLAMA_7B, "hidden_size": 10**400}  # json.dumps writes it, json.loads reads it back
+MAX_SIZE = 2**31 - 1  # the largest size a config may give
 HUB_MODEL = "org/name"  # offline (HF_HUB_OFFLINE=1): its config cannot be read, the worker checks it
 
 
 @pytest.fixture(scope="module")
 def allowed(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("allowed")
-    for name, config in {"llama-7b": LLAMA_7B, "llama-70b": LLAMA_70B}.items():
+    for name, config in {"llama-7b": LLAMA_7B, "llama-70b": LLAMA_70B, "hostile": HOSTILE}.items():
         (root / name).mkdir()
         (root / name / "config.json").write_text(json.dumps(config))
     return root
@@ -159,3 +162,37 @@ def test_the_dashboard_form_refuses_with_the_numbers(api, allowed):
         assert response.status_code == 422
         assert "134,217,728 calibration tokens" in response.text and "SPARSEGPT_MAX_CALIBRATION_TOKENS" in response.text
         assert 'value="32768"' in response.text  # what was typed comes back
+
+
+def test_a_config_whose_sizes_are_no_sizes_is_refused_not_a_500(client, allowed):
+    """config.json with "hidden_size": 10**400 (an OverflowError in the estimate's arithmetic:
+    500) is a 422 on the model naming the field; the number is not echoed in full."""
+    response = client.post("/api/v1/jobs", json=body(str(allowed / "hostile"), nsamples=8, seqlen=512))
+    locs, msg = refusal(response)
+    assert locs == [["body", "model"]]
+    assert "config.json gives hidden_size = about 10^400, which is not a size (at most 2,147,483,647)" in msg, msg
+    assert str(10**400) not in response.text
+    assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
+                                   "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts"])
+@pytest.mark.parametrize("value", [MAX_SIZE + 1, 10**400], ids=["2**31", "1e400"])
+def test_any_size_above_2_31_makes_the_config_unusable(field, value):
+    found = estimate({**LLAMA_7B, field: value}, JobSize("sparsegpt", 128, 2048, "float16", "cuda"))
+    assert found is not None and found.field == ("model",)
+    assert found.refusal(80) == found.refusal(0) and f"gives {field} = " in found.refusal(80)
+
+
+def test_what_is_no_size_is_still_ignored_as_before():
+    """0, negative, null, float and string values count as not given (fallbacks apply); a huge
+    context only caps the default seqlen: ignored. Sizes at the bound are fine."""
+    job = JobSize("sparsegpt", 128, None, "float16", "cuda")
+    plain = estimate(LLAMA_7B, job)
+    for changes in ({"num_key_value_heads": -1}, {"num_key_value_heads": None}, {"num_key_value_heads": 32.0},
+                    {"max_position_embeddings": 10**400}, {"head_dim": "big"}):
+        found = estimate({**LLAMA_7B, **changes}, job)
+        assert found is not None and not found.problem and found.total == plain.total, changes
+    assert estimate({**LLAMA_7B, "hidden_size": 1e400}, job) is None  # inf: no hidden size given
+    big = estimate({**LLAMA_7B, "hidden_size": MAX_SIZE, "vocab_size": MAX_SIZE}, job)
+    assert big is not None and not big.problem and "this job needs about" in big.refusal(80)
