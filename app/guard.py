@@ -17,7 +17,9 @@ For each HTTP request, before any route runs and before any of the body is read:
    the body is read.
 4. **Body caps**: settings.max_body_bytes for JSON and form routes, the upload cap (plus the
    multipart framing) for uploads; a larger Content-Length is refused at once, and a body
-   (chunked too) is counted as it streams: 413 when it passes the cap.
+   (chunked too) is counted as it streams: 413 when it passes the cap. It must also come at an
+   average of MIN_BODY_RATE after a grace of settings.header_timeout_s (the time spent waiting
+   for it): else 408 and the connection closes (a body sent a byte at a time holds no socket).
 5. **JSON numbers and strings**: NaN, Infinity, numbers that overflow and lone surrogates are
    no JSON this service takes: 422 with the reason.
 
@@ -27,8 +29,10 @@ Every response gets the security headers (no framing, nosniff, same-origin refer
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import time
 from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
@@ -56,13 +60,13 @@ SECURITY_HEADERS = (
 )
 API_NEEDS_BEARER = ("the session cookie does not change anything over /api/*: API clients send "
                     "Authorization: Bearer <token> (sparsegpt users add NAME)")
+MIN_BODY_RATE = 16 * 1024  # bytes/s: the slowest average a request body may come at, after its grace
+SLOW_BODY = f"the request body came too slowly (under {MIN_BODY_RATE // 1024} KiB/s on average)"
 
 
-class BodyTooLarge(HTTPException):
-    """Raised from ``receive`` when the body passes its cap (FastAPI answers it as a 413)."""
-
-    def __init__(self, reason: str):
-        super().__init__(413, reason)
+class BodyRefused(HTTPException):
+    """Raised from ``receive``: the body passed its cap (413) or came too slowly (408). FastAPI
+    answers it, with Connection: close (the rest of the body is not read)."""
 
 
 class BadJSON(ValueError):
@@ -292,12 +296,12 @@ class Guard:
         if declared.isdigit() and int(declared) > cap:
             await _send(JSONResponse({"detail": reason}, 413), scope, receive, send, True)
             return
-        receive = _capped(receive, cap, reason)
+        receive = _capped(receive, cap, reason, self.settings.header_timeout_s)
         if has_body and method in UNSAFE_METHODS and _is_json(headers) and (method, path) not in UPLOAD_ROUTES:
             try:
                 body, receive = await _buffer(receive)
-            except BodyTooLarge as err:
-                await _send(JSONResponse({"detail": err.detail}, 413), scope, receive, send, True)
+            except BodyRefused as err:
+                await _send(JSONResponse({"detail": err.detail}, err.status_code), scope, receive, send, True)
                 return
             problem = json_problem(body)
             if problem:
@@ -306,10 +310,10 @@ class Guard:
                 return
         try:
             await self.app(scope, receive, send)
-        except BodyTooLarge as err:  # raised where no handler answered it (before any response)
+        except BodyRefused as err:  # raised where no handler answered it (before any response)
             if send.started:
                 raise
-            await _send(JSONResponse({"detail": err.detail}, 413), scope, receive, send, True)
+            await _send(JSONResponse({"detail": err.detail}, err.status_code), scope, receive, send, True)
 
     async def _authenticate(self, scope: Scope, headers: dict[str, str], method: str, path: str) -> Response | None:
         """Resolve the user from the headers (no body read); the refusal to send, or None."""
@@ -339,7 +343,7 @@ class Guard:
                 extra = [(n, v) for n, v in SECURITY_HEADERS if n not in present]
                 if not static and b"cache-control" not in present:
                     extra.append((b"cache-control", b"no-store"))
-                if message["status"] == 413 and b"connection" not in present:
+                if message["status"] in (408, 413) and b"connection" not in present:
                     extra.append((b"connection", b"close"))  # the rest of the body is not read
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
@@ -357,17 +361,27 @@ def _routed(scope: Scope) -> bool:
     return any(route.matches(scope)[0] == Match.FULL for route in router.routes)
 
 
-def _capped(receive: Receive, cap: int, reason: str) -> Receive:
-    """``receive`` that counts the body's bytes and raises BodyTooLarge past the cap."""
-    count = 0
+def _capped(receive: Receive, cap: int, reason: str, grace_s: float) -> Receive:
+    """``receive`` that counts the body's bytes: BodyRefused 413 past the cap, 408 when the time
+    spent waiting for the body passes grace_s + its bytes so far / MIN_BODY_RATE (uvicorn's
+    receive may be cancelled: what arrived waits for the next call)."""
+    count, waited, done = 0, 0.0, False
 
     async def wrapped() -> Message:
-        nonlocal count
-        message = await receive()
-        if message["type"] == "http.request":
-            count += len(message.get("body", b""))
-            if count > cap:
-                raise BodyTooLarge(reason)
+        nonlocal count, waited, done
+        if done:  # the body is complete: a wait for the disconnect (SSE) has no deadline
+            return await receive()
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(max(0.0, grace_s + count / MIN_BODY_RATE - waited)):
+                message = await receive()
+        except TimeoutError:
+            raise BodyRefused(408, SLOW_BODY) from None
+        waited += time.monotonic() - started
+        done = message["type"] != "http.request" or not message.get("more_body", False)
+        count += len(message.get("body", b""))
+        if count > cap:
+            raise BodyRefused(413, reason)
         return message
 
     return wrapped

@@ -192,6 +192,70 @@ def test_kept_alive_connections_get_the_same_deadlines(slow_server):
     sock.close()
 
 
+
+def _login_head(length: int) -> bytes:
+    return (b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\n" % length)
+
+
+@pytest.mark.slow
+def test_a_body_sent_a_byte_at_a_time_is_refused_after_its_grace(slow_server):
+    """Headers complete, then a public form body (/login, no sign-in) a byte a second: each is
+    answered 408 and closed after the grace (the header timeout; app.guard.MIN_BODY_RATE), while
+    /health answers; a whole small form, and one that comes in pieces above the floor, still do."""
+    _, port = slow_server
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(50)]
+    for sock in socks:
+        sock.sendall(_login_head(100_000) + b"token=")
+        sock.setblocking(False)  # a socket with a timeout waits in recv even with MSG_DONTWAIT
+    started, ends, health = time.monotonic(), {}, []
+    try:
+        while len(ends) < len(socks) and time.monotonic() - started < HEADER_TIMEOUT + 8:
+            for index, sock in enumerate(socks):
+                if index not in ends:
+                    try:
+                        sock.send(b"x", socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        ends[index] = (time.monotonic() - started, b"")
+            health.append(httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code)
+            time.sleep(1.0)
+            for index, sock in enumerate(socks):
+                answer = None if index in ends else _closed_or_answered(sock)
+                if answer is not None:
+                    ends[index] = (time.monotonic() - started, answer)
+        assert len(ends) == len(socks), f"{len(socks) - len(ends)} slow bodies still open after {time.monotonic() - started:.1f} s"
+        assert max(seconds for seconds, _ in ends.values()) < HEADER_TIMEOUT + 5, ends
+        assert all(answer.startswith(b"HTTP/1.1 408") or answer == b"" for _, answer in ends.values()), ends
+        assert any(answer.startswith(b"HTTP/1.1 408") for _, answer in ends.values()), ends
+        assert health and all(status == 200 for status in health), health
+    finally:
+        for sock in socks:
+            sock.close()
+    form = b"token=not-a-token&next=%2F"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # whole and small
+        sock.sendall(_login_head(len(form)) + form)
+        assert _read_response(sock).split(b" ")[1] in (b"401", b"403")
+    padded = form + b"&pad=" + b"p" * (60_000 - len(form) - 5)  # ~27 KiB/s, longer than the grace
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(_login_head(len(padded)))
+        for offset in range(0, len(padded), 8192):
+            sock.sendall(padded[offset:offset + 8192])
+            time.sleep(0.3)
+        assert _read_response(sock).split(b" ")[1] in (b"401", b"403")
+
+
+def _closed_or_answered(sock: socket.socket) -> bytes | None:
+    """What the server answered (b"": it closed this connection), or None: nothing yet."""
+    try:
+        return sock.recv(4096, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 def test_running_out_of_files_is_logged_once_per_interval():
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
