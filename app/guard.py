@@ -373,9 +373,8 @@ def _capped(receive: Receive, cap: int, reason: str, grace_s: float) -> Receive:
             return await receive()
         started = time.monotonic()
         try:
-            async with asyncio.timeout(max(0.0, grace_s + count / MIN_BODY_RATE - waited)):
-                message = await receive()
-        except TimeoutError:
+            message = await asyncio.wait_for(receive(), max(0.0, grace_s + count / MIN_BODY_RATE - waited))
+        except asyncio.TimeoutError:  # (Python 3.10: not the builtin TimeoutError)
             raise BodyRefused(408, SLOW_BODY) from None
         waited += time.monotonic() - started
         done = message["type"] != "http.request" or not message.get("more_body", False)
