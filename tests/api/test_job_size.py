@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from app.services.estimate import JobSize, estimate
-from tests.support.processes import base_env, free_port, spawn, wait_for_health
+from tests.support.processes import base_env, free_port, serve_api
 
 LLAMA_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
@@ -50,15 +50,8 @@ def api(module_redis, allowed, tmp_path_factory) -> Iterator[str]:
         SPARSEGPT_MAX_CALIBRATION_TOKENS=str(4096 * 2048), SPARSEGPT_MAX_EVAL_WINDOWS="4096",
         SPARSEGPT_MAX_JOB_MEMORY_GB="80",
     )
-    port = free_port()
-    proc = spawn(["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "0", "--log-level", "warning"],
-                 env, tmp / "api.log")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(base, proc)
+    with serve_api(env, tmp / "api.log") as (base, _port, _proc):
         yield base
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

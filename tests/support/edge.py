@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.processes import Proc, add_user, base_env, free_port, spawn, wait_for_health
+from tests.support.processes import Proc, add_user, base_env, serve_api
 
 
 @dataclass
@@ -31,15 +31,8 @@ def server(tmp: Path, redis_url: str, *, host: str = "127.0.0.1", **settings: st
     env = base_env(SPARSEGPT_DATA_DIR=str(tmp / "data"), REDIS_URL=redis_url, SPARSEGPT_MIN_FREE_DISK_MB="1")
     env.update({f"SPARSEGPT_{k.upper()}": str(v) for k, v in settings.items()})
     token = add_user(env, "edgeadmin", admin=True)
-    port = free_port()
-    api = spawn(["serve", "--workers", "0", "--host", host, "--port", str(port), "--log-level", "warning"], env,
-                tmp / "api.log")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(base, api)
+    with serve_api(env, tmp / "api.log", host=host) as (base, port, api):
         yield Server(base, port, env, api, token)
-    finally:
-        api.stop()
 
 
 def memory_kb(pid: int, field: str = "VmRSS") -> int:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,19 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> Proc:
     )
     handle.close()
     return Proc(popen, log)
+
+
+@contextmanager
+def serve_api(env: dict[str, str], log: Path, *, host: str = "127.0.0.1") -> Iterator[tuple[str, int, Proc]]:
+    """``sparsegpt serve --workers 0`` on a free port until the block ends: (base URL, port, process)."""
+    port = free_port()
+    api = spawn(["serve", "--workers", "0", "--host", host, "--port", str(port), "--log-level", "warning"], env, log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(base, api)
+        yield base, port, api
+    finally:
+        api.stop()
 
 
 def wait_for_health(base: str, proc: Proc, *, worker: str | None = None, timeout: float = 60) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.processes import Proc, add_user, base_env, free_port, spawn, wait_for_health
+from tests.support.processes import Proc, add_user, base_env, free_port, serve_api
 
 _TOKEN = re.compile(r'name="csrf_token" value="([0-9a-f]{64})"')
 
@@ -90,15 +90,8 @@ def web_server(tmp_path: Path, redis_url: str, *, auth: str = "required",
     env = base_env(SPARSEGPT_DATA_DIR=str(data), REDIS_URL=redis_url, SPARSEGPT_AUTH=auth,
                    SPARSEGPT_QUEUE=f"web-{free_port()}")  # a queue no worker reads
     tokens = {name: add_user(env, name) for name in users}
-    port = free_port()
-    api = spawn(["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "0", "--log-level", "warning"],
-                env, tmp_path / "api.log")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(base, api)
+    with serve_api(env, tmp_path / "api.log") as (base, _port, api):
         yield WebServer(base, env, api, data, tokens)
-    finally:
-        api.stop()
 
 
 @contextmanager
