@@ -42,7 +42,7 @@ from worker.reporter import RedisProgress
 log = logging.getLogger(__name__)
 
 # What a job row's ``result`` keeps of the engine's report (layers and perplexity have tables).
-RESULT_KEYS = ("model", "method", "pattern", "sparsity", "seconds", "peak_memory_bytes", "environment")
+RESULT_KEYS = ("model", "method", "pattern", "sparsity", "seconds", "peak_memory_bytes", "environment", "profile")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -152,7 +152,9 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class JobSize:
-    """What of the job the estimate depends on."""
+    """What of the job the estimate depends on. ``method`` is the spec's, except that magnitude
+    pruning with an OWL profile is "magnitude+owl": OWL's statistics pass reads the calibration
+    activations that plain magnitude pruning never holds."""
 
     method: str
     nsamples: int

@@ -96,7 +96,8 @@ def _check_size(spec: JobSpec, settings: Settings, errors: list) -> None:
     cal = spec.calibration
     seqlen = cal.seqlen if cal.seqlen is not None else DEFAULT_SEQLEN
     tokens = cal.nsamples * seqlen
-    if spec.method != "magnitude" and tokens > settings.max_calibration_tokens:
+    calibrated = spec.method != "magnitude" or spec.sparsity_profile == "owl"  # OWL's pass reads them too
+    if calibrated and tokens > settings.max_calibration_tokens:
         errors.append(_error(
             ("calibration", "nsamples"),
             f"nsamples {_number(cal.nsamples)} x seqlen {_number(seqlen)}{'' if cal.seqlen else ' (the default)'} = "
@@ -151,7 +152,7 @@ def _check_memory(spec: JobSpec, data: dict[str, Any], settings: Settings, sessi
     dtype, device = job_dtype(spec.dtype, settings.worker_device)
     names = spec.evaluation.datasets
     size = JobSize(
-        method=spec.method, nsamples=spec.calibration.nsamples, seqlen=spec.calibration.seqlen, dtype=dtype,
+        method=spec.method + ("+owl" if spec.method == "magnitude" and spec.sparsity_profile == "owl" else ""), nsamples=spec.calibration.nsamples, seqlen=spec.calibration.seqlen, dtype=dtype,
         device=device, max_windows=spec.evaluation.max_windows,
         eval_sets=tuple((n, _text_bytes(n, s, session)) for n, s in zip(names, data["evaluation"]["datasets"])),
     )

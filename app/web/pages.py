@@ -18,7 +18,7 @@ from app import crud
 from app.models import STATUSES, TERMINAL, Job
 from app.services import jobs
 from app.web import forms
-from app.web.charts import bar_chart, line_chart
+from app.web.charts import bar_chart, line_chart, profile_chart
 from app.web.filters import progress_view
 from app.web.render import current_user, error_page, open_session, parse_job_id, render
 from worker.engine.spec import BUILTIN_DATASETS, JobSpec
@@ -120,12 +120,16 @@ def _job_charts(job: Job) -> dict[str, Any]:
     if not blocks:
         return {}
     labels = [str(b) for b in blocks]
-    return {
+    charts = {
         "sparsity": bar_chart(labels, [100 * s for s in sparsity], title="Achieved sparsity per block (%)",
                               y_max=100, value_format="{:.1f}%", css="bar-sparsity"),
         "error": bar_chart(labels, errors, title="Relative reconstruction error per block (mean of its modules)",
                            value_format="{:.3g}", css="bar-error"),
     }
+    profile = profile_chart((job.result or {}).get("profile"))  # target vs achieved, per block
+    if profile is not None:
+        charts["profile"] = profile
+    return charts
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)

@@ -128,3 +128,20 @@ def test_forms_as_different_users(tmp_path):
         assert client.get(f"/api/v1/jobs/{new_id}", headers=as_["root"]).json()["owner"] == "root"
         assert client.post(f"/jobs/{new_id}/cancel", headers=as_["root"]).status_code == 303
     redis.Redis.from_url(settings.redis_url).delete(settings.queue)
+
+
+def test_the_job_page_charts_the_profile_target_against_achieved(client):
+    """A finished job's report profile (issue 12's per-block targets) becomes the job page's
+    target-vs-achieved chart; a job without one shows no such chart."""
+    from app.models import Job, ModuleResult
+
+    with db.session_scope(client.app.state.settings.database) as session:
+        job = session.get(Job, 1)
+        job.status, job.result = "succeeded", {"profile": {"profile": "owl", "targets": [0.62, 0.78],
+                                                           "achieved": [0.6201, 0.7799]}}
+        session.add_all([ModuleResult(job_id=1, block=b, name="mlp.up_proj", sparsity=s, error=0.1)
+                         for b, s in ((0, 0.6201), (1, 0.7799))])
+        session.add(ModuleResult(job_id=2, block=0, name="mlp.up_proj", sparsity=0.5, error=0.1))
+    page = client.get("/jobs/1")
+    assert page.status_code == 200 and 'id="chart-profile"' in page.text and "owl" in page.text
+    assert 'id="chart-profile"' not in client.get("/jobs/2").text
