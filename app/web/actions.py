@@ -111,11 +111,9 @@ _CANCELLED = {
 
 @router.post("/jobs/{job_id}/cancel")
 def cancel_job_form(request: Request, job_id: str, csrf_token: Annotated[str, Form(max_length=256)] = "") -> Response:
-    if not csrf.valid(request, csrf_token):
-        return csrf.refused(request)
-    parsed = parse_job_id(job_id)
-    if parsed is None:
-        return error_page(request, 404, "Job not found", f"There is no job {job_id!r}.")
+    parsed = _job_form(request, job_id, csrf_token)
+    if isinstance(parsed, Response):
+        return parsed
     with open_session(request) as session:
         try:
             outcome = jobs.cancel(session, request.app.state.settings, request.app.state.redis,
@@ -129,6 +127,16 @@ def cancel_job_form(request: Request, job_id: str, csrf_token: Annotated[str, Fo
     return RedirectResponse(f"/jobs/{parsed}?message={message}", status_code=303)
 
 
+def _job_form(request: Request, job_id: str, csrf_token: str) -> int | Response:
+    """A job's button form: its id, or the page refusing it (no valid CSRF token: 403; no such id: 404)."""
+    if not csrf.valid(request, csrf_token):
+        return csrf.refused(request)
+    parsed = parse_job_id(job_id)
+    if parsed is None:
+        return error_page(request, 404, "Job not found", f"There is no job {job_id!r}.")
+    return parsed
+
+
 def _refusal(request: Request, err: HTTPException, title: str) -> HTMLResponse:
     """The service's refusal as a page, titled by its status."""
     title = {404: "Job not found", 403: "Not yours"}.get(err.status_code, title)
@@ -138,11 +146,9 @@ def _refusal(request: Request, err: HTTPException, title: str) -> HTMLResponse:
 @router.post("/jobs/{job_id}/retry")
 def retry_job_form(request: Request, job_id: str, csrf_token: Annotated[str, Form(max_length=256)] = "") -> Response:
     """A new job with the same spec, queued now (checked again: an upload may be gone)."""
-    if not csrf.valid(request, csrf_token):
-        return csrf.refused(request)
-    parsed = parse_job_id(job_id)
-    if parsed is None:
-        return error_page(request, 404, "Job not found", f"There is no job {job_id!r}.")
+    parsed = _job_form(request, job_id, csrf_token)
+    if isinstance(parsed, Response):
+        return parsed
     with open_session(request) as session:
         try:
             new = jobs.retry(session, request.app.state.settings, current_user(request), parsed)

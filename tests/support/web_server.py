@@ -5,15 +5,14 @@ another port of the same host (the attacker's site in the cross-site cases)."""
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 
+from tests.support.edge import page_server
 from tests.support.processes import Proc, add_user, base_env, free_port, serve_api
 
 _TOKEN = re.compile(r'name="csrf_token" value="([0-9a-f]{64})"')
@@ -98,27 +97,8 @@ def web_server(tmp_path: Path, redis_url: str, *, auth: str = "required",
 def other_site(html: str) -> Iterator[str]:
     """Serves ``html`` at / from another port of this host (same site, another origin); yields
     its URL."""
-
-    class Page(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            body = html.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with page_server({"/": html}) as base:
+        yield base + "/"
 
 
 def auto_submit(action: str, fields: dict[str, str], *, enctype: str = "application/x-www-form-urlencoded") -> str:
