@@ -16,7 +16,8 @@ from app.config import Settings
 from app.main import create_app
 from tests.support.paths import REPO
 from worker.engine.cli import build_parser, spec_data
-from worker.engine.spec import JobSpec, field_paths, leaf_fields, plain_message
+from worker.engine.spec import JobSpec, field_paths
+from worker.engine.spec_fields import leaf_fields, plain_message
 
 MODEL = "org/name"
 

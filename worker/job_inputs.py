@@ -22,7 +22,8 @@ from pydantic import ValidationError
 from app import crud, db
 from app.config import Settings
 from app.paths import PathNotAllowed, resolve_allowed
-from worker.engine.spec import BUILTIN_DATASETS, JobSpec, first_error, upload_id
+from worker.engine.spec import BUILTIN_DATASETS, JobSpec, upload_id
+from worker.engine.spec_fields import first_error
 
 
 class Refused(Exception):

@@ -20,10 +20,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from worker.engine.spec import (
-    BUILTIN_DATASETS, CalibrationSpec, EvaluationSpec, Leaf, error_path, get_path, leaf_fields, plain_message,
-    set_path, upload_id,
-)
+from worker.engine.spec import BUILTIN_DATASETS, CalibrationSpec, EvaluationSpec, get_path, set_path, upload_id
+from worker.engine.spec_fields import Leaf, error_path, leaf_fields, plain_message
 
 LEAVES: tuple[Leaf, ...] = tuple(leaf for leaf in leaf_fields() if leaf.ui.form)
 CHOICES: dict[str, tuple[str, ...]] = {leaf.ui.form: leaf.choices for leaf in LEAVES if leaf.choices}

@@ -17,7 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.engine.spec import BUILTIN_DATASETS, JobSpec, Leaf, error_path, leaf_fields, plain_message, set_path
+from worker.engine.spec import BUILTIN_DATASETS, JobSpec, set_path
+from worker.engine.spec_fields import Leaf, error_path, leaf_fields, plain_message
 
 EXIT_USAGE = 2
 PROG = "sparsegpt prune"
