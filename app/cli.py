@@ -2,7 +2,9 @@
 
     sparsegpt serve  [--host H] [--port P] [--workers N]   the API (+ embedded Redis and workers)
     sparsegpt worker [--gpu N] [--queue Q] [--loglevel L]  one Celery worker for one GPU
+    sparsegpt sweeper [--interval S]                        requeues lost jobs, expires artifacts
     sparsegpt prune  MODEL --sparsity 2:4 ...              the engine alone (worker.engine.cli)
+    sparsegpt pull   JOB_ID [DIR] [--server URL]           download, check and unpack a job's model
     sparsegpt users  add NAME [--admin] | token NAME | remove NAME | list   API accounts
 
 Each subcommand imports what it runs only when it runs, so ``serve`` never loads torch.
@@ -34,6 +36,17 @@ def _worker(args: argparse.Namespace) -> int:
         hostname=args.hostname,
         concurrency=args.concurrency,
     )
+
+
+def _sweeper(args: argparse.Namespace) -> int:
+    import logging
+
+    from app.config import get_settings
+    from app.sweeper import run_sweeper
+
+    logging.basicConfig(level=getattr(logging, args.loglevel.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return run_sweeper(get_settings(), interval_s=args.interval)
 
 
 def _users(args: argparse.Namespace) -> int:
@@ -80,11 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_worker)
 
+    p = sub.add_parser("sweeper", help="requeue lost jobs, expire artifacts (one at a time across servers)")
+    p.add_argument("--interval", type=float, default=None, help="seconds between rounds (default SPARSEGPT_SWEEP_INTERVAL_S)")
+    p.add_argument("--loglevel", default="info")
+    p.set_defaults(func=_sweeper)
+
     sub.add_parser(
         "prune",
         help="prune a model with the engine alone (see `sparsegpt prune --help`)",
         add_help=False,
     )
+
+    from app.client import add_parser as add_pull
+
+    add_pull(sub)
 
     p = sub.add_parser("users", help="manage API accounts")
     usub = p.add_subparsers(dest="users_command", metavar="ACTION")

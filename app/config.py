@@ -117,7 +117,8 @@ class Settings(BaseSettings):
     min_free_disk_mb: int = 2048
     # Artifacts of finished jobs are deleted this long after the job ended (0: kept forever).
     artifact_retention_s: int = 30 * 24 * 3600
-    # The sweeper (in the API process): expired heartbeats, lost queue messages, old artifacts.
+    # The sweeper (a thread of the API process, and `sparsegpt sweeper`; one at a time by a Redis
+    # lock): expired heartbeats, lost queue messages, old artifacts.
     sweep_interval_s: float = 15.0
     # A queued job whose run message is in no queue this long after it was sent is sent again.
     lost_message_grace_s: float = 30.0

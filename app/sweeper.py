@@ -10,16 +10,22 @@
 - Uploaded calibration sets older than SPARSEGPT_UPLOAD_RETENTION_S: the row and the file
   deleted, unless a queued or running job names them (they go in a later round).
 
-Every change is a compare-and-set on the job row, so sweepers in several processes (one per
-API process) and a worker's own heartbeat or claim never both move a job; a duplicate message is
-harmless too (the worker's claim is a compare-and-set). It runs in the API process on a thread
-(Celery beat is not part of the embedded setup).
+Every change is a compare-and-set on the job row, so sweepers in several processes and a worker's
+own heartbeat or claim never both move a job; a duplicate message is harmless too (the worker's
+claim is a compare-and-set). Besides, sweepers take turns: a round runs only in the process that
+holds the Redis lock ``sparsegpt:sweeper:lock`` (``SweepLock``; it expires 3 rounds after its
+holder stops renewing it, so a killed holder is replaced). It runs on a thread in the API process
+and as its own process, ``sparsegpt sweeper`` (``run_sweeper``): one per server keeps lost jobs
+requeued while the API is down (Celery beat is not part of the embedded setup).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
+import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -40,6 +46,9 @@ PRIORITY_SEP = "\x06\x16"
 PRIORITY_STEPS = (0, 3, 6, 9)
 UNACKED_KEY = "unacked"
 SCAN_LIMIT = 20_000
+LOCK_KEY = f"{streams.PREFIX}:sweeper:lock"
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 @dataclass
@@ -196,30 +205,98 @@ def _publish_status(settings, r, job_id, status, attempt, error, final=False) ->
         pass
 
 
-class Sweeper:
-    """``sweep_once`` every ``settings.sweep_interval_s`` on a daemon thread."""
+class SweepLock:
+    """Whose turn it is to sweep: a Redis key holding its owner's name, set only if absent and
+    expiring ``ttl_s`` after the owner's last renewal (a killed owner is replaced then)."""
 
-    def __init__(self, settings: Settings, sessions, r: redis_lib.Redis):
+    def __init__(self, r: redis_lib.Redis, ttl_s: float, owner: str | None = None, key: str = LOCK_KEY):
+        self.r, self.key, self.ttl_ms = r, key, max(1000, int(ttl_s * 1000))
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def hold(self) -> bool:
+        """Take the lock, or renew it if it is ours; False while another process holds it."""
+        if self.r.set(self.key, self.owner, nx=True, px=self.ttl_ms):
+            return True
+        return bool(self.r.eval(_RENEW, 1, self.key, self.owner, self.ttl_ms))
+
+    def holder(self) -> str | None:
+        value = self.r.get(self.key)
+        return _text(value) if value is not None else None
+
+    def release(self) -> None:
+        try:
+            self.r.eval(_RELEASE, 1, self.key, self.owner)
+        except redis_lib.RedisError:
+            pass
+
+
+class Sweeper:
+    """``sweep_once`` every ``settings.sweep_interval_s`` on a daemon thread, in the rounds when
+    this process holds the sweep lock."""
+
+    def __init__(self, settings: Settings, sessions, r: redis_lib.Redis, *, name: str | None = None):
         self.settings, self.sessions, self.r = settings, sessions, r
+        self.lock = SweepLock(r, ttl_s=3 * settings.sweep_interval_s, owner=name)
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
+        self.rounds = 0  # rounds this process swept (held the lock)
 
     def start(self) -> None:
         if self.settings.sweep_interval_s <= 0:
             return
-        self.thread = threading.Thread(target=self._loop, name="sparsegpt-sweeper", daemon=True)
+        self.thread = threading.Thread(target=self.loop, name="sparsegpt-sweeper", daemon=True)
         self.thread.start()
 
-    def _loop(self) -> None:
+    def loop(self) -> None:
         while not self.stop_event.wait(self.settings.sweep_interval_s):
-            try:
-                report = sweep_once(self.settings, self.sessions, self.r)
-                for error in report.errors:
-                    log.warning("sweep: %s", error)
-            except Exception:  # the database restarting: next round
-                log.exception("sweep failed")
+            self.round()
+
+    def round(self) -> SweepReport | None:
+        """One round if this process holds the lock (None otherwise, or when it failed)."""
+        try:
+            if not self.lock.hold():
+                return None
+        except redis_lib.RedisError as err:  # Redis restarting: nobody sweeps this round
+            log.debug("sweep lock unavailable: %s", err)
+            return None
+        try:
+            report = sweep_once(self.settings, self.sessions, self.r)
+        except Exception:  # the database restarting: next round
+            log.exception("sweep failed")
+            return None
+        self.rounds += 1
+        for error in report.errors:
+            log.warning("sweep: %s", error)
+        return report
 
     def stop(self) -> None:
         self.stop_event.set()
         if self.thread is not None:
             self.thread.join(timeout=10)
+        self.lock.release()
+
+
+def run_sweeper(settings: Settings, *, interval_s: float | None = None) -> int:
+    """``sparsegpt sweeper``: the sweeper as a process of its own, until SIGTERM or SIGINT."""
+    from app import db
+
+    if interval_s is not None:
+        settings = settings.model_copy(update={"sweep_interval_s": interval_s})
+    if not settings.redis_url:
+        raise SystemExit("sparsegpt sweeper: REDIS_URL is not set (the Redis the API and the workers use)")
+    if settings.sweep_interval_s <= 0:
+        raise SystemExit("sparsegpt sweeper: the sweep interval must be above 0 (SPARSEGPT_SWEEP_INTERVAL_S, --interval)")
+    r = redis_lib.Redis.from_url(settings.redis, decode_responses=True, socket_connect_timeout=2, socket_timeout=10,
+                                 health_check_interval=30)
+    sweeper = Sweeper(settings, db.session_factory(settings.database), r, name=f"sweeper@{socket.gethostname()}:{os.getpid()}")
+    signal.signal(signal.SIGTERM, lambda *_: sweeper.stop_event.set())
+    log.info("sweeping every %ss (one sweeper at a time holds %s)", settings.sweep_interval_s, LOCK_KEY)
+    try:
+        sweeper.round()
+        sweeper.loop()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sweeper.stop()
+        r.close()
+    return 0
