@@ -38,6 +38,7 @@ from worker.memory import (
     MemoryWatch, OomCounters, check_loaded_model, oom_counters, oom_evidence, oom_reason, read_sample,
 )
 from worker.reporter import RedisProgress
+from worker import published
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +202,16 @@ class JobRun:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             return self._record_failure(exc, stored)
-        return self._record_success(report, inputs, partial)
+        return self._record_success(report, inputs, partial, stored)
 
-    def _record_success(self, report: dict[str, Any], inputs: JobInputs, partial: Path) -> dict[str, Any]:
+    def _record_success(self, report: dict[str, Any], inputs: JobInputs, partial: Path,
+                        stored: dict[str, Any]) -> dict[str, Any]:
         final = self._job_dir() / f"attempt-{self.attempt}"
         shutil.rmtree(final, ignore_errors=True)
         artifact = None
         if partial.is_dir():
+            # the report and card in the archive name what the user named, not the server's paths
+            published.rewrite(partial, report, inputs, stored, archive.artifact_name(self.job_id))
             os.replace(partial, final)
             size, sha = archive.digest(final, archive.artifact_name(self.job_id))
             artifact = (str(final), size, sha)

@@ -181,21 +181,40 @@ def cancel_job(job_id: JobId, session: SessionDep, settings: SettingsDep, r: Red
     responses={
         **NOT_FOUND,
         200: {"content": {archive.MEDIA_TYPE: {}}, "description": "the pruned model directory as a tar archive"},
+        206: {"content": {archive.MEDIA_TYPE: {}}, "description": "the bytes a `Range: bytes=a-b` header asked for"},
         409: {"description": "the job has not succeeded"},
         410: {"description": "the artifact was removed"},
+        416: {"description": "the range starts past the archive's end"},
     },
 )
-def download_artifact(job_id: JobId, session: SessionDep, settings: SettingsDep) -> StreamingResponse:
-    """The pruned Hugging Face directory as one tar stream; its sha256 is in the
-    X-Checksum-SHA256 and Repr-Digest headers and in the job."""
+def download_artifact(
+    job_id: JobId, session: SessionDep, settings: SettingsDep,
+    range_: Annotated[str | None, Header(alias="Range", max_length=200,
+                                         description="one `bytes=` range resumes a download (206)")] = None,
+    if_range: Annotated[str | None, Header(alias="If-Range", max_length=200)] = None,
+) -> Response:
+    """The pruned Hugging Face directory as one tar stream; its sha256 (of the whole archive,
+    also for a range) is in the X-Checksum-SHA256 and Repr-Digest headers and in the job."""
     job, root = jobs.artifact_dir(session, settings, job_id)
     name = archive.artifact_name(job_id)
+    size = job.artifact_size
     digest_b64 = base64.b64encode(bytes.fromhex(job.artifact_sha256)).decode()
     headers = {
         "Content-Disposition": f'attachment; filename="{name}.tar"',
-        "Content-Length": str(job.artifact_size),
         "X-Checksum-SHA256": job.artifact_sha256,
         "Repr-Digest": f"sha-256=:{digest_b64}:",
         "ETag": f'"{job.artifact_sha256}"',
+        "Accept-Ranges": "bytes",
     }
-    return StreamingResponse(archive.iter_tar(root, name), media_type=archive.MEDIA_TYPE, headers=headers)
+    wanted = archive.parse_range(range_, size) if if_range in (None, headers["ETag"]) else None
+    if wanted == "unsatisfiable":
+        return Response(status_code=status.HTTP_416_RANGE_NOT_SATISFIABLE,
+                        headers={"Content-Range": f"bytes */{size}", **headers})
+    if wanted is None:
+        headers["Content-Length"] = str(size)
+        return StreamingResponse(archive.iter_tar(root, name), media_type=archive.MEDIA_TYPE, headers=headers)
+    start, end = wanted
+    headers["Content-Length"] = str(end - start)
+    headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    return StreamingResponse(archive.iter_tar(root, name, start, end), status_code=status.HTTP_206_PARTIAL_CONTENT,
+                             media_type=archive.MEDIA_TYPE, headers=headers)

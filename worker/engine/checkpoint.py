@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from worker.engine.card import model_card
 from worker.engine.errors import InvalidJob, ModelNotFound
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -112,8 +113,23 @@ def load_model(model: str, *, dtype: torch.dtype, revision: str | None = None,
         if hasattr(lm.config, "__dict__"):
             lm.config.__dict__.pop("quantization_config", None)
     lm.eval()
-    lm.config.use_cache = False
+    lm.sparsegpt_loaded_config = lm.config.to_dict()  # what save_pruned restores
+    lm.config.use_cache = False  # the engine's own forwards keep no cache
     return lm, tokenizer
+
+
+def restore_config(model) -> None:
+    """Put back every config field the engine changed for its run (use_cache, ...), so the saved
+    config.json is the loaded model's (save for what the pruning made true: dtype, GGUF's
+    dequantization)."""
+    loaded = getattr(model, "sparsegpt_loaded_config", None)
+    if not loaded:
+        return
+    now = model.config.to_dict()
+    for key, value in loaded.items():
+        current = getattr(model.config, key, None)
+        if now.get(key) != value and not hasattr(current, "to_dict"):  # sub-configs stay objects
+            setattr(model.config, key, value)
 
 
 def context_length(model, tokenizer) -> int | None:
@@ -127,53 +143,17 @@ def context_length(model, tokenizer) -> int | None:
     return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
 
 
-def model_card(report: dict) -> str:
-    dense = report.get("dense_perplexity") or {}
-    pruned = report.get("perplexity") or {}
-    rows = "\n".join(
-        f"| {name} | {dense.get(name, float('nan')):.3f} | {ppl:.3f} |" for name, ppl in pruned.items()
-    ) or "| (not evaluated) | | |"
-    cal = report.get("calibration", {})
-    blocks: dict[int, list[float]] = {}
-    for layer in report.get("layers", []):
-        blocks.setdefault(layer["block"], []).append(layer["sparsity"])
-    per_block = "\n".join(f"| {b} | {sum(v) / len(v):.4f} |" for b, v in sorted(blocks.items()))
-    return f"""---
-library_name: transformers
-base_model: {report.get("model")}
-tags:
-- sparsegpt
-- pruned
-- sparse
----
-
-# {Path(str(report.get("model"))).name} pruned with {report.get("method")} ({report.get("pattern")})
-
-One-shot pruned, without retraining, by sparsegpt-service.
-
-- Method: **{report.get("method")}**, pattern **{report.get("pattern")}**, achieved sparsity
-  {report.get("sparsity", 0):.4f} over the pruned Linear layers (embeddings and lm_head are dense).
-- Calibration: {cal.get("dataset")}, {cal.get("nsamples")} samples of {cal.get("seqlen")} tokens, seed {cal.get("seed")}.
-- Solver: blocksize {report.get("solver", {}).get("blocksize")}, percdamp {report.get("solver", {}).get("percdamp")},
-  weight bits {report.get("solver", {}).get("wbits") or "none (not quantized)"}.
-
-**This is a dense checkpoint with zeros.** The pruned weights are stored as explicit zeros in
-ordinary safetensors files: it loads anywhere `AutoModelForCausalLM.from_pretrained` works, at
-the dense model's size and speed. Serving stacks (vLLM, llm-compressor) no longer load sparse
-or 2:4-compressed checkpoints, so no compressed format is written.
-
-## Perplexity
-
-| evaluation set | dense | pruned |
-|---|---|---|
-{rows}
-
-## Sparsity per block
-
-| block | sparsity |
-|---|---|
-{per_block}
-"""
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (threads may be creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_pruned(model, tokenizer, output: str | Path, finish_report: Callable[[], dict]) -> Path:
@@ -188,7 +168,9 @@ def save_pruned(model, tokenizer, output: str | Path, finish_report: Callable[[]
         raise InvalidJob(f"output directory {str(output)!r} exists and is not empty")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would outlive the rename: follow the umask
     try:
+        restore_config(model)
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         report = finish_report()

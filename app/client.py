@@ -1,0 +1,168 @@
+"""``sparsegpt pull JOB_ID [DIR]``: fetch a job's pruned model from a server, resuming a partial
+download (HTTP Range), checking the archive's sha256 against the job's, and unpacking it.
+
+The server is ``--server`` or ``SPARSEGPT_URL`` (default http://127.0.0.1:8000); the token is
+``SPARSEGPT_TOKEN`` (none is needed in single-user mode on loopback). The archive is kept as
+``DIR.tar.part`` until its sha256 matches, so an interrupted pull continues where it stopped.
+No torch here: a pull answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import httpx
+
+PROG = "sparsegpt pull"
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+CHUNK = 1024 * 1024
+
+
+class PullError(Exception):
+    """One line for the user; the command exits 1."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("pull", help="download a job's pruned model (resumable, sha256-checked) and unpack it")
+    p.add_argument("job_id", type=int, metavar="JOB_ID", help="the job's id")
+    p.add_argument("directory", nargs="?", metavar="DIR", help="where to unpack it (default ./sparsegpt-job-JOB_ID)")
+    p.add_argument("--server", default=None,
+                   help=f"the service's URL (default $SPARSEGPT_URL or {DEFAULT_SERVER}); the token is $SPARSEGPT_TOKEN")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    server = (args.server or os.environ.get("SPARSEGPT_URL") or DEFAULT_SERVER).rstrip("/")
+    token = os.environ.get("SPARSEGPT_TOKEN") or None
+    target = Path(args.directory or f"sparsegpt-job-{args.job_id}").expanduser()
+    try:
+        if args.job_id < 1:
+            raise PullError(f"JOB_ID must be a positive job id, got {args.job_id}")
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise PullError(f"{str(target)!r} exists and is not an empty directory; name another DIR")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        import httpx  # here, so that building the CLI's parser loads nothing
+
+        with httpx.Client(base_url=server, headers=headers, timeout=httpx.Timeout(30, connect=10)) as client:
+            artifact = _artifact_of(client, server, args.job_id)
+            part = target.with_name(target.name + ".tar.part")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _download(client, artifact, part, args.job_id, quiet=args.quiet)
+        _unpack(part, target)
+        part.unlink()
+    except PullError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (run it again to resume the download)", file=sys.stderr)
+        return 130
+    print(f"job {args.job_id}: {artifact['size'] / 1e6:.1f} MB, sha256 {artifact['sha256']} verified; unpacked into {target}")
+    return 0
+
+
+def _get(client: httpx.Client, server: str, path: str, **kwargs) -> httpx.Response:
+    import httpx
+
+    try:
+        return client.get(path, **kwargs)
+    except httpx.HTTPError as exc:
+        raise PullError(f"cannot reach {server} ({type(exc).__name__}: {exc}); is the service running? "
+                        "(--server URL or SPARSEGPT_URL)") from None
+
+
+def _refusal(response: httpx.Response, job_id: int) -> PullError:
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = None
+    detail = detail if isinstance(detail, str) else response.reason_phrase
+    if response.status_code == 401:
+        return PullError(f"the server wants a token: set SPARSEGPT_TOKEN (`sparsegpt users token NAME` prints one) ({detail})")
+    if response.status_code == 404:
+        return PullError(f"job {job_id} does not exist on this server")
+    return PullError(f"job {job_id}: {response.status_code} {detail}")
+
+
+def _artifact_of(client: httpx.Client, server: str, job_id: int) -> dict:
+    response = _get(client, server, f"/api/v1/jobs/{job_id}")
+    if response.status_code != 200:
+        raise _refusal(response, job_id)
+    job = response.json()
+    if not job.get("artifact"):
+        state = job.get("status")
+        why = {"succeeded": "its artifact is no longer on the server"}.get(state, f"it is {state}; its model exists once it has succeeded")
+        raise PullError(f"job {job_id} has no model to download: {why}")
+    return job["artifact"]
+
+
+def _download(client: httpx.Client, artifact: dict, part: Path, job_id: int, *, quiet: bool) -> None:
+    """``part`` ends holding the whole archive with the job's sha256 (resumed when it has a prefix)."""
+    import httpx
+
+    size, expected = int(artifact["size"]), artifact["sha256"]
+    have = part.stat().st_size if part.is_file() else 0
+    if have > size:
+        part.unlink()
+        have = 0
+    if have < size:
+        headers = {"Range": f"bytes={have}-", "If-Range": f'"{expected}"'} if have else {}
+        with client.stream("GET", artifact["url"], headers=headers, timeout=httpx.Timeout(60, connect=10)) as response:
+            if response.status_code not in (200, 206):
+                response.read()
+                raise _refusal(response, job_id)
+            if response.status_code == 200:
+                have = 0  # the server sent it all: start over
+            elif not quiet:
+                print(f"resuming at byte {have} of {size}", file=sys.stderr)
+            try:
+                with part.open("r+b" if have else "wb") as out:
+                    out.seek(have)
+                    out.truncate()
+                    shown = -1
+                    for chunk in response.iter_bytes(CHUNK):
+                        out.write(chunk)
+                        have += len(chunk)
+                        tenth = have * 10 // max(size, 1)
+                        if not quiet and tenth != shown:
+                            shown = tenth
+                            print(f"downloaded {have / 1e6:.1f} of {size / 1e6:.1f} MB", file=sys.stderr)
+            except httpx.HTTPError as exc:
+                raise PullError(f"the download stopped at byte {have} of {size} ({type(exc).__name__}); "
+                                "run the same command again to resume") from None
+    sha = hashlib.sha256()
+    with part.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            sha.update(chunk)
+    if part.stat().st_size != size or sha.hexdigest() != expected:
+        part.unlink()
+        raise PullError(f"the archive's sha256 {sha.hexdigest()} is not the job's {expected}; "
+                        "the partial file was removed: run the same command again")
+
+
+def _unpack(archive: Path, target: Path) -> None:
+    """The archive's one top directory becomes ``target`` (files only, no links or absolute paths)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        with tarfile.open(archive) as tar:
+            tops = {Path(m.name).parts[0] for m in tar.getmembers()}
+            if len(tops) != 1:
+                raise PullError(f"the archive holds {len(tops)} top directories, not one")
+            tar.extractall(staging, filter="data")
+        top = staging / tops.pop()
+        if target.exists():
+            target.rmdir()  # empty, checked before
+        shutil.move(str(top), str(target))
+    except (tarfile.TarError, OSError) as exc:
+        raise PullError(f"cannot unpack the archive into {target}: {exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
