@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from worker.engine.attention_kinds import check_kinds
 from worker.engine.errors import InvalidJob
 
 # Module paths, relative to the *ForCausalLM model, tried in order.
@@ -65,12 +66,7 @@ def adapter_for(model: nn.Module) -> Adapter:
     config = getattr(model, "config", None)
     if getattr(config, "is_encoder_decoder", False):
         raise InvalidJob("encoder-decoder models are not supported: SparseGPT here prunes decoder-only causal LMs")
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and len(set(layer_types)) > 1:
-        raise InvalidJob(
-            f"{type(model).__name__} mixes attention kinds per layer ({', '.join(sorted(set(layer_types)))}), "
-            "which this engine does not replay yet"
-        )
+    check_kinds(model)  # full and sliding attention mixed: each block replayed with its kind's inputs
     for path in BLOCK_PATHS:
         blocks = _get(model, path)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:

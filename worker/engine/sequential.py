@@ -18,7 +18,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -31,6 +31,7 @@ from worker.engine.architectures import (
     set_weight_matrix,
     weight_matrix,
 )
+from worker.engine.attention_kinds import capture_kind_kwargs
 from worker.engine.baselines import magnitude_prune, wanda_prune
 from worker.engine.patterns import SparsityPattern
 from worker.engine.progress import Tracker
@@ -90,6 +91,12 @@ class BlockInputs:
     hidden: list[torch.Tensor]  # each (b, seq, hidden), on the storage device
     args: list[tuple]  # positional arguments after the hidden states, on the compute device
     kwargs: list[dict]  # attention mask, position ids / embeddings, alibi, ..., on the compute device
+    by_kind: dict = field(default_factory=dict)  # mixed attention: other kind -> kwargs per chunk
+    kind_of: dict = field(default_factory=dict)  # id(block) -> its kind (worker.engine.attention_kinds)
+
+    def kwargs_for(self, block: nn.Module, c: int) -> dict:
+        kind = self.kind_of.get(id(block))
+        return self.by_kind[kind][c] if kind in self.by_kind else self.kwargs[c]
 
 
 class StopBlockPass(Exception):
@@ -177,6 +184,8 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, 
             inputs.kwargs.append(to_device(kwargs, device))
     finally:
         handle.remove()
+    inputs.by_kind, inputs.kind_of = capture_kind_kwargs(model, adapter.blocks, ids, batch_size=batch_size,
+                                                         move=lambda kw: to_device(kw, device))
     return inputs
 
 
@@ -186,7 +195,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, *, ke
     """Run every chunk through ``block``; with ``keep`` the outputs replace the inputs in place."""
     for c, hidden in enumerate(inputs.hidden):
         try:
-            out = block(hidden.to(device, non_blocking=True), *inputs.args[c], **inputs.kwargs[c])
+            out = block(hidden.to(device, non_blocking=True), *inputs.args[c], **inputs.kwargs_for(block, c))
         except StopBlockPass:
             out = None  # a calibration pass that had all it needed
         out = out[0] if isinstance(out, (tuple, list)) else out
