@@ -21,6 +21,7 @@ _FALLBACK_TEXT = (
 
 ARCHS = ("llama", "opt", "bloom", "gpt2", "gpt_neox")
 MORE_ARCHS = ("mistral", "qwen2", "gemma", "phi", "falcon")  # the other families of the adapter
+MOE_ARCHS = ("mixtral", "qwen3_moe", "qwen2_moe")  # fused 3-D experts (worker.engine.moe)
 
 
 def sample_text(chars: int = 60_000) -> str:
@@ -90,10 +91,22 @@ def make_config(arch: str, vocab_size: int, hidden: int = 64, blocks: int = 2, c
         return transformers.PhiConfig(hidden_size=hidden, intermediate_size=2 * hidden + 32,
                                       num_hidden_layers=blocks, num_attention_heads=4,
                                       max_position_embeddings=context, **common)
+    moe = dict(hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=context, **common)
+    if arch == "mixtral":  # 4 experts, 2 per token
+        return transformers.MixtralConfig(intermediate_size=hidden + 32, num_local_experts=4,
+                                          num_experts_per_tok=2, **moe)
+    if arch == "qwen3_moe":  # every block sparse, no shared expert
+        return transformers.Qwen3MoeConfig(intermediate_size=2 * hidden, moe_intermediate_size=hidden + 32,
+                                           num_experts=4, num_experts_per_tok=2, head_dim=16, **moe)
+    if arch == "qwen2_moe":  # with a shared expert and its gate
+        return transformers.Qwen2MoeConfig(intermediate_size=2 * hidden, moe_intermediate_size=hidden + 32,
+                                           shared_expert_intermediate_size=hidden + 64, num_experts=4,
+                                           num_experts_per_tok=2, **moe)
     if arch == "falcon":
         return transformers.FalconConfig(hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=4,
                                          new_decoder_architecture=False, multi_query=True, alibi=False, **common)
-    raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHS + MORE_ARCHS)}")
+    raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHS + MORE_ARCHS + MOE_ARCHS)}")
 
 
 def make_tiny_model(directory: Path, arch: str = "llama", seed: int = 0, **config_kwargs) -> Path:

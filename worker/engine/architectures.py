@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from worker.engine.attention_kinds import check_kinds
 from worker.engine.errors import InvalidJob
+from worker.engine.moe import is_router
 
 # Module paths, relative to the *ForCausalLM model, tried in order.
 BLOCK_PATHS = (
@@ -89,8 +90,10 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 
 def prunable_linears(block: nn.Module) -> dict[str, nn.Module]:
-    """The Linear (and GPT-2 Conv1D) layers of one block, by their name inside it, in call order."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    """The Linear (and GPT-2 Conv1D) layers of one block, by their name inside it, in call order;
+    never a mixture-of-experts router (worker.engine.moe.is_router)."""
+    return {name: m for name, m in block.named_modules()
+            if isinstance(m, (nn.Linear, Conv1D)) and not is_router(name, m)}
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

@@ -20,7 +20,9 @@ import torch
 from worker.engine.architectures import LayerSelection, adapter_for
 from worker.engine.calibration import calibration_windows, evaluation_windows, is_named, read_text_file
 from worker.engine.checkpoint import context_length, load_model, resolve_device, resolve_dtype, save_pruned
+from worker.engine.coverage import check_prunable, coverage, weight_name
 from worker.engine.errors import InvalidJob
+from worker.engine.moe import MoeSettings
 from worker.engine.owl import block_targets, check_profile
 from worker.engine.progress import CancelCheck, ProgressCallback, Tracker
 from worker.engine.sequential import LayerResult, SolverSettings, perplexity, prune_sequential
@@ -94,6 +96,7 @@ class _Run:
         self.adapter = adapter_for(self.model)
         self.selection = LayerSelection(**spec.layers.model_dump())
         self.selection.validate(len(self.adapter.blocks))
+        check_prunable(self.adapter, self.selection)
         check_profile(spec.sparsity_profile, len(self.adapter.blocks))
         context = context_length(self.model, self.tokenizer)
         self.seqlen = spec.calibration.seqlen or min(DEFAULT_SEQLEN, context or DEFAULT_SEQLEN)
@@ -137,9 +140,11 @@ class _Run:
         solver = SolverSettings(method=spec.method, pattern=spec.pattern, blocksize=spec.solver.blocksize,
                                 percdamp=spec.solver.percdamp, wbits=spec.solver.wbits, exact=spec.solver.exact)
         batch = 1 if spec.solver.exact else self.batch_size  # the reference's one sequence per forward
+        self.experts: list[dict] = []  # per experts module: routed tokens and Hessian source per expert
         layers = prune_sequential(self.model, self.adapter, self.calibration, solver=solver,
                                   selection=self.selection, device=self.device, batch_size=batch,
-                                  tracker=self.tracker, targets=self.targets)
+                                  tracker=self.tracker, targets=self.targets, expert_records=self.experts,
+                                  moe=MoeSettings(all_experts=spec.moe.all_experts, min_tokens=spec.moe.min_tokens))
         self.peak_prune_rss = _peak_rss_bytes()
         return layers
 
@@ -157,8 +162,7 @@ class _Run:
 
     def report(self, layers: list[LayerResult], dense_ppl: dict, pruned_ppl: dict) -> dict:
         spec, device = self.spec, self.device
-        sizes = [self.model.get_submodule(r.name).weight.numel() for r in layers]
-        zeros = sum(r.sparsity * n for r, n in zip(layers, sizes))
+        sizes = [self.model.get_parameter(weight_name(r.name, self.model)).numel() for r in layers]
         used = [r.percdamp for r in layers]
         per_block: dict[int, list] = {}
         for r, n in zip(layers, sizes):
@@ -166,7 +170,9 @@ class _Run:
         nblocks = len(self.adapter.blocks)
         return {
             "model": spec.model, "revision": spec.revision, "method": spec.method, "pattern": str(spec.pattern),
-            "sparsity": zeros / sum(sizes) if sizes else 0.0,  # weighted by parameters: zeros / pruned weights
+            # sparsity: zeros / every weight of the pruned blocks; sparsity_pruned_modules; coverage: what stayed dense
+            **coverage(self.model, self.adapter, self.selection, [r.name for r in layers]),
+            "experts": getattr(self, "experts", []),  # per experts module: routed tokens, Hessian source per expert
             "profile": {**self.profile_info,  # per block (None: not pruned); each weighted by its Linears' sizes
                         "targets": [per_block[b][0][0].target if b in per_block else None for b in range(nblocks)],
                         "achieved": [sum(r.sparsity * n for r, n in per_block[b]) / sum(n for _, n in per_block[b])

@@ -33,6 +33,7 @@ from worker.engine.architectures import (
 )
 from worker.engine.attention_kinds import capture_kind_kwargs
 from worker.engine.baselines import magnitude_prune, wanda_prune
+from worker.engine.moe import ExpertCollector, MoeSettings, fused_experts, prune_experts
 from worker.engine.patterns import SparsityPattern
 from worker.engine.progress import Tracker
 from worker.engine.reference import RunningHessian, reference_prune_shared
@@ -288,11 +289,14 @@ def solve_group(names: list[str], modules: dict[str, nn.Module], H: torch.Tensor
 @torch.no_grad()
 def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tensor | None, *,
                      solver: SolverSettings, selection: LayerSelection, device: torch.device,
-                     batch_size: int, tracker: Tracker, targets: dict[int, float] | None = None) -> list[LayerResult]:
+                     batch_size: int, tracker: Tracker, targets: dict[int, float] | None = None,
+                     moe: MoeSettings | None = None, expert_records: list[dict] | None = None) -> list[LayerResult]:
     """Prune the selected Linears of every selected block; returns one result per Linear.
 
     ``calibration`` (nsamples, seqlen) token ids; magnitude pruning needs none. ``targets``: an
     unstructured sparsity per block (a non-uniform profile, worker.engine.owl) instead of the pattern's.
+    Fused experts are pruned per expert (worker.engine.moe, ``moe``); their token counts and Hessian
+    sources are appended to ``expert_records``.
     """
     blocks = adapter.blocks
     nblocks = len(blocks)
@@ -318,12 +322,20 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
         prefix = adapter.block_name(i)
         modules = {name: m for name, m in prunable_linears(block).items()
                    if selection.module_selected(f"{prefix}.{name}")}
+        experts = {name: m for name, m in fused_experts(block).items()
+                   if selection.module_selected(f"{prefix}.{name}")}
+        expert_stats = None
         if needs_data:
-            collector = HessianCollector(modules, device, hessian=arithmetic.hessian)
+            collector = HessianCollector(modules, device, hessian=arithmetic.hessian, stop_early=not experts)
+            moe_collector = ExpertCollector(experts, device, moe or MoeSettings(), arithmetic.hessian)
             try:
                 run_block(block, inputs, device, keep=False, after_chunk=collector.end_pass)
+                collector.remove()
+                moe_collector.fallback(lambda: run_block(block, inputs, device, keep=False))
             finally:
                 collector.remove()
+                moe_collector.remove()
+            expert_stats = moe_collector.stats
             groups = [(names, collector.hessians[owner].H) for owner, names in collector.groups.items()]
             del collector
         else:
@@ -343,6 +355,12 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
                     error=error, loss=loss, percdamp=percdamp, seconds=seconds * r / sum(rows),
                     target=block_solver.pattern.sparsity))
         del groups
+        if experts:
+            fields, records = prune_experts(experts, expert_stats, block_solver, prefix=prefix, block=i,
+                                            device=device, prune_shared=arithmetic.prune_shared)
+            results += [LayerResult(**f) for f in fields]
+            if expert_records is not None:
+                expert_records += records
         if needs_data and i < last:
             run_block(block, inputs, device, keep=True)  # the pruned block feeds the next one
         block.to(offload)

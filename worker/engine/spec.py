@@ -180,6 +180,19 @@ class OwlSpec(_Strict):
                        UI(form="owl_lambda", cli="--owl-lambda")] = 0.08
 
 
+class MoeSpec(_Strict):
+    """Mixture-of-experts models (worker.engine.moe); a dense model ignores it."""
+
+    all_experts: Annotated[bool, Field(description="send every calibration token through every expert for its "
+                                                   "Hessians (the output still follows the router): for experts "
+                                                   "the router rarely picks; slower"),
+                           UI(form="moe_all_experts", cli="--moe-all-experts")] = False
+    min_tokens: Annotated[int, Field(ge=0, le=10**9, description="an expert routed fewer calibration tokens than "
+                                                                 "this gets its Hessians from all tokens instead "
+                                                                 "(recorded per expert)"),
+                          UI(form="moe_min_tokens", cli="--moe-min-tokens")] = 128
+
+
 class JobSpec(_Strict):
     """What POST /api/v1/jobs takes. Only ``model`` and ``sparsity`` are required."""
 
@@ -200,6 +213,7 @@ class JobSpec(_Strict):
                     'pruned less, the mean kept); or one sparsity per block ([0.6, 0.7, ...]; unstructured only)'),
         UI(form="sparsity_profile", cli="--sparsity-profile")] = "uniform"
     owl: OwlSpec = Field(default_factory=OwlSpec)
+    moe: MoeSpec = Field(default_factory=MoeSpec)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     solver: SolverSpec = Field(default_factory=SolverSpec)
