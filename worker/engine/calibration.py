@@ -9,6 +9,7 @@ windows are sampled exactly as the reference does: ``random.seed(seed)``, then p
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -30,11 +31,25 @@ def is_named(name: str) -> bool:
 def _load_dataset(label: str, *args, **kwargs):
     import datasets  # imported on use: the CLI's argument checks should not pay for it
 
+    check_hub(label)
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as exc:  # network, hub or cache problems: say which set failed
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"could not load the {label} dataset: {first}") from exc
+
+
+def check_hub(*names: str) -> None:
+    """Fail at once, with what to do, when a built-in set is needed and the Hub cannot be reached
+    (else a minute of hidden retries comes before the same failure)."""
+    from worker.engine import hub
+
+    named = [n for n in names if is_named(n)]
+    if not named or hub.offline() or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return
+    why = hub.unreachable()
+    if why is not None:
+        raise DataError(hub.what_to_do("dataset", named[0], why))
 
 
 def read_text_file(path: str | Path) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from worker.engine import hub
 from worker.engine.card import model_card
 from worker.engine.errors import InvalidJob, ModelNotFound
 
@@ -98,6 +99,7 @@ def load_model(model: str, *, dtype: torch.dtype, revision: str | None = None,
                          f"name the local model as ./{model} or by its absolute path")
     else:
         model_source = model
+        _check_hub(model, revision, kwargs)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_source, **kwargs)
         lm = transformers.AutoModelForCausalLM.from_pretrained(model_source, dtype=dtype, **kwargs)
@@ -130,6 +132,21 @@ def restore_config(model) -> None:
         current = getattr(model.config, key, None)
         if now.get(key) != value and not hasattr(current, "to_dict"):  # sub-configs stay objects
             setattr(model.config, key, value)
+
+
+def _check_hub(model: str, revision: str | None, kwargs: dict) -> None:
+    """Fail in seconds, with what to do, when a Hub model cannot be fetched (no network, offline
+    mode); a model in the local cache is then read from it (``local_files_only``)."""
+    if hub.offline():
+        if not hub.cached_model(model, revision):
+            raise ModelNotFound(f"model {model!r} is not in this machine's Hugging Face cache and HF_HUB_OFFLINE is set: "
+                                f"download it beforehand (`hf download {model}`, same HF_HOME) or use a local model directory")
+        return
+    why = hub.unreachable(model, revision)
+    if why is not None:
+        if not hub.cached_model(model, revision):
+            raise ModelNotFound(hub.what_to_do("model", model, why))
+        kwargs["local_files_only"] = True
 
 
 def context_length(model, tokenizer) -> int | None:

@@ -149,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(spec: JobSpec, args: argparse.Namespace) -> int:
+    from worker.engine import hub
+
+    names = [spec.calibration.dataset, *spec.evaluation.datasets]
+    if not hub.offline() and (not Path(spec.model).is_absolute() or any(n in BUILTIN_DATASETS for n in names)):
+        hub.start(spec.model if not Path(spec.model).is_absolute() else "", spec.revision)  # while torch loads
     # Imported after the arguments are checked, so --help and argument errors are instant.
     from worker.engine.errors import EngineError, JobCancelled
     from worker.engine.pipeline import RunOptions, run_job
@@ -159,7 +164,7 @@ def _run(spec: JobSpec, args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     options = RunOptions(device=args.device, output=args.output, batch_size=args.batch_size)
-    on_progress, close = (None, lambda: None)
+    on_progress, close = (None, lambda ok=True: None)
     if not args.quiet:
         from worker.engine.progress import console_reporter
 
@@ -167,18 +172,18 @@ def _run(spec: JobSpec, args: argparse.Namespace) -> int:
     try:
         report = run_job(spec, options, on_progress=on_progress)
     except JobCancelled:
-        close()
+        close(False)
         return 130
     except KeyboardInterrupt:
-        close()
+        close(False)
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except EngineError as exc:
-        close()
+        close(False)
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:  # a bug or an environment problem: one line unless --verbose
-        close()
+        close(False)
         if args.verbose:
             raise
         print(f"{PROG}: error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", file=sys.stderr)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from worker.engine.architectures import LayerSelection, adapter_for
-from worker.engine.calibration import calibration_windows, evaluation_windows, is_named, read_text_file
+from worker.engine.calibration import calibration_windows, check_hub, evaluation_windows, is_named, read_text_file
 from worker.engine.checkpoint import context_length, load_model, resolve_device, resolve_dtype, save_pruned
 from worker.engine.coverage import check_prunable, coverage, weight_name
 from worker.engine.errors import InvalidJob
@@ -91,8 +91,13 @@ class _Run:
     def load(self) -> None:
         spec = self.spec
         self.tracker.begin("loading", f"loading {spec.model}")
+        calibrates = spec.method != "magnitude" or spec.sparsity_profile == "owl"
+        hub_sets = [*([spec.calibration.dataset] if calibrates else []), *spec.evaluation.datasets]
+        if spec.model.startswith("/"):
+            check_hub(*hub_sets)  # no Hub, no built-in set: said before the load, not after
         self.model, self.tokenizer = load_model(spec.model, dtype=self.dtype, revision=spec.revision,
                                                 trust_remote_code=spec.trust_remote_code, token=self.options.token)
+        check_hub(*hub_sets)  # (a Hub model's own check came first)
         self.adapter = adapter_for(self.model)
         self.selection = LayerSelection(**spec.layers.model_dump())
         self.selection.validate(len(self.adapter.blocks))

@@ -61,11 +61,12 @@ class Tracker:
         })
 
 
-def console_reporter() -> tuple[ProgressCallback, Callable[[], None]]:
-    """A tqdm bar for the CLI: (on_progress, close)."""
+def console_reporter() -> tuple[ProgressCallback, Callable[..., None]]:
+    """A tqdm bar for the CLI: (on_progress, close). No bar when stderr is not a terminal (a log
+    gets no bar fragments); ``close(ok=False)`` wipes it, so an error is the only line left."""
     from tqdm import tqdm
 
-    bar = tqdm(total=1000, unit="", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+    bar = tqdm(total=1000, unit="", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}", disable=None)
 
     def on_progress(event: dict) -> None:
         bar.n = int(event["fraction"] * 1000)
@@ -74,4 +75,9 @@ def console_reporter() -> tuple[ProgressCallback, Callable[[], None]]:
         bar.set_postfix_str(" ".join(x for x in (where, event.get("module") or "", event.get("message") or "") if x))
         bar.refresh()
 
-    return on_progress, bar.close
+    def close(ok: bool = True) -> None:
+        if not ok:
+            bar.leave = False
+        bar.close()
+
+    return on_progress, close

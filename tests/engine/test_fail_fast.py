@@ -1,0 +1,129 @@
+"""Failing fast and clearly: argument errors before torch loads, a Hub that cannot be reached
+answered in seconds with what to do (the CLI and a job's failure reason), a cached model read
+from the cache without the network."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+import pytest
+
+from tests.support.paths import REPO
+from tests.support.tiny_models import make_tiny_model, sample_text
+
+SPARSEGPT = [sys.executable, "-m", "app.cli"]
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again once the block ends: connections are refused
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A server that accepts connections and never answers (a network that drops packets)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+def online_env(tmp_path, endpoint: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARS and not k.startswith("SPARSEGPT_")}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf-home"), TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run(args, env, timeout=120):
+    t0 = time.monotonic()
+    result = subprocess.run([*SPARSEGPT, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    return result, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("where", ["closed port", "silent server"])
+def test_unreachable_hub_fails_in_seconds_with_what_to_do(tmp_path, silent_endpoint, where):
+    endpoint = f"http://127.0.0.1:{_closed_port()}" if where == "closed port" else silent_endpoint
+    (tmp_path / "cal.txt").write_text(sample_text(4000), encoding="utf-8")
+    result, seconds = run(["prune", "someorg/some-model", "--sparsity", "0.5", "--calibration", tmp_path / "cal.txt",
+                           "--no-eval"], online_env(tmp_path, endpoint))
+    assert result.returncode == 2, result.stderr
+    assert seconds < 10, f"took {seconds:.1f} s"
+    [line] = result.stderr.splitlines()  # one line: no retry warnings, no progress bar
+    assert line.startswith("sparsegpt prune: error: model 'someorg/some-model' is not in this machine's Hugging Face cache")
+    assert "HF_HUB_OFFLINE=1" in line and "local model directory" in line and endpoint in line
+
+
+def test_a_builtin_dataset_without_the_hub_fails_before_the_model_loads(tmp_path, silent_endpoint):
+    model = make_tiny_model(tmp_path / "model")
+    result, seconds = run(["prune", model, "--sparsity", "0.5", "--calibration", "c4", "--no-eval"],
+                          online_env(tmp_path, silent_endpoint))
+    assert result.returncode == 2 and seconds < 10, (seconds, result.stderr)
+    [line] = result.stderr.splitlines()
+    assert "the c4 dataset comes from the Hugging Face Hub" in line and "local text file" in line
+
+
+def test_offline_mode_and_a_model_not_in_the_cache(tmp_path):
+    env = {**online_env(tmp_path, "http://127.0.0.1:9"), "HF_HUB_OFFLINE": "1"}
+    (tmp_path / "cal.txt").write_text(sample_text(4000), encoding="utf-8")
+    result, seconds = run(["prune", "someorg/some-model", "--sparsity", "0.5", "--calibration", tmp_path / "cal.txt",
+                           "--no-eval"], env)
+    assert result.returncode == 2 and seconds < 10
+    [line] = result.stderr.splitlines()
+    assert "HF_HUB_OFFLINE is set" in line and "hf download someorg/some-model" in line
+
+
+def test_a_cached_model_loads_without_the_hub(tmp_path):
+    """The Hub unreachable, the model in the HF cache: it is read from there, without retries."""
+    snapshot = tmp_path / "hf-home" / "hub" / "models--someorg--tiny" / "snapshots" / ("a" * 40)
+    make_tiny_model(tmp_path / "src")
+    shutil.copytree(tmp_path / "src", snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    (tmp_path / "cal.txt").write_text(sample_text(8000), encoding="utf-8")
+    result, seconds = run(["prune", "someorg/tiny", "--sparsity", "0.5", "--calibration", tmp_path / "cal.txt",
+                           "--nsamples", 2, "--seqlen", 16, "--no-eval", "--device", "cpu", "--quiet"],
+                          online_env(tmp_path, f"http://127.0.0.1:{_closed_port()}"))
+    assert result.returncode == 0, result.stderr
+    assert "Retrying" not in result.stderr and "sparsity 0.5" in result.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["--sparsity", "1.5"], ["--sparsity", "3:2"], ["--nsamples", "0"], ["--sparsity", "0.5", "--method", "nope"],
+    ["--sparsity", "0.5", "--blocksize", "x"],
+])
+def test_argument_errors_are_one_line_in_under_a_second(args):
+    result, seconds = run(["prune", "someorg/some-model", *args], {**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("sparsegpt prune: error: ") and "\r" not in result.stderr and "%|" not in result.stderr
+    assert seconds < 1.0, f"{seconds:.2f} s to refuse {args}"
+
+
+@pytest.mark.slow
+def test_a_jobs_failure_reason_says_what_to_do_in_seconds(make_stack, module_redis, models_dir, tmp_path):
+    stack = make_stack(module_redis.url)
+    for name in OFFLINE_VARS:
+        stack.env.pop(name, None)
+    stack.env.update(HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", HF_HOME=str(tmp_path / "hf-home"))
+    stack.start_api()
+    stack.start_worker("offline")
+    with stack.client() as c:
+        response = c.post("/api/v1/jobs", json={"model": "someorg/some-model", "sparsity": 0.5,
+                                                "calibration": {"dataset": str(models_dir / "calib.txt"), "nsamples": 4, "seqlen": 32},
+                                                "evaluation": {"datasets": []}})
+        assert response.status_code == 201, response.text
+    job = stack.wait(response.json()["id"], timeout=60)
+    assert job["status"] == "failed" and job["attempt"] == 1
+    assert "HF_HUB_OFFLINE=1" in job["error"] and "local model directory" in job["error"], job["error"]
+    took = datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
+    assert took.total_seconds() < 10, took

@@ -1,0 +1,96 @@
+"""Whether the Hugging Face Hub can be reached, asked once and quickly, before anything is fetched.
+
+Without a network, huggingface_hub retries each request for about a minute (printing a warning
+per try) before transformers gives up. So before a Hub model or a built-in dataset is fetched,
+one bounded request to ``HF_ENDPOINT`` (4 s in all, no retries) tells whether the Hub answers at
+all; any HTTP answer counts (a 401 or 404 is left to the real load to explain). When it does not
+answer, a model already in the local cache is loaded from it, anything else fails at once with
+one line on what to do. ``HF_HUB_OFFLINE`` skips the question. No torch here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from urllib.parse import quote
+
+PROBE_TIMEOUT_S = 4.0
+_REMEMBER_S = 30.0  # one answer serves the model, then its datasets
+_answers: dict[str, tuple[float, str | None]] = {}
+_pending: dict[str, tuple[threading.Thread, list]] = {}
+
+
+def endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def unreachable(repo: str = "", revision: str | None = None, *, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when the Hub answers; else why not, in a few words. Bounded by ``timeout_s`` whatever
+    the network does (DNS included: the request runs in a thread of its own)."""
+    base = endpoint()
+    hit = _answers.get(base)
+    if hit is not None and time.monotonic() - hit[0] < _REMEMBER_S:
+        return hit[1]
+    thread, result = _pending.get(base) or start(repo, revision, timeout_s=timeout_s)
+    thread.join(timeout_s + 0.5)
+    _pending.pop(base, None)
+    answer = result[0] if result else f"no answer from {base} within {timeout_s:g} s"
+    _answers[base] = (time.monotonic(), answer)
+    return answer
+
+
+def start(repo: str = "", revision: str | None = None, *, timeout_s: float = PROBE_TIMEOUT_S):
+    """Ask the Hub in the background now (the CLI does while torch loads); ``unreachable`` reads
+    the answer. (thread, a list that receives the answer)"""
+    base = endpoint()
+    url = f"{base}/{repo}/resolve/{quote(revision or 'main', safe='')}/config.json" if repo else f"{base}/api/whoami-v2"
+    result: list[str | None] = []
+
+    def ask() -> None:
+        import httpx
+
+        try:
+            with httpx.Client(timeout=httpx.Timeout(timeout_s, connect=timeout_s), follow_redirects=False,
+                              trust_env=True) as client:
+                client.head(url)
+            result.append(None)
+        except httpx.TimeoutException:
+            result.append(f"no answer from {base} within {timeout_s:g} s")
+        except httpx.HTTPError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            result.append(f"{base} cannot be reached ({reason})")
+        except Exception as exc:  # noqa: BLE001 (a broken proxy setting or URL: the same for the user)
+            result.append(f"{base} cannot be reached ({type(exc).__name__}: {exc})")
+
+    thread = threading.Thread(target=ask, name="hub-probe", daemon=True)
+    thread.start()
+    _pending[base] = (thread, result)
+    return thread, result
+
+
+def what_to_do(kind: str, name: str, why: str) -> str:
+    """The one line for a Hub model (not in the cache) or a built-in dataset that cannot be fetched now."""
+    if kind == "model":
+        return (f"model {name!r} is not in this machine's Hugging Face cache and the Hub cannot be reached: {why}. "
+                f"Offline? Download it beforehand where there is network (`hf download {name}`, same HF_HOME) "
+                "and set HF_HUB_OFFLINE=1, or use a local model directory instead")
+    return (f"the {name} dataset comes from the Hugging Face Hub, which cannot be reached: {why}. Offline? Set "
+            "HF_HUB_OFFLINE=1 if it was fetched here before (it is read from the cache then), or use a local "
+            "text file (.txt or .jsonl) instead")
+
+
+def cached_model(model: str, revision: str | None) -> bool:
+    """The model's config.json is in the local Hugging Face cache (its weights then likely too)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 (an unusual cache layout: treat as not cached)
+        return False
+    return isinstance(found, str)
