@@ -43,7 +43,8 @@ from worker import published
 log = logging.getLogger(__name__)
 
 # What a job row's ``result`` keeps of the engine's report (layers and perplexity have tables).
-RESULT_KEYS = ("model", "method", "pattern", "sparsity", "seconds", "peak_memory_bytes", "environment", "profile")
+RESULT_KEYS = ("model", "method", "pattern", "sparsity", "sparsity_pruned_modules", "coverage", "experts", "seconds",
+               "peak_memory_bytes", "environment", "profile")
 
 
 def _pid_alive(pid: int) -> bool:

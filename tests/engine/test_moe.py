@@ -190,3 +190,11 @@ def test_nm_along_the_input_dimension_and_coverage(arch, method, models, workdir
     assert report["coverage"]["weights"] == block_weights
     assert report["sparsity"] == pytest.approx(0.5 * (block_weights - router_weights) / block_weights)
     assert report["sparsity"] < 0.5
+    # the CLI's summary says both figures and what stayed dense
+    from worker.engine.cli import summary
+
+    text = summary(report)
+    assert (f"sparsity {report['sparsity']:.4f} over all weights of the pruned blocks (0.5000 over the "
+            f"{len(report['layers'])} pruned layers)") in text
+    assert f"left dense in the pruned blocks: {len(routers)} weight tensors" in text and "router" in text
+    assert "experts: 8 in 2 modules pruned one by one" in text

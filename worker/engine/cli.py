@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from worker.engine.coverage_text import coverage_lines, sparsity_headline
 from worker.engine.spec import BUILTIN_DATASETS, JobSpec, set_path
 from worker.engine.spec_fields import Leaf, error_path, leaf_fields, plain_message
 
@@ -196,9 +197,9 @@ def _run(spec: JobSpec, args: argparse.Namespace) -> int:
 
 
 def summary(report: dict) -> str:
-    lines = [f"{report['method']} {report['pattern']}: sparsity {report['sparsity']:.4f} over "
-             f"{len(report['layers'])} layers, prune {report['seconds']['prune']:.1f} s, "
-             f"total {report['seconds']['total']:.1f} s, peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB"]
+    lines = [f"{report['method']} {report['pattern']}: {sparsity_headline(report)}, "
+             f"prune {report['seconds']['prune']:.1f} s, total {report['seconds']['total']:.1f} s, "
+             f"peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB"]
     profile = report.get("profile") or {}
     if profile.get("profile") in ("owl", "list"):
         rows = [(b, t, a) for b, (t, a) in enumerate(zip(profile["targets"], profile["achieved"])) if t is not None]
@@ -211,8 +212,9 @@ def summary(report: dict) -> str:
         first, last = selected.get("first_block"), selected.get("last_block")
         parts = [f"blocks {'first' if first is None else first}..{'last' if last is None else last}"]
         parts += [f"{key} {', '.join(selected[key])}" for key in ("include", "exclude") if selected.get(key)]
-        lines.append(f"layer selection ({'; '.join(parts)}): the modules it leaves out stay dense and are "
-                     "not counted in the sparsity above")
+        lines.append(f"layer selection ({'; '.join(parts)}): the modules it leaves out stay dense (inside the "
+                     "pruned blocks they count in the first sparsity above; blocks outside the range do not)")
+    lines += coverage_lines(report)
     for name, ppl in report["perplexity"].items():
         dense = report["dense_perplexity"].get(name)
         before = f"{dense:.3f} -> " if dense is not None else ""

@@ -193,6 +193,17 @@ class MoeSpec(_Strict):
                           UI(form="moe_min_tokens", cli="--moe-min-tokens")] = 128
 
 
+class ResourcesSpec(_Strict):
+    """Where the service runs the job (the engine ignores it): the API routes the job to a worker
+    whose GPU has at least this memory, or to a named queue; unset, by its memory estimate."""
+
+    min_gpu_memory_gb: Annotated[float | None, Field(ge=0, le=100_000, description="the least GPU memory "
+                                                                               "(GB) of a worker that may run it")] = None
+    queue: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
+                                       description="a Celery queue some live worker consumes "
+                                                   "(sparsegpt worker --queue)")] = None
+
+
 class JobSpec(_Strict):
     """What POST /api/v1/jobs takes. Only ``model`` and ``sparsity`` are required."""
 
@@ -218,6 +229,7 @@ class JobSpec(_Strict):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     solver: SolverSpec = Field(default_factory=SolverSpec)
     layers: LayersSpec = Field(default_factory=LayersSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     dtype: Annotated[Literal["auto", "float16", "bfloat16", "float32"],
                      Field(description="load, compute and save dtype"), UI(form="dtype", cli="--dtype")] = "auto"
 

@@ -1,0 +1,60 @@
+"""The job page of a finished mixture-of-experts job, in headless Chromium against the real service and
+worker: the sparsity over all weights of the pruned blocks beside the pruned modules' figure, and the
+weights left dense (the routers) by name with their reason."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import transformers
+from playwright.sync_api import expect
+
+from tests.support.tiny_models import make_tiny_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def wait_done(service, job_id: int, timeout: float = 150) -> dict:
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        job = service.client.get(f"/api/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} not done after {timeout}s: {job}\n{service.worker.tail()}")
+
+
+def test_job_page_shows_both_sparsities_and_the_dense_weights(page, dashboard, allowed_dir):
+    model = allowed_dir / "mixtral"
+    if not model.exists():
+        make_tiny_model(model, "mixtral")
+    body = {"model": str(model), "sparsity": 0.5, "dtype": "float32", "moe": {"min_tokens": 0},
+            "calibration": {"dataset": str(allowed_dir / "valid.txt"), "nsamples": 4, "seqlen": 32},
+            "evaluation": {"datasets": []}}
+    created = dashboard.client.post("/api/v1/jobs", json=body)
+    assert created.status_code == 201, created.text
+    job = wait_done(dashboard, created.json()["id"])
+    assert job["status"] == "succeeded", job
+
+    dense = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    weights = {n: p.numel() for n, p in dense.model.layers.named_parameters() if p.dim() >= 2}
+    routers = sum(n for name, n in weights.items() if name.endswith("mlp.gate.weight"))
+    expected_all = 0.5 * (sum(weights.values()) - routers) / sum(weights.values())
+
+    result = job["result"]
+    assert result["sparsity_pruned_modules"] == pytest.approx(0.5, abs=2e-4)  # SparseGPT's ties: a few more
+    assert result["sparsity"] == pytest.approx(expected_all, abs=2e-4) and result["sparsity"] < 0.499
+
+    page.goto(f"/jobs/{job['id']}")
+    expect(page.locator("#sparsity-pruned")).to_have_text(f"{100 * result['sparsity_pruned_modules']:.2f}%")
+    expect(page.locator("#sparsity-all")).to_have_text(f"{100 * result['sparsity']:.2f}%")
+    page.click("#dense-weights summary")
+    rows = page.locator("#dense-weights tbody tr")
+    expect(rows).to_have_count(2)
+    for i in range(2):
+        expect(rows.nth(i)).to_contain_text(f"model.layers.{i}.mlp.gate.weight")
+        expect(rows.nth(i)).to_contain_text("router")
+    expect(page.locator("#results")).to_contain_text("8 experts one by one")
