@@ -36,6 +36,10 @@ def _worker(args: argparse.Namespace) -> int:
         hostname=args.hostname,
         concurrency=args.concurrency,
     )
+    if args.gpu_memory_gb is not None:
+        os.environ["SPARSEGPT_WORKER_GPU_MEMORY_GB"] = str(args.gpu_memory_gb)
+    if args.gpu_name is not None:
+        os.environ["SPARSEGPT_WORKER_GPU_NAME"] = args.gpu_name
 
 
 def _sweeper(args: argparse.Namespace) -> int:
@@ -97,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=None, help="seconds between rounds (default SPARSEGPT_SWEEP_INTERVAL_S)")
     p.add_argument("--loglevel", default="info")
     p.set_defaults(func=_sweeper)
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="GPU memory to advertise (GB) instead of what nvidia-smi reads; jobs are routed by it")
+    p.add_argument("--gpu-name", default=None, help="the GPU name to advertise with --gpu-memory-gb")
 
     sub.add_parser(
         "prune",

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
 
     # The engine's device on the workers: auto (CUDA when there is one) | cpu | cuda | cuda:N.
     worker_device: str = "auto"
+    # What a worker advertises instead of what nvidia-smi reads (`sparsegpt worker --gpu-memory-gb`):
+    # GPU memory in GB (0: read it) and the GPU's name. Jobs are routed by it (app/services/routing.py).
+    worker_gpu_memory_gb: float = 0.0
+    worker_gpu_name: str = ""
 
     # Request limits.
     max_upload_bytes: int = 64 * 1024 * 1024

@@ -104,6 +104,8 @@ class Job(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     celery_task_id: Mapped[str | None] = mapped_column(String(64))
+    # The Celery queue its run message goes to (app/services/routing.py); None: the shared one.
+    queue: Mapped[str | None] = mapped_column(String(160))
     # The claiming worker: Celery node name and the pid of the process running the task.
     worker: Mapped[str | None] = mapped_column(String(255))
     worker_pid: Mapped[int | None] = mapped_column(Integer)

@@ -65,6 +65,7 @@ class JobOut(JobSummary):
     cancel_requested: bool
     heartbeat_at: datetime | None
     worker: str | None
+    queue: str | None = Field(None, description="the queue it was sent to: where it fits (resources, its memory estimate)")
     result: dict[str, Any] | None
     metrics: list[MetricOut]
     modules: list[ModuleResultOut]

@@ -108,7 +108,7 @@ def _release_stale(settings, sessions, r, report: SweepReport, send) -> None:
             report.requeued.append(job.id)
             _publish_status(settings, r, job.id, "queued", job.attempt, "requeued: its worker stopped sending heartbeats")
             try:
-                send(settings, job.id, task_id=task_id)
+                send(settings, job.id, task_id=task_id, queue=job.queue or settings.queue)
             except Exception as err:  # the lost-message sweep sends it once the broker is back
                 report.errors.append(f"job {job.id}: could not send: {err}")
         else:
@@ -126,13 +126,17 @@ def _resend_lost(settings, sessions, r, report: SweepReport, send) -> None:
         candidates = crud.queued_jobs_sent_before(session, before=before)
     if not candidates:
         return
+    with sessions() as session:
+        queues = crud.job_queues(session, [job_id for job_id, _ in candidates], default=settings.queue)
+    present: dict[str, str] = {}
     try:
-        present = broker_messages(r, settings.queue)
+        for queue in set(queues.values()):
+            present[queue] = broker_messages(r, queue)
     except redis_lib.RedisError as err:
         report.errors.append(f"broker unreachable: {err}")
         return
     for job_id, task_id in candidates:
-        if task_id and task_id in present:
+        if task_id and task_id in present[queues[job_id]]:
             continue
         new = new_task_id(job_id)
         with sessions() as session:
@@ -141,7 +145,7 @@ def _resend_lost(settings, sessions, r, report: SweepReport, send) -> None:
         if not won:
             continue
         try:
-            send(settings, job_id, task_id=new)
+            send(settings, job_id, task_id=new, queue=queues[job_id])
         except Exception as err:
             report.errors.append(f"job {job_id}: could not send: {err}")
             continue
@@ -187,10 +191,12 @@ def _expire_uploads(settings, sessions, report: SweepReport) -> None:
 
 
 def remove_partials(settings: Settings, job_id: int) -> None:
-    """A job that ended because its worker vanished: the unfinished outputs its attempts left."""
+    """A job that ended because its worker vanished: the unfinished outputs its attempts left, and
+    their per-block checkpoints (worker.tasks.RESUME_DIR)."""
     job_dir = settings.artifacts_dir / str(int(job_id))
     for partial in job_dir.glob("attempt-*.partial"):
         shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(job_dir / "resume", ignore_errors=True)
     try:
         job_dir.rmdir()
     except OSError:

@@ -89,7 +89,8 @@ def _register(sender=None, **_kwargs) -> None:
     client = redis.Redis.from_url(settings.redis_url or DEFAULT_REDIS)
     key = _registration.key = streams.worker_key(name)
     ttl = settings.worker_seen_ttl_s
-    info = {"name": name, "queues": queues, "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}
+    info = {"name": name, "queues": queues, "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(),
+            **_hardware(settings)}
 
     def beat() -> None:
         while not _registration.stop.is_set():
@@ -104,6 +105,20 @@ def _register(sender=None, **_kwargs) -> None:
 
 
 @signals.worker_shutdown.connect
+def _hardware(settings) -> dict:
+    """What this worker advertises (worker.gpus): read once per process."""
+    global _described
+    if _described is None:
+        from worker.gpus import describe
+
+        _described = describe(advertised_gb=settings.worker_gpu_memory_gb, advertised_name=settings.worker_gpu_name,
+                              device=settings.worker_device)
+    return _described
+
+
+_described: dict | None = None
+
+
 def _unregister(**_kwargs) -> None:
     import redis
 
@@ -206,10 +221,14 @@ def run_worker(
 ) -> int:
     """``sparsegpt worker``: consume the shared queue (plus per-GPU ones) in a prefork pool."""
     settings = get_settings()
+    from worker.gpus import queues_for
+
     names = [settings.queue]
     for q in queues or []:
         names += [n.strip() for n in q.split(",") if n.strip() and n.strip() not in names]
     if hostname is None:
+    # The per-memory queues it fits (app/services/routing.py sends a job to the one it needs).
+    names += [n for n in queues_for(settings.queue, _hardware(settings)["memory_gb"]) if n not in names]
         hostname = f"sparsegpt-gpu{gpu}@%h" if gpu is not None else "sparsegpt@%h"
     argv = [
         "worker",

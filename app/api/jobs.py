@@ -59,6 +59,7 @@ def job_out(job: Job, progress: dict[str, Any] | None = None, *, retention_s: in
         cancel_requested=job.cancel_requested,
         heartbeat_at=job.heartbeat_at,
         worker=job.worker,
+        queue=job.queue,
         result=job.result,
         metrics=[MetricOut.model_validate(m) for m in job.metrics],
         modules=[ModuleResultOut.model_validate(m) for m in job.modules],

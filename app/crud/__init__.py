@@ -38,6 +38,7 @@ from app.crud.lifecycle import (  # noqa: F401
     release_stale,
     queued_jobs_sent_before,
     replace_task_id,
+    job_queues,
     artifacts_to_expire,
     mark_artifact_expired,
     stale_before,

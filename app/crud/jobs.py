@@ -29,6 +29,7 @@ def create_job(
     idempotency_key: str | None = None,
     spec_sha256: str | None = None,
     retry_of: int | None = None,
+    queue: str | None = None,
 ) -> Job:
     sparsity = spec["sparsity"]
     job = Job(
@@ -42,6 +43,7 @@ def create_job(
         created_at=utcnow(),
         idempotency_key=idempotency_key,
         spec_sha256=spec_sha256,
+        queue=queue,
         retry_of=retry_of,
     )
     session.add(job)

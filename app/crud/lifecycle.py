@@ -188,6 +188,14 @@ def queued_jobs_sent_before(session: Session, *, before: datetime, limit: int = 
     return [(row[0], row[1]) for row in rows]
 
 
+def job_queues(session: Session, job_ids: list[int], *, default: str) -> dict[int, str]:
+    """{id: the queue it was routed to, else ``default``}."""
+    found = {job_id: default for job_id in job_ids}
+    for job_id, queue in session.execute(select(Job.id, Job.queue).where(Job.id.in_(job_ids))):
+        found[job_id] = queue or default
+    return found
+
+
 def replace_task_id(session: Session, *, job_id: int, old: str | None, new: str) -> bool:
     """Compare-and-set: only one process re-sends a lost message."""
     cond = Job.celery_task_id.is_(None) if old is None else Job.celery_task_id == old

@@ -130,7 +130,8 @@ def create(session: Session, settings: Settings, user: CurrentUser, spec: JobSpe
         existing = crud.get_job_by_idempotency_key(session, owner_id=user.id, key=idempotency_key)
         if existing is not None:
             return _replayed(existing, digest, idempotency_key)
-    data = check_spec(spec, settings, session)
+    checked = check_spec(spec, settings, session)
+    data = checked.data
     crud.lock_user(session, user.id)
     if idempotency_key is not None:  # a twin request may have committed while we validated
         existing = crud.get_job_by_idempotency_key(session, owner_id=user.id, key=idempotency_key)
@@ -140,7 +141,7 @@ def create(session: Session, settings: Settings, user: CurrentUser, spec: JobSpe
     _check_job_cap(session, settings, user)
     try:
         job = crud.create_job(session, spec=data, owner_id=user.id, idempotency_key=idempotency_key,
-                              spec_sha256=digest, retry_of=retry_of)
+                              spec_sha256=digest, retry_of=retry_of, queue=checked.queue)
         session.commit()  # the worker must find the row: enqueue only after the commit
     except IntegrityError:  # the twin committed between our check and our insert
         session.rollback()
@@ -148,16 +149,16 @@ def create(session: Session, settings: Settings, user: CurrentUser, spec: JobSpe
         if existing is None:
             raise
         return _replayed(existing, digest, idempotency_key or "")
-    _enqueue(session, settings, job.id)
+    _enqueue(session, settings, job.id, queue=checked.queue)
     return Created(crud.get_job(session, job.id, details=True))
 
 
-def _enqueue(session: Session, settings: Settings, job_id: int) -> None:
+def _enqueue(session: Session, settings: Settings, job_id: int, *, queue: str | None = None) -> None:
     """Send the run message for a committed row. When Redis is down the row is taken back (its
     message never went out, so no worker has it) and the answer is 503: the client's retry,
     with the same Idempotency-Key or without one, makes the job afresh, and it runs once."""
     try:
-        task_id = enqueue_job(settings, job_id)
+        task_id = enqueue_job(settings, job_id, queue=queue)
     except Exception as err:  # kombu/redis connection errors
         log.warning("could not enqueue job %s: %s", job_id, err)
         taken_back = crud.discard_unsent(session, job_id=job_id)

@@ -3,6 +3,7 @@ itself, ``worker.engine.spec.JobSpec``, checks everything that needs no server s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ from sqlalchemy.orm import Session
 from app import crud
 from app.config import Settings
 from app.paths import PathNotAllowed, resolve_allowed
-from app.services.estimate import JobSize, estimate, hub_config, local_config
+from app.services.estimate import Estimate, JobSize, estimate, hub_config, local_config
+from app.services.routing import choose_queue
 from worker.engine.spec import BUILTIN_DATASETS, JobSpec, upload_id
 
 DEFAULT_SEQLEN = 2048  # what the engine uses when the spec has none (or the model's context, if shorter)
@@ -44,8 +46,14 @@ def _dataset(value: str, loc: tuple, settings: Settings, session: Session, error
         return value
 
 
-def check_spec(spec: JobSpec, settings: Settings, session: Session) -> dict[str, Any]:
-    """The spec as stored: local paths resolved. Raises SpecError listing every problem."""
+@dataclass(frozen=True)
+class Checked:
+    data: dict[str, Any]  # the spec as stored: local paths resolved
+    queue: str  # where it fits (app/services/routing.py)
+
+
+def check_spec(spec: JobSpec, settings: Settings, session: Session) -> Checked:
+    """The spec as stored and its queue. Raises SpecError listing every problem."""
     errors: list[dict[str, Any]] = []
     data = spec.model_dump(mode="json")
     if spec.trust_remote_code and not settings.allow_trust_remote_code:
@@ -79,10 +87,14 @@ def check_spec(spec: JobSpec, settings: Settings, session: Session) -> dict[str,
         _dataset(v, ("evaluation", "datasets", i), settings, session, errors) for i, v in enumerate(sets)
     ]
     if not errors:
-        _check_memory(spec, data, settings, session, errors)
+        found = _check_memory(spec, data, settings, session, errors)
+        if not errors:
+            queue, refusal = choose_queue(settings, data["resources"], found)
+            if refusal:
+                errors.append(_error(("resources",), refusal))
     if errors:
         raise SpecError(errors)
-    return data
+    return Checked(data, queue)
 
 
 def _number(value: int) -> str:
@@ -137,18 +149,18 @@ def job_dtype(spec_dtype: str, worker_device: str) -> tuple[str, str]:
     return ("float32" if device == "cpu" else "float16"), device
 
 
-def _check_memory(spec: JobSpec, data: dict[str, Any], settings: Settings, session: Session, errors: list) -> None:
-    """The job's memory estimate against SPARSEGPT_MAX_JOB_MEMORY_GB, when the model's config can
-    be read here: a local directory's config.json, or a Hub model's config.json alone (short
-    timeout). When it cannot (offline, gated, GGUF), the worker checks before calibrating."""
-    if settings.max_job_memory_gb <= 0:
-        return
+def _check_memory(spec: JobSpec, data: dict[str, Any], settings: Settings, session: Session,
+                  errors: list) -> Estimate | None:
+    """The job's memory estimate (returned: the job is routed by it) against
+    SPARSEGPT_MAX_JOB_MEMORY_GB, when the model's config can be read here: a local directory's
+    config.json, or a Hub model's config.json alone (short timeout). When it cannot (offline,
+    gated, GGUF), the worker checks before calibrating."""
     if spec.model.startswith("/"):
         config = local_config(data["model"])
     else:
         config = hub_config(spec.model, spec.revision)
     if config is None:
-        return
+        return None
     dtype, device = job_dtype(spec.dtype, settings.worker_device)
     names = spec.evaluation.datasets
     size = JobSize(
@@ -160,3 +172,4 @@ def _check_memory(spec: JobSpec, data: dict[str, Any], settings: Settings, sessi
     refusal = found.refusal(settings.max_job_memory_gb) if found is not None else None
     if refusal:
         errors.append(_error(found.field, refusal))
+    return found

@@ -2,7 +2,7 @@
 ``app.templates``) and static files (app/static/, package data).
 
 - ``pages``: the jobs table (/), the new-job form (/jobs/new), a job (/jobs/{id}), a comparison
-  (/compare?ids=1,2)
+  (/compare?ids=1,2); ``workers_page``: the live workers (/workers)
 - ``actions``: what the pages' forms post: a new job, cancel, retry; each parses the form,
   calls ``app.services`` (the same path as the API) and renders
 - ``forms``: the new-job form's inputs <-> the job spec, built from the spec's own fields
@@ -19,7 +19,7 @@ from importlib.resources import files
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from app.web import actions, pages
+from app.web import actions, pages, workers_page
 
 STATIC_DIR = str(files("app").joinpath("static"))  # package data, installed or not
 
@@ -29,3 +29,4 @@ def install(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(pages.router)
     app.include_router(actions.router)
+    app.include_router(workers_page.router)
