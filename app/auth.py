@@ -31,7 +31,7 @@ from app.tokens import hash_token
 
 SESSION_COOKIE = sessions_mod.SESSION_COOKIE
 LOCAL_USER = "(local)"  # not a name `sparsegpt users add` accepts, so no account can take it
-PUBLIC_PATHS = frozenset({"/health", "/login", "/logout"})
+PUBLIC_PATHS = frozenset({"/health", "/login", "/logout", "/favicon.ico"})
 PUBLIC_PREFIXES = ("/static/",)
 TOKEN_MAX_LEN = 512
 

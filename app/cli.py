@@ -18,6 +18,15 @@ import sys
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.allow_dir:  # added to SPARSEGPT_LOCAL_DIRS, for this server and its local workers
+        dirs = [d for d in os.environ.get("SPARSEGPT_LOCAL_DIRS", "").split(":") if d.strip()]
+        for d in args.allow_dir:
+            path = os.path.realpath(os.path.expanduser(d))
+            if not os.path.isdir(path):
+                print(f"sparsegpt serve: error: --allow-dir {d}: no such directory", file=sys.stderr)
+                return 2
+            dirs.append(path)
+        os.environ["SPARSEGPT_LOCAL_DIRS"] = ":".join(dict.fromkeys(dirs))
     from app.serve import serve
 
     return serve(host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
@@ -77,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="local worker processes to start (default 1; 0 on a server whose workers run apart)",
     )
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    p.add_argument("--allow-dir", action="append", metavar="DIR", default=[],
+                   help="a directory whose models and text files jobs may name by absolute path (repeatable; "
+                        "added to SPARSEGPT_LOCAL_DIRS)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("worker", help="run one Celery worker (one per GPU)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 from importlib.resources import files
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from app.web import actions, pages, workers_page
@@ -24,9 +25,15 @@ from app.web import actions, pages, workers_page
 STATIC_DIR = str(files("app").joinpath("static"))  # package data, installed or not
 
 
+async def favicon(request) -> FileResponse:
+    return FileResponse(f"{STATIC_DIR}/favicon.svg", media_type="image/svg+xml",
+                        headers={"Cache-Control": "public, max-age=86400"})
+
+
 def install(app: FastAPI) -> None:
     """Register the dashboard's pages, its forms' actions and its static files on the app."""
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_route("/favicon.ico", favicon, include_in_schema=False)  # browsers ask for it unprompted
     app.include_router(pages.router)
     app.include_router(actions.router)
     app.include_router(workers_page.router)

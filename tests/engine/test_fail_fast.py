@@ -127,3 +127,43 @@ def test_a_jobs_failure_reason_says_what_to_do_in_seconds(make_stack, module_red
     assert "HF_HUB_OFFLINE=1" in job["error"] and "local model directory" in job["error"], job["error"]
     took = datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
     assert took.total_seconds() < 10, took
+
+
+def test_hub_warnings_print_once():
+    """huggingface_hub's own handler and the root logger's printed each warning twice."""
+    code = ("import logging, sys; logging.basicConfig(format='%(levelname)s %(name)s: %(message)s'); "
+            "from huggingface_hub.utils import logging as hub_logging; from worker.engine import hub; "
+            "hub.one_copy_of_hub_logs() if sys.argv[1] == 'fixed' else None; "
+            "hub_logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
+    counts = {}
+    for mode in ("fixed", "as-is"):
+        result = subprocess.run([sys.executable, "-c", code, mode], cwd=REPO, capture_output=True, text=True, timeout=60)
+        counts[mode] = result.stderr.count("Retrying in 1s")
+    assert counts == {"fixed": 1, "as-is": 2}
+
+
+def test_a_hub_answering_503_is_not_retried_for_a_minute(tmp_path):
+    import http.server
+    import threading
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(503)
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "cal.txt").write_text(sample_text(4000), encoding="utf-8")
+        result, seconds = run(["prune", "someorg/some-model", "--sparsity", "0.5", "--calibration", tmp_path / "cal.txt",
+                               "--no-eval"], online_env(tmp_path, f"http://127.0.0.1:{server.server_address[1]}"))
+    finally:
+        server.shutdown()
+    assert result.returncode == 2 and seconds < 10, (seconds, result.stderr)
+    [line] = result.stderr.splitlines()
+    assert "answers HTTP 503" in line and "HF_HUB_OFFLINE=1" in line

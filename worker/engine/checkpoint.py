@@ -79,6 +79,7 @@ def load_model(model: str, *, dtype: torch.dtype, revision: str | None = None,
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # the engine reports its own progress
+    hub.one_copy_of_hub_logs()
     path = Path(model).expanduser()
     kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code,
                     "token": token or os.environ.get("HF_TOKEN")}

@@ -3,7 +3,7 @@
 Without a network, huggingface_hub retries each request for about a minute (printing a warning
 per try) before transformers gives up. So before a Hub model or a built-in dataset is fetched,
 one bounded request to ``HF_ENDPOINT`` (4 s in all, no retries) tells whether the Hub answers at
-all; any HTTP answer counts (a 401 or 404 is left to the real load to explain). When it does not
+all; any HTTP answer below 500 counts (a 401 or 404 is left to the real load to explain). When it does not
 answer, a model already in the local cache is loaded from it, anything else fails at once with
 one line on what to do. ``HF_HUB_OFFLINE`` skips the question. No torch here.
 """
@@ -58,8 +58,9 @@ def start(repo: str = "", revision: str | None = None, *, timeout_s: float = PRO
         try:
             with httpx.Client(timeout=httpx.Timeout(timeout_s, connect=timeout_s), follow_redirects=False,
                               trust_env=True) as client:
-                client.head(url)
-            result.append(None)
+                status = client.head(url).status_code
+            # a 5xx would be retried for a minute as well; a 401 or 404 is the real load's to explain
+            result.append(f"{base} answers HTTP {status}" if status >= 500 else None)
         except httpx.TimeoutException:
             result.append(f"no answer from {base} within {timeout_s:g} s")
         except httpx.HTTPError as exc:
@@ -94,3 +95,16 @@ def cached_model(model: str, revision: str | None) -> bool:
     except Exception:  # noqa: BLE001 (an unusual cache layout: treat as not cached)
         return False
     return isinstance(found, str)
+
+
+def one_copy_of_hub_logs() -> None:
+    """huggingface_hub prints its warnings through a handler of its own AND passes them on to the
+    root logger: with the CLI's or the worker's handler there, every line came twice."""
+    import logging
+
+    if not logging.getLogger().handlers:
+        return
+    hub_logger = logging.getLogger("huggingface_hub")
+    for handler in list(hub_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            hub_logger.removeHandler(handler)
