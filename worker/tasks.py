@@ -41,6 +41,7 @@ from worker.reporter import RedisProgress
 from worker import published
 
 log = logging.getLogger(__name__)
+RESUME_DIR = "resume"  # <job dir>/resume: the engine's per-block checkpoints (worker.engine.resume)
 
 # What a job row's ``result`` keeps of the engine's report (layers and perplexity have tables).
 RESULT_KEYS = ("model", "method", "pattern", "sparsity", "sparsity_pruned_modules", "coverage", "experts", "seconds",
@@ -194,7 +195,8 @@ class JobRun:
             from worker.engine.pipeline import RunOptions, run_job
 
             options = RunOptions(device=self.settings.worker_device, output=str(partial),
-                                 token=os.environ.get("HF_TOKEN") or None)
+                                 token=os.environ.get("HF_TOKEN") or None,
+                                 resume_dir=str(self._job_dir() / RESUME_DIR))  # a redelivery resumes there
             report = run_job(inputs.spec, options, on_progress=self.reporter.progress, should_cancel=should_cancel,
                              on_loaded=lambda facts: check_loaded_model(facts, inputs.spec, self.settings.max_job_memory_gb))
             if should_cancel():
@@ -230,6 +232,7 @@ class JobRun:
         for other in self._job_dir().glob("attempt-*"):  # earlier attempts' leftovers
             if other != final:
                 shutil.rmtree(other, ignore_errors=True)
+        shutil.rmtree(self._job_dir() / RESUME_DIR, ignore_errors=True)
         self.reporter.status(
             SUCCEEDED, final=True,
             artifact={"size": artifact[1], "sha256": artifact[2]} if artifact else None,
@@ -251,6 +254,7 @@ class JobRun:
                 session, job_id=self.job_id, attempt=self.attempt, status=status, error=reason,
                 progress=self.reporter.snapshot(),
             )
+        shutil.rmtree(self._job_dir() / RESUME_DIR, ignore_errors=True)  # the job ended: no attempt resumes
         self.reporter.status(status, final=True, error=reason)
         return {"job": self.job_id, "status": status, "error": reason}
 
@@ -265,6 +269,7 @@ class JobRun:
         log.error("job %s failed: %s", self.job_id, reason)
         self.reporter.status(FAILED, final=True, error=reason)
         shutil.rmtree(self.partial, ignore_errors=True)
+        shutil.rmtree(self._job_dir() / RESUME_DIR, ignore_errors=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
     # --- helpers ------------------------------------------------------------------------------
@@ -280,9 +285,11 @@ class JobRun:
 
 
 def remove_partials(job_dir: Path) -> None:
-    """Unfinished outputs of attempts whose process was killed (no ``finally`` ran for them)."""
+    """Unfinished outputs of attempts whose process was killed (no ``finally`` ran for them), and
+    their checkpoints: called once the job has ended."""
     for partial in job_dir.glob("attempt-*.partial"):
         shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(job_dir / RESUME_DIR, ignore_errors=True)
     try:
         job_dir.rmdir()  # only if nothing else is there
     except OSError:

@@ -25,6 +25,7 @@ from worker.engine.errors import InvalidJob
 from worker.engine.moe import MoeSettings
 from worker.engine.owl import block_targets, check_profile
 from worker.engine.progress import CancelCheck, ProgressCallback, Tracker
+from worker.engine.resume import Checkpoints, fingerprint
 from worker.engine.sequential import LayerResult, SolverSettings, perplexity, prune_sequential
 from worker.engine.spec import JobSpec, upload_id
 
@@ -42,6 +43,7 @@ class RunOptions:
     output: str | None = None  # directory for the pruned model; None: not saved
     token: str | None = None  # Hub token for gated models (else HF_TOKEN)
     batch_size: int | None = None  # sequences per block forward; None: ~16k tokens on CUDA, 2k on the CPU
+    resume_dir: str | None = None  # per-block checkpoints (worker.engine.resume): a rerun of the job resumes there
 
     def validate(self, spec: JobSpec) -> None:
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
@@ -149,9 +151,17 @@ class _Run:
         layers = prune_sequential(self.model, self.adapter, self.calibration, solver=solver,
                                   selection=self.selection, device=self.device, batch_size=batch,
                                   tracker=self.tracker, targets=self.targets, expert_records=self.experts,
-                                  moe=MoeSettings(all_experts=spec.moe.all_experts, min_tokens=spec.moe.min_tokens))
+                                  moe=MoeSettings(all_experts=spec.moe.all_experts, min_tokens=spec.moe.min_tokens),
+                                  checkpoints=self.checkpoints(batch))
         self.peak_prune_rss = _peak_rss_bytes()
         return layers
+
+    def checkpoints(self, batch: int) -> Checkpoints | None:
+        if not self.options.resume_dir:
+            return None
+        return Checkpoints(self.options.resume_dir, fingerprint(
+            spec=self.spec.model_dump(mode="json"), dtype=self.dtype, device=self.device, batch_size=batch,
+            calibration=self.calibration, blocks=len(self.adapter.blocks)))
 
     def save(self, report: dict) -> None:
         self.tracker.begin("saving", f"saving to {self.options.output}")
@@ -198,7 +208,7 @@ class _Run:
             "layers": [r.as_dict() for r in layers],
             "environment": environment(device),
             "spec": spec.model_dump(mode="json"),
-            "run": {k: v for k, v in asdict(self.options).items() if k != "token"},
+            "run": {k: v for k, v in asdict(self.options).items() if k not in ("token", "resume_dir")},
             "output": str(self.options.output) if self.options.output else None,
         }
 

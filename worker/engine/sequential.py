@@ -37,6 +37,7 @@ from worker.engine.moe import ExpertCollector, MoeSettings, fused_experts, prune
 from worker.engine.patterns import SparsityPattern
 from worker.engine.progress import Tracker
 from worker.engine.reference import RunningHessian, reference_prune_shared
+from worker.engine.resume import Checkpoints
 from worker.engine.sparsegpt import Hessian, PruneResult, relative_error, sparsegpt_prune_shared
 
 log = logging.getLogger(__name__)
@@ -290,13 +291,14 @@ def solve_group(names: list[str], modules: dict[str, nn.Module], H: torch.Tensor
 def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tensor | None, *,
                      solver: SolverSettings, selection: LayerSelection, device: torch.device,
                      batch_size: int, tracker: Tracker, targets: dict[int, float] | None = None,
-                     moe: MoeSettings | None = None, expert_records: list[dict] | None = None) -> list[LayerResult]:
+                     moe: MoeSettings | None = None, expert_records: list[dict] | None = None,
+                     checkpoints: Checkpoints | None = None) -> list[LayerResult]:
     """Prune the selected Linears of every selected block; returns one result per Linear.
 
     ``calibration`` (nsamples, seqlen) token ids; magnitude pruning needs none. ``targets``: an
     unstructured sparsity per block (a non-uniform profile, worker.engine.owl) instead of the pattern's.
     Fused experts are pruned per expert (worker.engine.moe, ``moe``); their token counts and Hessian
-    sources are appended to ``expert_records``.
+    sources are appended to ``expert_records``. ``checkpoints``: resume and checkpoint (worker.engine.resume).
     """
     blocks = adapter.blocks
     nblocks = len(blocks)
@@ -308,8 +310,8 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
               if needs_data else None)
     arithmetic = sparsegpt_arithmetic(solver)
     results: list[LayerResult] = []
-
-    for i in range(last + 1):
+    start = checkpoints.restore(blocks, inputs, results, expert_records, LayerResult, tracker) if checkpoints else 0
+    for i in range(start, last + 1):
         block = blocks[i]
         tracker.emit(i / (last + 1), layer=i, layers=nblocks, message=f"block {i + 1} of {nblocks}")
         if not selection.block_selected(i):
@@ -364,6 +366,8 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
         if needs_data and i < last:
             run_block(block, inputs, device, keep=True)  # the pruned block feeds the next one
         block.to(offload)
+        if checkpoints is not None:
+            checkpoints.block_done(i, block, inputs, results, expert_records, last=last)
         release_memory(device)
     tracker.emit(1.0, layer=nblocks - 1, layers=nblocks, message="pruned")
     return results

@@ -1,0 +1,94 @@
+"""Per-block checkpoints (worker.engine.resume): a run stopped at block k and run again with the
+same checkpoint directory goes on at block k and ends with the uninterrupted run's weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.engine.test_driver import job_for
+from tests.support.tiny_models import make_tiny_model, sample_text
+from worker.engine.errors import JobCancelled
+from worker.engine.pipeline import run_job
+
+BLOCKS = 6
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resume")
+    (d / "cal.txt").write_text(sample_text(), encoding="utf-8")
+    make_tiny_model(d / "llama", "llama", blocks=BLOCKS)
+    return d
+
+
+def weights(directory) -> dict[str, torch.Tensor]:
+    return load_file(directory / "model.safetensors")
+
+
+def stop_at_block(k: int):
+    """should_cancel for a run stopped when block k starts pruning (as a killed process would)."""
+    seen = {"layer": None, "stage": None}
+
+    def on_progress(event):
+        seen.update(stage=event.get("stage"), layer=event.get("layer"))
+
+    def should_cancel():
+        return seen["stage"] == "pruning" and seen["layer"] == k
+
+    return on_progress, should_cancel
+
+
+@pytest.mark.parametrize("method,k", [("sparsegpt", 3), ("wanda", 1), ("magnitude", 4)])
+def test_resume_gives_the_uninterrupted_weights(method, k, workdir, tmp_path, caplog):
+    spec, options = job_for(workdir / "llama", workdir, method=method, output=str(tmp_path / "whole"))
+    whole = run_job(spec, options)
+
+    resume_dir = tmp_path / "checkpoints"
+    spec, options = job_for(workdir / "llama", workdir, method=method, output=str(tmp_path / "resumed"))
+    options.resume_dir = str(resume_dir)
+    on_progress, should_cancel = stop_at_block(k)
+    with pytest.raises(JobCancelled):
+        run_job(spec, options, on_progress=on_progress, should_cancel=should_cancel)
+    state = json.loads((resume_dir / "state.json").read_text())
+    assert state["next_block"] == k and state["blocks"] == list(range(k))
+    assert {r["block"] for r in state["results"]} == set(range(k))
+
+    events = []
+    with caplog.at_level(logging.INFO, logger="worker.engine.resume"):
+        resumed = run_job(spec, options, on_progress=events.append)
+    assert f"resuming at block {k} of {BLOCKS}" in caplog.text
+    assert any(e["message"] == f"resuming at block {k} of {BLOCKS}" for e in events)
+    pruning = [e["layer"] for e in events if e["stage"] == "pruning" and e["message"].startswith("block ")]
+    assert pruning[0] == k, "blocks before k are not pruned again"
+
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    timeless = lambda layers: [{**r, "seconds": None} for r in layers]  # noqa: E731
+    assert timeless(resumed["layers"]) == timeless(whole["layers"])  # the restored results are the run's own
+    assert resumed["perplexity"] == whole["perplexity"] and resumed["sparsity"] == whole["sparsity"]
+    assert "resume_dir" not in resumed["run"]
+
+
+def test_another_job_does_not_take_up_the_checkpoint(workdir, tmp_path, caplog):
+    resume_dir = tmp_path / "checkpoints"
+    spec, options = job_for(workdir / "llama", workdir, output=None)
+    options.resume_dir = str(resume_dir)
+    on_progress, should_cancel = stop_at_block(2)
+    with pytest.raises(JobCancelled):
+        run_job(spec, options, on_progress=on_progress, should_cancel=should_cancel)
+    assert (resume_dir / "state.json").exists()
+    other, options = job_for(workdir / "llama", workdir, output=None, seed=7)  # other calibration windows
+    options.resume_dir = str(resume_dir)
+    events = []
+    with caplog.at_level(logging.INFO, logger="worker.engine.resume"):
+        run_job(other, options, on_progress=events.append)
+    assert "resuming" not in caplog.text and "starting over" in caplog.text
+    assert not any("resuming" in e["message"] for e in events)
+    assert json.loads((resume_dir / "state.json").read_text())["next_block"] == BLOCKS
