@@ -16,9 +16,8 @@ ProgressCallback = Callable[[dict], None]
 CancelCheck = Callable[[], bool]
 
 # Rough shares of a job's time per stage, used to turn stage progress into one fraction.
-# The zero-shot tasks (evaluating_tasks*) show as the stage "evaluating", as perplexity does.
-STAGE_WEIGHTS = {"loading": 0.05, "calibrating": 0.05, "evaluating_dense": 0.15, "evaluating_tasks_dense": 0.15,
-                 "pruning": 0.55, "evaluating": 0.15, "evaluating_tasks": 0.15, "saving": 0.05}
+STAGE_WEIGHTS = {"loading": 0.05, "calibrating": 0.05, "evaluating_dense": 0.15, "pruning": 0.55,
+                 "evaluating": 0.15, "saving": 0.05}
 
 
 class Tracker:
@@ -54,7 +53,7 @@ class Tracker:
         fraction = min(1.0, self.done + self.share.get(self.stage, 0.0) * stage_fraction)
         elapsed = now - self.start
         eta = elapsed * (1 - fraction) / fraction if fraction >= 0.02 else None
-        public_stage = "evaluating" if self.stage and self.stage.startswith("evaluating") else self.stage
+        public_stage = "evaluating" if self.stage == "evaluating_dense" else self.stage
         self.on_progress({
             "stage": public_stage, "layer": layer, "layers": layers, "module": module,
             "fraction": round(fraction, 4), "eta_s": None if eta is None else round(eta, 1),
