@@ -45,8 +45,8 @@ def _add_spec_flag(p: argparse.ArgumentParser, leaf: Leaf) -> None:
     if leaf.default not in (None, [], ""):
         text += f" (default {leaf.default})"
     if leaf.kind == "list":
-        p.add_argument(leaf.ui.cli, dest=dest, action="append", metavar="GLOB", default=argparse.SUPPRESS,
-                       help=text + "; repeatable")
+        p.add_argument(leaf.ui.cli, dest=dest, action="append", metavar=leaf.ui.metavar or "GLOB",
+                       default=argparse.SUPPRESS, help=text + "; repeatable")
         return
     default = argparse.SUPPRESS
     if leaf.required and leaf.ui.suggested is not None:
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", dest="eval_sets", action="append", metavar="NAME|FILE",
                    help="perplexity set (wikitext2, c4, ptb or a file); repeatable; default wikitext2")
     p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
+    p.add_argument("--eval-include", dest="task_dirs", action="append", metavar="DIR", default=[],
+                   help="a directory of lm-eval task YAML files that --eval-tasks may name; repeatable")
     p.add_argument("--batch-size", type=int, help="sequences per block forward (default ~16k tokens)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--output", "-o", help="directory to save the pruned model in")
@@ -164,7 +166,8 @@ def _run(spec: JobSpec, args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    options = RunOptions(device=args.device, output=args.output, batch_size=args.batch_size)
+    options = RunOptions(device=args.device, output=args.output, batch_size=args.batch_size,
+                         task_dirs=tuple(str(Path(d).expanduser().resolve()) for d in args.task_dirs))
     on_progress, close = (None, lambda ok=True: None)
     if not args.quiet:
         from worker.engine.progress import console_reporter
@@ -219,9 +222,27 @@ def summary(report: dict) -> str:
         dense = report["dense_perplexity"].get(name)
         before = f"{dense:.3f} -> " if dense is not None else ""
         lines.append(f"perplexity {name}: {before}{ppl:.3f}")
+    lines += zero_shot_lines(report.get("zero_shot"))
     if report.get("output"):
         lines.append(f"saved to {report['output']} (a dense safetensors checkpoint with zeros)")
     return "\n".join(lines)
+
+
+def zero_shot_lines(zero_shot: dict | None) -> list[str]:
+    """One line per task and metric: dense -> pruned (acc, acc_norm and the like; no stderr)."""
+    if not zero_shot:
+        return []
+    dense, pruned = zero_shot.get("dense") or {}, zero_shot.get("pruned") or {}
+    lines = []
+    for task, values in pruned.items():
+        for metric, value in values.items():
+            if metric.endswith("_stderr") or "_stderr," in metric:
+                continue
+            before = (dense.get(task) or {}).get(metric)
+            n = (zero_shot.get("examples") or {}).get(task)
+            lines.append(f"zero-shot {task} {metric}: {'' if before is None else f'{before:.4f} -> '}{value:.4f}"
+                         + (f" ({n} examples)" if n else ""))
+    return lines
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from worker.engine.progress import CancelCheck, ProgressCallback, Tracker
 from worker.engine.resume import Checkpoints, fingerprint
 from worker.engine.sequential import LayerResult, SolverSettings, perplexity, prune_sequential
 from worker.engine.spec import JobSpec, upload_id
+from worker.engine.zeroshot import ZeroShot
 
 DEFAULT_SEQLEN = 2048  # the reference's; capped by the model's context
 # Tokens per block forward. Enough to keep the matmuls busy; on the CPU small enough that a
@@ -44,6 +45,7 @@ class RunOptions:
     token: str | None = None  # Hub token for gated models (else HF_TOKEN)
     batch_size: int | None = None  # sequences per block forward; None: ~16k tokens on CUDA, 2k on the CPU
     resume_dir: str | None = None  # per-block checkpoints (worker.engine.resume): a rerun of the job resumes there
+    task_dirs: tuple[str, ...] = ()  # directories of lm-eval task YAMLs that evaluation.tasks may name
 
     def validate(self, spec: JobSpec) -> None:
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
@@ -81,6 +83,9 @@ class _Run:
         self.seconds: dict[str, float] = {}
         self.start = time.perf_counter()
         self.eval_windows: dict[str, torch.Tensor] = {}  # tokenized when first needed, then kept
+        ev = spec.evaluation
+        self.zero_shot = ZeroShot(ev.tasks, limit=ev.task_limit, batch_size=ev.task_batch_size,
+                                  task_dirs=options.task_dirs)
 
     @contextmanager
     def timed(self, name: str):
@@ -93,6 +98,7 @@ class _Run:
     def load(self) -> None:
         spec = self.spec
         self.tracker.begin("loading", f"loading {spec.model}")
+        self.zero_shot.prepare()  # an unknown task or unreadable task data fails before the model loads
         calibrates = spec.method != "magnitude" or spec.sparsity_profile == "owl"
         hub_sets = [*([spec.calibration.dataset] if calibrates else []), *spec.evaluation.datasets]
         if spec.model.startswith("/"):
@@ -216,7 +222,9 @@ class _Run:
 def _stages(spec: JobSpec, options: RunOptions) -> list[str]:
     evaluate = bool(spec.evaluation.datasets)
     return ["loading", "calibrating"] + (["evaluating_dense"] if evaluate and spec.evaluation.dense else []) \
-        + ["pruning"] + (["evaluating"] if evaluate else []) + (["saving"] if options.output else [])
+        + (["evaluating_tasks_dense"] if spec.evaluation.tasks and spec.evaluation.dense else []) \
+        + ["pruning"] + (["evaluating"] if evaluate else []) + (["evaluating_tasks"] if spec.evaluation.tasks else []) \
+        + (["saving"] if options.output else [])
 
 
 def run_job(spec: JobSpec, options: RunOptions | None = None, *, on_progress: ProgressCallback | None = None,
@@ -247,13 +255,20 @@ def run_job(spec: JobSpec, options: RunOptions | None = None, *, on_progress: Pr
     if evaluate and spec.evaluation.dense:
         with run.timed("eval_dense"):
             dense_ppl = run.evaluate("evaluating_dense", "dense")
+    if spec.evaluation.tasks and spec.evaluation.dense:
+        with run.timed("zero_shot_dense"):
+            run.evaluate_tasks("evaluating_tasks_dense", "dense")
     with run.timed("prune"):
         layers = run.prune()
     if evaluate:
         with run.timed("eval_pruned"):
             pruned_ppl = run.evaluate("evaluating", "pruned")
+    if spec.evaluation.tasks:
+        with run.timed("zero_shot_pruned"):
+            run.evaluate_tasks("evaluating_tasks", "pruned")
     run.seconds["eval"] = run.seconds.get("eval_dense", 0.0) + run.seconds.get("eval_pruned", 0.0)
     report = run.report(layers, dense_ppl, pruned_ppl)
+    report["zero_shot"] = run.zero_shot.report()  # None without evaluation.tasks
     if options.output:
         run.save(report)
     run.seconds["total"] = time.perf_counter() - run.start

@@ -20,6 +20,11 @@ STAGE_WEIGHTS = {"loading": 0.05, "calibrating": 0.05, "evaluating_dense": 0.15,
                  "evaluating": 0.15, "saving": 0.05}
 
 
+# A stage that does what an earlier one did (the same windows through the same blocks; writing
+# the weights as reading them): its measured time is the best guess for the later one.
+TWINS = {"evaluating": "evaluating_dense", "evaluating_tasks": "evaluating_tasks_dense", "saving": "loading"}
+
+
 class Tracker:
     def __init__(self, on_progress: ProgressCallback | None, should_cancel: CancelCheck | None,
                  stages: list[str]):
@@ -31,20 +36,46 @@ class Tracker:
         self.stage_start = self.start
         self.stage: str | None = None
         self.done = 0.0  # fraction of the job in the stages already finished
+        self.order = list(stages)
+        self.took: dict[str, float] = {}  # seconds of each finished stage
+        self.first: tuple[float, float] | None = None  # (stage fraction, time) of the stage's first report
 
     def check_cancel(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
             raise JobCancelled("cancelled on request")
 
     def begin(self, stage: str, message: str = "") -> None:
+        now = time.perf_counter()
         if self.stage is not None:
             self.done += self.share.get(self.stage, 0.0)
+            self.took[self.stage] = self.took.get(self.stage, 0.0) + now - self.stage_start
         self.stage = stage
-        self.stage_start = time.perf_counter()
-        self.emit(0.0, message=message)
+        self.stage_start = now
+        self.first = None  # set by the stage's own first report (it may start past 0: a layer selection)
+        self.emit(0.0, message=message, _opening=True)
+
+    def eta(self, stage_fraction: float, now: float) -> float | None:
+        """Seconds left, from what was measured: the current stage at its own pace so far (blocks
+        done per second), a later stage as long as its measured twin took (the pruned model's
+        evaluation as the dense one's), else in proportion to its weight at the current pace.
+        None until the current stage has moved (its first block is not done yet)."""
+        if self.first is None:
+            self.first = (stage_fraction, now)
+            return None
+        f0, t0 = self.first
+        share = self.share.get(self.stage, 0.0)
+        if stage_fraction <= f0 or now <= t0 or share <= 0:
+            return None
+        per_stage = (now - t0) / (stage_fraction - f0)  # seconds the whole stage takes at this pace
+        left = per_stage * (1 - stage_fraction)
+        later = self.order[self.order.index(self.stage) + 1:] if self.stage in self.order else []
+        for stage in later:
+            twin = TWINS.get(stage)
+            left += self.took[twin] if twin in self.took else per_stage * self.share[stage] / share
+        return left
 
     def emit(self, stage_fraction: float, *, layer: int | None = None, layers: int | None = None,
-             module: str | None = None, message: str = "") -> None:
+             module: str | None = None, message: str = "", _opening: bool = False) -> None:
         """Report progress inside the current stage (0..1); checks for cancellation first."""
         self.check_cancel()
         if self.on_progress is None:
@@ -52,7 +83,7 @@ class Tracker:
         now = time.perf_counter()
         fraction = min(1.0, self.done + self.share.get(self.stage, 0.0) * stage_fraction)
         elapsed = now - self.start
-        eta = elapsed * (1 - fraction) / fraction if fraction >= 0.02 else None
+        eta = None if _opening else self.eta(stage_fraction, now)
         public_stage = "evaluating" if self.stage == "evaluating_dense" else self.stage
         self.on_progress({
             "stage": public_stage, "layer": layer, "layers": layers, "module": module,

@@ -31,17 +31,21 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]*$")
 _UPLOAD = re.compile(r"^upload:(\d{1,12})$")
 MAX_GLOBS = 32
+_TASK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+()\-]{0,127}$")  # an lm-eval task, group or tag name
+MAX_TASKS = 32
 
 
 @dataclass(frozen=True)
 class UI:
     """A field's input in the new-job form and its CLI flag; ``suggested``: the value a required field
-    starts with there; ``cli_negate``: the flag sets False (``--no-dense-eval``)."""
+    starts with there; ``cli_negate``: the flag sets False (``--no-dense-eval``); ``metavar``: a list
+    flag's value in --help (default GLOB)."""
 
     form: str | None = None
     cli: str | None = None
     suggested: str | None = None
     cli_negate: bool = False
+    metavar: str | None = None
 
 
 def check_dataset_name(value: str) -> str:
@@ -55,6 +59,15 @@ def check_dataset_name(value: str) -> str:
         f"dataset {value!r}: use one of {', '.join(BUILTIN_DATASETS)}, upload:<id> "
         "(see POST /api/v1/calibration-sets), or an absolute path under the server's allowed directories"
     )
+
+
+def split_commas(value: Any) -> Any:
+    """``"piqa,arc_easy"`` or ``["piqa,arc_easy", "boolq"]`` as one list of stripped names."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return [part.strip() for v in value for part in (v.split(",") if v.strip() else [])]
+    return value
 
 
 def upload_id(dataset: str) -> int | None:
@@ -121,6 +134,15 @@ class EvaluationSpec(_Strict):
                            UI(form="max_windows", cli="--eval-windows")] = None
     dense: Annotated[bool, Field(description="also measure the dense model"),
                      UI(form="dense", cli="--no-dense-eval", cli_negate=True)] = True
+    tasks: Annotated[list[str], BeforeValidator(split_commas), Field(
+        description="lm-evaluation-harness tasks for zero-shot accuracy, dense and pruned (piqa, arc_easy, hellaswag, "
+                    "...: any lm-eval task or group; the worker checks that it exists); []: none"),
+        UI(form="eval_tasks", cli="--eval-tasks", metavar="TASK[,TASK...]")] = Field(default_factory=list)
+    task_limit: Annotated[int | None, Field(ge=1, le=10**7, description="at most this many examples per zero-shot "
+                                                                        "task (lm-eval's limit); null: all"),
+                          UI(form="task_limit", cli="--eval-limit")] = None
+    task_batch_size: Annotated[int, Field(ge=1, le=1024, description="requests per forward in the zero-shot tasks"),
+                               UI(form="task_batch_size", cli="--eval-batch-size")] = 8
 
     @field_validator("datasets")
     @classmethod
@@ -129,6 +151,20 @@ class EvaluationSpec(_Strict):
         if len(set(checked)) != len(checked):
             raise ValueError("evaluation datasets must not repeat")
         return checked
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, values: list[str]) -> list[str]:
+        """Only the names' form here (the API loads no lm-eval); the worker checks they exist."""
+        if len(values) > MAX_TASKS:
+            raise ValueError(f"at most {MAX_TASKS} zero-shot tasks")
+        for value in values:
+            if not _TASK.match(value):
+                raise ValueError(f"{value[:40]!r} is not an lm-eval task name (letters, digits and _ - . + ( ), "
+                                 "e.g. piqa or arc_easy)")
+        if len(set(values)) != len(values):
+            raise ValueError("zero-shot tasks must not repeat")
+        return values
 
 
 class SolverSpec(_Strict):

@@ -1,0 +1,266 @@
+"""Zero-shot accuracy through lm-evaluation-harness, on the model in memory.
+
+``ZeroShot(names, limit=..., batch_size=..., task_dirs=...)`` checks the task names against the
+harness's index (its own tasks and the YAML tasks in ``task_dirs``) and loads their data when
+``prepare()`` is called, before anything is pruned, so an unknown name or data that cannot be
+read fails the job at once. ``evaluate(...)`` then runs the tasks on the model as it is (dense
+or pruned) with the harness's own Hugging Face wrapper (``lm_eval.models.huggingface.HFLM``
+given the in-memory model and tokenizer: nothing is loaded again from disk), reporting progress
+and polling cancellation per batch.
+
+The model lives on the CPU between the engine's steps. For the evaluation it goes to the
+device whole when it fits in the free memory there, else its decoder blocks are brought in one
+at a time for their own forward (slower, but any size works); afterwards it is back where it was.
+
+lm-eval is an optional dependency (``pip install 'sparsegpt-service[eval]'``), imported only
+when tasks are asked for.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import logging
+import math
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from worker.engine.architectures import Adapter
+from worker.engine.errors import DataError, InvalidJob
+from worker.engine.progress import Tracker
+from worker.engine.sequential import release_memory
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_ITERS = 1000  # stderr of metrics without a closed form (acc's is closed-form)
+EMIT_EVERY_S = 0.5  # progress events at most this often (cancellation is checked every batch)
+HEADROOM_BYTES = 2 * 2**30  # free device memory kept for activations and logits beyond the weights
+
+
+def _harness():
+    try:
+        import lm_eval
+        from lm_eval.evaluator import evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise InvalidJob("zero-shot tasks (evaluation.tasks) need lm-evaluation-harness where the job runs: "
+                         f"pip install 'sparsegpt-service[eval]' ({exc})") from None
+    return lm_eval, evaluate, HFLM, TaskManager
+
+
+class ZeroShot:
+    """The zero-shot tasks of one job: checked and loaded once, evaluated dense and pruned."""
+
+    def __init__(self, names: list[str], *, limit: int | None, batch_size: int, task_dirs: tuple[str, ...] = ()):
+        self.names, self.limit, self.batch_size = list(names), limit, batch_size
+        self.task_dirs = tuple(task_dirs)
+        self.tasks: dict | None = None
+        self.results: dict[str, dict[str, dict[str, float]]] = {}  # "dense"/"pruned" -> task -> metric -> value
+        self.examples: dict[str, int] = {}
+        self.version: str | None = None
+
+    def prepare(self) -> None:
+        """Check the names and load the tasks' data (InvalidJob / DataError naming the task)."""
+        if not self.names or self.tasks is not None:
+            return
+        lm_eval, _, _, TaskManager = _harness()  # noqa: N806
+        self.version = getattr(lm_eval, "__version__", None)
+        manager = TaskManager(include_path=list(self.task_dirs) or None)
+        known = set(manager.all_tasks)
+        unknown = [name for name in self.names if name not in known]
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, manager.all_tasks, n=3)
+                hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            where = " or in the task directories " + ", ".join(self.task_dirs) if self.task_dirs else ""
+            raise InvalidJob(f"evaluation.tasks: unknown lm-eval task {'; '.join(hints)}: not one of lm-eval "
+                             f"{self.version or ''}'s tasks{where} (`lm-eval ls tasks` lists them)")
+        try:
+            self.tasks = manager.load(self.names)
+        except Exception as exc:  # the harness and `datasets` raise many kinds; the job needs one line
+            raise DataError(f"evaluation.tasks: the data of {', '.join(self.names)} could not be loaded "
+                            f"({type(exc).__name__}: {_first_line(exc)}); tasks read their data through "
+                            "`datasets`, from the Hub or its cache (HF_HOME)") from exc
+        unsafe = [name for name, task in self.tasks["tasks"].items() if getattr(task, "UNSAFE_CODE", False)]
+        if unsafe:
+            raise InvalidJob(f"evaluation.tasks: {', '.join(unsafe)} run the model's generated code, which the "
+                             "engine never does")
+
+    def evaluate(self, key: str, model: nn.Module, tokenizer: Any, adapter: Adapter, *, device: torch.device,
+                 tracker: Tracker, label: str) -> dict[str, dict[str, float]]:
+        """Run the tasks on ``model`` as it is now; kept under ``key`` ("dense" or "pruned")."""
+        self.prepare()
+        _, evaluate, HFLM, _ = _harness()  # noqa: N806
+        tracker.emit(0.0, message=f"{label} zero-shot {', '.join(self.names)}")
+        with _quiet_harness(), placed(model, adapter, device):
+            lm = _tracked(HFLM)(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=self.batch_size,
+                                softmax_dtype=torch.float32, tracker=tracker, label=f"{label} zero-shot")
+            lm._device = device  # where the inputs go: the embeddings are there in either placement
+            out = evaluate(lm, self.tasks, limit=self.limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False)
+        self.results[key] = metrics(out["results"])
+        self.examples = {name: int(n.get("effective", 0)) for name, n in (out.get("n-samples") or {}).items()}
+        return self.results[key]
+
+    def report(self) -> dict[str, Any] | None:
+        if not self.names:
+            return None
+        return {"tasks": self.names, "limit": self.limit, "batch_size": self.batch_size, "lm_eval": self.version,
+                "examples": self.examples, "dense": self.results.get("dense", {}),
+                "pruned": self.results.get("pruned", {})}
+
+
+def metrics(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The harness's ``results`` as task -> metric -> value: ``"acc,none"`` becomes ``acc``, a
+    filtered metric keeps its filter (``exact_match,strict-match``); non-numbers ("N/A") are dropped."""
+    out: dict[str, dict[str, float]] = {}
+    for task, values in results.items():
+        row = {}
+        for key, value in values.items():
+            if "," not in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            if math.isfinite(value):
+                row[metric if filt == "none" else key] = float(value)
+        out[task] = row
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+@contextmanager
+def _quiet_harness() -> Iterator[None]:
+    """The harness logs every step at INFO, warns about an in-memory model (what we mean) and
+    draws a bar per task while it builds the requests; the job's progress says all that."""
+    from lm_eval.api import task as task_module
+
+    logger = logging.getLogger("lm_eval")
+    level, bar = logger.level, getattr(task_module, "tqdm", None)
+    logger.setLevel(logging.ERROR)
+    if bar is not None:
+        task_module.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bar is not None:
+            task_module.tqdm = bar
+
+
+def _tracked(HFLM):  # noqa: N803 - the harness's class, imported when first needed
+    """HFLM that reports progress per batch and lets a cancel stop it between batches."""
+
+    class TrackedLM(HFLM):
+        def __init__(self, *args, tracker: Tracker, label: str, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._tracker, self._label = tracker, label
+            self._total = self._done = 0
+            self._fraction, self._emitted = 0.0, 0.0
+
+        def _begin(self, requests: list) -> None:
+            self._total += len(requests)
+
+        def _step(self, rows: int) -> None:
+            self._done += rows
+            self._fraction = max(self._fraction, min(0.99, self._done / max(1, self._total)))
+            now = time.monotonic()
+            if now - self._emitted < EMIT_EVERY_S:
+                self._tracker.check_cancel()
+                return
+            self._emitted = now
+            self._tracker.emit(self._fraction, message=f"{self._label}: {min(self._done, self._total)} of "
+                                                       f"{self._total} requests")
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            self._begin(requests)
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            self._begin(requests)
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            self._begin(requests)
+            return super().generate_until(requests, disable_tqdm=True)
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            self._step(int(inps.shape[0]))
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+        def _model_generate(self, context, max_length, stop, **generation_kwargs):
+            self._step(int(context.shape[0]))
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    return TrackedLM
+
+
+# --- where the model is while the harness runs it ------------------------------------------------
+
+
+def _weight_bytes(modules: list[nn.Module]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _move_own(module: nn.Module, device: torch.device) -> None:
+    """Move a module's own parameters and buffers, not its children's."""
+    for name, param in module._parameters.items():
+        if param is not None:
+            param.data = param.data.to(device)
+    for name, buf in module._buffers.items():
+        if buf is not None:
+            module._buffers[name] = buf.to(device)
+
+
+@contextmanager
+def placed(model: nn.Module, adapter: Adapter, device: torch.device) -> Iterator[str]:
+    """The model runnable on ``device`` for the block of the ``with``; yields how: "here" (it
+    already is), "whole" (moved there) or "streamed" (all but the decoder blocks moved there,
+    each block brought in for its own forward and sent back after it)."""
+    home = next(model.parameters()).device
+    if home == device or device.type == "cpu" and home.type == "cpu":
+        yield "here"
+        return
+    need = _weight_bytes([model]) + HEADROOM_BYTES
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    if need <= free:
+        model.to(device)
+        try:
+            yield "whole"
+        finally:
+            model.to(home)
+            release_memory(device)
+        return
+    in_blocks = {id(m) for block in adapter.blocks for m in block.modules()}
+    outside = [m for m in model.modules() if id(m) not in in_blocks]
+    hooks = []
+    for block in adapter.blocks:
+        hooks.append(block.register_forward_pre_hook(lambda module, args: module.to(device)))
+        hooks.append(block.register_forward_hook(lambda module, args, output: module.to(home)))
+    for module in outside:
+        _move_own(module, device)
+    try:
+        yield "streamed"
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for block in adapter.blocks:
+            block.to(home)
+        for module in outside:
+            _move_own(module, home)
+        release_memory(device)
