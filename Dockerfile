@@ -13,7 +13,8 @@ COPY worker ./worker
 COPY migrations ./migrations
 COPY templates ./templates
 COPY alembic.ini ./
-RUN pip install . && useradd --create-home --uid 1000 sparsegpt \
+# The eval extra (lm-evaluation-harness) for the workers' zero-shot tasks; their data lands in HF_HOME.
+RUN pip install ".[eval]" && useradd --create-home --uid 1000 sparsegpt \
     && mkdir -p /data /hf-cache && chown sparsegpt /data /hf-cache
 USER sparsegpt
 EXPOSE 8000

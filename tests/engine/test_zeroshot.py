@@ -19,8 +19,6 @@ from tests.support.tiny_models import make_tiny_model, sample_text
 from tests.support.zeroshot import TASK, accuracy, choice_rows, direct_picks, write_choice_task
 from worker.engine.spec import JobSpec
 
-pytest.importorskip("lm_eval", reason="needs the eval extra (pip install -e '.[eval]')")
-
 SPARSEGPT = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
