@@ -16,8 +16,9 @@ ProgressCallback = Callable[[dict], None]
 CancelCheck = Callable[[], bool]
 
 # Rough shares of a job's time per stage, used to turn stage progress into one fraction.
-STAGE_WEIGHTS = {"loading": 0.05, "calibrating": 0.05, "evaluating_dense": 0.15, "pruning": 0.55,
-                 "evaluating": 0.15, "saving": 0.05}
+# The zero-shot tasks (evaluating_tasks*) show as the stage "evaluating", as perplexity does.
+STAGE_WEIGHTS = {"loading": 0.05, "calibrating": 0.05, "evaluating_dense": 0.15, "evaluating_tasks_dense": 0.15,
+                 "pruning": 0.55, "evaluating": 0.15, "evaluating_tasks": 0.15, "saving": 0.05}
 
 
 # A stage that does what an earlier one did (the same windows through the same blocks; writing
@@ -84,7 +85,7 @@ class Tracker:
         fraction = min(1.0, self.done + self.share.get(self.stage, 0.0) * stage_fraction)
         elapsed = now - self.start
         eta = None if _opening else self.eta(stage_fraction, now)
-        public_stage = "evaluating" if self.stage == "evaluating_dense" else self.stage
+        public_stage = "evaluating" if self.stage and self.stage.startswith("evaluating") else self.stage
         self.on_progress({
             "stage": public_stage, "layer": layer, "layers": layers, "module": module,
             "fraction": round(fraction, 4), "eta_s": None if eta is None else round(eta, 1),
