@@ -147,6 +147,11 @@ class _Run:
                                       batch_size=self.batch_size, tracker=self.tracker, label=f"{label} {name}")
         return result
 
+    def evaluate_tasks(self, stage: str, key: str) -> None:
+        self.tracker.begin(stage, f"{key} zero-shot")
+        self.zero_shot.evaluate(key, self.model, self.tokenizer, self.adapter, device=self.device,
+                                tracker=self.tracker, label=key)
+
     def prune(self) -> list[LayerResult]:
         spec = self.spec
         self.tracker.begin("pruning", f"{spec.method} {spec.pattern}")
