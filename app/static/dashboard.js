@@ -124,6 +124,22 @@
 
     function mode(label) { text("feed-mode", label); }
 
+    function clock(value) {  // as the server writes times: YYYY-MM-DD HH:MM:SS (UTC)
+      if (value === null || value === undefined || value === "") return "";
+      var d = typeof value === "number" ? new Date(value * 1000)
+        : new Date(/[zZ]|[+-]\d\d:?\d\d$/.test(value) ? value : value + "Z");
+      return isNaN(d) ? "" : d.toISOString().substr(0, 19).replace("T", " ");
+    }
+
+    // The Details card (started, attempts, worker) follows the job, as the progress does.
+    function applyDetails(job) {
+      if (!job) return;
+      if (job.started_at) text("d-started", clock(job.started_at));
+      if (typeof job.attempt === "number") text("d-attempts", String(job.attempt));
+      if (job.worker) text("d-worker", job.worker);
+      if (job.started_at) main.dataset.started = job.started_at;
+    }
+
     function logLine(label, detail, when) {
       var list = document.getElementById("event-log");
       if (!list) return;
@@ -178,6 +194,9 @@
       if (!s || !s.status) return;
       setBadge(main, s.status);
       main.dataset.status = s.status;
+      if (s.status === "running") {  // a (new) attempt started: its number, worker and time
+        applyDetails({ attempt: s.attempt, worker: s.worker, started_at: s.ts || null });
+      }
       if (fromStream && !seenLog[s.status + s.attempt]) {
         seenLog[s.status + s.attempt] = 1;
         logLine(s.status, s.error || "", s.ts);
@@ -190,6 +209,7 @@
         var res = await fetch("/api/v1/jobs/" + id, { credentials: "same-origin", headers: { Accept: "application/json" } });
         if (res.ok) {
           var job = await res.json();
+          applyDetails(job);
           if (job.progress && (!last || job.progress.ts !== last.ts)) applyProgress(job.progress, false);
           applyStatus({ status: job.status, error: job.error }, false);
         }
@@ -216,6 +236,7 @@
     es.addEventListener("snapshot", function (e) {
       streamed();
       var job = JSON.parse(e.data);
+      applyDetails(job);
       if (job.progress) applyProgress(job.progress, false);
       applyStatus({ status: job.status, error: job.error }, false);
     });
