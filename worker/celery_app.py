@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from celery import Celery, signals
@@ -104,7 +105,6 @@ def _register(sender=None, **_kwargs) -> None:
     _registration.thread.start()
 
 
-@signals.worker_shutdown.connect
 def _hardware(settings) -> dict:
     """What this worker advertises (worker.gpus): read once per process."""
     global _described
@@ -119,6 +119,7 @@ def _hardware(settings) -> dict:
 _described: dict | None = None
 
 
+@signals.worker_shutdown.connect
 def _unregister(**_kwargs) -> None:
     import redis
 
@@ -220,17 +221,21 @@ def run_worker(
     concurrency: int = 1,
 ) -> int:
     """``sparsegpt worker``: consume the shared queue (plus per-GPU ones) in a prefork pool."""
-    settings = get_settings()
     from worker.gpus import queues_for
 
+    settings = get_settings()
     names = [settings.queue]
     for q in queues or []:
         names += [n.strip() for n in q.split(",") if n.strip() and n.strip() not in names]
-    if hostname is None:
     # The per-memory queues it fits (app/services/routing.py sends a job to the one it needs).
     names += [n for n in queues_for(settings.queue, _hardware(settings)["memory_gb"]) if n not in names]
+    if hostname is None:
         hostname = f"sparsegpt-gpu{gpu}@%h" if gpu is not None else "sparsegpt@%h"
+    # Celery's "superuser privileges" warning is about pickle, which this app never accepts (JSON
+    # only); in a container the worker runs as root.
+    warnings.filterwarnings("ignore", message="You're running the worker with superuser privileges")
     argv = [
+        "--quiet",  # no banner
         "worker",
         "--pool=prefork",
         f"--concurrency={concurrency}",
