@@ -94,6 +94,13 @@ def test_card_for_a_hub_model_with_zero_shot_accuracy():
     assert accuracies({"zero_shot_accuracy": {"pruned": {"piqa": 0.5}, "dense": {"piqa": 0.7}}}) == \
         {"piqa": {"pruned": 0.5, "dense": 0.7}}
     assert accuracies({"accuracy": {"boolq": 0.6}}) == {"boolq": {"pruned": 0.6}}
+    # the engine's own report (worker.engine.zeroshot): task -> metric -> value, stderr beside
+    engine = {"zero_shot": {"tasks": ["piqa"], "examples": {"piqa": 50}, "lm_eval": "0.4",
+                            "dense": {"piqa": {"acc": 0.7, "acc_stderr": 0.02, "acc_norm": 0.71}},
+                            "pruned": {"piqa": {"acc": 0.66, "acc_stderr": 0.02, "acc_norm": 0.69}}}}
+    assert accuracies(engine) == {"piqa": {"pruned": 0.66, "dense": 0.7}}
+    card = ModelCard(model_card({**report, "zero_shot": engine["zero_shot"]}))
+    assert ("piqa", "accuracy") in {(r.dataset_name, r.metric_type) for r in card.data.eval_results}
     assert card_data({"model": "/srv/models/x", "perplexity": {}}).eval_results is None
 
 

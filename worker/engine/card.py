@@ -46,10 +46,10 @@ def accuracies(report: dict) -> dict[str, dict[str, float]]:
         if not isinstance(value, dict) or not ("zero_shot" in lowered or "accuracy" in lowered or lowered == "tasks"):
             continue
         dense_key = "dense" in lowered
-        if set(value) & {"pruned", "dense"} and all(isinstance(v, dict) for v in value.values()):
-            for which, tasks in value.items():
-                for task, acc in tasks.items():
-                    if _number(_pick(acc)) is not None and which in ("pruned", "dense"):
+        if isinstance(value.get("pruned"), dict) and all(isinstance(value.get(w, {}), dict) for w in ("pruned", "dense")):
+            for which in ("pruned", "dense"):  # {"pruned": {task: acc}, "dense": ..., other keys}
+                for task, acc in (value.get(which) or {}).items():
+                    if _number(_pick(acc)) is not None:
                         out.setdefault(str(task), {})[which] = _number(_pick(acc))
             continue
         for task, acc in value.items():
