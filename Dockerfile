@@ -14,7 +14,7 @@ COPY migrations ./migrations
 COPY templates ./templates
 COPY alembic.ini ./
 # The eval extra (lm-evaluation-harness) for the workers' zero-shot tasks; their data lands in HF_HOME.
-RUN pip install ".[eval]" && useradd --create-home --uid 1000 sparsegpt \
+RUN pip install ".[eval,s3]" && useradd --create-home --uid 1000 sparsegpt \
     && mkdir -p /data /hf-cache && chown sparsegpt /data /hf-cache
 USER sparsegpt
 EXPOSE 8000

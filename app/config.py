@@ -23,8 +23,11 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
-    # Where the SQLite file, uploads and artifacts live.
+    # Where the SQLite file, uploads and artifacts live (with storage_url: local scratch space).
     data_dir: Path = Path("data")
+    # Unset: uploads and artifacts in data_dir. s3://bucket/prefix: in that S3-compatible store,
+    # shared by the API and every worker (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; app/storage.py).
+    storage_url: str = ""
     # None: a SQLite file in data_dir. PostgreSQL: postgresql+psycopg://user:pw@host/db
     database_url: str | None = Field(
         default=None, validation_alias=AliasChoices("DATABASE_URL", "SPARSEGPT_DATABASE_URL")

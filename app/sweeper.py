@@ -38,6 +38,7 @@ from app.config import Settings
 from app.models import utcnow
 from app.queue import enqueue_job
 from app.services import uploads
+from app.storage import StorageError, get_store
 
 log = logging.getLogger("sparsegpt.sweeper")
 
@@ -169,6 +170,12 @@ def _expire_artifacts(settings, sessions, report: SweepReport) -> None:
         target = (root / str(int(job.id))).resolve()
         if target.parent == root:  # the job's own directory, named by its id
             shutil.rmtree(target, ignore_errors=True)
+        store = get_store(settings)
+        if store is not None:  # its archive and report in the shared store
+            try:
+                store.delete_prefix(f"artifacts/{int(job.id)}")
+            except StorageError as err:
+                report.errors.append(f"job {job.id}: {err}")
         report.expired.append(job.id)
         log.info("job %s: artifact deleted (older than %ss)", job.id, settings.artifact_retention_s)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app import crud, db
+from app import crud, db, storage
 from app.config import Settings
 from app.paths import PathNotAllowed, resolve_allowed
 from worker.engine.spec import BUILTIN_DATASETS, JobSpec, upload_id
@@ -97,6 +97,12 @@ def _dataset(value: str, settings: Settings, labels: dict[str, str]) -> str:
         with db.session_scope(settings.database) as session:
             row = crud.get_calibration_set(session, set_id)
             path = row.path if row is not None else None
+            sha = row.sha256 if row is not None else None
+        if path is not None and storage.is_stored(path):  # in the shared store: this machine's cached copy
+            try:
+                path = str(storage.cached_upload(settings, path, sha))
+            except storage.StorageError as err:
+                raise Refused(f"calibration set {value} could not be fetched from the store: {err}") from None
         if path is None or not Path(path).is_file():
             raise Refused(f"calibration set {value} no longer exists on the server; upload it again")
     else:

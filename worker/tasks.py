@@ -26,7 +26,7 @@ from celery.worker.request import Request
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app import archive, crud, db
+from app import archive, crud, db, storage
 from app.config import Settings, get_settings
 from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED
 from app.queue import RUN_JOB_TASK
@@ -216,8 +216,11 @@ class JobRun:
             # the report and card in the archive name what the user named, not the server's paths
             published.rewrite(partial, report, inputs, stored, archive.artifact_name(self.job_id))
             os.replace(partial, final)
-            size, sha = archive.digest(final, archive.artifact_name(self.job_id))
-            artifact = (str(final), size, sha)
+            try:
+                artifact = self._publish(final)
+            except storage.StorageError as err:  # the store unreachable or refusing: the job fails with why
+                shutil.rmtree(final, ignore_errors=True)
+                return self._record_failure(err, stored)
         metrics = metric_rows(report, inputs)
         with db.session_scope(self.url) as session:
             done = crud.finish_job(
@@ -229,7 +232,11 @@ class JobRun:
             log.warning("job %s attempt %s finished but no longer owns the job", self.job_id, self.attempt)
             shutil.rmtree(final, ignore_errors=True)
             return {"job": self.job_id, "lost": True}
+            if artifact is not None and storage.is_stored(artifact[0]):
+                storage.get_store(self.settings).delete(artifact[0])
         for other in self._job_dir().glob("attempt-*"):  # earlier attempts' leftovers
+        if artifact is not None and storage.is_stored(artifact[0]):
+            shutil.rmtree(final, ignore_errors=True)  # the store has it: no copy on this machine
             if other != final:
                 shutil.rmtree(other, ignore_errors=True)
         shutil.rmtree(self._job_dir() / RESUME_DIR, ignore_errors=True)
@@ -259,6 +266,20 @@ class JobRun:
         return {"job": self.job_id, "status": status, "error": reason}
 
     def _over_memory_limit(self, reason: str) -> None:
+    def _publish(self, final: Path) -> tuple[str, int, str]:
+        """(path, size, sha256) of the archive: hashed here (it is made on the fly at download), or
+        with SPARSEGPT_STORAGE_URL streamed into the store as it is made, its report beside it."""
+        name = archive.artifact_name(self.job_id)
+        store = storage.get_store(self.settings)
+        if store is None:
+            size, sha = archive.digest(final, name)
+            return str(final), size, sha
+        report = final / published.REPORT
+        if report.is_file():
+            store.put_bytes(f"artifacts/{self.job_id}/{published.REPORT}", report.read_bytes(), "application/json")
+        return store.put_stream(storage.artifact_name(self.job_id, name), archive.iter_tar(final, name),
+                                content_type=archive.MEDIA_TYPE)
+
         """The heartbeat thread's memory guard tripped: the job is failed, then this process is
         ended at once (its memory is what is wrong; the pool starts another)."""
         with db.session_scope(self.url) as session:

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Path as PathParam, Query, Response, status
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app import archive, crud
+from app import archive, crud, storage
 from app.api.deps import RedisDep, SessionDep, SettingsDep
 from app.auth import UserDep
 from app.models import SUCCEEDED, Job
@@ -211,11 +211,17 @@ def download_artifact(
     if wanted == "unsatisfiable":
         return Response(status_code=status.HTTP_416_RANGE_NOT_SATISFIABLE,
                         headers={"Content-Range": f"bytes */{size}", **headers})
+    if isinstance(root, str):  # in the shared store (app/storage.py): its bytes, a range as a range
+        def body(start: int = 0, end: int | None = None):
+            return storage.get_store(settings).iter_range(root, start, end)
+    else:
+        def body(start: int = 0, end: int | None = None):
+            return archive.iter_tar(root, name, start, end)
     if wanted is None:
         headers["Content-Length"] = str(size)
-        return StreamingResponse(archive.iter_tar(root, name), media_type=archive.MEDIA_TYPE, headers=headers)
+        return StreamingResponse(body(), media_type=archive.MEDIA_TYPE, headers=headers)
     start, end = wanted
     headers["Content-Length"] = str(end - start)
     headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    return StreamingResponse(archive.iter_tar(root, name, start, end), status_code=status.HTTP_206_PARTIAL_CONTENT,
+    return StreamingResponse(body(start, end), status_code=status.HTTP_206_PARTIAL_CONTENT,
                              media_type=archive.MEDIA_TYPE, headers=headers)

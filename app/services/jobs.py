@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import crud, streams
+from app import crud, storage, streams
 from app.auth import CurrentUser
 from app.config import Settings
 from app.models import QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job
@@ -229,11 +229,18 @@ def delete(session: Session, settings: Settings, r: redis.Redis, user: CurrentUs
 
 
 def remove_artifact_files(settings: Settings, job_id: int) -> None:
-    """The job's directory under the artifacts dir: named by the job id, never by input."""
+    """The job's directory under the artifacts dir (named by the job id, never by input), and its
+    objects in the store."""
     root = settings.artifacts_dir.resolve()
     target = (root / str(int(job_id))).resolve()
     if target.parent == root:
         shutil.rmtree(target, ignore_errors=True)
+    store = storage.get_store(settings)
+    if store is not None:
+        try:
+            store.delete_prefix(f"artifacts/{int(job_id)}")
+        except storage.StorageError as err:
+            log.warning("job %s: %s", job_id, err)
 
 
 # --- the artifact --------------------------------------------------------------------------------
@@ -242,11 +249,13 @@ def remove_artifact_files(settings: Settings, job_id: int) -> None:
 def artifact_available(job: Job) -> bool:
     """The job succeeded and its files are still on this server."""
     return (job.status == SUCCEEDED and bool(job.artifact_sha256) and job.artifact_size is not None
-            and bool(job.artifact_path) and job.artifact_expired_at is None and Path(job.artifact_path).is_dir())
+            and bool(job.artifact_path) and job.artifact_expired_at is None
+            and (storage.is_stored(job.artifact_path) or Path(job.artifact_path).is_dir()))
 
 
-def artifact_dir(session: Session, settings: Settings, job_id: int) -> tuple[Job, Path]:
-    """The job and its pruned model directory, or 409 (not succeeded) / 410 (gone)."""
+def artifact_dir(session: Session, settings: Settings, job_id: int) -> tuple[Job, Path | str]:
+    """The job and its pruned model directory, or its archive's URL in the store (str); or 409
+    (not succeeded) / 410 (gone)."""
     job = get_or_404(session, job_id)
     if job.status != SUCCEEDED:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} is {job.status}; the artifact exists once it has succeeded")
@@ -256,6 +265,16 @@ def artifact_dir(session: Session, settings: Settings, job_id: int) -> tuple[Job
             detail=f"job {job_id}'s artifact was deleted on {job.artifact_expired_at:%Y-%m-%d %H:%M} UTC "
                    f"(artifacts are kept {settings.artifact_retention_s / 86400:g} days); retry the job to make it again",
         )
+    if storage.is_stored(job.artifact_path) and job.artifact_sha256:
+        store = storage.get_store(settings)
+        try:
+            found = store.size(job.artifact_path) if store is not None else None
+        except (storage.StorageError, ValueError) as err:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "10"},
+                                detail=f"the object store is unreachable: {err}") from None
+        if found != job.artifact_size:
+            raise HTTPException(status.HTTP_410_GONE, detail=f"job {job_id}'s artifact is no longer in the store")
+        return job, str(job.artifact_path)
     root = Path(job.artifact_path or "")
     # The path is the worker's, under the artifacts directory; never one a request named.
     inside = root.resolve().is_relative_to(settings.artifacts_dir.resolve()) if job.artifact_path else False

@@ -33,7 +33,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app import crud
+from app import crud, storage
 from app.auth import CurrentUser
 from app.config import Settings
 from app.models import CalibrationSet
@@ -329,16 +329,22 @@ def _keep(session: Session, settings: Settings, file: ReceivedFile, owner_id: in
             raise refusal
     sha = file.sha.hexdigest()
     final = settings.uploads_dir / f"{sha}.{file.format}"
+    store = storage.get_store(settings)
+    name = f"uploads/{sha}.{file.format}"
     row = crud.create_calibration_set(session, name=safe_name(file.filename), format=file.format, size=file.size,
-                                      sha256=sha, path=str(final), owner_id=owner_id)
+                                      sha256=sha, path=store.url(name) if store else str(final), owner_id=owner_id)
     session.commit()  # before the file is in place: a concurrent ``remove`` of a twin then keeps it
     try:
-        with _files_locked(settings):
-            os.replace(file.path, final)
-    except OSError as err:
+        if store is not None:  # every worker reaches it there; no copy stays here
+            store.put_file(name, file.path)
+            file.discard()
+        else:
+            with _files_locked(settings):
+                os.replace(file.path, final)
+    except (OSError, storage.StorageError) as err:
         crud.delete_calibration_set(session, set_id=row.id)
         session.commit()
-        raise UploadError(507, f"the file could not be stored: {err.strerror}") from None
+        raise UploadError(507, f"the file could not be stored: {getattr(err, 'strerror', None) or err}") from None
     return row
 
 
@@ -370,6 +376,12 @@ def remove(session: Session, settings: Settings, set_id: int) -> Removal:
         session.rollback()
         return Removal(in_use_by=users)
     session.commit()
+    store = storage.get_store(settings)
+    if store is not None and storage.is_stored(path):
+        if not crud.calibration_path_in_use(session, path):
+            store.delete(path)
+        session.rollback()
+        return Removal(deleted=True)
     with _files_locked(settings):
         if not crud.calibration_path_in_use(session, path):
             stored = Path(path).resolve()

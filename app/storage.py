@@ -1,0 +1,248 @@
+"""Storage every machine reaches: uploads, artifacts and job reports in an S3-compatible store.
+
+``SPARSEGPT_STORAGE_URL`` unset: nothing here is used, everything stays in the data directory
+as on one machine. ``s3://bucket/prefix``: the API keeps uploaded calibration files there (the
+row's path is the object's URL), workers fetch them into a content-addressed cache under their
+own data directory, stream the artifact's tar archive into the store while it is produced
+(a multipart upload, hashed in the same pass: no archive file on any disk) and the report beside
+it, and the API streams downloads from it (HTTP Range maps to the object's Range). Retention and
+DELETE remove the objects. The endpoint and credentials come from the usual AWS variables
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION) through boto3.
+
+Keys under the prefix: ``uploads/<sha256>.<txt|jsonl>``, ``artifacts/<job id>/<archive>.tar``
+and ``artifacts/<job id>/sparsegpt_report.json``. The data directory stays local scratch space
+(the free-space check looks at it only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+PART_BYTES = 8 * 1024 * 1024  # a multipart upload's parts (S3's minimum is 5 MiB but the last)
+READ_BYTES = 1024 * 1024
+SCHEME = "s3://"
+
+
+class StorageError(RuntimeError):
+    """The store refused or could not be reached; the message says which object and why."""
+
+
+def is_stored(path: str | None) -> bool:
+    """Whether a path kept in the database names an object in the store."""
+    return bool(path) and str(path).startswith(SCHEME)
+
+
+class S3Store:
+    """One bucket and key prefix, through a boto3 client (thread-safe, created once per process)."""
+
+    def __init__(self, url: str):
+        parsed = urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise ValueError(f"SPARSEGPT_STORAGE_URL {url!r}: use s3://bucket/prefix")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self._client = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                self._client = boto3.client(
+                    "s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None,
+                    config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60))
+            return self._client
+
+    # --- names ---------------------------------------------------------------------------------
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def url(self, name: str) -> str:
+        return f"{SCHEME}{self.bucket}/{self.key(name)}"
+
+    def key_of(self, url: str) -> str:
+        """The key of an object URL of this bucket (ValueError for anything else)."""
+        parsed = urlparse(url)
+        key = parsed.path.lstrip("/")
+        if parsed.scheme != "s3" or parsed.netloc != self.bucket or not key.startswith(self.key("")) or ".." in key.split("/"):
+            raise ValueError(f"{url!r} is not in this server's store ({self.url('')})")
+        return key
+
+    # --- objects ------------------------------------------------------------------------------
+
+    def put_file(self, name: str, path: Path) -> str:
+        try:
+            self.client.upload_file(str(path), self.bucket, self.key(name))
+        except Exception as err:  # botocore's ClientError, connection errors
+            raise StorageError(f"could not store {self.url(name)}: {_reason(err)}") from err
+        return self.url(name)
+
+    def put_bytes(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data, ContentType=content_type)
+        except Exception as err:
+            raise StorageError(f"could not store {self.url(name)}: {_reason(err)}") from err
+        return self.url(name)
+
+    def put_stream(self, name: str, chunks: Iterable[bytes], content_type: str = "application/octet-stream",
+                   part_bytes: int = PART_BYTES) -> tuple[str, int, str]:
+        """Upload ``chunks`` as they come (multipart, ``part_bytes`` a part): (url, size, sha256).
+        Nothing of it stays in the store if anything fails."""
+        key, sha, size = self.key(name), hashlib.sha256(), 0
+        try:
+            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, ContentType=content_type)["UploadId"]
+        except Exception as err:
+            raise StorageError(f"could not start storing {self.url(name)}: {_reason(err)}") from err
+        parts: list[dict] = []
+        buffer = bytearray()
+        try:
+            for chunk in chunks:
+                sha.update(chunk)
+                size += len(chunk)
+                buffer += chunk
+                while len(buffer) >= part_bytes:
+                    self._part(key, upload_id, parts, bytes(buffer[:part_bytes]))
+                    del buffer[:part_bytes]
+            if buffer or not parts:
+                self._part(key, upload_id, parts, bytes(buffer))
+            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                  MultipartUpload={"Parts": parts})
+        except BaseException as err:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except Exception:
+                pass
+            if isinstance(err, Exception) and not isinstance(err, (OSError, StorageError)):
+                raise StorageError(f"could not store {self.url(name)}: {_reason(err)}") from err
+            raise
+        return self.url(name), size, sha.hexdigest()
+
+    def _part(self, key: str, upload_id: str, parts: list[dict], body: bytes) -> None:
+        number = len(parts) + 1
+        answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body)
+        parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+
+    def iter_range(self, url: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """The object's bytes [start, end) as they arrive."""
+        key = self.key_of(url)
+        extra = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else {}
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"]
+        except Exception as err:
+            raise StorageError(f"could not read {url}: {_reason(err)}") from err
+        try:
+            while True:
+                chunk = body.read(READ_BYTES)
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            body.close()
+
+    def size(self, url: str) -> int | None:
+        """The object's size, None when it does not exist."""
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=self.key_of(url))["ContentLength"])
+        except Exception as err:
+            if _status(err) in (403, 404):
+                return None
+            raise StorageError(f"could not look up {url}: {_reason(err)}") from err
+
+    def fetch(self, url: str, target: Path) -> Path:
+        """Download the object to ``target`` (through a temporary file beside it)."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.part")
+        try:
+            self.client.download_file(self.bucket, self.key_of(url), str(temporary))
+            os.replace(temporary, target)
+        except Exception as err:
+            temporary.unlink(missing_ok=True)
+            raise StorageError(f"could not fetch {url}: {_reason(err)}") from err
+        return target
+
+    def delete(self, url: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key_of(url))
+        except Exception as err:
+            raise StorageError(f"could not delete {url}: {_reason(err)}") from err
+
+    def delete_prefix(self, name: str) -> int:
+        """Every object under ``<prefix>/<name>/``; returns how many were deleted."""
+        key = self.key(name.rstrip("/") + "/")
+        deleted = 0
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=key):
+                objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if objects:
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+                    deleted += len(objects)
+        except Exception as err:
+            raise StorageError(f"could not delete {self.url(name)}/: {_reason(err)}") from err
+        return deleted
+
+
+def _status(err: Exception) -> int | None:
+    response = getattr(err, "response", None) or {}
+    try:
+        return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _reason(err: Exception) -> str:
+    response = getattr(err, "response", None) or {}
+    error = response.get("Error") or {}
+    if error:
+        return f"{error.get('Code', '?')}: {error.get('Message', '')}".strip()
+    return f"{type(err).__name__}: {err}"[:300]
+
+
+_stores: dict[str, S3Store] = {}
+_stores_lock = threading.Lock()
+
+
+def get_store(settings) -> S3Store | None:
+    """The settings' store (one per URL and process), None when SPARSEGPT_STORAGE_URL is unset."""
+    url = (settings.storage_url or "").strip()
+    if not url:
+        return None
+    with _stores_lock:
+        store = _stores.get(url)
+        if store is None:
+            store = _stores[url] = S3Store(url)
+        return store
+
+
+def artifact_name(job_id: int, archive_name: str) -> str:
+    return f"artifacts/{int(job_id)}/{archive_name}.tar"
+
+
+def cached_upload(settings, url: str, sha256: str | None = None) -> Path:
+    """A stored upload in this machine's cache (``<data dir>/cache/uploads/``), fetched once;
+    its sha256 checked against its name (content-addressed) when it arrives."""
+    store = get_store(settings)
+    if store is None:
+        raise StorageError(f"{url} is in an object store but SPARSEGPT_STORAGE_URL is not set on this machine")
+    name = store.key_of(url).rsplit("/", 1)[-1]
+    target = settings.data_dir / "cache" / "uploads" / name
+    if target.is_file():
+        return target
+    store.fetch(url, target)
+    expected = sha256 or name.split(".", 1)[0]
+    digest = hashlib.sha256()
+    with target.open("rb") as handle:
+        for block in iter(lambda: handle.read(READ_BYTES), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        target.unlink(missing_ok=True)
+        raise StorageError(f"{url}: its content does not match its sha256 {expected}")
+    return target
