@@ -13,7 +13,8 @@ def resolve_allowed(value: str, allowed: list[Path], *, kind: str) -> Path:
     """``value`` resolved, if it is an existing ``kind`` ("dir" or "file") under one of ``allowed``."""
     if not allowed:
         raise PathNotAllowed(
-            f"{value!r}: this server allows no local paths (SPARSEGPT_LOCAL_DIRS is empty)"
+            f"{value!r}: this server allows no local paths (SPARSEGPT_LOCAL_DIRS is empty; "
+            "`sparsegpt serve --allow-dir DIR` allows one)"
         )
     try:
         path = Path(value).expanduser().resolve(strict=False)

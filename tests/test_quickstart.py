@@ -109,6 +109,7 @@ def test_offline_quickstart_in_the_browser(browser, tmp_path):
         missing: list[str] = []
         page.on("response", lambda r: missing.append(r.url) if r.status == 404 else None)
         page.goto("/jobs/new")
+        expect(page.locator("#allowed-dirs")).to_contain_text(str(models.resolve()))
         page.fill("#model", str(models / "tiny"))
         page.fill("#sparsity", "0.5")
         page.check('input[name=calibration_source][value=path]')

@@ -68,7 +68,8 @@ def form_page(request: Request, session: Session, values: dict[str, Any], errors
     """The new-job form with these values and errors (by input name; "" for the whole form)."""
     context = {
         "form": values, "errors": errors, "uploads": crud.list_calibration_sets(session, limit=100),
-        "choices": forms.CHOICES, "builtin": BUILTIN_DATASETS, **extra,
+        "choices": forms.CHOICES, "builtin": BUILTIN_DATASETS,
+        "allowed_dirs": [str(d) for d in request.app.state.settings.allowed_dirs], **extra,
     }
     return render(request, "new_job.html", context, status_code=status_code)
 
