@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     )
     # ':'-separated directories whose models and text files jobs may name (resolved, symlinks too).
     local_dirs: str = ""
+    # ':'-separated directories of lm-eval task YAML files whose tasks jobs' evaluation.tasks may name
+    # beside the harness's own (SPARSEGPT_EVAL_INCLUDE_DIRS, read by the workers). A task file can run
+    # Python (`!function`) and read any file its data_files name: only directories the admin controls.
+    eval_include_dirs: str = ""
     # Custom modelling code from the hub runs arbitrary Python on the workers: off by default.
     allow_trust_remote_code: bool = False
 
@@ -157,6 +161,10 @@ class Settings(BaseSettings):
     @property
     def allowed_dirs(self) -> list[Path]:
         return [Path(p).expanduser().resolve() for p in self.local_dirs.split(":") if p.strip()]
+
+    @property
+    def eval_task_dirs(self) -> tuple[str, ...]:
+        return tuple(str(Path(p).expanduser().resolve()) for p in self.eval_include_dirs.split(":") if p.strip())
 
     @property
     def uploads_dir(self) -> Path:

@@ -18,6 +18,7 @@ from app import crud
 from app.models import STATUSES, TERMINAL, Job
 from app.services import jobs
 from app.web import forms
+from app.web.accuracy import compare_rows, job_rows
 from app.web.charts import bar_chart, line_chart, profile_chart
 from app.web.filters import progress_view
 from app.web.render import current_user, error_page, open_session, parse_job_id, render
@@ -145,6 +146,7 @@ def job_page(request: Request, job_id: str) -> HTMLResponse:
         return render(request, "job.html", {
             "job": job, "spec": spec_view(job.spec), "progress": progress, "pview": progress_view(progress),
             "charts": _job_charts(job), "metrics": job.metrics, "modules": job.modules, "result": result,
+            "zero_shot": job_rows(result.get("zero_shot")), "zero_shot_info": result.get("zero_shot") or {},
             "seconds": result.get("seconds") or {}, "environment": result.get("environment") or {},
             "active": job.status not in TERMINAL, "may_change": jobs.may_change(current_user(request), job),
             "spec_json": json.dumps(job.spec, indent=2), "artifact_ok": jobs.artifact_available(job),
@@ -199,7 +201,8 @@ def _comparison(jobs_: list[Job]) -> dict[str, Any]:
         blocks, _, errors = _block_series(job)
         series.append((f"job {job.id}", [(b, e) for b, e in zip(blocks, errors) if e is not None]))
     chart = line_chart(series, title="Relative reconstruction error per block", x_label="block")
-    return {"spec_rows": spec_rows, "ppl": ppl, "chart": chart, "differences": sum(r["differs"] for r in spec_rows)}
+    return {"spec_rows": spec_rows, "ppl": ppl, "chart": chart, "differences": sum(r["differs"] for r in spec_rows),
+            "accuracy": compare_rows([job.result for job in jobs_])}
 
 
 @router.get("/compare", response_class=HTMLResponse)
