@@ -45,7 +45,8 @@ RESUME_DIR = "resume"  # <job dir>/resume: the engine's per-block checkpoints (w
 
 # What a job row's ``result`` keeps of the engine's report (layers and perplexity have tables).
 RESULT_KEYS = ("model", "method", "pattern", "sparsity", "sparsity_pruned_modules", "coverage", "experts", "seconds",
-               "peak_memory_bytes", "environment", "profile")
+               "peak_memory_bytes", "environment", "profile",
+               "zero_shot")  # the lm-eval tasks' dense and pruned metrics (the job page's and compare page's tables)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -195,7 +196,7 @@ class JobRun:
             from worker.engine.pipeline import RunOptions, run_job
 
             options = RunOptions(device=self.settings.worker_device, output=str(partial),
-                                 token=os.environ.get("HF_TOKEN") or None,
+                                 token=os.environ.get("HF_TOKEN") or None, task_dirs=self.settings.eval_task_dirs,
                                  resume_dir=str(self._job_dir() / RESUME_DIR))  # a redelivery resumes there
             report = run_job(inputs.spec, options, on_progress=self.reporter.progress, should_cancel=should_cancel,
                              on_loaded=lambda facts: check_loaded_model(facts, inputs.spec, self.settings.max_job_memory_gb))
