@@ -28,6 +28,7 @@ from torch import nn
 from worker.engine.architectures import Adapter, LayerSelection, prunable_linears, weight_matrix
 from worker.engine.errors import InvalidJob
 from worker.engine.progress import Tracker
+from worker.engine import offload as host
 from worker.engine.sequential import capture_block_inputs, release_memory, run_block
 
 
@@ -82,13 +83,13 @@ def block_outlier_ratios(model: nn.Module, adapter: Adapter, calibration: torch.
     blocks = [i for i in range(len(adapter.blocks)) if selected_modules(adapter, selection, i)]
     if not blocks:
         return {}
-    offload = next(model.parameters()).device
     inputs = capture_block_inputs(model, adapter, calibration, batch_size=batch_size, device=device)
     out: dict[int, tuple[float, int]] = {}
     for i in range(blocks[-1] + 1):
         tracker.emit(0.5 + 0.5 * i / (blocks[-1] + 1), layer=i, layers=len(adapter.blocks),
                      message=f"OWL outlier ratios: block {i + 1} of {blocks[-1] + 1}")
-        block = adapter.blocks[i].to(device)
+        block = adapter.blocks[i]
+        host.onload(block, device)
         modules = selected_modules(adapter, selection, i)
         norms: dict[str, torch.Tensor] = {}
 
@@ -108,7 +109,7 @@ def block_outlier_ratios(model: nn.Module, adapter: Adapter, calibration: torch.
             weights = [weight_matrix(modules[n]) for n in modules]
             sq = [norms.get(n, torch.zeros(W.shape[1], device=W.device)) for n, W in zip(modules, weights)]  # not called: 0
             out[i] = (outlier_ratio(weights, sq, m), sum(W.numel() for W in weights))
-        block.to(offload)
+        host.offload(block)
         release_memory(device)
     del inputs
     release_memory(device)

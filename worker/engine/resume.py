@@ -16,6 +16,7 @@ of a block (masks, positions) are not saved: the model's own capture makes them 
 
 Disk: every pruned block's tensors (about the size of the model's decoder blocks in the working
 dtype) plus, for a moment, two sets of block inputs (nsamples x seqlen x hidden_size x dtype size each).
+The blocks' files are also where the pruned blocks live on the host (memory-mapped, worker.engine.offload).
 Every file goes through ``write_checkpoint``, the one place that writes there (a storage layer can
 route it elsewhere later). The caller removes the directory when the job ends.
 """
@@ -33,6 +34,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from worker.engine.offload import attach
 
 log = logging.getLogger(__name__)
 STATE = "state.json"
@@ -64,8 +67,8 @@ def fingerprint(*, spec: dict, dtype: torch.dtype, device: torch.device, batch_s
 
 def _tensors(module_or_dict) -> dict[str, torch.Tensor]:
     items = module_or_dict.state_dict().items() if isinstance(module_or_dict, nn.Module) else module_or_dict.items()
-    # clone: safetensors refuses tensors that share storage, and the file must not alias the model
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in items}
+    # a copy: safetensors refuses tensors that share storage, and the file must not alias the model
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in items}
 
 
 class Checkpoints:
@@ -96,6 +99,9 @@ class Checkpoints:
             return None
         return state
 
+    def block_file(self, i: int) -> Path:
+        return self.dir / f"block-{i:05d}.safetensors"
+
     @property
     def next_block(self) -> int:
         return self.state["next_block"] if self.state else 0
@@ -113,9 +119,7 @@ class Checkpoints:
             return 0
         state, k = self.state, self.state["next_block"]
         for i in state["blocks"]:
-            tensors = load_file(self.dir / f"block-{i:05d}.safetensors")
-            blocks[i].load_state_dict(tensors, strict=True)
-            del tensors
+            attach(blocks[i], self.block_file(i))  # memory-mapped, as the pruned blocks of the first attempt
         if inputs is not None and state.get("hidden"):
             saved = load_file(self.dir / state["hidden"])
             if len(saved) != len(inputs.hidden):
@@ -143,7 +147,7 @@ class Checkpoints:
         state = dict(self.state or {"fingerprint": self.fingerprint, "blocks": []})
         if block is not None:
             tensors = _tensors(block)
-            write_checkpoint(self.dir, f"block-{i:05d}.safetensors", lambda p: save_file(tensors, str(p)))
+            write_checkpoint(self.dir, self.block_file(i).name, lambda p: save_file(tensors, str(p)))
             del tensors
             state["blocks"] = sorted({*state["blocks"], i})
         old_hidden = state.get("hidden")

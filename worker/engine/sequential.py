@@ -32,6 +32,7 @@ from worker.engine.architectures import (
     weight_matrix,
 )
 from worker.engine.attention_kinds import capture_kind_kwargs
+from worker.engine import offload as host
 from worker.engine.baselines import magnitude_prune, wanda_prune
 from worker.engine.moe import ExpertCollector, MoeSettings, fused_experts, prune_experts
 from worker.engine.patterns import SparsityPattern
@@ -304,7 +305,6 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
     nblocks = len(blocks)
     selection.validate(nblocks)
     last = selection.last_block if selection.last_block is not None else nblocks - 1
-    offload = next(model.parameters()).device
     needs_data = solver.method != "magnitude"
     inputs = (capture_block_inputs(model, adapter, calibration, batch_size=batch_size, device=device)
               if needs_data else None)
@@ -316,11 +316,11 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
         tracker.emit(i / (last + 1), layer=i, layers=nblocks, message=f"block {i + 1} of {nblocks}")
         if not selection.block_selected(i):
             if needs_data:
-                block.to(device)
+                host.onload(block, device)
                 run_block(block, inputs, device, keep=True)
-                block.to(offload)
+                host.offload(block)
             continue
-        block.to(device)
+        host.onload(block, device, writable=True)  # pruned on a copy: the mapped weights stay untouched
         prefix = adapter.block_name(i)
         modules = {name: m for name, m in prunable_linears(block).items()
                    if selection.module_selected(f"{prefix}.{name}")}
@@ -365,9 +365,9 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
                 expert_records += records
         if needs_data and i < last:
             run_block(block, inputs, device, keep=True)  # the pruned block feeds the next one
-        block.to(offload)
         if checkpoints is not None:
             checkpoints.block_done(i, block, inputs, results, expert_records, last=last)
+        host.offload(block, changed=True, written=checkpoints.block_file(i) if checkpoints else None)
         release_memory(device)
     tracker.emit(1.0, layer=nblocks - 1, layers=nblocks, message="pruned")
     return results
@@ -378,18 +378,17 @@ def perplexity(model: nn.Module, adapter: Adapter, windows: torch.Tensor, *, dev
                batch_size: int, tracker: Tracker, label: str = "") -> float:
     """exp(mean over windows of the mean next-token cross-entropy), computed block by block."""
     nblocks = len(adapter.blocks)
-    offload = next(model.parameters()).device
     inputs = capture_block_inputs(model, adapter, windows, batch_size=batch_size, device=device)
     for i, block in enumerate(adapter.blocks):
         tracker.emit(i / (nblocks + 1), layer=i, layers=nblocks, message=f"{label} block {i + 1} of {nblocks}")
-        block.to(device)
+        host.onload(block, device)
         run_block(block, inputs, device, keep=True)
-        block.to(offload)
+        host.offload(block)
         release_memory(device)
     tracker.emit(nblocks / (nblocks + 1), layer=nblocks - 1, layers=nblocks, message=f"{label} head")
     head = adapter.head_modules()
     for m in head:
-        m.to(device)
+        host.onload(m, device)
     nlls = []
     try:
         targets = windows.split(batch_size)
@@ -409,5 +408,5 @@ def perplexity(model: nn.Module, adapter: Adapter, windows: torch.Tensor, *, dev
                 nlls.append(total / labels.numel())
     finally:
         for m in head:
-            m.to(offload)
+            host.offload(m)
     return float(torch.exp(torch.tensor(nlls, dtype=torch.float64).mean()).item())
