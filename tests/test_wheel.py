@@ -115,6 +115,8 @@ def test_the_installed_wheel_serves_the_dashboard(wheel, tmp_path, redis_server)
             assert "<h1>Sign in</h1>" in login.text and 'href="/static/dashboard.css"' in login.text
             csrf = re.search(r'name="csrf_token" value="([0-9a-f]{64})"', login.text).group(1)
             assert client.get("/static/dashboard.css").status_code == 200
+            icon = client.get("/favicon.ico")  # browsers ask for it before signing in: no 404 in the console
+            assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
             signed_in = client.post("/login", data={"token": token, "next": "/", "csrf_token": csrf},
                                     headers={"Origin": base}, follow_redirects=True)
             assert signed_in.status_code == 200, signed_in.text[-2000:]
