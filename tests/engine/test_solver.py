@@ -215,7 +215,7 @@ def test_the_dampening_used_reaches_the_layer_report(exact):
     solver = SolverSettings(method="sparsegpt", pattern=parse_sparsity(0.5), exact=exact)
     stats = solve_group(["a", "b"], modules, H, solver, torch.device("cpu"),
                         prune_shared=sparsegpt_arithmetic(solver).prune_shared)
-    for name, (error, loss, percdamp) in zip("ab", stats):
+    for name, (error, loss, percdamp, _refit) in zip("ab", stats):
         row = LayerResult(block=0, name=name, sparsity=0.5, error=error, loss=loss, percdamp=percdamp,
                           seconds=0.0).as_dict()
         assert {"block", "name", "sparsity", "error", "seconds", "loss"} <= row.keys()

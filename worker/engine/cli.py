@@ -210,6 +210,11 @@ def summary(report: dict) -> str:
         lines.append(f"sparsity profile {profile['profile']}{extra} (the overall sparsity above is weighted by "
                      "parameters); block: target -> achieved")
         lines.append("  " + ", ".join(f"{b}: {t:.3f} -> {a:.3f}" for b, t, a in rows))
+    refit = report.get("refit") or {}
+    if refit.get("layers"):
+        lines.append(f"refit {refit['mode']}: mean reconstruction error {refit['error_before']:.4f} -> "
+                     f"{refit['error_after']:.4f} over {refit['layers']} layers, {refit['swaps']} swaps, "
+                     f"{refit['seconds']:.1f} s (within the prune)")
     selected = report.get("layers_selected") or {}
     if any(selected.get(k) not in (None, []) for k in ("first_block", "last_block", "include", "exclude")):
         first, last = selected.get("first_block"), selected.get("last_block")

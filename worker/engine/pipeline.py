@@ -26,6 +26,7 @@ from worker.engine.moe import MoeSettings
 from worker.engine.owl import block_targets, check_profile
 from worker.engine.progress import CancelCheck, ProgressCallback, Tracker
 from worker.engine.resume import Checkpoints, fingerprint
+from worker.engine.refit import refit_summary
 from worker.engine.sequential import LayerResult, SolverSettings, perplexity, prune_sequential
 from worker.engine.spec import JobSpec, upload_id
 from worker.engine.zeroshot import ZeroShot
@@ -156,7 +157,8 @@ class _Run:
         spec = self.spec
         self.tracker.begin("pruning", f"{spec.method} {spec.pattern}")
         solver = SolverSettings(method=spec.method, pattern=spec.pattern, blocksize=spec.solver.blocksize,
-                                percdamp=spec.solver.percdamp, wbits=spec.solver.wbits, exact=spec.solver.exact)
+                                percdamp=spec.solver.percdamp, wbits=spec.solver.wbits, exact=spec.solver.exact,
+                                refit=spec.solver.refit)
         batch = 1 if spec.solver.exact else self.batch_size  # the reference's one sequence per forward
         self.experts: list[dict] = []  # per experts module: routed tokens and Hessian source per expert
         layers = prune_sequential(self.model, self.adapter, self.calibration, solver=solver,
@@ -206,7 +208,8 @@ class _Run:
             "calibration": {**spec.calibration.model_dump(), "seqlen": self.seqlen},
             "solver": {"blocksize": spec.solver.blocksize, "percdamp": spec.solver.percdamp,
                        "percdamp_max_used": max(used, default=0.0),  # 0.0: no layer was dampened
-                       "wbits": spec.solver.wbits, "exact": spec.solver.exact},
+                       "wbits": spec.solver.wbits, "exact": spec.solver.exact, "refit": spec.solver.refit},
+            "refit": refit_summary(spec.solver.refit, layers, sizes),
             "layers_selected": spec.layers.model_dump(),
             "evaluation": {"datasets": list(spec.evaluation.datasets), "max_windows": spec.evaluation.max_windows,
                            "windows": {k: int(v.shape[0]) for k, v in self.eval_windows.items()}},
@@ -274,6 +277,8 @@ def run_job(spec: JobSpec, options: RunOptions | None = None, *, on_progress: Pr
     run.seconds["eval"] = run.seconds.get("eval_dense", 0.0) + run.seconds.get("eval_pruned", 0.0)
     report = run.report(layers, dense_ppl, pruned_ppl)
     report["zero_shot"] = run.zero_shot.report()  # None without evaluation.tasks
+    if spec.solver.refit != "none":
+        run.seconds["refit"] = report["refit"]["seconds"]  # inside seconds.prune
     if options.output:
         run.save(report)
     run.seconds["total"] = time.perf_counter() - run.start

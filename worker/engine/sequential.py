@@ -39,6 +39,7 @@ from worker.engine.patterns import SparsityPattern
 from worker.engine.progress import Tracker
 from worker.engine.reference import RunningHessian, reference_prune_shared
 from worker.engine.resume import Checkpoints
+from worker.engine.refit import refit_layers
 from worker.engine.sparsegpt import Hessian, PruneResult, relative_error, sparsegpt_prune_shared
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,12 @@ class LayerResult:
     loss: float | None = None  # SparseGPT's own objective
     percdamp: float = 0.0  # SparseGPT's dampening as used (above the asked one when H needed more); 0 for the baselines
     target: float | None = None  # the sparsity asked of this layer's block (its profile's value; N:M: N/M)
+    refit: dict | None = None  # worker.engine.refit: mode, error_before, swaps, seconds (None: no refit)
 
     def as_dict(self) -> dict:
         return {"block": self.block, "name": self.name, "sparsity": self.sparsity, "target": self.target,
-                "error": self.error, "seconds": self.seconds, "loss": self.loss, "percdamp": self.percdamp}
+                "error": self.error, "seconds": self.seconds, "loss": self.loss, "percdamp": self.percdamp,
+                "refit": self.refit}
 
 
 @dataclass
@@ -70,6 +73,7 @@ class SolverSettings:
     percdamp: float = 0.01
     wbits: int | None = None
     exact: bool = False  # the reference's arithmetic, operation for operation (see sparsegpt_arithmetic)
+    refit: str = "none"  # after the prune, worker.engine.refit.REFITS
 
 
 class Arithmetic(NamedTuple):
@@ -267,8 +271,8 @@ def _sparsity(W: torch.Tensor) -> float:
 
 def solve_group(names: list[str], modules: dict[str, nn.Module], H: torch.Tensor | None, solver: SolverSettings,
                 device: torch.device, *, prune_shared: Callable[..., list[PruneResult]],
-                ) -> list[tuple[float | None, float | None, float]]:
-    """Prune the layers of one Hessian group in place; (error, loss, percdamp) per layer.
+                ) -> list[tuple[float | None, float | None, float, dict | None]]:
+    """Prune the layers of one Hessian group in place; (error, loss, percdamp, refit) per layer.
 
     ``prune_shared`` is SparseGPT's solve (``sparsegpt_arithmetic(solver).prune_shared``).
     """
@@ -276,13 +280,15 @@ def solve_group(names: list[str], modules: dict[str, nn.Module], H: torch.Tensor
     if solver.method == "sparsegpt":
         results = prune_shared(dense, H, solver.pattern, blocksize=solver.blocksize,
                                percdamp=solver.percdamp, wbits=solver.wbits)
-        pruned, stats = [r.weight for r in results], [(r.error, r.loss, r.percdamp) for r in results]
+        pruned, stats = [r.weight for r in results], [(r.error, r.loss, r.percdamp, None) for r in results]
     else:
         if solver.method == "wanda":
             pruned = [wanda_prune(W, torch.diag(H), solver.pattern) for W in dense]
         else:
             pruned = [magnitude_prune(W, solver.pattern) for W in dense]
-        stats = [(relative_error(W, P, H) if H is not None else None, None, 0.0) for W, P in zip(dense, pruned)]
+        stats = [(relative_error(W, P, H) if H is not None else None, None, 0.0, None) for W, P in zip(dense, pruned)]
+    if solver.refit != "none" and H is not None:
+        pruned, stats = refit_layers(dense, pruned, H, solver.pattern, solver.refit, solver.percdamp, stats)
     for n, P in zip(names, pruned):
         set_weight_matrix(modules[n], P)
     return stats
@@ -351,11 +357,11 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
             stats = solve_group(names, modules, H, block_solver, device, prune_shared=arithmetic.prune_shared)
             seconds = time.perf_counter() - t0
             rows = [weight_matrix(modules[n]).shape[0] for n in names]
-            for n, r, (error, loss, percdamp) in zip(names, rows, stats):
+            for n, r, (error, loss, percdamp, refit) in zip(names, rows, stats):
                 results.append(LayerResult(
                     block=i, name=f"{prefix}.{n}", sparsity=_sparsity(weight_matrix(modules[n])),
                     error=error, loss=loss, percdamp=percdamp, seconds=seconds * r / sum(rows),
-                    target=block_solver.pattern.sparsity))
+                    target=block_solver.pattern.sparsity, refit=refit))
         del groups
         if experts:
             fields, records = prune_experts(experts, expert_stats, block_solver, prefix=prefix, block=i,

@@ -178,6 +178,11 @@ class SolverSpec(_Strict):
     exact: Annotated[bool, Field(description="reproduce the reference SparseGPT's arithmetic bit for bit "
                                              "(one sequence per forward; slower), for checking a result"),
                      UI(form="exact", cli="--exact")] = False
+    refit: Annotated[Literal["none", "reconstruct", "swap+reconstruct"], Field(
+        description="after the prune, lower each layer's reconstruction error on the calibration data: "
+                    "reconstruct (the kept weights re-solved on the fixed mask) or swap+reconstruct (first "
+                    "mask swaps within the pattern, then reconstruct); none: the method's weights as they are"),
+        UI(form="refit", cli="--refit")] = "none"
 
 
 class LayersSpec(_Strict):
@@ -311,6 +316,9 @@ class JobSpec(_Strict):
             raise ValueError("solver.wbits (joint quantization) works with method sparsegpt only")
         if self.solver.exact and self.method != "sparsegpt":
             raise ValueError("solver.exact reproduces the reference SparseGPT: it works with method sparsegpt only")
+        if self.solver.refit != "none" and (self.method == "magnitude" or self.solver.wbits is not None):
+            raise ValueError(f"solver.refit {self.solver.refit} needs the calibration Hessian and unquantized "
+                             "weights: it works with method sparsegpt or wanda, without solver.wbits")
         pattern = self.pattern
         if pattern.structured and self.method == "sparsegpt" and self.solver.blocksize % pattern.m:
             raise ValueError(f"solver.blocksize {self.solver.blocksize} must be a multiple of M={pattern.m} "
