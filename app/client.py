@@ -32,7 +32,8 @@ class PullError(Exception):
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("pull", help="download a job's pruned model (resumable, sha256-checked) and unpack it")
+    p = sub.add_parser("pull", aliases=["download"],
+                       help="download a job's pruned model (resumable, sha256-checked) and unpack it")
     p.add_argument("job_id", type=int, metavar="JOB_ID", help="the job's id")
     p.add_argument("directory", nargs="?", metavar="DIR", help="where to unpack it (default ./sparsegpt-job-JOB_ID)")
     p.add_argument("--server", default=None,
