@@ -215,7 +215,10 @@ class JobRun:
         artifact = None
         if partial.is_dir():
             # the report and card in the archive name what the user named, not the server's paths
-            published.rewrite(partial, report, inputs, stored, archive.artifact_name(self.job_id))
+            try:
+                published.rewrite(partial, report, inputs, stored, archive.artifact_name(self.job_id))
+            except Exception:  # the engine's own files stay: the model is as good
+                log.exception("job %s: the report and card could not be rewritten", self.job_id)
             os.replace(partial, final)
             try:
                 artifact = self._publish(final)
