@@ -169,6 +169,17 @@ class S3Store:
             raise StorageError(f"could not fetch {url}: {_reason(err)}") from err
         return target
 
+    def list(self, name: str) -> dict[str, int]:
+        """{name relative to ``<prefix>/<name>/``: size} of the objects under it."""
+        key = self.key(name.rstrip("/") + "/")
+        found: dict[str, int] = {}
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=key):
+                found.update({o["Key"][len(key):]: int(o["Size"]) for o in page.get("Contents", [])})
+        except Exception as err:
+            raise StorageError(f"could not list {self.url(name)}/: {_reason(err)}") from err
+        return found
+
     def delete(self, url: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.key_of(url))

@@ -201,6 +201,12 @@ def remove_partials(settings: Settings, job_id: int) -> None:
     """A job that ended because its worker vanished: the unfinished outputs its attempts left, and
     their per-block checkpoints (worker.tasks.RESUME_DIR)."""
     job_dir = settings.artifacts_dir / str(int(job_id))
+    store = get_store(settings)
+    if store is not None:  # its checkpoints in the shared store (worker/checkpoint_sync.py)
+        try:
+            store.delete_prefix(f"checkpoints/{int(job_id)}")
+        except StorageError as err:
+            log.warning("job %s: %s", job_id, err)
     for partial in job_dir.glob("attempt-*.partial"):
         shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(job_dir / "resume", ignore_errors=True)

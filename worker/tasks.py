@@ -27,6 +27,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from app import archive, crud, db, storage
+from worker import checkpoint_sync
 from app.config import Settings, get_settings
 from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED
 from app.queue import RUN_JOB_TASK
@@ -126,6 +127,7 @@ def fail_if_oom_killed(job_id: int, pid: int | None, before: OomCounters | None)
     finally:
         client.close()
     remove_partials(settings.artifacts_dir / str(job_id))
+    checkpoint_sync.drop(settings, job_id)
     return True
 
 
@@ -170,6 +172,7 @@ class JobRun:
             if claim.reason.startswith("gave up"):
                 self._reporter(claim.job.attempt).status(FAILED, final=True, error=claim.reason)
                 remove_partials(self._job_dir())  # what the killed attempts left
+                checkpoint_sync.drop(self.settings, self.job_id)
             return {"job": self.job_id, "skipped": claim.reason}
         self.attempt = claim.job.attempt
         reporter = self._reporter(self.attempt)
@@ -198,8 +201,21 @@ class JobRun:
             options = RunOptions(device=self.settings.worker_device, output=str(partial),
                                  token=os.environ.get("HF_TOKEN") or None, task_dirs=self.settings.eval_task_dirs,
                                  resume_dir=str(self._job_dir() / RESUME_DIR))  # a redelivery resumes there
-            report = run_job(inputs.spec, options, on_progress=self.reporter.progress, should_cancel=should_cancel,
-                             on_loaded=lambda facts: check_loaded_model(facts, inputs.spec, self.settings.max_job_memory_gb))
+            # With a shared store, the checkpoints follow the job to whichever machine runs it next.
+            sync = checkpoint_sync.for_job(self.settings, self.job_id, self._job_dir() / RESUME_DIR)
+            if sync is not None:
+                try:
+                    sync.pull()
+                except storage.StorageError as err:  # no checkpoint then: the blocks run again
+                    log.warning("job %s: checkpoint not fetched: %s", self.job_id, err)
+                sync.start()
+            try:
+                report = run_job(inputs.spec, options, on_progress=self.reporter.progress, should_cancel=should_cancel,
+                                 on_loaded=lambda facts: check_loaded_model(facts, inputs.spec,
+                                                                            self.settings.max_job_memory_gb))
+            finally:
+                if sync is not None:
+                    sync.stop()
             if should_cancel():
                 raise late_cancel()
         except BaseException as exc:  # every way out is recorded
@@ -235,15 +251,16 @@ class JobRun:
         if not done:
             log.warning("job %s attempt %s finished but no longer owns the job", self.job_id, self.attempt)
             shutil.rmtree(final, ignore_errors=True)
-            return {"job": self.job_id, "lost": True}
             if artifact is not None and storage.is_stored(artifact[0]):
                 storage.get_store(self.settings).delete(artifact[0])
-        for other in self._job_dir().glob("attempt-*"):  # earlier attempts' leftovers
+            return {"job": self.job_id, "lost": True}
         if artifact is not None and storage.is_stored(artifact[0]):
             shutil.rmtree(final, ignore_errors=True)  # the store has it: no copy on this machine
+        for other in self._job_dir().glob("attempt-*"):  # earlier attempts' leftovers
             if other != final:
                 shutil.rmtree(other, ignore_errors=True)
         shutil.rmtree(self._job_dir() / RESUME_DIR, ignore_errors=True)
+        checkpoint_sync.drop(self.settings, self.job_id)
         self.reporter.status(
             SUCCEEDED, final=True,
             artifact={"size": artifact[1], "sha256": artifact[2]} if artifact else None,
@@ -266,10 +283,10 @@ class JobRun:
                 progress=self.reporter.snapshot(),
             )
         shutil.rmtree(self._job_dir() / RESUME_DIR, ignore_errors=True)  # the job ended: no attempt resumes
+        checkpoint_sync.drop(self.settings, self.job_id)
         self.reporter.status(status, final=True, error=reason)
         return {"job": self.job_id, "status": status, "error": reason}
 
-    def _over_memory_limit(self, reason: str) -> None:
     def _publish(self, final: Path) -> tuple[str, int, str]:
         """(path, size, sha256) of the archive: hashed here (it is made on the fly at download), or
         with SPARSEGPT_STORAGE_URL streamed into the store as it is made, its report beside it."""
@@ -284,6 +301,7 @@ class JobRun:
         return store.put_stream(storage.artifact_name(self.job_id, name), archive.iter_tar(final, name),
                                 content_type=archive.MEDIA_TYPE)
 
+    def _over_memory_limit(self, reason: str) -> None:
         """The heartbeat thread's memory guard tripped: the job is failed, then this process is
         ended at once (its memory is what is wrong; the pool starts another)."""
         with db.session_scope(self.url) as session:
@@ -295,6 +313,7 @@ class JobRun:
         self.reporter.status(FAILED, final=True, error=reason)
         shutil.rmtree(self.partial, ignore_errors=True)
         shutil.rmtree(self._job_dir() / RESUME_DIR, ignore_errors=True)
+        checkpoint_sync.drop(self.settings, self.job_id)
         os.kill(os.getpid(), signal.SIGKILL)
 
     # --- helpers ------------------------------------------------------------------------------

@@ -239,6 +239,7 @@ def remove_artifact_files(settings: Settings, job_id: int) -> None:
     if store is not None:
         try:
             store.delete_prefix(f"artifacts/{int(job_id)}")
+            store.delete_prefix(f"checkpoints/{int(job_id)}")
         except storage.StorageError as err:
             log.warning("job %s: %s", job_id, err)
 
