@@ -50,34 +50,55 @@ def run(args, env, timeout=120):
     return result, time.monotonic() - t0
 
 
+@pytest.fixture(scope="module")
+def floor(tmp_path_factory) -> float:
+    """Seconds the CLI needs to fail with no network involved at all (HF_HUB_OFFLINE, a model not
+    in the cache): Python, torch and transformers starting. On an idle machine a few seconds; the
+    limits below are 10 s (1 s for argument errors) unless this floor says the machine is loaded."""
+    tmp = tmp_path_factory.mktemp("floor")
+    (tmp / "cal.txt").write_text(sample_text(4000), encoding="utf-8")
+    env = {**online_env(tmp, "http://127.0.0.1:9"), "HF_HUB_OFFLINE": "1"}
+    result, seconds = run(["prune", "someorg/some-model", "--sparsity", "0.5", "--calibration", tmp / "cal.txt",
+                           "--no-eval"], env)
+    assert result.returncode == 2, result.stderr
+    print(f"floor: {seconds:.1f} s to fail offline without any network")
+    return seconds
+
+
+def within(seconds: float, floor: float) -> bool:
+    """Under 10 s, or (on a loaded machine) under the no-network floor plus the probe's 4 s and 2 s."""
+    return seconds < max(10.0, floor + 6.0)
+
+
 @pytest.mark.parametrize("where", ["closed port", "silent server"])
-def test_unreachable_hub_fails_in_seconds_with_what_to_do(tmp_path, silent_endpoint, where):
+def test_unreachable_hub_fails_in_seconds_with_what_to_do(tmp_path, silent_endpoint, where, floor):
     endpoint = f"http://127.0.0.1:{_closed_port()}" if where == "closed port" else silent_endpoint
     (tmp_path / "cal.txt").write_text(sample_text(4000), encoding="utf-8")
     result, seconds = run(["prune", "someorg/some-model", "--sparsity", "0.5", "--calibration", tmp_path / "cal.txt",
                            "--no-eval"], online_env(tmp_path, endpoint))
     assert result.returncode == 2, result.stderr
-    assert seconds < 10, f"took {seconds:.1f} s"
+    print(f"{where}: {seconds:.1f} s to the one-line error (floor {floor:.1f} s)")
+    assert within(seconds, floor), f"took {seconds:.1f} s (floor {floor:.1f} s)"
     [line] = result.stderr.splitlines()  # one line: no retry warnings, no progress bar
     assert line.startswith("sparsegpt prune: error: model 'someorg/some-model' is not in this machine's Hugging Face cache")
     assert "HF_HUB_OFFLINE=1" in line and "local model directory" in line and endpoint in line
 
 
-def test_a_builtin_dataset_without_the_hub_fails_before_the_model_loads(tmp_path, silent_endpoint):
+def test_a_builtin_dataset_without_the_hub_fails_before_the_model_loads(tmp_path, silent_endpoint, floor):
     model = make_tiny_model(tmp_path / "model")
     result, seconds = run(["prune", model, "--sparsity", "0.5", "--calibration", "c4", "--no-eval"],
                           online_env(tmp_path, silent_endpoint))
-    assert result.returncode == 2 and seconds < 10, (seconds, result.stderr)
+    assert result.returncode == 2 and within(seconds, floor), (seconds, floor, result.stderr)
     [line] = result.stderr.splitlines()
     assert "the c4 dataset comes from the Hugging Face Hub" in line and "local text file" in line
 
 
-def test_offline_mode_and_a_model_not_in_the_cache(tmp_path):
+def test_offline_mode_and_a_model_not_in_the_cache(tmp_path, floor):
     env = {**online_env(tmp_path, "http://127.0.0.1:9"), "HF_HUB_OFFLINE": "1"}
     (tmp_path / "cal.txt").write_text(sample_text(4000), encoding="utf-8")
     result, seconds = run(["prune", "someorg/some-model", "--sparsity", "0.5", "--calibration", tmp_path / "cal.txt",
                            "--no-eval"], env)
-    assert result.returncode == 2 and seconds < 10
+    assert result.returncode == 2 and within(seconds, floor)
     [line] = result.stderr.splitlines()
     assert "HF_HUB_OFFLINE is set" in line and "hf download someorg/some-model" in line
 
@@ -101,16 +122,23 @@ def test_a_cached_model_loads_without_the_hub(tmp_path):
     ["--sparsity", "1.5"], ["--sparsity", "3:2"], ["--nsamples", "0"], ["--sparsity", "0.5", "--method", "nope"],
     ["--sparsity", "0.5", "--blocksize", "x"],
 ])
-def test_argument_errors_are_one_line_in_under_a_second(args):
+def test_argument_errors_are_one_line_in_under_a_second(args, floor):
     result, seconds = run(["prune", "someorg/some-model", *args], {**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     [line] = result.stderr.splitlines()
     assert line.startswith("sparsegpt prune: error: ") and "\r" not in result.stderr and "%|" not in result.stderr
-    assert seconds < 1.0, f"{seconds:.2f} s to refuse {args}"
+    print(f"{args}: refused in {seconds:.2f} s (floor {floor:.1f} s)")
+    assert seconds < max(1.0, floor / 4), f"{seconds:.2f} s to refuse {args} (floor {floor:.1f} s)"
+    # and, whatever the machine's load: refused before torch (or transformers) was imported
+    code = ("import sys; from worker.engine.cli import main\ntry: main(sys.argv[1:])\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+    check = subprocess.run([sys.executable, "-c", code, "someorg/some-model", *args], cwd=REPO, capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert check.stdout.strip().splitlines()[-1] == "[]", check.stdout + check.stderr
 
 
 @pytest.mark.slow
-def test_a_jobs_failure_reason_says_what_to_do_in_seconds(make_stack, module_redis, models_dir, tmp_path):
+def test_a_jobs_failure_reason_says_what_to_do_in_seconds(make_stack, module_redis, models_dir, tmp_path, floor):
     stack = make_stack(module_redis.url)
     for name in OFFLINE_VARS:
         stack.env.pop(name, None)
@@ -126,7 +154,8 @@ def test_a_jobs_failure_reason_says_what_to_do_in_seconds(make_stack, module_red
     assert job["status"] == "failed" and job["attempt"] == 1
     assert "HF_HUB_OFFLINE=1" in job["error"] and "local model directory" in job["error"], job["error"]
     took = datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
-    assert took.total_seconds() < 10, took
+    print(f"the job failed {took.total_seconds():.1f} s after it started (floor {floor:.1f} s)")
+    assert within(took.total_seconds(), floor), (took, floor)
 
 
 def test_hub_warnings_print_once():
@@ -142,7 +171,7 @@ def test_hub_warnings_print_once():
     assert counts == {"fixed": 1, "as-is": 2}
 
 
-def test_a_hub_answering_503_is_not_retried_for_a_minute(tmp_path):
+def test_a_hub_answering_503_is_not_retried_for_a_minute(tmp_path, floor):
     import http.server
     import threading
 
@@ -164,6 +193,6 @@ def test_a_hub_answering_503_is_not_retried_for_a_minute(tmp_path):
                                "--no-eval"], online_env(tmp_path, f"http://127.0.0.1:{server.server_address[1]}"))
     finally:
         server.shutdown()
-    assert result.returncode == 2 and seconds < 10, (seconds, result.stderr)
+    assert result.returncode == 2 and within(seconds, floor), (seconds, floor, result.stderr)
     [line] = result.stderr.splitlines()
     assert "answers HTTP 503" in line and "HF_HUB_OFFLINE=1" in line
