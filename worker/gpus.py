@@ -30,12 +30,18 @@ def nvidia_gpus(visible: str | None) -> list[dict]:
                              capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return []
+    return parse_nvidia_smi(out, visible)
+
+
+def parse_nvidia_smi(out: str, visible: str | None) -> list[dict]:
+    """The GPUs in ``nvidia-smi --query-gpu=index,uuid,name,memory.total --format=csv,noheader,nounits``
+    output that ``visible`` (CUDA_VISIBLE_DEVICES) names, in its order."""
     gpus = []
     for line in out.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) < 4:
             continue
-        index, uuid, name, mib = parts[0], parts[1], ",".join(parts[2:-1]), parts[-1]
+        index, uuid, name, mib = parts[0], parts[1], ", ".join(parts[2:-1]), parts[-1]
         try:
             memory_gb = round(float(mib) * MIB / GB, 1)
         except ValueError:
