@@ -149,3 +149,58 @@ def test_cli_bad_task_name_is_refused_before_torch(files):
     assert result.returncode == 2
     assert result.stderr.strip() == ("sparsegpt prune: error: --eval-tasks: '../x' is not an lm-eval task name "
                                      "(letters, digits and _ - . + ( ), e.g. piqa or arc_easy)")
+
+
+# --- the harness on the model in memory ----------------------------------------------------------
+
+
+def _harness_run(d, how: str, should_cancel=None):
+    from worker.engine.architectures import adapter_for
+    from worker.engine.progress import Tracker
+    from worker.engine.zeroshot import ZeroShot
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(d / "model", dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(d / "model")
+    events: list[dict] = []
+    tracker = Tracker(events.append, should_cancel, ["evaluating_tasks"])
+    tracker.begin("evaluating_tasks", "zero-shot")
+    zero_shot = ZeroShot([TASK], limit=None, batch_size=3, task_dirs=(str(d / "tasks"),))
+    device = torch.device(os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu"))
+    result = zero_shot.evaluate("dense", model, tokenizer, adapter_for(model), device=device, tracker=tracker,
+                                label="dense", how=how)
+    return model, zero_shot, result, events
+
+
+@pytest.mark.parametrize("how", ["whole", "streamed"])
+def test_where_the_model_runs_changes_no_answer(files, how):
+    """Whole on the device, or block by block (each block brought in by a hook for its own
+    forward): the harness's answers are the direct computation's, no hook is left and every weight
+    is back where it was. Without a GPU both run on the CPU, which checks the hooks and the
+    restore, not the transfers; SPARSEGPT_TEST_DEVICE=cuda checks those."""
+    d, rows = files
+    model, zero_shot, result, events = _harness_run(d, how)
+    assert zero_shot.placement == how
+    assert result[TASK]["acc"] == pytest.approx(0.75)  # the labels were made from the dense model's answers
+    for block in model.model.layers:
+        assert not block._forward_pre_hooks and not block._forward_hooks
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(d / "model")
+    _, norm = direct_picks(model, tokenizer, rows)
+    assert result[TASK]["acc_norm"] == pytest.approx(accuracy(norm, rows))
+    assert {e["stage"] for e in events} == {"evaluating"}
+    assert any(e["message"].startswith("dense zero-shot: ") and "requests" in e["message"] for e in events)
+
+
+def test_a_cancel_stops_the_harness_between_batches(files):
+    from worker.engine.errors import JobCancelled
+
+    d, _ = files
+    polls = []
+
+    def should_cancel() -> bool:
+        polls.append(1)
+        return len(polls) > 3  # the stage's start, then a few batches
+
+    with pytest.raises(JobCancelled):
+        _harness_run(d, "whole", should_cancel)
+    assert len(polls) == 4, "the harness stopped at the first check that said cancel"

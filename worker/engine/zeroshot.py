@@ -64,6 +64,7 @@ class ZeroShot:
         self.results: dict[str, dict[str, dict[str, float]]] = {}  # "dense"/"pruned" -> task -> metric -> value
         self.examples: dict[str, int] = {}
         self.version: str | None = None
+        self.placement: str | None = None  # how the last evaluation ran the model (placed)
 
     def prepare(self) -> None:
         """Check the names and load the tasks' data (InvalidJob / DataError naming the task)."""
@@ -94,12 +95,13 @@ class ZeroShot:
                              "engine never does")
 
     def evaluate(self, key: str, model: nn.Module, tokenizer: Any, adapter: Adapter, *, device: torch.device,
-                 tracker: Tracker, label: str) -> dict[str, dict[str, float]]:
-        """Run the tasks on ``model`` as it is now; kept under ``key`` ("dense" or "pruned")."""
+                 tracker: Tracker, label: str, how: str = "auto") -> dict[str, dict[str, float]]:
+        """Run the tasks on ``model`` as it is now; kept under ``key`` ("dense" or "pruned");
+        ``how``: where the model runs (``placed``)."""
         self.prepare()
         _, evaluate, HFLM, _ = _harness()  # noqa: N806
         tracker.emit(0.0, message=f"{label} zero-shot {', '.join(self.names)}")
-        with _quiet_harness(), placed(model, adapter, device):
+        with _quiet_harness(), placed(model, adapter, device, how=how) as self.placement:
             lm = _tracked(HFLM)(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=self.batch_size,
                                 softmax_dtype=torch.float32, tracker=tracker, label=f"{label} zero-shot")
             lm._device = device  # where the inputs go: the embeddings are there in either placement
@@ -112,7 +114,7 @@ class ZeroShot:
         if not self.names:
             return None
         return {"tasks": self.names, "limit": self.limit, "batch_size": self.batch_size, "lm_eval": self.version,
-                "examples": self.examples, "dense": self.results.get("dense", {}),
+                "placement": self.placement, "examples": self.examples, "dense": self.results.get("dense", {}),
                 "pruned": self.results.get("pruned", {})}
 
 
@@ -228,17 +230,20 @@ def _move_own(module: nn.Module, device: torch.device) -> None:
 
 
 @contextmanager
-def placed(model: nn.Module, adapter: Adapter, device: torch.device) -> Iterator[str]:
+def placed(model: nn.Module, adapter: Adapter, device: torch.device, how: str = "auto") -> Iterator[str]:
     """The model runnable on ``device`` for the block of the ``with``; yields how: "here" (it
     already is), "whole" (moved there) or "streamed" (all but the decoder blocks moved there,
-    each block brought in for its own forward and sent back after it)."""
+    each block brought in for its own forward and sent back after it). ``how="auto"`` picks:
+    here, else whole when the weights and some headroom fit in the device's free memory, else
+    streamed; "whole" or "streamed" forces one."""
     home = next(model.parameters()).device
-    if home == device or device.type == "cpu" and home.type == "cpu":
+    if how == "auto" and (home == device or device.type == "cpu" and home.type == "cpu"):
         yield "here"
         return
-    need = _weight_bytes([model]) + HEADROOM_BYTES
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
-    if need <= free:
+    if how == "auto":
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+        how = "whole" if _weight_bytes([model]) + HEADROOM_BYTES <= free else "streamed"
+    if how == "whole":
         model.to(device)
         try:
             yield "whole"
@@ -248,10 +253,16 @@ def placed(model: nn.Module, adapter: Adapter, device: torch.device) -> Iterator
         return
     in_blocks = {id(m) for block in adapter.blocks for m in block.modules()}
     outside = [m for m in model.modules() if id(m) not in in_blocks]
+
+    def bring(module: nn.Module, args: tuple) -> None:  # a hook's None keeps the block's inputs / output
+        module.to(device)
+
+    def send_back(module: nn.Module, args: tuple, output: Any) -> None:
+        module.to(home)
+
     hooks = []
     for block in adapter.blocks:
-        hooks.append(block.register_forward_pre_hook(lambda module, args: module.to(device)))
-        hooks.append(block.register_forward_hook(lambda module, args, output: module.to(home)))
+        hooks += [block.register_forward_pre_hook(bring), block.register_forward_hook(send_back)]
     for module in outside:
         _move_own(module, device)
     try:
