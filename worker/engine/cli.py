@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="sequences per block forward (default ~16k tokens)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--output", "-o", help="directory to save the pruned model in")
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="per-block checkpoints: pruned blocks kept there memory-mapped (host memory about one "
+                        "block), and a rerun of the same job with the same DIR resumes after its last finished block")
     p.add_argument("--report", help="write the report as JSON to this file")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -167,6 +170,7 @@ def _run(spec: JobSpec, args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     options = RunOptions(device=args.device, output=args.output, batch_size=args.batch_size,
+                         resume_dir=args.checkpoint_dir,
                          task_dirs=tuple(str(Path(d).expanduser().resolve()) for d in args.task_dirs))
     on_progress, close = (None, lambda ok=True: None)
     if not args.quiet:
