@@ -92,3 +92,21 @@ def test_another_job_does_not_take_up_the_checkpoint(workdir, tmp_path, caplog):
     assert "resuming" not in caplog.text and "starting over" in caplog.text
     assert not any("resuming" in e["message"] for e in events)
     assert json.loads((resume_dir / "state.json").read_text())["next_block"] == BLOCKS
+
+
+def test_cli_checkpoint_dir(workdir, tmp_path):
+    """`sparsegpt prune --checkpoint-dir DIR`: every block checkpointed there; the same command
+    again takes them up instead of pruning again, and saves the same weights."""
+    from tests.engine.test_cli import prune
+
+    args = [workdir / "llama", "--sparsity", "0.5", "--calibration", workdir / "cal.txt", "--nsamples", 4,
+            "--seqlen", 32, "--device", "cpu", "--checkpoint-dir", tmp_path / "ck", "--no-eval", "--quiet"]
+    first = prune(*args, "--output", tmp_path / "a")
+    assert first.returncode == 0, first.stderr
+    state = json.loads((tmp_path / "ck" / "state.json").read_text())
+    assert state["next_block"] == BLOCKS and state["blocks"] == list(range(BLOCKS))
+    again = prune(*args, "--output", tmp_path / "b")
+    assert again.returncode == 0, again.stderr
+    assert f"resuming at block {BLOCKS} of {BLOCKS}" in again.stderr
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -134,8 +134,8 @@ class Checkpoints:
         results += [result_type(**r) for r in state["results"]]
         if expert_records is not None:
             expert_records += state.get("experts", [])
-        log.info("resuming at block %d of %d: blocks %s restored from the checkpoint in %s", k, len(blocks),
-                 f"0-{k - 1}" if k > 1 else "0", self.dir)
+        log.warning("resuming at block %d of %d: blocks %s restored from the checkpoint in %s", k, len(blocks),
+                    f"0-{k - 1}" if k > 1 else "0", self.dir)
         if tracker is not None:
             tracker.emit(k / len(blocks), layer=min(k, len(blocks) - 1), layers=len(blocks),
                          message=f"resuming at block {k} of {len(blocks)}")
