@@ -24,6 +24,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 PART_BYTES = 8 * 1024 * 1024  # a multipart upload's parts (S3's minimum is 5 MiB but the last)
+PARTS_PER_STEP = 1000  # parts grow by PART_BYTES every this many (S3 takes 10,000: 440 GB at most)
+PARTS_IN_FLIGHT = 4  # parts uploading at once (memory: this many + 1 parts)
 READ_BYTES = 1024 * 1024
 SCHEME = "s3://"
 
@@ -95,25 +97,39 @@ class S3Store:
 
     def put_stream(self, name: str, chunks: Iterable[bytes], content_type: str = "application/octet-stream",
                    part_bytes: int = PART_BYTES) -> tuple[str, int, str]:
-        """Upload ``chunks`` as they come (multipart, ``part_bytes`` a part): (url, size, sha256).
+        """Upload ``chunks`` as they come (multipart: parts of ``part_bytes``, larger by as much
+        every ``PARTS_PER_STEP`` parts, ``PARTS_IN_FLIGHT`` uploading at once): (url, size, sha256).
         Nothing of it stays in the store if anything fails."""
+        from concurrent.futures import ThreadPoolExecutor
+
         key, sha, size = self.key(name), hashlib.sha256(), 0
         try:
             upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, ContentType=content_type)["UploadId"]
         except Exception as err:
             raise StorageError(f"could not start storing {self.url(name)}: {_reason(err)}") from err
-        parts: list[dict] = []
+        futures: list = []
         buffer = bytearray()
+
+        def send(body: bytes) -> None:
+            while len([f for f in futures if not f.done()]) >= PARTS_IN_FLIGHT:
+                next(f for f in futures if not f.done()).result()
+            for done in (f for f in futures if f.done()):
+                done.result()  # a failed part fails the upload now
+            number = len(futures) + 1
+            futures.append(pool.submit(self._part, key, upload_id, number, body))
+
         try:
-            for chunk in chunks:
-                sha.update(chunk)
-                size += len(chunk)
-                buffer += chunk
-                while len(buffer) >= part_bytes:
-                    self._part(key, upload_id, parts, bytes(buffer[:part_bytes]))
-                    del buffer[:part_bytes]
-            if buffer or not parts:
-                self._part(key, upload_id, parts, bytes(buffer))
+            with ThreadPoolExecutor(PARTS_IN_FLIGHT, thread_name_prefix="s3-part") as pool:
+                for chunk in chunks:
+                    sha.update(chunk)
+                    size += len(chunk)
+                    buffer += chunk
+                    while len(buffer) >= (step := part_bytes * (1 + len(futures) // PARTS_PER_STEP)):
+                        send(bytes(buffer[:step]))
+                        del buffer[:step]
+                if buffer or not futures:
+                    send(bytes(buffer))
+                parts = [f.result() for f in futures]
             self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                   MultipartUpload={"Parts": parts})
         except BaseException as err:
@@ -126,10 +142,9 @@ class S3Store:
             raise
         return self.url(name), size, sha.hexdigest()
 
-    def _part(self, key: str, upload_id: str, parts: list[dict], body: bytes) -> None:
-        number = len(parts) + 1
+    def _part(self, key: str, upload_id: str, number: int, body: bytes) -> dict:
         answer = self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body)
-        parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+        return {"PartNumber": number, "ETag": answer["ETag"]}
 
     def iter_range(self, url: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         """The object's bytes [start, end) as they arrive."""

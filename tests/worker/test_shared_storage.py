@@ -120,3 +120,33 @@ def test_retention_deletes_in_the_store_and_the_download_answers_410(make_stack,
     assert s3.keys(BUCKET, f"r/artifacts/{expiring}/") == [], sweeper.tail()
     with stack.client() as c:
         assert c.get(f"/api/v1/jobs/{expiring}/artifact").status_code == 410
+
+
+def test_streamed_upload_in_several_parts_and_a_failure_leaves_nothing(s3, monkeypatch):
+    """put_stream on the S3 server: 23 MiB in 5 MiB parts (four uploading at once) comes back whole,
+    ranges included; a stream that fails midway leaves no object and no open multipart upload."""
+    import os
+
+    from app.storage import S3Store, StorageError
+
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    store = S3Store(f"s3://{BUCKET}/parts")
+    data = os.urandom(23 * 2**20)
+    url, size, sha = store.put_stream("big.bin", (data[i:i + 300_000] for i in range(0, len(data), 300_000)),
+                                      part_bytes=5 * 2**20)
+    assert (size, sha) == (len(data), hashlib.sha256(data).hexdigest())
+    assert b"".join(store.iter_range(url)) == data
+    assert b"".join(store.iter_range(url, 7 * 2**20, 12 * 2**20 + 5)) == data[7 * 2**20:12 * 2**20 + 5]
+    assert store.size(url) == len(data)
+
+    def broken():
+        yield data[:11 * 2**20]
+        raise OSError("disk read failed")
+
+    with pytest.raises(OSError):
+        store.put_stream("broken.bin", broken(), part_bytes=5 * 2**20)
+    assert s3.keys(BUCKET, "parts/broken") == []
+    assert not s3.client().list_multipart_uploads(Bucket=BUCKET, Prefix="parts/").get("Uploads")
+    with pytest.raises(StorageError):
+        list(store.iter_range(store.url("missing.bin")))
