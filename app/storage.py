@@ -248,19 +248,36 @@ def get_store(settings) -> S3Store | None:
         return store
 
 
+def _prune_cache(directory: Path, max_age_s: float, *, keep: Path) -> None:
+    if max_age_s <= 0 or not directory.is_dir():
+        return
+    import time
+
+    before = time.time() - max_age_s
+    for path in directory.iterdir():
+        try:
+            if path != keep and path.is_file() and path.stat().st_mtime < before:
+                path.unlink()
+        except OSError:  # another job of this machine removed or fetched it meanwhile
+            pass
+
+
 def artifact_name(job_id: int, archive_name: str) -> str:
     return f"artifacts/{int(job_id)}/{archive_name}.tar"
 
 
 def cached_upload(settings, url: str, sha256: str | None = None) -> Path:
     """A stored upload in this machine's cache (``<data dir>/cache/uploads/``), fetched once;
-    its sha256 checked against its name (content-addressed) when it arrives."""
+    its sha256 checked against its name (content-addressed) when it arrives. Cached files no job
+    used for SPARSEGPT_UPLOAD_RETENTION_S are removed (the store keeps the upload itself)."""
     store = get_store(settings)
     if store is None:
         raise StorageError(f"{url} is in an object store but SPARSEGPT_STORAGE_URL is not set on this machine")
     name = store.key_of(url).rsplit("/", 1)[-1]
     target = settings.data_dir / "cache" / "uploads" / name
+    _prune_cache(target.parent, settings.upload_retention_s, keep=target)
     if target.is_file():
+        os.utime(target)  # used now: kept another retention period
         return target
     store.fetch(url, target)
     expected = sha256 or name.split(".", 1)[0]

@@ -150,3 +150,32 @@ def test_streamed_upload_in_several_parts_and_a_failure_leaves_nothing(s3, monke
     assert not s3.client().list_multipart_uploads(Bucket=BUCKET, Prefix="parts/").get("Uploads")
     with pytest.raises(StorageError):
         list(store.iter_range(store.url("missing.bin")))
+
+
+def test_a_workers_upload_cache_checks_sha256_and_forgets_old_files(s3, monkeypatch, tmp_path):
+    import os
+
+    from app.config import Settings
+    from app.storage import StorageError, cached_upload, get_store
+
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    settings = Settings(_env_file=None, data_dir=tmp_path, storage_url=f"s3://{BUCKET}/cache", upload_retention_s=3600)
+    store = get_store(settings)
+    text = b"some calibration text\n" * 100
+    sha = hashlib.sha256(text).hexdigest()
+    source = tmp_path / "src.txt"
+    source.write_bytes(text)
+    url = store.put_file(f"uploads/{sha}.txt", source)
+    cached = cached_upload(settings, url)
+    assert cached == tmp_path / "cache" / "uploads" / f"{sha}.txt" and cached.read_bytes() == text
+    old = cached.parent / f"{'0' * 64}.txt"
+    old.write_text("unused for two hours")
+    os.utime(old, (os.path.getmtime(old) - 7200,) * 2)
+    os.utime(cached, (os.path.getmtime(cached) - 7200,) * 2)  # old too, but used now: kept
+    assert cached_upload(settings, url) == cached and not old.exists() and cached.exists()
+    # An object whose content is not its name's sha256 is refused and not kept.
+    liar = store.put_file(f"uploads/{'1' * 64}.txt", source)
+    with pytest.raises(StorageError, match="does not match its sha256"):
+        cached_upload(settings, liar)
+    assert not (cached.parent / f"{'1' * 64}.txt").exists()
