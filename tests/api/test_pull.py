@@ -20,11 +20,14 @@ from tests.support.stacks import job_body
 pytestmark = pytest.mark.slow
 
 
-def pull(stack, *args, token: str | None = None):
+def pull(stack, *args, token: str | None = None, url_from_env: bool = False):
     env = {k: v for k, v in stack.env.items() if k not in ("SPARSEGPT_TOKEN", "SPARSEGPT_URL")}
     if token:
         env["SPARSEGPT_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "app.cli", "pull", *map(str, args), "--server", stack.base],
+    server = ["--server", stack.base]
+    if url_from_env:
+        env["SPARSEGPT_URL"], server = stack.base, []
+    return subprocess.run([sys.executable, "-m", "app.cli", "pull", *map(str, args), *server],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -81,7 +84,7 @@ def test_range_and_pull(make_stack, module_redis, models_dir, tmp_path):
     (tmp_path / "again.tar.part").write_bytes(b"x" * 1000)
     bad = pull(stack, job_id, other, token=stack.token)
     assert bad.returncode == 1 and "sha256" in bad.stderr and not (tmp_path / "again.tar.part").exists()
-    assert pull(stack, job_id, other, token=stack.token).returncode == 0
+    assert pull(stack, job_id, other, token=stack.token, url_from_env=True).returncode == 0
     assert pull(stack, job_id, other, token=stack.token).returncode == 1  # not into a non-empty directory
 
     # What the user gets: the model, a card with metadata, a report naming what they named.
