@@ -42,19 +42,23 @@ BIG_SHARE = 0.5  # with only the machine-wide counter: the job held at least thi
 
 
 def process_memory(pid: int | str = "self") -> tuple[int, int] | None:
-    """(resident, peak resident) bytes of a process, from /proc/<pid>/status."""
+    """(resident, peak resident) bytes of a process, from /proc/<pid>/status. Resident is the memory
+    the kernel cannot drop (RssAnon + RssShmem): the model's memory-mapped weights are file pages it
+    reclaims and reads again (worker.engine.offload), so a model larger than the limit does not trip
+    it. The peak is VmHWM (all resident pages, file pages included), the kernel's only peak."""
     values: dict[str, int] = {}
     try:
         with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as handle:
             for line in handle:
                 key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssShmem"):
                     values[key] = int(rest.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
         return None
     if "VmRSS" not in values:
         return None
-    return values["VmRSS"], max(values.get("VmHWM", 0), values["VmRSS"])
+    resident = values["RssAnon"] + values.get("RssShmem", 0) if "RssAnon" in values else values["VmRSS"]
+    return resident, max(values.get("VmHWM", 0), resident)
 
 
 def _cgroup_dirs() -> list[tuple[str, Path]]:
