@@ -161,6 +161,7 @@ def _harness_run(d, how: str, should_cancel=None):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(d / "model", dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(d / "model")
+    model.pointers_before = {name: p.data_ptr() for name, p in model.named_parameters()}
     events: list[dict] = []
     tracker = Tracker(events.append, should_cancel, ["evaluating_tasks"])
     tracker.begin("evaluating_tasks", "zero-shot")
@@ -175,7 +176,7 @@ def _harness_run(d, how: str, should_cancel=None):
 def test_where_the_model_runs_changes_no_answer(files, how):
     """Whole on the device, or block by block (each block brought in by a hook for its own
     forward): the harness's answers are the direct computation's, no hook is left and every weight
-    is back where it was. Without a GPU both run on the CPU, which checks the hooks and the
+    is back where it was, the very host tensors. Without a GPU both run on the CPU, which checks the hooks and the
     restore, not the transfers; SPARSEGPT_TEST_DEVICE=cuda checks those."""
     d, rows = files
     model, zero_shot, result, events = _harness_run(d, how)
@@ -184,6 +185,8 @@ def test_where_the_model_runs_changes_no_answer(files, how):
     for block in model.model.layers:
         assert not block._forward_pre_hooks and not block._forward_hooks
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == model.pointers_before, \
+        "the host tensors themselves are back (memory-mapped weights stay file pages), not copies"
     tokenizer = transformers.AutoTokenizer.from_pretrained(d / "model")
     _, norm = direct_picks(model, tokenizer, rows)
     assert result[TASK]["acc_norm"] == pytest.approx(accuracy(norm, rows))

@@ -219,14 +219,34 @@ def _weight_bytes(modules: list[nn.Module]) -> int:
     return total
 
 
-def _move_own(module: nn.Module, device: torch.device) -> None:
-    """Move a module's own parameters and buffers, not its children's."""
-    for name, param in module._parameters.items():
-        if param is not None:
-            param.data = param.data.to(device)
-    for name, buf in module._buffers.items():
-        if buf is not None:
-            module._buffers[name] = buf.to(device)
+def _to_device(modules: list[nn.Module], device: torch.device, *, recurse: bool = True) -> list[tuple]:
+    """Copies of the modules' parameters and buffers on ``device`` (their own only, without
+    ``recurse``); returns what ``_give_back`` needs to point them at their host tensors again. The
+    host tensors are kept, not copied back: memory-mapped weights (worker.engine.offload) stay file
+    pages. A tensor shared by two modules (tied embeddings) is moved once."""
+    records, host_of = [], {}
+    for module in modules:
+        for m in (module.modules() if recurse else (module,)):
+            for kind, table in (("p", m._parameters), ("b", m._buffers)):
+                for name, t in table.items():
+                    if t is None:
+                        continue
+                    if id(t) not in host_of:
+                        host_of[id(t)] = t.data if kind == "p" else t
+                        if kind == "p":
+                            t.data = t.data.to(device)
+                        else:
+                            table[name] = t.to(device)
+                    records.append((table, kind, name, host_of[id(t)]))
+    return records
+
+
+def _give_back(records: list[tuple]) -> None:
+    for table, kind, name, host in records:
+        if kind == "p":
+            table[name].data = host
+        else:
+            table[name] = host
 
 
 @contextmanager
@@ -244,34 +264,32 @@ def placed(model: nn.Module, adapter: Adapter, device: torch.device, how: str = 
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
         how = "whole" if _weight_bytes([model]) + HEADROOM_BYTES <= free else "streamed"
     if how == "whole":
-        model.to(device)
+        records = _to_device([model], device)
         try:
             yield "whole"
         finally:
-            model.to(home)
+            _give_back(records)
             release_memory(device)
         return
     in_blocks = {id(m) for block in adapter.blocks for m in block.modules()}
-    outside = [m for m in model.modules() if id(m) not in in_blocks]
+    on_device: dict[int, list[tuple]] = {}  # id(block) -> its records while it is on the device
 
     def bring(module: nn.Module, args: tuple) -> None:  # a hook's None keeps the block's inputs / output
-        module.to(device)
+        on_device[id(module)] = _to_device([module], device)
 
     def send_back(module: nn.Module, args: tuple, output: Any) -> None:
-        module.to(home)
+        _give_back(on_device.pop(id(module), []))
 
     hooks = []
     for block in adapter.blocks:
         hooks += [block.register_forward_pre_hook(bring), block.register_forward_hook(send_back)]
-    for module in outside:
-        _move_own(module, device)
+    outside = _to_device([m for m in model.modules() if id(m) not in in_blocks], device, recurse=False)
     try:
         yield "streamed"
     finally:
         for hook in hooks:
             hook.remove()
-        for block in adapter.blocks:
-            block.to(home)
-        for module in outside:
-            _move_own(module, home)
+        for records in on_device.values():  # a forward that raised left its block there
+            _give_back(records)
+        _give_back(outside)
         release_memory(device)
