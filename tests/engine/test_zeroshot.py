@@ -207,3 +207,12 @@ def test_a_cancel_stops_the_harness_between_batches(files):
     with pytest.raises(JobCancelled):
         _harness_run(d, "whole", should_cancel)
     assert len(polls) == 4, "the harness stopped at the first check that said cancel"
+
+
+def test_cli_missing_task_directory_is_one_line(files, tmp_path):
+    d, _ = files
+    result = prune(d / "model", "--sparsity", "0.5", "--no-eval", "--eval-tasks", TASK,
+                   "--eval-include", tmp_path / "nowhere", "--device", "cpu", "--quiet")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"sparsegpt prune: error: evaluation.tasks: the task directory "
+                                     f"{tmp_path / 'nowhere'} does not exist (--eval-include, SPARSEGPT_EVAL_INCLUDE_DIRS)")

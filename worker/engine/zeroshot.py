@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -72,6 +73,10 @@ class ZeroShot:
             return
         lm_eval, _, _, TaskManager = _harness()  # noqa: N806
         self.version = getattr(lm_eval, "__version__", None)
+        missing = [d for d in self.task_dirs if not Path(d).is_dir()]
+        if missing:
+            raise InvalidJob(f"evaluation.tasks: the task directory {missing[0]} does not exist (--eval-include, "
+                             "SPARSEGPT_EVAL_INCLUDE_DIRS)")
         manager = TaskManager(include_path=list(self.task_dirs) or None)
         known = set(manager.all_tasks)
         unknown = [name for name in self.names if name not in known]
