@@ -67,8 +67,14 @@ def fingerprint(*, spec: dict, dtype: torch.dtype, device: torch.device, batch_s
 
 def _tensors(module_or_dict) -> dict[str, torch.Tensor]:
     items = module_or_dict.state_dict().items() if isinstance(module_or_dict, nn.Module) else module_or_dict.items()
-    # a copy: safetensors refuses tensors that share storage, and the file must not alias the model
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in items}
+    out, storages = {}, set()
+    for k, v in items:  # no copy of what already is on the host (a block's worth of memory less)
+        t = v.detach().to("cpu").contiguous()
+        if t.untyped_storage().data_ptr() in storages:
+            t = t.clone()  # safetensors refuses tensors that share storage
+        storages.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    return out
 
 
 class Checkpoints:
