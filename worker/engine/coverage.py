@@ -3,7 +3,8 @@
 **Weights** here are the parameters with two or more dimensions inside the decoder blocks that
 the job prunes (its selected block range): Linear matrices, fused expert tensors, routers,
 convolution kernels, per-layer tables. One-dimensional parameters (norm scales, biases,
-per-channel scalars) are not counted: no method prunes them and they are a tiny share of a block.
+per-channel scalars) are not counted: no method prunes them and they are a tiny share of a block;
+nor are stacked biases (gpt-oss's per-expert biases, a router's score-correction bias).
 Embeddings and the head, outside the blocks, are never pruned and not counted.
 
 The report's ``sparsity`` is zeros / weights over all of them; ``sparsity_pruned_modules`` is the
@@ -22,7 +23,7 @@ from worker.engine.errors import InvalidJob
 from worker.engine.moe import is_fused_experts, is_router, matrix_names
 
 COUNTED = ("parameters with 2 or more dimensions inside the pruned blocks; 1-D parameters (norm scales, biases) "
-           "are not weights here")
+           "and stacked biases (per-expert biases, router score biases) are not weights here")
 MIN_PRUNABLE_SHARE = 0.5  # below this share of the blocks' weights in prunable layers, a job is refused
 
 
@@ -56,7 +57,7 @@ def _kind(block: nn.Module, pname: str) -> str:
 
 def block_weights(block: nn.Module) -> dict[str, nn.Parameter]:
     """The block's weights (2-D+ parameters) by name inside it."""
-    return {n: p for n, p in block.named_parameters() if p.dim() >= 2}
+    return {n: p for n, p in block.named_parameters() if p.dim() >= 2 and not n.endswith("bias")}
 
 
 def check_prunable(adapter: Adapter, selection: LayerSelection) -> None:
