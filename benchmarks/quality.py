@@ -171,6 +171,20 @@ def print_table(runs: list[dict]) -> None:
             print()
 
 
+def print_markdown(runs: list[dict]) -> None:
+    print("\n| method | pattern | perplexity | ppl / plain | prune s | prune s / plain | refit s | "
+          "layer error before -> after refit |")
+    print("|---|---|---|---|---|---|---|---|")
+    for pattern in PATTERNS:
+        for r in sorted((r for r in runs if r["pattern"] == pattern and "error" not in r),
+                        key=lambda r: VARIANTS.index(r["variant"])):
+            fit = r.get("refit") or {}
+            err = (f"{fit['error_before']:.4f} -> {fit['error_after']:.4f}" if fit.get("layers") else "")
+            print(f"| {r['variant']} | {pattern} | {r['perplexity']:.3f} | {_f(r.get('ppl_vs_plain'), '.4f', 0)} | "
+                  f"{r['prune_seconds']:.1f} | {_f(r.get('prune_s_vs_plain'), '.2f', 0)} | "
+                  f"{_f(r.get('refit_seconds'), '.1f', 0)} | {err} |")
+
+
 def _accuracy(value):
     if isinstance(value, dict):
         for key in ("acc", "acc,none", "accuracy", "pruned"):
@@ -256,6 +270,9 @@ def parse_args(argv):
                    "also evaluates the dense model)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each with --threads threads)")
     p.add_argument("--reuse", action="store_true", help="take a run's figures from the workdir where present")
+    p.add_argument("--collect", action="store_true", help="only gather the workdir's finished runs into the table "
+                   "(runs nothing)")
+    p.add_argument("--markdown", action="store_true", help="also print the table as Markdown (for the README)")
     p.add_argument("--workdir", type=Path, default=REPO / "build" / "quality-p")
     p.add_argument("--json", type=Path)
     p.add_argument("--from-json", type=Path)
@@ -289,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def one(k: int) -> None:
         variant, pattern = configs[k]
-        reused = _reuse(variant, pattern, args) if args.reuse else None
+        reused = _reuse(variant, pattern, args) if args.reuse or args.collect else None
+        if reused is None and args.collect:
+            print(f"  {variant:<10}{pattern:>5} not measured (no {args.workdir} figures)", flush=True)
+            return
         result = reused or run_child(variant, pattern, args, dense=k == 0 and not args.reuse)
         with lock:
             runs.append(result)
@@ -300,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         list(pool.map(one, range(len(configs))))
     add_ratios(runs)
     print_table(runs)
+    if args.markdown:
+        print_markdown(runs)
     checks = check_targets(runs)
     write_json(args.json, runs, checks, args, False, time.perf_counter() - t0)
     return 1 if any("error" in r for r in runs) else 0
