@@ -110,3 +110,31 @@ def test_cli_checkpoint_dir(workdir, tmp_path):
     assert f"resuming at block {BLOCKS} of {BLOCKS}" in again.stderr
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "gemma3_text"])
+def test_resume_moe_and_mixed_attention(arch, workdir, tmp_path):
+    """Fused experts (their per-expert records) and mixed attention resume to the same weights too."""
+    if arch == "gemma3_text":
+        from tests.engine.test_mixed_attention import tiny
+        from tests.support.tiny_models import make_tokenizer
+
+        tokenizer = make_tokenizer()
+        model = tiny(arch, vocab_size=len(tokenizer))
+        model.save_pretrained(tmp_path / arch)
+        tokenizer.save_pretrained(tmp_path / arch)
+        model_dir = tmp_path / arch
+    else:
+        model_dir = make_tiny_model(tmp_path / arch, arch, blocks=4)
+    spec, options = job_for(model_dir, workdir, output=str(tmp_path / "whole"), datasets=[])
+    whole = run_job(spec, options)
+    spec, options = job_for(model_dir, workdir, output=str(tmp_path / "resumed"), datasets=[])
+    options.resume_dir = str(tmp_path / "ck")
+    on_progress, should_cancel = stop_at_block(2)
+    with pytest.raises(JobCancelled):
+        run_job(spec, options, on_progress=on_progress, should_cancel=should_cancel)
+    resumed = run_job(spec, options)
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["experts"] == whole["experts"] and resumed["sparsity"] == whole["sparsity"]
+    assert arch != "qwen2_moe" or whole["experts"], "the experts were pruned and recorded"
