@@ -36,6 +36,10 @@ def _worker(args: argparse.Namespace) -> int:
     if args.gpu is not None:
         # Before anything can touch CUDA (it is only touched inside the task anyway).
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+    if args.gpu_memory_gb is not None:
+        os.environ["SPARSEGPT_WORKER_GPU_MEMORY_GB"] = str(args.gpu_memory_gb)
+    if args.gpu_name is not None:
+        os.environ["SPARSEGPT_WORKER_GPU_NAME"] = args.gpu_name
     from worker.celery_app import run_worker
 
     return run_worker(
@@ -45,10 +49,6 @@ def _worker(args: argparse.Namespace) -> int:
         hostname=args.hostname,
         concurrency=args.concurrency,
     )
-    if args.gpu_memory_gb is not None:
-        os.environ["SPARSEGPT_WORKER_GPU_MEMORY_GB"] = str(args.gpu_memory_gb)
-    if args.gpu_name is not None:
-        os.environ["SPARSEGPT_WORKER_GPU_NAME"] = args.gpu_name
 
 
 def _sweeper(args: argparse.Namespace) -> int:
@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--loglevel", default="info")
     p.add_argument("--hostname", default=None, help="Celery node name (default sparsegpt-gpuN@host)")
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="GPU memory to advertise (GB) instead of what nvidia-smi reads; jobs are routed by it")
+    p.add_argument("--gpu-name", default=None, help="the GPU name to advertise with --gpu-memory-gb")
     p.add_argument(
         "--concurrency",
         type=int,
@@ -113,9 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=None, help="seconds between rounds (default SPARSEGPT_SWEEP_INTERVAL_S)")
     p.add_argument("--loglevel", default="info")
     p.set_defaults(func=_sweeper)
-    p.add_argument("--gpu-memory-gb", type=float, default=None,
-                   help="GPU memory to advertise (GB) instead of what nvidia-smi reads; jobs are routed by it")
-    p.add_argument("--gpu-name", default=None, help="the GPU name to advertise with --gpu-memory-gb")
 
     sub.add_parser(
         "prune",

@@ -35,5 +35,5 @@ def install(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_route("/favicon.ico", favicon, include_in_schema=False)  # browsers ask for it unprompted
     app.include_router(pages.router)
-    app.include_router(actions.router)
     app.include_router(workers_page.router)
+    app.include_router(actions.router)
