@@ -30,7 +30,7 @@ REFUSED: dict[str, str] = {  # family -> what its refusal says: refused up front
     **{f: _KINDS for f in ("lara_mini", "minimax", "nemotron_h", "olmo_hybrid")},
 }
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]  # about 3 minutes for all families on 2 CPU threads
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]  # about 8 minutes for all 196 on 2 shared CPU threads
 
 
 @pytest.mark.parametrize("family", FAMILIES)
