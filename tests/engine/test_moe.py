@@ -198,3 +198,15 @@ def test_nm_along_the_input_dimension_and_coverage(arch, method, models, workdir
             f"{len(report['layers'])} pruned layers)") in text
     assert f"left dense in the pruned blocks: {len(routers)} weight tensors" in text and "router" in text
     assert "experts: 8 in 2 modules pruned one by one" in text
+
+
+@pytest.mark.parametrize("name,router", [
+    ("mlp.gate", True), ("block_sparse_moe.gate", True), ("mlp.router", True), ("mlp.shared_expert_gate", True),
+    ("mlp.router_gate", True), ("mlp.gate_proj", False), ("mlp.gate_up_proj", False),
+    ("per_layer_input_gate", False), ("self_attn.output_gate", False), ("mlp.shared_expert.gate_proj", False),
+])
+def test_routers_by_name(name, router):
+    """A Linear called like a router is never pruned; gate projections and other gates are."""
+    from worker.engine.moe import is_router
+
+    assert is_router(name, torch.nn.Linear(4, 4)) is router

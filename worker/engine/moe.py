@@ -41,7 +41,7 @@ from worker.engine.baselines import magnitude_prune, wanda_prune
 from worker.engine.sparsegpt import relative_error
 
 MATRICES = ("gate_up_proj", "up_proj", "down_proj")
-_ROUTER_NAME = re.compile(r"(^|\.)(router|gate|shared_expert_gate|expert_gate)$")  # a name inside the block
+_ROUTER_NAME = re.compile(r"(^|\.)(router|gate|router_gate|shared_expert_gate|expert_gate)$")  # a name inside the block
 
 
 @dataclass
