@@ -68,7 +68,7 @@ def test_submit_returns_201_location_and_defaults(client, models_dir, upload):
     job = response.json()
     assert response.headers["location"] == f"/api/v1/jobs/{job['id']}"
     assert job["status"] == "queued" and job["attempt"] == 0 and job["artifact"] is None
-    assert job["spec"]["solver"] == {"blocksize": 128, "percdamp": 0.01, "wbits": None, "exact": False}
+    assert job["spec"]["solver"] == {"blocksize": 128, "percdamp": 0.01, "wbits": None, "exact": False, "refit": "none"}
     assert job["spec"]["method"] == "sparsegpt" and job["spec"]["dtype"] == "auto"
     assert job["spec"]["calibration"] == {"dataset": upload["ref"], "nsamples": 4, "seqlen": 32, "seed": 0}
     again = client.get(response.headers["location"])
