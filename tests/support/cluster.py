@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,18 @@ class S3Server:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+@contextmanager
+def s3_bucket(directory: Path, bucket: str) -> Iterator[S3Server]:
+    """A started S3 server holding an empty ``bucket``, stopped when the block ends."""
+    server = S3Server(directory)
+    server.start()
+    try:
+        server.client().create_bucket(Bucket=bucket)
+        yield server
+    finally:
+        server.stop()
 
 
 def start_worker(stack, name: str, *args: str, **env: str) -> Proc:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import S3Server, start_worker
+from tests.support.cluster import s3_bucket, start_worker
 from tests.support.processes import spawn
 from tests.support.stacks import job_body, slow_body
 
@@ -26,11 +26,8 @@ BLOCKS_DEEP, LINEARS_PER_LLAMA_BLOCK = 8, 7
 
 @pytest.fixture
 def s3(tmp_path):
-    server = S3Server(tmp_path / "s3")
-    server.start()
-    server.client().create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
+    with s3_bucket(tmp_path / "s3", BUCKET) as server:
+        yield server
 
 
 def running_on(stack, job_id: int, timeout: float = 120) -> dict:

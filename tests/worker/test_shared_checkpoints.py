@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.support.cluster import S3Server, start_worker
+from tests.support.cluster import s3_bucket, start_worker
 from tests.support.stacks import slow_body
 
 pytestmark = pytest.mark.slow
@@ -23,11 +23,8 @@ BLOCKS_DEEP, LINEARS_PER_LLAMA_BLOCK = 8, 7
 
 @pytest.fixture
 def s3(tmp_path):
-    server = S3Server(tmp_path / "s3")
-    server.start()
-    server.client().create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
+    with s3_bucket(tmp_path / "s3", BUCKET) as server:
+        yield server
 
 
 def stored_state(s3, job_id: int) -> dict | None:

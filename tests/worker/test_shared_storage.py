@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import S3Server, start_worker
+from tests.support.cluster import s3_bucket, start_worker
 from tests.support.stacks import job_body
 
 pytestmark = pytest.mark.slow
@@ -23,11 +23,8 @@ BUCKET, PREFIX = "sparsegpt-test", "team/a"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    server = S3Server(tmp_path_factory.mktemp("s3"))
-    server.start()
-    server.client().create_bucket(Bucket=BUCKET)
-    yield server
-    server.stop()
+    with s3_bucket(tmp_path_factory.mktemp("s3"), BUCKET) as server:
+        yield server
 
 
 def files_under(directory: Path) -> list[str]:
