@@ -28,14 +28,19 @@ class Service:
     client: httpx.Client
     logs: list[Proc] = field(default_factory=list)
 
-    def wait_done(self, job_id: int, timeout: float = 120) -> dict:
+    def wait_status(self, job_id: int, statuses: tuple[str, ...], timeout: float = 120, poll: float = 0.1) -> dict:
+        """The job once its status is one of ``statuses`` (AssertionError with the worker's log after ``timeout``)."""
         deadline = time.monotonic() + timeout
+        job: dict = {}
         while time.monotonic() < deadline:
             job = self.client.get(f"/api/v1/jobs/{job_id}").json()
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            if job["status"] in statuses:
                 return job
-            time.sleep(0.2)
-        raise AssertionError(f"job {job_id} not finished after {timeout}s: {job}\nworker log:\n{self.worker.tail()}")
+            time.sleep(poll)
+        raise AssertionError(f"job {job_id} not {statuses} after {timeout}s: {job}\nworker log:\n{self.worker.tail()}")
+
+    def wait_done(self, job_id: int, timeout: float = 120) -> dict:
+        return self.wait_status(job_id, ("succeeded", "failed", "cancelled"), timeout, poll=0.2)
 
 
 @dataclass

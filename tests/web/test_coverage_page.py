@@ -4,7 +4,6 @@ weights left dense (the routers) by name with their reason."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -17,14 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 def wait_done(service, job_id: int, timeout: float = 150) -> dict:
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        job = service.client.get(f"/api/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} not done after {timeout}s: {job}\n{service.worker.tail()}")
+    return service.wait_done(job_id, timeout)
 
 
 def test_job_page_shows_both_sparsities_and_the_dense_weights(page, dashboard, allowed_dir):

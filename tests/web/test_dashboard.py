@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import re
 import tarfile
-import time
 
 import pytest
 from playwright.sync_api import expect
@@ -22,14 +21,7 @@ state: dict = {}
 
 
 def wait_status(service, job_id: int, statuses: tuple[str, ...], timeout: float = 90) -> dict:
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        job = service.client.get(f"/api/v1/jobs/{job_id}").json()
-        if job["status"] in statuses:
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} not {statuses} after {timeout}s: {job}\n{service.worker.tail()}")
+    return service.wait_status(job_id, statuses, timeout)
 
 
 def test_pages_and_form_defaults(page, dashboard):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 
 import pytest
 from playwright.sync_api import expect
@@ -16,14 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def wait_status(service, job_id: int, statuses: tuple[str, ...], timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        job = service.client.get(f"/api/v1/jobs/{job_id}").json()
-        if job["status"] in statuses:
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} not {statuses} after {timeout}s: {job}")
+    return service.wait_status(job_id, statuses, timeout)
 
 
 def small(allowed_dir, model: str = "llama", sparsity="2:4", **calibration) -> dict:
