@@ -239,6 +239,17 @@ def check_targets(runs: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------- main
 
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """Protocol P's model, data and sizes (../shared/BENCHMARK.md), the same in every benchmark of it."""
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--calibration", type=Path, default=DATA / "calibration.txt")
+    p.add_argument("--eval", dest="eval_file", type=Path, default=DATA / "eval.txt")
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -252,13 +263,7 @@ def parse_args(argv):
     p.add_argument("--no-dense", action="store_true", help="skip the dense evaluation")
     p.add_argument("--engine-dense", action="store_true",
                    help="also let the engine evaluate the dense model (in its first run)")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    p.add_argument("--calibration", type=Path, default=DATA / "calibration.txt")
-    p.add_argument("--eval", dest="eval_file", type=Path, default=DATA / "eval.txt")
-    p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    add_protocol_args(p)
     p.add_argument("--blocksize", type=int, default=128)
     p.add_argument("--percdamp", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=2)

@@ -31,10 +31,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-DATA = REPO.parent / "shared" / "data" / "protocol-p"
-DEFAULT_MODEL = REPO / "models" / "smollm2-135m"
+if __package__ in (None, ""):  # run as a script: the repository is where benchmarks/ is a package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.protocol_p import REPO, add_protocol_args  # noqa: E402
 VARIANTS = ("sparsegpt", "owl", "owl+refit", "refit")  # run in this order within a pattern
 PATTERNS = ("0.7", "0.5", "2:4", "0.6", "4:8")  # the targets' patterns first: a stopped run has them
 REFERENCE = {"dense": 28.404, "0.5": 50.641, "2:4": 83.441, "4:8": 64.210}  # ../shared/BENCHMARK.md
@@ -257,13 +256,7 @@ def parse_args(argv):
     p.add_argument("--task-dir", type=Path, help="a directory of local lm-eval task YAMLs "
                    "(python -m benchmarks.zeroshot_task DIR writes protocol P's wikitext_cloze)")
     p.add_argument("--task-limit", type=int, help="at most this many examples per task")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    p.add_argument("--calibration", type=Path, default=DATA / "calibration.txt")
-    p.add_argument("--eval", dest="eval_file", type=Path, default=DATA / "eval.txt")
-    p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    add_protocol_args(p)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dense", action="store_true", help="(--one) also evaluate the dense model")
     p.add_argument("--configs", default="", help="an explicit list and order: VARIANT@PATTERN,... (the first "
