@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from tests.support.paths import REPO
 from tests.support.tiny_models import make_tiny_model, sample_text
-from tests.support.zeroshot import TASK, accuracy, choice_rows, direct_picks, write_choice_task
+from tests.support.zeroshot import TASK, accuracy, direct_picks, rows_right_on, weigh_blocks, write_choice_task
 from worker.engine.spec import JobSpec
 
 SPARSEGPT = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
@@ -77,17 +77,10 @@ def files(tmp_path_factory):
     make_tiny_model(d / "model", "llama")
     (d / "cal.txt").write_text(sample_text(), encoding="utf-8")
     model = transformers.AutoModelForCausalLM.from_pretrained(d / "model", dtype=torch.float32)
-    with torch.no_grad():
-        for block in model.model.layers:
-            for module in block.modules():
-                if isinstance(module, torch.nn.Linear):
-                    module.weight.mul_(8)
+    weigh_blocks(model)
     model.save_pretrained(d / "model")
     tokenizer = transformers.AutoTokenizer.from_pretrained(d / "model")
-    rows = choice_rows(32)
-    picks, _ = direct_picks(model, tokenizer, rows)
-    for i, (row, pick) in enumerate(zip(rows, picks)):
-        row["label"] = pick if i < 24 else (pick + 1) % len(row["choices"])
+    rows = rows_right_on(model, tokenizer, 32, 24)
     write_choice_task(d / "tasks", rows)
     return d, rows
 

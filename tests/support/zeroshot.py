@@ -93,3 +93,23 @@ def direct_picks(model, tokenizer, rows: list[dict]) -> tuple[list[int], list[in
 
 def accuracy(picks: list[int], rows: list[dict]) -> float:
     return sum(p == row["label"] for p, row in zip(picks, rows)) / len(rows)
+
+
+def weigh_blocks(model, factor: float = 8.0) -> None:
+    """Scale every Linear weight of the blocks by ``factor``, in place: a random model's answers
+    come from its embeddings otherwise, and pruning its blocks would change none of them."""
+    with torch.no_grad():
+        for block in model.model.layers:
+            for module in block.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.mul_(factor)
+
+
+def rows_right_on(model, tokenizer, n: int = 32, right: int = 24) -> list[dict]:
+    """``n`` questions labelled so the model picks the right choice on the first ``right`` and a
+    wrong one on the rest: its accuracy is ``right / n`` by construction."""
+    rows = choice_rows(n)
+    picks, _ = direct_picks(model, tokenizer, rows)
+    for i, (row, pick) in enumerate(zip(rows, picks)):
+        row["label"] = pick if i < right else (pick + 1) % len(row["choices"])
+    return rows

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from tests.support.processes import read_sse
-from tests.support.zeroshot import TASK, accuracy, choice_rows, direct_picks, write_choice_task
+from tests.support.zeroshot import TASK, accuracy, direct_picks, rows_right_on, weigh_blocks, write_choice_task
 
 pytestmark = pytest.mark.slow
 
@@ -27,19 +27,12 @@ def zero_shot_model(models_dir):
     path = models_dir / "llama-zeroshot"
     if not path.exists():
         model = transformers.AutoModelForCausalLM.from_pretrained(models_dir / "llama", dtype=torch.float32)
-        with torch.no_grad():
-            for block in model.model.layers:
-                for module in block.modules():
-                    if isinstance(module, torch.nn.Linear):
-                        module.weight.mul_(8)
+        weigh_blocks(model)
         model.save_pretrained(path)
         transformers.AutoTokenizer.from_pretrained(models_dir / "llama").save_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    rows = choice_rows(32)
-    picks, _ = direct_picks(model, tokenizer, rows)
-    for i, (row, pick) in enumerate(zip(rows, picks)):
-        row["label"] = pick if i < 24 else (pick + 1) % len(row["choices"])
+    rows = rows_right_on(model, tokenizer, 32, 24)
     return path, rows
 
 
