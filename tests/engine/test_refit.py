@@ -21,6 +21,7 @@ from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.architectures import adapter_for, prunable_linears, weight_matrix
 from worker.engine.baselines import magnitude_prune, wanda_prune
 from worker.engine.calibration import calibration_windows
+from worker.engine.cli import summary
 from worker.engine.patterns import parse_sparsity
 from worker.engine.pipeline import RunOptions, run_job
 from worker.engine.refit import REFITS, refit_shared
@@ -181,6 +182,19 @@ def test_a_job_with_a_refit_reports_it(workdir, fields):
         if b["block"] == 0:
             assert b["refit"]["error_before"] == pytest.approx(a["error"], rel=1e-3)
     assert fitted["profile"]["achieved"] == pytest.approx(plain["profile"]["achieved"], abs=1e-12)
+
+
+def test_a_refit_names_the_pruned_layers_it_left_alone(workdir):
+    """Fused MoE experts are pruned on their own path without a refit: the report names every such
+    layer (and only those) instead of folding them into the refit's figures, and the CLI says so."""
+    path = make_tiny_model(workdir / "moe", "mixtral", blocks=2)
+    report = run(path, workdir, sparsity=0.5, method="sparsegpt", refit="reconstruct")
+    untouched = [r["name"] for r in report["layers"] if r["refit"] is None]
+    assert untouched and all(".experts." in name for name in untouched)
+    assert report["refit"]["not_refit"] == untouched
+    assert report["refit"]["layers"] == len(report["layers"]) - len(untouched) > 0
+    assert f"refit left alone {len(untouched)} pruned layers (fused MoE experts get no refit)" in summary(report)
+    assert run(path, workdir, sparsity=0.5, method="sparsegpt")["refit"]["not_refit"] == []
 
 
 def test_the_spec_refuses_a_refit_where_it_cannot_apply():
