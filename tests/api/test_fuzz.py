@@ -50,7 +50,7 @@ def live(team_pg, redis_binary, models_dir, tmp_path_factory):
 OPERATIONS = [
     "POST /api/v1/jobs", "GET /api/v1/jobs", "GET /api/v1/jobs/{job_id}", "POST /api/v1/jobs/{job_id}/retry",
     "DELETE /api/v1/jobs/{job_id}", "POST /api/v1/jobs/{job_id}/cancel", "GET /api/v1/jobs/{job_id}/artifact",
-    "POST /api/v1/calibration-sets", "GET /api/v1/calibration-sets", "GET /api/v1/health", "GET /api/v1/me",
+    "POST /api/v1/calibration-sets", "GET /api/v1/calibration-sets", "GET /api/v1/health", "GET /api/v1/me", "GET /api/v1/workers",
     "GET /api/v1/usage", "DELETE /api/v1/calibration-sets/{set_id}",
 ]
 
