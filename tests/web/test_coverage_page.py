@@ -50,3 +50,6 @@ def test_job_page_shows_both_sparsities_and_the_dense_weights(page, dashboard, a
         expect(rows.nth(i)).to_contain_text(f"model.layers.{i}.mlp.gate.weight")
         expect(rows.nth(i)).to_contain_text("router")
     expect(page.locator("#results")).to_contain_text("8 experts one by one")
+
+    # The dashboard service is shared by the session's browser tests, which count the jobs they see.
+    assert dashboard.client.delete(f"/api/v1/jobs/{job['id']}").status_code == 204
