@@ -233,8 +233,10 @@ def check_loaded_model(facts: dict[str, Any], spec, max_job_memory_gb: float) ->
     if max_job_memory_gb <= 0:
         return
     size = JobSize(
-        method=spec.method + ("+owl" if spec.method == "magnitude" and spec.sparsity_profile == "owl" else ""), nsamples=spec.calibration.nsamples, seqlen=facts.get("seqlen"), dtype=facts["dtype"],
-        device=facts["device"], max_windows=spec.evaluation.max_windows,
+        method=spec.method + ("+owl" if spec.method == "magnitude" and spec.sparsity_profile == "owl" else ""),
+        nsamples=spec.calibration.nsamples, seqlen=facts.get("seqlen"), dtype=facts["dtype"],
+        device=facts["device"], max_windows=spec.evaluation.max_windows, mapped=bool(facts.get("mapped")),
+        stored=facts.get("stored"),
         eval_sets=tuple((name, _text_bytes(name)) for name in spec.evaluation.datasets),
     )
     found = estimate(facts.get("config") or {}, size, parameters=facts.get("parameters"))

@@ -5,17 +5,26 @@ and the model's config (``worker/memory.py``).
 
 Where the engine keeps what, for the whole job (host memory and the accelerator together):
 
-- the model's weights: ALL of them, in host memory, in the working dtype (fp16 on CUDA and fp32
-  on the CPU for ``dtype: auto``), from the load to the save;
+- the model's weights, in the working dtype (``dtype: auto``: the checkpoint's fp16/bf16 on
+  CUDA, else fp16; fp32 on the CPU), from the load to the save. When they are loaded in the dtype
+  the checkpoint stores them in (``JobSize.mapped``), transformers memory-maps them and the engine
+  never writes them: the decoder blocks are file pages the kernel can drop and read again, and
+  each pruned block is re-pointed at the job's per-block checkpoint file
+  (``worker/engine/offload.py``), so only the weights outside the blocks (embeddings, head) count.
+  Otherwise (another dtype, a GGUF file) transformers converts ALL of them into host memory;
 - the calibration activations: the hidden states entering the block in flight,
   nsamples x seqlen x hidden in the working dtype, ONE buffer (a block's outputs replace its
   inputs chunk by chunk); on the GPU when they fit in 40 % of its free memory, else in pinned
   host memory. Evaluation holds windows x seqlen x hidden the same way, one set at a time,
   after the calibration buffer is gone: the larger of the two counts;
-- the block in flight on the compute device: a copy of its weights (on a GPU), the fp32
+- the block in flight on the compute device: a copy of its weights (on the GPU; on the CPU the
+  copy it is pruned on, which keeps the mapped files unwritten), the fp32
   Hessians of its Linears' inputs (columns^2 x 4 bytes per group: q/k/v share one, gate/up
-  share one), all held until the block is solved, the solve's fp32 working copies of its
-  largest group, and one chunk's forward temporaries (16k tokens a chunk on CUDA, 2k on the CPU).
+  share one; each expert of a mixture-of-experts block its own), all held until the block is
+  solved, the solve's fp32 working copies of its largest group (its weights and errors, and four
+  columns x columns matrices: the Hessian, its Cholesky factor, the identity it is solved
+  against and the inverse's factor), and one chunk's forward temporaries (16k tokens a chunk on
+  CUDA, 2k on the CPU).
 
 Not counted: attention score matrices (the default SDPA attention does not materialise them),
 the tokenizer, the Python process itself (a few hundred MB). Measured on the CPU (fp32, a random
@@ -96,6 +105,8 @@ class ModelShape:
     kv: int  # rows of each of k and v (kv heads x head_dim)
     gated: bool  # gate/up/down MLP (LLaMA family) rather than fc1/fc2
     experts: int
+    expert_intermediate: int  # an expert's MLP width (moe_intermediate_size, else intermediate)
+    shared_intermediate: int  # the shared experts' MLP width, 0 for none (Qwen2-MoE, DeepSeek)
     tied: bool
     context: int | None
 
@@ -116,11 +127,17 @@ class ModelShape:
         head_dim = _first(config, "head_dim") or max(1, hidden // heads)
         kv_heads = 1 if config.get("multi_query") is True else _first(config, "num_key_value_heads", "num_kv_heads") or heads
         model_type = str(config.get("model_type") or "")
+        intermediate = _first(config, "intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size") or 4 * hidden
+        experts = _first(config, "num_local_experts", "num_experts", "n_routed_experts") or 1
+        expert_intermediate = (_first(config, "moe_intermediate_size") if experts > 1 else None) or intermediate
+        shared = _first(config, "shared_expert_intermediate_size") or 0
+        if not shared and experts > 1:
+            shared = (_first(config, "n_shared_experts", "num_shared_experts") or 0) * expert_intermediate
         return cls(
             model_type=model_type, hidden=hidden, layers=layers, vocab=vocab,
-            intermediate=_first(config, "intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size") or 4 * hidden,
-            attn_out=heads * head_dim, kv=kv_heads * head_dim, gated=model_type not in NON_GATED,
-            experts=_first(config, "num_local_experts", "num_experts", "n_routed_experts") or 1,
+            intermediate=intermediate, attn_out=heads * head_dim, kv=kv_heads * head_dim,
+            gated=model_type not in NON_GATED, experts=experts, expert_intermediate=expert_intermediate,
+            shared_intermediate=shared,
             tied=bool(config.get("tie_word_embeddings", True)),
             context=_first(config, "max_position_embeddings", "n_positions", "seq_length", "max_seq_len", strict=False),
         )
@@ -129,25 +146,40 @@ class ModelShape:
     def block_params(self) -> int:
         h = self.hidden
         attention = h * self.attn_out + 2 * h * self.kv + self.attn_out * h
-        return attention + (3 if self.gated else 2) * h * self.intermediate * self.experts
+        mlp = (3 if self.gated else 2) * h
+        if self.experts == 1:
+            return attention + mlp * self.intermediate
+        return attention + mlp * (self.expert_intermediate * self.experts + self.shared_intermediate)
+
+    @property
+    def outside_blocks_params(self) -> int:
+        """The embeddings and the head (a tied head counted once)."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
 
     @property
     def params(self) -> int:
-        return self.layers * self.block_params + self.vocab * self.hidden * (1 if self.tied else 2)
+        return self.layers * self.block_params + self.outside_blocks_params
 
     @property
     def hessian_bytes(self) -> int:
-        """One block's fp32 Hessians: q/k/v's input, o's, the MLP's input and down's (per expert)."""
-        h, i = self.hidden, self.intermediate
-        return 4 * (h * h + self.attn_out ** 2 + self.experts * (h * h + i * i))
+        """One block's fp32 Hessians: q/k/v's input, o's, the MLP's input and down's (per expert,
+        and the shared experts')."""
+        h = self.hidden
+        attention = h * h + self.attn_out ** 2
+        if self.experts == 1:
+            return 4 * (attention + h * h + self.intermediate ** 2)
+        shared = h * h + self.shared_intermediate ** 2 if self.shared_intermediate else 0
+        return 4 * (attention + self.experts * (h * h + self.expert_intermediate ** 2) + shared)
 
     @property
     def solve_bytes(self) -> int:
-        """The largest group's solve: its weights stacked in fp32 plus their errors, the Hessian's
-        fp32 copy and its inverse factor."""
-        h, i = self.hidden, self.intermediate
+        """The largest group's solve: its weights stacked in fp32 plus their errors, and four fp32
+        columns x columns matrices (the Hessian, its Cholesky factor, the identity and the
+        inverse's factor: worker/engine/sparsegpt.py)."""
+        h = self.hidden
+        i = self.intermediate if self.experts == 1 else max(self.expert_intermediate, self.shared_intermediate)
         groups = [((self.attn_out + 2 * self.kv) * h, h), ((2 if self.gated else 1) * i * h, h), (h * i, i)]
-        return max(2 * 4 * weights + 2 * 4 * cols * cols for weights, cols in groups)
+        return max(2 * 4 * weights + 4 * 4 * cols * cols for weights, cols in groups)
 
 
 @dataclass(frozen=True)
@@ -163,6 +195,8 @@ class JobSize:
     device: str  # cuda | cpu (the compute device)
     eval_sets: tuple[tuple[str, int | None], ...] = ()  # (name, text bytes; None: a built-in set)
     max_windows: int | None = None
+    mapped: bool = False  # the weights are loaded in the dtype the checkpoint stores (memory-mapped)
+    stored: str | None = None  # that dtype, where the config says it
 
 
 def _gb(nbytes: float) -> str:
@@ -222,6 +256,12 @@ def _sized(shape: ModelShape, job: JobSize, parameters: int | None) -> Estimate:
     params = parameters or shape.params
     weights = params * size
     parts = [f"model weights {_gb(weights)} = {params / 1e9:.3g} B parameters x {dtype}, in host memory"]
+    if job.mapped:  # the blocks' weights are file pages; what lies outside them is counted
+        outside = min(params, shape.outside_blocks_params)
+        weights = outside * size
+        parts = [f"model weights outside the blocks {_gb(weights)} = {outside / 1e9:.3g} B parameters x {dtype} "
+                 f"(embeddings, head), in host memory; the blocks' {_gb((params - outside) * size)} stay "
+                 "memory-mapped from the checkpoint's files (not counted)"]
 
     calibration = job.nsamples * seqlen * shape.hidden * size if job.method != "magnitude" else 0
     windows = {name: _eval_windows(name, nbytes, seqlen, job.max_windows) for name, nbytes in job.eval_sets}
@@ -244,14 +284,17 @@ def _sized(shape: ModelShape, job: JobSize, parameters: int | None) -> Estimate:
     forward = chunk_tokens * (6 * shape.hidden + 3 * shape.intermediate) * size
     logits = 3 * LOGIT_TOKENS * shape.vocab * 4 if windows else 0
     hessians = shape.hessian_bytes if job.method != "magnitude" else 0  # magnitude pruning collects none
-    block = (hessians + shape.solve_bytes + max(forward, logits)
-             + (shape.block_params * size if job.device == "cuda" else 0))
-    parts.append(f"one block in flight {_gb(block)} (its fp32 Hessians and solve, a chunk of {chunk_tokens} tokens"
-                 f"{', its weights on the GPU' if job.device == 'cuda' else ''})")
+    block = hessians + shape.solve_bytes + max(forward, logits) + shape.block_params * size
+    parts.append(f"one block in flight {_gb(block)} (its fp32 Hessians and solve, a chunk of {chunk_tokens} tokens, "
+                 f"{'its weights on the GPU' if job.device == 'cuda' else 'the copy of its weights it is pruned on'})")
     total = weights + activations + block
     if weights + block > activations:
         field = ("model",)
         advice = "use a smaller model, or a worker with more memory and a higher limit"
+        if not job.mapped and job.stored and job.stored != job.dtype:
+            field = ("dtype",)
+            advice = (f"set dtype to {job.stored} (or auto on a GPU), the dtype its checkpoint stores: its weights "
+                      f"then stay memory-mapped from the files instead of converted into host memory; or {advice}")
     return Estimate(total=total, weights=weights, activations=activations, block=block,
                     parts=tuple(parts), advice=advice, field=field)
 

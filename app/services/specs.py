@@ -14,7 +14,7 @@ from app.config import Settings
 from app.paths import PathNotAllowed, resolve_allowed
 from app.services.estimate import Estimate, JobSize, estimate, hub_config, local_config
 from app.services.routing import choose_queue
-from worker.engine.spec import BUILTIN_DATASETS, JobSpec, upload_id
+from worker.engine.spec import BUILTIN_DATASETS, JobSpec, stored_dtype, upload_id, working_dtype
 
 DEFAULT_SEQLEN = 2048  # what the engine uses when the spec has none (or the model's context, if shorter)
 
@@ -139,14 +139,27 @@ def _text_bytes(name: str, stored: str, session: Session) -> int | None:
         return 0
 
 
-def job_dtype(spec_dtype: str, worker_device: str) -> tuple[str, str]:
-    """(working dtype, device kind) as the API guesses the worker's: ``auto`` is fp16 on CUDA and
-    fp32 on the CPU; a worker device of ``auto`` is taken for a GPU (the smaller estimate: the
-    worker checks again with what it has)."""
+def job_dtype(spec_dtype: str, worker_device: str, config: dict[str, Any] | None = None) -> tuple[str, str]:
+    """(working dtype, device kind) as the API guesses the worker's (worker.engine.spec.working_dtype:
+    ``auto`` is the checkpoint's fp16/bf16 on CUDA, else fp16, and fp32 on the CPU); a worker
+    device of ``auto`` is taken for a GPU (the smaller estimate: the worker checks again with what
+    it has)."""
     device = "cpu" if worker_device == "cpu" else "cuda"
-    if spec_dtype != "auto":
-        return spec_dtype, device
-    return ("float32" if device == "cpu" else "float16"), device
+    return working_dtype(spec_dtype, device, stored_dtype(config or {})), device
+
+
+def weights_mapped(model_dir: str | None, config: dict[str, Any], dtype: str) -> bool:
+    """Whether the worker will keep the weights memory-mapped (worker.engine.checkpoint.load_model):
+    loaded in the dtype the config says they are stored in, from safetensors (or PyTorch) files,
+    which a local directory must hold (a Hub model's are taken to be there)."""
+    if stored_dtype(config) != dtype:
+        return False
+    if model_dir is None:
+        return True
+    try:
+        return any(p.suffix in (".safetensors", ".bin") for p in Path(model_dir).iterdir())
+    except OSError:
+        return False
 
 
 def _check_memory(spec: JobSpec, data: dict[str, Any], settings: Settings, session: Session,
@@ -161,11 +174,14 @@ def _check_memory(spec: JobSpec, data: dict[str, Any], settings: Settings, sessi
         config = hub_config(spec.model, spec.revision)
     if config is None:
         return None
-    dtype, device = job_dtype(spec.dtype, settings.worker_device)
+    dtype, device = job_dtype(spec.dtype, settings.worker_device, config)
     names = spec.evaluation.datasets
     size = JobSize(
-        method=spec.method + ("+owl" if spec.method == "magnitude" and spec.sparsity_profile == "owl" else ""), nsamples=spec.calibration.nsamples, seqlen=spec.calibration.seqlen, dtype=dtype,
+        method=spec.method + ("+owl" if spec.method == "magnitude" and spec.sparsity_profile == "owl" else ""),
+        nsamples=spec.calibration.nsamples, seqlen=spec.calibration.seqlen, dtype=dtype,
         device=device, max_windows=spec.evaluation.max_windows,
+        mapped=weights_mapped(data["model"] if spec.model.startswith("/") else None, config, dtype),
+        stored=stored_dtype(config),
         eval_sets=tuple((n, _text_bytes(n, s, session)) for n, s in zip(names, data["evaluation"]["datasets"])),
     )
     found = estimate(config, size)

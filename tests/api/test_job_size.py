@@ -25,6 +25,7 @@ LLAMA_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidde
             "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "float16"}
 LLAMA_70B = {**LLAMA_7B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
              "num_attention_heads": 64, "num_key_value_heads": 8}
+LLAMA3_70B = {**LLAMA_70B, "vocab_size": 128256, "torch_dtype": "bfloat16"}  # stored in bf16, as shipped
 HOSTILE = {**LLAMA_7B, "hidden_size": 10**400}  # json.dumps writes it, json.loads reads it back
 MAX_SIZE = 2**31 - 1  # the largest size a config may give
 HUB_MODEL = "org/name"  # offline (HF_HUB_OFFLINE=1): its config cannot be read, the worker checks it
@@ -33,9 +34,11 @@ HUB_MODEL = "org/name"  # offline (HF_HUB_OFFLINE=1): its config cannot be read,
 @pytest.fixture(scope="module")
 def allowed(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("allowed")
-    for name, config in {"llama-7b": LLAMA_7B, "llama-70b": LLAMA_70B, "hostile": HOSTILE}.items():
+    for name, config in {"llama-7b": LLAMA_7B, "llama-70b": LLAMA_70B, "hostile": HOSTILE,
+                         "llama3-70b": LLAMA3_70B}.items():
         (root / name).mkdir()
         (root / name / "config.json").write_text(json.dumps(config))
+    (root / "llama3-70b" / "model-00001-of-00030.safetensors").touch()  # (the API only sees that it has them)
     return root
 
 
@@ -127,6 +130,71 @@ def test_memory_estimate_of_the_model_itself(client, allowed):
     assert locs == [["body", "model"]]
     assert re.search(r"model weights 13\d GB = 69 B parameters x 2 bytes \(float16\)", msg), msg
     assert "use a smaller model" in msg and "SPARSEGPT_MAX_JOB_MEMORY_GB" in msg
+
+
+def test_a_70b_model_kept_memory_mapped_fits_and_a_converted_one_is_refused(client, allowed):
+    """Llama-3-70B stored in bf16, dtype auto on a GPU worker: loaded in bf16, its 141 GB of
+    block weights stay memory-mapped from its safetensors (only the embeddings and head count):
+    queued under the 80 GB a job gets. Asked for fp16, transformers would convert every weight
+    into host memory: refused on dtype, saying which dtype keeps them mapped."""
+    model = str(allowed / "llama3-70b")
+    fits = client.post("/api/v1/jobs", json=body(model, nsamples=128, seqlen=2048))
+    assert fits.status_code == 201, fits.text
+    locs, msg = refusal(client.post("/api/v1/jobs", json=body(model, nsamples=128, seqlen=2048, dtype="float16")))
+    assert locs == [["body", "dtype"]]
+    assert re.search(r"model weights 14\d GB = 70.6 B parameters x 2 bytes \(float16\), in host memory", msg), msg
+    assert "set dtype to bfloat16 (or auto on a GPU), the dtype its checkpoint stores" in msg, msg
+
+
+def test_the_mapped_estimate_counts_what_lies_outside_the_blocks():
+    """The numbers behind the test above, against a direct computation."""
+    job = JobSize("sparsegpt", 128, 2048, "bfloat16", "cuda", mapped=True, stored="bfloat16")
+    mapped = estimate(LLAMA3_70B, job)
+    converted = estimate(LLAMA3_70B, JobSize("sparsegpt", 128, 2048, "float16", "cuda", stored="bfloat16"))
+    h, i, layers, vocab = 8192, 28672, 80, 128256
+    block = 2 * h * h + 2 * h * 1024 + 3 * h * i  # q, o; k, v (8 kv heads x 128); gate, up, down
+    assert converted.weights == 2 * (layers * block + 2 * vocab * h)
+    assert mapped.weights == 2 * (2 * vocab * h)  # embeddings and an untied head
+    assert mapped.total - mapped.weights == converted.total - converted.weights
+    assert "the blocks' 137 GB stay memory-mapped from the checkpoint's files (not counted)" in "; ".join(mapped.parts)
+    assert mapped.refusal(80) is None and converted.field == ("dtype",)
+
+
+@pytest.mark.parametrize(("spec_dtype", "device", "stored", "expected"), [
+    ("auto", "cuda", "bfloat16", "bfloat16"), ("auto", "cuda", "float16", "float16"),
+    ("auto", "cuda", "float32", "float16"), ("auto", "cuda", None, "float16"),
+    ("auto", "cpu", "bfloat16", "float32"), ("bfloat16", "cpu", "float16", "bfloat16")])
+def test_dtype_auto_follows_the_checkpoint_on_a_gpu(spec_dtype, device, stored, expected):
+    from worker.engine.spec import stored_dtype, working_dtype
+
+    assert working_dtype(spec_dtype, device, stored) == expected
+    assert stored_dtype({"torch_dtype": stored}) == stored and stored_dtype({"dtype": stored}) == stored
+    assert stored_dtype({"text_config": {"dtype": "bfloat16"}}) == "bfloat16" and stored_dtype({"dtype": "int8"}) is None
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe", "llama"])
+def test_the_estimate_counts_the_weights_transformers_builds(family):
+    """Mixture-of-experts shapes: experts of their own width (moe_intermediate_size) and shared
+    experts; the count from config.json equals the model transformers builds from it (every 2-D+
+    weight but the routers', which the estimate leaves out: h x experts)."""
+    import torch
+    import transformers
+
+    own = {"mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},  # (each family's own fields only)
+           "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+           "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                         "shared_expert_intermediate_size": 48},
+           "llama": {}}[family]
+    config = transformers.AutoConfig.for_model(
+        family, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=300, tie_word_embeddings=False, **own)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    built = sum(p.numel() for n, p in model.named_parameters()
+                if p.dim() >= 2 and not n.endswith(("mlp.gate.weight", "shared_expert_gate.weight")))
+    from app.services.estimate import ModelShape
+
+    assert ModelShape.from_config(config.to_dict()).params == built
 
 
 def test_a_hub_model_whose_config_cannot_be_read_is_left_to_the_worker(client):

@@ -59,3 +59,29 @@ def test_pruned_blocks_live_in_their_checkpoint_files(tmp_path):
     assert hashlib.sha256(source.read_bytes()).hexdigest() == digest, "the model's own files are never written"
     after = perplexity(model, adapter, ids, device=CPU, batch_size=4, tracker=tracker)
     assert after != before
+
+
+def test_the_loader_says_whether_the_weights_stay_mapped(tmp_path):
+    """dtype auto on a GPU takes the checkpoint's own bf16 (or fp16; an fp32 checkpoint gets fp16),
+    and ``sparsegpt_mapped``, which the memory estimate trusts, is True exactly when every block
+    weight is a page of the model's safetensors file (read from /proc/self/maps), False when
+    transformers converted them into anonymous memory."""
+    import json
+
+    fp32_dir = make_tiny_model(tmp_path / "fp32", "llama", blocks=2)
+    model, _ = load_model(str(fp32_dir), dtype=torch.float32)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    (tmp_path / "bf16" / "tokenizer.json").write_bytes((fp32_dir / "tokenizer.json").read_bytes())
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (fp32_dir / name).exists():
+            (tmp_path / "bf16" / name).write_bytes((fp32_dir / name).read_bytes())
+
+    cases = [(fp32_dir, torch.float32, torch.float32, True), (fp32_dir, None, torch.float16, False),
+             (tmp_path / "bf16", None, torch.bfloat16, True), (tmp_path / "bf16", torch.float32, torch.float32, False)]
+    for directory, asked, working, mapped in cases:
+        model, _ = load_model(str(directory), dtype=asked)
+        assert model.sparsegpt_dtype == working and next(model.parameters()).dtype == working
+        assert model.sparsegpt_mapped is mapped, (directory.name, asked)
+        files = set().union(*block_files(adapter_for(model)))
+        assert files == ({str(directory / "model.safetensors")} if mapped else {None}), (directory.name, asked, files)

@@ -33,11 +33,13 @@ NSAMPLES, SEQLEN = 2048, 256
 
 
 def _estimates(models_dir) -> tuple[float, float]:
-    """(the API's view: fp16 on a GPU worker, the CPU worker's: fp32), in bytes."""
+    """(the API's view: fp16 on a GPU worker, converted from the fp32 files; the CPU worker's:
+    fp32, the weights memory-mapped), in bytes."""
     config = json.loads((models_dir / "llama" / "config.json").read_text())
     sets = ((str(models_dir / "calib.txt"), (models_dir / "calib.txt").stat().st_size),)
-    api = estimate(config, JobSize("sparsegpt", NSAMPLES, SEQLEN, "float16", "cuda", sets, 2))
-    cpu = estimate(config, JobSize("sparsegpt", NSAMPLES, SEQLEN, "float32", "cpu", sets, 2))
+    api = estimate(config, JobSize("sparsegpt", NSAMPLES, SEQLEN, "float16", "cuda", sets, 2, stored="float32"))
+    cpu = estimate(config, JobSize("sparsegpt", NSAMPLES, SEQLEN, "float32", "cpu", sets, 2, mapped=True,
+                                   stored="float32"))
     return api.total, cpu.total
 
 

@@ -19,6 +19,7 @@ import torch
 from worker.engine import hub
 from worker.engine.card import model_card
 from worker.engine.errors import InvalidJob, ModelNotFound
+from worker.engine.spec import stored_dtype, working_dtype
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -39,10 +40,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto': fp16 on CUDA (as the reference), fp32 on the CPU."""
+def resolve_dtype(name: str, device: torch.device, stored: str | None = None) -> torch.dtype:
+    """The working dtype (worker.engine.spec.working_dtype): 'auto' is the checkpoint's ``stored``
+    float16/bfloat16 on CUDA, else fp16 (as the reference); fp32 on the CPU."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return DTYPES[working_dtype("auto", device.type, stored)]
     if name not in DTYPES:
         raise InvalidJob(f"unknown dtype {name!r}; use auto, float16, bfloat16 or float32")
     return DTYPES[name]
@@ -73,9 +75,14 @@ def _explain_load_error(model: str, exc: Exception) -> ModelNotFound:
     return ModelNotFound(f"model {model!r} could not be loaded: {first_line}")
 
 
-def load_model(model: str, *, dtype: torch.dtype, revision: str | None = None,
+def load_model(model: str, *, dtype: torch.dtype | None, revision: str | None = None,
                trust_remote_code: bool = False, token: str | None = None):
-    """(model on the CPU in eval mode, tokenizer). Weights are memory-mapped where possible."""
+    """(model on the CPU in eval mode, tokenizer). ``dtype`` None: dtype auto on a GPU, the
+    checkpoint's own float16/bfloat16 (else float16). The model gets ``sparsegpt_dtype`` (the
+    dtype it was loaded in), ``sparsegpt_stored`` (the one its config says its files hold, a
+    name, or None) and ``sparsegpt_mapped``: True when its weights stay memory-mapped
+    from the checkpoint's files (not GGUF, and loaded in the dtype they are stored in), False when
+    transformers converted every weight into host memory (or it cannot be told)."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # the engine reports its own progress
@@ -102,6 +109,11 @@ def load_model(model: str, *, dtype: torch.dtype, revision: str | None = None,
         model_source = model
         _check_hub(model, revision, kwargs)
     try:
+        stored = None
+        if "gguf_file" not in kwargs:  # GGUF weights are dequantized: never mapped, stored as nothing we load
+            stored = stored_dtype(transformers.AutoConfig.from_pretrained(model_source, **kwargs).to_dict())
+        if dtype is None:
+            dtype = resolve_dtype("auto", torch.device("cuda"), stored)
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_source, **kwargs)
         lm = transformers.AutoModelForCausalLM.from_pretrained(model_source, dtype=dtype, **kwargs)
     except ValueError as exc:
@@ -116,6 +128,8 @@ def load_model(model: str, *, dtype: torch.dtype, revision: str | None = None,
         if hasattr(lm.config, "__dict__"):
             lm.config.__dict__.pop("quantization_config", None)
     lm.eval()
+    lm.sparsegpt_dtype, lm.sparsegpt_stored = dtype, stored
+    lm.sparsegpt_mapped = stored is not None and DTYPES[stored] == dtype
     lm.sparsegpt_loaded_config = lm.config.to_dict()  # what save_pruned restores
     lm.config.use_cache = False  # the engine's own forwards keep no cache
     return lm, tokenizer

@@ -80,7 +80,8 @@ class _Run:
     def __init__(self, spec: JobSpec, options: RunOptions, tracker: Tracker):
         self.spec, self.options, self.tracker = spec, options, tracker
         self.device = resolve_device(options.device)
-        self.dtype = resolve_dtype(spec.dtype, self.device)
+        # dtype auto on a GPU follows the checkpoint (known once its config is read, in load)
+        self.dtype = None if spec.dtype == "auto" and self.device.type == "cuda" else resolve_dtype(spec.dtype, self.device)
         self.seconds: dict[str, float] = {}
         self.start = time.perf_counter()
         self.eval_windows: dict[str, torch.Tensor] = {}  # tokenized when first needed, then kept
@@ -106,6 +107,7 @@ class _Run:
             check_hub(*hub_sets)  # no Hub, no built-in set: said before the load, not after
         self.model, self.tokenizer = load_model(spec.model, dtype=self.dtype, revision=spec.revision,
                                                 trust_remote_code=spec.trust_remote_code, token=self.options.token)
+        self.dtype = self.model.sparsegpt_dtype
         check_hub(*hub_sets)  # (a Hub model's own check came first)
         self.adapter = adapter_for(self.model)
         self.selection = LayerSelection(**spec.layers.model_dump())
@@ -239,7 +241,8 @@ def run_job(spec: JobSpec, options: RunOptions | None = None, *, on_progress: Pr
             should_cancel: CancelCheck | None = None, on_loaded: Callable[[dict], None] | None = None) -> dict:
     """Run the job ``spec`` describes; returns the report. Raises EngineError subclasses for what a
     user can fix. ``on_loaded(facts)``, once the model is loaded and before calibrating, gets its
-    config (a dict), parameter count, working dtype, device kind and seqlen; it may raise to stop
+    config (a dict), parameter count, working dtype, device kind, seqlen and whether the weights
+    stay memory-mapped (``mapped``, worker.engine.checkpoint.load_model); it may raise to stop
     the job (the worker checks the job's memory estimate there)."""
     options = options or RunOptions()
     options.validate(spec)
@@ -252,7 +255,8 @@ def run_job(spec: JobSpec, options: RunOptions | None = None, *, on_progress: Pr
         run.load()
     if on_loaded is not None:
         on_loaded({"config": run.model.config.to_dict(), "parameters": sum(p.numel() for p in run.model.parameters()),
-                   "dtype": str(run.dtype).replace("torch.", ""), "device": run.device.type, "seqlen": run.seqlen})
+                   "dtype": str(run.dtype).replace("torch.", ""), "device": run.device.type, "seqlen": run.seqlen,
+                   "mapped": run.model.sparsegpt_mapped, "stored": run.model.sparsegpt_stored})
     with run.timed("data"):
         run.calibrate()
     with run.timed("profile"):  # OWL's pass over the dense model; nothing to do for the others

@@ -48,6 +48,30 @@ class UI:
     metavar: str | None = None
 
 
+def stored_dtype(config: dict[str, Any]) -> str | None:
+    """The dtype a checkpoint's weights are stored in, as its config.json says (``dtype`` in
+    transformers 5, ``torch_dtype`` before; a multimodal model's text config as a fallback):
+    "float16", "bfloat16" or "float32", else None (not said)."""
+    for source in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
+        for key in ("dtype", "torch_dtype"):
+            value = source.get(key)
+            if isinstance(value, str) and value.removeprefix("torch.") in ("float16", "bfloat16", "float32"):
+                return value.removeprefix("torch.")
+    return None
+
+
+def working_dtype(spec_dtype: str, device_kind: str, stored: str | None) -> str:
+    """The dtype a job loads, computes and saves in. ``auto``: on a GPU the checkpoint's own when
+    it is float16 or bfloat16 (its weights then stay memory-mapped from the files, and a bf16
+    model is not squeezed into fp16's range), else float16 as the reference does; on the CPU
+    float32."""
+    if spec_dtype != "auto":
+        return spec_dtype
+    if device_kind != "cuda":
+        return "float32"
+    return stored if stored in ("float16", "bfloat16") else "float16"
+
+
 def check_dataset_name(value: str) -> str:
     """A built-in set (c4, wikitext2, ptb), an uploaded set (upload:<id>) or an absolute path."""
     value = value.strip()
@@ -272,7 +296,7 @@ class JobSpec(_Strict):
     layers: LayersSpec = Field(default_factory=LayersSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     dtype: Annotated[Literal["auto", "float16", "bfloat16", "float32"],
-                     Field(description="load, compute and save dtype"), UI(form="dtype", cli="--dtype")] = "auto"
+                     Field(description="load, compute and save dtype; auto: the checkpoint's float16/bfloat16 on a GPU (else float16), float32 on the CPU"), UI(form="dtype", cli="--dtype")] = "auto"
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "model": "facebook/opt-125m", "method": "sparsegpt", "sparsity": "2:4",
