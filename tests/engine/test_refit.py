@@ -184,17 +184,28 @@ def test_a_job_with_a_refit_reports_it(workdir, fields):
     assert fitted["profile"]["achieved"] == pytest.approx(plain["profile"]["achieved"], abs=1e-12)
 
 
-def test_a_refit_names_the_pruned_layers_it_left_alone(workdir):
-    """Fused MoE experts are pruned on their own path without a refit: the report names every such
-    layer (and only those) instead of folding them into the refit's figures, and the CLI says so."""
+def test_fused_moe_experts_are_refit_each_with_its_own_hessian(workdir):
+    """Each expert of a fused experts parameter (a tiny Mixtral's gate_up_proj, down_proj) is refit
+    as a layer of its own, on the Hessian of the tokens routed to it: every pruned layer has a
+    refit record, an expert parameter's error after the refit is at most the one before (its
+    experts' mean), the zeros stay where the pattern wants them, and in block 0 (same inputs)
+    the error before the refit is the plain run's."""
     path = make_tiny_model(workdir / "moe", "mixtral", blocks=2)
+    plain = run(path, workdir, sparsity=0.5, method="sparsegpt")
     report = run(path, workdir, sparsity=0.5, method="sparsegpt", refit="reconstruct")
-    untouched = [r["name"] for r in report["layers"] if r["refit"] is None]
-    assert untouched and all(".experts." in name for name in untouched)
-    assert report["refit"]["not_refit"] == untouched
-    assert report["refit"]["layers"] == len(report["layers"]) - len(untouched) > 0
-    assert f"refit left alone {len(untouched)} pruned layers (fused MoE experts get no refit)" in summary(report)
-    assert run(path, workdir, sparsity=0.5, method="sparsegpt")["refit"]["not_refit"] == []
+    experts = [r for r in report["layers"] if ".experts." in r["name"]]
+    assert experts and all(r["refit"] is not None for r in report["layers"])
+    assert report["refit"]["not_refit"] == [] and report["refit"]["layers"] == len(report["layers"])
+    n_experts = transformers.AutoConfig.from_pretrained(path).num_local_experts
+    for a, b in zip(plain["layers"], report["layers"]):
+        assert a["name"] == b["name"] and b["sparsity"] == pytest.approx(a["sparsity"], abs=1e-12)
+        assert b["error"] <= b["refit"]["error_before"] * (1 + 1e-5) + 1e-9, b
+        if ".experts." in b["name"]:
+            assert b["refit"]["experts"] == n_experts
+            if b["block"] == 0:
+                assert b["refit"]["error_before"] == pytest.approx(a["error"], rel=1e-3)
+    assert sum(r["error"] for r in experts) < sum(r["refit"]["error_before"] for r in experts)
+    assert "refit left alone" not in summary(report)
 
 
 def test_the_spec_refuses_a_refit_where_it_cannot_apply():

@@ -220,7 +220,7 @@ def summary(report: dict) -> str:
                      f"{refit['error_after']:.4f} over {refit['layers']} layers, {refit['swaps']} swaps, "
                      f"{refit['seconds']:.1f} s (within the prune)")
     if refit.get("not_refit"):
-        lines.append(f"refit left alone {len(refit['not_refit'])} pruned layers (fused MoE experts get no refit): "
+        lines.append(f"refit left alone {len(refit['not_refit'])} pruned layers (no calibration Hessian): "
                      + ", ".join(refit["not_refit"][:8]) + (" ..." if len(refit["not_refit"]) > 8 else ""))
     selected = report.get("layers_selected") or {}
     if any(selected.get(k) not in (None, []) for k in ("first_block", "last_block", "include", "exclude")):

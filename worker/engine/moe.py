@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from worker.engine.baselines import magnitude_prune, wanda_prune
+from worker.engine.refit import refit_layers
 from worker.engine.sparsegpt import relative_error
 
 MATRICES = ("gate_up_proj", "up_proj", "down_proj")
@@ -212,6 +213,12 @@ def _prune_matrix(W: torch.Tensor, H: torch.Tensor | None, solver, prune_shared)
     return P, (relative_error(W, P, H) if H is not None else None), None, 0.0
 
 
+def _experts_refit(fits: list[dict]) -> dict:
+    """One fused parameter's refit record from its experts' (a layer's: worker.engine.refit)."""
+    return {"mode": fits[0]["mode"], "error_before": sum(f["error_before"] for f in fits) / len(fits),
+            "swaps": sum(f["swaps"] for f in fits), "seconds": sum(f["seconds"] for f in fits), "experts": len(fits)}
+
+
 @torch.no_grad()
 def prune_experts(modules: dict[str, nn.Module], stats: dict[str, ExpertStats] | None, solver, *,
                   prefix: str, block: int, device: torch.device, prune_shared) -> tuple[list[dict], list[dict]]:
@@ -222,13 +229,14 @@ def prune_experts(modules: dict[str, nn.Module], stats: dict[str, ExpertStats] |
     Hessian source per expert). ``stats`` None: no data (magnitude).
     """
     layers, records = [], []
+    refit_mode = getattr(solver, "refit", "none")
     for name, experts in modules.items():
         full = f"{prefix}.{name}"
         s = stats[name] if stats is not None else None
         for pname in matrix_names(experts):
             t0 = time.perf_counter()
             zeros = numel = 0
-            errs, losses, damps = [], [], []
+            errs, losses, damps, fits = [], [], [], []
             for e in range(experts.num_experts):
                 acc = None if s is None else (s.down[e] if pname == "down_proj" else s.up[e])
                 H = acc.H if acc is not None else None
@@ -236,6 +244,10 @@ def prune_experts(modules: dict[str, nn.Module], stats: dict[str, ExpertStats] |
                 if H is None and solver.method != "magnitude":
                     raise RuntimeError(f"{full}: expert {e} has no calibration statistics")
                 P, err, loss, damp = _prune_matrix(W, H, solver, prune_shared)
+                if refit_mode != "none" and H is not None:  # each expert is one layer with its own H
+                    [P], [(err, loss, damp, fit)] = refit_layers([W], [P], H, solver.pattern, refit_mode,
+                                                                 solver.percdamp, [(err, loss, damp, None)])
+                    fits.append(fit)
                 set_expert_matrix(experts, pname, e, P.to(expert_matrix(experts, pname, e).device))
                 written = expert_matrix(experts, pname, e)
                 zeros += int((written == 0).sum().item())
@@ -247,7 +259,8 @@ def prune_experts(modules: dict[str, nn.Module], stats: dict[str, ExpertStats] |
                 "block": block, "name": f"{full}.{pname}", "sparsity": zeros / numel,
                 "error": None if errs[0] is None else sum(errs) / len(errs),
                 "loss": None if losses[0] is None else sum(losses), "percdamp": max(damps),
-                "seconds": time.perf_counter() - t0, "target": solver.pattern.sparsity})
+                "seconds": time.perf_counter() - t0, "target": solver.pattern.sparsity,
+                "refit": _experts_refit(fits) if fits and len(fits) == len(errs) else None})
         records.append({"block": block, "module": full, "experts": experts.num_experts,
                         "tokens": list(s.tokens) if s is not None else None,
                         "hessian": list(s.source) if s is not None else None})

@@ -258,8 +258,8 @@ def refit_summary(mode: str, layers: Sequence, sizes: Sequence[int]) -> dict:
     by the layers' sizes), the swaps made and its seconds (part of the prune's)."""
     done = [(r.refit, r.error, n) for r, n in zip(layers, sizes) if r.refit is not None and r.error is not None]
     total = sum(n for _, _, n in done)
-    # Pruned layers the refit did not touch are named, never folded into the figures above: today
-    # the fused MoE experts, which are pruned on their own path (worker.engine.moe) without a refit.
+    # Pruned layers the refit did not touch are named, never folded into the figures above (none
+    # is expected: fused MoE experts are refit one by one in worker.engine.moe; a guard).
     left = [r.name for r in layers if r.refit is None] if mode != "none" else []
     return {"mode": mode, "layers": len(done), "not_refit": left,
             "error_before": sum(f["error_before"] * n for f, _, n in done) / total if total else None,
