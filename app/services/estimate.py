@@ -131,6 +131,8 @@ class ModelShape:
         experts = _first(config, "num_local_experts", "num_experts", "n_routed_experts") or 1
         expert_intermediate = (_first(config, "moe_intermediate_size") if experts > 1 else None) or intermediate
         shared = _first(config, "shared_expert_intermediate_size") or 0
+        if not shared and experts > 1 and "intermediate_size_mlp" in config:  # Llama 4: one shared expert
+            shared = intermediate  # of the experts' width (intermediate_size_mlp is its dense layers')
         if not shared and experts > 1:
             shared = (_first(config, "n_shared_experts", "num_shared_experts") or 0) * expert_intermediate
         return cls(

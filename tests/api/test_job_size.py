@@ -172,7 +172,7 @@ def test_dtype_auto_follows_the_checkpoint_on_a_gpu(spec_dtype, device, stored, 
     assert stored_dtype({"text_config": {"dtype": "bfloat16"}}) == "bfloat16" and stored_dtype({"dtype": "int8"}) is None
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe", "llama"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe", "llama4_text", "llama"])
 def test_the_estimate_counts_the_weights_transformers_builds(family):
     """Mixture-of-experts shapes: experts of their own width (moe_intermediate_size) and shared
     experts; the count from config.json equals the model transformers builds from it (every 2-D+
@@ -184,6 +184,8 @@ def test_the_estimate_counts_the_weights_transformers_builds(family):
            "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
            "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                          "shared_expert_intermediate_size": 48},
+           "llama4_text": {"num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 80,
+                           "interleave_moe_layer_step": 1},
            "llama": {}}[family]
     config = transformers.AutoConfig.for_model(
         family, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -191,7 +193,7 @@ def test_the_estimate_counts_the_weights_transformers_builds(family):
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     built = sum(p.numel() for n, p in model.named_parameters()
-                if p.dim() >= 2 and not n.endswith(("mlp.gate.weight", "shared_expert_gate.weight")))
+                if p.dim() >= 2 and not n.endswith(("mlp.gate.weight", "shared_expert_gate.weight", "router.weight")))
     from app.services.estimate import ModelShape
 
     assert ModelShape.from_config(config.to_dict()).params == built

@@ -26,7 +26,7 @@ _KINDS = "mixes layer kinds"  # linear attention / state-space layers the engine
 REFUSED: dict[str, str] = {  # family -> what its refusal says: refused up front, before any calibration
     **{f: _NO_BLOCKS for f in ("biogpt", "cpmant", "falcon_mamba", "gpt_neox_japanese", "hrm_text", "mamba", "mamba2",
                                "mpt", "rwkv", "xlnet", "xlstm")},
-    **{f: _NOT_PRUNABLE for f in ("jetmoe", "llama4_text", "longcat_flash")},
+    **{f: _NOT_PRUNABLE for f in ("jetmoe", "longcat_flash")},
     **{f: _KINDS for f in ("lara_mini", "minimax", "nemotron_h", "olmo_hybrid")},
 }
 

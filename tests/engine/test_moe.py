@@ -150,6 +150,60 @@ def test_experts_pruned_with_their_routed_hessian(arch, mode, models, workdir, t
     assert torch.equal(dense.model.layers[0].mlp.gate.weight, pruned.model.layers[0].mlp.gate.weight)
 
 
+@pytest.mark.parametrize("mode", ["routed", "all_experts"])
+def test_llama4_experts_pruned_with_the_hessian_of_their_scaled_inputs(mode, workdir, tmp_path):
+    """Llama 4's layout: (E, in, out) matrices called on every token's hidden state times the
+    router's score for that expert. The calibrating forward is the model's own; each expert's
+    weights equal SparseGPT with the Hessian of what its Linear reads: the scaled rows of the
+    tokens routed to it (or, all-experts mode, every token unscaled, as its MoE module got it);
+    the router and nothing else stays dense."""
+    model_dir = make_tiny_model(workdir / "llama4", "llama4_text")
+    dense = load(model_dir)
+    moe = dense.model.layers[0].feed_forward
+    assert list(fused_experts(dense.model.layers[0])) == ["feed_forward.experts"]
+    x = torch.randn(1, 24, dense.config.hidden_size)
+    with torch.no_grad():
+        want = moe(x)[0]
+        collector = ExpertCollector({"feed_forward.experts": moe.experts}, torch.device("cpu"), MoeSettings(),
+                                    Hessian, block=dense.model.layers[0])
+        got = moe(x)[0]
+    collector.remove()
+    assert torch.equal(got, want) and "forward" not in moe.experts.__dict__
+    assert sum(collector.stats["feed_forward.experts"].tokens) == 24  # one expert per token
+
+    fields = dict(min_tokens=0) if mode == "routed" else dict(all_experts=True)
+    report = prune(model_dir, workdir, tmp_path / "out", sparsity=0.5, **fields)
+    pruned = load(tmp_path / "out")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    ids = calibration_windows(tokenizer, str(workdir / "cal.txt"), nsamples=NSAMPLES, seqlen=SEQLEN, seed=0)
+    seen = []
+    handle = moe.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        dense(input_ids=ids, use_cache=False)
+        handle.remove()
+        hidden = torch.cat(seen)
+        scores, _logits = moe.router(hidden)  # (tokens, experts): 0 where not routed
+    record = report["experts"][0]
+    assert record["module"] == "model.layers.0.feed_forward.experts"
+    assert record["tokens"] == [int((scores[:, e] > 0).sum()) for e in range(scores.shape[1])]
+    pattern = parse_sparsity(0.5)
+    for e in range(scores.shape[1]):
+        xe = hidden if mode == "all_experts" else (hidden * scores[:, e:e + 1])[scores[:, e] > 0]
+        gate, up = (xe @ moe.experts.gate_up_proj[e].detach()).chunk(2, dim=-1)
+        act = up * F.silu(gate)
+        for pname, inputs in (("gate_up_proj", xe), ("down_proj", act)):
+            H = 2 / inputs.shape[0] * inputs.t().double() @ inputs.double()
+            W = expert_matrix(moe.experts, pname, e).detach()
+            assert W.shape == ((2 * moe.experts.expert_dim, 64) if pname == "gate_up_proj" else (64, moe.experts.expert_dim))
+            wanted = sparsegpt_prune_shared([W.clone()], H.float(), pattern)[0].weight
+            got = expert_matrix(pruned.model.layers[0].feed_forward.experts, pname, e).detach()
+            assert ((got == 0) == (wanted == 0)).float().mean().item() > 0.995, (pname, e)
+            assert_close(got, wanted, rtol=0, atol=2e-3 * W.abs().max().item())
+    assert torch.equal(moe.router.weight, pruned.model.layers[0].feed_forward.router.weight)
+    dense_names = {d["name"] for d in report["coverage"]["dense"]}
+    assert dense_names == {f"model.layers.{i}.feed_forward.router.weight" for i in range(2)}, dense_names
+
+
 def test_fallback_only_for_starved_experts(models, workdir, tmp_path):
     """With a threshold between the experts' counts, exactly the experts below it fall back."""
     probe = prune(models["mixtral"], workdir, tmp_path / "probe", sparsity=0.5, method="wanda", min_tokens=0)

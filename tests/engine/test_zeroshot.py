@@ -111,6 +111,12 @@ def test_cli_reports_dense_and_pruned_accuracy_equal_to_a_direct_computation(fil
     assert zero_shot["pruned"][TASK]["acc_stderr"] > 0
     assert set(report["seconds"]) >= {"zero_shot_dense", "zero_shot_pruned"}
     assert f"zero-shot {TASK} acc: 0.7500 -> " in result.stdout
+    # The saved model's card carries the pruned accuracy as model-index metadata.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    found = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert found[(TASK, "accuracy")] == pytest.approx(round(accuracy(pruned_acc, rows), 4))
 
 
 def test_cli_limit_and_no_dense(files, tmp_path):

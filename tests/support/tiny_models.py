@@ -103,10 +103,14 @@ def make_config(arch: str, vocab_size: int, hidden: int = 64, blocks: int = 2, c
         return transformers.Qwen2MoeConfig(intermediate_size=2 * hidden, moe_intermediate_size=hidden + 32,
                                            shared_expert_intermediate_size=hidden + 64, num_experts=4,
                                            num_experts_per_tok=2, **moe)
+    if arch == "llama4_text":  # Llama 4's experts: inputs scaled by the router, one bmm; a shared expert
+        return transformers.Llama4TextConfig(intermediate_size=hidden + 32, intermediate_size_mlp=2 * hidden,
+                                             num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                                             head_dim=16, **moe)
     if arch == "falcon":
         return transformers.FalconConfig(hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=4,
                                          new_decoder_architecture=False, multi_query=True, alibi=False, **common)
-    raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHS + MORE_ARCHS + MOE_ARCHS)}")
+    raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHS + MORE_ARCHS + MOE_ARCHS)}, llama4_text")
 
 
 def make_tiny_model(directory: Path, arch: str = "llama", seed: int = 0, **config_kwargs) -> Path:

@@ -6,6 +6,13 @@ gate) and ``down_proj`` (E, H, I); ``is_transposed`` stores each expert's matrix
 instead (gpt-oss). The module is called as ``experts(hidden (T, H), top_k_index (T, k),
 top_k_weights (T, k))``. No nn.Linear is involved, so no Linear hook sees an expert's input.
 
+Llama 4 keeps another layout (``is_scaled_bmm``): ``gate_up_proj`` (E, H, 2I) and ``down_proj``
+(E, I, H), each expert's matrix stored (in, out), called as ``experts(routed_in (E * T, H))``
+where expert e's T rows are every token's hidden state times the router's score for e (sigmoid;
+exactly 0 for a token not routed to e). What its Linear reads is that scaled row, so its Hessian
+is made from the nonzero rows; the unscaled hidden states (for ``all_experts`` and the fallback)
+are taken from the input of the MoE module that holds the experts.
+
 During the block's calibration pass the experts module's forward is replaced by
 ``ExpertCollector._forward``, which computes what the model's own experts compute (the routed
 tokens through each expert, weighted and summed) and on the way accumulates, per expert,
@@ -55,7 +62,17 @@ def is_fused_experts(module: nn.Module) -> bool:
     """A transformers experts module whose fused 3-D weights this file knows how to prune."""
     return (hasattr(module, "is_transposed") and hasattr(module, "has_gate") and hasattr(module, "num_experts")
             and isinstance(getattr(module, "down_proj", None), nn.Parameter)
-            and getattr(module, "down_proj").dim() == 3)
+            and getattr(module, "down_proj").dim() == 3) or is_scaled_bmm(module)
+
+
+def is_scaled_bmm(module: nn.Module) -> bool:
+    """Llama 4's experts layout (see the module's doc): inputs scaled by the router, one bmm."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    width = getattr(module, "expert_dim", None)
+    return (not hasattr(module, "is_transposed") and isinstance(getattr(module, "num_experts", None), int)
+            and isinstance(width, int) and isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)
+            and gate_up.dim() == 3 and down.dim() == 3 and gate_up.shape[2] == 2 * width
+            and down.shape[1] == width and gate_up.shape[1] == down.shape[2] and callable(getattr(module, "act_fn", None)))
 
 
 def fused_experts(block: nn.Module) -> dict[str, nn.Module]:
@@ -79,7 +96,7 @@ def matrix_names(experts: nn.Module) -> list[str]:
 def expert_matrix(experts: nn.Module, pname: str, e: int) -> torch.Tensor:
     """Expert ``e``'s weight as a Linear's (out_features, in_features) matrix (a view)."""
     W = getattr(experts, pname).data[e]
-    return W.t() if experts.is_transposed else W
+    return W.t() if getattr(experts, "is_transposed", False) or is_scaled_bmm(experts) else W
 
 
 def set_expert_matrix(experts: nn.Module, pname: str, e: int, W: torch.Tensor) -> None:
@@ -95,6 +112,9 @@ def _linear(experts: nn.Module, pname: str, e: int, x: torch.Tensor) -> torch.Te
 
 def expert_intermediate(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
     """What expert ``e``'s down projection reads for the tokens ``x`` (T, H): gate(x) * up(x)."""
+    if is_scaled_bmm(experts):  # Llama 4: gate first, then up, in one matrix
+        gate, up = _linear(experts, "gate_up_proj", e, x).chunk(2, dim=-1)
+        return up * experts.act_fn(gate)
     if experts.has_gate:
         return experts._apply_gate(_linear(experts, "gate_up_proj", e, x))
     return experts.act_fn(_linear(experts, "up_proj", e, x))
@@ -114,8 +134,16 @@ class ExpertCollector:
     """Replaces each experts module's forward for the calibration pass (see the module's doc)."""
 
     def __init__(self, modules: dict[str, nn.Module], device: torch.device, settings: MoeSettings,
-                 hessian: Callable[[int, torch.device], object]):
+                 hessian: Callable[[int, torch.device], object], block: nn.Module | None = None):
         self.modules, self.device, self.settings, self.hessian = modules, device, settings, hessian
+        self._plain: dict[str, torch.Tensor] = {}  # scaled-bmm experts: the MoE module's input, unscaled
+        self._hooks = []
+        for name, m in modules.items():
+            if is_scaled_bmm(m):
+                if block is None or "." not in name:
+                    raise ValueError(f"{name}: experts whose inputs arrive scaled need their MoE module's input")
+                parent = block.get_submodule(name.rsplit(".", 1)[0])
+                self._hooks.append(parent.register_forward_pre_hook(self._keep_plain(name), with_kwargs=True))
         source = "all_tokens" if settings.all_experts else "routed"
         self.stats = {name: ExpertStats(up=[None] * m.num_experts, down=[None] * m.num_experts,
                                         tokens=[0] * m.num_experts, source=[source] * m.num_experts)
@@ -126,7 +154,16 @@ class ExpertCollector:
         for name, m in modules.items():
             m.forward = self._forward_of(name, m)  # an instance attribute: ``remove`` restores the class's
 
+    def _keep_plain(self, name: str):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._plain[name] = hidden.reshape(-1, hidden.shape[-1])
+        return hook
+
     def _forward_of(self, name: str, experts: nn.Module):
+        if is_scaled_bmm(experts):
+            return lambda routed_in: self._forward_scaled(name, experts, routed_in)
+
         def forward(hidden_states: torch.Tensor, *args, **kwargs):
             # (top_k_index, top_k_weights), positional or by any names (gpt-oss: router_indices=, routing_weights=)
             routing = [*args, *kwargs.values()]
@@ -172,6 +209,30 @@ class ExpertCollector:
             final.index_add_(0, token, out.to(final.dtype))
         return final
 
+    @torch.no_grad()
+    def _forward_scaled(self, name: str, experts: nn.Module, routed_in: torch.Tensor) -> torch.Tensor:
+        """Llama 4's experts: the model's own output (its forward, unchanged), with the statistics
+        on the way: expert e's routed tokens are its nonzero rows of ``routed_in``."""
+        out = type(experts).forward(experts, routed_in)
+        stats, every = self.stats[name], self._every[name]
+        only = self._only[name] if self._only is not None else None
+        rows = routed_in.view(experts.num_experts, -1, routed_in.shape[-1])
+        for e in range(experts.num_experts):
+            token = torch.nonzero(rows[e].abs().amax(-1) > 0).squeeze(1)
+            if only is None:
+                stats.tokens[e] += int(token.numel())
+            if only is not None and e not in only:
+                continue
+            if e in every or (only is not None and e in only):
+                x = self._plain[name]  # every calibration token, as the MoE module received it
+            elif token.numel():
+                x = rows[e][token]
+            else:
+                continue
+            self._add(stats.up, e, x)
+            self._add(stats.down, e, expert_intermediate(experts, e, x))
+        return out
+
     def starved(self) -> dict[str, set[int]]:
         """The experts the router sent fewer than ``min_tokens`` tokens (outside all-experts mode)."""
         if self.settings.all_experts:
@@ -200,6 +261,9 @@ class ExpertCollector:
     def remove(self) -> None:
         for m in self.modules.values():
             m.__dict__.pop("forward", None)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._plain = [], {}
 
 
 def _prune_matrix(W: torch.Tensor, H: torch.Tensor | None, solver, prune_shared) -> tuple:

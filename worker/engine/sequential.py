@@ -335,7 +335,7 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
         expert_stats = None
         if needs_data:
             collector = HessianCollector(modules, device, hessian=arithmetic.hessian, stop_early=not experts)
-            moe_collector = ExpertCollector(experts, device, moe or MoeSettings(), arithmetic.hessian)
+            moe_collector = ExpertCollector(experts, device, moe or MoeSettings(), arithmetic.hessian, block=block)
             try:
                 run_block(block, inputs, device, keep=False, after_chunk=collector.end_pass)
                 collector.remove()
