@@ -27,6 +27,7 @@ from app.config import Settings
 from app.models import QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job
 from app.queue import enqueue_job
 from app.services.specs import SpecError, check_spec
+from app.workers import live_workers
 from worker.engine.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,23 @@ log = logging.getLogger(__name__)
 
 def job_url(job_id: int) -> str:
     return f"/api/v1/jobs/{job_id}"
+
+
+def waiting_note(r: redis.Redis, job: Job, default_queue: str) -> str | None:
+    """For a queued job no live worker would take (its queue's workers gone), what it waits for;
+    None when some live worker consumes its queue, or the workers cannot be read."""
+    if job.status != QUEUED:
+        return None
+    queue = ((job.spec or {}).get("resources") or {}).get("queue") or default_queue
+    try:
+        workers = live_workers(r)
+    except redis.RedisError:
+        return None
+    if any(queue in (w.get("queues") or []) for w in workers):
+        return None
+    names = ", ".join(str(w.get("name")) for w in workers) or "none"
+    return (f"no live worker takes jobs from its queue {queue!r} now (live workers: {names}); it waits until one "
+            f"starts (sparsegpt worker --queue {queue}), or cancel it and submit it again")
 
 
 def live_progress(r: redis.Redis, job: Job) -> dict[str, Any] | None:

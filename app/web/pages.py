@@ -151,6 +151,7 @@ def job_page(request: Request, job_id: str) -> HTMLResponse:
             "active": job.status not in TERMINAL, "may_change": jobs.may_change(current_user(request), job),
             "spec_json": json.dumps(job.spec, indent=2), "artifact_ok": jobs.artifact_available(job),
             "message": request.query_params.get("message", "")[:300],
+            "waiting": jobs.waiting_note(request.app.state.redis, job, request.app.state.settings.queue),
         })
 
 

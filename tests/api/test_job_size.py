@@ -199,6 +199,17 @@ def test_the_estimate_counts_the_weights_transformers_builds(family):
     assert ModelShape.from_config(config.to_dict()).params == built
 
 
+def test_a_queued_job_no_live_worker_takes_says_so_on_its_page(client):
+    """No worker consumes this server's queue: the job page says what the job waits for."""
+    job = client.post("/api/v1/jobs", json=body(nsamples=8, seqlen=512))
+    assert job.status_code == 201, job.text
+    page = client.get(f"/jobs/{job.json()['id']}")
+    assert page.status_code == 200
+    note = re.search(r'id="no-worker"><strong>Nothing will run this job now</strong>: (.*?)</div>', page.text, re.S)
+    assert note and "no live worker takes jobs from its queue &#39;idle-" in note.group(1), page.text[-3000:]
+    assert "(live workers: none)" in note.group(1) and "sparsegpt worker --queue idle-" in note.group(1)
+
+
 def test_a_hub_model_whose_config_cannot_be_read_is_left_to_the_worker(client):
     """Offline, the Hub's config.json cannot be fetched: the caps still apply, the estimate is
     the worker's (tests/worker/test_oom.py)."""

@@ -102,6 +102,10 @@ def test_jobs_go_to_the_worker_that_fits(make_stack, redis_server, models_dir, t
                 break
             time.sleep(0.2)
         assert listed["big"]["current_jobs"] == [job_id] and listed["small"]["current_jobs"] == []
+        # Queued behind it on the same tier: a live worker takes that queue, so its page warns of nothing.
+        behind = c.post("/api/v1/jobs", json={**job_body(models_dir), "resources": {"min_gpu_memory_gb": 40}}).json()
+        if behind["status"] == "queued":
+            assert 'id="no-worker"' not in c.get(f"/jobs/{behind['id']}").text
         page = c.get("/workers")
         assert page.status_code == 200 and "Test 80GB" in page.text and f'href="/jobs/{job_id}"' in page.text
         # By its estimate alone (34 GB of activations): the 80 GB worker (the model has no weights: it fails there).
@@ -120,3 +124,4 @@ def test_jobs_go_to_the_worker_that_fits(make_stack, redis_server, models_dir, t
     wide_done = stack.wait(wide_job.json()["id"], timeout=120)
     assert wide_done["worker"].startswith("big@") and wide_done["status"] == "failed", wide_done
     assert stack.wait(small_job, timeout=120)["status"] == "succeeded"
+    assert stack.wait(behind["id"], timeout=120)["status"] == "succeeded"
