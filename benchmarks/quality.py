@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         if reused is None and args.collect:
             print(f"  {variant:<10}{pattern:>5} not measured (no {args.workdir} figures)", flush=True)
             return
-        result = reused or run_child(variant, pattern, args, dense=k == 0 and not args.reuse)
+        result = reused or run_child(variant, pattern, args, dense=k == 0)  # (a reused first run keeps its own)
         with lock:
             runs.append(result)
             add_ratios(runs)
