@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from app.services.estimate import GB, JobSize, estimate
+from app.services.estimate import GB, JobSize, estimate, estimate_method
 from worker.job_inputs import Refused
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def check_loaded_model(facts: dict[str, Any], spec, max_job_memory_gb: float) ->
     if max_job_memory_gb <= 0:
         return
     size = JobSize(
-        method=spec.method + ("+owl" if spec.method == "magnitude" and spec.sparsity_profile == "owl" else ""),
+        method=estimate_method(spec.method, spec.sparsity_profile),
         nsamples=spec.calibration.nsamples, seqlen=facts.get("seqlen"), dtype=facts["dtype"],
         device=facts["device"], max_windows=spec.evaluation.max_windows, mapped=bool(facts.get("mapped")),
         stored=facts.get("stored"),

@@ -201,6 +201,11 @@ class JobSize:
     stored: str | None = None  # that dtype, where the config says it
 
 
+def estimate_method(method: str, sparsity_profile: str) -> str:
+    """``JobSize.method`` of a spec: its method, "magnitude+owl" for magnitude with an OWL profile."""
+    return method + ("+owl" if method == "magnitude" and sparsity_profile == "owl" else "")
+
+
 def _gb(nbytes: float) -> str:
     value = nbytes / GB
     return f"{value:,.0f} GB" if value >= 10 else f"{value:.2g} GB" if value >= 0.01 else f"{value:.1g} GB"
@@ -256,14 +261,15 @@ def _sized(shape: ModelShape, job: JobSize, parameters: int | None) -> Estimate:
     dtype = f"{size} bytes ({job.dtype})"
     seqlen = job.seqlen or min(DEFAULT_SEQLEN, shape.context or DEFAULT_SEQLEN)
     params = parameters or shape.params
-    weights = params * size
-    parts = [f"model weights {_gb(weights)} = {params / 1e9:.3g} B parameters x {dtype}, in host memory"]
     if job.mapped:  # the blocks' weights are file pages; what lies outside them is counted
         outside = min(params, shape.outside_blocks_params)
         weights = outside * size
         parts = [f"model weights outside the blocks {_gb(weights)} = {outside / 1e9:.3g} B parameters x {dtype} "
                  f"(embeddings, head), in host memory; the blocks' {_gb((params - outside) * size)} stay "
                  "memory-mapped from the checkpoint's files (not counted)"]
+    else:
+        weights = params * size
+        parts = [f"model weights {_gb(weights)} = {params / 1e9:.3g} B parameters x {dtype}, in host memory"]
 
     calibration = job.nsamples * seqlen * shape.hidden * size if job.method != "magnitude" else 0
     windows = {name: _eval_windows(name, nbytes, seqlen, job.max_windows) for name, nbytes in job.eval_sets}

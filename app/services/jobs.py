@@ -26,6 +26,7 @@ from app.auth import CurrentUser
 from app.config import Settings
 from app.models import QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job
 from app.queue import enqueue_job
+from app.services.routing import consumed, listing
 from app.services.specs import SpecError, check_spec
 from app.workers import live_workers
 from worker.engine.spec import JobSpec
@@ -47,11 +48,10 @@ def waiting_note(r: redis.Redis, job: Job, default_queue: str) -> str | None:
         workers = live_workers(r)
     except redis.RedisError:
         return None
-    if any(queue in (w.get("queues") or []) for w in workers):
+    if consumed(queue, workers):
         return None
-    names = ", ".join(str(w.get("name")) for w in workers) or "none"
-    return (f"no live worker takes jobs from its queue {queue!r} now (live workers: {names}); it waits until one "
-            f"starts (sparsegpt worker --queue {queue}), or cancel it and submit it again")
+    return (f"no live worker takes jobs from its queue {queue!r} now (live workers: {listing(workers) or 'none'}); "
+            f"it waits until one starts (sparsegpt worker --queue {queue}), or cancel it and submit it again")
 
 
 def live_progress(r: redis.Redis, job: Job) -> dict[str, Any] | None:

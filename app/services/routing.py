@@ -60,16 +60,16 @@ def choose_queue(settings: Settings, resources: dict[str, Any], found: Estimate 
             return settings.queue, None
     named = resources.get("queue")
     if named:
-        if any(named in (w.get("queues") or []) for w in workers):
+        if consumed(named, workers):
             return named, None
         return settings.queue, (f"no live worker consumes the queue {named!r} (live workers: "
-                                f"{_listing(workers) or 'none'}); start one with sparsegpt worker --queue {named}")
+                                f"{listing(workers) or 'none'}); start one with sparsegpt worker --queue {named}")
     asked = resources.get("min_gpu_memory_gb")
     gpu_workers = [w for w in workers if isinstance(w.get("memory_gb"), (int, float)) and w["memory_gb"] > 0]
     if not gpu_workers:
         if asked:
             return settings.queue, (f"the job asks for a GPU with at least {_gb(asked)} but no live worker "
-                                    f"advertises a GPU (live workers: {_listing(workers) or 'none'})")
+                                    f"advertises a GPU (live workers: {listing(workers) or 'none'})")
         return settings.queue, None
     estimate = gpu_need_gb(found)
     need = max(estimate or 0.0, float(asked or 0.0))
@@ -79,18 +79,24 @@ def choose_queue(settings: Settings, resources: dict[str, Any], found: Estimate 
            + (f"; asked at least {_gb(asked)}" if asked else "") + ")")
     if not fit:
         return settings.queue, (f"no live worker can take this job: {why}, and the largest GPU of a live worker "
-                                f"has {_gb(max(w['memory_gb'] for w in gpu_workers))} ({_listing(gpu_workers)})")
+                                f"has {_gb(max(w['memory_gb'] for w in gpu_workers))} ({listing(gpu_workers)})")
     tier = next((t for t in TIERS if t >= need), None)
     queue = tier_queue(settings.queue, tier) if tier is not None else None
-    if queue is None or not any(queue in (w.get("queues") or []) for w in fit):
+    if queue is None or not consumed(queue, fit):
         # Between two tiers: the whole-GB queue of a fitting worker (each consumes its own).
         own = [w for w in fit if int(w["memory_gb"]) >= need]
         if not own:
-            return settings.queue, f"no live worker can take this job: {why} ({_listing(gpu_workers)})"
+            return settings.queue, f"no live worker can take this job: {why} ({listing(gpu_workers)})"
         queue = tier_queue(settings.queue, int(min(w["memory_gb"] for w in own)))
     return queue, None
 
 
-def _listing(workers: list[dict[str, Any]]) -> str:
+def consumed(queue: str, workers: list[dict[str, Any]]) -> bool:
+    """Whether one of ``workers`` (their heartbeats) consumes ``queue``."""
+    return any(queue in (w.get("queues") or []) for w in workers)
+
+
+def listing(workers: list[dict[str, Any]]) -> str:
+    """The workers in a message: name and GPU memory (or CPU only), the first 12."""
     return ", ".join(f"{w.get('name', '?')} ({_gb(w['memory_gb']) if w.get('memory_gb') else 'CPU only'})"
                      for w in workers[:12])

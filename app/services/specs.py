@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app import crud
 from app.config import Settings
 from app.paths import PathNotAllowed, resolve_allowed
-from app.services.estimate import Estimate, JobSize, estimate, hub_config, local_config
+from app.services.estimate import Estimate, JobSize, estimate, estimate_method, hub_config, local_config
 from app.services.routing import choose_queue
 from worker.engine.spec import BUILTIN_DATASETS, JobSpec, stored_dtype, upload_id, working_dtype
 
@@ -177,7 +177,7 @@ def _check_memory(spec: JobSpec, data: dict[str, Any], settings: Settings, sessi
     dtype, device = job_dtype(spec.dtype, settings.worker_device, config)
     names = spec.evaluation.datasets
     size = JobSize(
-        method=spec.method + ("+owl" if spec.method == "magnitude" and spec.sparsity_profile == "owl" else ""),
+        method=estimate_method(spec.method, spec.sparsity_profile),
         nsamples=spec.calibration.nsamples, seqlen=spec.calibration.seqlen, dtype=dtype,
         device=device, max_windows=spec.evaluation.max_windows,
         mapped=weights_mapped(data["model"] if spec.model.startswith("/") else None, config, dtype),

@@ -223,7 +223,7 @@ class ExpertCollector:
                 stats.tokens[e] += int(token.numel())
             if only is not None and e not in only:
                 continue
-            if e in every or (only is not None and e in only):
+            if e in every or only is not None:  # (the fallback pass: only its starved experts get here)
                 x = self._plain[name]  # every calibration token, as the MoE module received it
             elif token.numel():
                 x = rows[e][token]
@@ -293,7 +293,6 @@ def prune_experts(modules: dict[str, nn.Module], stats: dict[str, ExpertStats] |
     Hessian source per expert). ``stats`` None: no data (magnitude).
     """
     layers, records = [], []
-    refit_mode = getattr(solver, "refit", "none")
     for name, experts in modules.items():
         full = f"{prefix}.{name}"
         s = stats[name] if stats is not None else None
@@ -308,8 +307,8 @@ def prune_experts(modules: dict[str, nn.Module], stats: dict[str, ExpertStats] |
                 if H is None and solver.method != "magnitude":
                     raise RuntimeError(f"{full}: expert {e} has no calibration statistics")
                 P, err, loss, damp = _prune_matrix(W, H, solver, prune_shared)
-                if refit_mode != "none" and H is not None:  # each expert is one layer with its own H
-                    [P], [(err, loss, damp, fit)] = refit_layers([W], [P], H, solver.pattern, refit_mode,
+                if solver.refit != "none" and H is not None:  # each expert is one layer with its own H
+                    [P], [(err, loss, damp, fit)] = refit_layers([W], [P], H, solver.pattern, solver.refit,
                                                                  solver.percdamp, [(err, loss, damp, None)])
                     fits.append(fit)
                 set_expert_matrix(experts, pname, e, P.to(expert_matrix(experts, pname, e).device))
@@ -324,7 +323,7 @@ def prune_experts(modules: dict[str, nn.Module], stats: dict[str, ExpertStats] |
                 "error": None if errs[0] is None else sum(errs) / len(errs),
                 "loss": None if losses[0] is None else sum(losses), "percdamp": max(damps),
                 "seconds": time.perf_counter() - t0, "target": solver.pattern.sparsity,
-                "refit": _experts_refit(fits) if fits and len(fits) == len(errs) else None})
+                "refit": _experts_refit(fits) if fits else None})
         records.append({"block": block, "module": full, "experts": experts.num_experts,
                         "tokens": list(s.tokens) if s is not None else None,
                         "hessian": list(s.source) if s is not None else None})
