@@ -85,3 +85,10 @@ def test_the_loader_says_whether_the_weights_stay_mapped(tmp_path):
         assert model.sparsegpt_mapped is mapped, (directory.name, asked)
         files = set().union(*block_files(adapter_for(model)))
         assert files == ({str(directory / "model.safetensors")} if mapped else {None}), (directory.name, asked, files)
+
+    # A config that names another dtype than its files hold: the loader converts, and says so.
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps({**config, "dtype": "float32"}))
+    model, _ = load_model(str(tmp_path / "bf16"), dtype=torch.float32)
+    assert model.sparsegpt_stored == "float32" and model.sparsegpt_mapped is False
+    assert set().union(*block_files(adapter_for(model))) == {None}

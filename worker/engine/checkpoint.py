@@ -19,6 +19,7 @@ import torch
 from worker.engine import hub
 from worker.engine.card import model_card
 from worker.engine.errors import InvalidJob, ModelNotFound
+from worker.engine.offload import file_backed
 from worker.engine.spec import stored_dtype, working_dtype
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -81,8 +82,9 @@ def load_model(model: str, *, dtype: torch.dtype | None, revision: str | None = 
     checkpoint's own float16/bfloat16 (else float16). The model gets ``sparsegpt_dtype`` (the
     dtype it was loaded in), ``sparsegpt_stored`` (the one its config says its files hold, a
     name, or None) and ``sparsegpt_mapped``: True when its weights stay memory-mapped
-    from the checkpoint's files (not GGUF, and loaded in the dtype they are stored in), False when
-    transformers converted every weight into host memory (or it cannot be told)."""
+    from the checkpoint's files (not GGUF, loaded in the dtype they are stored in, and every 2-D+
+    weight found in a file mapping of this process where /proc tells), False when transformers
+    converted them into host memory (or it cannot be told)."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # the engine reports its own progress
@@ -129,7 +131,10 @@ def load_model(model: str, *, dtype: torch.dtype | None, revision: str | None = 
             lm.config.__dict__.pop("quantization_config", None)
     lm.eval()
     lm.sparsegpt_dtype, lm.sparsegpt_stored = dtype, stored
-    lm.sparsegpt_mapped = stored is not None and DTYPES[stored] == dtype
+    # What the estimate trusts is checked, not inferred alone: a config whose dtype is not its files'
+    # leaves converted (anonymous) weights behind.
+    lm.sparsegpt_mapped = (stored is not None and DTYPES[stored] == dtype
+                           and file_backed(p for p in lm.parameters() if p.dim() >= 2) is not False)
     lm.sparsegpt_loaded_config = lm.config.to_dict()  # what save_pruned restores
     lm.config.use_cache = False  # the engine's own forwards keep no cache
     return lm, tokenizer

@@ -21,6 +21,8 @@ what the kernel chooses to cache of the files.
 from __future__ import annotations
 
 import weakref
+from bisect import bisect_right
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -99,3 +101,26 @@ def attach(block: nn.Module, path: Path) -> None:
             if current.device.type != "cpu":
                 mapped = mapped.to(current.device)
             _set(module, kind, name, mapped)
+
+
+def file_backed(tensors: Iterable[torch.Tensor]) -> bool | None:
+    """Whether every tensor's memory lies in a mapping of a file on disk in this process
+    (/proc/self/maps): pages the kernel can drop and read again. None where /proc cannot tell."""
+    try:
+        text = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    ranges = []
+    for line in text.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/") and not fields[5].startswith(("/memfd:", "/dev/")):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((lo, hi))
+    ranges.sort()
+    starts = [lo for lo, _ in ranges]
+    for t in tensors:
+        ptr = t.data_ptr()
+        i = bisect_right(starts, ptr) - 1
+        if i < 0 or ptr >= ranges[i][1]:
+            return False
+    return True
