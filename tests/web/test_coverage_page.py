@@ -4,7 +4,6 @@ weights left dense (the routers) by name with their reason."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import transformers
@@ -13,10 +12,6 @@ from playwright.sync_api import expect
 from tests.support.tiny_models import make_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-
-def wait_done(service, job_id: int, timeout: float = 150) -> dict:
-    return service.wait_done(job_id, timeout)
 
 
 def test_job_page_shows_both_sparsities_and_the_dense_weights(page, dashboard, allowed_dir):
@@ -28,28 +23,29 @@ def test_job_page_shows_both_sparsities_and_the_dense_weights(page, dashboard, a
             "evaluation": {"datasets": []}}
     created = dashboard.client.post("/api/v1/jobs", json=body)
     assert created.status_code == 201, created.text
-    job = wait_done(dashboard, created.json()["id"])
-    assert job["status"] == "succeeded", job
+    try:
+        job = dashboard.wait_done(created.json()["id"], 150)
+        assert job["status"] == "succeeded", job
 
-    dense = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    weights = {n: p.numel() for n, p in dense.model.layers.named_parameters() if p.dim() >= 2}
-    routers = sum(n for name, n in weights.items() if name.endswith("mlp.gate.weight"))
-    expected_all = 0.5 * (sum(weights.values()) - routers) / sum(weights.values())
+        dense = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        weights = {n: p.numel() for n, p in dense.model.layers.named_parameters() if p.dim() >= 2}
+        routers = sum(n for name, n in weights.items() if name.endswith("mlp.gate.weight"))
+        expected_all = 0.5 * (sum(weights.values()) - routers) / sum(weights.values())
 
-    result = job["result"]
-    assert result["sparsity_pruned_modules"] == pytest.approx(0.5, abs=2e-4)  # SparseGPT's ties: a few more
-    assert result["sparsity"] == pytest.approx(expected_all, abs=2e-4) and result["sparsity"] < 0.499
+        result = job["result"]
+        assert result["sparsity_pruned_modules"] == pytest.approx(0.5, abs=2e-4)  # SparseGPT's ties: a few more
+        assert result["sparsity"] == pytest.approx(expected_all, abs=2e-4) and result["sparsity"] < 0.499
 
-    page.goto(f"/jobs/{job['id']}")
-    expect(page.locator("#sparsity-pruned")).to_have_text(f"{100 * result['sparsity_pruned_modules']:.2f}%")
-    expect(page.locator("#sparsity-all")).to_have_text(f"{100 * result['sparsity']:.2f}%")
-    page.click("#dense-weights summary")
-    rows = page.locator("#dense-weights tbody tr")
-    expect(rows).to_have_count(2)
-    for i in range(2):
-        expect(rows.nth(i)).to_contain_text(f"model.layers.{i}.mlp.gate.weight")
-        expect(rows.nth(i)).to_contain_text("router")
-    expect(page.locator("#results")).to_contain_text("8 experts one by one")
-
-    # The dashboard service is shared by the session's browser tests, which count the jobs they see.
-    assert dashboard.client.delete(f"/api/v1/jobs/{job['id']}").status_code == 204
+        page.goto(f"/jobs/{job['id']}")
+        expect(page.locator("#sparsity-pruned")).to_have_text(f"{100 * result['sparsity_pruned_modules']:.2f}%")
+        expect(page.locator("#sparsity-all")).to_have_text(f"{100 * result['sparsity']:.2f}%")
+        page.click("#dense-weights summary")
+        rows = page.locator("#dense-weights tbody tr")
+        expect(rows).to_have_count(2)
+        for i in range(2):
+            expect(rows.nth(i)).to_contain_text(f"model.layers.{i}.mlp.gate.weight")
+            expect(rows.nth(i)).to_contain_text("router")
+        expect(page.locator("#results")).to_contain_text("8 experts one by one")
+    finally:  # the dashboard service is shared by the session's browser tests, which count the jobs they see
+        deleted = dashboard.client.delete(f"/api/v1/jobs/{created.json()['id']}")
+    assert deleted.status_code == 204
