@@ -47,6 +47,7 @@ RESUME_DIR = "resume"  # <job dir>/resume: the engine's per-block checkpoints (w
 # What a job row's ``result`` keeps of the engine's report (layers and perplexity have tables).
 RESULT_KEYS = ("model", "method", "pattern", "sparsity", "sparsity_pruned_modules", "coverage", "experts", "seconds",
                "peak_memory_bytes", "environment", "profile",
+               "refit",  # its mean errors before/after, swaps, seconds, and the pruned layers it left alone
                "zero_shot")  # the lm-eval tasks' dense and pruned metrics (the job page's and compare page's tables)
 
 
