@@ -2,7 +2,8 @@
 
 docs/api.md's table of the job spec's fields comes from ``worker.engine.spec.JobSpec``: each field's
 JSON path, type, default, CLI flag and the spec's own description (the one text the form, the CLI's
---help and the API's OpenAPI schema show as well). Run it after a spec change:
+--help and the API's OpenAPI schema show as well); docs/engine.md's table of the pruning methods
+from ``worker.engine.method_table``. Run it after a change of either:
 
     .venv/bin/python scripts/docs_tables.py          # rewrite the generated blocks in place
     .venv/bin/python scripts/docs_tables.py --check  # exit 1 when a page is stale (tests/test_docs.py)
@@ -83,7 +84,22 @@ def spec_table() -> str:
     return "\n".join(rows)
 
 
-BLOCKS = {"docs/api.md": {"spec-fields": spec_table}}
+def methods_table() -> str:
+    """The pruning methods of worker.engine.method_table: what each reads of the data and allows."""
+    from worker.engine.method_table import METHOD_TABLE
+
+    reads = {"hessian": "the Hessian H = (2/n) X X^T", "diag": "the inputs' norms (diag H)", "none": "nothing"}
+    yes = {True: "yes", False: "no"}
+    rows = ["| method | what it does | reads of the calibration data | N:M | refit | `wbits` | `exact` |",
+            "|---|---|---|---|---|---|---|"]
+    for m in METHOD_TABLE.values():
+        summary = m.summary.replace("|", "\\|")
+        rows.append(f"| `{m.name}` | {summary} | {reads[m.statistics]} | {yes[m.nm]} | {yes[m.allows_refit]} | "
+                    f"{yes[m.joint_quantization]} | {yes[m.exact]} |")
+    return "\n".join(rows)
+
+
+BLOCKS = {"docs/api.md": {"spec-fields": spec_table}, "docs/engine.md": {"methods": methods_table}}
 
 
 def render(text: str, blocks: dict) -> str:
