@@ -52,6 +52,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from worker.engine.spec import METHODS, method_info  # (worker.engine.method_table, through the spec)
+
 GB = 1e9
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 DEFAULT_SEQLEN = 2048  # the engine's when the spec has none (capped by the model's context)
@@ -202,8 +204,15 @@ class JobSize:
 
 
 def estimate_method(method: str, sparsity_profile: str) -> str:
-    """``JobSize.method`` of a spec: its method, "magnitude+owl" for magnitude with an OWL profile."""
-    return method + ("+owl" if method == "magnitude" and sparsity_profile == "owl" else "")
+    """``JobSize.method`` of a spec: its method, "+owl" where OWL reads data its method does not (magnitude)."""
+    return method + ("+owl" if not reads_calibration(method) and sparsity_profile == "owl" else "")
+
+
+def reads_calibration(method: str) -> bool:
+    """Whether a ``JobSize.method`` holds calibration activations and fp32 Hessians (full ones for any
+    method that reads statistics; "+owl": OWL's pass reads them)."""
+    name, _, owl = method.partition("+")
+    return owl == "owl" or name not in METHODS or method_info(name).needs_calibration
 
 
 def _gb(nbytes: float) -> str:
@@ -271,7 +280,8 @@ def _sized(shape: ModelShape, job: JobSize, parameters: int | None) -> Estimate:
         weights = params * size
         parts = [f"model weights {_gb(weights)} = {params / 1e9:.3g} B parameters x {dtype}, in host memory"]
 
-    calibration = job.nsamples * seqlen * shape.hidden * size if job.method != "magnitude" else 0
+    calibrated = reads_calibration(job.method)
+    calibration = job.nsamples * seqlen * shape.hidden * size if calibrated else 0
     windows = {name: _eval_windows(name, nbytes, seqlen, job.max_windows) for name, nbytes in job.eval_sets}
     worst = max(windows, key=windows.get, default=None)
     evaluation = windows[worst] * seqlen * shape.hidden * size if worst is not None else 0
@@ -291,7 +301,7 @@ def _sized(shape: ModelShape, job: JobSize, parameters: int | None) -> Estimate:
     chunk_tokens = max(1, TOKENS_PER_CHUNK.get(job.device, 2048) // seqlen) * seqlen
     forward = chunk_tokens * (6 * shape.hidden + 3 * shape.intermediate) * size
     logits = 3 * LOGIT_TOKENS * shape.vocab * 4 if windows else 0
-    hessians = shape.hessian_bytes if job.method != "magnitude" else 0  # magnitude pruning collects none
+    hessians = shape.hessian_bytes if calibrated else 0  # a method without calibration data collects none
     block = hessians + shape.solve_bytes + max(forward, logits) + shape.block_params * size
     parts.append(f"one block in flight {_gb(block)} (its fp32 Hessians and solve, a chunk of {chunk_tokens} tokens, "
                  f"{'its weights on the GPU' if job.device == 'cuda' else 'the copy of its weights it is pruned on'})")

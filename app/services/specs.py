@@ -108,8 +108,7 @@ def _check_size(spec: JobSpec, settings: Settings, errors: list) -> None:
     cal = spec.calibration
     seqlen = cal.seqlen if cal.seqlen is not None else DEFAULT_SEQLEN
     tokens = cal.nsamples * seqlen
-    calibrated = spec.method != "magnitude" or spec.sparsity_profile == "owl"  # OWL's pass reads them too
-    if calibrated and tokens > settings.max_calibration_tokens:
+    if spec.reads_calibration and tokens > settings.max_calibration_tokens:
         errors.append(_error(
             ("calibration", "nsamples"),
             f"nsamples {_number(cal.nsamples)} x seqlen {_number(seqlen)}{'' if cal.seqlen else ' (the default)'} = "

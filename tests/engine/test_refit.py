@@ -19,7 +19,8 @@ import transformers
 from tests.support.paths import REPO
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.architectures import adapter_for, prunable_linears, weight_matrix
-from worker.engine.baselines import magnitude_prune, wanda_prune
+from worker.engine.methods.magnitude import magnitude_prune
+from worker.engine.methods.wanda import wanda_prune
 from worker.engine.calibration import calibration_windows
 from worker.engine.cli import summary
 from worker.engine.patterns import parse_sparsity

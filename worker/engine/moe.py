@@ -44,9 +44,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from worker.engine.baselines import magnitude_prune, wanda_prune
-from worker.engine.refit import refit_layers
-from worker.engine.sparsegpt import relative_error
+from worker.engine.method_table import method_info
+from worker.engine.methods import prune_layers
 
 MATRICES = ("gate_up_proj", "up_proj", "down_proj")
 _ROUTER_NAME = re.compile(r"(^|\.)(router|gate|router_gate|shared_expert_gate|expert_gate)$")  # a name inside the block
@@ -266,17 +265,6 @@ class ExpertCollector:
         self._hooks, self._plain = [], {}
 
 
-def _prune_matrix(W: torch.Tensor, H: torch.Tensor | None, solver, prune_shared) -> tuple:
-    """(pruned fp32 W, error, loss, percdamp) with the job's method, as for one Linear."""
-    if solver.method == "sparsegpt":
-        r = prune_shared([W], H, solver.pattern, blocksize=solver.blocksize, percdamp=solver.percdamp,
-                         wbits=solver.wbits)[0]
-        return r.weight, r.error, r.loss, r.percdamp
-    P = wanda_prune(W, torch.diag(H), solver.pattern) if solver.method == "wanda" else \
-        magnitude_prune(W, solver.pattern)
-    return P, (relative_error(W, P, H) if H is not None else None), None, 0.0
-
-
 def _experts_refit(fits: list[dict]) -> dict:
     """One fused parameter's refit record from its experts' (a layer's: worker.engine.refit)."""
     return {"mode": fits[0]["mode"], "error_before": sum(f["error_before"] for f in fits) / len(fits),
@@ -290,7 +278,7 @@ def prune_experts(modules: dict[str, nn.Module], stats: dict[str, ExpertStats] |
 
     Returns (one LayerResult's fields per fused parameter: sparsity over all its experts, error
     and loss summed over them weighted as one layer; one record per experts module: tokens and
-    Hessian source per expert). ``stats`` None: no data (magnitude).
+    Hessian source per expert). ``stats`` None: no data (a method that reads none, magnitude).
     """
     layers, records = [], []
     for name, experts in modules.items():
@@ -304,12 +292,11 @@ def prune_experts(modules: dict[str, nn.Module], stats: dict[str, ExpertStats] |
                 acc = None if s is None else (s.down[e] if pname == "down_proj" else s.up[e])
                 H = acc.H if acc is not None else None
                 W = expert_matrix(experts, pname, e).to(device, torch.float32)
-                if H is None and solver.method != "magnitude":
+                if H is None and method_info(solver.method).needs_calibration:
                     raise RuntimeError(f"{full}: expert {e} has no calibration statistics")
-                P, err, loss, damp = _prune_matrix(W, H, solver, prune_shared)
-                if solver.refit != "none" and H is not None:  # each expert is one layer with its own H
-                    [P], [(err, loss, damp, fit)] = refit_layers([W], [P], H, solver.pattern, solver.refit,
-                                                                 solver.percdamp, [(err, loss, damp, None)])
+                # each expert is one layer with its own H: the job's method (and refit), as for a Linear
+                [P], [(err, loss, damp, fit)] = prune_layers([W], H, solver, prune_shared)
+                if fit is not None:
                     fits.append(fit)
                 set_expert_matrix(experts, pname, e, P.to(expert_matrix(experts, pname, e).device))
                 written = expert_matrix(experts, pname, e)

@@ -33,17 +33,16 @@ from worker.engine.architectures import (
 )
 from worker.engine.attention_kinds import capture_kind_kwargs
 from worker.engine import offload as host
-from worker.engine.baselines import magnitude_prune, wanda_prune
+from worker.engine.method_table import method_info
+from worker.engine.methods import prune_layers
 from worker.engine.moe import ExpertCollector, MoeSettings, fused_experts, prune_experts
 from worker.engine.patterns import SparsityPattern
 from worker.engine.progress import Tracker
 from worker.engine.reference import RunningHessian, reference_prune_shared
 from worker.engine.resume import Checkpoints
-from worker.engine.refit import refit_layers
-from worker.engine.sparsegpt import Hessian, PruneResult, relative_error, sparsegpt_prune_shared
+from worker.engine.sparsegpt import Hessian, PruneResult, sparsegpt_prune_shared
 
 log = logging.getLogger(__name__)
-METHODS = ("sparsegpt", "wanda", "magnitude")
 LOGIT_TOKENS = 256  # evaluation: (tokens, vocab) fp32 logits are made this many tokens at a time
 
 
@@ -67,7 +66,7 @@ class LayerResult:
 
 @dataclass
 class SolverSettings:
-    method: str
+    method: str  # a name of worker.engine.method_table
     pattern: SparsityPattern
     blocksize: int = 128
     percdamp: float = 0.01
@@ -272,23 +271,13 @@ def _sparsity(W: torch.Tensor) -> float:
 def solve_group(names: list[str], modules: dict[str, nn.Module], H: torch.Tensor | None, solver: SolverSettings,
                 device: torch.device, *, prune_shared: Callable[..., list[PruneResult]],
                 ) -> list[tuple[float | None, float | None, float, dict | None]]:
-    """Prune the layers of one Hessian group in place; (error, loss, percdamp, refit) per layer.
+    """Prune the layers of one Hessian group in place with the job's method (worker.engine.methods);
+    (error, loss, percdamp, refit) per layer.
 
     ``prune_shared`` is SparseGPT's solve (``sparsegpt_arithmetic(solver).prune_shared``).
     """
     dense = [weight_matrix(modules[n]).to(device) for n in names]
-    if solver.method == "sparsegpt":
-        results = prune_shared(dense, H, solver.pattern, blocksize=solver.blocksize,
-                               percdamp=solver.percdamp, wbits=solver.wbits)
-        pruned, stats = [r.weight for r in results], [(r.error, r.loss, r.percdamp, None) for r in results]
-    else:
-        if solver.method == "wanda":
-            pruned = [wanda_prune(W, torch.diag(H), solver.pattern) for W in dense]
-        else:
-            pruned = [magnitude_prune(W, solver.pattern) for W in dense]
-        stats = [(relative_error(W, P, H) if H is not None else None, None, 0.0, None) for W, P in zip(dense, pruned)]
-    if solver.refit != "none" and H is not None:
-        pruned, stats = refit_layers(dense, pruned, H, solver.pattern, solver.refit, solver.percdamp, stats)
+    pruned, stats = prune_layers(dense, H, solver, prune_shared)
     for n, P in zip(names, pruned):
         set_weight_matrix(modules[n], P)
     return stats
@@ -302,7 +291,7 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
                      checkpoints: Checkpoints | None = None) -> list[LayerResult]:
     """Prune the selected Linears of every selected block; returns one result per Linear.
 
-    ``calibration`` (nsamples, seqlen) token ids; magnitude pruning needs none. ``targets``: an
+    ``calibration`` (nsamples, seqlen) token ids; a method that reads no statistics (magnitude) needs none. ``targets``: an
     unstructured sparsity per block (a non-uniform profile, worker.engine.owl) instead of the pattern's.
     Fused experts are pruned per expert (worker.engine.moe, ``moe``); their token counts and Hessian
     sources are appended to ``expert_records``. ``checkpoints``: resume and checkpoint (worker.engine.resume).
@@ -311,7 +300,7 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
     nblocks = len(blocks)
     selection.validate(nblocks)
     last = selection.last_block if selection.last_block is not None else nblocks - 1
-    needs_data = solver.method != "magnitude"
+    needs_data = method_info(solver.method).needs_calibration
     inputs = (capture_block_inputs(model, adapter, calibration, batch_size=batch_size, device=device)
               if needs_data else None)
     arithmetic = sparsegpt_arithmetic(solver)

@@ -21,10 +21,11 @@ from typing import Annotated, Any, Iterator, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from worker.engine.method_table import DEFAULT_METHOD, METHOD_NAMES, check_solver_options, describe_methods, method_info
 from worker.engine.patterns import SparsityPattern, parse_profile, parse_sparsity
 
 BUILTIN_DATASETS = ("c4", "wikitext2", "ptb")
-METHODS = ("sparsegpt", "wanda", "magnitude")
+METHODS = METHOD_NAMES  # (worker.engine.method_table: the one list)
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
@@ -280,8 +281,8 @@ class JobSpec(_Strict):
                         UI(form="revision", cli="--revision")] = None
     trust_remote_code: Annotated[bool, Field(description="run the model repository's own code"),
                                  UI(form="trust_remote_code", cli="--trust-remote-code")] = False
-    method: Annotated[Literal["sparsegpt", "wanda", "magnitude"], Field(description="the pruning method"),
-                      UI(form="method", cli="--method")] = "sparsegpt"
+    method: Annotated[Literal[METHOD_NAMES], Field(description=describe_methods()),
+                      UI(form="method", cli="--method")] = DEFAULT_METHOD
     sparsity: Annotated[float | str, Field(description='a ratio (0.5) or an N:M pattern ("2:4")'),
                         UI(form="sparsity", cli="--sparsity", suggested="0.5")]
     sparsity_profile: Annotated[str | tuple[float, ...], BeforeValidator(parse_profile), Field(
@@ -336,17 +337,8 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _solver_fits(self) -> JobSpec:
-        if self.solver.wbits is not None and self.method != "sparsegpt":
-            raise ValueError("solver.wbits (joint quantization) works with method sparsegpt only")
-        if self.solver.exact and self.method != "sparsegpt":
-            raise ValueError("solver.exact reproduces the reference SparseGPT: it works with method sparsegpt only")
-        if self.solver.refit != "none" and (self.method == "magnitude" or self.solver.wbits is not None):
-            raise ValueError(f"solver.refit {self.solver.refit} needs the calibration Hessian and unquantized "
-                             "weights: it works with method sparsegpt or wanda, without solver.wbits")
+        check_solver_options(self.method, self.solver, self.pattern)  # what the method allows
         pattern = self.pattern
-        if pattern.structured and self.method == "sparsegpt" and self.solver.blocksize % pattern.m:
-            raise ValueError(f"solver.blocksize {self.solver.blocksize} must be a multiple of M={pattern.m} "
-                             f"for {pattern}")
         if pattern.structured and self.sparsity_profile != "uniform":
             raise ValueError(f"sparsity_profile {'owl' if self.sparsity_profile == 'owl' else 'per block'} needs an unstructured sparsity (0.7), not {pattern}: an N:M "
                              "pattern has exactly N zeros in every M weights of every block, so it stays uniform")
@@ -355,6 +347,11 @@ class JobSpec(_Strict):
     @property
     def pattern(self) -> SparsityPattern:
         return parse_sparsity(self.sparsity)
+
+    @property
+    def reads_calibration(self) -> bool:
+        """Whether the job reads calibration data: its method's statistics, or OWL's profile pass."""
+        return method_info(self.method).needs_calibration or self.sparsity_profile == "owl"
 
     @classmethod
     def from_flat(cls, **fields: Any) -> JobSpec:
