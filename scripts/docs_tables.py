@@ -90,12 +90,16 @@ def methods_table() -> str:
 
     reads = {"hessian": "the Hessian H = (2/n) X X^T", "diag": "the inputs' norms (diag H)", "none": "nothing"}
     yes = {True: "yes", False: "no"}
-    rows = ["| method | what it does | reads of the calibration data | N:M | refit | `wbits` | `exact` |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| method | what it does | reads of the calibration data | N:M | refit | `wbits` | `exact` |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in METHOD_TABLE.values():
         summary = m.summary.replace("|", "\\|")
-        rows.append(f"| `{m.name}` | {summary} | {reads[m.statistics]} | {yes[m.nm]} | {yes[m.allows_refit]} | "
-                    f"{yes[m.joint_quantization]} | {yes[m.exact]} |")
+        rows.append(
+            f"| `{m.name}` | {summary} | {reads[m.statistics]} | {yes[m.nm]} | {yes[m.allows_refit]} | "
+            f"{yes[m.joint_quantization]} | {yes[m.exact]} |"
+        )
     return "\n".join(rows)
 
 
@@ -108,7 +112,8 @@ def render(text: str, blocks: dict) -> str:
         pattern = re.compile(rf"(<!-- generated: {name} -->\n)(?:.*?\n)?(<!-- end: {name} -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"docs_tables: the page has no block {name!r}")
-        text = pattern.sub(lambda m: m.group(1) + make() + "\n" + m.group(2), text)
+        table = make()
+        text = pattern.sub(lambda m, table=table: m.group(1) + table + "\n" + m.group(2), text)
     return text
 
 

@@ -35,8 +35,12 @@ def _page(name: str) -> str:
 
 def test_every_setting_is_on_the_configuration_page():
     page = _page("configuration.md")
-    missing = [env for name, field in Settings.model_fields.items() for env in _env_names(name, field)
-               if f"`{env}`" not in page]
+    missing = [
+        env
+        for name, field in Settings.model_fields.items()
+        for env in _env_names(name, field)
+        if f"`{env}`" not in page
+    ]
     assert not missing, f"docs/configuration.md does not describe these settings of app/config.py: {missing}"
 
 
@@ -80,8 +84,11 @@ def test_every_cli_flag_is_on_the_cli_page():
     from worker.engine.cli import build_parser as prune
 
     page = _page("cli.md")
-    missing = sorted(flag for flag in _options(sparsegpt()) | _options(prune()) if f"`{flag}" not in page
-                     and not re.search(rf"[`\[ ]{re.escape(flag)}[ `\]=]", page))
+    missing = sorted(
+        flag
+        for flag in _options(sparsegpt()) | _options(prune())
+        if f"`{flag}" not in page and not re.search(rf"[`\[ ]{re.escape(flag)}[ `\]=]", page)
+    )
     assert not missing, f"docs/cli.md does not describe these flags: {missing}"
 
 
@@ -94,7 +101,8 @@ def test_the_spec_table_is_generated_from_the_spec():
         assert tables.render(text, blocks) == text, f"{page} is stale: run .venv/bin/python scripts/docs_tables.py"
     table = tables.spec_table()
     for key, info in tables.spec_fields():  # each field's own description, as the form and the CLI show it
-        assert f"| `{key}` |" in table and (info.description or "").replace("|", "\\|").replace("<", "&lt;") in table, key
+        description = (info.description or "").replace("|", "\\|").replace("<", "&lt;")
+        assert f"| `{key}` |" in table and description in table, key
 
 
 def test_the_readme_is_short_and_keeps_the_two_set_up_commands():
@@ -132,8 +140,10 @@ def _anchors(markdown: str) -> set[str]:
 def test_every_page_the_readme_links_exists():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     pages = {m.split("#")[0] for m in LINK.findall(readme) if m.startswith("docs/")}
-    expected = {f"docs/{name}.md" for name in ("api", "cli", "configuration", "DEPLOY", "security", "engine",
-                                               "benchmarks", "ARCHITECTURE")}
+    expected = {
+        f"docs/{name}.md"
+        for name in ("api", "cli", "configuration", "DEPLOY", "security", "engine", "benchmarks", "ARCHITECTURE")
+    }
     assert expected <= pages, f"README does not link {sorted(expected - pages)}"
     assert all((REPO / page).is_file() for page in pages)
 
@@ -143,5 +153,3 @@ def test_user_docs_tell_no_history(doc):
     text = (REPO / doc).read_text(encoding="utf-8")
     found = re.findall(r"\b[Ii]ssues? #?\d+", text)
     assert not found, f"{doc} speaks of issue numbers (history goes to CHANGELOG.md): {found}"
-
-
