@@ -23,6 +23,7 @@ from functools import partial
 import torch
 
 from worker.engine.patterns import SparsityPattern
+from worker.engine.quant import Quantization, QuantizedWeight, Quantizer, SolveGrids
 
 log = logging.getLogger(__name__)
 
@@ -74,64 +75,45 @@ class Hessian:
 
 
 @dataclass
-class Quantizer:
-    """Per output channel, asymmetric min-max grid found once from the dense weight (GPTQ's rule).
-
-    The zero point is an integer, so a pruned 0 stays exactly 0 after quantization.
-    """
-
-    scale: torch.Tensor  # (rows, 1)
-    zero: torch.Tensor  # (rows, 1)
-    maxq: int
-
-    @classmethod
-    def fit(cls, W: torch.Tensor, bits: int) -> "Quantizer":
-        if not 2 <= bits <= 8:
-            raise ValueError(f"wbits must be between 2 and 8, got {bits}")
-        maxq = 2**bits - 1
-        xmin = W.min(dim=1).values.clamp(max=0)
-        xmax = W.max(dim=1).values.clamp(min=0)
-        both_zero = (xmin == 0) & (xmax == 0)
-        xmin[both_zero], xmax[both_zero] = -1.0, 1.0
-        scale = (xmax - xmin) / maxq
-        zero = torch.round(-xmin / scale)
-        return cls(scale=scale.unsqueeze(1), zero=zero.unsqueeze(1), maxq=maxq)
-
-    def quantize(self, w: torch.Tensor) -> torch.Tensor:
-        """``w``: one column (rows,) -> its value on the grid."""
-        scale, zero = self.scale[:, 0], self.zero[:, 0]
-        q = torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
-        return scale * (q - zero)
-
-
-@dataclass
 class PruneResult:  # one layer's solve
     weight: torch.Tensor  # (rows, cols) fp32, pruned (and quantized)
     loss: float  # the reference's sum of (w - q)^2 / d^2 / 2
     error: float  # relative reconstruction error ||(W - W') X||^2 / ||W X||^2 over the calibration data
     percdamp: float  # the dampening that was finally used
+    quantized: QuantizedWeight | None = None  # with ``quantization``: the codes and scales behind ``weight``
 
 
 @dataclass
 class LayerStack:
     """The rows of the layers that read one H, stacked: the solve's W and H (fp32 copies). Dead
-    inputs (diag(H) == 0) get H_jj = 1 and W[:, j] = 0; the ``wbits`` grid is fitted to that W."""
+    inputs (diag(H) == 0) get H_jj = 1 and W[:, j] = 0; the grids are fitted to that W. With act
+    order W's columns and H are permuted by ``perm`` (descending diag(H)); the solve undoes it."""
 
     W: torch.Tensor  # (rows, cols), every layer's rows one after the other
     H: torch.Tensor  # (cols, cols)
     segments: list[tuple[int, int]]  # rows r0:r1 of each layer in W
-    quantizer: Quantizer | None
+    quantizer: Quantizer | SolveGrids | None  # the ``wbits`` grid or the ``quantization`` grids
+    perm: torch.Tensor | None = None  # act order: the original column solved at each position
 
     @classmethod
-    def of(cls, weights: Sequence[torch.Tensor], H: torch.Tensor, wbits: int | None) -> "LayerStack":
+    def of(cls, weights: Sequence[torch.Tensor], H: torch.Tensor, wbits: int | None,
+           quantization: Quantization | None = None) -> "LayerStack":
+        if wbits and quantization is not None:
+            raise ValueError("give either wbits (the reference's grid) or quantization, not both")
         W = torch.cat([w.to(torch.float32) for w in weights])  # a new tensor
         H = H.to(torch.float32, copy=True)
         bounds = [0, *itertools.accumulate(w.shape[0] for w in weights)]
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
-        quantizer = Quantizer.fit(W, wbits) if wbits else None
-        return cls(W=W, H=H, segments=list(zip(bounds[:-1], bounds[1:])), quantizer=quantizer)
+        quantizer, perm = Quantizer.fit(W, wbits) if wbits else None, None
+        if quantization is not None:
+            if quantization.actorder:
+                perm = torch.argsort(torch.diag(H), descending=True)
+            quantizer = SolveGrids(quantization, W, perm)  # static grids see W in original order
+            if perm is not None:
+                W, H = W[:, perm], H[perm][:, perm]
+        return cls(W=W, H=H, segments=list(zip(bounds[:-1], bounds[1:])), quantizer=quantizer, perm=perm)
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -185,18 +167,21 @@ def dampened_factor(H: torch.Tensor, percdamp: float, mean_diag: float | torch.T
 
 @torch.no_grad()
 def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, *, blocksize: int = 128,
-                    percdamp: float = 0.01, wbits: int | None = None) -> PruneResult:
+                    percdamp: float = 0.01, wbits: int | None = None,
+                    quantization: Quantization | None = None) -> PruneResult:
     """Prune ``W`` (rows, cols) to ``pattern`` minimizing ||W X - W' X||^2 given H ~ X X^T.
 
     Neither ``W`` nor ``H`` is modified. Both should be on the same device; the computation
     is fp32 whatever their dtype.
     """
-    return sparsegpt_prune_shared([W], H, pattern, blocksize=blocksize, percdamp=percdamp, wbits=wbits)[0]
+    return sparsegpt_prune_shared([W], H, pattern, blocksize=blocksize, percdamp=percdamp, wbits=wbits,
+                                  quantization=quantization)[0]
 
 
 @torch.no_grad()
 def sparsegpt_prune_shared(weights: Sequence[torch.Tensor], H: torch.Tensor, pattern: SparsityPattern, *,
                            blocksize: int = 128, percdamp: float = 0.01, wbits: int | None = None,
+                           quantization: Quantization | None = None,
                            column_loop: bool | None = None) -> list[PruneResult]:
     """Prune several layers that read the same input (q/k/v; gate/up) in one pass.
 
@@ -207,14 +192,22 @@ def sparsegpt_prune_shared(weights: Sequence[torch.Tensor], H: torch.Tensor, pat
     ``column_loop`` runs the blocks one column at a time (always so with quantization), else
     a group of columns at a time (``_block_solved``: the same masks and weights up to float
     rounding); None picks the faster for the pattern and device.
+
+    ``quantization`` quantizes jointly (the paper's section 5, GPTQ's groups): per column the
+    mask first, then the kept weights on the column's group grid (``worker.engine.quant``), the
+    error against the running unquantized weights propagated. Each result then carries its codes
+    and scales (``PruneResult.quantized``). A pattern of sparsity 0 prunes nothing (GPTQ).
     """
-    stack = LayerStack.of(weights, H, wbits)
+    if quantization is not None and quantization.actorder and pattern.structured:
+        raise ValueError(f"act order permutes the input columns, which breaks the {pattern} groups: "
+                         "use it with unstructured sparsity or none")
+    stack = LayerStack.of(weights, H, wbits, quantization)
     step = _fast_block_step(pattern, stack.quantizer, stack.W.device, column_loop)
     return solve(stack, pattern, blocksize=blocksize, percdamp=percdamp,
                  factorize=inverse_hessian_factor, block_step=step)
 
 
-def _fast_block_step(pattern: SparsityPattern, quantizer: Quantizer | None, device: torch.device,
+def _fast_block_step(pattern: SparsityPattern, quantizer: Quantizer | SolveGrids | None, device: torch.device,
                      column_loop: bool | None) -> BlockStep:
     """The fast solver's block step: the column loop with quantization, else lean loop or solved blocks."""
     if quantizer is not None:
@@ -248,10 +241,12 @@ def solve(stack: LayerStack, pattern: SparsityPattern, *, blocksize: int, percda
         i2 = min(i1 + blocksize, columns)
         W1 = W[:, i1:i2].clone()
         Hinv1 = Hinv[i1:i2, i1:i2]
-        if pattern.structured:
-            M1 = torch.zeros_like(W1, dtype=torch.bool)  # chosen group by group, from the running W1
+        if pattern.structured or pattern.sparsity == 0:  # N:M: chosen group by group, from the running W1
+            M1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
             M1 = unstructured_mask(W1, torch.diag(Hinv1), pattern.sparsity, stack.segments)
+        if isinstance(stack.quantizer, SolveGrids):
+            stack.quantizer.begin_block(W, Hinv, i1, i2)  # its group fits read the running weights
         Q1, Err1 = block_step(W1, Hinv1, M1)
         W[:, i1:i2] = Q1
         Losses += torch.sum(Err1**2, 1) / 2  # (w - q)^2 / d^2 = err^2
@@ -261,12 +256,17 @@ def solve(stack: LayerStack, pattern: SparsityPattern, *, blocksize: int, percda
     # so (W - W')(H + damp I)(W - W')^T = Err Err^T = 2 * Losses, row by row.
     delta_sq = ((W_dense - W) ** 2).sum(1)
     data_quad = 2 * Losses - damp * delta_sq  # per row: (w - w') H (w - w')^T without the dampening
+    inverse = None if stack.perm is None else torch.argsort(stack.perm)  # back to the original columns
+    if inverse is not None:
+        W = W[:, inverse]
+    grids = stack.quantizer if isinstance(stack.quantizer, SolveGrids) else None
     return [
         PruneResult(
             weight=W[r0:r1],
             loss=Losses[r0:r1].sum().item(),
             error=_ratio(data_quad[r0:r1].sum().item(), dense_quad[r0:r1].sum().item()),
             percdamp=used_percdamp,
+            quantized=grids.result(slice(r0, r1), inverse) if grids is not None else None,
         )
         for r0, r1 in stack.segments
     ]
@@ -307,7 +307,7 @@ def _nm_lowest(Wg: torch.Tensor, diag_g: torch.Tensor, n: int) -> torch.Tensor:
     return torch.topk(score, n, dim=1, largest=False)[1]
 
 
-def block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quantizer | None):
+def block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quantizer | SolveGrids | None):
     """The reference's inner loop over the block's columns, with its operations; returns (Q1, Err1).
 
     Fills M1 for N:M. Used with quantization and by ``worker.engine.reference``.
@@ -324,7 +324,7 @@ def block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quanti
             M1.scatter_(1, i + _nm_lowest(W1[:, i : i + m], diag1[i : i + m], n), True)
         q = w.masked_fill(M1[:, i], 0)
         if quantizer is not None:
-            q = quantizer.quantize(q)
+            q = quantizer.column(i, q, W1, Err1)
         Q1[:, i] = q
         err1 = (w - q) / d
         W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))

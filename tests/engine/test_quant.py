@@ -1,0 +1,248 @@
+"""Quantization: the grids against compressed-tensors' own functions, the joint solve against a
+straightforward per-column loop written here (float64, every OBS update applied at once)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs, preset_name_to_scheme
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize, quantize
+from compressed_tensors.quantization.utils.helpers import calculate_qparams
+from torch.testing import assert_close
+
+from worker.engine.patterns import SparsityPattern, parse_sparsity
+from worker.engine.quant import Quantization, round_to_nearest
+from worker.engine.sparsegpt import Hessian, sparsegpt_prune, sparsegpt_prune_shared
+
+NO_PRUNING = SparsityPattern(sparsity=0.0)
+
+
+def make_inputs(rows=32, cols=256, tokens=600, seed=0):
+    """Weights and correlated inputs whose features have very different scales (as in LLMs)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    scales = torch.exp(torch.randn(cols, generator=g))
+    X = torch.randn(tokens, cols, generator=g) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g) / cols**0.5)
+    h = Hessian(cols, "cpu")
+    for part in (X * scales).reshape(4, -1, cols):
+        h.add_batch(part.unsqueeze(0))
+    return W, h.H
+
+
+def ct_args(q: Quantization) -> QuantizationArgs:  # scale_dtype: rounded and eps as stored
+    if q.type == "float":
+        return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel",
+                                scale_dtype=q.scale_dtype)
+    if q.group_size == -1:
+        return QuantizationArgs(num_bits=q.bits, type="int", symmetric=True, strategy="channel",
+                                scale_dtype=q.scale_dtype)
+    return QuantizationArgs(num_bits=q.bits, type="int", symmetric=True, strategy="group", group_size=q.group_size,
+                            scale_dtype=q.scale_dtype)
+
+
+def ct_scales(W: torch.Tensor, q: Quantization) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' calculate_qparams on each group's min and max (its observer's min-max)."""
+    g = W.shape[1] if q.group_size == -1 else q.group_size
+    groups = W.reshape(W.shape[0], -1, g)
+    return calculate_qparams(groups.amin(-1), groups.amax(-1), ct_args(q))
+
+
+@pytest.mark.parametrize("scheme,group", [("W4A16", 64), ("W4A16", -1), ("W8A16", 32), ("W8A16", 128),
+                                          ("FP8_DYNAMIC", -1)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_grids_are_compressed_tensors_grids(scheme, group, scale_dtype):
+    W, _ = make_inputs(seed=1)
+    W[3, :64] = 0  # an all-zero group (or part of a row)
+    W[5] *= 1e-3  # a small row
+    q = Quantization(scheme, group, scale_dtype=scale_dtype)
+    ours = round_to_nearest(W, q)
+    scale, zp = ct_scales(W, q)
+    assert torch.all(zp == 0)
+    assert ours.scale.dtype == scale_dtype
+    assert torch.equal(ours.scale.float(), scale)  # rounded to the saved dtype, a zero scale its eps
+    used = ours.scale.float()  # compressed-tensors quantizes with the stored scale as well
+    codes = quantize(W, used, zp, ct_args(q), dtype=q.code_dtype)
+    assert torch.equal(ours.codes.float(), codes.float())
+    assert torch.equal(ours.weight, fake_quantize(W, used, zp, ct_args(q)))
+    if q.type == "int":
+        assert ours.codes.min() >= -(2 ** (q.bits - 1)) and ours.codes.max() <= 2 ** (q.bits - 1) - 1
+    preset = preset_name_to_scheme(scheme, ["Linear"]).weights
+    assert (preset.num_bits, preset.type, preset.symmetric) == (q.bits, q.type, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_all_zero_group_gets_the_dtypes_eps(dtype):
+    W = torch.zeros(4, 64, dtype=dtype)
+    W[1, 3] = 0.5
+    q = Quantization("W4A16", 32, scale_dtype=dtype)
+    ours = round_to_nearest(W, q)
+    scale, _ = ct_scales(W, q)
+    assert torch.equal(ours.scale.float(), scale)
+    assert ours.scale[0, 0].item() == torch.finfo(dtype).eps
+    assert torch.all(ours.weight[W == 0] == 0)
+
+
+def test_round_to_nearest_keeps_zeros():
+    W, _ = make_inputs(seed=2)
+    W[torch.rand(W.shape, generator=torch.Generator().manual_seed(0)) < 0.5] = 0
+    for scheme, group in [("W4A16", 64), ("W8A16", -1), ("FP8_DYNAMIC", -1)]:
+        r = round_to_nearest(W, Quantization(scheme, group))
+        assert torch.all(r.weight[W == 0] == 0) and torch.all(r.codes.float()[W == 0] == 0)
+        assert torch.equal(r.weight, r.codes.float() * r.scale.float().repeat_interleave(
+            W.shape[1] // r.scale.shape[1], dim=1))
+
+
+def test_bad_quantizations_are_refused():
+    with pytest.raises(ValueError, match="scheme"):
+        Quantization("W3A16")
+    with pytest.raises(ValueError, match="group_size must be -1"):
+        Quantization("FP8_DYNAMIC", 128)
+    with pytest.raises(ValueError, match="does not divide"):
+        round_to_nearest(torch.randn(4, 96), Quantization("W4A16", 64))
+    W, H = make_inputs(cols=128)
+    with pytest.raises(ValueError, match="act order"):
+        sparsegpt_prune(W, H, parse_sparsity("2:4"), quantization=Quantization("W4A16", 64, actorder=True))
+
+
+def naive_joint(W, H, pattern: SparsityPattern, q: Quantization, blocksize=128, percdamp=0.01):
+    """The joint solve written plainly, float64: per column mask, group grid, error, update of all later
+    columns. Returns (weight, codes, scales, mask) in the original column order."""
+    W, H = W.double().clone(), H.double().clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    g = cols if q.group_size == -1 else q.group_size
+    half = (2**q.bits - 1) / 2 if q.type == "int" else 448.0
+    qmin, qmax = (-(2 ** (q.bits - 1)), 2 ** (q.bits - 1) - 1) if q.type == "int" else (-448.0, 448.0)
+
+    def fit(Wg):
+        s = (Wg.abs().amax(1) / half).to(q.scale_dtype)
+        return torch.where(s == 0, torch.finfo(q.scale_dtype).eps, s).double()
+
+    scales = torch.zeros(rows, cols // g, dtype=torch.float64)
+    static = q.actorder or g == cols
+    if static:  # before the sweep, original order
+        for k in range(cols // g):
+            scales[:, k] = fit(W[:, k * g : (k + 1) * g])
+    perm = torch.argsort(torch.diag(H), descending=True) if q.actorder else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    codes = torch.zeros_like(W)
+    for i in range(cols):
+        if not pattern.structured and pattern.sparsity > 0 and i % blocksize == 0:
+            j = min(i + blocksize, cols)
+            score = W[:, i:j] ** 2 / torch.diag(U)[i:j] ** 2
+            mask[:, i:j] = score <= score.flatten().sort().values[int(score.numel() * pattern.sparsity)]
+        if pattern.structured and i % pattern.m == 0:
+            score = W[:, i : i + pattern.m] ** 2 / torch.diag(U)[i : i + pattern.m] ** 2
+            mask[:, i : i + pattern.m].scatter_(1, score.argsort(dim=1)[:, : pattern.n], True)
+        if not static and i % g == 0:  # refit from the running weights
+            scales[:, i // g] = fit(W[:, i : i + g])
+        s = scales[:, perm[i] // g]
+        x = torch.where(mask[:, i], torch.zeros_like(W[:, i]), W[:, i])
+        code = torch.clamp(x / s, qmin, qmax)
+        code = torch.round(code) if q.type == "int" else code.float().to(torch.float8_e4m3fn).double()
+        codes[:, i] = code
+        err = (W[:, i] - code * s) / U[i, i]
+        W[:, i:] -= err[:, None] * U[i, i:][None, :]
+        W[:, i] = code * s
+    inverse = torch.argsort(perm)
+    return W[:, inverse], codes[:, inverse], scales, mask[:, inverse]
+
+
+def assert_matches_naive(result, naive):
+    """Row by row: float32 against float64 can round a code on a tie the other way (the group's largest
+    weight sits at x/s = -2^(b-1) + 1/2 by construction), and that row differs from there on. Most rows
+    must be the direct computation's, codes, scales and weights."""
+    weight, codes, scales, mask = naive
+    same = (result.quantized.codes.float() == codes.float()).all(1)
+    assert same.float().mean().item() >= 0.9, f"only {same.sum().item()} of {len(same)} rows agree"
+    assert_close(result.quantized.scale[same].double(), scales[same], rtol=1e-5, atol=0)
+    assert_close(result.weight[same].double(), weight[same], rtol=1e-5, atol=1e-6)
+    assert torch.equal(result.weight[same] == 0, weight[same] == 0)
+    assert torch.all(result.weight[same][mask[same]] == 0), "a pruned weight is not exactly zero"
+    assert torch.equal(result.weight, result.quantized.weight), "the weight is not its codes times its scales"
+
+
+@pytest.mark.parametrize("pattern,scheme,group,blocksize", [
+    ("0.5", "W4A16", 64, 128),  # groups inside blocks
+    ("0.5", "W4A16", 64, 32),  # groups across blocks: refit with the pending in-block updates
+    ("2:4", "W4A16", 32, 128),
+    ("4:8", "W8A16", -1, 64),  # one grid per row
+    ("0.6", "W8A16", 128, 128),
+    ("0.5", "FP8_DYNAMIC", -1, 128),
+])
+def test_joint_solve_matches_a_direct_computation(pattern, scheme, group, blocksize):
+    W, H = make_inputs()
+    q = Quantization(scheme, group, scale_dtype=torch.float32)
+    p = parse_sparsity(pattern)
+    result = sparsegpt_prune(W, H, p, blocksize=blocksize, quantization=q)
+    naive = naive_joint(W, H, p, q, blocksize=blocksize)
+    assert_matches_naive(result, naive)
+    zero = result.weight == 0
+    assert torch.equal(zero, result.quantized.codes.float() == 0)  # a zero weight is code 0, and only it
+    if p.structured:
+        assert torch.all(zero.reshape(W.shape[0], -1, p.m).sum(-1) >= p.n)
+    else:
+        assert zero.float().mean().item() >= p.sparsity
+
+
+@pytest.mark.parametrize("scheme,group", [("W4A16", 64), ("W8A16", -1)])
+def test_sparsity_zero_is_gptq_and_prunes_nothing(scheme, group):
+    W, H = make_inputs(seed=4)
+    q = Quantization(scheme, group, scale_dtype=torch.float32)
+    result = sparsegpt_prune(W, H, NO_PRUNING, quantization=q)
+    naive = naive_joint(W, H, NO_PRUNING, q)
+    assert not naive[3].any()
+    assert_matches_naive(result, naive)
+    # the only zeros are weights that round to code 0: a few, far from a pruned block's share
+    assert (result.weight == 0).float().mean().item() < 0.15
+    assert torch.equal(sparsegpt_prune(W, H, NO_PRUNING).weight, W)  # unquantized: nothing changes
+    # GPTQ beats rounding to nearest on the calibration data
+    rtn = round_to_nearest(W, q).weight
+    delta = lambda P: ((W - P) @ H * (W - P)).sum()  # noqa: E731
+    assert delta(result.weight) < delta(rtn)
+
+
+def test_actorder_uses_static_groups_in_the_original_order():
+    W, H = make_inputs(seed=6)
+    H[7, :] = 0
+    H[:, 7] = 0  # a dead input: its column is zeroed before the static fit
+    q = Quantization("W4A16", 64, actorder=True, scale_dtype=torch.float32)
+    p = parse_sparsity(0.5)
+    result = sparsegpt_prune(W, H, p, quantization=q)
+    naive = naive_joint(W, H, p, q)
+    assert_matches_naive(result, naive)
+    W0 = W.clone()
+    W0[:, 7] = 0
+    assert torch.equal(result.quantized.scale, round_to_nearest(W0, q).scale)  # fitted once, to the dense W
+    assert torch.all(result.weight[:, 7] == 0)
+
+
+def test_group_grids_are_refitted_from_the_running_weights():
+    """Without act order the second and later groups' scales come from the updated weights, not the dense W."""
+    W, H = make_inputs(seed=8)
+    q = Quantization("W4A16", 64, scale_dtype=torch.float32)
+    result = sparsegpt_prune(W, H, parse_sparsity(0.5), quantization=q)
+    dense = round_to_nearest(W, q).scale
+    assert torch.equal(result.quantized.scale[:, 0], dense[:, 0])  # the first group sees the dense W
+    assert not torch.equal(result.quantized.scale[:, 1:], dense[:, 1:])
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
+def test_scales_in_the_saved_dtype_and_stacked_layers(scale_dtype):
+    """Scales rounded to the saved dtype before use; q/k/v-like layers solved together each get their own."""
+    W, H = make_inputs(rows=48, seed=9)
+    q = Quantization("W8A16", 32, scale_dtype=scale_dtype)
+    p = parse_sparsity("2:4")
+    together = sparsegpt_prune_shared([W[:32], W[32:]], H, p, quantization=q)
+    for part, r in zip([W[:32], W[32:]], together):
+        alone = sparsegpt_prune(part, H, p, quantization=q)
+        assert torch.equal(r.quantized.codes, alone.quantized.codes)
+        assert torch.equal(r.quantized.scale, alone.quantized.scale)
+        assert r.quantized.scale.dtype == scale_dtype
+        assert torch.equal(r.weight, r.quantized.codes.float() * r.quantized.scale.float().repeat_interleave(32, 1))
+        assert torch.all((r.weight == 0).reshape(part.shape[0], -1, 4).sum(-1) >= 2)

@@ -1,0 +1,211 @@
+"""Weight quantization grids: compressed-tensors' symmetric INT and FP8 grids, and the solve's grids.
+
+The formulas are compressed-tensors 0.20.1's (../shared/QUANTIZATION.md 1.4, 2.3): per group of
+``group_size`` input columns of a row (or per row: ``group_size`` -1),
+
+- INT b bits: amax = max |x| over the group (0 included), s = amax / ((2^b - 1) / 2), zero point 0,
+  code q = round(clamp(x / s, -2^(b-1), 2^(b-1) - 1)), value q * s;
+- FP8 e4m3: s = amax / 448, code = clamp(x / s, -448, 448) cast to float8_e4m3fn, value code * s.
+
+The scale is rounded to the dtype the checkpoint stores it in before it is used (QUANTIZATION.md
+1.3), and a zero scale (an all-zero group) becomes that dtype's eps, as compressed-tensors does.
+Zero is on every grid: a pruned weight quantizes to code 0 and value exactly 0.
+
+``Quantizer`` is the older ``wbits`` grid (the SparseGPT reference's per-row asymmetric min-max).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCHEMES = {"W4A16": ("int", 4), "W8A16": ("int", 8), "FP8_DYNAMIC": ("float", 8)}
+FP8_MAX = 448.0  # largest float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What to quantize to: a compressed-tensors preset's weight grid, its groups and column order.
+
+    ``group_size`` -1 is one scale per output row (compressed-tensors' "channel" strategy); FP8 is
+    always per row. ``actorder`` solves columns in descending diag(H) order with static groups
+    (every group's grid fitted before the sweep: no g_idx on disk). ``scale_dtype`` is the dtype
+    the checkpoint stores the scales in (the saved model's: fp16, bf16 or fp32).
+    """
+
+    scheme: str = "W4A16"
+    group_size: int = 128
+    actorder: bool = False
+    scale_dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"quantization scheme {self.scheme!r} is not one of {', '.join(SCHEMES)}")
+        if self.type == "float" and self.group_size != -1:
+            raise ValueError(f"{self.scheme} has one scale per output channel: group_size must be -1, "
+                             f"not {self.group_size}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group_size must be a positive number of columns or -1 (per channel), "
+                             f"not {self.group_size}")
+        if self.scale_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"scales are stored as float16, bfloat16 or float32, not {self.scale_dtype}")
+
+    @property
+    def type(self) -> str:  # "int" | "float"
+        return SCHEMES[self.scheme][0]
+
+    @property
+    def bits(self) -> int:
+        return SCHEMES[self.scheme][1]
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return torch.int8 if self.type == "int" else torch.float8_e4m3fn
+
+    @property
+    def qmax(self) -> float:  # the largest code; the smallest is -qmax - 1 (INT) or -qmax (FP8)
+        return 2.0 ** (self.bits - 1) - 1 if self.type == "int" else FP8_MAX
+
+    def group_width(self, columns: int) -> int:
+        """Columns per group for a layer ``columns`` wide; refuses a group size that does not divide it."""
+        if self.group_size == -1:
+            return columns
+        if columns % self.group_size:
+            raise ValueError(f"group_size {self.group_size} does not divide the layer's {columns} input columns")
+        return self.group_size
+
+    def fit(self, Wg: torch.Tensor) -> torch.Tensor:
+        """``Wg`` (rows, k): one group of each row -> its scale (rows,), fp32 holding ``scale_dtype`` values."""
+        amax = Wg.detach().abs().amax(dim=1).float()  # = max(|min(x, 0)|, max(x, 0))
+        half_range = (2.0**self.bits - 1) / 2 if self.type == "int" else FP8_MAX  # (qmax - qmin) / 2
+        scale = (amax / half_range).to(self.scale_dtype)
+        scale = torch.where(scale == 0, torch.finfo(self.scale_dtype).eps, scale)
+        return scale.float()
+
+    def codes(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``x`` (rows, ...) on the grid of ``scale`` (rows,) or broadcastable -> codes in ``code_dtype``."""
+        if scale.dim() == 1 and x.dim() == 2:
+            scale = scale.unsqueeze(1)
+        scaled = x.float() / scale
+        if self.type == "int":
+            return torch.round(torch.clamp(scaled, -self.qmax - 1, self.qmax)).to(torch.int8)
+        return torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """Codes (rows, cols) and scales (rows, cols / group) -> fp32 values (exact: q * s fits fp32)."""
+    return codes.float() * scale.float().repeat_interleave(group, dim=1)
+
+
+@dataclass
+class QuantizedWeight:
+    """One layer on its grid: what the exporter packs and what the evaluated model holds."""
+
+    codes: torch.Tensor  # (rows, cols) int8 (INT) or float8_e4m3fn (FP8)
+    scale: torch.Tensor  # (rows, cols / group) in the quantization's scale_dtype
+    weight: torch.Tensor  # (rows, cols) fp32: codes * scale, exactly
+
+    @classmethod
+    def of(cls, codes: torch.Tensor, scale: torch.Tensor, quantization: Quantization) -> "QuantizedWeight":
+        group = codes.shape[1] // scale.shape[1]
+        return cls(codes=codes, scale=scale.to(quantization.scale_dtype), weight=dequantize(codes, scale, group))
+
+
+@torch.no_grad()
+def round_to_nearest(W: torch.Tensor, quantization: Quantization) -> QuantizedWeight:
+    """A weight (pruned or not) on its grid without any solve: the wanda / magnitude / ria path.
+
+    Every group's grid is fitted to ``W`` itself; zeros stay exactly zero (code 0).
+    """
+    W = W.float()
+    rows, cols = W.shape
+    g = quantization.group_width(cols)
+    groups = W.reshape(rows, cols // g, g)
+    scale = torch.stack([quantization.fit(groups[:, k]) for k in range(cols // g)], dim=1)  # (rows, groups)
+    codes = quantization.codes(groups, scale.unsqueeze(2)).reshape(rows, cols)
+    return QuantizedWeight.of(codes, scale, quantization)
+
+
+class SolveGrids:
+    """The grids of one joint solve (stacked rows), as SparseGPT's column loop reaches each column.
+
+    Without act order each group's grid is refitted at its first column from the running weights
+    (every earlier OBS update applied: the in-block ones from ``W1``, the lazy ones of the current
+    block computed for columns past it), i.e. GPTQ's refit when groups and blocks align. With act
+    order (and per-channel grids) all grids are fitted before the sweep, in original column order,
+    and each column keeps its original group (GPTQ's --static-groups). ``perm[j]``: the original
+    column solved at position j (None: original order). Codes are kept in solve order.
+    """
+
+    def __init__(self, quantization: Quantization, W: torch.Tensor, perm: torch.Tensor | None):
+        rows, cols = W.shape
+        self.quantization = quantization
+        self.group = quantization.group_width(cols)
+        self.static = perm is not None or self.group == cols
+        self.group_of = (perm if perm is not None else torch.arange(cols, device=W.device)).div(
+            self.group, rounding_mode="floor").tolist()
+        self.scales = torch.zeros(rows, cols // self.group, dtype=torch.float32, device=W.device)
+        self.codes = torch.zeros(rows, cols, dtype=quantization.code_dtype, device=W.device)
+        if self.static:  # W in original order here
+            for k in range(cols // self.group):
+                self.scales[:, k] = quantization.fit(W[:, k * self.group : (k + 1) * self.group])
+        self._block: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
+
+    def begin_block(self, W: torch.Tensor, Hinv: torch.Tensor, i1: int, i2: int) -> None:
+        """The solve's W (lazy updates of earlier blocks applied) and Hinv as block i1:i2 starts."""
+        self._block = (W, Hinv, i1, i2)
+
+    def column(self, i: int, q: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor) -> torch.Tensor:
+        """Column ``i`` of the block: ``q`` (masked entries 0) -> its values on the grid; codes recorded."""
+        W, Hinv, i1, i2 = self._block
+        c = i1 + i
+        if not self.static and c % self.group == 0:
+            end = min(c + self.group, W.shape[1])
+            running = W1[:, i : i + end - c]  # the block's own columns, fully updated
+            if end > i2:  # columns past the block still owe this block's updates so far
+                later = W[:, i2:end] - Err1[:, :i].matmul(Hinv[i1:c, i2:end])
+                running = torch.cat([running, later], dim=1)
+            self.scales[:, c // self.group] = self.quantization.fit(running)
+        scale = self.scales[:, self.group_of[c]]
+        codes = self.quantization.codes(q.unsqueeze(1), scale.unsqueeze(1))[:, 0]
+        self.codes[:, c] = codes
+        return codes.float() * scale
+
+    def result(self, rows: slice, inverse: torch.Tensor | None) -> QuantizedWeight:
+        """The layer in ``rows``: codes in original column order, scales in the scale dtype."""
+        codes = self.codes[rows] if inverse is None else self.codes[rows][:, inverse]
+        return QuantizedWeight.of(codes, self.scales[rows], self.quantization)
+
+
+@dataclass
+class Quantizer:
+    """The ``wbits`` grid: per output channel, asymmetric min-max, found once from the dense weight
+    (the SparseGPT reference's). The zero point is an integer, so a pruned 0 stays exactly 0."""
+
+    scale: torch.Tensor  # (rows, 1)
+    zero: torch.Tensor  # (rows, 1)
+    maxq: int
+
+    @classmethod
+    def fit(cls, W: torch.Tensor, bits: int) -> "Quantizer":
+        if not 2 <= bits <= 8:
+            raise ValueError(f"wbits must be between 2 and 8, got {bits}")
+        maxq = 2**bits - 1
+        xmin = W.min(dim=1).values.clamp(max=0)
+        xmax = W.max(dim=1).values.clamp(min=0)
+        both_zero = (xmin == 0) & (xmax == 0)
+        xmin[both_zero], xmax[both_zero] = -1.0, 1.0
+        scale = (xmax - xmin) / maxq
+        zero = torch.round(-xmin / scale)
+        return cls(scale=scale.unsqueeze(1), zero=zero.unsqueeze(1), maxq=maxq)
+
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """``w``: one column (rows,) -> its value on the grid."""
+        scale, zero = self.scale[:, 0], self.zero[:, 0]
+        q = torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
+        return scale * (q - zero)
+
+    def column(self, i: int, q: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor) -> torch.Tensor:
+        """``SolveGrids.column``'s contract: one grid for every column."""
+        return self.quantize(q)
