@@ -1,6 +1,7 @@
 """Exit 0 when this interpreter's environment already has what pyproject.toml asks for (the
 project installed with its console script, every dependency and those of the named extras at an
-allowed version); 1 otherwise. scripts/bootstrap asks it before running pip, so a complete
+allowed version, and every installed package that requirements/lock.txt pins at its locked
+version); 1 otherwise. scripts/bootstrap asks it before running pip, so a complete
 .venv starts without a package index.   usage: python scripts/env_matches.py [EXTRA[,EXTRA]]"""
 
 from __future__ import annotations
@@ -42,6 +43,32 @@ def missing(extras: list[str]) -> list[str]:
             continue
         if not req.specifier.contains(version, prereleases=True):
             problems.append(f"{text} (have {version})")
+    return problems + off_lock()
+
+
+def off_lock() -> list[str]:
+    """Installed packages whose version is not the one requirements/lock.txt pins (markers applied)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    lock = Path(__file__).resolve().parents[1] / "requirements" / "lock.txt"
+    if not lock.exists():
+        return ["requirements/lock.txt (missing)"]
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    problems = []
+    for line in lock.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            return [f"cannot read the lock line {line!r}"]
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        have = installed.get(canonicalize_name(req.name))
+        if have is not None and not req.specifier.contains(have, prereleases=True):
+            problems.append(f"{req.name}{req.specifier} (have {have})")
     return problems
 
 
