@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reference_sparsegpt as ref  # noqa: E402
+from worker.engine.method_table import METHOD_NAMES  # noqa: E402
 
 
 def _stage(event) -> str:
@@ -92,7 +93,7 @@ def run(method: str, pattern: str, *, model_path=ref.DEFAULT_MODEL,
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="this project's engine on protocol P")
-    p.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
+    p.add_argument("--method", default="sparsegpt", choices=METHOD_NAMES)
     p.add_argument("--sparsity", default="0.5")
     ref.add_protocol_args(p)
     p.add_argument("--dense", action="store_true", help="let the engine evaluate the dense model too")

@@ -9,7 +9,7 @@ RSS; the dense model is evaluated once and shared. Runners:
     python benchmarks/prepare_model.py                 # once: models/smollm2-135m
     nice python benchmarks/protocol_p.py               # SparseGPT 50%, all runners (~10-15 min)
     nice python benchmarks/protocol_p.py --patterns 0.5,2:4,4:8 --json bench.json
-    nice python benchmarks/protocol_p.py --full        # + wanda and magnitude, every pattern
+    nice python benchmarks/protocol_p.py --full        # + the other methods, every pattern
     python benchmarks/protocol_p.py --from-json bench.json   # print the tables again
 
 Prints, per method and pattern: perplexity, prune seconds and peak RSS after the prune, with
@@ -31,6 +31,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+from worker.engine.method_table import METHOD_NAMES  # noqa: E402  (torch-free: the engine's methods)
 DATA = REPO.parent / "shared" / "data" / "protocol-p"
 DEFAULT_MODEL = REPO / "models" / "smollm2-135m"
 BENCH_VENV_PYTHON = REPO / ".venv-bench" / "bin" / "python"
@@ -39,7 +41,7 @@ GB = 1e9
 RUNNERS = ("engine", "engine-exact", "reference", "llmcompressor")
 SCRIPTS = {"engine": "engine_p.py", "engine-exact": "engine_p.py", "reference": "reference_sparsegpt.py",
            "llmcompressor": "llmcompressor_p.py"}
-METHODS = {"engine": ("sparsegpt", "wanda", "magnitude"),
+METHODS = {"engine": METHOD_NAMES,
            "engine-exact": ("sparsegpt",),  # the engine with exact=True: the reference's arithmetic
            "reference": ("sparsegpt", "wanda", "magnitude"),
            "llmcompressor": ("sparsegpt", "wanda")}
@@ -187,7 +189,7 @@ def print_tables(runs: list[dict], windows: int | str = 40, seqlen: int | str = 
     print("        /fix = the fixed figures of ../shared/BENCHMARK.md")
     print(head)
     print("-" * len(head))
-    order = {m: i for i, m in enumerate(("dense", "sparsegpt", "wanda", "magnitude"))}
+    order = {m: i for i, m in enumerate(("dense", *METHOD_NAMES))}
     pat_order = {"-": 0, "0.5": 1, "2:4": 2, "4:8": 3}
     run_order = {n: i for i, n in enumerate(RUNNERS)}
     last = None
@@ -253,13 +255,13 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="sparsegpt", help="comma list of sparsegpt,wanda,magnitude")
+    p.add_argument("--methods", default="sparsegpt", help=f"comma list of {','.join(METHOD_NAMES)}")
     p.add_argument("--patterns", default="0.5", help="comma list, e.g. 0.5,2:4,4:8")
     p.add_argument("--runners", default="engine,reference,llmcompressor",
                    help="comma list of engine,engine-exact,reference,llmcompressor (missing ones "
                         "are skipped; engine-exact is the engine reproducing the reference bit for bit)")
     p.add_argument("--full", action="store_true",
-                   help="all methods (sparsegpt, wanda, magnitude) at 0.5, 2:4 and 4:8")
+                   help=f"all methods ({', '.join(METHOD_NAMES)}) at 0.5, 2:4 and 4:8")
     p.add_argument("--no-dense", action="store_true", help="skip the dense evaluation")
     p.add_argument("--engine-dense", action="store_true",
                    help="also let the engine evaluate the dense model (in its first run)")
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         check_targets(data["runs"])
         return 0
 
-    methods = ["sparsegpt", "wanda", "magnitude"] if args.full else \
+    methods = list(METHOD_NAMES) if args.full else \
         [m.strip() for m in args.methods.split(",") if m.strip()]
     patterns = ["0.5", "2:4", "4:8"] if args.full else \
         [norm_pattern(p) for p in args.patterns.split(",") if p.strip()]
