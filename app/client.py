@@ -1,5 +1,7 @@
 """``sparsegpt pull JOB_ID [DIR]``: fetch a job's pruned model from a server, resuming a partial
 download (HTTP Range), checking the archive's sha256 against the job's, and unpacking it.
+``--format NAME`` fetches another of the job's artifact formats (the job's ``artifacts`` list);
+a tar is unpacked, any other file is put in DIR as it is.
 
 The server is ``--server`` or ``SPARSEGPT_URL`` (default http://127.0.0.1:8000); the token is
 ``SPARSEGPT_TOKEN`` (none is needed in single-user mode on loopback). The archive is kept as
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 PROG = "sparsegpt pull"
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 CHUNK = 1024 * 1024
+TAR = "application/x-tar"
 
 
 class PullError(Exception):
@@ -38,6 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("directory", nargs="?", metavar="DIR", help="where to unpack it (default ./sparsegpt-job-JOB_ID)")
     p.add_argument("--server", default=None,
                    help=f"the service's URL (default $SPARSEGPT_URL or {DEFAULT_SERVER}); the token is $SPARSEGPT_TOKEN")
+    p.add_argument("--format", default=None, metavar="NAME",
+                   help="which of the job's artifact formats to fetch (default: the server's default, hf-tar)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     p.set_defaults(func=main)
 
@@ -55,19 +60,24 @@ def main(args: argparse.Namespace) -> int:
         import httpx  # here, so that building the CLI's parser loads nothing
 
         with httpx.Client(base_url=server, headers=headers, timeout=httpx.Timeout(30, connect=10)) as client:
-            artifact = _artifact_of(client, server, args.job_id)
-            part = target.with_name(target.name + ".tar.part")
+            artifact = _artifact_of(client, server, args.job_id, args.format)
+            tar = artifact.get("media_type", TAR) == TAR
+            part = target.with_name(f"{target.name}.{'tar' if tar else artifact['format']}.part")
             target.parent.mkdir(parents=True, exist_ok=True)
             _download(client, artifact, part, args.job_id, quiet=args.quiet)
-        _unpack(part, target)
-        part.unlink()
+        if tar:
+            _unpack(part, target)
+            part.unlink()
+        else:
+            _place(part, target, artifact.get("file_name") or f"sparsegpt-job-{args.job_id}.{artifact['format']}")
     except PullError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (run it again to resume the download)", file=sys.stderr)
         return 130
-    print(f"job {args.job_id}: {artifact['size'] / 1e6:.1f} MB, sha256 {artifact['sha256']} verified; unpacked into {target}")
+    done = "unpacked into" if tar else "saved in"
+    print(f"job {args.job_id}: {artifact['size'] / 1e6:.1f} MB, sha256 {artifact['sha256']} verified; {done} {target}")
     return 0
 
 
@@ -94,16 +104,25 @@ def _refusal(response: httpx.Response, job_id: int) -> PullError:
     return PullError(f"job {job_id}: {response.status_code} {detail}")
 
 
-def _artifact_of(client: httpx.Client, server: str, job_id: int) -> dict:
+def _artifact_of(client: httpx.Client, server: str, job_id: int, fmt: str | None = None) -> dict:
+    """The job's artifact entry: the default one, or the one in format ``fmt``."""
     response = _get(client, server, f"/api/v1/jobs/{job_id}")
     if response.status_code != 200:
         raise _refusal(response, job_id)
     job = response.json()
     if not job.get("artifact"):
         state = job.get("status")
-        why = {"succeeded": "its artifact is no longer on the server"}.get(state, f"it is {state}; its model exists once it has succeeded")
+        why = {"succeeded": "its artifact is no longer on the server"}.get(
+            state, f"it is {state}; its model exists once it has succeeded")
         raise PullError(f"job {job_id} has no model to download: {why}")
-    return job["artifact"]
+    if fmt is None:
+        return job["artifact"]
+    listed = job.get("artifacts") or []
+    for entry in listed:
+        if entry.get("format") == fmt:
+            return entry
+    made = ", ".join(str(e.get("format")) for e in listed) or "none listed"
+    raise PullError(f"job {job_id} has no artifact in the format {fmt!r} (it has: {made}); name one with --format")
 
 
 def _download(client: httpx.Client, artifact: dict, part: Path, job_id: int, *, quiet: bool) -> None:
@@ -148,6 +167,16 @@ def _download(client: httpx.Client, artifact: dict, part: Path, job_id: int, *, 
         part.unlink()
         raise PullError(f"the archive's sha256 {sha.hexdigest()} is not the job's {expected}; "
                         "the partial file was removed: run the same command again")
+
+
+def _place(part: Path, target: Path, name: str) -> None:
+    """A file that is not a tar goes into ``target`` (made if needed) under the server's name for it."""
+    name = Path(name).name  # a name, never a path
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        os.replace(part, target / name)
+    except OSError as exc:
+        raise PullError(f"cannot put the file into {target}: {exc}") from None
 
 
 def _unpack(archive: Path, target: Path) -> None:

@@ -144,6 +144,10 @@ class Job(Base):
     metrics: Mapped[list[Metric]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="Metric.id", passive_deletes=True
     )
+    # Its artifacts, one per format (app/packagers.py); the artifact_* columns above repeat the default's.
+    artifacts: Mapped[list[Artifact]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="Artifact.id", passive_deletes=True
+    )
 
 
 class ModuleResult(Base):
@@ -175,6 +179,27 @@ class Metric(Base):
     perplexity: Mapped[float | None] = mapped_column(Float)
 
     job: Mapped[Job] = relationship(back_populates="metrics")
+
+
+class Artifact(Base):
+    """One downloadable file of a job's pruned model in one format: where the store keeps it (a
+    path in the data directory or an object URL, app/storage.py), its size and sha256."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "format"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    format: Mapped[str] = mapped_column(String(32))
+    media_type: Mapped[str] = mapped_column(String(128))
+    path: Mapped[str] = mapped_column(String(1024))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set when the retention sweep (or a person) removed its files (with the job's artifact_expired_at).
+    expired_at: Mapped[datetime | None] = mapped_column()
+
+    job: Mapped[Job] = relationship(back_populates="artifacts")
 
 
 class CalibrationSet(Base):

@@ -1,17 +1,17 @@
-"""Storage every machine reaches: uploads, artifacts and job reports in an S3-compatible store.
+"""The S3 store (app/storage.py's interface): uploads, artifacts, reports and checkpoints in an
+S3-compatible store every machine reaches (``SPARSEGPT_STORAGE_URL=s3://bucket/prefix``).
 
-``SPARSEGPT_STORAGE_URL`` unset: nothing here is used, everything stays in the data directory
-as on one machine. ``s3://bucket/prefix``: the API keeps uploaded calibration files there (the
-row's path is the object's URL), workers fetch them into a content-addressed cache under their
-own data directory, stream the artifact's tar archive into the store while it is produced
-(a multipart upload, hashed in the same pass: no archive file on any disk) and the report beside
-it, and the API streams downloads from it (HTTP Range maps to the object's Range). Retention and
-DELETE remove the objects. The endpoint and credentials come from the usual AWS variables
-(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION) through boto3.
+The API keeps uploaded calibration files there (the row's location is the object's URL), workers
+fetch them into a content-addressed cache under their own data directory, stream an artifact's
+package into the store while it is produced (a multipart upload, hashed in the same pass: no
+archive file on any disk) and the report beside it, and the API streams downloads from it (HTTP
+Range maps to the object's Range). Retention and DELETE remove the objects. The endpoint and
+credentials come from the usual AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION) through boto3.
 
-Keys under the prefix: ``uploads/<sha256>.<txt|jsonl>``, ``artifacts/<job id>/<archive>.tar``
-and ``artifacts/<job id>/sparsegpt_report.json``. The data directory stays local scratch space
-(the free-space check looks at it only).
+Keys under the prefix: ``uploads/<sha256>.<txt|jsonl>``, ``artifacts/<job id>/<archive file>``,
+``artifacts/<job id>/sparsegpt_report.json`` and ``checkpoints/<job id>/``. The data directory
+stays local scratch space (the free-space check looks at it only).
 """
 
 from __future__ import annotations
@@ -19,35 +19,30 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
+
+from app.storage import READ_BYTES, SCHEME, Store, StorageError, file_sha256, is_stored
 
 PART_BYTES = 8 * 1024 * 1024  # a multipart upload's parts (S3's minimum is 5 MiB but the last)
 PARTS_PER_STEP = 1000  # parts grow by PART_BYTES every this many (S3 takes 10,000: 440 GB at most)
 PARTS_IN_FLIGHT = 4  # parts uploading at once (memory: this many + 1 parts)
-READ_BYTES = 1024 * 1024
-SCHEME = "s3://"
 
 
-class StorageError(RuntimeError):
-    """The store refused or could not be reached; the message says which object and why."""
+class S3Store(Store):
+    """One bucket and key prefix, through a boto3 client (thread-safe, created once per process).
+    Uploads fetched to this machine are cached in ``cache_dir``; files no job used for
+    ``cache_max_age_s`` leave it (the store keeps the upload itself)."""
 
-
-def is_stored(path: str | None) -> bool:
-    """Whether a path kept in the database names an object in the store."""
-    return bool(path) and str(path).startswith(SCHEME)
-
-
-class S3Store:
-    """One bucket and key prefix, through a boto3 client (thread-safe, created once per process)."""
-
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, cache_dir: Path | None = None, cache_max_age_s: float = 0):
         parsed = urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise ValueError(f"SPARSEGPT_STORAGE_URL {url!r}: use s3://bucket/prefix")
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
+        self.cache_dir, self.cache_max_age_s = cache_dir, cache_max_age_s
         self._client = None
         self._lock = threading.Lock()
 
@@ -70,6 +65,16 @@ class S3Store:
 
     def url(self, name: str) -> str:
         return f"{SCHEME}{self.bucket}/{self.key(name)}"
+
+    def location(self, name: str) -> str:
+        return self.url(name)
+
+    def holds(self, location: str | None) -> bool:
+        try:
+            self.key_of(location or "")
+        except ValueError:
+            return False
+        return True
 
     def key_of(self, url: str) -> str:
         """The key of an object URL of this bucket (ValueError for anything else)."""
@@ -196,6 +201,8 @@ class S3Store:
         return found
 
     def delete(self, url: str) -> None:
+        if not is_stored(url):
+            return  # a path on some machine: no object of this store
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self.key_of(url))
         except Exception as err:
@@ -216,6 +223,48 @@ class S3Store:
         return deleted
 
 
+    # --- the Store interface's artifacts, files and mirrors -------------------------------------
+
+    def publish(self, name: str, model_dir: Path, packager, prefix: str) -> tuple[str, int, str]:
+        return self.put_stream(name, packager.iter_bytes(model_dir, prefix), content_type=packager.media_type)
+
+    def read(self, location: str, packager, prefix: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        return self.iter_range(location, start, end)
+
+    def intact(self, location: str, size: int) -> bool:
+        try:
+            return self.size(location) == size
+        except ValueError as err:  # not this store's URL
+            raise StorageError(str(err)) from None
+
+    def local_file(self, location: str, sha256: str | None = None) -> Path:
+        """A stored upload in this machine's cache (``<data dir>/cache/uploads/``), fetched once;
+        its sha256 checked against its name (content-addressed) when it arrives. A path (a row
+        from before the store was configured) is that path."""
+        if not is_stored(location):
+            return Path(location)
+        if self.cache_dir is None:
+            raise StorageError(f"{location}: this store has no cache directory to fetch it into")
+        name = self.key_of(location).rsplit("/", 1)[-1]
+        target = self.cache_dir / name
+        _prune_cache(target.parent, self.cache_max_age_s, keep=target)
+        if target.is_file():
+            os.utime(target)  # used now: kept another retention period
+            return target
+        self.fetch(location, target)
+        expected = sha256 or name.split(".", 1)[0]
+        if file_sha256(target) != expected:
+            target.unlink(missing_ok=True)
+            raise StorageError(f"{location}: its content does not match its sha256 {expected}")
+        return target
+
+    def mirror(self, directory: Path, name: str, *, named: Callable[[dict], list[str]], state: str,
+               interval_s: float):
+        from app.mirror import DirectoryMirror
+
+        return DirectoryMirror(self, name, directory, named=named, state=state, interval_s=interval_s)
+
+
 def _status(err: Exception) -> int | None:
     response = getattr(err, "response", None) or {}
     try:
@@ -232,27 +281,10 @@ def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {err}"[:300]
 
 
-_stores: dict[str, S3Store] = {}
-_stores_lock = threading.Lock()
-
-
-def get_store(settings) -> S3Store | None:
-    """The settings' store (one per URL and process), None when SPARSEGPT_STORAGE_URL is unset."""
-    url = (settings.storage_url or "").strip()
-    if not url:
-        return None
-    with _stores_lock:
-        store = _stores.get(url)
-        if store is None:
-            store = _stores[url] = S3Store(url)
-        return store
-
 
 def _prune_cache(directory: Path, max_age_s: float, *, keep: Path) -> None:
     if max_age_s <= 0 or not directory.is_dir():
         return
-    import time
-
     before = time.time() - max_age_s
     for path in directory.iterdir():
         try:
@@ -260,32 +292,3 @@ def _prune_cache(directory: Path, max_age_s: float, *, keep: Path) -> None:
                 path.unlink()
         except OSError:  # another job of this machine removed or fetched it meanwhile
             pass
-
-
-def artifact_name(job_id: int, archive_name: str) -> str:
-    return f"artifacts/{int(job_id)}/{archive_name}.tar"
-
-
-def cached_upload(settings, url: str, sha256: str | None = None) -> Path:
-    """A stored upload in this machine's cache (``<data dir>/cache/uploads/``), fetched once;
-    its sha256 checked against its name (content-addressed) when it arrives. Cached files no job
-    used for SPARSEGPT_UPLOAD_RETENTION_S are removed (the store keeps the upload itself)."""
-    store = get_store(settings)
-    if store is None:
-        raise StorageError(f"{url} is in an object store but SPARSEGPT_STORAGE_URL is not set on this machine")
-    name = store.key_of(url).rsplit("/", 1)[-1]
-    target = settings.data_dir / "cache" / "uploads" / name
-    _prune_cache(target.parent, settings.upload_retention_s, keep=target)
-    if target.is_file():
-        os.utime(target)  # used now: kept another retention period
-        return target
-    store.fetch(url, target)
-    expected = sha256 or name.split(".", 1)[0]
-    digest = hashlib.sha256()
-    with target.open("rb") as handle:
-        for block in iter(lambda: handle.read(READ_BYTES), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected:
-        target.unlink(missing_ok=True)
-        raise StorageError(f"{url}: its content does not match its sha256 {expected}")
-    return target

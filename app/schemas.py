@@ -44,6 +44,18 @@ class ArtifactOut(BaseModel):
     expires_at: datetime | None = Field(None, description="when the retention sweep deletes it (null: kept)")
 
 
+class ArtifactFileOut(BaseModel):
+    """One of a job's artifacts, by format (app/packagers.py); ``hf-tar`` is the default."""
+
+    format: str
+    size: int
+    sha256: str
+    media_type: str
+    url: str
+    file_name: str = Field(description="the download's file name")
+    expires_at: datetime | None = Field(None, description="when the retention sweep deletes it (null: kept)")
+
+
 class JobSummary(BaseModel):
     id: int
     status: JobStatus
@@ -70,6 +82,7 @@ class JobOut(JobSummary):
     metrics: list[MetricOut]
     modules: list[ModuleResultOut]
     artifact: ArtifactOut | None
+    artifacts: list[ArtifactFileOut] = Field([], description="every format the job's model was packaged in")
     artifact_expired_at: datetime | None = Field(None, description="when the artifact's files were removed")
     retry_of: int | None = Field(None, description="the job this one repeats (POST /jobs/{id}/retry)")
     events_url: str

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -37,8 +36,9 @@ from app import crud, streams
 from app.config import Settings
 from app.models import utcnow
 from app.queue import enqueue_job
+from app.job_files import JobFiles
 from app.services import uploads
-from app.storage import StorageError, get_store
+from app.storage import StorageError
 
 log = logging.getLogger("sparsegpt.sweeper")
 
@@ -114,7 +114,7 @@ def _release_stale(settings, sessions, r, report: SweepReport, send) -> None:
                 report.errors.append(f"job {job.id}: could not send: {err}")
         else:
             (report.failed if outcome == "failed" else report.cancelled).append(job.id)
-            remove_partials(settings, job.id)
+            JobFiles(settings, job.id).remove_partials()
             with sessions() as session:
                 row = crud.get_job(session, job.id)
                 error = row.error if row else None
@@ -160,22 +160,16 @@ def _expire_artifacts(settings, sessions, report: SweepReport) -> None:
     before = utcnow() - timedelta(seconds=settings.artifact_retention_s)
     with sessions() as session:
         jobs = crud.artifacts_to_expire(session, finished_before=before)
-    root = settings.artifacts_dir.resolve()
     for job in jobs:
         with sessions() as session:
             won = crud.mark_artifact_expired(session, job_id=job.id)
             session.commit()
         if not won:
             continue
-        target = (root / str(int(job.id))).resolve()
-        if target.parent == root:  # the job's own directory, named by its id
-            shutil.rmtree(target, ignore_errors=True)
-        store = get_store(settings)
-        if store is not None:  # its archive and report in the shared store
-            try:
-                store.delete_prefix(f"artifacts/{int(job.id)}")
-            except StorageError as err:
-                report.errors.append(f"job {job.id}: {err}")
+        try:  # every format's file, here and in the store
+            JobFiles(settings, job.id).delete_artifacts()
+        except StorageError as err:
+            report.errors.append(f"job {job.id}: {err}")
         report.expired.append(job.id)
         log.info("job %s: artifact deleted (older than %ss)", job.id, settings.artifact_retention_s)
 
@@ -195,25 +189,6 @@ def _expire_uploads(settings, sessions, report: SweepReport) -> None:
         if removal.deleted:
             report.uploads_deleted.append(set_id)
             log.info("upload:%s deleted (older than %ss)", set_id, settings.upload_retention_s)
-
-
-def remove_partials(settings: Settings, job_id: int) -> None:
-    """A job that ended because its worker vanished: the unfinished outputs its attempts left, and
-    their per-block checkpoints (worker.tasks.RESUME_DIR)."""
-    job_dir = settings.artifacts_dir / str(int(job_id))
-    store = get_store(settings)
-    if store is not None:  # its checkpoints in the shared store (worker/checkpoint_sync.py)
-        try:
-            store.delete_prefix(f"checkpoints/{int(job_id)}")
-        except StorageError as err:
-            log.warning("job %s: %s", job_id, err)
-    for partial in job_dir.glob("attempt-*.partial"):
-        shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(job_dir / "resume", ignore_errors=True)
-    try:
-        job_dir.rmdir()
-    except OSError:
-        pass
 
 
 def _publish_status(settings, r, job_id, status, attempt, error, final=False) -> None:

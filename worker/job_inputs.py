@@ -98,9 +98,9 @@ def _dataset(value: str, settings: Settings, labels: dict[str, str]) -> str:
             row = crud.get_calibration_set(session, set_id)
             path = row.path if row is not None else None
             sha = row.sha256 if row is not None else None
-        if path is not None and storage.is_stored(path):  # in the shared store: this machine's cached copy
+        if path is not None:  # a file on this machine (from a remote store: its cached copy)
             try:
-                path = str(storage.cached_upload(settings, path, sha))
+                path = str(storage.get_store(settings).local_file(path, sha))
             except storage.StorageError as err:
                 raise Refused(f"calibration set {value} could not be fetched from the store: {err}") from None
         if path is None or not Path(path).is_file():

@@ -26,7 +26,8 @@ from celery.worker.request import Request
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app import archive, crud, db, storage
+from app import crud, db, packagers, storage
+from app.job_files import JobFiles
 from worker import checkpoint_sync
 from app.config import Settings, get_settings
 from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED
@@ -42,7 +43,6 @@ from worker.reporter import RedisProgress
 from worker import published
 
 log = logging.getLogger(__name__)
-RESUME_DIR = "resume"  # <job dir>/resume: the engine's per-block checkpoints (worker.engine.resume)
 
 # What a job row's ``result`` keeps of the engine's report (layers and perplexity have tables).
 RESULT_KEYS = ("model", "method", "pattern", "sparsity", "sparsity_pruned_modules", "coverage", "experts", "seconds",
@@ -127,8 +127,7 @@ def fail_if_oom_killed(job_id: int, pid: int | None, before: OomCounters | None)
                       ttl_s=settings.events_ttl_s).status(FAILED, final=True, error=reason)
     finally:
         client.close()
-    remove_partials(settings.artifacts_dir / str(job_id))
-    checkpoint_sync.drop(settings, job_id)
+    JobFiles(settings, job_id).remove_partials()
     return True
 
 
@@ -144,6 +143,7 @@ class JobRun:
 
     def __init__(self, settings: Settings, job_id: int, *, worker: str):
         self.settings, self.job_id, self.worker = settings, job_id, worker
+        self.files = JobFiles(settings, job_id)  # its paths and keys (app/job_files.py)
         self.url = settings.database
         # Short timeouts: while Redis is down or restarting, progress is dropped, the job runs on.
         self.redis = redis.Redis.from_url(
@@ -172,13 +172,12 @@ class JobRun:
             log.info("job %s not run: %s", self.job_id, claim.reason)
             if claim.reason.startswith("gave up"):
                 self._reporter(claim.job.attempt).status(FAILED, final=True, error=claim.reason)
-                remove_partials(self._job_dir())  # what the killed attempts left
-                checkpoint_sync.drop(self.settings, self.job_id)
+                self.files.remove_partials()  # what the killed attempts left
             return {"job": self.job_id, "skipped": claim.reason}
         self.attempt = claim.job.attempt
         reporter = self._reporter(self.attempt)
         reporter.status("running", worker=self.worker)
-        partial = self.partial = self._job_dir() / f"attempt-{self.attempt}.partial"
+        partial = self.partial = self.files.partial(self.attempt)
         watch = MemoryWatch(self.redis, self.job_id, self.attempt, on_over_limit=self._over_memory_limit,
                             max_rss_bytes=int(self.settings.worker_max_rss_gb * 1e9))
         self.liveness = Liveness(self.url, self.job_id, self.attempt, reporter,
@@ -201,22 +200,20 @@ class JobRun:
 
             options = RunOptions(device=self.settings.worker_device, output=str(partial),
                                  token=os.environ.get("HF_TOKEN") or None, task_dirs=self.settings.eval_task_dirs,
-                                 resume_dir=str(self._job_dir() / RESUME_DIR))  # a redelivery resumes there
-            # With a shared store, the checkpoints follow the job to whichever machine runs it next.
-            sync = checkpoint_sync.for_job(self.settings, self.job_id, self._job_dir() / RESUME_DIR)
-            if sync is not None:
-                try:
-                    sync.pull()
-                except storage.StorageError as err:  # no checkpoint then: the blocks run again
-                    log.warning("job %s: checkpoint not fetched: %s", self.job_id, err)
-                sync.start()
+                                 resume_dir=str(self.files.resume))  # a redelivery resumes there
+            # The checkpoints follow the job through its store to whichever machine runs it next.
+            sync = checkpoint_sync.for_job(self.settings, self.files)
+            try:
+                sync.pull()
+            except storage.StorageError as err:  # no checkpoint then: the blocks run again
+                log.warning("job %s: checkpoint not fetched: %s", self.job_id, err)
+            sync.start()
             try:
                 report = run_job(inputs.spec, options, on_progress=self.reporter.progress, should_cancel=should_cancel,
                                  on_loaded=lambda facts: check_loaded_model(facts, inputs.spec,
                                                                             self.settings.max_job_memory_gb))
             finally:
-                if sync is not None:
-                    sync.stop()
+                sync.stop()
             if should_cancel():
                 raise late_cancel()
         except BaseException as exc:  # every way out is recorded
@@ -227,18 +224,18 @@ class JobRun:
 
     def _record_success(self, report: dict[str, Any], inputs: JobInputs, partial: Path,
                         stored: dict[str, Any]) -> dict[str, Any]:
-        final = self._job_dir() / f"attempt-{self.attempt}"
+        final = self.files.attempt(self.attempt)
         shutil.rmtree(final, ignore_errors=True)
-        artifact = None
+        artifacts: list[dict[str, Any]] = []
         if partial.is_dir():
             # the report and card in the archive name what the user named, not the server's paths
             try:
-                published.rewrite(partial, report, inputs, stored, archive.artifact_name(self.job_id))
+                published.rewrite(partial, report, inputs, stored, self.files.name)
             except Exception:  # the engine's own files stay: the model is as good
                 log.exception("job %s: the report and card could not be rewritten", self.job_id)
             os.replace(partial, final)
-            try:
-                artifact = self._publish(final)
+            try:  # every format of the job (app/packagers.py), kept by the store
+                artifacts = self.files.publish(final, packagers.for_job(stored))
             except storage.StorageError as err:  # the store unreachable or refusing: the job fails with why
                 shutil.rmtree(final, ignore_errors=True)
                 return self._record_failure(err, stored)
@@ -247,24 +244,17 @@ class JobRun:
             done = crud.finish_job(
                 session, job_id=self.job_id, attempt=self.attempt, status=SUCCEEDED,
                 result=_jsonable({key: report.get(key) for key in RESULT_KEYS}),
-                progress=self.reporter.snapshot(), modules=module_rows(report), metrics=metrics, artifact=artifact,
+                progress=self.reporter.snapshot(), modules=module_rows(report), metrics=metrics, artifacts=artifacts,
             )
         if not done:
             log.warning("job %s attempt %s finished but no longer owns the job", self.job_id, self.attempt)
+            self.files.discard(artifacts)
             shutil.rmtree(final, ignore_errors=True)
-            if artifact is not None and storage.is_stored(artifact[0]):
-                storage.get_store(self.settings).delete(artifact[0])
             return {"job": self.job_id, "lost": True}
-        if artifact is not None and storage.is_stored(artifact[0]):
-            shutil.rmtree(final, ignore_errors=True)  # the store has it: no copy on this machine
-        for other in self._job_dir().glob("attempt-*"):  # earlier attempts' leftovers
-            if other != final:
-                shutil.rmtree(other, ignore_errors=True)
-        shutil.rmtree(self._job_dir() / RESUME_DIR, ignore_errors=True)
-        checkpoint_sync.drop(self.settings, self.job_id)
+        self.files.keep_only(artifacts)  # earlier attempts' leftovers, a copy a remote store holds, checkpoints
         self.reporter.status(
             SUCCEEDED, final=True,
-            artifact={"size": artifact[1], "sha256": artifact[2]} if artifact else None,
+            artifact={"size": artifacts[0]["size"], "sha256": artifacts[0]["sha256"]} if artifacts else None,
             perplexity={m["dataset"]: m["perplexity"] for m in metrics},
         )
         return {"job": self.job_id, "status": SUCCEEDED}
@@ -283,24 +273,9 @@ class JobRun:
                 session, job_id=self.job_id, attempt=self.attempt, status=status, error=reason,
                 progress=self.reporter.snapshot(),
             )
-        shutil.rmtree(self._job_dir() / RESUME_DIR, ignore_errors=True)  # the job ended: no attempt resumes
-        checkpoint_sync.drop(self.settings, self.job_id)
+        self.files.drop_checkpoints()  # the job ended: no attempt resumes
         self.reporter.status(status, final=True, error=reason)
         return {"job": self.job_id, "status": status, "error": reason}
-
-    def _publish(self, final: Path) -> tuple[str, int, str]:
-        """(path, size, sha256) of the archive: hashed here (it is made on the fly at download), or
-        with SPARSEGPT_STORAGE_URL streamed into the store as it is made, its report beside it."""
-        name = archive.artifact_name(self.job_id)
-        store = storage.get_store(self.settings)
-        if store is None:
-            size, sha = archive.digest(final, name)
-            return str(final), size, sha
-        report = final / published.REPORT
-        if report.is_file():
-            store.put_bytes(f"artifacts/{self.job_id}/{published.REPORT}", report.read_bytes(), "application/json")
-        return store.put_stream(storage.artifact_name(self.job_id, name), archive.iter_tar(final, name),
-                                content_type=archive.MEDIA_TYPE)
 
     def _over_memory_limit(self, reason: str) -> None:
         """The heartbeat thread's memory guard tripped: the job is failed, then this process is
@@ -313,8 +288,7 @@ class JobRun:
         log.error("job %s failed: %s", self.job_id, reason)
         self.reporter.status(FAILED, final=True, error=reason)
         shutil.rmtree(self.partial, ignore_errors=True)
-        shutil.rmtree(self._job_dir() / RESUME_DIR, ignore_errors=True)
-        checkpoint_sync.drop(self.settings, self.job_id)
+        self.files.drop_checkpoints()
         os.kill(os.getpid(), signal.SIGKILL)
 
     # --- helpers ------------------------------------------------------------------------------
@@ -324,21 +298,6 @@ class JobRun:
             self.redis, self.job_id, attempt, maxlen=self.settings.events_maxlen, ttl_s=self.settings.events_ttl_s
         )
         return self.reporter
-
-    def _job_dir(self) -> Path:
-        return self.settings.artifacts_dir / str(self.job_id)
-
-
-def remove_partials(job_dir: Path) -> None:
-    """Unfinished outputs of attempts whose process was killed (no ``finally`` ran for them), and
-    their checkpoints: called once the job has ended."""
-    for partial in job_dir.glob("attempt-*.partial"):
-        shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(job_dir / RESUME_DIR, ignore_errors=True)
-    try:
-        job_dir.rmdir()  # only if nothing else is there
-    except OSError:
-        pass
 
 
 # --- the report as database rows -----------------------------------------------------------------

@@ -11,11 +11,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Path as PathParam, Query, Response, status
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app import archive, crud, storage
+from app import archive, crud, packagers
 from app.api.deps import RedisDep, SessionDep, SettingsDep
 from app.auth import UserDep
 from app.models import SUCCEEDED, Job
-from app.schemas import ArtifactOut, JobList, JobOut, JobSpec, JobStatus, JobSummary, MetricOut, ModuleResultOut
+from app.schemas import (
+    ArtifactFileOut, ArtifactOut, JobList, JobOut, JobSpec, JobStatus, JobSummary, MetricOut, ModuleResultOut,
+)
 from app.services import jobs
 from app.services.jobs import job_url, live_progress
 from app.services.specs import SpecError
@@ -47,12 +49,22 @@ def summary(job: Job, progress: dict[str, Any] | None = None) -> dict[str, Any]:
     )
 
 
+def _file_name(job_id: int, format: str) -> str:
+    packager = packagers.get(format)
+    stem = archive.artifact_name(job_id)
+    return packager.file_name(stem) if packager is not None else f"{stem}.{format}"
+
+
 def job_out(job: Job, progress: dict[str, Any] | None = None, *, retention_s: int = 0) -> JobOut:
-    artifact = None
+    artifact, files = None, []
     if job.status == SUCCEEDED and job.artifact_sha256 and job.artifact_size is not None and job.artifact_expired_at is None:
         expires = job.finished_at + timedelta(seconds=retention_s) if retention_s > 0 and job.finished_at else None
         artifact = ArtifactOut(url=f"{job_url(job.id)}/artifact", size=job.artifact_size, sha256=job.artifact_sha256,
                                expires_at=expires)
+        files = [ArtifactFileOut(format=a.format, size=a.size, sha256=a.sha256, media_type=a.media_type,
+                                 url=f"{job_url(job.id)}/artifacts/{a.format}", file_name=_file_name(job.id, a.format),
+                                 expires_at=expires)
+                 for a in job.artifacts if a.expired_at is None]
     return JobOut(
         **summary(job, progress),
         spec=job.spec,
@@ -64,6 +76,7 @@ def job_out(job: Job, progress: dict[str, Any] | None = None, *, retention_s: in
         metrics=[MetricOut.model_validate(m) for m in job.metrics],
         modules=[ModuleResultOut.model_validate(m) for m in job.modules],
         artifact=artifact,
+        artifacts=files,
         artifact_expired_at=job.artifact_expired_at,
         retry_of=job.retry_of,
         events_url=f"{job_url(job.id)}/events",
@@ -176,52 +189,75 @@ def cancel_job(job_id: JobId, session: SessionDep, settings: SettingsDep, r: Red
     return JSONResponse(job_out(job, retention_s=settings.artifact_retention_s).model_dump(mode="json"), status_code=code)
 
 
+_DOWNLOAD_ERRORS = {
+    **NOT_FOUND,
+    409: {"description": "the job has not succeeded"},
+    410: {"description": "the artifact was removed"},
+    416: {"description": "the range starts past the file's end"},
+    503: {"description": "the object store is unreachable (Retry-After)"},
+}
+RangeHeader = Annotated[str | None, Header(alias="Range", max_length=200,
+                                           description="one `bytes=` range resumes a download (206)")]
+IfRangeHeader = Annotated[str | None, Header(alias="If-Range", max_length=200)]
+
+
 @router.get(
     "/{job_id}/artifact",
     response_class=StreamingResponse,
     responses={
-        **NOT_FOUND,
         200: {"content": {archive.MEDIA_TYPE: {}}, "description": "the pruned model directory as a tar archive"},
         206: {"content": {archive.MEDIA_TYPE: {}}, "description": "the bytes a `Range: bytes=a-b` header asked for"},
-        409: {"description": "the job has not succeeded"},
-        410: {"description": "the artifact was removed"},
-        416: {"description": "the range starts past the archive's end"},
+        **_DOWNLOAD_ERRORS,
     },
 )
-def download_artifact(
+def download_artifact(job_id: JobId, session: SessionDep, settings: SettingsDep, range_: RangeHeader = None,
+                      if_range: IfRangeHeader = None) -> Response:
+    """The pruned Hugging Face directory as one tar stream (the default format); its sha256 (of
+    the whole archive, also for a range) is in the X-Checksum-SHA256 and Repr-Digest headers and
+    in the job."""
+    return _serve(jobs.artifact(session, settings, job_id), range_, if_range)
+
+
+@router.get(
+    "/{job_id}/artifacts/{format}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"description": "the job's artifact in this format (its media type: the job's `artifacts` list)"},
+        206: {"description": "the bytes a `Range: bytes=a-b` header asked for"},
+        **_DOWNLOAD_ERRORS,
+    },
+)
+def download_artifact_format(
     job_id: JobId, session: SessionDep, settings: SettingsDep,
-    range_: Annotated[str | None, Header(alias="Range", max_length=200,
-                                         description="one `bytes=` range resumes a download (206)")] = None,
-    if_range: Annotated[str | None, Header(alias="If-Range", max_length=200)] = None,
+    format: Annotated[str, PathParam(max_length=32, pattern=r"^[a-z0-9-]+$",
+                                     description=f"an artifact format ({packagers.DEFAULT_FORMAT} is the default)")],
+    range_: RangeHeader = None, if_range: IfRangeHeader = None,
 ) -> Response:
-    """The pruned Hugging Face directory as one tar stream; its sha256 (of the whole archive,
-    also for a range) is in the X-Checksum-SHA256 and Repr-Digest headers and in the job."""
-    job, root = jobs.artifact_dir(session, settings, job_id)
-    name = archive.artifact_name(job_id)
-    size = job.artifact_size
-    digest_b64 = base64.b64encode(bytes.fromhex(job.artifact_sha256)).decode()
+    """One of the job's artifacts by format (its `artifacts` list names them), resumable the same way."""
+    return _serve(jobs.artifact(session, settings, job_id, format), range_, if_range)
+
+
+def _serve(download: jobs.Download, range_: str | None, if_range: str | None) -> Response:
+    """The whole file (200) or one range of it (206, 416), with its sha256 in the headers."""
+    row = download.artifact
+    size, media_type = row.size, row.media_type
+    digest_b64 = base64.b64encode(bytes.fromhex(row.sha256)).decode()
     headers = {
-        "Content-Disposition": f'attachment; filename="{name}.tar"',
-        "X-Checksum-SHA256": job.artifact_sha256,
+        "Content-Disposition": f'attachment; filename="{download.file_name}"',
+        "X-Checksum-SHA256": row.sha256,
         "Repr-Digest": f"sha-256=:{digest_b64}:",
-        "ETag": f'"{job.artifact_sha256}"',
+        "ETag": f'"{row.sha256}"',
         "Accept-Ranges": "bytes",
     }
     wanted = archive.parse_range(range_, size) if if_range in (None, headers["ETag"]) else None
     if wanted == "unsatisfiable":
         return Response(status_code=status.HTTP_416_RANGE_NOT_SATISFIABLE,
                         headers={"Content-Range": f"bytes */{size}", **headers})
-    if isinstance(root, str):  # in the shared store (app/storage.py): its bytes, a range as a range
-        def body(start: int = 0, end: int | None = None):
-            return storage.get_store(settings).iter_range(root, start, end)
-    else:
-        def body(start: int = 0, end: int | None = None):
-            return archive.iter_tar(root, name, start, end)
     if wanted is None:
         headers["Content-Length"] = str(size)
-        return StreamingResponse(body(), media_type=archive.MEDIA_TYPE, headers=headers)
+        return StreamingResponse(download.body(), media_type=media_type, headers=headers)
     start, end = wanted
     headers["Content-Length"] = str(end - start)
     headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    return StreamingResponse(body(start, end), status_code=status.HTTP_206_PARTIAL_CONTENT,
-                             media_type=archive.MEDIA_TYPE, headers=headers)
+    return StreamingResponse(download.body(start, end), status_code=status.HTTP_206_PARTIAL_CONTENT,
+                             media_type=media_type, headers=headers)

@@ -19,6 +19,7 @@ from app.crud.jobs import (  # noqa: F401
     count_active_jobs,
     delete_job,
     get_job,
+    get_artifact,
     list_jobs,
     discard_unsent,
     CancelOutcome,

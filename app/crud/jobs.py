@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from app.models import (
     CANCELLED,
+    Artifact,
     SUCCEEDED,
     QUEUED,
     RUNNING,
@@ -88,8 +89,13 @@ def delete_job(session: Session, *, job_id: int) -> str:
 def get_job(session: Session, job_id: int, *, details: bool = False) -> Job | None:
     query = select(Job).where(Job.id == job_id)
     if details:
-        query = query.options(selectinload(Job.modules), selectinload(Job.metrics))
+        query = query.options(selectinload(Job.modules), selectinload(Job.metrics), selectinload(Job.artifacts))
     return session.scalars(query).unique().one_or_none()
+
+
+def get_artifact(session: Session, job_id: int, format: str) -> Artifact | None:
+    """The job's artifact in ``format`` (expired ones too: the caller words a 410)."""
+    return session.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.format == format)).one_or_none()
 
 
 def list_jobs(

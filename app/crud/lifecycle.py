@@ -13,13 +13,16 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.archive import MEDIA_TYPE
 from app.crud.jobs import refresh_job
+from app.packagers import DEFAULT_FORMAT
 from app.models import (
     CANCELLED,
     FAILED,
     QUEUED,
     RUNNING,
     TERMINAL,
+    Artifact,
     Job,
     Metric,
     ModuleResult,
@@ -116,13 +119,22 @@ def finish_job(
     modules: Iterable[dict[str, Any]] = (),
     metrics: Iterable[dict[str, Any]] = (),
     artifact: tuple[str, int, str] | None = None,
+    artifacts: Iterable[dict[str, Any]] | None = None,
 ) -> bool:
-    """running -> ``status`` for this attempt only; results are written in the same transaction."""
+    """running -> ``status`` for this attempt only; results are written in the same transaction.
+    ``artifacts``: one row per format (format, media_type, path, size, sha256), the first being the
+    default one, which the job's artifact_* columns repeat; ``artifact`` (path, size, sha256) alone
+    is the default format's."""
     values: dict[str, Any] = dict(status=status, error=error, finished_at=utcnow(), result=result)
     if progress is not None:
         values["progress"] = progress
-    if artifact is not None:
-        values.update(artifact_path=artifact[0], artifact_size=artifact[1], artifact_sha256=artifact[2])
+    if artifacts is None and artifact is not None:
+        artifacts = [dict(format=DEFAULT_FORMAT, media_type=MEDIA_TYPE, path=artifact[0], size=artifact[1],
+                          sha256=artifact[2])]
+    artifacts = list(artifacts or ())
+    if artifacts:
+        first = artifacts[0]
+        values.update(artifact_path=first["path"], artifact_size=first["size"], artifact_sha256=first["sha256"])
     done = session.execute(
         update(Job).where(Job.id == job_id, Job.status == RUNNING, Job.attempt == attempt).values(**values)
     ).rowcount
@@ -130,6 +142,7 @@ def finish_job(
         return False
     session.add_all(ModuleResult(job_id=job_id, **m) for m in modules)
     session.add_all(Metric(job_id=job_id, **m) for m in metrics)
+    session.add_all(Artifact(job_id=job_id, **a) for a in artifacts)
     session.flush()
     return True
 
@@ -218,11 +231,17 @@ def artifacts_to_expire(session: Session, *, finished_before: datetime, limit: i
 
 
 def mark_artifact_expired(session: Session, *, job_id: int) -> bool:
-    return bool(
+    """The job's artifacts, every format, marked removed (a compare-and-set: one sweeper wins)."""
+    now = utcnow()
+    won = bool(
         session.execute(
-            update(Job).where(Job.id == job_id, Job.artifact_expired_at.is_(None)).values(artifact_expired_at=utcnow())
+            update(Job).where(Job.id == job_id, Job.artifact_expired_at.is_(None)).values(artifact_expired_at=now)
         ).rowcount
     )
+    if won:
+        session.execute(update(Artifact).where(Artifact.job_id == job_id, Artifact.expired_at.is_(None))
+                        .values(expired_at=now))
+    return won
 
 
 def stale_before(timeout_s: float) -> datetime:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -21,10 +19,11 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import crud, storage, streams
+from app import crud, packagers, storage, streams
 from app.auth import CurrentUser
 from app.config import Settings
-from app.models import QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job
+from app.job_files import JobFiles
+from app.models import QUEUED, RUNNING, SUCCEEDED, TERMINAL, Artifact, Job
 from app.queue import enqueue_job
 from app.services.routing import consumed, listing
 from app.services.specs import SpecError, check_spec
@@ -247,56 +246,69 @@ def delete(session: Session, settings: Settings, r: redis.Redis, user: CurrentUs
 
 
 def remove_artifact_files(settings: Settings, job_id: int) -> None:
-    """The job's directory under the artifacts dir (named by the job id, never by input), and its
-    objects in the store."""
-    root = settings.artifacts_dir.resolve()
-    target = (root / str(int(job_id))).resolve()
-    if target.parent == root:
-        shutil.rmtree(target, ignore_errors=True)
+    """Every file of the job: its directory under the artifacts dir and its objects in the store."""
+    JobFiles(settings, job_id).delete_all()
+
+
+# --- the artifacts -------------------------------------------------------------------------------
+
+
+def available_artifacts(job: Job, settings: Settings) -> list[Artifact]:
+    """The job's artifacts still on this server (cheap: no request to a remote store), default first."""
+    if job.status != SUCCEEDED or job.artifact_expired_at is not None:
+        return []
     store = storage.get_store(settings)
-    if store is not None:
-        try:
-            store.delete_prefix(f"artifacts/{int(job_id)}")
-            store.delete_prefix(f"checkpoints/{int(job_id)}")
-        except storage.StorageError as err:
-            log.warning("job %s: %s", job_id, err)
+    return [a for a in job.artifacts if a.expired_at is None and store.holds(a.path)]
 
 
-# --- the artifact --------------------------------------------------------------------------------
-
-
-def artifact_available(job: Job) -> bool:
+def artifact_available(job: Job, settings: Settings) -> bool:
     """The job succeeded and its files are still on this server."""
-    return (job.status == SUCCEEDED and bool(job.artifact_sha256) and job.artifact_size is not None
-            and bool(job.artifact_path) and job.artifact_expired_at is None
-            and (storage.is_stored(job.artifact_path) or Path(job.artifact_path).is_dir()))
+    return bool(available_artifacts(job, settings))
 
 
-def artifact_dir(session: Session, settings: Settings, job_id: int) -> tuple[Job, Path | str]:
-    """The job and its pruned model directory, or its archive's URL in the store (str); or 409
-    (not succeeded) / 410 (gone)."""
+@dataclass
+class Download:
+    job: Job
+    artifact: Artifact
+    packager: packagers.Packager
+    store: storage.Store
+    name: str  # the archive's top directory / the file name's stem
+
+    @property
+    def file_name(self) -> str:
+        return self.packager.file_name(self.name)
+
+    def body(self, start: int = 0, end: int | None = None):
+        return self.store.read(self.artifact.path, self.packager, self.name, start, end)
+
+
+def artifact(session: Session, settings: Settings, job_id: int, format: str | None = None) -> Download:
+    """The job's artifact in ``format`` (None: the default) ready to stream; or 404 (no such job
+    or format), 409 (not succeeded), 410 (gone), 503 (the store unreachable)."""
     job = get_or_404(session, job_id)
     if job.status != SUCCEEDED:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} is {job.status}; the artifact exists once it has succeeded")
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            detail=f"job {job_id} is {job.status}; the artifact exists once it has succeeded")
     if job.artifact_expired_at is not None:
         raise HTTPException(
             status.HTTP_410_GONE,
             detail=f"job {job_id}'s artifact was deleted on {job.artifact_expired_at:%Y-%m-%d %H:%M} UTC "
-                   f"(artifacts are kept {settings.artifact_retention_s / 86400:g} days); retry the job to make it again",
+                   f"(artifacts are kept {settings.artifact_retention_s / 86400:g} days); "
+                   "retry the job to make it again",
         )
-    if storage.is_stored(job.artifact_path) and job.artifact_sha256:
-        store = storage.get_store(settings)
-        try:
-            found = store.size(job.artifact_path) if store is not None else None
-        except (storage.StorageError, ValueError) as err:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "10"},
-                                detail=f"the object store is unreachable: {err}") from None
-        if found != job.artifact_size:
-            raise HTTPException(status.HTTP_410_GONE, detail=f"job {job_id}'s artifact is no longer in the store")
-        return job, str(job.artifact_path)
-    root = Path(job.artifact_path or "")
-    # The path is the worker's, under the artifacts directory; never one a request named.
-    inside = root.resolve().is_relative_to(settings.artifacts_dir.resolve()) if job.artifact_path else False
-    if not job.artifact_path or not inside or not root.is_dir() or not job.artifact_sha256:
-        raise HTTPException(status.HTTP_410_GONE, detail=f"job {job_id}'s artifact is no longer on the server")
-    return job, root
+    wanted = format or packagers.DEFAULT_FORMAT
+    row = crud.get_artifact(session, job_id, wanted)
+    packager = packagers.get(wanted)
+    if row is None or packager is None:
+        made = ", ".join(a.format for a in crud.get_job(session, job_id, details=True).artifacts) or "none"
+        raise HTTPException(status.HTTP_404_NOT_FOUND if format else status.HTTP_410_GONE,
+                            detail=f"job {job_id} has no artifact in the format {wanted!r} (it has: {made})")
+    store = storage.get_store(settings)
+    try:
+        intact = store.holds(row.path) and store.intact(row.path, row.size)
+    except storage.StorageError as err:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "10"},
+                            detail=f"the object store is unreachable: {err}") from None
+    if row.expired_at is not None or not intact:
+        raise HTTPException(status.HTTP_410_GONE, detail=f"job {job_id}'s artifact is no longer {store.place}")
+    return Download(job, row, packager, store, JobFiles(settings, job_id, store).name)

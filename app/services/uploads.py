@@ -16,13 +16,11 @@ queued or running job names it.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import re
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -328,34 +326,20 @@ def _keep(session: Session, settings: Settings, file: ReceivedFile, owner_id: in
             session.rollback()
             raise refusal
     sha = file.sha.hexdigest()
-    final = settings.uploads_dir / f"{sha}.{file.format}"
     store = storage.get_store(settings)
-    name = f"uploads/{sha}.{file.format}"
+    name = f"uploads/{sha}.{file.format}"  # content-addressed: sets of the same content share it
     row = crud.create_calibration_set(session, name=safe_name(file.filename), format=file.format, size=file.size,
-                                      sha256=sha, path=store.url(name) if store else str(final), owner_id=owner_id)
+                                      sha256=sha, path=store.location(name), owner_id=owner_id)
     session.commit()  # before the file is in place: a concurrent ``remove`` of a twin then keeps it
     try:
-        if store is not None:  # every worker reaches it there; no copy stays here
+        with store.locked():
             store.put_file(name, file.path)
-            file.discard()
-        else:
-            with _files_locked(settings):
-                os.replace(file.path, final)
+        file.discard()  # moved or uploaded: no copy stays here
     except (OSError, storage.StorageError) as err:
         crud.delete_calibration_set(session, set_id=row.id)
         session.commit()
         raise UploadError(507, f"the file could not be stored: {getattr(err, 'strerror', None) or err}") from None
     return row
-
-
-@contextmanager
-def _files_locked(settings: Settings):
-    """Serializes putting a stored file in place with removing one (a file may be shared by
-    sets of the same content): an exclusive lock on uploads_dir/.lock, across processes."""
-    settings.uploads_dir.mkdir(parents=True, exist_ok=True)
-    with open(settings.uploads_dir / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 @dataclass
@@ -377,15 +361,8 @@ def remove(session: Session, settings: Settings, set_id: int) -> Removal:
         return Removal(in_use_by=users)
     session.commit()
     store = storage.get_store(settings)
-    if store is not None and storage.is_stored(path):
+    with store.locked():
         if not crud.calibration_path_in_use(session, path):
-            store.delete(path)
-        session.rollback()
-        return Removal(deleted=True)
-    with _files_locked(settings):
-        if not crud.calibration_path_in_use(session, path):
-            stored = Path(path).resolve()
-            if stored.parent == settings.uploads_dir.resolve():  # ours: named by its hash, never by input
-                stored.unlink(missing_ok=True)
+            store.delete(path)  # only a location of the store's own (a row never names another)
         session.rollback()  # the read's transaction
     return Removal(deleted=True)

@@ -149,7 +149,8 @@ def job_page(request: Request, job_id: str) -> HTMLResponse:
             "zero_shot": job_rows(result.get("zero_shot")), "zero_shot_info": result.get("zero_shot") or {},
             "seconds": result.get("seconds") or {}, "environment": result.get("environment") or {},
             "active": job.status not in TERMINAL, "may_change": jobs.may_change(current_user(request), job),
-            "spec_json": json.dumps(job.spec, indent=2), "artifact_ok": jobs.artifact_available(job),
+            "spec_json": json.dumps(job.spec, indent=2),
+            "artifact_ok": jobs.artifact_available(job, request.app.state.settings),
             "message": request.query_params.get("message", "")[:300],
             "waiting": jobs.waiting_note(request.app.state.redis, job, request.app.state.settings.queue),
         })
