@@ -1,6 +1,7 @@
 """Pydantic response models of the API. The request body, ``JobSpec``, is the one job spec of
 ``worker.engine.spec`` (re-exported here); what needs the server's state (allowed directories,
-uploads that exist, the server's caps) is checked by ``app.services.specs``.
+uploads that exist, the server's caps) is checked by ``app.services.specs``. A job's ``result`` is
+the engine's report, ``worker.engine.report.Report`` (torch-free, as the spec).
 """
 
 from __future__ import annotations
@@ -8,10 +9,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from worker.engine.report import Report  # the engine's report: a job's result
 from worker.engine.spec import (  # noqa: F401 - the API's request model and its vocabulary
-    BUILTIN_DATASETS, DTYPES, METHODS, CalibrationSpec, EvaluationSpec, JobSpec, LayersSpec, SolverSpec, upload_id,
+    BUILTIN_DATASETS,
+    DTYPES,
+    METHODS,
+    CalibrationSpec,
+    EvaluationSpec,
+    JobSpec,
+    LayersSpec,
+    SolverSpec,
+    upload_id,
 )
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -78,7 +88,7 @@ class JobOut(JobSummary):
     heartbeat_at: datetime | None
     worker: str | None
     queue: str | None = Field(None, description="the queue it was sent to: where it fits (resources, its memory estimate)")
-    result: dict[str, Any] | None
+    result: Report | None = Field(description="the engine's report (null until the job succeeds)")
     metrics: list[MetricOut]
     modules: list[ModuleResultOut]
     artifact: ArtifactOut | None
@@ -86,6 +96,11 @@ class JobOut(JobSummary):
     artifact_expired_at: datetime | None = Field(None, description="when the artifact's files were removed")
     retry_of: int | None = Field(None, description="the job this one repeats (POST /jobs/{id}/retry)")
     events_url: str
+
+    @field_validator("result", mode="before")
+    @classmethod
+    def _report(cls, value: Any) -> Report | None:
+        return Report.load(value)  # a stored result of any version: a part that no longer validates is left out
 
 
 class JobList(BaseModel):

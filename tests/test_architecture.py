@@ -37,7 +37,7 @@ def test_the_engine_imports_nothing_of_the_service():
     assert bad == []
 
 
-SPEC_MODULES = ("worker.engine.spec", "worker.engine.spec_fields")  # pure pydantic, no torch
+SPEC_MODULES = ("worker.engine.spec", "worker.engine.spec_fields", "worker.engine.report")  # pure pydantic, no torch
 
 
 def test_app_imports_of_the_worker_are_the_spec_only():

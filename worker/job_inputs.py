@@ -33,16 +33,9 @@ class Refused(Exception):
 @dataclass(frozen=True)
 class JobInputs:
     spec: JobSpec  # what the engine runs: datasets are built-in names or file paths
-    labels: dict[str, str]  # a resolved dataset path -> the name the user gave (upload:3, a path)
-
-    def label(self, name: str) -> str:
-        """The name a metric is recorded under: the user's, for a dataset this module resolved."""
-        if name in self.labels:
-            return self.labels[name]
-        for path, label in self.labels.items():
-            if name in (Path(path).name, Path(path).stem):
-                return label
-        return name
+    # a resolved dataset path -> the name the user gave (upload:3, a path): the engine reports it so
+    # (worker.published.labels, RunOptions.labels)
+    labels: dict[str, str]
 
 
 def job_inputs(stored: dict[str, Any], settings: Settings) -> JobInputs:

@@ -34,7 +34,8 @@ from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED
 from app.queue import RUN_JOB_TASK
 from worker.celery_app import celery_app
 from worker.failures import describe_failure, is_cancel, is_expected, late_cancel
-from worker.job_inputs import JobInputs, job_inputs
+from worker.engine.report import Report
+from worker.job_inputs import job_inputs
 from worker.liveness import Liveness
 from worker.memory import (
     MemoryWatch, OomCounters, check_loaded_model, oom_counters, oom_evidence, oom_reason, read_sample,
@@ -43,12 +44,6 @@ from worker.reporter import RedisProgress
 from worker import published
 
 log = logging.getLogger(__name__)
-
-# What a job row's ``result`` keeps of the engine's report (layers and perplexity have tables).
-RESULT_KEYS = ("model", "method", "pattern", "sparsity", "sparsity_pruned_modules", "coverage", "experts", "seconds",
-               "peak_memory_bytes", "environment", "profile",
-               "refit",  # its mean errors before/after, swaps, seconds, and the pruned layers it left alone
-               "zero_shot")  # the lm-eval tasks' dense and pruned metrics (the job page's and compare page's tables)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -196,11 +191,14 @@ class JobRun:
             shutil.rmtree(partial, ignore_errors=True)
             partial.parent.mkdir(parents=True, exist_ok=True)
             # torch is imported here, in the pool's child, only once the job is accepted
-            from worker.engine.pipeline import RunOptions, run_job
+            from worker.engine.pipeline import RunOptions, run
 
             options = RunOptions(device=self.settings.worker_device, output=str(partial),
                                  token=os.environ.get("HF_TOKEN") or None, task_dirs=self.settings.eval_task_dirs,
-                                 resume_dir=str(self.files.resume))  # a redelivery resumes there
+                                 resume_dir=str(self.files.resume),  # a redelivery resumes there
+                                 # the report and card name what the user named, not the server's paths
+                                 labels=published.labels(inputs, stored, output=partial, name=self.files.name,
+                                                         task_dirs=tuple(self.settings.eval_task_dirs)))
             # The checkpoints follow the job through its store to whichever machine runs it next.
             sync = checkpoint_sync.for_job(self.settings, self.files)
             try:
@@ -209,7 +207,7 @@ class JobRun:
                 log.warning("job %s: checkpoint not fetched: %s", self.job_id, err)
             sync.start()
             try:
-                report = run_job(inputs.spec, options, on_progress=self.reporter.progress, should_cancel=should_cancel,
+                report = run(inputs.spec, options, on_progress=self.reporter.progress, should_cancel=should_cancel,
                                  on_loaded=lambda facts: check_loaded_model(facts, inputs.spec,
                                                                             self.settings.max_job_memory_gb))
             finally:
@@ -220,30 +218,24 @@ class JobRun:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             return self._record_failure(exc, stored)
-        return self._record_success(report, inputs, partial, stored)
+        return self._record_success(report, partial, stored)
 
-    def _record_success(self, report: dict[str, Any], inputs: JobInputs, partial: Path,
-                        stored: dict[str, Any]) -> dict[str, Any]:
+    def _record_success(self, report: Report, partial: Path, stored: dict[str, Any]) -> dict[str, Any]:
         final = self.files.attempt(self.attempt)
         shutil.rmtree(final, ignore_errors=True)
         artifacts: list[dict[str, Any]] = []
         if partial.is_dir():
-            # the report and card in the archive name what the user named, not the server's paths
-            try:
-                published.rewrite(partial, report, inputs, stored, self.files.name)
-            except Exception:  # the engine's own files stay: the model is as good
-                log.exception("job %s: the report and card could not be rewritten", self.job_id)
             os.replace(partial, final)
             try:  # every format of the job (app/packagers.py), kept by the store
                 artifacts = self.files.publish(final, packagers.for_job(stored))
             except storage.StorageError as err:  # the store unreachable or refusing: the job fails with why
                 shutil.rmtree(final, ignore_errors=True)
                 return self._record_failure(err, stored)
-        metrics = metric_rows(report, inputs)
+        metrics = metric_rows(report)
         with db.session_scope(self.url) as session:
             done = crud.finish_job(
                 session, job_id=self.job_id, attempt=self.attempt, status=SUCCEEDED,
-                result=_jsonable({key: report.get(key) for key in RESULT_KEYS}),
+                result=report.to_json(),  # the whole report (JSON-safe: no NaN)
                 progress=self.reporter.snapshot(), modules=module_rows(report), metrics=metrics, artifacts=artifacts,
             )
         if not done:
@@ -303,26 +295,25 @@ class JobRun:
 # --- the report as database rows -----------------------------------------------------------------
 
 
-def module_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+def module_rows(report: Report) -> list[dict[str, Any]]:
     """One row per pruned module: its block, achieved sparsity, reconstruction error, seconds."""
     return [
         {
-            "block": int(layer.get("block", -1)),
-            "name": str(layer["name"]),
-            "sparsity": float(layer.get("sparsity", 0.0)),
-            "error": _float(layer.get("error")),
-            "seconds": _float(layer.get("seconds")),
+            "block": -1 if layer.block is None else layer.block,
+            "name": str(layer.name),
+            "sparsity": _float(layer.sparsity) or 0.0,
+            "error": _float(layer.error),
+            "seconds": _float(layer.seconds),
         }
-        for layer in report.get("layers", [])
+        for layer in report.layers
     ]
 
 
-def metric_rows(report: dict[str, Any], inputs: JobInputs) -> list[dict[str, Any]]:
-    """One row per evaluation set (under the name the user gave it): dense and pruned perplexity."""
-    dense = report.get("dense_perplexity") or {}
-    pruned = report.get("perplexity") or {}
+def metric_rows(report: Report) -> list[dict[str, Any]]:
+    """One row per evaluation set (the report names it as the user did): dense and pruned perplexity."""
+    dense, pruned = report.dense_perplexity, report.perplexity
     return [
-        {"dataset": inputs.label(name), "dense_perplexity": _float(dense.get(name)), "perplexity": _float(pruned.get(name))}
+        {"dataset": name, "dense_perplexity": _float(dense.get(name)), "perplexity": _float(pruned.get(name))}
         for name in dict.fromkeys([*pruned, *dense])
     ]
 
@@ -335,14 +326,3 @@ def _float(value: Any) -> float | None:
         return None
     return out if math.isfinite(out) else None
 
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float):
-        return _float(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    return str(value)

@@ -1,4 +1,4 @@
-"""Zero-shot accuracy (a job's ``result["zero_shot"]``, from lm-evaluation-harness) as the rows
+"""Zero-shot accuracy (the report's ``zero_shot``, from lm-evaluation-harness) as the rows
 the job page and the compare page show: one per task and metric (acc, acc_norm, ...), dense and
 pruned as percentages, the change in points, the pruned value's standard error."""
 
@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
+from worker.engine.report import Report, ZeroShot
 
 
 def _number(value: Any) -> float | None:
@@ -22,12 +24,11 @@ def _metrics(values: dict[str, Any]) -> list[str]:
     return [m for m in values if not m.endswith("_stderr") and "_stderr," not in m and _number(values[m]) is not None]
 
 
-def job_rows(zero_shot: dict[str, Any] | None) -> list[dict[str, Any]]:
+def job_rows(zero_shot: ZeroShot | None) -> list[dict[str, Any]]:
     """The job page's table: task, metric, dense, pruned, pruned - dense (points), ± stderr."""
-    if not isinstance(zero_shot, dict):
+    if zero_shot is None:
         return []
-    dense, pruned = zero_shot.get("dense") or {}, zero_shot.get("pruned") or {}
-    examples = zero_shot.get("examples") or {}
+    dense, pruned, examples = zero_shot.dense, zero_shot.pruned, zero_shot.examples
     rows = []
     for task in list(dict.fromkeys([*pruned, *dense])):
         values = pruned.get(task) or {}
@@ -43,10 +44,10 @@ def job_rows(zero_shot: dict[str, Any] | None) -> list[dict[str, Any]]:
     return rows
 
 
-def compare_rows(results: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
-    """The compare page's table from the jobs' ``result``s: per task and metric, each job's row
+def compare_rows(reports: list[Report]) -> list[dict[str, Any]]:
+    """The compare page's table from the jobs' reports: per task and metric, each job's row
     (None: the job did not run that task)."""
-    per_job = [{(r["task"], r["metric"]): r for r in job_rows((result or {}).get("zero_shot"))} for result in results]
+    per_job = [{(r["task"], r["metric"]): r for r in job_rows(report.zero_shot)} for report in reports]
     keys = list(dict.fromkeys(key for rows in per_job for key in rows))
     return [{"task": task, "metric": metric, "values": [rows.get((task, metric)) for rows in per_job]}
             for task, metric in keys]

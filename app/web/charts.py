@@ -7,6 +7,8 @@ import math
 
 from markupsafe import Markup, escape
 
+from worker.engine.report import Profile
+
 PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563")
 _W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 640, 240, 56, 16, 28, 36
 
@@ -105,18 +107,20 @@ def line_chart(series: list[tuple[str, list[tuple[int, float]]]], *, title: str,
     return Markup("".join(parts))
 
 
-def profile_chart(profile: dict | None) -> Markup | None:
+def profile_chart(profile: Profile | dict | None) -> Markup | None:
     """Per block, the sparsity asked (the report's ``profile.targets``: uniform, OWL's or the user's)
     beside the sparsity achieved (``profile.achieved``), in %; blocks left dense are skipped. None
-    without a profile (a job from before issue 12)."""
-    if not isinstance(profile, dict):
+    without a profile (a job from an older version)."""
+    if isinstance(profile, dict):
+        profile = Profile.model_validate(profile)
+    if profile is None:
         return None
-    targets, achieved = profile.get("targets") or [], profile.get("achieved") or []
+    targets, achieved = profile.targets, profile.achieved
     rows = [(b, t, a) for b, (t, a) in enumerate(zip(targets, achieved))
             if isinstance(t, (int, float)) and isinstance(a, (int, float)) and math.isfinite(t) and math.isfinite(a)]
     if not rows:
         return None
-    kind = str(profile.get("profile") or "uniform")
+    kind = str(profile.profile or "uniform")
     parts = _frame(f"Sparsity per block, {kind}: target vs achieved (%)", 100.0)
     plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
     slot = plot_w / len(rows)

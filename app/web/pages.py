@@ -22,6 +22,7 @@ from app.web.accuracy import compare_rows, job_rows
 from app.web.charts import bar_chart, line_chart, profile_chart
 from app.web.filters import progress_view
 from app.web.render import current_user, error_page, open_session, parse_job_id, render
+from worker.engine.report import Report, facts
 from worker.engine.spec import BUILTIN_DATASETS, JobSpec
 
 router = APIRouter(include_in_schema=False)
@@ -117,7 +118,12 @@ def _block_series(job: Job) -> tuple[list[int], list[float], list[float | None]]
     return order, sparsity, errors
 
 
-def _job_charts(job: Job) -> dict[str, Any]:
+def report_of(job: Job) -> Report:
+    """The job's stored result as the engine's report (empty until it succeeds)."""
+    return Report.load(job.result) or Report()
+
+
+def _job_charts(job: Job, report: Report) -> dict[str, Any]:
     blocks, sparsity, errors = _block_series(job)
     if not blocks:
         return {}
@@ -128,7 +134,7 @@ def _job_charts(job: Job) -> dict[str, Any]:
         "error": bar_chart(labels, errors, title="Relative reconstruction error per block (mean of its modules)",
                            value_format="{:.3g}", css="bar-error"),
     }
-    profile = profile_chart((job.result or {}).get("profile"))  # target vs achieved, per block
+    profile = profile_chart(report.profile)  # target vs achieved, per block
     if profile is not None:
         charts["profile"] = profile
     return charts
@@ -142,12 +148,12 @@ def job_page(request: Request, job_id: str) -> HTMLResponse:
         if job is None:
             return error_page(request, 404, "Job not found", f"There is no job {job_id!r}. It may have been deleted.")
         progress = jobs.live_progress(request.app.state.redis, job)
-        result = job.result or {}
+        report = report_of(job)
         return render(request, "job.html", {
             "job": job, "spec": spec_view(job.spec), "progress": progress, "pview": progress_view(progress),
-            "charts": _job_charts(job), "metrics": job.metrics, "modules": job.modules, "result": result,
-            "zero_shot": job_rows(result.get("zero_shot")), "zero_shot_info": result.get("zero_shot") or {},
-            "seconds": result.get("seconds") or {}, "environment": result.get("environment") or {},
+            "charts": _job_charts(job, report), "metrics": job.metrics, "modules": job.modules,
+            "report": report, "has_report": bool(job.result), "facts": facts(report, "page"),
+            "zero_shot": job_rows(report.zero_shot),
             "active": job.status not in TERMINAL, "may_change": jobs.may_change(current_user(request), job),
             "spec_json": json.dumps(job.spec, indent=2),
             "artifact_ok": jobs.artifact_available(job, request.app.state.settings),
@@ -204,7 +210,7 @@ def _comparison(jobs_: list[Job]) -> dict[str, Any]:
         series.append((f"job {job.id}", [(b, e) for b, e in zip(blocks, errors) if e is not None]))
     chart = line_chart(series, title="Relative reconstruction error per block", x_label="block")
     return {"spec_rows": spec_rows, "ppl": ppl, "chart": chart, "differences": sum(r["differs"] for r in spec_rows),
-            "accuracy": compare_rows([job.result for job in jobs_])}
+            "accuracy": compare_rows([report_of(job) for job in jobs_])}
 
 
 @router.get("/compare", response_class=HTMLResponse)

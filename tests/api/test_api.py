@@ -141,6 +141,20 @@ def test_openapi_and_docs(client):
     assert client.get("/docs").status_code == 200
 
 
+def test_the_result_schema_is_the_engines_report(client):
+    """A job's ``result`` is typed in OpenAPI by the report module alone: every field of the report and
+    of each of its parts is listed (a field added there is here with no other edit)."""
+    from worker.engine import report
+
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert {"$ref": "#/components/schemas/Report"} in schemas["JobOut"]["properties"]["result"]["anyOf"]
+    parts = [m for m in vars(report).values()
+             if isinstance(m, type) and issubclass(m, report.Part) and m is not report.Part]
+    assert len(parts) > 10
+    for part in parts:
+        assert set(schemas[part.__name__]["properties"]) == {f.alias or n for n, f in part.model_fields.items()}, part
+
+
 # --- 422s on POST /jobs ---------------------------------------------------------------------
 
 BAD_SPECS = [

@@ -145,3 +145,33 @@ def test_the_job_page_charts_the_profile_target_against_achieved(client):
     page = client.get("/jobs/1")
     assert page.status_code == 200 and 'id="chart-profile"' in page.text and "owl" in page.text
     assert 'id="chart-profile"' not in client.get("/jobs/2").text
+
+
+def test_the_job_page_reads_the_stored_report_old_and_whole(client):
+    """The page reads a job's result as the engine's report: a result stored by the worker before it kept
+    the whole report (some of its keys), the whole report with its facts (dtype, revision), and a result
+    whose part no longer validates (left out, not a 500)."""
+    import json
+    from pathlib import Path
+
+    from app.models import Job
+
+    old = json.loads((Path(__file__).parents[1] / "engine" / "data" / "report_before_typing.json").read_text())
+    kept = ("model", "method", "pattern", "sparsity", "sparsity_pruned_modules", "coverage", "experts", "seconds",
+            "peak_memory_bytes", "environment", "profile", "refit", "zero_shot")
+    with db.session_scope(client.app.state.settings.database) as session:
+        for job_id, result in ((1, {k: old[k] for k in kept}), (2, {**old, "revision": "r1"}),
+                               (3, {**old, "refit": {"layers": "many"}, "seconds": [1]})):
+            job = session.get(Job, job_id)
+            job.status, job.result = "succeeded", result
+    for job_id in (1, 2, 3):
+        page = client.get(f"/jobs/{job_id}")
+        assert page.status_code == 200
+        assert f'id="sparsity-all">{100 * old["sparsity"]:.2f}%' in page.text
+        assert ("Refit reconstruct: mean reconstruction error" in page.text) == (job_id != 3)
+        assert ("<dt>eval dense</dt>" in page.text) == (job_id != 3)
+    whole = client.get("/jobs/2").text
+    assert "<dt>saved weights&#39; dtype</dt><dd>float32</dd>" in whole and "<dt>revision</dt><dd>r1</dd>" in whole
+    assert "saved weights" not in client.get("/jobs/1").text  # the old stored result held no dtype
+    api = client.get("/api/v1/jobs/1").json()["result"]
+    assert api == {k: old[k] for k in kept}  # the API returns what was stored, keys unchanged

@@ -2,7 +2,8 @@
 ``ModelCardData``/``EvalResult`` helpers (``base_model`` only for a Hub id, the perplexity and
 any zero-shot accuracy as ``model-index``), then what was done and how to do it again.
 
-No torch here; the report is read generically (sections it lacks are left out).
+No torch here; it reads the typed report (``worker.engine.report``; a report file's dict is read as
+one), leaving out the sections a report lacks, and lists the report's fields marked for the card.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import json
 import math
 import re
 import shlex
+from collections.abc import Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from worker.engine.report import Calibration, Report, Solver, as_report, facts
 from worker.engine.spec_fields import leaf_fields
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -36,40 +39,27 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def accuracies(report: dict) -> dict[str, dict[str, float]]:
-    """Zero-shot accuracy per task as {task: {"pruned": a, "dense": b}} from whichever report
-    key holds it ("zero_shot...", "...accuracy...", "tasks"), shaped {task: acc},
-    {task: {"pruned"/"acc"/...: acc, "dense": acc}} or {"pruned": {task: acc}, "dense": {...}}."""
+def accuracies(report: Report | Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Zero-shot accuracy per task as {task: {"pruned": a, "dense": b}}: the first accuracy metric
+    lm-eval gave (acc, then acc_norm and the like) of each task the pruned model was measured on."""
+    zero_shot = as_report(report).zero_shot
+    if zero_shot is None:
+        return {}
     out: dict[str, dict[str, float]] = {}
-    for key, value in report.items():
-        lowered = key.lower()
-        if not isinstance(value, dict) or not ("zero_shot" in lowered or "accuracy" in lowered or lowered == "tasks"):
-            continue
-        dense_key = "dense" in lowered
-        if isinstance(value.get("pruned"), dict) and all(isinstance(value.get(w, {}), dict) for w in ("pruned", "dense")):
-            for which in ("pruned", "dense"):  # {"pruned": {task: acc}, "dense": ..., other keys}
-                for task, acc in (value.get(which) or {}).items():
-                    if _number(_pick(acc)) is not None:
-                        out.setdefault(str(task), {})[which] = _number(_pick(acc))
-            continue
-        for task, acc in value.items():
-            if isinstance(acc, dict) and ("dense" in acc or "pruned" in acc):
-                for which in ("pruned", "dense"):
-                    if _number(_pick(acc.get(which))) is not None:
-                        out.setdefault(str(task), {})[which] = _number(_pick(acc.get(which)))
-            elif _number(_pick(acc)) is not None:
-                out.setdefault(str(task), {})["dense" if dense_key else "pruned"] = _number(_pick(acc))
-    return {task: v for task, v in out.items() if "pruned" in v}
+    for which, per_task in (("pruned", zero_shot.pruned), ("dense", zero_shot.dense)):
+        for task, values in per_task.items():
+            acc = _pick(values)
+            if acc is not None and (which == "pruned" or task in out):
+                out.setdefault(str(task), {})[which] = acc
+    return out
 
 
-def _pick(value: Any) -> Any:
-    """A number, or the accuracy in an lm-eval style result dict (acc, acc_norm, 'acc,none')."""
-    if isinstance(value, dict):
-        for key in ("acc", "acc,none", "accuracy", "acc_norm", "acc_norm,none", "value"):
-            if _number(value.get(key)) is not None:
-                return value[key]
-        return None
-    return value
+def _pick(values: Mapping[str, Any]) -> float | None:
+    """The accuracy among a task's metrics (acc, acc_norm, ...; lm-eval's 'acc,none' too)."""
+    for key in ("acc", "acc,none", "accuracy", "acc_norm", "acc_norm,none"):
+        if _number(values.get(key)) is not None:
+            return _number(values[key])
+    return None
 
 
 def reproduce_command(spec: dict) -> str:
@@ -101,11 +91,12 @@ def reproduce_command(spec: dict) -> str:
     return " ".join(parts)
 
 
-def card_data(report: dict) -> ModelCardData:
-    base = hub_id(report.get("model"))
-    name = f"{PurePosixPath(str(report.get('model'))).name}-{report.get('method')}-{report.get('pattern')}".replace(":", "of")
+def card_data(report: Report | Mapping[str, Any]) -> ModelCardData:
+    report = as_report(report)
+    base = hub_id(report.model)
+    name = f"{PurePosixPath(str(report.model)).name}-{report.method}-{report.pattern}".replace(":", "of")
     results = []
-    for dataset, ppl in (report.get("perplexity") or {}).items():
+    for dataset, ppl in report.perplexity.items():
         if _number(ppl) is not None:
             results.append(EvalResult(task_type="text-generation", dataset_type=_DATASET_TYPES.get(dataset, dataset),
                                       dataset_name=dataset, metric_type="perplexity", metric_value=round(ppl, 4),
@@ -118,23 +109,23 @@ def card_data(report: dict) -> ModelCardData:
                          model_name=name if results else None, eval_results=results or None)
 
 
-def model_card(report: dict) -> str:
+def model_card(report: Report | Mapping[str, Any]) -> str:
     """The README.md of the saved model."""
+    report = as_report(report)
     data = card_data(report)
-    cal = report.get("calibration") or {}
-    solver = report.get("solver") or {}
-    dense, pruned = report.get("dense_perplexity") or {}, report.get("perplexity") or {}
-    model = report.get("model")
+    cal, solver = report.calibration or Calibration(), report.solver or Solver()
+    dense, pruned = report.dense_perplexity, report.perplexity
+    model, method, pattern = report.model, report.method, report.pattern
     title = PurePosixPath(str(model)).name
     source = f"[{model}](https://huggingface.co/{model})" if data.base_model else f"a local model ({title})"
-    lines = [f"# {title} pruned with {report.get('method')} ({report.get('pattern')})", "",
+    lines = [f"# {title} pruned with {method} ({pattern})", "",
              f"One-shot pruned, without retraining, by sparsegpt-service from {source}.", "",
-             f"- Method: **{report.get('method')}**, pattern **{report.get('pattern')}**, achieved sparsity "
-             f"{float(report.get('sparsity') or 0):.4f} over the pruned Linear layers (embeddings and lm_head are dense).",
-             f"- Calibration: {cal.get('dataset')}, {cal.get('nsamples')} samples of {cal.get('seqlen')} tokens, "
-             f"seed {cal.get('seed')}.",
-             f"- Solver: blocksize {solver.get('blocksize')}, percdamp {solver.get('percdamp')}, weight bits "
-             f"{solver.get('wbits') or 'none (not quantized)'}{', exact (the reference arithmetic)' if solver.get('exact') else ''}.",
+             f"- Method: **{method}**, pattern **{pattern}**, achieved sparsity "
+             f"{float(report.sparsity or 0):.4f} over the pruned Linear layers (embeddings and lm_head are dense).",
+             f"- Calibration: {cal.dataset}, {cal.nsamples} samples of {cal.seqlen} tokens, seed {cal.seed}.",
+             f"- Solver: blocksize {solver.blocksize}, percdamp {solver.percdamp}, weight bits "
+             f"{solver.wbits or 'none (not quantized)'}{', exact (the reference arithmetic)' if solver.exact else ''}.",
+             *(f"- {label[:1].upper()}{label[1:]}: {text}." for label, text in facts(report, "card")),
              "", "**This is a dense checkpoint with zeros.** The pruned weights are stored as explicit zeros in "
              "ordinary safetensors files: it loads anywhere `AutoModelForCausalLM.from_pretrained` works, at the "
              "dense model's size and speed. A speed-up needs a runtime with sparse kernels (for 2:4, NVIDIA's "
@@ -147,16 +138,16 @@ def model_card(report: dict) -> str:
         lines += ["## Zero-shot accuracy", "", "| task | dense | pruned |", "|---|---|---|"]
         lines += [f"| {task} | {_fmt(v.get('dense'))} | {_fmt(v['pruned'])} |" for task, v in acc.items()] + [""]
     blocks: dict[int, list[float]] = {}
-    for layer in report.get("layers") or []:
-        blocks.setdefault(layer["block"], []).append(layer["sparsity"])
+    for layer in report.layers:
+        if layer.block is not None and layer.sparsity is not None:
+            blocks.setdefault(layer.block, []).append(layer.sparsity)
     if blocks:
         lines += ["## Sparsity per block", "", "| block | sparsity |", "|---|---|"]
         lines += [f"| {b} | {sum(v) / len(v):.4f} |" for b, v in sorted(blocks.items())] + [""]
-    spec = report.get("spec")
-    if isinstance(spec, dict):
-        lines += ["## Reproduce", "", "With the engine alone:", "", "```bash", reproduce_command(spec), "```", "",
-                  "Or as a job of the service (`POST /api/v1/jobs`):", "", "```json", json.dumps(spec, indent=2),
-                  "```", ""]
+    if report.spec is not None:
+        lines += ["## Reproduce", "", "With the engine alone:", "", "```bash", reproduce_command(report.spec), "```",
+                  "", "Or as a job of the service (`POST /api/v1/jobs`):", "", "```json",
+                  json.dumps(report.spec, indent=2), "```", ""]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from worker.engine.coverage_text import coverage_lines, sparsity_headline
+from worker.engine.report import Refit, Report, ZeroShot, as_report
 from worker.engine.spec import BUILTIN_DATASETS, METHODS, JobSpec, set_path
 from worker.engine.spec_fields import Leaf, error_path, leaf_fields, plain_message
 
@@ -162,7 +163,7 @@ def _run(spec: JobSpec, args: argparse.Namespace) -> int:
         hub.start(spec.model if not Path(spec.model).is_absolute() else "", spec.revision)  # while torch loads
     # Imported after the arguments are checked, so --help and argument errors are instant.
     from worker.engine.errors import EngineError, JobCancelled
-    from worker.engine.pipeline import RunOptions, run_job
+    from worker.engine.pipeline import RunOptions, run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
@@ -178,7 +179,7 @@ def _run(spec: JobSpec, args: argparse.Namespace) -> int:
 
         on_progress, close = console_reporter()
     try:
-        report = run_job(spec, options, on_progress=on_progress)
+        report = run(spec, options, on_progress=on_progress)
     except JobCancelled:
         close(False)
         return 130
@@ -198,60 +199,73 @@ def _run(spec: JobSpec, args: argparse.Namespace) -> int:
         return 1
     close()
     if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
     print(summary(report))
     return 0
 
 
-def summary(report: dict) -> str:
-    lines = [f"{report['method']} {report['pattern']}: {sparsity_headline(report)}, "
-             f"prune {report['seconds']['prune']:.1f} s, total {report['seconds']['total']:.1f} s, "
-             f"peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB"]
-    profile = report.get("profile") or {}
-    if profile.get("profile") in ("owl", "list"):
-        rows = [(b, t, a) for b, (t, a) in enumerate(zip(profile["targets"], profile["achieved"])) if t is not None]
-        extra = f", M {profile['m']:g}, lambda {profile['lambda']:g}" if profile["profile"] == "owl" else ""
-        lines.append(f"sparsity profile {profile['profile']}{extra} (the overall sparsity above is weighted by "
+def summary(report: Report | dict) -> str:
+    """What the run did, in a few lines (a report file's dict is read as a report)."""
+    report = as_report(report)
+    seconds, peak = report.seconds, report.peak_memory_bytes or 0
+    lines = [f"{report.method} {report.pattern}: {sparsity_headline(report.to_dict())}, "
+             f"prune {seconds.prune or 0:.1f} s, total {seconds.total or 0:.1f} s, peak memory {peak / 2**30:.2f} GiB"]
+    profile = report.profile
+    if profile is not None and profile.profile in ("owl", "list"):
+        rows = [(b, t, a) for b, (t, a) in enumerate(zip(profile.targets, profile.achieved))
+                if t is not None and a is not None]
+        extra = f", M {profile.m:g}, lambda {profile.lambda_:g}" if profile.profile == "owl" else ""
+        lines.append(f"sparsity profile {profile.profile}{extra} (the overall sparsity above is weighted by "
                      "parameters); block: target -> achieved")
         lines.append("  " + ", ".join(f"{b}: {t:.3f} -> {a:.3f}" for b, t, a in rows))
-    refit = report.get("refit") or {}
-    if refit.get("layers"):
-        lines.append(f"refit {refit['mode']}: mean reconstruction error {refit['error_before']:.4f} -> "
-                     f"{refit['error_after']:.4f} over {refit['layers']} layers, {refit['swaps']} swaps, "
-                     f"{refit['seconds']:.1f} s (within the prune)")
-    if refit.get("not_refit"):
-        lines.append(f"refit left alone {len(refit['not_refit'])} pruned layers (no calibration Hessian): "
-                     + ", ".join(refit["not_refit"][:8]) + (" ..." if len(refit["not_refit"]) > 8 else ""))
-    selected = report.get("layers_selected") or {}
-    if any(selected.get(k) not in (None, []) for k in ("first_block", "last_block", "include", "exclude")):
-        first, last = selected.get("first_block"), selected.get("last_block")
+    lines += _refit_lines(report.refit)
+    selected = report.layers_selected
+    if selected is not None and (selected.first_block is not None or selected.last_block is not None
+                                 or selected.include or selected.exclude):
+        first, last = selected.first_block, selected.last_block
         parts = [f"blocks {'first' if first is None else first}..{'last' if last is None else last}"]
-        parts += [f"{key} {', '.join(selected[key])}" for key in ("include", "exclude") if selected.get(key)]
+        parts += [f"{key} {', '.join(globs)}" for key, globs in (("include", selected.include),
+                                                                    ("exclude", selected.exclude)) if globs]
         lines.append(f"layer selection ({'; '.join(parts)}): the modules it leaves out stay dense (inside the "
                      "pruned blocks they count in the first sparsity above; blocks outside the range do not)")
-    lines += coverage_lines(report)
-    for name, ppl in report["perplexity"].items():
-        dense = report["dense_perplexity"].get(name)
+    lines += coverage_lines(report.to_dict())
+    for name, ppl in report.perplexity.items():
+        dense = report.dense_perplexity.get(name)
         before = f"{dense:.3f} -> " if dense is not None else ""
-        lines.append(f"perplexity {name}: {before}{ppl:.3f}")
-    lines += zero_shot_lines(report.get("zero_shot"))
-    if report.get("output"):
-        lines.append(f"saved to {report['output']} (a dense safetensors checkpoint with zeros)")
+        lines.append(f"perplexity {name}: {before}{ppl:.3f}" if ppl is not None else f"perplexity {name}: not finite")
+    lines += zero_shot_lines(report.zero_shot)
+    if report.output:
+        lines.append(f"saved to {report.output} (a dense safetensors checkpoint with zeros)")
     return "\n".join(lines)
 
 
-def zero_shot_lines(zero_shot: dict | None) -> list[str]:
+def _refit_lines(refit: Refit | None) -> list[str]:
+    if refit is None:
+        return []
+    lines = []
+    if refit.layers:
+        lines.append(f"refit {refit.mode}: mean reconstruction error {refit.error_before:.4f} -> "
+                     f"{refit.error_after:.4f} over {refit.layers} layers, {refit.swaps} swaps, "
+                     f"{refit.seconds:.1f} s (within the prune)")
+    if refit.not_refit:
+        lines.append(f"refit left alone {len(refit.not_refit)} pruned layers (no calibration Hessian): "
+                     + ", ".join(refit.not_refit[:8]) + (" ..." if len(refit.not_refit) > 8 else ""))
+    return lines
+
+
+def zero_shot_lines(zero_shot: ZeroShot | dict | None) -> list[str]:
     """One line per task and metric: dense -> pruned (acc, acc_norm and the like; no stderr)."""
+    if isinstance(zero_shot, dict):
+        zero_shot = ZeroShot.model_validate(zero_shot)
     if not zero_shot:
         return []
-    dense, pruned = zero_shot.get("dense") or {}, zero_shot.get("pruned") or {}
     lines = []
-    for task, values in pruned.items():
+    for task, values in zero_shot.pruned.items():
         for metric, value in values.items():
-            if metric.endswith("_stderr") or "_stderr," in metric:
+            if metric.endswith("_stderr") or "_stderr," in metric or value is None:
                 continue
-            before = (dense.get(task) or {}).get(metric)
-            n = (zero_shot.get("examples") or {}).get(task)
+            before = zero_shot.dense.get(task, {}).get(metric)
+            n = zero_shot.examples.get(task)
             lines.append(f"zero-shot {task} {metric}: {'' if before is None else f'{before:.4f} -> '}{value:.4f}"
                          + (f" ({n} examples)" if n else ""))
     return lines

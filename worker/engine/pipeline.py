@@ -3,7 +3,10 @@ dense model, prune, evaluate, save.
 
 ``run_job(spec, RunOptions(...), on_progress=..., should_cancel=...)`` is what the CLI and the
 Celery worker call; ``spec`` is the job spec (``worker.engine.spec.JobSpec``) with its datasets
-resolved to built-in names or file paths. It returns the report (a JSON-able dict).
+resolved to built-in names or file paths. ``run`` returns the report (``worker.engine.report.Report``),
+``run_job`` its JSON form (a dict, as the report file holds it). The report names each path the
+run read or wrote as ``RunOptions.labels`` names it (the worker: ``upload:3``, the model as the user
+gave it, the archive's name), so it and the model card are written once, with the user's names.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import resource
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,8 +28,9 @@ from worker.engine.errors import InvalidJob
 from worker.engine.moe import MoeSettings
 from worker.engine.owl import block_targets, check_profile
 from worker.engine.progress import CancelCheck, ProgressCallback, Tracker
-from worker.engine.resume import Checkpoints, fingerprint
 from worker.engine.refit import refit_summary
+from worker.engine.report import Environment, Report, Timings
+from worker.engine.resume import Checkpoints, fingerprint
 from worker.engine.sequential import LayerResult, SolverSettings, perplexity, prune_sequential
 from worker.engine.spec import JobSpec, upload_id
 from worker.engine.zeroshot import ZeroShot
@@ -47,6 +51,12 @@ class RunOptions:
     batch_size: int | None = None  # sequences per block forward; None: ~16k tokens on CUDA, 2k on the CPU
     resume_dir: str | None = None  # per-block checkpoints (worker.engine.resume): a rerun of the job resumes there
     task_dirs: tuple[str, ...] = ()  # directories of lm-eval task YAMLs that evaluation.tasks may name
+    # What the report and the card call a path this run read or wrote (a dataset file -> upload:3,
+    # the model's resolved directory -> the path as given, the output -> the archive's name); others as they are.
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def label(self, path: str | None) -> str | None:
+        return None if path is None else self.labels.get(str(path), str(path))
 
     def validate(self, spec: JobSpec) -> None:
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
@@ -62,15 +72,13 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device) -> Environment:
     import transformers
 
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "device": str(device),
-           "cpu_threads": torch.get_num_threads()}
+    env = Environment(python=platform.python_version(), torch=torch.__version__,
+                      transformers=transformers.__version__, device=str(device), cpu_threads=torch.get_num_threads())
     if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
+        env.gpu, env.cuda = torch.cuda.get_device_name(device), torch.version.cuda
     return env
 
 
@@ -178,55 +186,62 @@ class _Run:
             spec=self.spec.model_dump(mode="json"), dtype=self.dtype, device=self.device, batch_size=batch,
             calibration=self.calibration, blocks=len(self.adapter.blocks)))
 
-    def save(self, report: dict) -> None:
+    def save(self, report: Report) -> None:
         self.tracker.begin("saving", f"saving to {self.options.output}")
         t0 = time.perf_counter()
 
         def finish() -> dict:  # called once the weights are written: the report says what it cost
             self.seconds["save"] = time.perf_counter() - t0
             self.seconds["total"] = time.perf_counter() - self.start
-            return report
+            report.seconds = Timings(**self.seconds)
+            return report.to_dict()
 
         save_pruned(self.model, self.tokenizer, self.options.output, finish)
         self.seconds["save"] = time.perf_counter() - t0
 
-    def report(self, layers: list[LayerResult], dense_ppl: dict, pruned_ppl: dict) -> dict:
-        spec, device = self.spec, self.device
+    def report(self, layers: list[LayerResult], dense_ppl: dict, pruned_ppl: dict) -> Report:
+        """The report; each path it names is named as ``options.labels`` says (the walk's one place)."""
+        spec, device, label = self.spec, self.device, self.options.label
         sizes = [self.model.get_parameter(weight_name(r.name, self.model)).numel() for r in layers]
         used = [r.percdamp for r in layers]
         per_block: dict[int, list] = {}
         for r, n in zip(layers, sizes):
             per_block.setdefault(r.block, []).append((r, n))
         nblocks = len(self.adapter.blocks)
-        return {
-            "model": spec.model, "revision": spec.revision, "method": spec.method, "pattern": str(spec.pattern),
+        public = spec.model_copy(update={"model": label(spec.model)}).with_datasets(label)
+        ev = spec.evaluation
+        return Report(
+            model=public.model, revision=spec.revision, method=spec.method, pattern=str(spec.pattern),
             # sparsity: zeros / every weight of the pruned blocks; sparsity_pruned_modules; coverage: what stayed dense
             **coverage(self.model, self.adapter, self.selection, [r.name for r in layers]),
-            "experts": getattr(self, "experts", []),  # per experts module: routed tokens, Hessian source per expert
-            "profile": {**self.profile_info,  # per block (None: not pruned); each weighted by its Linears' sizes
-                        "targets": [per_block[b][0][0].target if b in per_block else None for b in range(nblocks)],
-                        "achieved": [sum(r.sparsity * n for r, n in per_block[b]) / sum(n for _, n in per_block[b])
-                                     if b in per_block else None for b in range(nblocks)]},
-            "calibration": {**spec.calibration.model_dump(), "seqlen": self.seqlen},
-            "solver": {"blocksize": spec.solver.blocksize, "percdamp": spec.solver.percdamp,
-                       "percdamp_max_used": max(used, default=0.0),  # 0.0: no layer was dampened
-                       "wbits": spec.solver.wbits, "exact": spec.solver.exact, "refit": spec.solver.refit},
-            "refit": refit_summary(spec.solver.refit, layers, sizes),
-            "layers_selected": spec.layers.model_dump(),
-            "evaluation": {"datasets": list(spec.evaluation.datasets), "max_windows": spec.evaluation.max_windows,
-                           "windows": {k: int(v.shape[0]) for k, v in self.eval_windows.items()}},
-            "dense_perplexity": dense_ppl, "perplexity": pruned_ppl,
-            "seconds": self.seconds,
-            "peak_memory_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                                  else self.peak_prune_rss),
-            "peak_rss_bytes": _peak_rss_bytes(),
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "layers": [r.as_dict() for r in layers],
-            "environment": environment(device),
-            "spec": spec.model_dump(mode="json"),
-            "run": {k: v for k, v in asdict(self.options).items() if k not in ("token", "resume_dir")},
-            "output": str(self.options.output) if self.options.output else None,
-        }
+            experts=getattr(self, "experts", []),  # per experts module: routed tokens, Hessian source per expert
+            profile={**self.profile_info,  # per block (None: not pruned); each weighted by its Linears' sizes
+                     "targets": [per_block[b][0][0].target if b in per_block else None for b in range(nblocks)],
+                     "achieved": [sum(r.sparsity * n for r, n in per_block[b]) / sum(n for _, n in per_block[b])
+                                  if b in per_block else None for b in range(nblocks)]},
+            calibration={**public.calibration.model_dump(), "seqlen": self.seqlen},
+            solver={"blocksize": spec.solver.blocksize, "percdamp": spec.solver.percdamp,
+                    "percdamp_max_used": max(used, default=0.0),  # 0.0: no layer was dampened
+                    "wbits": spec.solver.wbits, "exact": spec.solver.exact, "refit": spec.solver.refit},
+            refit=refit_summary(spec.solver.refit, layers, sizes),
+            layers_selected=spec.layers.model_dump(),
+            evaluation={"datasets": list(public.evaluation.datasets), "max_windows": ev.max_windows,
+                        "windows": {label(k): int(v.shape[0]) for k, v in self.eval_windows.items()}},
+            dense_perplexity={label(k): v for k, v in dense_ppl.items()},
+            perplexity={label(k): v for k, v in pruned_ppl.items()},
+            seconds=Timings(**self.seconds),
+            peak_memory_bytes=(torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                               else self.peak_prune_rss),
+            peak_rss_bytes=_peak_rss_bytes(),
+            dtype=str(self.dtype).replace("torch.", ""),
+            layers=[r.as_dict() for r in layers],
+            environment=environment(device),
+            spec=public.model_dump(mode="json"),
+            run={"device": self.options.device, "output": label(self.options.output),
+                 "batch_size": self.options.batch_size, "task_dirs": [label(d) for d in self.options.task_dirs]},
+            output=label(self.options.output) if self.options.output else None,
+            zero_shot=self.zero_shot.report(),  # None without evaluation.tasks
+        )
 
 
 def _stages(spec: JobSpec, options: RunOptions) -> list[str]:
@@ -239,6 +254,12 @@ def _stages(spec: JobSpec, options: RunOptions) -> list[str]:
 
 def run_job(spec: JobSpec, options: RunOptions | None = None, *, on_progress: ProgressCallback | None = None,
             should_cancel: CancelCheck | None = None, on_loaded: Callable[[dict], None] | None = None) -> dict:
+    """``run``'s report as the report file holds it (a dict): for scripts that read it as JSON."""
+    return run(spec, options, on_progress=on_progress, should_cancel=should_cancel, on_loaded=on_loaded).to_dict()
+
+
+def run(spec: JobSpec, options: RunOptions | None = None, *, on_progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None, on_loaded: Callable[[dict], None] | None = None) -> Report:
     """Run the job ``spec`` describes; returns the report. Raises EngineError subclasses for what a
     user can fix. ``on_loaded(facts)``, once the model is loaded and before calibrating, gets its
     config (a dict), parameter count, working dtype, device kind, seqlen and whether the weights
@@ -280,11 +301,11 @@ def run_job(spec: JobSpec, options: RunOptions | None = None, *, on_progress: Pr
             run.evaluate_tasks("evaluating_tasks", "pruned")
     run.seconds["eval"] = run.seconds.get("eval_dense", 0.0) + run.seconds.get("eval_pruned", 0.0)
     report = run.report(layers, dense_ppl, pruned_ppl)
-    report["zero_shot"] = run.zero_shot.report()  # None without evaluation.tasks
     if spec.solver.refit != "none":
-        run.seconds["refit"] = report["refit"]["seconds"]  # inside seconds.prune
+        run.seconds["refit"] = report.refit.seconds  # inside seconds.prune
     if options.output:
         run.save(report)
     run.seconds["total"] = time.perf_counter() - run.start
+    report.seconds = Timings(**run.seconds)
     run.tracker.emit(1.0, message="done")
     return report
