@@ -193,6 +193,17 @@ def current_umask() -> int:
     return mask
 
 
+def follow_umask(directory: Path) -> None:
+    """Give every file under ``directory`` the mode the umask allows (0644 under the usual 022).
+
+    Some writers (safetensors through a temporary file) create 0600 files, which teammates of a
+    shared server could not read once the directory is published.
+    """
+    mask = current_umask()
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def save_pruned(model, tokenizer, output: str | Path, finish_report: Callable[[], dict]) -> Path:
     """Write the HF directory (safetensors, config, tokenizer, README card, report) atomically.
 
@@ -213,6 +224,7 @@ def save_pruned(model, tokenizer, output: str | Path, finish_report: Callable[[]
         report = finish_report()
         (staging / "README.md").write_text(model_card(report), encoding="utf-8")
         (staging / "sparsegpt_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        follow_umask(staging)
         if output.exists():
             output.rmdir()
         staging.rename(output)

@@ -93,12 +93,18 @@ class Tracker:
         })
 
 
-def console_reporter() -> tuple[ProgressCallback, Callable[..., None]]:
-    """A tqdm bar for the CLI: (on_progress, close). No bar when stderr is not a terminal (a log
-    gets no bar fragments); ``close(ok=False)`` wipes it, so an error is the only line left."""
+def console_reporter(stream=None) -> tuple[ProgressCallback, Callable[..., None]]:
+    """A tqdm bar for the CLI: (on_progress, close); ``close(ok=False)`` wipes it, so an error is
+    the only line left. When stderr is not a terminal (a file, a CI log) there is no bar: a line
+    per stage and per block instead (``line_reporter``), so a log never stays silent for minutes."""
+    import sys
+
+    stream = stream if stream is not None else sys.stderr
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        return line_reporter(stream)
     from tqdm import tqdm
 
-    bar = tqdm(total=1000, unit="", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}", disable=None)
+    bar = tqdm(total=1000, unit="", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}", file=stream)
 
     def on_progress(event: dict) -> None:
         bar.n = int(event["fraction"] * 1000)
@@ -113,3 +119,34 @@ def console_reporter() -> tuple[ProgressCallback, Callable[..., None]]:
         bar.close()
 
     return on_progress, close
+
+
+def line_reporter(stream) -> tuple[ProgressCallback, Callable[..., None]]:
+    """Progress as plain lines for a log: one when the stage changes and one per block, with the
+    elapsed time and the ETA ("pruning  block 3/30  12.4 s elapsed, about 1 min 40 s left")."""
+    seen: set[tuple] = set()
+
+    def on_progress(event: dict) -> None:
+        layer = event.get("layer")
+        key = (event["stage"], layer)
+        if key in seen:
+            return
+        seen.add(key)
+        where = f"block {layer + 1}/{event['layers']}" if layer is not None and event.get("layers") else ""
+        eta = event.get("eta_s")
+        times = f"{event.get('elapsed_s', 0):.1f} s elapsed" + (f", about {_duration(eta)} left" if eta else "")
+        text = "  ".join(x for x in (f"{event['stage']:<11}", where, times) if x)
+        print(text, file=stream, flush=True)
+
+    def close(ok: bool = True) -> None:
+        stream.flush()
+
+    return on_progress, close
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes} min {seconds} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
