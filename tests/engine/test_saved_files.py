@@ -51,3 +51,22 @@ def test_saved_files_follow_the_umask_and_a_log_gets_progress_lines(files, tmp_p
     stages = [line.split()[0] for line in lines if line.strip()]
     assert "saving" in stages and stages.index("pruning") < stages.index("saving")
     assert all("elapsed" in line for line in lines if line.split()[0] in ("pruning", "saving"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["MODEL", "--calibration", "/nonexistent/cal.txt"], "--calibration '/nonexistent/cal.txt': no such file"),
+    (["MODEL", "--calibration", "CAL", "--eval", "missing-eval.txt"], "--eval"),
+    (["/no/such/model", "--calibration", "CAL"], "model '/no/such/model': no such file or directory"),
+    (["MODEL", "--calibration", "CAL", "--eval-include", "/nonexistent-tasks"], "--eval-include"),
+    (["MODEL", "--calibration", "CAL", "--output", "MODEL"], "exists and is not empty"),
+])
+def test_the_cli_checks_every_path_before_it_loads_anything(files, args, message):
+    import time
+
+    args = [str(files / "model") if a == "MODEL" else str(files / "cal.txt") if a == "CAL" else a for a in args]
+    t0 = time.monotonic()
+    result = subprocess.run([*SPARSEGPT, "prune", *args, "--device", "cpu"], capture_output=True, text=True,
+                            env=ENV, timeout=120, cwd=REPO)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert time.monotonic() - t0 < 60

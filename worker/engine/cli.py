@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -149,10 +150,42 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentFileError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    if args.report and not Path(args.report).parent.exists():
-        print(f"{PROG}: error: report directory {str(Path(args.report).parent)!r} does not exist", file=sys.stderr)
+    problem = path_problem(spec, args)
+    if problem:  # before torch and the model load: a typo costs a second, not a minute
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     return _run(spec, args)
+
+
+def path_problem(spec: JobSpec, args: argparse.Namespace) -> str | None:
+    """The first file or directory named on the command line that cannot be used, in words."""
+    model = Path(args.model).expanduser()
+    if not model.exists() and (args.model.startswith((".", "/", "~")) or args.model.endswith(".gguf")
+                               or args.model.count("/") > 1):
+        return f"model {args.model!r}: no such file or directory (a Hub id is ORG/NAME)"
+    named = [("--calibration", spec.calibration.dataset)] + [("--eval", d) for d in spec.evaluation.datasets]
+    for flag, name in named:
+        if name in BUILTIN_DATASETS or not Path(name).is_absolute():
+            continue
+        if not Path(name).is_file():
+            return f"{flag} {name!r}: no such file"
+        if not os.access(name, os.R_OK):
+            return f"{flag} {name!r}: not readable"
+    for flag, name in [("--eval-include", d) for d in args.task_dirs] + [("--checkpoint-dir", args.checkpoint_dir)]:
+        if name and Path(name).expanduser().exists() and not Path(name).expanduser().is_dir():
+            return f"{flag} {name!r}: not a directory"
+        if name and flag == "--eval-include" and not Path(name).expanduser().is_dir():
+            return f"{flag} {name!r}: no such directory"
+    if args.report and not Path(args.report).parent.exists():
+        return f"report directory {str(Path(args.report).parent)!r} does not exist"
+    if args.output:
+        out = Path(args.output).expanduser()
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            return f"output directory {str(out)!r} exists and is not empty"
+        parent = next((p for p in [out, *out.parents] if p.exists()), None)
+        if parent is not None and not os.access(parent, os.W_OK):
+            return f"output directory {str(out)!r}: {str(parent)!r} is not writable"
+    return None
 
 
 def _run(spec: JobSpec, args: argparse.Namespace) -> int:
