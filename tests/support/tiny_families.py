@@ -26,10 +26,21 @@ SIZES = dict(
     # multi-head latent attention (DeepSeek-V2/V3, GLM-4-MoE-lite, MiniCPM3, LongCat)
     kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16,
     n_group=1, topk_group=1, rotary_dim=8, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+    # dense first blocks and shared experts of their own width (Ergo, Kolibri)
+    first_dense_intermediate_size=128, shared_intermediate_size=64, mlp_only_intermediate_size=128,
 )
 FIXES = {  # what the shared sizes leave inconsistent in one family
     "mamba2": dict(num_heads=8),  # hidden * expand == num_heads * head_dim
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
+    # their sliding-window / output low-rank / indexer sizes are separate fields (8192-wide projections otherwise)
+    **{f: dict(swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16, sliding_window_size=32,
+               rel_extent=64, unpadded_vocab_size=VOCAB) for f in ("inkling_text", "inkling2_text", "inkling2_loop_text")},
+    "deepseek_v4": dict(o_lora_rank=16, o_groups=2, index_n_heads=4, index_head_dim=16, index_topk=16),
+    # one sliding and one indexed-attention block, the first with a dense MLP, the second with experts;
+    # the indexer's heads must fit the query heads of one key head (4 // 2)
+    "kolibri1_1": dict(layer_types=["sliding_attention", "indexed_attention"], mlp_only_layers=[0], index_num_heads=2,
+                       index_topk=16, index_pool_size=64, index_compression=4, index_num_local_tokens=4,
+                       index_num_sink_tokens=2),
 }
 # multi-head latent attention: the rotary part is head_dim wide and every head has its own K/V
 MLA = dict(head_dim=8, num_key_value_heads=4)
@@ -45,8 +56,6 @@ SHRINK_FAILS = {
     "gemma4_assistant": "hidden_size_per_layer_input must be 0 for the assistant",
     "gemma4_text": "head_dim is a per-layer attribute (per_layer_config)",
     "gemma4_unified_text": "head_dim is a per-layer attribute (per_layer_config)",
-    "inkling2_loop_text": "sizes the shrink does not know keep it above 5M parameters",
-    "inkling2_text": "sizes the shrink does not know keep it above 5M parameters",
     "lfm2_moe": "its dense/MoE layer split (num_dense_layers, layer_types) needs values together",
     "zamba": "its layer types (hybrid mamba/attention) fail the config's validator at 2 layers",
     "zamba2": "its layer types (hybrid mamba/attention) fail the config's validator at 2 layers",
