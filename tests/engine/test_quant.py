@@ -22,7 +22,8 @@ def make_inputs(rows=32, cols=256, tokens=600, seed=0):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(rows, cols, generator=g)
     scales = torch.exp(torch.randn(cols, generator=g))
-    X = torch.randn(tokens, cols, generator=g) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g) / cols**0.5)
+    mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g) / cols**0.5
+    X = torch.randn(tokens, cols, generator=g) @ mix
     h = Hessian(cols, "cpu")
     for part in (X * scales).reshape(4, -1, cols):
         h.add_batch(part.unsqueeze(0))
