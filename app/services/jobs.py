@@ -298,6 +298,10 @@ def artifact(session: Session, settings: Settings, job_id: int, format: str | No
         )
     wanted = format or packagers.DEFAULT_FORMAT
     row = crud.get_artifact(session, job_id, wanted)
+    if row is None and wanted == packagers.DEFAULT_FORMAT and job.artifact_path and job.artifact_sha256:
+        # recorded by a worker of the version before artifact rows (a rolling upgrade): the same tar
+        row = Artifact(job_id=job.id, format=wanted, media_type=packagers.HfTar.media_type, path=job.artifact_path,
+                       size=job.artifact_size or 0, sha256=job.artifact_sha256)
     packager = packagers.get(wanted)
     if row is None or packager is None:
         made = ", ".join(a.format for a in crud.get_job(session, job_id, details=True).artifacts) or "none"

@@ -179,3 +179,18 @@ def test_a_registered_format_must_have_a_new_plain_name():
     with pytest.raises(ValueError, match="default"):
         packagers.unregister(packagers.DEFAULT_FORMAT)
     assert packagers.formats()[0] == "hf-tar"
+
+
+def test_a_job_recorded_without_rows_still_downloads_its_tar(env):
+    """A job an older worker finished during an upgrade (the job's artifact columns only)."""
+    from app.models import Artifact
+
+    job_id, final = finished_job(env)
+    h = env.as_("alice")
+    before = env.client.get(f"/api/v1/jobs/{job_id}/artifact", headers=h).content
+    with db.session_scope(env.settings.database) as session:
+        for row in session.query(Artifact).filter_by(job_id=job_id):
+            session.delete(row)
+    after = env.client.get(f"/api/v1/jobs/{job_id}/artifact", headers={**h, "Range": "bytes=100-"})
+    assert after.status_code == 206 and after.content == before[100:]
+    assert env.client.get(f"/api/v1/jobs/{job_id}/artifacts/test-manifest", headers=h).status_code == 404
