@@ -14,6 +14,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 
 from app import auth, db, guard, login, web
 from app.api import events, health, jobs, uploads, usage, workers
@@ -21,6 +22,7 @@ from app.config import Settings, get_settings
 from app.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
+DOCS_ASSETS = "/static/api-docs"  # under /static/: public, cacheable, like the dashboard's own files
 
 
 def create_app(settings: Settings | None = None, *, migrate: bool = True, bind_host: str | None = None) -> FastAPI:
@@ -51,10 +53,13 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, bind_h
             await app.state.aredis.aclose()
             app.state.redis.close()
 
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI's and ReDoc's files served by the app (fastapi-offline ships
+    # them) instead of a CDN: a server without the internet still shows its API docs.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
         title="sparsegpt-service",
         version="0.1.0",
-        summary="Queue one-shot SparseGPT / Wanda / magnitude pruning jobs on shared GPUs.",
+        summary="Queue one-shot LLM pruning jobs (SparseGPT and the methods of GET /api/v1/jobs specs) on shared GPUs.",
         lifespan=lifespan,
         # Every route needs a signed-in user (Bearer token or the dashboard's session cookie),
         # except /health, /login, /logout, static files and the docs: see app.auth.
@@ -71,6 +76,6 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, bind_h
     app.add_exception_handler(RequestValidationError, guard.validation_error_handler)
     # Added last, so outermost: Host, cross-site requests, sign-in and body caps are decided
     # before any route runs and before the body is read (app/guard.py).
-    docs = {app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url} - {None}
+    docs = {"/docs", "/redoc", app.openapi_url, app.swagger_ui_oauth2_redirect_url} - {None}  # FastAPIOffline's
     app.add_middleware(guard.Guard, settings=settings, bind_host=bind_host, open_paths=frozenset(docs))
     return app
