@@ -19,7 +19,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -35,12 +34,13 @@ from worker.engine.attention_kinds import capture_kind_kwargs
 from worker.engine import offload as host
 from worker.engine.method_table import method_info
 from worker.engine.methods import prune_layers
+from worker.engine.methods.sparsegpt import sparsegpt_arithmetic
 from worker.engine.moe import ExpertCollector, MoeSettings, fused_experts, prune_experts
 from worker.engine.patterns import SparsityPattern
 from worker.engine.progress import Tracker
-from worker.engine.reference import RunningHessian, reference_prune_shared
+from worker.engine.reference import RunningHessian
 from worker.engine.resume import Checkpoints
-from worker.engine.sparsegpt import Hessian, PruneResult, sparsegpt_prune_shared
+from worker.engine.sparsegpt import Hessian, PruneResult
 
 log = logging.getLogger(__name__)
 LOGIT_TOKENS = 256  # evaluation: (tokens, vocab) fp32 logits are made this many tokens at a time
@@ -71,23 +71,8 @@ class SolverSettings:
     blocksize: int = 128
     percdamp: float = 0.01
     wbits: int | None = None
-    exact: bool = False  # the reference's arithmetic, operation for operation (see sparsegpt_arithmetic)
+    exact: bool = False  # the reference's arithmetic, operation for operation (methods.sparsegpt_arithmetic)
     refit: str = "none"  # after the prune, worker.engine.refit.REFITS
-
-
-class Arithmetic(NamedTuple):
-    """How SparseGPT's numbers are computed: the Hessian accumulator and the solve of a Hessian group."""
-
-    hessian: Callable[[int, torch.device], Hessian | RunningHessian]  # (columns, device)
-    prune_shared: Callable[..., list[PruneResult]]  # sparsegpt_prune_shared's signature
-
-
-def sparsegpt_arithmetic(solver: SolverSettings) -> Arithmetic:
-    """The fast solver, or with ``solver.exact`` the reference's operations (worker.engine.reference),
-    which reproduce benchmarks/reference_sparsegpt.py bit for bit. The one place ``exact`` is read."""
-    if solver.exact:
-        return Arithmetic(hessian=RunningHessian, prune_shared=reference_prune_shared)
-    return Arithmetic(hessian=Hessian, prune_shared=sparsegpt_prune_shared)
 
 
 @dataclass
@@ -291,8 +276,9 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
                      checkpoints: Checkpoints | None = None) -> list[LayerResult]:
     """Prune the selected Linears of every selected block; returns one result per Linear.
 
-    ``calibration`` (nsamples, seqlen) token ids; a method that reads no statistics (magnitude) needs none. ``targets``: an
-    unstructured sparsity per block (a non-uniform profile, worker.engine.owl) instead of the pattern's.
+    ``calibration`` (nsamples, seqlen) token ids; a method that reads no statistics (magnitude) needs
+    none. ``targets``: an unstructured sparsity per block (a non-uniform profile, worker.engine.owl)
+    instead of the pattern's.
     Fused experts are pruned per expert (worker.engine.moe, ``moe``); their token counts and Hessian
     sources are appended to ``expert_records``. ``checkpoints``: resume and checkpoint (worker.engine.resume).
     """
