@@ -100,12 +100,13 @@ def assert_codes_on_disk(out: Path, quantized: dict[str, QuantizedWeight], q: Qu
     ("llama", "W4A16", 32), ("llama", "W4A16", -1), ("llama", "W8A16", 32), ("llama", "FP8_DYNAMIC", -1),
     ("qwen3", "W4A16", 64), ("qwen3", "W8A16", -1), ("qwen3_moe", "W4A16", 32),
     ("qwen2", "W8A16", 32),  # q/k/v with biases: kept dense beside the packed weight
+    ("mixtral", "W4A16", -1), ("qwen3_moe", "FP8_DYNAMIC", -1), ("qwen2_moe", "W8A16", 32),  # experts per expert
 ])
 def test_checkpoint_holds_the_solvers_codes_and_loads_as_evaluated(family, scheme, group, tmp_path):
     dense = dense_bf16(tmp_path, family)
     q = Quantization(scheme, group, scale_dtype=DTYPE)
     linears, experts, state = quantize_checkpoint(dense, q)
-    assert bool(experts) == (family == "qwen3_moe")
+    assert bool(experts) == (family in ("qwen3_moe", "qwen2_moe", "mixtral"))
     out = save_compressed_from_dense(dense, linears, q, tmp_path / "ct", experts=experts)
     assert_codes_on_disk(out, {**linears, **experts}, q)
 

@@ -24,6 +24,7 @@ from functools import partial
 import torch
 
 from worker.engine.patterns import SparsityPattern
+from worker.engine.quant import Quantization
 from worker.engine.sparsegpt import LayerStack, PruneResult, block_column_loop, dampened_factor, solve
 
 
@@ -68,7 +69,7 @@ def reference_inverse_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Te
 @torch.no_grad()
 def reference_prune_shared(weights: Sequence[torch.Tensor], H: torch.Tensor, pattern: SparsityPattern, *,
                            blocksize: int = 128, percdamp: float = 0.01,
-                           wbits: int | None = None) -> list[PruneResult]:
+                           wbits: int | None = None, quantization: Quantization | None = None) -> list[PruneResult]:
     """``sparsegpt_prune_shared``'s contract with the reference's arithmetic, one layer at a time.
 
     Each layer of ``weights`` (they all read ``H``) is solved alone: its own dampening and
@@ -76,6 +77,8 @@ def reference_prune_shared(weights: Sequence[torch.Tensor], H: torch.Tensor, pat
     quantization when ``wbits`` is set). Slower; with the H of ``RunningHessian`` the
     weights are the reference procedure's, bit for bit.
     """
+    if quantization is not None:  # the reference has no group-wise grids: nothing to be exact to
+        raise ValueError("the reference arithmetic (exact) has no group-wise quantization: use the fast solver")
     results = []
     for w in weights:
         stack = LayerStack.of([w], H, wbits)
