@@ -20,6 +20,7 @@ from app import auth, db, guard, login, web
 from app.api import events, health, jobs, uploads, usage, workers
 from app.config import Settings, get_settings
 from app.sweeper import Sweeper
+from worker.engine.spec import METHODS
 
 log = logging.getLogger(__name__)
 DOCS_ASSETS = "/static/api-docs"  # under /static/: public, cacheable, like the dashboard's own files
@@ -59,7 +60,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, bind_h
         static_url=DOCS_ASSETS,
         title="sparsegpt-service",
         version="0.1.0",
-        summary="Queue one-shot LLM pruning jobs (SparseGPT and the methods of GET /api/v1/jobs specs) on shared GPUs.",
+        summary=f"Queue one-shot LLM pruning jobs ({', '.join(METHODS)}) on shared GPUs.",
         lifespan=lifespan,
         # Every route needs a signed-in user (Bearer token or the dashboard's session cookie),
         # except /health, /login, /logout, static files and the docs: see app.auth.
