@@ -107,7 +107,7 @@ class QuantizedWeight:
     weight: torch.Tensor  # (rows, cols) fp32: codes * scale, exactly
 
     @classmethod
-    def of(cls, codes: torch.Tensor, scale: torch.Tensor, quantization: Quantization) -> "QuantizedWeight":
+    def of(cls, codes: torch.Tensor, scale: torch.Tensor, quantization: Quantization) -> QuantizedWeight:
         group = codes.shape[1] // scale.shape[1]
         return cls(codes=codes, scale=scale.to(quantization.scale_dtype), weight=dequantize(codes, scale, group))
 
@@ -188,7 +188,7 @@ class Quantizer:
     maxq: int
 
     @classmethod
-    def fit(cls, W: torch.Tensor, bits: int) -> "Quantizer":
+    def fit(cls, W: torch.Tensor, bits: int) -> Quantizer:
         if not 2 <= bits <= 8:
             raise ValueError(f"wbits must be between 2 and 8, got {bits}")
         maxq = 2**bits - 1

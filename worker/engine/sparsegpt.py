@@ -97,7 +97,7 @@ class LayerStack:
 
     @classmethod
     def of(cls, weights: Sequence[torch.Tensor], H: torch.Tensor, wbits: int | None,
-           quantization: Quantization | None = None) -> "LayerStack":
+           quantization: Quantization | None = None) -> LayerStack:
         if wbits and quantization is not None:
             raise ValueError("give either wbits (the reference's grid) or quantization, not both")
         W = torch.cat([w.to(torch.float32) for w in weights])  # a new tensor
