@@ -158,7 +158,7 @@ def test_the_result_schema_is_the_engines_report(client):
 # --- 422s on POST /jobs ---------------------------------------------------------------------
 
 BAD_SPECS = [
-    ({"method": "obs"}, "'sparsegpt', 'wanda' or 'magnitude'"),
+    ({"method": "obs"}, "'sparsegpt', 'wanda', 'magnitude' or 'ria'"),
     ({"sparsity": "3:2"}, "0 < N < M"),
     ({"sparsity": "2:256"}, "at most 128"),
     ({"sparsity": 1.5}, "strictly between 0 and 1"),
