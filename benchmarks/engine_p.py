@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reference_sparsegpt as ref  # noqa: E402
+
 from worker.engine.method_table import METHOD_NAMES  # noqa: E402
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from worker.engine import offload as host
 from worker.engine.architectures import (
     Adapter,
     LayerSelection,
@@ -31,7 +32,6 @@ from worker.engine.architectures import (
     weight_matrix,
 )
 from worker.engine.attention_kinds import capture_kind_kwargs
-from worker.engine import offload as host
 from worker.engine.method_table import method_info
 from worker.engine.methods import prune_layers
 from worker.engine.methods.sparsegpt import sparsegpt_arithmetic
