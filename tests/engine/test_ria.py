@@ -52,10 +52,10 @@ def direct_mask(S: torch.Tensor, sparsity) -> torch.Tensor:
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     if pattern.structured:
         for g in range(0, cols - cols % pattern.m, pattern.m):
-            order = S[:, g:g + pattern.m].argsort(dim=1)[:, :pattern.n]
-            mask[:, g:g + pattern.m].scatter_(1, order, True)
+            order = S[:, g : g + pattern.m].argsort(dim=1)[:, : pattern.n]
+            mask[:, g : g + pattern.m].scatter_(1, order, True)
         return mask
-    mask.view(-1)[S.flatten().argsort()[:int(rows * cols * pattern.sparsity)]] = True
+    mask.view(-1)[S.flatten().argsort()[: int(rows * cols * pattern.sparsity)]] = True
     return mask
 
 
@@ -126,8 +126,9 @@ def test_the_registry_states_ria_and_the_spec_form_and_cli_offer_it():
     assert set(METHODS) == set(METHOD_TABLE) and METHODS["ria"].info is METHOD_TABLE["ria"]
     [method] = [leaf for leaf in leaf_fields() if leaf.path == ("method",)]
     assert "ria" in method.choices and method.ui.cli == "--method" and method.ui.form == "method"
-    spec = JobSpec.model_validate({"model": "org/name", "method": "ria", "sparsity": "2:4",
-                                   "solver": {"refit": "swap+reconstruct"}})
+    spec = JobSpec.model_validate(
+        {"model": "org/name", "method": "ria", "sparsity": "2:4", "solver": {"refit": "swap+reconstruct"}}
+    )
     assert spec.reads_calibration
     for solver, reason in (({"wbits": 4}, "solver.wbits"), ({"exact": True}, "solver.exact")):
         with pytest.raises(ValueError, match=reason):
@@ -137,8 +138,13 @@ def test_the_registry_states_ria_and_the_spec_form_and_cli_offer_it():
 def test_no_method_name_is_compared_outside_the_registry():
     """What a method needs and allows is asked of the table, not of its name."""
     compare = re.compile(r"""method\s*(==|!=)\s*["']|["'](sparsegpt|wanda|magnitude|ria)["']\s*(==|!=)\s*\w*method""")
-    found = [f"{path.relative_to(REPO)}:{n}" for package in ("app", "worker") for path in (REPO / package).rglob("*.py")
-             for n, line in enumerate(path.read_text().splitlines(), 1) if compare.search(line)]
+    found = [
+        f"{path.relative_to(REPO)}:{n}"
+        for package in ("app", "worker")
+        for path in (REPO / package).rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if compare.search(line)
+    ]
     assert found == []
 
 
@@ -157,8 +163,17 @@ def load(path):
 
 
 def run_ria(model_dir, workdir, out, sparsity, **fields) -> dict:
-    spec = JobSpec.from_flat(model=str(model_dir), method="ria", sparsity=sparsity, dataset=str(workdir / "cal.txt"),
-                             nsamples=NSAMPLES, seqlen=SEQLEN, datasets=[], dtype="float32", **fields)
+    spec = JobSpec.from_flat(
+        model=str(model_dir),
+        method="ria",
+        sparsity=sparsity,
+        dataset=str(workdir / "cal.txt"),
+        nsamples=NSAMPLES,
+        seqlen=SEQLEN,
+        datasets=[],
+        dtype="float32",
+        **fields,
+    )
     return run_job(spec, RunOptions(device=DEVICE, output=str(out)))
 
 
@@ -167,8 +182,11 @@ def block0_linear_inputs(model, ids) -> dict[str, torch.Tensor]:
     block, seen, handles = model.model.layers[0], {}, []
     for name, m in block.named_modules():
         if isinstance(m, torch.nn.Linear):
-            handles.append(m.register_forward_pre_hook(
-                lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))))
+            handles.append(
+                m.register_forward_pre_hook(
+                    lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))
+                )
+            )
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     for h in handles:
@@ -228,8 +246,14 @@ def test_a_ria_job_through_the_api(service, models_dir, tmp_path):
     """POST a job with method ria (the API, a real worker); the downloaded model's block 0 is RIA
     of the dense model on the job's calibration windows, and its report says ria."""
     calib = str(models_dir / "calib.txt")
-    body = {"model": str(models_dir / "llama"), "method": "ria", "sparsity": "0.5", "dtype": "float32",
-            "calibration": {"dataset": calib, **SMALL}, "evaluation": {"datasets": []}}
+    body = {
+        "model": str(models_dir / "llama"),
+        "method": "ria",
+        "sparsity": "0.5",
+        "dtype": "float32",
+        "calibration": {"dataset": calib, **SMALL},
+        "evaluation": {"datasets": []},
+    }
     response = service.client.post("/api/v1/jobs", json=body)
     assert response.status_code == 201, response.text
     job = service.wait_done(response.json()["id"])

@@ -39,13 +39,22 @@ class MethodInfo:
         return self.needs_calibration
 
 
-METHOD_TABLE: dict[str, MethodInfo] = {m.name: m for m in (
-    MethodInfo("sparsegpt", "SparseGPT's solve, the kept weights updated for the pruned ones",
-               statistics="hessian", joint_quantization=True, exact=True, blocks_of_m=True),
-    MethodInfo("wanda", "|W_ij| x ||X_j||, lowest per output row", statistics="diag"),
-    MethodInfo("magnitude", "smallest |W_ij| per layer, no calibration data", statistics="none"),
-    MethodInfo("ria", "relative importance x ||X_j||^0.5, lowest per layer", statistics="diag"),
-)}
+METHOD_TABLE: dict[str, MethodInfo] = {
+    m.name: m
+    for m in (
+        MethodInfo(
+            "sparsegpt",
+            "SparseGPT's solve, the kept weights updated for the pruned ones",
+            statistics="hessian",
+            joint_quantization=True,
+            exact=True,
+            blocks_of_m=True,
+        ),
+        MethodInfo("wanda", "|W_ij| x ||X_j||, lowest per output row", statistics="diag"),
+        MethodInfo("magnitude", "smallest |W_ij| per layer, no calibration data", statistics="none"),
+        MethodInfo("ria", "relative importance x ||X_j||^0.5, lowest per layer", statistics="diag"),
+    )
+}
 METHOD_NAMES: tuple[str, ...] = tuple(METHOD_TABLE)  # the default method is the first
 DEFAULT_METHOD = METHOD_NAMES[0]
 
@@ -75,11 +84,14 @@ def check_solver_options(name: str, solver, pattern) -> None:
     if solver.wbits is not None and not method.joint_quantization:
         raise ValueError(f"solver.wbits (joint quantization) works with method {names_where('joint_quantization')}")
     if solver.exact and not method.exact:
-        raise ValueError(f"solver.exact reproduces the reference SparseGPT: it works with method "
-                         f"{names_where('exact')}")
+        raise ValueError(
+            f"solver.exact reproduces the reference SparseGPT: it works with method {names_where('exact')}"
+        )
     if solver.refit != "none" and (not method.allows_refit or solver.wbits is not None):
-        raise ValueError(f"solver.refit {solver.refit} needs the calibration Hessian and unquantized weights: it "
-                         f"works with method {names_where('allows_refit')}, without solver.wbits")
+        raise ValueError(
+            f"solver.refit {solver.refit} needs the calibration Hessian and unquantized weights: it "
+            f"works with method {names_where('allows_refit')}, without solver.wbits"
+        )
     if pattern.structured and not method.nm:
         raise ValueError(f"method {name} prunes unstructured only, not {pattern}")
     if pattern.structured and method.blocks_of_m and solver.blocksize % pattern.m:

@@ -29,8 +29,9 @@ Fit = tuple  # (error | None, loss | None, percdamp, refit record | None) of one
 class Method(Protocol):
     info: MethodInfo
 
-    def prune(self, dense: Sequence[torch.Tensor], H: torch.Tensor | None, solver,
-              prune_shared: Callable | None = None) -> tuple[list[torch.Tensor], list[Fit]]: ...
+    def prune(
+        self, dense: Sequence[torch.Tensor], H: torch.Tensor | None, solver, prune_shared: Callable | None = None
+    ) -> tuple[list[torch.Tensor], list[Fit]]: ...
 
 
 def _load() -> dict[str, Method]:
@@ -53,8 +54,9 @@ def get_method(name: str) -> Method:
 
 
 @torch.no_grad()
-def prune_layers(dense: Sequence[torch.Tensor], H: torch.Tensor | None, solver,
-                 prune_shared: Callable | None = None) -> tuple[list[torch.Tensor], list[Fit]]:
+def prune_layers(
+    dense: Sequence[torch.Tensor], H: torch.Tensor | None, solver, prune_shared: Callable | None = None
+) -> tuple[list[torch.Tensor], list[Fit]]:
     """The layers reading ``H`` pruned with ``solver.method``, then refit when ``solver.refit`` asks
     (and there is a Hessian): the pruned fp32 weights and each layer's fit."""
     pruned, fits = get_method(solver.method).prune(dense, H, solver, prune_shared)

@@ -35,15 +35,17 @@ class SolverMethod:
     info: MethodInfo
 
     @torch.no_grad()
-    def prune(self, dense: Sequence[torch.Tensor], H: torch.Tensor | None, solver,
-              prune_shared: Callable | None = None):
+    def prune(
+        self, dense: Sequence[torch.Tensor], H: torch.Tensor | None, solver, prune_shared: Callable | None = None
+    ):
         """(pruned fp32 weights, (error, loss, percdamp, refit) per layer), one joint solve with
         ``prune_shared`` (default: ``sparsegpt_arithmetic(solver)``'s)."""
         if H is None:
             raise ValueError(f"method {self.info.name} needs the calibration Hessian")
         solve = prune_shared or sparsegpt_arithmetic(solver).prune_shared
-        results = solve(list(dense), H, solver.pattern, blocksize=solver.blocksize, percdamp=solver.percdamp,
-                        wbits=solver.wbits)
+        results = solve(
+            list(dense), H, solver.pattern, blocksize=solver.blocksize, percdamp=solver.percdamp, wbits=solver.wbits
+        )
         return [r.weight for r in results], [(r.error, r.loss, r.percdamp, None) for r in results]
 
 
