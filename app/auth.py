@@ -27,11 +27,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app import crud
 from app import sessions as sessions_mod
 from app.config import Settings, is_loopback
-from app.tokens import hash_token
+from app.tokens import LOCAL_USER, hash_token
 
 SESSION_COOKIE = sessions_mod.SESSION_COOKIE
-LOCAL_USER = "(local)"  # not a name `sparsegpt users add` accepts, so no account can take it
-PUBLIC_PATHS = frozenset({"/health", "/login", "/logout", "/favicon.ico"})
+# the API docs' pages are routes of the app (app.main: served without a CDN), so they are listed here
+PUBLIC_PATHS = frozenset({"/health", "/login", "/logout", "/favicon.ico", "/docs", "/docs/oauth2-redirect", "/redoc"})
 PUBLIC_PREFIXES = ("/static/",)
 TOKEN_MAX_LEN = 512
 
@@ -95,6 +95,7 @@ def unauthorized(request: Request, reason: str) -> HTTPException:
 
 
 def _current(user, *, local: bool = False) -> CurrentUser:
+    local = local or user.name == LOCAL_USER  # the local user's own token (`sparsegpt users token`)
     return CurrentUser(id=user.id, name=user.name, is_admin=bool(user.is_admin), local=local)
 
 
@@ -104,6 +105,8 @@ def resolve_user(request: Request) -> CurrentUser | None:
     settings: Settings = request.app.state.settings
     header = request.headers.get("authorization")
     sessions = request.app.state.sessions
+    if header is not None and not auth_required(request) and header.strip().lower() == "bearer":
+        header = None  # single-user mode: `-H "Authorization: Bearer $TOKEN"` with TOKEN unset is no credential
     if header is not None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():

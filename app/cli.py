@@ -5,7 +5,7 @@
     sparsegpt sweeper [--interval S]                        requeues lost jobs, expires artifacts
     sparsegpt prune  MODEL --sparsity 2:4 ...              the engine alone (worker.engine.cli)
     sparsegpt pull   JOB_ID [DIR] [--server URL]           download, check and unpack a job's model
-    sparsegpt users  add NAME [--admin] | token NAME | remove NAME | list   API accounts
+    sparsegpt users  add NAME [--admin] | token [NAME] | remove NAME | list   API accounts
 
 Each subcommand imports what it runs only when it runs, so ``serve`` never loads torch.
 """
@@ -133,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = usub.add_parser("add", help="create a user and print its token (once, on the last line)")
     a.add_argument("name")
     a.add_argument("--admin", action="store_true", help="may cancel or delete anyone's jobs")
-    t = usub.add_parser("token", help="replace a user's token (prints the new one once, on the last line)")
-    t.add_argument("name")
+    t = usub.add_parser("token", help="replace a user's token (prints the new one once, on the last line); "
+                                      "without NAME: a token for the single-user mode's local user, the same "
+                                      "owner as the browser's jobs")
+    t.add_argument("name", nargs="?")
     r = usub.add_parser("remove", help="remove a user (their jobs stay)")
     r.add_argument("name")
     usub.add_parser("list", help="list users")

@@ -7,6 +7,9 @@ import hashlib
 import secrets
 
 TOKEN_PREFIX = "sgpt_"
+# The single-user mode's built-in admin: not a name `sparsegpt users add` accepts, so no account can
+# take it; it has a token only once `sparsegpt users token` (no NAME) gives it one.
+LOCAL_USER = "(local)"
 
 
 def new_token() -> str:

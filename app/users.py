@@ -13,11 +13,24 @@ from sqlalchemy.exc import IntegrityError
 
 from app import crud, db
 from app.config import get_settings
-from app.tokens import hash_token, new_token
+from app.tokens import LOCAL_USER, hash_token, new_token
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}$")
 
 
+
+
+def _local_token(settings) -> int:
+    """A token for the single-user mode's local user: curl and `sparsegpt pull` with it act as the
+    person at the browser (the same owner: her browser jobs are hers to cancel from a shell)."""
+    token = new_token()
+    with db.session_scope(settings.database) as session:
+        user = crud.get_or_create_local_user(session, name=LOCAL_USER)
+        user.token_hash = hash_token(token)
+    print(f"new API token for the local user {LOCAL_USER} (an admin, as in the browser; a previous one stops "
+          "working; shown once):")
+    print(token)
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -37,6 +50,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"created {'admin ' if args.admin else ''}user {args.name}; its API token (shown once):")
         print(token)
         return 0
+    if args.users_command == "token" and args.name is None:
+        return _local_token(settings)
     if args.users_command in ("token", "remove"):
         with db.session_scope(settings.database) as session:
             user = crud.get_user_by_name(session, args.name)
@@ -56,6 +71,6 @@ def main(args: argparse.Namespace) -> int:
     with db.session_scope(settings.database) as session:
         for user in crud.list_users(session):
             if user.token_hash.startswith("!"):
-                continue  # the single-user mode's built-in admin
+                continue  # the single-user mode's built-in admin, without a token
             print(f"{user.id}\t{user.name}\t{'admin' if user.is_admin else 'member'}\t{user.created_at:%Y-%m-%d %H:%M}")
     return 0

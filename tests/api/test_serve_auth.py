@@ -79,3 +79,42 @@ def test_users_cli_token_rotation_and_removal(tmp_path, redis_server):
         assert httpx.get(f"{base}/api/v1/me", cookies={"sparsegpt_session": cookie}, timeout=10).status_code == 401
     finally:
         api.stop()
+
+
+def test_single_user_mode_curl_as_written_and_the_local_users_token(tmp_path, redis_server, models_dir):
+    """On loopback without sign-in, the docs' curl lines work with TOKEN unset, and `sparsegpt users token`
+    (no NAME) gives a token that is the browser's local user: her browser jobs are hers to cancel by curl."""
+    env = serve_env(tmp_path, redis_server.url, SPARSEGPT_LOCAL_DIRS=str(models_dir))
+    carol = add_user(env, "carol")
+    made = subprocess.run([sys.executable, "-m", "app.cli", "users", "token"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0 and "(local)" in made.stdout, made.stdout + made.stderr
+    local_token = made.stdout.strip().splitlines()[-1]
+    listed = subprocess.run([sys.executable, "-m", "app.cli", "users", "list"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60).stdout
+    assert "(local)" in listed and "carol" in listed
+    port = free_port()
+    api = spawn(["serve", "--port", str(port), "--workers", "0", "--log-level", "warning"], env, tmp_path / "api.log")
+    base = f"http://127.0.0.1:{port}"
+    spec = {"model": str(models_dir / "llama"), "sparsity": 0.5,
+            "calibration": {"dataset": str(models_dir / "calib.txt"), "nsamples": 4, "seqlen": 32},
+            "evaluation": {"datasets": []}}
+    try:
+        wait_for_health(base, api)
+        unset = {"Authorization": "Bearer"}  # curl -H "Authorization: Bearer $TOKEN", TOKEN unset (the server trims)
+        assert httpx.get(f"{base}/api/v1/me", headers=unset, timeout=10).json()["name"] == "(local)"
+        browser_job = httpx.post(f"{base}/api/v1/jobs", json=spec, headers=unset, timeout=30)  # the local user's
+        assert browser_job.status_code == 201, browser_job.text
+        job = browser_job.json()["id"]
+        me = httpx.get(f"{base}/api/v1/me", headers={"Authorization": f"Bearer {local_token}"}, timeout=10).json()
+        assert me == {"name": "(local)", "is_admin": True, "local": True}
+        refused = httpx.post(f"{base}/api/v1/jobs/{job}/cancel", headers={"Authorization": f"Bearer {carol}"},
+                             timeout=10)
+        assert refused.status_code == 403  # another account's token is that account, not the local user
+        cancelled = httpx.post(f"{base}/api/v1/jobs/{job}/cancel",
+                               headers={"Authorization": f"Bearer {local_token}"}, timeout=10)
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+        wrong = httpx.get(f"{base}/api/v1/me", headers={"Authorization": "Bearer sgpt_typo"}, timeout=10)
+        assert wrong.status_code == 401  # a token that is given must still be a real one
+    finally:
+        api.stop()
