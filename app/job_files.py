@@ -28,6 +28,15 @@ REPORT = "sparsegpt_report.json"  # worker.published.REPORT: the engine's report
 RESUME_DIR = "resume"
 
 
+class _Report(packagers.Packager):
+    """The saved directory's report as a file of its own (not a format: it is in every package)."""
+
+    media_type = "application/json"
+
+    def stream(self, model_dir: Path, prefix: str):
+        yield (model_dir / REPORT).read_bytes()
+
+
 class JobFiles:
     def __init__(self, settings, job_id: int, store: Store | None = None):
         self.job_id = int(job_id)  # a number: a path below is never named by input
@@ -70,9 +79,8 @@ class JobFiles:
         when the store refuses (what was kept of this job's artifacts is removed again)."""
         rows: list[dict[str, Any]] = []
         try:
-            report = final / REPORT
-            if report.is_file():
-                self.store.put_bytes(f"{self.artifacts}/{REPORT}", report.read_bytes(), "application/json")
+            if (final / REPORT).is_file():  # beside the packages (the local store serves it from the directory)
+                self.store.publish(f"{self.artifacts}/{REPORT}", final, _Report(), self.name)
             for packager in formats:
                 path, size, sha = self.store.publish(self.artifact_key(packager), final, packager, self.name)
                 rows.append(dict(format=packager.format, media_type=packager.media_type, path=path, size=size,

@@ -51,6 +51,7 @@ def test_local_store_keeps_one_directory_and_cleans_up(tmp_path):
     (files.resume / "state.json").write_text("{}")
     rows = files.publish(final, [packagers.HfTar(), Manifest()])
     assert {r["path"] for r in rows} == {str(final)}  # made again at each read: no second copy
+    assert sorted(p.name for p in files.dir.iterdir()) == ["attempt-1", "attempt-2.partial", "resume"]
     check_published(files, final, rows)
     files.keep_only(rows)
     assert final.is_dir() and not files.resume.exists()
