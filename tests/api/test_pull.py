@@ -87,6 +87,17 @@ def test_range_and_pull(make_stack, module_redis, models_dir, tmp_path):
     assert pull(stack, job_id, other, token=stack.token, url_from_env=True).returncode == 0
     assert pull(stack, job_id, other, token=stack.token).returncode == 1  # not into a non-empty directory
 
+    # --format: the job lists its formats; the default one by name is the same archive, an unknown one
+    # is refused in one line naming what the job has.
+    listed = {a["format"]: a for a in job["artifacts"]}
+    assert listed["hf-tar"]["sha256"] == sha and listed["hf-tar"]["size"] == size
+    named = pull(stack, job_id, tmp_path / "by-format", "--format", "hf-tar", token=stack.token)
+    assert named.returncode == 0 and sha in named.stdout, named.stderr
+    assert (tmp_path / "by-format" / "model.safetensors").read_bytes() == (target / "model.safetensors").read_bytes()
+    unknown = pull(stack, job_id, tmp_path / "nope", "--format", "onnx", token=stack.token)
+    assert unknown.returncode == 1 and "no artifact in the format 'onnx' (it has: hf-tar" in unknown.stderr
+    assert len(unknown.stderr.splitlines()) == 1 and not (tmp_path / "nope").exists()
+
     # What the user gets: the model, a card with metadata, a report naming what they named.
     assert {"config.json", "model.safetensors", "README.md", "sparsegpt_report.json"} <= {p.name for p in target.iterdir()}
     assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~_umask()
