@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from app.storage import READ_BYTES, SCHEME, Store, StorageError, file_sha256, is_stored
+from app.storage import READ_BYTES, SCHEME, StorageError, Store, file_sha256, is_stored
 
 PART_BYTES = 8 * 1024 * 1024  # a multipart upload's parts (S3's minimum is 5 MiB but the last)
 PARTS_PER_STEP = 1000  # parts grow by PART_BYTES every this many (S3 takes 10,000: 440 GB at most)
@@ -54,7 +54,8 @@ class S3Store(Store):
                 from botocore.config import Config
 
                 self._client = boto3.client(
-                    "s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None,
+                    "s3",
+                    endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None,
                     config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60))
             return self._client
 
@@ -80,7 +81,8 @@ class S3Store(Store):
         """The key of an object URL of this bucket (ValueError for anything else)."""
         parsed = urlparse(url)
         key = parsed.path.lstrip("/")
-        if parsed.scheme != "s3" or parsed.netloc != self.bucket or not key.startswith(self.key("")) or ".." in key.split("/"):
+        if (parsed.scheme != "s3" or parsed.netloc != self.bucket or not key.startswith(self.key(""))
+                or ".." in key.split("/")):
             raise ValueError(f"{url!r} is not in this server's store ({self.url('')})")
         return key
 
@@ -109,7 +111,8 @@ class S3Store(Store):
 
         key, sha, size = self.key(name), hashlib.sha256(), 0
         try:
-            upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, ContentType=content_type)["UploadId"]
+            started = self.client.create_multipart_upload(Bucket=self.bucket, Key=key, ContentType=content_type)
+            upload_id = started["UploadId"]
         except Exception as err:
             raise StorageError(f"could not start storing {self.url(name)}: {_reason(err)}") from err
         futures: list = []

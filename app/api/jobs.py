@@ -8,7 +8,8 @@ import re
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Path as PathParam, Query, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import archive, crud, packagers
@@ -16,7 +17,15 @@ from app.api.deps import RedisDep, SessionDep, SettingsDep
 from app.auth import UserDep
 from app.models import SUCCEEDED, Job
 from app.schemas import (
-    ArtifactFileOut, ArtifactOut, JobList, JobOut, JobSpec, JobStatus, JobSummary, MetricOut, ModuleResultOut,
+    ArtifactFileOut,
+    ArtifactOut,
+    JobList,
+    JobOut,
+    JobSpec,
+    JobStatus,
+    JobSummary,
+    MetricOut,
+    ModuleResultOut,
 )
 from app.services import jobs
 from app.services.jobs import job_url, live_progress
@@ -57,7 +66,8 @@ def _file_name(job_id: int, format: str) -> str:
 
 def job_out(job: Job, progress: dict[str, Any] | None = None, *, retention_s: int = 0) -> JobOut:
     artifact, files = None, []
-    if job.status == SUCCEEDED and job.artifact_sha256 and job.artifact_size is not None and job.artifact_expired_at is None:
+    if (job.status == SUCCEEDED and job.artifact_sha256 and job.artifact_size is not None
+            and job.artifact_expired_at is None):
         expires = job.finished_at + timedelta(seconds=retention_s) if retention_s > 0 and job.finished_at else None
         artifact = ArtifactOut(url=f"{job_url(job.id)}/artifact", size=job.artifact_size, sha256=job.artifact_sha256,
                                expires_at=expires)
@@ -186,7 +196,8 @@ def cancel_job(job_id: JobId, session: SessionDep, settings: SettingsDep, r: Red
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} is already {result.job.status}")
     job = jobs.get_or_404(session, job_id, details=True)
     code = status.HTTP_202_ACCEPTED if result.outcome == "requested" else status.HTTP_200_OK
-    return JSONResponse(job_out(job, retention_s=settings.artifact_retention_s).model_dump(mode="json"), status_code=code)
+    body = job_out(job, retention_s=settings.artifact_retention_s)
+    return JSONResponse(body.model_dump(mode="json"), status_code=code)
 
 
 _DOWNLOAD_ERRORS = {

@@ -3,8 +3,6 @@ finish, and the queries that find lost jobs and expired artifacts."""
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -15,7 +13,6 @@ from sqlalchemy.orm import Session
 
 from app.archive import MEDIA_TYPE
 from app.crud.jobs import refresh_job
-from app.packagers import DEFAULT_FORMAT
 from app.models import (
     CANCELLED,
     FAILED,
@@ -28,6 +25,7 @@ from app.models import (
     ModuleResult,
     utcnow,
 )
+from app.packagers import DEFAULT_FORMAT
 
 # --- jobs: the worker side ----------------------------------------------------------------
 
@@ -214,7 +212,8 @@ def replace_task_id(session: Session, *, job_id: int, old: str | None, new: str)
     cond = Job.celery_task_id.is_(None) if old is None else Job.celery_task_id == old
     return bool(
         session.execute(
-            update(Job).where(Job.id == job_id, Job.status == QUEUED, cond).values(celery_task_id=new, enqueued_at=utcnow())
+            update(Job).where(Job.id == job_id, Job.status == QUEUED, cond)
+            .values(celery_task_id=new, enqueued_at=utcnow())
         ).rowcount
     )
 

@@ -142,14 +142,15 @@ def test_the_job_page_lists_each_format_with_its_size(env, manifest_format):
 
 
 def test_expiry_and_delete_remove_every_format(env, manifest_format):
-    from app.sweeper import _expire_artifacts, SweepReport
+    from app.sweeper import SweepReport, _expire_artifacts
 
     h = env.as_("alice")
     expiring, final = finished_job(env)
     settings = env.settings.model_copy(update={"artifact_retention_s": 1})
     with db.session_scope(env.settings.database) as session:  # finished long ago
-        from app.models import Job, utcnow
         from datetime import timedelta
+
+        from app.models import Job, utcnow
 
         session.get(Job, expiring).finished_at = utcnow() - timedelta(days=1)
     report = SweepReport()
