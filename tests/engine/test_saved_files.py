@@ -54,9 +54,9 @@ def test_saved_files_follow_the_umask_and_a_log_gets_progress_lines(files, tmp_p
 
 
 @pytest.mark.parametrize("args,message", [
-    (["MODEL", "--calibration", "/nonexistent/cal.txt"], "--calibration '/nonexistent/cal.txt': no such file"),
+    (["MODEL", "--calibration", "/nonexistent/cal.txt"], "--calibration '/nonexistent/cal.txt' does not exist"),
     (["MODEL", "--calibration", "CAL", "--eval", "missing-eval.txt"], "--eval"),
-    (["/no/such/model", "--calibration", "CAL"], "model '/no/such/model': no such file or directory"),
+    (["/no/such/model", "--calibration", "CAL"], "model '/no/such/model' does not exist"),
     (["MODEL", "--calibration", "CAL", "--eval-include", "/nonexistent-tasks"], "--eval-include"),
     (["MODEL", "--calibration", "CAL", "--output", "MODEL"], "exists and is not empty"),
 ])

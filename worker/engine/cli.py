@@ -162,20 +162,20 @@ def path_problem(spec: JobSpec, args: argparse.Namespace) -> str | None:
     model = Path(args.model).expanduser()
     if not model.exists() and (args.model.startswith((".", "/", "~")) or args.model.endswith(".gguf")
                                or args.model.count("/") > 1):
-        return f"model {args.model!r}: no such file or directory (a Hub id is ORG/NAME)"
+        return f"model {args.model!r} does not exist (a Hub id is ORG/NAME)"
     named = [("--calibration", spec.calibration.dataset)] + [("--eval", d) for d in spec.evaluation.datasets]
     for flag, name in named:
         if name in BUILTIN_DATASETS or not Path(name).is_absolute():
             continue
         if not Path(name).is_file():
-            return f"{flag} {name!r}: no such file"
+            return f"{flag} {name!r} does not exist"
         if not os.access(name, os.R_OK):
             return f"{flag} {name!r}: not readable"
     for flag, name in [("--eval-include", d) for d in args.task_dirs] + [("--checkpoint-dir", args.checkpoint_dir)]:
         if name and Path(name).expanduser().exists() and not Path(name).expanduser().is_dir():
             return f"{flag} {name!r}: not a directory"
         if name and flag == "--eval-include" and not Path(name).expanduser().is_dir():
-            return f"{flag} {name!r}: no such directory"
+            return f"{flag} {name!r} does not exist"
     if args.report and not Path(args.report).parent.exists():
         return f"report directory {str(Path(args.report).parent)!r} does not exist"
     if args.output:
