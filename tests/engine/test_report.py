@@ -4,6 +4,7 @@ report reaches the card, the page's facts and the API's schema with no edit outs
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -68,8 +69,12 @@ def test_the_engine_sets_every_field_and_names_paths_as_the_user_did(labelled):
     on_disk = Report.model_validate(json.loads(written))
     assert on_disk.model_dump(exclude={"seconds"}) == report.model_dump(exclude={"seconds"})
     assert report.seconds.save >= on_disk.seconds.save > 0 and report.seconds.total >= on_disk.seconds.total
-    assert ModelCard(card).data.eval_results[0].dataset_name == "upload:3"
-    assert "--calibration upload:3" in card and "| upload:3 |" in card
+    # the card names the upload by its content and the eval file by its name, with no path (worker.engine.card)
+    sha = hashlib.sha256((root / "uploads" / "a1b2c3.txt").read_bytes()).hexdigest()
+    assert report.files["upload:3"].sha256 == sha and report.files["/data/eval.txt"].suffix == ".txt"
+    assert [r.dataset_name for r in ModelCard(card).data.eval_results] == [f"upload-{sha[:12]}.txt", "eval.txt"]
+    assert f"--calibration upload-{sha[:12]}.txt" in card and f"sha256 `{sha}`" in card and "| eval.txt |" in card
+    assert "upload:3" not in card and "/data/eval.txt" not in card and "/models/llama" not in card
 
 
 def test_a_report_from_before_the_typed_report_loads_as_it_was():

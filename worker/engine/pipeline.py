@@ -22,6 +22,7 @@ import torch
 
 from worker.engine.architectures import LayerSelection, adapter_for
 from worker.engine.calibration import calibration_windows, check_hub, evaluation_windows, is_named, read_text_file
+from worker.engine.card import data_files
 from worker.engine.checkpoint import context_length, load_model, resolve_device, resolve_dtype, save_pruned
 from worker.engine.coverage import check_prunable, coverage, weight_name
 from worker.engine.errors import InvalidJob
@@ -220,6 +221,7 @@ class _Run:
                      "achieved": [sum(r.sparsity * n for r, n in per_block[b]) / sum(n for _, n in per_block[b])
                                   if b in per_block else None for b in range(nblocks)]},
             calibration={**public.calibration.model_dump(), "seqlen": self.seqlen},
+            files=data_files([spec.calibration.dataset, *spec.evaluation.datasets], label),  # their sha256
             solver={"blocksize": spec.solver.blocksize, "percdamp": spec.solver.percdamp,
                     "percdamp_max_used": max(used, default=0.0),  # 0.0: no layer was dampened
                     "wbits": spec.solver.wbits, "exact": spec.solver.exact, "refit": spec.solver.refit},

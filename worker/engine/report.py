@@ -92,6 +92,13 @@ class Calibration(Part):
     seed: int | None = None
 
 
+class DataFile(Part):
+    """A data file the run read (calibration or evaluation): its digest, so that the card can name it."""
+
+    sha256: str | None = None
+    suffix: str | None = None  # .txt | .jsonl: how it is read
+
+
 class Solver(Part):
     blocksize: int | None = None
     percdamp: float | None = None
@@ -210,6 +217,7 @@ class Report(Part):
     experts: list[ExpertsModule] = []
     profile: Profile | None = None
     calibration: Calibration | None = None
+    files: dict[str, DataFile] = Field({}, description="each data file read, by the user's name for it (upload:3)")
     solver: Solver | None = None
     refit: Refit | None = None
     layers_selected: LayersSelected | None = None
