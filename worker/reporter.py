@@ -1,11 +1,14 @@
 """The Redis progress reporter: each engine event goes to the job's stream (what SSE clients
 read) and to its latest-state key. Redis is best effort here: when it is down the job runs on,
-and the database (heartbeat, final results) stays the record."""
+and the database (heartbeat, final results) stays the record. An event names no path of the
+server: the engine names uploads and the output as the user knows them (RunOptions.labels), and
+any other absolute path left in a message is cut to its last part (a model directory's name)."""
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from typing import Any
@@ -15,6 +18,14 @@ import redis
 from app import streams
 
 log = logging.getLogger(__name__)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/(?:[^\s/]+/)*([^\s/]+)/?")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with each absolute path cut to its last part ("loading /srv/models/llama" -> "loading llama")."""
+    return _ABSOLUTE_PATH.sub(r"\1", text)
 
 
 def _clean(value: Any) -> Any:
@@ -65,6 +76,9 @@ class RedisProgress:
     def progress(self, event: dict[str, Any]) -> None:
         """The engine's ``on_progress``."""
         payload = _clean({**event, "attempt": self.attempt})
+        for key in ("message", "module"):
+            if isinstance(payload.get(key), str):
+                payload[key] = without_paths(payload[key])
         with self._lock:
             self.latest = payload
             self.events += 1

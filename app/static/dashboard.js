@@ -140,9 +140,14 @@
       if (job.started_at) main.dataset.started = job.started_at;
     }
 
+    var lastLine = "";
     function logLine(label, detail, when) {
       var list = document.getElementById("event-log");
       if (!list) return;
+      // An event that says what the line above says (a replayed or repeated one) adds no line.
+      var line = label + "\u0000" + (detail || "");
+      if (line === lastLine) return;
+      lastLine = line;
       var li = document.createElement("li");
       var t = when ? new Date(when * 1000) : new Date();
       li.appendChild(span("when", t.toISOString().substr(11, 8)));

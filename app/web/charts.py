@@ -110,7 +110,7 @@ def line_chart(series: list[tuple[str, list[tuple[int, float]]]], *, title: str,
 def profile_chart(profile: Profile | dict | None) -> Markup | None:
     """Per block, the sparsity asked (the report's ``profile.targets``: uniform, OWL's or the user's)
     beside the sparsity achieved (``profile.achieved``), in %; blocks left dense are skipped. None
-    without a profile (a job from an older version)."""
+    without a profile (a job from an older version) or when every block has the same target."""
     if isinstance(profile, dict):
         profile = Profile.model_validate(profile)
     if profile is None:
@@ -118,8 +118,8 @@ def profile_chart(profile: Profile | dict | None) -> Markup | None:
     targets, achieved = profile.targets, profile.achieved
     rows = [(b, t, a) for b, (t, a) in enumerate(zip(targets, achieved))
             if isinstance(t, (int, float)) and isinstance(a, (int, float)) and math.isfinite(t) and math.isfinite(a)]
-    if not rows:
-        return None
+    if not rows or max(t for _, t, _ in rows) - min(t for _, t, _ in rows) < 1e-9:
+        return None  # one target for every block (uniform): the bars would only draw a flat line
     kind = str(profile.profile or "uniform")
     parts = _frame(f"Sparsity per block, {kind}: target vs achieved (%)", 100.0)
     plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM

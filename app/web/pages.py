@@ -20,7 +20,8 @@ from app.services import jobs
 from app.web import forms
 from app.web.accuracy import compare_rows, job_rows
 from app.web.charts import bar_chart, line_chart, profile_chart
-from app.web.filters import progress_view
+from app.web.filters import fmt_bytes, fmt_duration, fmt_secs, progress_view
+from app.web.queue_view import standings
 from app.web.render import current_user, error_page, open_session, parse_job_id, render
 from worker.engine.report import Report, facts
 from worker.engine.spec import BUILTIN_DATASETS, JobSpec
@@ -28,6 +29,7 @@ from worker.engine.spec import BUILTIN_DATASETS, JobSpec
 router = APIRouter(include_in_schema=False)
 PAGE_SIZE = 20
 MAX_COMPARED = 12
+FLAT = 0.0005  # per-block sparsities closer than 0.05 points draw a flat chart: said in words instead
 
 
 # --- the jobs table --------------------------------------------------------------------------------
@@ -53,13 +55,32 @@ def jobs_page(request: Request, status: str = "", page: str = "1") -> HTMLRespon
     with open_session(request) as session:
         items, total = crud.jobs_page(session, status=status or None, limit=PAGE_SIZE, offset=(page_no - 1) * PAGE_SIZE)
         counts = crud.status_counts(session)
-        rows = [{"job": job, "progress": progress_view(jobs.live_progress(r, job)),
-                 "metric": job.metrics[0] if job.metrics else None} for job in items]
+        standing = standings(session, r, request.app.state.settings.queue, lambda job: jobs.live_progress(r, job)) \
+            if any(job.status == "queued" for job in items) else {}
+        rows = [{"job": job, "progress": progress_view(jobs.live_progress(r, job)), "extras": spec_extras(job.spec),
+                 "standing": standing.get(job.id), "metric": job.metrics[0] if job.metrics else None}
+                for job in items]
         return render(request, "jobs.html", {
             "rows": rows, "total": total, "status": status, "page": page_no,
             "pages": max(1, math.ceil(total / PAGE_SIZE)), "counts": counts, "all_count": sum(counts.values()),
             "disk": _disk(session, request.app.state.settings.data_dir), "page_size": PAGE_SIZE,
         })
+
+
+def spec_extras(spec: dict[str, Any] | None) -> list[str]:
+    """What a job does beyond method and pattern, in short words: its refit and its quantization."""
+    spec = spec or {}
+    solver, quant = spec.get("solver") or {}, spec.get("quantization") or {}
+    out = []
+    if solver.get("refit") not in (None, "none"):
+        out.append(f"refit {solver['refit']}")
+    if isinstance(quant, dict) and quant.get("scheme"):
+        group = quant.get("group_size")
+        out.append(quant["scheme"] + (f" g{group}" if isinstance(group, int) and group > 0 else "")
+                   + (" actorder" if quant.get("actorder") else ""))
+    elif solver.get("wbits"):
+        out.append(f"{solver['wbits']}-bit")
+    return out
 
 
 # --- the new-job form (what it posts: app.web.actions) -------------------------------------------------
@@ -128,16 +149,34 @@ def _job_charts(job: Job, report: Report) -> dict[str, Any]:
     if not blocks:
         return {}
     labels = [str(b) for b in blocks]
-    charts = {
-        "sparsity": bar_chart(labels, [100 * s for s in sparsity], title="Achieved sparsity per block (%)",
-                              y_max=100, value_format="{:.1f}%", css="bar-sparsity"),
+    charts: dict[str, Any] = {
         "error": bar_chart(labels, errors, title="Relative reconstruction error per block (mean of its modules)",
                            value_format="{:.3g}", css="bar-error"),
     }
-    profile = profile_chart(report.profile)  # target vs achieved, per block
+    if max(sparsity) - min(sparsity) < FLAT:  # every block alike (2:4, a uniform ratio): a sentence, not a flat chart
+        charts["flat_sparsity"] = sum(sparsity) / len(sparsity)
+    else:
+        charts["sparsity"] = bar_chart(labels, [100 * s for s in sparsity], title="Achieved sparsity per block (%)",
+                                       y_max=100, value_format="{:.1f}%", css="bar-sparsity")
+    profile = profile_chart(report.profile)  # target vs achieved, per block; None when every target is the same
     if profile is not None:
         charts["profile"] = profile
     return charts
+
+
+def ran_for(job: Job) -> float | None:
+    """Seconds from the (last attempt's) start to the end of a finished job; None while it runs."""
+    if job.status not in TERMINAL or job.started_at is None or job.finished_at is None:
+        return None
+    return max(0.0, (job.finished_at - job.started_at).total_seconds())
+
+
+def whole_model_sparsity(report: Report) -> float | None:
+    """Zeros over every parameter of the model (embeddings, head and norms too), from the report's coverage."""
+    cov = report.coverage
+    if cov is None or report.sparsity is None or not cov.weights or not cov.model_parameters:
+        return None
+    return report.sparsity * cov.weights / cov.model_parameters
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
@@ -148,9 +187,13 @@ def job_page(request: Request, job_id: str) -> HTMLResponse:
         if job is None:
             return error_page(request, 404, "Job not found", f"There is no job {job_id!r}. It may have been deleted.")
         progress = jobs.live_progress(request.app.state.redis, job)
-        report = report_of(job)
+        report, ran = report_of(job), ran_for(job)
+        pview = progress_view(progress)
+        if pview is not None and ran is not None:  # over: started -> finished, not the last event's clock
+            pview["elapsed"] = fmt_duration(ran)
         return render(request, "job.html", {
-            "job": job, "spec": spec_view(job.spec), "progress": progress, "pview": progress_view(progress),
+            "job": job, "spec": spec_view(job.spec), "progress": progress, "pview": pview, "ran_for": ran,
+            "whole_sparsity": whole_model_sparsity(report),
             "charts": _job_charts(job, report), "metrics": job.metrics, "modules": job.modules,
             "report": report, "has_report": bool(job.result), "facts": facts(report, "page"),
             "zero_shot": job_rows(report.zero_shot),
@@ -210,7 +253,35 @@ def _comparison(jobs_: list[Job]) -> dict[str, Any]:
         series.append((f"job {job.id}", [(b, e) for b, e in zip(blocks, errors) if e is not None]))
     chart = line_chart(series, title="Relative reconstruction error per block", x_label="block")
     return {"spec_rows": spec_rows, "ppl": ppl, "chart": chart, "differences": sum(r["differs"] for r in spec_rows),
-            "accuracy": compare_rows([report_of(job) for job in jobs_])}
+            "accuracy": compare_rows([report_of(job) for job in jobs_]), "run_rows": run_rows(jobs_)}
+
+
+def missing(job: Job) -> str:
+    """What a job's cell shows for a value it does not have: failed or cancelled says so."""
+    return job.status if job.status in ("failed", "cancelled") else "–"
+
+
+def run_rows(jobs_: list[Job]) -> list[dict[str, Any]]:
+    """Side by side: how long each job ran, its report's timings per step, peak memory, and the size
+    of each artifact format it keeps (a failed job's cells say "failed")."""
+    reports = [report_of(job) for job in jobs_]
+    rows = [{"key": "ran for", "values": [fmt_duration(ran_for(job)) or missing(job) for job in jobs_]}]
+    steps = list(dict.fromkeys(k for r in reports for k in r.seconds.to_json()))
+    for step in steps:
+        values = [r.seconds.to_json().get(step) for r in reports]
+        rows.append({"key": f"{step.replace('_', ' ')} (s)", "values": [
+            fmt_secs(v) if isinstance(v, (int, float)) else missing(job) for v, job in zip(values, jobs_)]})
+    rows.append({"key": "peak memory", "values": [
+        fmt_bytes(r.peak_memory_bytes) if r.peak_memory_bytes else missing(job) for r, job in zip(reports, jobs_)]})
+    formats = list(dict.fromkeys(a.format for job in jobs_ for a in job.artifacts if a.expired_at is None))
+    for name in formats:
+        sizes = [next((a.size for a in job.artifacts if a.format == name and a.expired_at is None), None) for job in jobs_]
+        rows.append({"key": f"artifact {name}", "format": name, "values": [
+            fmt_bytes(size) if size is not None else missing(job) for size, job in zip(sizes, jobs_)]})
+    if not formats:
+        rows.append({"key": "artifact", "values": [fmt_bytes(job.artifact_size) if job.artifact_size and not
+                                                   job.artifact_expired_at else missing(job) for job in jobs_]})
+    return rows
 
 
 @router.get("/compare", response_class=HTMLResponse)

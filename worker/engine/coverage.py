@@ -116,5 +116,7 @@ def coverage(model: nn.Module, adapter: Adapter, selection: LayerSelection, prun
         "sparsity": zeros_all / total if total else 0.0,
         "sparsity_pruned_modules": zeros_pruned / total_pruned if total_pruned else 0.0,
         "coverage": {"counted": COUNTED, "weights": total, "weights_pruned": total_pruned,
-                     "weights_dense": total - total_pruned, "dense": dense},
+                     "weights_dense": total - total_pruned, "dense": dense,
+                     # every parameter of the model (a tied one once): the whole-model sparsity's denominator
+                     "model_parameters": sum(p.numel() for p in model.parameters())},
     }

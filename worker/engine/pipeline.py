@@ -269,7 +269,7 @@ def run(spec: JobSpec, options: RunOptions | None = None, *, on_progress: Progre
     the job (the worker checks the job's memory estimate there)."""
     options = options or RunOptions()
     options.validate(spec)
-    run = _Run(spec, options, Tracker(on_progress, should_cancel, _stages(spec, options)))
+    run = _Run(spec, options, Tracker(on_progress, should_cancel, _stages(spec, options), options.labels))
     torch.set_float32_matmul_precision("highest")  # TF32 changes the solve's results
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)

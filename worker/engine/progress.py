@@ -7,8 +7,9 @@ an ETA; ``console_reporter`` is the CLI's tqdm version. The worker passes a Redi
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from worker.engine.errors import JobCancelled
 
@@ -26,11 +27,33 @@ STAGE_WEIGHTS = {"loading": 0.05, "calibrating": 0.05, "evaluating_dense": 0.15,
 TWINS = {"evaluating": "evaluating_dense", "evaluating_tasks": "evaluating_tasks_dense", "saving": "loading"}
 
 
+def plain_message(message: str, *, stage: str | None, layer: int | None, layers: int | None,
+                  module: str | None, labels: Mapping[str, str] | None = None) -> str:
+    """An event's message without what the event's other fields already say, and with each path
+    named as ``labels`` names it (RunOptions.labels: an upload as upload:3, the output as the
+    archive's name): no "block 2 of 4" beside layer 2 of 4, no stage word repeated, no module
+    named twice ("pruning self_attn.q_proj, self_attn.k_proj" beside module ...q_proj: "with
+    self_attn.k_proj")."""
+    for path, name in sorted((labels or {}).items(), key=lambda item: -len(item[0])):
+        message = message.replace(path, name)
+    if layer is not None and layers:
+        message = re.sub(rf"\bblock {layer + 1} (?:of|/) ?{layers}\b", "", message)
+    if stage and message.startswith(stage + " "):
+        message = message[len(stage) + 1:]
+    if module:
+        names = [n.strip() for n in message.split(",")]
+        if names and all(n and " " not in n for n in names):  # a list of module names
+            others = [n for n in names if not module.endswith("." + n) and n != module]
+            message = f"with {', '.join(others)}" if others else ""
+    return re.sub(r"\s{2,}", " ", message).strip(" :,-")
+
+
 class Tracker:
     def __init__(self, on_progress: ProgressCallback | None, should_cancel: CancelCheck | None,
-                 stages: list[str]):
+                 stages: list[str], labels: Mapping[str, str] | None = None):
         self.on_progress = on_progress
         self.should_cancel = should_cancel
+        self.labels = dict(labels or {})  # path -> the name its events give it (RunOptions.labels)
         total = sum(STAGE_WEIGHTS[s] for s in stages)
         self.share = {s: STAGE_WEIGHTS[s] / total for s in stages}
         self.start = time.perf_counter()
@@ -89,7 +112,9 @@ class Tracker:
         self.on_progress({
             "stage": public_stage, "layer": layer, "layers": layers, "module": module,
             "fraction": round(fraction, 4), "eta_s": None if eta is None else round(eta, 1),
-            "elapsed_s": round(elapsed, 2), "message": message,
+            "elapsed_s": round(elapsed, 2),
+            "message": plain_message(message, stage=public_stage, layer=layer, layers=layers, module=module,
+                                     labels=self.labels),
         })
 
 

@@ -61,6 +61,7 @@ class Coverage(Part):
     weights_pruned: int | None = None
     weights_dense: int | None = None
     dense: list[DenseWeight] = []
+    model_parameters: int | None = Field(None, description="every parameter of the model (embeddings, head, norms)")
 
 
 class ExpertsModule(Part):
