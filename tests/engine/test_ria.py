@@ -116,8 +116,8 @@ def test_the_refit_after_ria_keeps_its_mask_and_lowers_the_error():
     W, _X, H = random_layer()
     plain = SolverSettings(method="ria", pattern=parse_sparsity(0.5))
     refit = SolverSettings(method="ria", pattern=parse_sparsity(0.5), refit="reconstruct")
-    [P], [(error, *_)] = prune_layers([W], H, plain)
-    [R], [(after, _loss, _damp, record)] = prune_layers([W], H, refit)
+    [P], [(error, *_)], _ = prune_layers([W], H, plain)
+    [R], [(after, _loss, _damp, record)], _ = prune_layers([W], H, refit)
     assert torch.equal(R == 0, P == 0)
     assert record["error_before"] == pytest.approx(error, rel=1e-5) and after < error
 

@@ -204,12 +204,18 @@ def follow_umask(directory: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def save_pruned(model, tokenizer, output: str | Path, finish_report: Callable[[], dict]) -> Path:
+def save_pruned(model, tokenizer, output: str | Path, finish_report: Callable[[dict[str, Path]], dict],
+                writers: dict[str, Callable[[Path], None]] | None = None) -> Path:
     """Write the HF directory (safetensors, config, tokenizer, README card, report) atomically.
 
-    ``finish_report()`` is called once the weights and tokenizer are written, so the report
-    and the card carry the real save time. The directory is written next to ``output`` and
-    renamed into place, so an interrupted save never leaves a partial directory at ``output``.
+    ``writers``: the model's formats by name, each writing its weights and config into a directory
+    (None: ``model.save_pretrained``, the dense one). One format is written into ``output`` itself;
+    several each into ``output/<name>`` (``compressed-tensors``, ``dense``), every one a whole
+    directory with tokenizer, card and report. They are written in the order given.
+    ``finish_report(directories)`` is called once every format's weights and tokenizer are written
+    (with each format's directory), so the report and the card carry the real save time and sizes.
+    The directory is written next to ``output`` and renamed into place, so an interrupted save
+    never leaves a partial directory at ``output``.
     """
     output = Path(output)
     if output.exists() and any(output.iterdir()):
@@ -217,13 +223,18 @@ def save_pruned(model, tokenizer, output: str | Path, finish_report: Callable[[]
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     staging.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would outlive the rename: follow the umask
+    writers = writers or {"dense": lambda d: model.save_pretrained(d, safe_serialization=True)}
+    dirs = {name: staging / name if len(writers) > 1 else staging for name in writers}
     try:
         restore_config(model)
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        report = finish_report()
-        (staging / "README.md").write_text(model_card(report), encoding="utf-8")
-        (staging / "sparsegpt_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        for name, write in writers.items():
+            dirs[name].mkdir(exist_ok=True)
+            write(dirs[name])
+            tokenizer.save_pretrained(dirs[name])
+        report = finish_report(dirs)
+        for directory in dirs.values():
+            (directory / "README.md").write_text(model_card(report), encoding="utf-8")
+            (directory / "sparsegpt_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         follow_umask(staging)
         if output.exists():
             output.rmdir()
@@ -232,3 +243,8 @@ def save_pruned(model, tokenizer, output: str | Path, finish_report: Callable[[]
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
+
+
+def directory_bytes(directory: Path) -> int:
+    """The bytes of the files in ``directory`` (not below): one saved format's size."""
+    return sum(p.stat().st_size for p in Path(directory).iterdir() if p.is_file())

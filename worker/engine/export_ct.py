@@ -16,6 +16,7 @@ codes before anything is written, and the stored scale is the solver's, in the m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -27,6 +28,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_in
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, QuantizationStatus
 from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
 from compressed_tensors.utils import get_direct_state_dict, replace_direct_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -164,3 +166,69 @@ def save_compressed_from_dense(dense_dir: str | Path, quantized: dict[str, Quant
         if path.is_file() and path.name not in weights and path.name != "config.json":
             shutil.copy2(path, output / path.name)
     return output
+
+
+def _rows(q: QuantizedWeight, rows: slice) -> QuantizedWeight:
+    return QuantizedWeight(codes=q.codes[rows], scale=q.scale[rows], weight=q.weight[rows])
+
+
+def _digest(t: torch.Tensor) -> tuple:
+    t = t.detach().contiguous().cpu()
+    return tuple(t.shape), str(t.dtype), hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def saved_expert_names(output: Path, experts: dict[str, QuantizedWeight], dtype: torch.dtype
+                       ) -> dict[str, QuantizedWeight]:
+    """Each expert matrix's name as ``save_pretrained`` wrote it (``...mlp.experts.3.gate_proj``), found
+    by its values: the saved per-expert tensor equal to the expert's codes x scales in ``dtype``. A
+    fused gate_up_proj's expert is found whole or as its gate rows and up rows (QUANTIZATION.md 5).
+    ``experts``: by any key (worker.engine.moe.expert_key). Raises unless every expert is found once."""
+    pieces: dict[tuple, QuantizedWeight | None] = {}
+    for key, q in experts.items():
+        parts = [q]
+        if key.split(":")[0].endswith("gate_up_proj"):
+            half = q.codes.shape[0] // 2
+            parts += [_rows(q, slice(0, half)), _rows(q, slice(half, None))]
+        for part in parts:
+            digest = _digest(part.weight.to(dtype))
+            same = pieces.get(digest, part)
+            pieces[digest] = part if same is not None and torch.equal(same.codes.view(torch.int8), part.codes.view(torch.int8)) else None
+    named: dict[str, QuantizedWeight] = {}
+    for path in sorted(output.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if ".experts." in key and key.endswith(".weight"):
+                    digest = _digest(f.get_tensor(key))
+                    if digest in pieces:
+                        if pieces[digest] is None:
+                            raise RuntimeError(f"{key}: two experts hold the same weights with different codes")
+                        named[key.removesuffix(".weight")] = pieces[digest]
+    found, wanted = sum(q.codes.numel() for q in named.values()), sum(q.codes.numel() for q in experts.values())
+    if found != wanted:
+        raise RuntimeError(f"the saved checkpoint holds {found} of the {wanted} quantized expert weights under "
+                           "per-expert names: its experts cannot be written quantized")
+    return named
+
+
+def save_quantized_model(model: nn.Module, quantized: dict[str, QuantizedWeight], quantization: Quantization,
+                         output: str | Path, experts: dict[str, QuantizedWeight] | None = None) -> Path:
+    """``save_compressed`` for the engine: ``experts`` by their in-memory keys (worker.engine.moe.expert_key),
+    their saved names found in what ``save_pretrained`` writes (``saved_expert_names``)."""
+    output = Path(output)
+    compress_model(model, quantized, quantization)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.quantization_config.quantization_status = QuantizationStatus.COMPRESSED
+    model.save_pretrained(output)
+    if experts:
+        _compress_saved(output, saved_expert_names(output, experts, quantization.scale_dtype), quantization)
+    compressor.update_config(str(output))
+    compressor.add_decompress_hook(model)
+    return output
+
+
+def compress_in_memory(model: nn.Module, quantized: dict[str, QuantizedWeight], quantization: Quantization) -> None:
+    """The model as the checkpoint would load, without writing it: compressed in place, decompressed at its
+    next forward (for FP8_DYNAMIC with its per-token activation quantization)."""
+    compress_model(model, quantized, quantization)
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.add_decompress_hook(model)

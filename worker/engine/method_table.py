@@ -77,9 +77,10 @@ def describe_methods() -> str:
     return "the pruning method: " + "; ".join(f"{m.name}: {m.summary}" for m in METHOD_TABLE.values())
 
 
-def check_solver_options(name: str, solver, pattern) -> None:
+def check_solver_options(name: str, solver, pattern, quantization=None) -> None:
     """ValueError unless method ``name`` allows the spec's ``solver`` options (wbits, exact, refit,
-    blocksize: worker.engine.spec.SolverSpec) with its sparsity ``pattern`` (a SparsityPattern)."""
+    blocksize: worker.engine.spec.SolverSpec) with its sparsity ``pattern`` (a SparsityPattern) and
+    ``quantization`` (the spec's section or None; its own refusals: worker.engine.spec_quant)."""
     method = method_info(name)
     if solver.wbits is not None and not method.joint_quantization:
         raise ValueError(f"solver.wbits (joint quantization) works with method {names_where('joint_quantization')}")
@@ -92,6 +93,9 @@ def check_solver_options(name: str, solver, pattern) -> None:
             f"solver.refit {solver.refit} needs the calibration Hessian and unquantized weights: it "
             f"works with method {names_where('allows_refit')}, without solver.wbits"
         )
+    if solver.refit != "none" and quantization is not None and pattern.sparsity == 0:
+        raise ValueError(f"solver.refit {solver.refit} re-solves the weights a prune kept: quantization only "
+                         "prunes nothing (set refit none)")
     if pattern.structured and not method.nm:
         raise ValueError(f"method {name} prunes unstructured only, not {pattern}")
     if pattern.structured and method.blocks_of_m and solver.blocksize % pattern.m:

@@ -271,10 +271,34 @@ def _experts_refit(fits: list[dict]) -> dict:
             "swaps": sum(f["swaps"] for f in fits), "seconds": sum(f["seconds"] for f in fits), "experts": len(fits)}
 
 
+def expert_key(parameter: str, e: int) -> str:
+    """How an expert's quantized matrix is known until it is saved: ``<fused parameter>:<expert>``."""
+    return f"{parameter}:{e}"
+
+
+def quantization_refusal(block: nn.Module) -> str | None:
+    """Why this block's fused experts cannot be saved quantized so that transformers and vLLM load them
+    (None: they can). Measured to load (worker.engine.export_ct's tests): Qwen-style ``gate_up_proj``
+    (E, 2I, H) and ``down_proj`` (E, H, I), no biases, saved per expert."""
+    for name, experts in fused_experts(block).items():
+        if is_scaled_bmm(experts) or getattr(experts, "is_transposed", False):
+            return (f"{name}: its experts are stored (in, out) ({type(experts).__name__}); a quantized checkpoint "
+                    "of that layout is not known to load in transformers or vLLM")
+        if getattr(experts, "has_bias", False):
+            return f"{name}: experts with biases ({type(experts).__name__}) are not known to load quantized"
+        if "gate_up_proj" not in matrix_names(experts) or "down_proj" not in matrix_names(experts):
+            return (f"{name}: experts without a fused gate_up_proj ({type(experts).__name__}) are not known to "
+                    "load quantized")
+    return None
+
+
 @torch.no_grad()
 def prune_experts(modules: dict[str, nn.Module], stats: dict[str, ExpertStats] | None, solver, *,
-                  prefix: str, block: int, device: torch.device, prune_shared) -> tuple[list[dict], list[dict]]:
-    """Prune every expert of ``modules`` in place.
+                  prefix: str, block: int, device: torch.device, prune_shared,
+                  quantized: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """Prune every expert of ``modules`` in place; with ``solver.quantization`` each expert's matrix is
+    quantized as its own Linear (its routed Hessian, the method's way) and its codes and scales go into
+    ``quantized`` under ``expert_key`` (the fused parameter holds codes x scales).
 
     Returns (one LayerResult's fields per fused parameter: sparsity over all its experts, error
     and loss summed over them weighted as one layer; one record per experts module: tokens and
@@ -295,7 +319,10 @@ def prune_experts(modules: dict[str, nn.Module], stats: dict[str, ExpertStats] |
                 if H is None and method_info(solver.method).needs_calibration:
                     raise RuntimeError(f"{full}: expert {e} has no calibration statistics")
                 # each expert is one layer with its own H: the job's method (and refit), as for a Linear
-                [P], [(err, loss, damp, fit)] = prune_layers([W], H, solver, prune_shared)
+                [P], [(err, loss, damp, fit)], grids = prune_layers([W], H, solver, prune_shared)
+                if grids is not None and quantized is not None:
+                    q = grids[0]
+                    quantized[expert_key(f"{full}.{pname}", e)] = type(q)(q.codes.cpu(), q.scale.cpu(), q.weight.cpu())
                 if fit is not None:
                     fits.append(fit)
                 set_expert_matrix(experts, pname, e, P.to(expert_matrix(experts, pname, e).device))

@@ -28,6 +28,8 @@ from worker.engine.coverage import check_prunable, coverage, weight_name
 from worker.engine.errors import InvalidJob
 from worker.engine.moe import MoeSettings
 from worker.engine.owl import block_targets, check_profile
+from worker.engine.quantized_job import check_quantizable, compress_for_evaluation, formats_of, quantization_of, \
+    quantization_part, writers
 from worker.engine.progress import CancelCheck, ProgressCallback, Tracker
 from worker.engine.refit import refit_summary
 from worker.engine.report import Environment, Report, Timings
@@ -55,6 +57,9 @@ class RunOptions:
     # What the report and the card call a path this run read or wrote (a dataset file -> upload:3,
     # the model's resolved directory -> the path as given, the output -> the archive's name); others as they are.
     labels: dict[str, str] = field(default_factory=dict)
+    # The saved model's formats (worker.engine.quantized_job.FORMATS): "compressed-tensors" (quantized jobs'
+    # default) and/or "dense" (float; the default without quantization). Two: output/<format>/ each.
+    formats: tuple[str, ...] = ()
 
     def label(self, path: str | None) -> str | None:
         return None if path is None else self.labels.get(str(path), str(path))
@@ -123,6 +128,10 @@ class _Run:
         self.selection.validate(len(self.adapter.blocks))
         check_prunable(self.adapter, self.selection)
         check_profile(spec.sparsity_profile, len(self.adapter.blocks))
+        self.quantization = quantization_of(spec, self.dtype)
+        self.formats = formats_of(self.options.formats, self.quantization)
+        if self.quantization is not None:
+            check_quantizable(self.quantization, self.model, self.adapter, self.selection)
         context = context_length(self.model, self.tokenizer)
         self.seqlen = spec.calibration.seqlen or min(DEFAULT_SEQLEN, context or DEFAULT_SEQLEN)
         if context is not None and self.seqlen > context:
@@ -169,15 +178,19 @@ class _Run:
         self.tracker.begin("pruning", f"{spec.method} {spec.pattern}")
         solver = SolverSettings(method=spec.method, pattern=spec.pattern, blocksize=spec.solver.blocksize,
                                 percdamp=spec.solver.percdamp, wbits=spec.solver.wbits, exact=spec.solver.exact,
-                                refit=spec.solver.refit)
+                                refit=spec.solver.refit, quantization=self.quantization)
+        self.quantized = {}  # with quantization: codes and scales by module name (experts: moe.expert_key)
         batch = 1 if spec.solver.exact else self.batch_size  # the reference's one sequence per forward
         self.experts: list[dict] = []  # per experts module: routed tokens and Hessian source per expert
         layers = prune_sequential(self.model, self.adapter, self.calibration, solver=solver,
                                   selection=self.selection, device=self.device, batch_size=batch,
                                   tracker=self.tracker, targets=self.targets, expert_records=self.experts,
                                   moe=MoeSettings(all_experts=spec.moe.all_experts, min_tokens=spec.moe.min_tokens),
-                                  checkpoints=self.checkpoints(batch))
+                                  checkpoints=self.checkpoints(batch), quantized=self.quantized)
         self.peak_prune_rss = _peak_rss_bytes()
+        # measured now: a quantized model is compressed before it is evaluated (compressed-tensors' modules)
+        self.coverage = coverage(self.model, self.adapter, self.selection, [r.name for r in layers])
+        self.layer_sizes = [self.model.get_parameter(weight_name(r.name, self.model)).numel() for r in layers]
         return layers
 
     def checkpoints(self, batch: int) -> Checkpoints | None:
@@ -187,23 +200,37 @@ class _Run:
             spec=self.spec.model_dump(mode="json"), dtype=self.dtype, device=self.device, batch_size=batch,
             calibration=self.calibration, blocks=len(self.adapter.blocks)))
 
-    def save(self, report: Report) -> None:
+    def save(self, make_report: Callable[[], Report]) -> Report:
+        """Write the formats, then ``make_report()`` (a quantized job evaluates there: the model as saved)
+        goes into each directory with the card. Returns the report; the evaluation inside is not saving."""
         self.tracker.begin("saving", f"saving to {self.options.output}")
         t0 = time.perf_counter()
+        made: list[Report] = []
+        inner = [0.0]
 
-        def finish() -> dict:  # called once the weights are written: the report says what it cost
-            self.seconds["save"] = time.perf_counter() - t0
+        def finish(directories: dict) -> dict:  # called once the weights are written: the report says what it cost
+            t1 = time.perf_counter()
+            report = make_report()
+            inner[0] = time.perf_counter() - t1
+            self.seconds["save"] = time.perf_counter() - t0 - inner[0]
+            if self.quantization is not None:
+                report.quantization = quantization_part(self.spec, self.quantization, self.quantized, self.model,
+                                                        report.coverage.dense if report.coverage else [],
+                                                        directories)
             self.seconds["total"] = time.perf_counter() - self.start
             report.seconds = Timings(**self.seconds)
+            made.append(report)
             return report.to_dict()
 
-        save_pruned(self.model, self.tokenizer, self.options.output, finish)
-        self.seconds["save"] = time.perf_counter() - t0
+        save_pruned(self.model, self.tokenizer, self.options.output, finish,
+                    writers(self.model, self.formats, self.quantization, self.quantized))
+        self.seconds["save"] = time.perf_counter() - t0 - inner[0]
+        return made[0]
 
     def report(self, layers: list[LayerResult], dense_ppl: dict, pruned_ppl: dict) -> Report:
         """The report; each path it names is named as ``options.labels`` says (the walk's one place)."""
         spec, device, label = self.spec, self.device, self.options.label
-        sizes = [self.model.get_parameter(weight_name(r.name, self.model)).numel() for r in layers]
+        sizes = self.layer_sizes
         used = [r.percdamp for r in layers]
         per_block: dict[int, list] = {}
         for r, n in zip(layers, sizes):
@@ -214,7 +241,7 @@ class _Run:
         return Report(
             model=public.model, revision=spec.revision, method=spec.method, pattern=str(spec.pattern),
             # sparsity: zeros / every weight of the pruned blocks; sparsity_pruned_modules; coverage: what stayed dense
-            **coverage(self.model, self.adapter, self.selection, [r.name for r in layers]),
+            **self.coverage,
             experts=getattr(self, "experts", []),  # per experts module: routed tokens, Hessian source per expert
             profile={**self.profile_info,  # per block (None: not pruned); each weighted by its Linears' sizes
                      "targets": [per_block[b][0][0].target if b in per_block else None for b in range(nblocks)],
@@ -248,10 +275,11 @@ class _Run:
 
 def _stages(spec: JobSpec, options: RunOptions) -> list[str]:
     evaluate = bool(spec.evaluation.datasets)
+    saved_first = spec.quantization is not None and bool(options.output)  # evaluated as saved
     return ["loading", "calibrating"] + (["evaluating_dense"] if evaluate and spec.evaluation.dense else []) \
         + (["evaluating_tasks_dense"] if spec.evaluation.tasks and spec.evaluation.dense else []) \
-        + ["pruning"] + (["evaluating"] if evaluate else []) + (["evaluating_tasks"] if spec.evaluation.tasks else []) \
-        + (["saving"] if options.output else [])
+        + ["pruning"] + (["saving"] if saved_first else []) + (["evaluating"] if evaluate else []) \
+        + (["evaluating_tasks"] if spec.evaluation.tasks else []) + (["saving"] if options.output and not saved_first else [])
 
 
 def run_job(spec: JobSpec, options: RunOptions | None = None, *, on_progress: ProgressCallback | None = None,
@@ -295,18 +323,32 @@ def run(spec: JobSpec, options: RunOptions | None = None, *, on_progress: Progre
             run.evaluate_tasks("evaluating_tasks_dense", "dense")
     with run.timed("prune"):
         layers = run.prune()
-    if evaluate:
-        with run.timed("eval_pruned"):
-            pruned_ppl = run.evaluate("evaluating", "pruned")
-    if spec.evaluation.tasks:
-        with run.timed("zero_shot_pruned"):
-            run.evaluate_tasks("evaluating_tasks", "pruned")
-    run.seconds["eval"] = run.seconds.get("eval_dense", 0.0) + run.seconds.get("eval_pruned", 0.0)
-    report = run.report(layers, dense_ppl, pruned_ppl)
-    if spec.solver.refit != "none":
-        run.seconds["refit"] = report.refit.seconds  # inside seconds.prune
-    if options.output:
-        run.save(report)
+
+    def evaluated() -> Report:  # the pruned model's figures and the report
+        pruned_ppl = {}
+        if evaluate:
+            with run.timed("eval_pruned"):
+                pruned_ppl = run.evaluate("evaluating", "pruned")
+        if spec.evaluation.tasks:
+            with run.timed("zero_shot_pruned"):
+                run.evaluate_tasks("evaluating_tasks", "pruned")
+        run.seconds["eval"] = run.seconds.get("eval_dense", 0.0) + run.seconds.get("eval_pruned", 0.0)
+        report = run.report(layers, dense_ppl, pruned_ppl)
+        if spec.solver.refit != "none":
+            run.seconds["refit"] = report.refit.seconds  # inside seconds.prune
+        return report
+
+    if run.quantization is not None and options.output:
+        report = run.save(evaluated)  # written first: the figures are those of the model as saved
+    elif run.quantization is not None:
+        compress_for_evaluation(run.model, run.quantization, run.quantized)  # evaluated as it would load
+        report = evaluated()
+        report.quantization = quantization_part(spec, run.quantization, run.quantized, run.model,
+                                                report.coverage.dense if report.coverage else [])
+    else:
+        report = evaluated()
+        if options.output:
+            run.save(lambda: report)
     run.seconds["total"] = time.perf_counter() - run.start
     report.seconds = Timings(**run.seconds)
     run.tracker.emit(1.0, message="done")

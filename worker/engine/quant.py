@@ -17,8 +17,10 @@ Zero is on every grid: a pruned weight quantizes to code 0 and value exactly 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 SCHEMES = {"W4A16": ("int", 4), "W8A16": ("int", 8), "FP8_DYNAMIC": ("float", 8)}
 FP8_MAX = 448.0  # largest float8_e4m3fn
@@ -209,3 +211,37 @@ class Quantizer:
     def column(self, i: int, q: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor) -> torch.Tensor:
         """``SolveGrids.column``'s contract: one grid for every column."""
         return self.quantize(q)
+
+
+# --- a resumed job's grids (worker.engine.sequential: beside the per-block checkpoints) ---------
+
+
+def _grids_file(directory, i: int):
+    return Path(directory) / f"quantized-{i:05d}.safetensors"
+
+
+def save_quantized(directory, i: int, grids: dict[str, QuantizedWeight]) -> None:
+    """Block ``i``'s codes and scales beside its checkpoint (the weights alone cannot give them back)."""
+    tensors = {f"{name}:{part}": getattr(q, part).contiguous() for name, q in grids.items()
+               for part in ("codes", "scale")}
+    path = _grids_file(directory, i)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+
+
+def restore_quantized(directory, blocks: int) -> dict[str, QuantizedWeight]:
+    """The codes and scales of the blocks before ``blocks`` that a resumed run does not solve again."""
+    out: dict[str, QuantizedWeight] = {}
+    for i in range(blocks):
+        path = _grids_file(directory, i)
+        if not path.exists():
+            continue  # a block left unpruned (the selection) has none
+        tensors = load_file(str(path))
+        for key in tensors:
+            name, part = key.rsplit(":", 1)
+            if part == "codes":
+                codes, scale = tensors[key], tensors[f"{name}:scale"]
+                group = codes.shape[1] // scale.shape[1]
+                out[name] = QuantizedWeight(codes=codes, scale=scale,
+                                            weight=codes.float() * scale.float().repeat_interleave(group, dim=1))
+    return out

@@ -100,6 +100,34 @@ class DataFile(Part):
     suffix: str | None = None  # .txt | .jsonl: how it is read
 
 
+class FormatSize(Part):
+    bytes: int | None = None  # the saved directory's files (weights, config, tokenizer, card, report)
+    ratio: float | None = None  # bytes / the whole model's weights in fp16
+
+
+class QuantizationSizes(Part):
+    dense_fp16_bytes: int | None = None  # every weight of the model in fp16 (2 bytes each)
+    decoder_weights_bytes: int | None = None  # the quantized layers as stored: codes (bits) + scales
+    decoder_weights_fp16_bytes: int | None = None  # the same weights in fp16
+    decoder_weights_ratio: float | None = None
+    formats: dict[str, FormatSize] = {}  # each saved format (compressed-tensors, dense) by name
+
+
+class QuantizationPart(Part):
+    """The weights' quantization (issue 26): what grid, how it was applied, what stayed float, the sizes."""
+
+    scheme: str | None = None  # W4A16 | W8A16 | FP8_DYNAMIC
+    group_size: int | None = None  # -1: one scale per output channel
+    actorder: bool | None = None
+    bits: int | None = None
+    how: str | None = None  # in-solve (the joint solve; GPTQ at sparsity 0) | round-to-nearest (after the prune)
+    quantization_only: bool | None = None  # sparsity 0: no weight pruned
+    layers_quantized: int | None = None  # Linears and expert matrices
+    experts_quantized: int | None = None  # of which expert matrices (one per expert and fused parameter)
+    unquantized: list[dict] = []  # {name, reason}: Linears of the model left in float
+    sizes: QuantizationSizes | None = None
+
+
 class Solver(Part):
     blocksize: int | None = None
     percdamp: float | None = None
@@ -220,6 +248,7 @@ class Report(Part):
     calibration: Calibration | None = None
     files: dict[str, DataFile] = Field({}, description="each data file read, by the user's name for it (upload:3)")
     solver: Solver | None = None
+    quantization: QuantizationPart | None = None
     refit: Refit | None = None
     layers_selected: LayersSelected | None = None
     evaluation: Evaluation | None = None

@@ -38,6 +38,7 @@ from worker.engine.methods.sparsegpt import sparsegpt_arithmetic
 from worker.engine.moe import ExpertCollector, MoeSettings, fused_experts, prune_experts
 from worker.engine.patterns import SparsityPattern
 from worker.engine.progress import Tracker
+from worker.engine.quant import Quantization, QuantizedWeight, restore_quantized, save_quantized
 from worker.engine.reference import RunningHessian
 from worker.engine.resume import Checkpoints
 from worker.engine.sparsegpt import Hessian, PruneResult
@@ -73,6 +74,7 @@ class SolverSettings:
     wbits: int | None = None
     exact: bool = False  # the reference's arithmetic, operation for operation (methods.sparsegpt_arithmetic)
     refit: str = "none"  # after the prune, worker.engine.refit.REFITS
+    quantization: Quantization | None = None  # weights on a grid (worker.engine.quant); None: float
 
 
 @dataclass
@@ -255,17 +257,25 @@ def _sparsity(W: torch.Tensor) -> float:
 
 def solve_group(names: list[str], modules: dict[str, nn.Module], H: torch.Tensor | None, solver: SolverSettings,
                 device: torch.device, *, prune_shared: Callable[..., list[PruneResult]],
+                quantized: dict[str, QuantizedWeight] | None = None,
                 ) -> list[tuple[float | None, float | None, float, dict | None]]:
     """Prune the layers of one Hessian group in place with the job's method (worker.engine.methods);
-    (error, loss, percdamp, refit) per layer.
+    (error, loss, percdamp, refit) per layer. With quantization each layer's codes and scales go
+    into ``quantized`` by its name in ``names`` (the module holds codes x scales).
 
     ``prune_shared`` is SparseGPT's solve (``sparsegpt_arithmetic(solver).prune_shared``).
     """
     dense = [weight_matrix(modules[n]).to(device) for n in names]
-    pruned, stats = prune_layers(dense, H, solver, prune_shared)
+    pruned, stats, grids = prune_layers(dense, H, solver, prune_shared)
     for n, P in zip(names, pruned):
         set_weight_matrix(modules[n], P)
+    if grids is not None and quantized is not None:
+        quantized.update({n: _to_cpu(q) for n, q in zip(names, grids)})
     return stats
+
+
+def _to_cpu(q: QuantizedWeight) -> QuantizedWeight:
+    return QuantizedWeight(codes=q.codes.cpu(), scale=q.scale.cpu(), weight=q.weight.cpu())
 
 
 @torch.no_grad()
@@ -273,7 +283,8 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
                      solver: SolverSettings, selection: LayerSelection, device: torch.device,
                      batch_size: int, tracker: Tracker, targets: dict[int, float] | None = None,
                      moe: MoeSettings | None = None, expert_records: list[dict] | None = None,
-                     checkpoints: Checkpoints | None = None) -> list[LayerResult]:
+                     checkpoints: Checkpoints | None = None,
+                     quantized: dict[str, QuantizedWeight] | None = None) -> list[LayerResult]:
     """Prune the selected Linears of every selected block; returns one result per Linear.
 
     ``calibration`` (nsamples, seqlen) token ids; a method that reads no statistics (magnitude) needs
@@ -281,6 +292,8 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
     instead of the pattern's.
     Fused experts are pruned per expert (worker.engine.moe, ``moe``); their token counts and Hessian
     sources are appended to ``expert_records``. ``checkpoints``: resume and checkpoint (worker.engine.resume).
+    ``quantized``: with ``solver.quantization``, each quantized Linear's codes and scales by module name,
+    and each expert's by ``expert_key`` (worker.engine.moe); kept with the checkpoints to resume.
     """
     blocks = adapter.blocks
     nblocks = len(blocks)
@@ -292,6 +305,8 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
     arithmetic = sparsegpt_arithmetic(solver)
     results: list[LayerResult] = []
     start = checkpoints.restore(blocks, inputs, results, expert_records, LayerResult, tracker) if checkpoints else 0
+    if start and quantized is not None and solver.quantization is not None:
+        quantized.update(restore_quantized(checkpoints.dir, start))
     for i in range(start, last + 1):
         block = blocks[i]
         tracker.emit(i / (last + 1), layer=i, layers=nblocks, message=f"block {i + 1} of {nblocks}")
@@ -325,11 +340,15 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
             groups = [([name], None) for name in modules]
 
         block_solver = solver if targets is None else replace(solver, pattern=SparsityPattern(targets[i]))
+        block_grids: dict[str, QuantizedWeight] = {}  # this block's quantized layers and experts
         for g, (names, H) in enumerate(groups):
             tracker.emit((i + g / max(len(groups), 1)) / (last + 1), layer=i, layers=nblocks,
                          module=f"{prefix}.{names[0]}", message=f"pruning {', '.join(names)}")
             t0 = time.perf_counter()
-            stats = solve_group(names, modules, H, block_solver, device, prune_shared=arithmetic.prune_shared)
+            grids: dict[str, QuantizedWeight] = {}
+            stats = solve_group(names, modules, H, block_solver, device, prune_shared=arithmetic.prune_shared,
+                                quantized=grids)
+            block_grids.update({f"{prefix}.{n}": q for n, q in grids.items()})
             seconds = time.perf_counter() - t0
             rows = [weight_matrix(modules[n]).shape[0] for n in names]
             for n, r, (error, loss, percdamp, refit) in zip(names, rows, stats):
@@ -340,13 +359,18 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
         del groups
         if experts:
             fields, records = prune_experts(experts, expert_stats, block_solver, prefix=prefix, block=i,
-                                            device=device, prune_shared=arithmetic.prune_shared)
+                                            device=device, prune_shared=arithmetic.prune_shared,
+                                            quantized=block_grids)
             results += [LayerResult(**f) for f in fields]
             if expert_records is not None:
                 expert_records += records
         if needs_data and i < last:
             run_block(block, inputs, device, keep=True)  # the pruned block feeds the next one
+        if quantized is not None:
+            quantized.update(block_grids)
         if checkpoints is not None:
+            if block_grids:  # before the block is marked done: a kill in between redoes the block
+                save_quantized(checkpoints.dir, i, block_grids)
             checkpoints.block_done(i, block, inputs, results, expert_records, last=last)
         host.offload(block, changed=True, written=checkpoints.block_file(i) if checkpoints else None)
         release_memory(device)

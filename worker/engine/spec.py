@@ -23,6 +23,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from worker.engine.method_table import DEFAULT_METHOD, METHOD_NAMES, check_solver_options, describe_methods, method_info
 from worker.engine.patterns import SparsityPattern, parse_profile, parse_sparsity
+from worker.engine.spec_quant import check_quantization, empty_as_none, quantization_spec
 
 BUILTIN_DATASETS = ("c4", "wikitext2", "ptb")
 METHODS = METHOD_NAMES  # (worker.engine.method_table: the one list)
@@ -198,7 +199,9 @@ class SolverSpec(_Strict):
     percdamp: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False,
                                      description="Hessian dampening, a fraction of its mean diagonal"),
                         UI(form="percdamp", cli="--percdamp")] = 0.01
-    wbits: Annotated[int | None, Field(ge=2, le=8, description="joint quantization bits (paper section 5)"),
+    wbits: Annotated[int | None, Field(ge=2, le=8, description="joint quantization bits on the reference's per-row "
+                                                               "asymmetric grid (paper section 5; kept for old specs, "
+                                                               "not exported compressed: use quantization)"),
                      UI(form="wbits", cli="--wbits")] = None
     exact: Annotated[bool, Field(description="reproduce the reference SparseGPT's arithmetic bit for bit "
                                              "(one sequence per forward; slower), for checking a result"),
@@ -270,6 +273,9 @@ class ResourcesSpec(_Strict):
                                                    "(sparsegpt worker --queue)")] = None
 
 
+QuantizationSpec = quantization_spec(UI)  # worker.engine.spec_quant
+
+
 class JobSpec(_Strict):
     """What POST /api/v1/jobs takes. Only ``model`` and ``sparsity`` are required."""
 
@@ -296,6 +302,7 @@ class JobSpec(_Strict):
     solver: SolverSpec = Field(default_factory=SolverSpec)
     layers: LayersSpec = Field(default_factory=LayersSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    quantization: Annotated[QuantizationSpec | None, BeforeValidator(empty_as_none)] = None
     dtype: Annotated[Literal["auto", "float16", "bfloat16", "float32"],
                      Field(description="load, compute and save dtype; auto: the checkpoint's float16/bfloat16 on a GPU (else float16), float32 on the CPU"), UI(form="dtype", cli="--dtype")] = "auto"
 
@@ -308,6 +315,8 @@ class JobSpec(_Strict):
     @field_validator("sparsity", mode="before")
     @classmethod
     def _sparsity(cls, value: Any) -> float | str:
+        if _is_zero(value):  # quantization only (GPTQ); refused without quantization (_solver_fits)
+            return 0.0
         pattern = parse_sparsity(value)
         return str(pattern) if pattern.structured else pattern.sparsity
 
@@ -337,8 +346,15 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _solver_fits(self) -> JobSpec:
-        check_solver_options(self.method, self.solver, self.pattern)  # what the method allows
+        check_solver_options(self.method, self.solver, self.pattern, self.quantization)  # what the method allows
         pattern = self.pattern
+        if pattern.sparsity == 0:
+            if self.quantization is None:
+                raise ValueError("sparsity 0 prunes nothing: set quantization (quantization only) or a sparsity "
+                                 "above 0 (0.5 or 2:4)")
+            if self.sparsity_profile != "uniform":
+                raise ValueError("sparsity_profile needs a sparsity above 0: quantization only prunes nothing")
+        check_quantization(self.quantization, method_info(self.method).joint_quantization, self.solver, pattern)
         if pattern.structured and self.sparsity_profile != "uniform":
             raise ValueError(f"sparsity_profile {'owl' if self.sparsity_profile == 'owl' else 'per block'} needs an unstructured sparsity (0.7), not {pattern}: an N:M "
                              "pattern has exactly N zeros in every M weights of every block, so it stays uniform")
@@ -346,7 +362,12 @@ class JobSpec(_Strict):
 
     @property
     def pattern(self) -> SparsityPattern:
-        return parse_sparsity(self.sparsity)
+        """The sparsity as a pattern; 0 (quantization only) is ``SparsityPattern(0.0)``: no mask."""
+        return SparsityPattern(0.0) if self.sparsity == 0 else parse_sparsity(self.sparsity)
+
+    @property
+    def quantization_only(self) -> bool:
+        return self.quantization is not None and self.pattern.sparsity == 0
 
     @property
     def reads_calibration(self) -> bool:
@@ -374,6 +395,21 @@ class JobSpec(_Strict):
         return JobSpec.model_validate(data)
 
 
+def _is_zero(value: Any) -> bool:
+    """0, 0.0, "0", "0.0", "0%": the sparsity of a quantization-only job."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return value == 0
+    if isinstance(value, str) and 0 < len(value) <= 16:
+        text = value.strip().rstrip("%").strip()
+        try:
+            return text != "" and all(ch in "0." for ch in text) and float(text) == 0
+        except ValueError:
+            return False
+    return False
+
+
 # --- paths into a spec's nested dict ------------------------------------------------------
 
 
@@ -381,6 +417,9 @@ def field_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterato
     """The path of every field of the spec, depth first."""
     for name, info in model.model_fields.items():
         annotation = info.annotation
+        if getattr(annotation, "__args__", None) and type(None) in annotation.__args__:  # X | None
+            inner = [a for a in annotation.__args__ if a is not type(None)]
+            annotation = inner[0] if len(inner) == 1 else annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from field_paths(annotation, (*prefix, name))
         else:

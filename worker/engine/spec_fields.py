@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Iterator, Literal, get_args, get_origin
+from types import UnionType
+from typing import Any, Iterator, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -62,13 +63,21 @@ class Leaf:
 def leaf_fields(model: type[BaseModel] = JobSpec, prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
     """Every field of the spec, depth first, that has a UI marker (in declaration order)."""
     for name, info in model.model_fields.items():
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            yield from leaf_fields(annotation, (*prefix, name))
+        section = section_model(info.annotation)
+        if section is not None:
+            yield from leaf_fields(section, (*prefix, name))
             continue
         ui = next((m for m in info.metadata if isinstance(m, UI)), None)
         if ui is not None:
             yield Leaf((*prefix, name), info, ui)
+
+
+def section_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of a nested section: ``CalibrationSpec``, or ``QuantizationSpec`` of ``QuantizationSpec | None``."""
+    if get_origin(annotation) in (Union, UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 @cache

@@ -35,17 +35,24 @@ class SolverMethod:
     info: MethodInfo
 
     @torch.no_grad()
-    def prune(
+    def solve(
         self, dense: Sequence[torch.Tensor], H: torch.Tensor | None, solver, prune_shared: Callable | None = None
-    ):
-        """(pruned fp32 weights, (error, loss, percdamp, refit) per layer), one joint solve with
-        ``prune_shared`` (default: ``sparsegpt_arithmetic(solver)``'s)."""
+    ) -> list[PruneResult]:
+        """One joint solve with ``prune_shared`` (default: ``sparsegpt_arithmetic(solver)``'s); with
+        ``solver.quantization`` the grids are fitted and applied inside it (``PruneResult.quantized``)."""
         if H is None:
             raise ValueError(f"method {self.info.name} needs the calibration Hessian")
         solve = prune_shared or sparsegpt_arithmetic(solver).prune_shared
-        results = solve(
-            list(dense), H, solver.pattern, blocksize=solver.blocksize, percdamp=solver.percdamp, wbits=solver.wbits
-        )
+        quantization = getattr(solver, "quantization", None)
+        extra = {"quantization": quantization} if quantization is not None else {}
+        return solve(list(dense), H, solver.pattern, blocksize=solver.blocksize, percdamp=solver.percdamp,
+                     wbits=solver.wbits, **extra)
+
+    def prune(
+        self, dense: Sequence[torch.Tensor], H: torch.Tensor | None, solver, prune_shared: Callable | None = None
+    ):
+        """(pruned fp32 weights, (error, loss, percdamp, refit) per layer), one joint solve."""
+        results = self.solve(dense, H, solver, prune_shared)
         return [r.weight for r in results], [(r.error, r.loss, r.percdamp, None) for r in results]
 
 
