@@ -22,6 +22,12 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.support import hub_cache
+
+# Before anything imports huggingface_hub (it reads the cache's place once): a Hub cache that holds
+# the few Hub ids and built-in sets the tests queue jobs with (tests/support/hub_cache.py).
+os.environ["HF_HUB_CACHE"] = str(hub_cache.seed())
+
 import httpx
 import pytest
 

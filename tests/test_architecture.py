@@ -37,7 +37,8 @@ def test_the_engine_imports_nothing_of_the_service():
     assert bad == []
 
 
-SPEC_MODULES = ("worker.engine.spec", "worker.engine.spec_fields", "worker.engine.report")  # pure pydantic, no torch
+SPEC_MODULES = ("worker.engine.spec", "worker.engine.spec_fields", "worker.engine.report",  # pure pydantic, no torch
+                "worker.engine.hub")  # the Hub's reachability and cache, asked at submit (httpx, huggingface_hub)
 
 
 def test_app_imports_of_the_worker_are_the_spec_only():

@@ -14,6 +14,7 @@ from app.config import Settings
 from app.paths import PathNotAllowed, resolve_allowed
 from app.services.estimate import Estimate, JobSize, estimate, estimate_method, hub_config, local_config
 from app.services.routing import choose_queue
+from worker.engine.hub import dataset_unavailable, model_unavailable
 from worker.engine.spec import BUILTIN_DATASETS, JobSpec, stored_dtype, upload_id, working_dtype
 
 DEFAULT_SEQLEN = 2048  # what the engine uses when the spec has none (or the model's context, if shorter)
@@ -33,6 +34,9 @@ def _error(loc: tuple, msg: str, kind: str = "value_error") -> dict[str, Any]:
 
 def _dataset(value: str, loc: tuple, settings: Settings, session: Session, errors: list) -> str:
     if value in BUILTIN_DATASETS:
+        unavailable = dataset_unavailable(value)
+        if unavailable:
+            errors.append(_error(loc, unavailable))
         return value
     set_id = upload_id(value)
     if set_id is not None:
@@ -44,6 +48,37 @@ def _dataset(value: str, loc: tuple, settings: Settings, session: Session, error
     except PathNotAllowed as err:
         errors.append(_error(loc, str(err)))
         return value
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin")  # what from_pretrained loads (sharded: their index names them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
+def model_files_problem(directory: Path) -> str | None:
+    """What a local model directory lacks to be loaded (worker.engine.checkpoint.load_model): a
+    config.json with weights and a tokenizer, or one .gguf file (which holds all three); None if
+    nothing. Checked at submit, so a directory that cannot load is not queued for minutes first."""
+    try:
+        names = {p.name for p in directory.iterdir()}
+    except OSError as err:
+        return f"model directory {directory.name!r} cannot be read ({err.strerror or type(err).__name__})"
+    ggufs = sorted(n for n in names if n.endswith(".gguf"))
+    if "config.json" not in names:
+        if len(ggufs) == 1:
+            return None
+        if ggufs:
+            return f"model directory {directory.name!r} holds several .gguf files ({', '.join(ggufs)}): keep one"
+        return (f"model directory {directory.name!r} holds no loadable model: config.json is missing (a "
+                "Hugging Face model saved with save_pretrained has config.json, weights and tokenizer files; "
+                "or one .gguf file)")
+    lacking = []
+    if not any(any(directory.glob(pattern)) for pattern in WEIGHT_FILES):
+        lacking.append("weights (*.safetensors or *.bin)")
+    if not names.intersection(TOKENIZER_FILES):
+        lacking.append("tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    if lacking:
+        return f"model directory {directory.name!r} has config.json but no {' and no '.join(lacking)}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -69,6 +104,14 @@ def check_spec(spec: JobSpec, settings: Settings, session: Session) -> Checked:
             data["model"] = str(resolve_allowed(spec.model, settings.allowed_dirs, kind="dir"))
         except PathNotAllowed as err:
             errors.append(_error(("model",), str(err)))
+        else:
+            missing = model_files_problem(Path(data["model"]))
+            if missing:
+                errors.append(_error(("model",), missing))
+    else:
+        unavailable = model_unavailable(spec.model, spec.revision)
+        if unavailable:
+            errors.append(_error(("model",), unavailable))
     cal = spec.calibration
     if cal.nsamples > settings.max_nsamples:
         errors.append(

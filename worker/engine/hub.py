@@ -91,7 +91,8 @@ def cached_model(model: str, revision: str | None) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(model, "config.json", revision=revision)
+        cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")  # as set now
+        found = try_to_load_from_cache(model, "config.json", revision=revision, cache_dir=cache)
     except Exception:  # noqa: BLE001 (an unusual cache layout: treat as not cached)
         return False
     return isinstance(found, str)
@@ -108,3 +109,58 @@ def one_copy_of_hub_logs() -> None:
     for handler in list(hub_logger.handlers):
         if type(handler) is logging.StreamHandler:
             hub_logger.removeHandler(handler)
+
+
+# The Hub repositories behind the built-in sets (worker.engine.calibration loads them from these).
+DATASET_REPOS = {"c4": "allenai/c4", "wikitext2": "Salesforce/wikitext", "ptb": "ptb-text-only/ptb_text_only"}
+
+
+def datasets_offline() -> bool:
+    return offline() or os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cached_dataset(name: str) -> bool:
+    """A built-in set has files in this machine's Hugging Face caches (the Hub's download cache or
+    the datasets library's own), so an offline load can find it."""
+    from pathlib import Path
+
+    repo = DATASET_REPOS.get(name)
+    if repo is None:
+        return False
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
+    hub_cache = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or home / "hub")
+    data_cache = Path(os.environ.get("HF_DATASETS_CACHE") or home / "datasets")
+    org, _, repo_name = repo.partition("/")
+    for directory in (hub_cache / f"datasets--{org}--{repo_name}", data_cache / f"{org}___{repo_name}"):
+        try:
+            if directory.is_dir() and any(directory.iterdir()):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def model_unavailable(model: str, revision: str | None) -> str | None:
+    """Why a Hub model cannot be loaded here now (offline or the Hub unreachable, and not in the
+    cache), in words a person can act on; None when it can (or the Hub will say itself)."""
+    if cached_model(model, revision):
+        return None
+    if offline():
+        return (f"model {model!r} is not in this server's Hugging Face cache and the server is offline "
+                f"(HF_HUB_OFFLINE): download it there beforehand (`hf download {model}`, same HF_HOME) "
+                "or use a local model directory")
+    why = unreachable(model, revision)
+    return what_to_do("model", model, why) if why is not None else None
+
+
+def dataset_unavailable(name: str) -> str | None:
+    """Why a built-in set cannot be loaded here now; None when it can (or the Hub will say itself)."""
+    if name not in DATASET_REPOS:
+        return None
+    if datasets_offline():
+        if cached_dataset(name):
+            return None
+        return (f"the {name} dataset comes from the Hugging Face Hub and is not in this server's cache, and the "
+                "server is offline (HF_HUB_OFFLINE): use a local text file (.txt or .jsonl) or an upload instead")
+    why = unreachable()
+    return what_to_do("dataset", name, why) if why is not None else None
