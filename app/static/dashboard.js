@@ -113,7 +113,7 @@
     var main = document.getElementById("job-main");
     if (!main || main.dataset.active !== "true") return;
     var id = main.dataset.job;
-    var live = { events: 0, progress: [], source: null, finished: false };
+    var live = { events: 0, progress: [], lines: [], source: null, finished: false };
     window.sparsegptLive = live;  // read by the browser tests
     var last = null, lastAt = 0, es = null, pollTimer = null, polling = false, seenLog = {};
 
@@ -148,6 +148,7 @@
       var line = label + "\u0000" + (detail || "");
       if (line === lastLine) return;
       lastLine = line;
+      live.lines.push(label + (detail ? " — " + detail : ""));
       var li = document.createElement("li");
       var t = when ? new Date(when * 1000) : new Date();
       li.appendChild(span("when", t.toISOString().substr(11, 8)));

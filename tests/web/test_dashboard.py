@@ -130,10 +130,14 @@ def test_submit_watch_live_results_and_download(page, dashboard, allowed_dir, tm
     expect(cells.nth(1)).to_have_text(f"{metric['dense_perplexity']:.2f}")
     expect(cells.nth(2)).to_have_text(f"{metric['perplexity']:.2f}")
     expect(cells.nth(3)).to_have_text(f"×{metric['perplexity'] / metric['dense_perplexity']:.3f}")
-    bars = page.locator("#chart-sparsity rect.bar-sparsity")
-    expect(bars).to_have_count(2)  # one per block
+    # 2:4 is half zeros in every block: said in words, not drawn as a flat chart
+    expect(page.locator("#chart-sparsity")).to_have_count(0)
+    expect(page.locator("#flat-sparsity")).to_contain_text("Every block: 50.00%")
     expect(page.locator("#chart-error rect.bar-error")).to_have_count(2)
-    expect(page.locator("#chart-sparsity")).to_contain_text("50.0%")  # 2:4 is half zeros
+    # the event lines named no server path and none said what the line before it said
+    lines = live["lines"]
+    assert lines and not [line for line in lines if str(allowed_dir) in line or "/uploads/" in line], lines
+    assert all(a != b for a, b in zip(lines, lines[1:])), lines
     expect(page.locator("#timings")).to_contain_text("torch")
     expect(page.locator("#event-log")).to_have_count(0)  # the live panel is gone
     expect(page.locator("#artifact-sha256")).to_have_text(job["artifact"]["sha256"])
