@@ -3,7 +3,9 @@
 On the machine running it, under ``<data dir>/artifacts/<job>/``:
 
 - ``attempt-<n>.partial/``: the engine's output while attempt n runs (removed when it ends)
-- ``attempt-<n>/``: a finished attempt's saved model directory (the local store serves it)
+- ``attempt-<n>/``: a finished attempt's saved model directory (the local store serves it); a job
+  that quantizes has one directory per format in it (``compressed-tensors/``, ``dense/``: each
+  packager's ``source``)
 - ``resume/``: the engine's per-block checkpoints (``checkpoints/<job>/`` in the store follows it)
 
 In the store (app/storage.py): ``artifacts/<job>/<file of each format>`` and the report beside
@@ -33,8 +35,11 @@ class _Report(packagers.Packager):
 
     media_type = "application/json"
 
+    def __init__(self, directory: Path):
+        self.path = directory / REPORT  # the saved directory's, or its default format's (one per format)
+
     def stream(self, model_dir: Path, prefix: str):
-        yield (model_dir / REPORT).read_bytes()
+        yield self.path.read_bytes()
 
 
 class JobFiles:
@@ -79,8 +84,9 @@ class JobFiles:
         when the store refuses (what was kept of this job's artifacts is removed again)."""
         rows: list[dict[str, Any]] = []
         try:
-            if (final / REPORT).is_file():  # beside the packages (the local store serves it from the directory)
-                self.store.publish(f"{self.artifacts}/{REPORT}", final, _Report(), self.name)
+            report = _Report(formats[0].source(final) if formats else final)  # a quantizing job: its default's
+            if report.path.is_file():  # beside the packages (the local store serves it from the directory)
+                self.store.publish(f"{self.artifacts}/{REPORT}", final, report, self.name)
             for packager in formats:
                 path, size, sha = self.store.publish(self.artifact_key(packager), final, packager, self.name)
                 rows.append(dict(format=packager.format, media_type=packager.media_type, path=path, size=size,

@@ -64,6 +64,8 @@ class ArtifactFileOut(BaseModel):
     url: str
     file_name: str = Field(description="the download's file name")
     expires_at: datetime | None = Field(None, description="when the retention sweep deletes it (null: kept)")
+    ratio: float | None = Field(None, description="a quantizing job's formats: the saved directory's bytes over the "
+                                                  "whole model's weights in fp16 (the report's quantization sizes)")
 
 
 class JobSummary(BaseModel):

@@ -196,6 +196,7 @@ class JobRun:
             options = RunOptions(device=self.settings.worker_device, output=str(partial),
                                  token=os.environ.get("HF_TOKEN") or None, task_dirs=self.settings.eval_task_dirs,
                                  resume_dir=str(self.files.resume),  # a redelivery resumes there
+                                 formats=packagers.engine_formats(stored),  # quantizing: a directory per format
                                  # the report and card name what the user named, not the server's paths
                                  labels=published.labels(inputs, stored, output=partial, name=self.files.name,
                                                          task_dirs=tuple(self.settings.eval_task_dirs)))

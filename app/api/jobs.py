@@ -65,7 +65,7 @@ def _file_name(job_id: int, format: str) -> str:
 
 
 def job_out(job: Job, progress: dict[str, Any] | None = None, *, retention_s: int = 0) -> JobOut:
-    artifact, files = None, []
+    artifact, files, ratios = None, [], packagers.format_ratios(job.result)
     if (job.status == SUCCEEDED and job.artifact_sha256 and job.artifact_size is not None
             and job.artifact_expired_at is None):
         expires = job.finished_at + timedelta(seconds=retention_s) if retention_s > 0 and job.finished_at else None
@@ -73,7 +73,7 @@ def job_out(job: Job, progress: dict[str, Any] | None = None, *, retention_s: in
                                expires_at=expires)
         files = [ArtifactFileOut(format=a.format, size=a.size, sha256=a.sha256, media_type=a.media_type,
                                  url=f"{job_url(job.id)}/artifacts/{a.format}", file_name=_file_name(job.id, a.format),
-                                 expires_at=expires)
+                                 expires_at=expires, ratio=ratios.get(a.format))
                  for a in job.artifacts if a.expired_at is None]
     return JobOut(
         **summary(job, progress),

@@ -296,7 +296,7 @@ def artifact(session: Session, settings: Settings, job_id: int, format: str | No
                    f"(artifacts are kept {settings.artifact_retention_s / 86400:g} days); "
                    "retry the job to make it again",
         )
-    wanted = format or packagers.DEFAULT_FORMAT
+    wanted = format or packagers.default_for(job.spec)  # a quantizing job's: compressed-tensors
     row = crud.get_artifact(session, job_id, wanted)
     if row is None and wanted == packagers.DEFAULT_FORMAT and job.artifact_path and job.artifact_sha256:
         # recorded by a worker of the version before artifact rows (a rolling upgrade): the same tar
