@@ -26,21 +26,26 @@ def _members(root: Path) -> list[Path]:
     return sorted((p for p in root.rglob("*") if p.is_file() and not p.is_symlink()), key=lambda p: p.relative_to(root).as_posix())
 
 
-def _header(name: str, size: int) -> bytes:
+def _header(name: str, size: int, mtime: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = size
     info.mode = 0o644
-    info.mtime = 0
+    info.mtime = mtime
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="strict")
 
 
 def _segments(root: Path, prefix: str) -> Iterator[tuple[int, bytes | Path]]:
-    """The stream's pieces in order, each (length, bytes or a file to read that many bytes of)."""
-    for path in _members(root):
+    """The stream's pieces in order, each (length, bytes or a file to read that many bytes of).
+
+    Every member carries the job's save time (the newest file's modification time, whole seconds),
+    not 1970; the files are never modified after the save, so the stream stays the same bytes."""
+    members = _members(root)
+    mtime = max((int(p.stat().st_mtime) for p in members), default=0)
+    for path in members:
         size = path.stat().st_size
-        header = _header(f"{prefix}/{path.relative_to(root).as_posix()}", size)
+        header = _header(f"{prefix}/{path.relative_to(root).as_posix()}", size, mtime)
         yield len(header), header
         yield size, path
         if size % BLOCK:
