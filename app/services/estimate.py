@@ -81,6 +81,16 @@ class UnusableConfig(ValueError):
                          f"{MAX_SIZE:,}): its memory cannot be estimated and no worker could load it")
 
 
+class UnreadableConfig(dict):
+    """An empty config standing for a ``config.json`` that is JSON but cannot be read as a
+    config (nested deeper than the parser recurses): ``estimate`` refuses it with ``problem``
+    (422 on ``model``) instead of the RecursionError that was a 500."""
+
+    def __init__(self, problem: str):
+        super().__init__()
+        self.problem = problem
+
+
 def _first(config: dict[str, Any], *names: str, strict: bool = True) -> int | None:
     """The first of ``names`` that is a positive integer; one above ``MAX_SIZE`` raises
     ``UnusableConfig`` (``strict``) or counts as not given."""
@@ -253,6 +263,9 @@ def estimate(config: dict[str, Any], job: JobSize, *, parameters: int | None = N
     """The job's peak memory, or None when the config does not give the model's sizes (or the
     arithmetic fails). ``parameters``: the loaded model's exact count (the worker knows it), else
     from the config. A config whose sizes are no sizes gives an ``Estimate`` that is refused."""
+    if isinstance(config, UnreadableConfig):
+        return Estimate(total=0, weights=0, activations=0, block=0, parts=(), advice="", field=("model",),
+                        problem=config.problem)
     try:
         shape = ModelShape.from_config(config)
         if shape is None:
@@ -322,7 +335,8 @@ def _sized(shape: ModelShape, job: JobSize, parameters: int | None) -> Estimate:
 
 def local_config(directory: str | Path) -> dict[str, Any] | None:
     """``config.json`` of a model directory (already resolved under the allowed directories);
-    None when there is none (a GGUF file) or it is not a small JSON object."""
+    None when there is none (a GGUF file) or it is not a small JSON object; an ``UnreadableConfig``
+    (refused by ``estimate``) when it is nested too deeply to parse."""
     path = Path(directory) / "config.json"
     try:
         if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
@@ -330,6 +344,9 @@ def local_config(directory: str | Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    except RecursionError:  # json.loads recurses once per [ or {: a 4 MiB file can nest 4M deep
+        return UnreadableConfig("the model's config.json is nested too deeply to be read (no transformers config "
+                                "nests more than a few levels); fix the model's config.json")
     return data if isinstance(data, dict) else None
 
 

@@ -42,6 +42,12 @@ def allowed(tmp_path_factory) -> Path:
         (root / name / "config.json").write_text(json.dumps(config))
         (root / name / "tokenizer.json").write_text("{}")  # a loadable directory at submit (specs.py)
         (root / name / "model-00001-of-00030.safetensors").touch()  # (the API only sees that it has them)
+    nested = root / "nested"  # a config.json nested deeper than json.loads recurses (RecursionError: was a 500)
+    nested.mkdir()
+    depth = 200_000
+    (nested / "config.json").write_text('{"model_type": "llama", "x": ' + "[" * depth + "]" * depth + "}")
+    (nested / "tokenizer.json").write_text("{}")
+    (nested / "model.safetensors").touch()
     return root
 
 
@@ -249,6 +255,14 @@ def test_a_config_whose_sizes_are_no_sizes_is_refused_not_a_500(client, allowed)
     assert locs == [["body", "model"]]
     assert "config.json gives hidden_size = about 10^400, which is not a size (at most 2,147,483,647)" in msg, msg
     assert str(10**400) not in response.text
+    assert client.get("/health").status_code == 200
+
+
+def test_a_deeply_nested_config_is_refused_not_a_500(client, allowed):
+    response = client.post("/api/v1/jobs", json=body(str(allowed / "nested"), nsamples=8, seqlen=512))
+    locs, msg = refusal(response)
+    assert locs == [["body", "model"]]
+    assert "config.json is nested too deeply to be read" in msg, msg
     assert client.get("/health").status_code == 200
 
 
