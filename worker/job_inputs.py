@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from app import crud, db, storage
 from app.config import Settings
+from app.model_links import escaped_file
 from app.paths import PathNotAllowed, resolve_allowed
 from worker.engine.spec import BUILTIN_DATASETS, JobSpec, upload_id
 from worker.engine.spec_fields import first_error
@@ -46,6 +47,9 @@ def job_inputs(stored: dict[str, Any], settings: Settings) -> JobInputs:
         raise Refused("trust_remote_code is refused by this server's settings")
     if spec.model.startswith("/"):
         spec = spec.model_copy(update={"model": _allowed(spec.model, settings, kind="dir")})
+        escaped = escaped_file(Path(spec.model), settings.allowed_dirs)  # each file, not the directory only
+        if escaped:
+            raise Refused(escaped)
     else:
         check_hub_id(spec.model)
     labels: dict[str, str] = {}

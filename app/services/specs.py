@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app import crud
 from app.config import Settings
+from app.model_links import escaped_file
 from app.paths import PathNotAllowed, resolve_allowed
 from app.services.estimate import Estimate, JobSize, estimate, estimate_method, hub_config, local_config
 from app.services.routing import choose_queue
@@ -105,7 +106,8 @@ def check_spec(spec: JobSpec, settings: Settings, session: Session) -> Checked:
         except PathNotAllowed as err:
             errors.append(_error(("model",), str(err)))
         else:
-            missing = model_files_problem(Path(data["model"]))
+            directory = Path(data["model"])
+            missing = model_files_problem(directory) or escaped_file(directory, settings.allowed_dirs)
             if missing:
                 errors.append(_error(("model",), missing))
     else:

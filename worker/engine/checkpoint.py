@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -76,15 +76,45 @@ def _explain_load_error(model: str, exc: Exception) -> ModelNotFound:
     return ModelNotFound(f"model {model!r} could not be loaded: {first_line}")
 
 
+def check_files_inside(path: Path, allowed_roots: Sequence[str | Path]) -> None:
+    """Raise InvalidJob naming the first file the loader could read under ``path`` (a directory,
+    links followed, or one GGUF file) whose real path is outside every allowed root: a link inside
+    an allowed model directory may point anywhere (``chat_template.jinja -> /proc/self/environ``)."""
+    roots = [Path(root).resolve() for root in allowed_roots]
+    for entry in [path, *_entries(path)]:
+        try:
+            real = entry.resolve(strict=True)
+        except (OSError, RuntimeError):
+            real = None
+        if real is None or not any(real == root or real.is_relative_to(root) for root in roots):
+            shown = entry.name if entry == path else str(entry.relative_to(path))
+            raise InvalidJob(f"model file {shown!r} does not resolve inside the allowed directories; "
+                             "every file of a local model must be inside them")
+
+
+def _entries(directory: Path):
+    """Every entry below ``directory``, linked directories followed (each real directory once)."""
+    seen: set[Path] = set()
+    for current, dirs, files in os.walk(directory, followlinks=True):
+        real = Path(current).resolve()
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield from (Path(current) / name for name in (*dirs, *files))
+
+
 def load_model(model: str, *, dtype: torch.dtype | None, revision: str | None = None,
-               trust_remote_code: bool = False, token: str | None = None):
+               trust_remote_code: bool = False, token: str | None = None,
+               allowed_roots: Sequence[str | Path] | None = None):
     """(model on the CPU in eval mode, tokenizer). ``dtype`` None: dtype auto on a GPU, the
     checkpoint's own float16/bfloat16 (else float16). The model gets ``sparsegpt_dtype`` (the
     dtype it was loaded in), ``sparsegpt_stored`` (the one its config says its files hold, a
     name, or None) and ``sparsegpt_mapped``: True when its weights stay memory-mapped
     from the checkpoint's files (not GGUF, loaded in the dtype they are stored in, and every 2-D+
     weight found in a file mapping of this process where /proc tells), False when transformers
-    converted them into host memory (or it cannot be told)."""
+    converted them into host memory (or it cannot be told). ``allowed_roots``: a local model's
+    every file must resolve inside one of them (checked here, right before the load); None: any."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # the engine reports its own progress
@@ -110,6 +140,8 @@ def load_model(model: str, *, dtype: torch.dtype | None, revision: str | None = 
     else:
         model_source = model
         _check_hub(model, revision, kwargs)
+    if local and allowed_roots is not None:
+        check_files_inside(path.resolve(), allowed_roots)
     try:
         stored = None
         if "gguf_file" not in kwargs:  # GGUF weights are dequantized: never mapped, stored as nothing we load
