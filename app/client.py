@@ -66,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
             target.parent.mkdir(parents=True, exist_ok=True)
             _download(client, artifact, part, args.job_id, quiet=args.quiet)
         if tar:
-            _unpack(part, target)
+            _unpack(part, target, int(artifact["size"]))
             part.unlink()
         else:
             _place(part, target, artifact.get("file_name") or f"sparsegpt-job-{args.job_id}.{artifact['format']}")
@@ -179,20 +179,43 @@ def _place(part: Path, target: Path, name: str) -> None:
         raise PullError(f"cannot put the file into {target}: {exc}") from None
 
 
-def _unpack(archive: Path, target: Path) -> None:
-    """The archive's one top directory becomes ``target`` (files only, no links or absolute paths)."""
+def _unpack(archive: Path, target: Path, size: int) -> None:
+    """The archive's one top directory becomes ``target``. The server writes regular files and
+    directories only: any other member (a link, a device, a FIFO) is refused before anything is
+    written, as is a compressed archive (opened as plain tar: a small gzip could unpack to gigabytes)
+    and members whose sizes add up to more than the archive's announced ``size``."""
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        with tarfile.open(archive) as tar:
-            tops = {Path(m.name).parts[0] for m in tar.getmembers()}
+        with tarfile.open(archive, "r:") as tar:
+            members = tar.getmembers()
+            _check_members(members, size)
+            tops = {Path(m.name).parts[0] for m in members}
             if len(tops) != 1:
                 raise PullError(f"the archive holds {len(tops)} top directories, not one")
-            tar.extractall(staging, filter="data")
+            tar.extractall(staging, members=members, filter="data")
         top = staging / tops.pop()
         if target.exists():
             target.rmdir()  # empty, checked before
         shutil.move(str(top), str(target))
+    except tarfile.ReadError:
+        raise PullError("the downloaded file is not a plain tar archive; it was not unpacked") from None
     except (tarfile.TarError, OSError) as exc:
         raise PullError(f"cannot unpack the archive into {target}: {exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_members(members: list[tarfile.TarInfo], size: int) -> None:
+    """Regular files and directories with plain relative names, no more bytes than announced."""
+    total = 0
+    for member in members:
+        if not (member.isreg() or member.isdir()):
+            raise PullError(f"the archive holds {member.name!r}, which is not a regular file or a directory "
+                            "(the server writes none); nothing was unpacked")
+        parts = Path(member.name).parts
+        if not parts or member.name.startswith("/") or any(p in (".", "..") for p in parts):
+            raise PullError(f"the archive holds the path {member.name!r}; nothing was unpacked")
+        total += member.size
+        if total > size:
+            raise PullError(f"the archive's members hold more than the archive's announced {size} bytes; "
+                            "nothing was unpacked")
