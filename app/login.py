@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from app import auth, sessions
 from app.web import csrf
-from app.web.render import render
+from app.web.render import csrf_refused, render
 
 router = APIRouter(include_in_schema=False)
 
@@ -84,7 +84,7 @@ def logout(request: Request, csrf_token: Annotated[str, Form(max_length=256)] = 
     """Ends the session on the server (a copy of the cookie stops working too) and clears the
     cookie."""
     if not csrf.valid(request, csrf_token):
-        return csrf.refused(request)
+        return csrf_refused(request)
     with request.app.state.sessions() as session:
         sessions.end_session(session, request.app.state.settings, request.cookies.get(auth.SESSION_COOKIE))
         session.commit()

@@ -38,6 +38,7 @@ def test_the_engine_imports_nothing_of_the_service():
 
 
 SPEC_MODULES = ("worker.engine.spec", "worker.engine.spec_fields", "worker.engine.report",  # pure pydantic, no torch
+                "worker.engine.spec_quant",  # the spec's quantization section and its config.json check (no torch)
                 "worker.engine.hub")  # the Hub's reachability and cache, asked at submit (httpx, huggingface_hub)
 
 
@@ -65,3 +66,59 @@ def test_no_module_of_app_or_worker_is_oversized():
     sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines())
              for package in ("app", "worker") for p in (REPO / package).rglob("*.py")}
     assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}
+
+
+# Imports made inside a function on purpose, and why (the only edges left out of the cycle check)
+LAZY_ON_PURPOSE = {
+    ("app.storage", "app.s3_store"): "boto3 is optional: S3Store is imported only when an s3:// store is configured",
+}
+
+
+def _module_graph(package: str) -> dict[str, set[str]]:
+    """module -> the modules of ``package`` it imports (``from a.b import c`` names a.b.c when c is a module)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted((REPO / package).rglob("*.py")):
+        name = path.relative_to(REPO).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
+        edges = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                targets = [f"{node.module}.{a.name}" if _is_module(f"{node.module}.{a.name}") else node.module
+                           for a in node.names]
+            else:
+                continue
+            edges.update(t for t in targets if t.split(".")[0] == package and t != name
+                         and (name, t) not in LAZY_ON_PURPOSE)
+    return graph
+
+
+def _is_module(dotted: str) -> bool:
+    path = REPO / dotted.replace(".", "/")
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def test_no_import_cycles_in_app_or_worker():
+    """No module imports, even inside a function, a module that imports it back (directly or
+    through others): a cycle hidden by a function-level import still makes the two one unit."""
+    for package in ("app", "worker"):
+        graph = _module_graph(package)
+        state: dict[str, int] = {}
+        stack: list[str] = []
+
+        def visit(node: str) -> None:
+            state[node] = 1
+            stack.append(node)
+            for nxt in sorted(graph.get(node, ())):
+                if nxt not in graph:
+                    continue  # a package's __init__ or a name the graph does not hold
+                if state.get(nxt) == 1:
+                    raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+                if nxt not in state:
+                    visit(nxt)
+            stack.pop()
+            state[node] = 2
+
+        for start in sorted(graph):
+            if start not in state:
+                visit(start)

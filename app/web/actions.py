@@ -19,7 +19,7 @@ from app.services import jobs, uploads
 from app.services.specs import SpecError
 from app.web import csrf, forms
 from app.web.pages import form_page
-from app.web.render import current_user, error_page, open_session, parse_job_id
+from app.web.render import csrf_refused, current_user, error_page, open_session, parse_job_id
 from worker.engine.spec import JobSpec
 
 router = APIRouter(include_in_schema=False)
@@ -78,7 +78,7 @@ def _create(request: Request, session: Session, values: dict[str, Any], errors: 
 @router.post("/jobs/new", response_class=HTMLResponse)
 async def submit_job_form(request: Request) -> Response:
     if not csrf.can_pass(request):  # no token could be right: refused before the body is read
-        return csrf.refused(request)
+        return csrf_refused(request)
     # The body is parsed as it streams, under the server's upload cap (uploads.receive).
     try:
         received = await uploads.receive(request, request.app.state.settings, file_field="calibration_file", form=True)
@@ -87,7 +87,7 @@ async def submit_job_form(request: Request) -> Response:
     if not csrf.valid(request, received.get(csrf.FIELD)):  # before anything is stored
         if received.file is not None:
             received.file.discard()
-        return csrf.refused(request)
+        return csrf_refused(request)
     values = forms.form_values(received.fields)
     with open_session(request) as session:
         try:
@@ -130,7 +130,7 @@ def cancel_job_form(request: Request, job_id: str, csrf_token: Annotated[str, Fo
 def _job_form(request: Request, job_id: str, csrf_token: str) -> int | Response:
     """A job's button form: its id, or the page refusing it (no valid CSRF token: 403; no such id: 404)."""
     if not csrf.valid(request, csrf_token):
-        return csrf.refused(request)
+        return csrf_refused(request)
     parsed = parse_job_id(job_id)
     if parsed is None:
         return error_page(request, 404, "Job not found", f"There is no job {job_id!r}.")

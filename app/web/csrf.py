@@ -25,7 +25,7 @@ import hmac
 import secrets
 
 from fastapi import Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import Response
 
 from app import sessions
 
@@ -90,17 +90,6 @@ def valid(request: Request, submitted: str | None) -> bool:
     if binding is None or not submitted or len(submitted) != 64 or not submitted.isascii():
         return False
     return hmac.compare_digest(_sign(request, binding).encode(), submitted.encode())
-
-
-def refused(request: Request) -> HTMLResponse:
-    """403: the page to show instead of doing what a forged or stale form asked."""
-    from app.web.render import error_page
-
-    return error_page(
-        request, 403, "Reload the form",
-        "This form's security token is missing or out of date (it was opened before you signed in or out, "
-        "or it was sent from another site), so nothing was done. Reload the page and submit the form again.",
-    )
 
 
 def remember(request: Request, response: Response) -> Response:

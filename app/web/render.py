@@ -34,6 +34,15 @@ def error_page(request: Request, status_code: int, title: str, message: str) -> 
     return render(request, "error.html", {"title": title, "message": message, "code": status_code}, status_code)
 
 
+def csrf_refused(request: Request) -> HTMLResponse:
+    """403: the page to show instead of doing what a forged or stale form asked (app.web.csrf said no)."""
+    return error_page(
+        request, 403, "Reload the form",
+        "This form's security token is missing or out of date (it was opened before you signed in or out, "
+        "or it was sent from another site), so nothing was done. Reload the page and submit the form again.",
+    )
+
+
 def open_session(request: Request) -> Session:
     """A database session for one page (``with open_session(request) as session``): open while
     the template renders, since templates read the job's relationships."""
