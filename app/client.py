@@ -42,7 +42,8 @@ def add_parser(sub) -> None:
     p.add_argument("--server", default=None,
                    help=f"the service's URL (default $SPARSEGPT_URL or {DEFAULT_SERVER}); the token is $SPARSEGPT_TOKEN")
     p.add_argument("--format", default=None, metavar="NAME",
-                   help="which of the job's artifact formats to fetch (default: the server's default, hf-tar)")
+                   help="which of the job's artifact formats to fetch (default: the job's own: compressed-tensors "
+                        "for a job that quantizes, else hf-tar)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     p.set_defaults(func=main)
 

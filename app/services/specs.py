@@ -17,6 +17,7 @@ from app.services.estimate import Estimate, JobSize, estimate, estimate_method, 
 from app.services.routing import choose_queue
 from worker.engine.hub import dataset_unavailable, model_unavailable
 from worker.engine.spec import BUILTIN_DATASETS, JobSpec, stored_dtype, upload_id, working_dtype
+from worker.engine.spec_quant import group_size_message
 
 DEFAULT_SEQLEN = 2048  # what the engine uses when the spec has none (or the model's context, if shorter)
 
@@ -206,6 +207,15 @@ def weights_mapped(model_dir: str | None, config: dict[str, Any], dtype: str) ->
         return False
 
 
+def _check_group_size(spec: JobSpec, config: dict[str, Any], errors: list) -> None:
+    """A quantization group size that does not divide every quantized Linear's input width (from the
+    model's config.json), refused before queueing in the words the engine would use."""
+    if spec.quantization is not None:
+        problem = group_size_message(config, spec.quantization.group_size)
+        if problem:
+            errors.append(_error(("quantization", "group_size"), problem))
+
+
 def _check_memory(spec: JobSpec, data: dict[str, Any], settings: Settings, session: Session,
                   errors: list) -> Estimate | None:
     """The job's memory estimate (returned: the job is routed by it) against
@@ -218,6 +228,7 @@ def _check_memory(spec: JobSpec, data: dict[str, Any], settings: Settings, sessi
         config = hub_config(spec.model, spec.revision)
     if config is None:
         return None
+    _check_group_size(spec, config, errors)
     dtype, device = job_dtype(spec.dtype, settings.worker_device, config)
     names = spec.evaluation.datasets
     size = JobSize(

@@ -20,18 +20,31 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from worker.engine.spec import BUILTIN_DATASETS, CalibrationSpec, EvaluationSpec, get_path, set_path, upload_id
+from worker.engine.spec import (
+    BUILTIN_DATASETS,
+    CalibrationSpec,
+    EvaluationSpec,
+    JobSpec,
+    get_path,
+    set_path,
+    upload_id,
+)
 from worker.engine.spec_fields import Leaf, error_path, leaf_fields, plain_message
 
 LEAVES: tuple[Leaf, ...] = tuple(leaf for leaf in leaf_fields() if leaf.ui.form)
 CHOICES: dict[str, tuple[str, ...]] = {leaf.ui.form: leaf.choices for leaf in LEAVES if leaf.choices}
 CALIBRATION_SOURCES = (*BUILTIN_DATASETS, "upload", "file", "path")
 CALIBRATION = ("calibration", "dataset")
+OPTIONAL_SECTIONS = tuple(name for name, f in JobSpec.model_fields.items() if f.default is None
+                          and any(leaf.path[0] == name and len(leaf.path) > 1 for leaf in LEAVES))
+# The inputs' help text: the spec's own field descriptions (the form says what the API docs say).
+HELP: dict[str, str] = {leaf.ui.form: leaf.info.description or "" for leaf in LEAVES}
 EVALUATION = ("evaluation", "datasets")
 
 # Where an error of the spec is shown: each leaf's own input, and the two compound inputs.
 _FIELD_OF_PATH: dict[tuple[str, ...], str] = {
     **{leaf.path: leaf.ui.form for leaf in LEAVES}, CALIBRATION: "calibration_source", EVALUATION: "eval_sets",
+    ("quantization",): "quant_scheme",  # the section as a whole (no scheme, its cross-field checks)
 }
 _MISSING = object()
 _SEPARATORS = re.compile(r"\s*,?\s*\n\s*|\s*,\s*")  # a comma, line breaks, or both
@@ -99,9 +112,17 @@ def evaluation_datasets(values: Mapping[str, Any]) -> list[str]:
 # --- the whole form ------------------------------------------------------------------------------
 
 
+def _default_of(leaf: Leaf) -> Any:
+    """A leaf's starting value: a required field's ``suggested`` one, nothing in a section that is
+    null by default (quantization: an empty group size takes the scheme's own), else its default."""
+    if leaf.path[0] in OPTIONAL_SECTIONS:
+        return None
+    return leaf.ui.suggested if leaf.required else leaf.default
+
+
 def _defaults() -> dict[str, Any]:
-    """The spec's defaults (a required field's ``suggested`` value) as the form shows them."""
-    values = {leaf.ui.form: _shown(leaf, leaf.ui.suggested if leaf.required else leaf.default) for leaf in LEAVES}
+    """The spec's defaults as the form shows them."""
+    values = {leaf.ui.form: _shown(leaf, _default_of(leaf)) for leaf in LEAVES}
     values.update(calibration_inputs(CalibrationSpec().dataset))
     values.update(evaluation_inputs(EvaluationSpec().datasets))
     return values

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 
-from app import crud
+from app import crud, packagers
 from app.models import STATUSES, TERMINAL, Job
 from app.services import jobs
 from app.web import forms
@@ -83,6 +83,15 @@ def spec_extras(spec: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def quantization_only(spec: dict[str, Any] | None) -> bool:
+    """A job that quantizes and prunes nothing (sparsity 0): the page calls it that."""
+    spec = spec or {}
+    try:
+        return bool((spec.get("quantization") or {}).get("scheme")) and float(spec.get("sparsity")) == 0
+    except (TypeError, ValueError):  # an N:M pattern
+        return False
+
+
 # --- the new-job form (what it posts: app.web.actions) -------------------------------------------------
 
 
@@ -91,7 +100,7 @@ def form_page(request: Request, session: Session, values: dict[str, Any], errors
     """The new-job form with these values and errors (by input name; "" for the whole form)."""
     context = {
         "form": values, "errors": errors, "uploads": crud.list_calibration_sets(session, limit=100),
-        "choices": forms.CHOICES, "builtin": BUILTIN_DATASETS,
+        "choices": forms.CHOICES, "helps": forms.HELP, "builtin": BUILTIN_DATASETS,
         "allowed_dirs": [str(d) for d in request.app.state.settings.allowed_dirs], **extra,
     }
     return render(request, "new_job.html", context, status_code=status_code)
@@ -200,6 +209,8 @@ def job_page(request: Request, job_id: str) -> HTMLResponse:
             "active": job.status not in TERMINAL, "may_change": jobs.may_change(current_user(request), job),
             "spec_json": json.dumps(job.spec, indent=2),
             "artifact_ok": jobs.artifact_available(job, request.app.state.settings),
+            "format_ratios": packagers.format_ratios(job.result), "extras": spec_extras(job.spec),
+            "quantization_only": quantization_only(job.spec),
             "message": request.query_params.get("message", "")[:300],
             "waiting": jobs.waiting_note(request.app.state.redis, job, request.app.state.settings.queue),
         })

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from app.web.charts import line_chart
-from app.web.forms import FORM_DEFAULTS, field_errors, form_from_spec, form_values, spec_body, split_list
+from app.web.forms import FORM_DEFAULTS, HELP, OPTIONAL_SECTIONS, field_errors, form_from_spec, form_values, spec_body, split_list
 from app.web.pages import flatten
 from worker.engine.spec import JobSpec, get_path
 from worker.engine.spec_fields import leaf_fields
@@ -19,7 +19,9 @@ def test_defaults_are_the_specs_defaults():
     dumped = JobSpec(model="org/name", sparsity=0.5).model_dump()
     for leaf in (leaf for leaf in leaf_fields() if leaf.ui.form and not leaf.required):
         default, shown = get_path(dumped, leaf.path), FORM_DEFAULTS[leaf.ui.form]
-        if leaf.kind == "bool":
+        if leaf.path[0] in OPTIONAL_SECTIONS:  # a section that is null by default (quantization): inputs empty
+            assert default is None and shown in ("", False), leaf.dotted
+        elif leaf.kind == "bool":
             assert shown is default, leaf.dotted
         elif leaf.kind == "list":
             assert split_list(shown) == default, leaf.dotted
@@ -51,6 +53,56 @@ def test_clone_round_trip(spec):
     stored = JobSpec.model_validate(spec).model_dump(mode="json")
     again = JobSpec.model_validate(spec_body(form_from_spec(stored))).model_dump(mode="json")
     assert again == stored
+
+
+QUANTIZED = [
+    {"model": "org/name", "sparsity": 0.5, "quantization": {"scheme": "W4A16", "group_size": 32}},
+    {"model": "org/name", "sparsity": 0, "quantization": {"scheme": "W8A16", "group_size": -1, "actorder": True}},
+    {"model": "org/name", "sparsity": "2:4", "method": "wanda", "quantization": {"scheme": "FP8_DYNAMIC"}},
+]
+
+
+@pytest.mark.parametrize("spec", QUANTIZED)
+def test_quantization_round_trips(spec):
+    stored = JobSpec.model_validate(spec).model_dump(mode="json")
+    form = form_from_spec(stored)
+    assert form["quant_scheme"] == spec["quantization"]["scheme"]
+    assert form["quant_group_size"] == str(stored["quantization"]["group_size"])
+    assert form["quant_actorder"] is stored["quantization"]["actorder"]
+    again = JobSpec.model_validate(spec_body(form)).model_dump(mode="json")
+    assert again == stored
+
+
+def test_the_quantization_inputs():
+    # none chosen: no quantization (the empty select), whatever the empty group size says
+    base = {**FORM_DEFAULTS, "model": "org/name"}
+    assert JobSpec.model_validate(spec_body(base)).quantization is None
+    # a scheme with the group size left empty takes the scheme's own: 128, FP8_DYNAMIC per channel
+    assert JobSpec.model_validate(spec_body({**base, "quant_scheme": "W4A16"})).quantization.group_size == 128
+    assert JobSpec.model_validate(spec_body({**base, "quant_scheme": "FP8_DYNAMIC"})).quantization.group_size == -1
+    # posted fields as the browser sends them: the checkbox on by its name
+    values = form_values({"model": ["org/name"], "quant_scheme": ["W4A16"], "quant_group_size": [" 64 "],
+                          "quant_actorder": ["1"], "calibration_source": ["c4"]})
+    assert (values["quant_scheme"], values["quant_group_size"], values["quant_actorder"]) == ("W4A16", "64", True)
+    # the help under each input is the spec's own description of the field
+    q = JobSpec.model_fields["quantization"].annotation
+    section = next(a for a in getattr(q, "__args__", (q,)) if a is not type(None))
+    for name, field in (("quant_scheme", "scheme"), ("quant_group_size", "group_size"), ("quant_actorder", "actorder")):
+        assert HELP[name] == section.model_fields[field].description and HELP[name]
+
+
+@pytest.mark.parametrize(("quantization", "extra", "field", "words"), [
+    ({"scheme": "FP8_DYNAMIC", "group_size": 128}, {}, "quant_group_size", "FP8_DYNAMIC has one scale per output"),
+    ({"scheme": "W3A16"}, {}, "quant_scheme", "W4A16"),
+    ({"group_size": 64}, {}, "quant_scheme", "quantization.scheme is required"),
+    ({"scheme": "W4A16", "group_size": 0}, {}, "quant_group_size", "positive number of input columns"),
+    ({"scheme": "W4A16", "actorder": True}, {"method": "wanda"}, "quant_actorder", "sparsegpt only"),
+])
+def test_quantization_errors_sit_by_their_input(quantization, extra, field, words):
+    with pytest.raises(ValidationError) as caught:
+        JobSpec.model_validate({"model": "org/name", "sparsity": 0.5, "quantization": quantization, **extra})
+    shown = field_errors(caught.value.errors())
+    assert list(shown) == [field] and words in shown[field][0], shown
 
 
 def test_clone_of_a_spec_stored_before_layers_existed():

@@ -125,7 +125,7 @@ def error_path(error: dict[str, Any]) -> tuple[str, ...]:
     the field it is about at the start of its message (``solver.wbits ...``)."""
     loc = tuple(p for p in error.get("loc", ()) if p != "body" and isinstance(p, str))
     msg = _strip_prefix(str(error.get("msg", "")))
-    dotted = msg.split(" ", 1)[0]
+    dotted = msg.split(" ", 1)[0].rstrip(":")  # "quantization.group_size: ..." names it too
     leaves = leaf_paths()
     if dotted in leaves and (not loc or leaves[dotted][: len(loc)] == loc):
         return leaves[dotted]
