@@ -94,8 +94,8 @@ def sweep_once(settings: Settings, sessions, r: redis_lib.Redis, *, send=enqueue
 
 
 def _release_stale(settings, sessions, r, report: SweepReport, send) -> None:
-    before = crud.stale_before(settings.heartbeat_timeout_s)
-    with sessions() as session:
+    with sessions() as session:  # the database's clock, which stamped the heartbeats
+        before = crud.stale_before(settings.heartbeat_timeout_s, session)
         stale = crud.running_jobs_with_stale_heartbeat(session, stale_before=before)
     for job in stale:
         task_id = new_task_id(job.id)

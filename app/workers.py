@@ -4,7 +4,6 @@ its name, queues, pid and hardware (worker/gpus.py); the jobs they run come from
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import redis
@@ -16,9 +15,12 @@ from app.models import RUNNING, Job
 
 
 def live_workers(r: redis.Redis) -> list[dict[str, Any]]:
-    """Every registration key alive now, with ``seen_s_ago``; sorted by name. Raises RedisError."""
+    """Every registration key alive now, with ``seen_s_ago`` (Redis's clock on both sides: the
+    worker stamps ``seen`` with it, worker/celery_app.py) and ``clock_skew_s`` (the worker's clock
+    minus Redis's); sorted by name. Raises RedisError."""
     keys = list(r.scan_iter(match=streams.WORKER_PATTERN, count=500))
-    now = time.time()
+    seconds, micros = r.time()
+    now = seconds + micros / 1e6
     found = []
     for raw in r.mget(keys) if keys else []:
         if not raw:

@@ -96,13 +96,21 @@ def _register(sender=None, **_kwargs) -> None:
     def beat() -> None:
         while not _registration.stop.is_set():
             try:
-                client.set(key, json.dumps({**info, "seen": time.time()}), ex=ttl)
+                client.set(key, json.dumps(registration_record(client, info)), ex=ttl)
             except Exception as err:  # Redis restarting: try again next beat
                 log.debug("worker registration failed: %s", err)
             _registration.stop.wait(max(1.0, ttl / 3))
 
     _registration.thread = threading.Thread(target=beat, name="sparsegpt-registration", daemon=True)
     _registration.thread.start()
+
+
+def registration_record(client, info: dict) -> dict:
+    """``info`` stamped with Redis's clock (``seen``: what the Workers page compares with the same
+    clock) and this machine's offset from it (``clock_skew_s``, + ahead, - behind), shown there."""
+    seconds, micros = client.time()
+    server = seconds + micros / 1e6
+    return {**info, "seen": server, "clock_skew_s": round(time.time() - server, 1)}
 
 
 def _hardware(settings) -> dict:

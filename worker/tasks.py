@@ -158,7 +158,7 @@ class JobRun:
                 job_id=self.job_id,
                 worker=self.worker,
                 pid=os.getpid(),
-                stale_before=crud.stale_before(self.settings.heartbeat_timeout_s),
+                stale_before=crud.stale_before(self.settings.heartbeat_timeout_s, session),
                 max_attempts=self.settings.max_attempts,
                 owner_is_dead=owner_is_dead,
             )

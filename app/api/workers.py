@@ -28,6 +28,7 @@ class WorkerInfo(BaseModel):
     memory_gb: float | None = Field(None, description="GPU memory a job gets there (GB); null: CPU only")
     current_jobs: list[int] = Field(default_factory=list, description="ids of the jobs it runs now")
     seen_s_ago: float = Field(description="seconds since its last heartbeat")
+    clock_skew_s: float | None = Field(None, description="its clock minus the server's (Redis TIME); null: unknown")
 
 
 class WorkerList(BaseModel):
@@ -43,6 +44,7 @@ def workers_view(r, session) -> list[WorkerInfo]:
                      memory_gb=float(g.get("memory_gb") or 0)) for g in w.get("gpus") or []],
         gpu_count=int(w.get("gpu_count") or 0), memory_gb=w.get("memory_gb"),
         current_jobs=running.get(str(w.get("name")), []), seen_s_ago=w["seen_s_ago"],
+        clock_skew_s=w.get("clock_skew_s"),
     ) for w in found]
 
 

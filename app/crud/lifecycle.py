@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.archive import MEDIA_TYPE
@@ -50,8 +50,9 @@ def claim_job(
     """queued -> running (attempt + 1). A job already running is taken over only when its
     heartbeat is older than ``stale_before`` or ``owner_is_dead`` says its process is gone
     (a worker killed mid-job); past ``max_attempts`` it fails instead. Finished jobs and
-    jobs running elsewhere are left alone: a redelivered message then does nothing."""
-    now = utcnow()
+    jobs running elsewhere are left alone: a redelivered message then does nothing. The heartbeat
+    is stamped with the database's clock (``db_now``), as every heartbeat is."""
+    now = db_now(session)
     values = dict(
         status=RUNNING,
         attempt=Job.attempt + 1,
@@ -94,8 +95,10 @@ def claim_job(
 def heartbeat(
     session: Session, *, job_id: int, attempt: int, progress: dict[str, Any] | None = None
 ) -> tuple[bool, bool]:
-    """Refresh this run's heartbeat (and progress snapshot). Returns (still ours, cancel requested)."""
-    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    """Refresh this run's heartbeat (and progress snapshot), stamped with the database's clock (the
+    sweeper compares with the same clock: the worker's own is never used). Returns (still ours,
+    cancel requested)."""
+    values: dict[str, Any] = {"heartbeat_at": db_now(session)}
     if progress is not None:
         values["progress"] = progress
     ours = session.execute(
@@ -243,5 +246,17 @@ def mark_artifact_expired(session: Session, *, job_id: int) -> bool:
     return won
 
 
-def stale_before(timeout_s: float) -> datetime:
-    return utcnow() - timedelta(seconds=timeout_s)
+def stale_before(timeout_s: float, session: Session | None = None) -> datetime:
+    """The heartbeat age limit: ``timeout_s`` before the database's clock (``session`` given: what
+    heartbeats are compared with), else before this machine's."""
+    return (db_now(session) if session is not None else utcnow()) - timedelta(seconds=timeout_s)
+
+
+def db_now(session: Session) -> datetime:
+    """The database server's clock now (aware UTC). Heartbeats are stamped and compared with it, so
+    two machines' clocks are never compared (a worker 60 s behind the sweeper had every job requeued).
+    SQLite's is this machine's (the file is local); PostgreSQL's is the server's now()."""
+    if session.get_bind().dialect.name == "sqlite":
+        text = session.scalar(select(func.strftime("%Y-%m-%d %H:%M:%f", "now")))
+        return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+    return session.scalar(select(func.now())).astimezone(timezone.utc)
