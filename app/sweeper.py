@@ -60,6 +60,7 @@ class SweepReport:
     resent: list[int] = field(default_factory=list)
     expired: list[int] = field(default_factory=list)
     uploads_deleted: list[int] = field(default_factory=list)
+    upload_temps_removed: list[str] = field(default_factory=list)
     sessions_purged: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -88,6 +89,7 @@ def sweep_once(settings: Settings, sessions, r: redis_lib.Redis, *, send=enqueue
     _resend_lost(settings, sessions, r, report, send)
     _expire_artifacts(settings, sessions, report)
     _expire_uploads(settings, sessions, report)
+    _remove_upload_temps(settings, report)
     with sessions() as session, session.begin():  # sign-ins that admit nobody any more
         report.sessions_purged = crud.purge_web_sessions(session)
     return report
@@ -189,6 +191,14 @@ def _expire_uploads(settings, sessions, report: SweepReport) -> None:
         if removal.deleted:
             report.uploads_deleted.append(set_id)
             log.info("upload:%s deleted (older than %ss)", set_id, settings.upload_retention_s)
+
+
+def _remove_upload_temps(settings: Settings, report: SweepReport) -> None:
+    """Upload temp files an API killed mid-upload left behind (``uploads.remove_stale_temps``)."""
+    try:
+        report.upload_temps_removed = uploads.remove_stale_temps(settings.uploads_dir)
+    except OSError as err:
+        report.errors.append(f"upload temp files: {err}")
 
 
 def _publish_status(settings, r, job_id, status, attempt, error, final=False) -> None:

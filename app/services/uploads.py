@@ -21,6 +21,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -37,6 +38,8 @@ from app.config import Settings
 from app.models import CalibrationSet
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl"}
+TEMP_PREFIX = ".upload-"  # a body being received (``_Parts``); kept files are named by their sha256
+TEMP_MAX_AGE_S = 3600.0  # a temp file unwritten this long is left over (the API killed mid-upload)
 MULTIPART_OVERHEAD = 64 * 1024  # headers, boundaries and the small fields around the file
 MAX_FIELDS = 100  # text fields of a form
 
@@ -195,7 +198,7 @@ class _Parts:
         if full is not None:
             raise full
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.directory, prefix=".upload-", suffix=suffix)
+        fd, name = tempfile.mkstemp(dir=self.directory, prefix=TEMP_PREFIX, suffix=suffix)
         self.handle = os.fdopen(fd, "wb")
         self.received.file = ReceivedFile(filename=filename, path=Path(name))
 
@@ -261,6 +264,10 @@ async def receive(request: Request, settings: Settings, *, file_field: str, form
     except MultipartParseError as err:
         parts.discard()
         raise UploadError(400, f"malformed multipart body: {err}") from None
+    except OSError as err:  # the temp file: a full disk (ENOSPC), a quota, a read-only mount
+        parts.discard()
+        raise UploadError(507, f"the upload could not be written on this server: "
+                               f"{getattr(err, 'strerror', None) or err}") from None
     except BaseException:
         parts.discard()
         raise
@@ -340,6 +347,28 @@ def _keep(session: Session, settings: Settings, file: ReceivedFile, owner_id: in
         session.commit()
         raise UploadError(507, f"the file could not be stored: {getattr(err, 'strerror', None) or err}") from None
     return row
+
+
+def remove_stale_temps(directory: Path, max_age_s: float = TEMP_MAX_AGE_S) -> list[str]:
+    """Delete the ``.upload-*`` temp files of ``directory`` not written for ``max_age_s`` (an API
+    process killed mid-upload leaves its file; a live upload writes as it reads, and the server's
+    read timeouts end a stalled one long before); the names removed."""
+    removed: list[str] = []
+    cutoff = time.time() - max_age_s
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except FileNotFoundError:  # another sweeper, or the upload finished meanwhile
+            continue
+    return removed
 
 
 @dataclass
