@@ -19,3 +19,9 @@ def tier_queues(base: str, memory_gb: float) -> list[str]:
     own = math.floor(memory_gb)
     tiers = sorted({t for t in TIERS if t <= memory_gb} | ({own} if own >= 1 else set()))
     return [tier_queue(base, t) for t in tiers]
+
+
+def plain_queue(base: str, tier: int) -> str:
+    """A job that asked for no GPU, needing up to ``tier`` GB on a GPU: CPU-only workers consume
+    every such queue, a GPU worker those of the tiers it fits (app/services/routing.py)."""
+    return f"{base}.any{tier}gb"

@@ -4,6 +4,10 @@ process), or what ``sparsegpt worker --gpu-memory-gb`` says it has (tests, a car
 does not see); CPU-only when neither. And the queues that follow from its memory: a worker with
 M GB consumes ``<queue>.gpu<T>gb`` for every tier T <= M (and its own rounded M), so a job the
 API sends to the tier just above its need reaches only workers that fit it (app/services/routing.py).
+A job that asked for no GPU may run on any worker that fits it: every worker consumes the
+``<queue>.any<T>gb`` queues it fits (a CPU-only worker all of them: host memory is checked at
+submit against SPARSEGPT_MAX_JOB_MEMORY_GB), so such a job never waits for a GPU while a CPU
+worker is idle.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 import shutil
 import subprocess
 
-from app.routing_tiers import tier_queues
+from app.routing_tiers import TIERS, plain_queue, tier_queues
 
 MIB = 1024 * 1024
 GB = 1e9
@@ -68,7 +72,7 @@ def describe(*, advertised_gb: float = 0.0, advertised_name: str = "", device: s
 
 
 def queues_for(base: str, memory_gb: float | None) -> list[str]:
-    """The tier queues a worker with ``memory_gb`` consumes (none when CPU-only)."""
+    """The tier queues a worker with ``memory_gb`` consumes (a CPU-only worker: every plain one)."""
     if memory_gb is None or not math.isfinite(memory_gb) or memory_gb <= 0:
-        return []
-    return tier_queues(base, memory_gb)
+        return [plain_queue(base, t) for t in TIERS]
+    return [plain_queue(base, t) for t in TIERS if t <= memory_gb] + tier_queues(base, memory_gb)

@@ -5,6 +5,11 @@
   max(its GPU estimate, ``resources.min_gpu_memory_gb``) and goes to the smallest memory tier
   at or above that need, which only workers with that much memory consume; none fits: refused
   with the numbers (422) instead of waiting forever;
+- a job that asks for no GPU memory while CPU-only workers are live goes to any worker that fits
+  it: the shared queue when every live GPU worker fits it, else the plain tier queue
+  ``<queue>.any<T>gb`` (T: the smallest tier at or above its GPU estimate), which CPU-only workers
+  and the GPU workers of at least T GB consume (worker/gpus.py). One GPU worker does not draw
+  plain jobs away from the CPU workers;
 - else (CPU-only workers, or none yet) the shared queue, as on one machine; a job that asks for
   GPU memory then is refused.
 
@@ -23,7 +28,7 @@ from typing import Any
 import redis
 
 from app.config import Settings
-from app.routing_tiers import TIERS, tier_queue
+from app.routing_tiers import TIERS, plain_queue, tier_queue
 from app.services.estimate import GB, Estimate
 from app.workers import live_workers
 
@@ -72,6 +77,8 @@ def choose_queue(settings: Settings, resources: dict[str, Any], found: Estimate 
                                     f"advertises a GPU (live workers: {listing(workers) or 'none'})")
         return settings.queue, None
     estimate = gpu_need_gb(found)
+    if not asked and len(gpu_workers) < len(workers):
+        return _any_worker(settings, estimate or 0.0, gpu_workers), None
     need = max(estimate or 0.0, float(asked or 0.0))
     fit = [w for w in gpu_workers if w["memory_gb"] >= need]
     why = (f"it needs {_gb(need)} of GPU memory ("
@@ -89,6 +96,14 @@ def choose_queue(settings: Settings, resources: dict[str, Any], found: Estimate 
             return settings.queue, f"no live worker can take this job: {why} ({listing(gpu_workers)})"
         queue = tier_queue(settings.queue, int(min(w["memory_gb"] for w in own)))
     return queue, None
+
+
+def _any_worker(settings: Settings, need: float, gpu_workers: list[dict[str, Any]]) -> str:
+    """A plain job's queue while CPU-only workers are live: every worker that fits it consumes it."""
+    if all(w["memory_gb"] >= need for w in gpu_workers):
+        return settings.queue
+    tier = next((t for t in TIERS if t >= need), TIERS[-1])
+    return plain_queue(settings.queue, tier)
 
 
 def consumed(queue: str, workers: list[dict[str, Any]]) -> bool:

@@ -58,6 +58,24 @@ def test_choose_queue_by_estimate_and_request():
     assert "no live worker consumes the queue 'special'" in choose_queue(settings, {"queue": "special"}, tiny, [big])[1]
 
 
+def test_one_gpu_worker_does_not_draw_plain_jobs_from_the_cpu_workers():
+    """A job that asks for no GPU goes to a queue every worker that fits it consumes: with a CPU
+    worker live, the shared queue (or, when some GPU worker is too small, the plain tier queue the
+    CPU workers and the big GPU workers consume), never a GPU-only tier queue."""
+    settings = Settings(_env_file=None, queue="q", redis_url="redis://127.0.0.1:1/0")
+    small, big, cpu = worker("small@h", 25.8), worker("big@h", 85.5), worker("cpu@h", None)
+    tiny = estimate(WIDE, JobSize(method="sparsegpt", nsamples=1, seqlen=128, dtype="float32", device="cpu"))
+    queue, refusal = choose_queue(settings, {}, tiny, [big, cpu])
+    assert refusal is None and queue in cpu["queues"] and queue in big["queues"], queue
+    wide = estimate(WIDE, JobSize(method="sparsegpt", nsamples=512, seqlen=2048, dtype="float32", device="cpu"))
+    queue, refusal = choose_queue(settings, {}, wide, [small, big, cpu])
+    assert refusal is None and queue in cpu["queues"] and queue in big["queues"] and queue not in small["queues"], queue
+    # Asking for GPU memory still goes to the GPU workers only; without CPU workers nothing changes.
+    queue, refusal = choose_queue(settings, {"min_gpu_memory_gb": 8}, tiny, [big, cpu])
+    assert refusal is None and queue not in cpu["queues"] and queue in big["queues"], queue
+    assert choose_queue(settings, {}, tiny, [small, big])[0] not in cpu["queues"]
+
+
 def start_gpu_worker(stack, name: str, memory_gb: float):
     from tests.support.processes import spawn
 

@@ -4,6 +4,7 @@ names), the advertised override, CPU-only, and the tier queues its memory admits
 from __future__ import annotations
 
 from app.routing_tiers import tier_queue
+from app.routing_tiers import TIERS, plain_queue
 from worker.gpus import describe, parse_nvidia_smi, queues_for
 
 # nvidia-smi 550 on a two-GPU machine (H200 and A100 40GB; a name with a comma, as some have).
@@ -28,7 +29,9 @@ def test_advertised_cpu_only_and_tier_queues():
     assert told["gpu_count"] == 1 and told["memory_gb"] == 24 and told["gpus"][0]["name"] == "RTX 4090"
     cpu = describe(device="cpu")
     assert cpu == {"gpus": [], "gpu_count": 0, "memory_gb": None, "device": "cpu"}
-    assert queues_for("q", None) == []
+    # A CPU-only worker consumes every plain queue and no GPU tier; a GPU worker the plain ones it fits.
+    assert queues_for("q", None) == [plain_queue("q", t) for t in TIERS]
+    assert plain_queue("q", 24) in queues_for("q", 25.8) and plain_queue("q", 32) not in queues_for("q", 25.8)
     h200 = queues_for("q", 150.8)
     assert tier_queue("q", 141) in h200 and tier_queue("q", 150) in h200 and tier_queue("q", 192) not in h200
     a100 = queues_for("q", 42.9)
