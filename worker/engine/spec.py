@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Iterator, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from worker.engine.method_table import DEFAULT_METHOD, METHOD_NAMES, check_solver_options, describe_methods, method_info
 from worker.engine.patterns import SparsityPattern, parse_profile, parse_sparsity
+from worker.engine.spec_dtypes import DTYPES, stored_dtype, working_dtype  # noqa: F401 (the spec's vocabulary)
+from worker.engine.spec_paths import field_paths, get_path, set_path  # noqa: F401 (re-exported)
 from worker.engine.spec_quant import check_quantization, empty_as_none, quantization_spec
 
 BUILTIN_DATASETS = ("c4", "wikitext2", "ptb")
 METHODS = METHOD_NAMES  # (worker.engine.method_table: the one list)
-DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]*$")
@@ -48,30 +49,6 @@ class UI:
     suggested: str | None = None
     cli_negate: bool = False
     metavar: str | None = None
-
-
-def stored_dtype(config: dict[str, Any]) -> str | None:
-    """The dtype a checkpoint's weights are stored in, as its config.json says (``dtype`` in
-    transformers 5, ``torch_dtype`` before; a multimodal model's text config as a fallback):
-    "float16", "bfloat16" or "float32", else None (not said)."""
-    for source in (config, config.get("text_config") if isinstance(config.get("text_config"), dict) else {}):
-        for key in ("dtype", "torch_dtype"):
-            value = source.get(key)
-            if isinstance(value, str) and value.removeprefix("torch.") in ("float16", "bfloat16", "float32"):
-                return value.removeprefix("torch.")
-    return None
-
-
-def working_dtype(spec_dtype: str, device_kind: str, stored: str | None) -> str:
-    """The dtype a job loads, computes and saves in. ``auto``: on a GPU the checkpoint's own when
-    it is float16 or bfloat16 (its weights then stay memory-mapped from the files, and a bf16
-    model is not squeezed into fp16's range), else float16 as the reference does; on the CPU
-    float32."""
-    if spec_dtype != "auto":
-        return spec_dtype
-    if device_kind != "cuda":
-        return "float32"
-    return stored if stored in ("float16", "bfloat16") else "float16"
 
 
 def check_dataset_name(value: str) -> str:
@@ -266,8 +243,8 @@ class ResourcesSpec(_Strict):
     """Where the service runs the job (the engine ignores it): the API routes the job to a worker
     whose GPU has at least this memory, or to a named queue; unset, by its memory estimate."""
 
-    min_gpu_memory_gb: Annotated[float | None, Field(ge=0, le=100_000, description="the least GPU memory "
-                                                                               "(GB) of a worker that may run it")] = None
+    min_gpu_memory_gb: Annotated[float | None, Field(
+        ge=0, le=100_000, description="the least GPU memory (GB) of a worker that may run it")] = None
     queue: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
                                        description="a Celery queue some live worker consumes "
                                                    "(sparsegpt worker --queue)")] = None
@@ -304,7 +281,9 @@ class JobSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     quantization: Annotated[QuantizationSpec | None, BeforeValidator(empty_as_none)] = None
     dtype: Annotated[Literal["auto", "float16", "bfloat16", "float32"],
-                     Field(description="load, compute and save dtype; auto: the checkpoint's float16/bfloat16 on a GPU (else float16), float32 on the CPU"), UI(form="dtype", cli="--dtype")] = "auto"
+                     Field(description="load, compute and save dtype; auto: the checkpoint's float16/bfloat16 on a "
+                                       "GPU (else float16), float32 on the CPU"),
+                     UI(form="dtype", cli="--dtype")] = "auto"
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "model": "facebook/opt-125m", "method": "sparsegpt", "sparsity": "2:4",
@@ -356,7 +335,8 @@ class JobSpec(_Strict):
                 raise ValueError("sparsity_profile needs a sparsity above 0: quantization only prunes nothing")
         check_quantization(self.quantization, method_info(self.method).joint_quantization, self.solver, pattern)
         if pattern.structured and self.sparsity_profile != "uniform":
-            raise ValueError(f"sparsity_profile {'owl' if self.sparsity_profile == 'owl' else 'per block'} needs an unstructured sparsity (0.7), not {pattern}: an N:M "
+            kind = "owl" if self.sparsity_profile == "owl" else "per block"
+            raise ValueError(f"sparsity_profile {kind} needs an unstructured sparsity (0.7), not {pattern}: an N:M "
                              "pattern has exactly N zeros in every M weights of every block, so it stays uniform")
         return self
 
@@ -408,33 +388,3 @@ def _is_zero(value: Any) -> bool:
         except ValueError:
             return False
     return False
-
-
-# --- paths into a spec's nested dict ------------------------------------------------------
-
-
-def field_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    """The path of every field of the spec, depth first."""
-    for name, info in model.model_fields.items():
-        annotation = info.annotation
-        if getattr(annotation, "__args__", None) and type(None) in annotation.__args__:  # X | None
-            inner = [a for a in annotation.__args__ if a is not type(None)]
-            annotation = inner[0] if len(inner) == 1 else annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            yield from field_paths(annotation, (*prefix, name))
-        else:
-            yield (*prefix, name)
-
-
-def set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for part in path[:-1]:
-        data = data.setdefault(part, {})
-    data[path[-1]] = value
-
-
-def get_path(data: dict[str, Any], path: tuple[str, ...], default: Any = None) -> Any:
-    for part in path:
-        if not isinstance(data, dict) or part not in data:
-            return default
-        data = data[part]
-    return data
