@@ -118,6 +118,9 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # The last progress event (the live one is in Redis), and the report's summary.
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The sha256 of each per-block checkpoint file mirrored to the shared store ({name: sha256}, state.json
+    # included): a fetched checkpoint is taken up only when it matches (app/mirror.py; migration 0006).
+    checkpoint_files: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     artifact_path: Mapped[str | None] = mapped_column(String(1024))

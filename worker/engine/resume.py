@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +78,20 @@ def _tensors(module_or_dict) -> dict[str, torch.Tensor]:
     return out
 
 
+HIDDEN = re.compile(r"hidden-[0-9]{5}\.safetensors")
+
+
+def _well_formed(state) -> bool:
+    """A state whose block numbers are block numbers and whose inputs file is one of ours (the
+    directory may have come from a shared store: a name like ``/etc/passwd`` is no checkpoint)."""
+    if not isinstance(state, dict):
+        return False
+    blocks, hidden, k = state.get("blocks"), state.get("hidden"), state.get("next_block")
+    return (isinstance(blocks, list) and all(type(i) is int and 0 <= i < 100_000 for i in blocks)
+            and (hidden is None or (isinstance(hidden, str) and HIDDEN.fullmatch(hidden) is not None))
+            and type(k) is int and k >= 0 and isinstance(state.get("results"), list))
+
+
 class Checkpoints:
     """One job's checkpoint directory. ``restore`` at the start of the prune, ``block_done`` after
     each finished block."""
@@ -96,6 +111,10 @@ class Checkpoints:
             state = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             log.warning("checkpoint %s unreadable (%s): starting over", path, exc)
+            self.clear()
+            return None
+        if not _well_formed(state):  # its names are used as paths: fixed patterns only
+            log.warning("checkpoint %s names files outside the checkpoint's patterns: starting over", path)
             self.clear()
             return None
         if state.get("fingerprint") != self.fingerprint:
