@@ -29,6 +29,7 @@ from celery import Celery, signals
 from app import db, streams
 from app.config import get_settings
 from app.queue import broker_options
+from worker import local_files
 
 log = logging.getLogger(__name__)
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -94,11 +95,18 @@ def _register(sender=None, **_kwargs) -> None:
             **_hardware(settings)}
 
     def beat() -> None:
+        clean_at = 0.0  # at start, then every local_files.INTERVAL_S
         while not _registration.stop.is_set():
             try:
                 client.set(key, json.dumps(registration_record(client, info)), ex=ttl)
             except Exception as err:  # Redis restarting: try again next beat
                 log.debug("worker registration failed: %s", err)
+            if time.monotonic() >= clean_at:
+                clean_at = time.monotonic() + local_files.INTERVAL_S
+                try:  # what attempts lost on this machine left (their jobs run or ended elsewhere)
+                    local_files.remove_leftovers(settings)
+                except Exception as err:  # the database restarting: next time
+                    log.warning("leftovers of lost attempts not removed: %s", err)
             _registration.stop.wait(max(1.0, ttl / 3))
 
     _registration.thread = threading.Thread(target=beat, name="sparsegpt-registration", daemon=True)
