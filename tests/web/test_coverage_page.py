@@ -39,6 +39,11 @@ def test_job_page_shows_both_sparsities_and_the_dense_weights(page, dashboard, a
         page.goto(f"/jobs/{job['id']}")
         expect(page.locator("#sparsity-pruned")).to_have_text(f"{100 * result['sparsity_pruned_modules']:.2f}%")
         expect(page.locator("#sparsity-all")).to_have_text(f"{100 * result['sparsity']:.2f}%")
+        # the whole model: the blocks' zeros over every parameter (embeddings, head, norms: dense)
+        every = sum(p.numel() for p in dense.parameters())
+        assert result["coverage"]["model_parameters"] == every
+        whole = float(page.locator("#sparsity-model").inner_text().rstrip("%"))
+        assert whole == pytest.approx(100 * expected_all * sum(weights.values()) / every, abs=0.02)  # ties, as above
         page.click("#dense-weights summary")
         rows = page.locator("#dense-weights tbody tr")
         expect(rows).to_have_count(2)
