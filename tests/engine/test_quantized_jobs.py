@@ -76,7 +76,13 @@ def test_quantized_job_saves_the_model_it_evaluated(method, sparsity, scheme, gr
         assert q.sizes.decoder_weights_ratio == pytest.approx((bits / 8 + 4 / 32) / 2)
     else:  # one scale per row: at most 4 bytes per 64 weights here
         assert bits / 16 < q.sizes.decoder_weights_ratio <= (bits / 8 + 4 / 64) / 2
-    assert 0 < q.sizes.formats["compressed-tensors"].bytes < sum(p.stat().st_size for p in out.iterdir())
+    # each format's size is the directory as written (card and report included), beside the dense model in fp16
+    dense_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(model).parameters())
+    assert q.sizes.dense_fp16_bytes == 2 * dense_params
+    written = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    assert q.sizes.formats["compressed-tensors"].bytes == written
+    assert q.sizes.formats["compressed-tensors"].ratio == pytest.approx(written / (2 * dense_params), abs=1e-4)
+    assert json.loads((out / "sparsegpt_report.json").read_text())["quantization"]["sizes"] == q.sizes.to_dict()
 
 
 def test_moe_experts_are_quantized_per_expert(workdir, tmp_path):
@@ -102,7 +108,11 @@ def test_both_formats_in_subdirectories(workdir, tmp_path):
     assert "quantization_config" not in json.loads((out / "dense" / "config.json").read_text())
     check_saved(out / "compressed-tensors", report, workdir)
     check_saved(out / "dense", report, workdir)  # the float weights are the same codes x scales
-    assert set(report.quantization.sizes.formats) == {"compressed-tensors", "dense"}
+    formats = report.quantization.sizes.formats
+    assert set(formats) == {"compressed-tensors", "dense"}
+    for name, size in formats.items():
+        assert size.bytes == sum(p.stat().st_size for p in (out / name).iterdir() if p.is_file())
+    assert formats["compressed-tensors"].bytes < formats["dense"].bytes
 
 
 def test_refused_before_it_runs(workdir, tmp_path):

@@ -25,6 +25,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load, try_to_load_from_cache
 from pydantic import BaseModel
 
+from worker.engine.quant_text import card_section
 from worker.engine.report import Calibration, Report, Solver, as_report, facts
 from worker.engine.spec import BUILTIN_DATASETS, upload_id
 from worker.engine.spec_fields import leaf_fields
@@ -261,18 +262,20 @@ def model_card(report: Report | Mapping[str, Any]) -> str:
     source = f"[{model}](https://huggingface.co/{model})" if data.base_model else f"a local model ({title})"
     held = report.files.get(str(cal.dataset))
     calibration = names.get(str(cal.dataset), str(cal.dataset)) + (f" (sha256 {held.sha256})" if held else "")
+    bits = solver.wbits or (report.quantization.bits if report.quantization else None)
     lines = [f"# {title} pruned with {method} ({pattern})", "",
              f"One-shot pruned, without retraining, by sparsegpt-service from {source}.", "",
              f"- Method: **{method}**, pattern **{pattern}**, achieved sparsity "
              f"{float(report.sparsity or 0):.4f} over the pruned Linear layers (embeddings and lm_head are dense).",
              f"- Calibration: {calibration}, {cal.nsamples} samples of {cal.seqlen} tokens, seed {cal.seed}.",
              f"- Solver: blocksize {solver.blocksize}, percdamp {solver.percdamp}, weight bits "
-             f"{solver.wbits or 'none (not quantized)'}{', exact (the reference arithmetic)' if solver.exact else ''}.",
+             f"{bits or 'none (not quantized)'}{', exact (the reference arithmetic)' if solver.exact else ''}.",
              *(f"- {label[:1].upper()}{label[1:]}: {text}." for label, text in facts(report, "card")),
-             "", "**This is a dense checkpoint with zeros.** The pruned weights are stored as explicit zeros in "
-             "ordinary safetensors files: it loads anywhere `AutoModelForCausalLM.from_pretrained` works, at the "
-             "dense model's size and speed. A speed-up needs a runtime with sparse kernels (for 2:4, NVIDIA's "
-             "semi-structured sparsity on Ampere or newer GPUs); the zeros also compress well.", ""]
+             "", *(card_section(report.quantization) if report.quantization else [
+                 "**This is a dense checkpoint with zeros.** The pruned weights are stored as explicit zeros in "
+                 "ordinary safetensors files: it loads anywhere `AutoModelForCausalLM.from_pretrained` works, at the "
+                 "dense model's size and speed. A speed-up needs a runtime with sparse kernels (for 2:4, NVIDIA's "
+                 "semi-structured sparsity on Ampere or newer GPUs); the zeros also compress well.", ""])]
     if pruned:
         lines += ["## Perplexity", "", "| evaluation set | dense | pruned |", "|---|---|---|"]
         lines += [f"| {names.get(n, n)} | {_fmt(dense.get(n))} | {_fmt(ppl)} |" for n, ppl in pruned.items()] + [""]

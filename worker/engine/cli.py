@@ -19,9 +19,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from worker.engine.coverage_text import coverage_lines, sparsity_headline
+from worker.engine.quant_text import quantization_lines
 from worker.engine.report import Refit, Report, ZeroShot, as_report
 from worker.engine.spec import BUILTIN_DATASETS, METHODS, JobSpec, set_path
 from worker.engine.spec_fields import Leaf, error_path, leaf_fields, plain_message
+from worker.engine.spec_quant import FORMATS
 
 EXIT_USAGE = 2
 PROG = "sparsegpt prune"
@@ -77,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="sequences per block forward (default ~16k tokens)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--output", "-o", help="directory to save the pruned model in")
+    p.add_argument("--format", dest="formats", action="append", choices=FORMATS, metavar="FORMAT",
+                   help="what --output holds: compressed-tensors (the packed quantized checkpoint; the default "
+                        "with --quantize) or dense (float safetensors; the default without); repeat for both, "
+                        "each then in DIR/<format>")
     p.add_argument("--checkpoint-dir", metavar="DIR",
                    help="per-block checkpoints: pruned blocks kept there memory-mapped (host memory about one "
                         "block), and a rerun of the same job with the same DIR resumes after its last finished block")
@@ -176,6 +182,10 @@ def path_problem(spec: JobSpec, args: argparse.Namespace) -> str | None:
             return f"{flag} {name!r}: not a directory"
         if name and flag == "--eval-include" and not Path(name).expanduser().is_dir():
             return f"{flag} {name!r} does not exist"
+    if args.formats and not args.output:
+        return "--format says what --output writes: set --output DIR"
+    if "compressed-tensors" in (args.formats or ()) and spec.quantization is None:
+        return "--format compressed-tensors holds quantized weights: set --quantize SCHEME"
     if args.report and not Path(args.report).parent.exists():
         return f"report directory {str(Path(args.report).parent)!r} does not exist"
     if args.output:
@@ -204,7 +214,7 @@ def _run(spec: JobSpec, args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     options = RunOptions(device=args.device, output=args.output, batch_size=args.batch_size,
-                         resume_dir=args.checkpoint_dir,
+                         resume_dir=args.checkpoint_dir, formats=tuple(dict.fromkeys(args.formats or ())),
                          task_dirs=tuple(str(Path(d).expanduser().resolve()) for d in args.task_dirs))
     on_progress, close = (None, lambda ok=True: None)
     if not args.quiet:
@@ -267,9 +277,24 @@ def summary(report: Report | dict) -> str:
         before = f"{dense:.3f} -> " if dense is not None else ""
         lines.append(f"perplexity {name}: {before}{ppl:.3f}" if ppl is not None else f"perplexity {name}: not finite")
     lines += zero_shot_lines(report.zero_shot)
+    lines += quantization_lines(report.quantization)
     if report.output:
-        lines.append(f"saved to {report.output} (a dense safetensors checkpoint with zeros)")
+        lines.append(saved_line(report))
     return "\n".join(lines)
+
+
+def saved_line(report: Report) -> str:
+    """Where the model went, in which format(s)."""
+    q = report.quantization
+    formats = list(q.sizes.formats) if q is not None and q.sizes else []
+    if len(formats) > 1:
+        return f"saved to {report.output}: " + ", ".join(f"{report.output}/{f}" for f in formats)
+    if formats == ["compressed-tensors"]:
+        return (f"saved to {report.output} (compressed-tensors, {q.scheme}: loads with from_pretrained, "
+                "runs in vllm serve)")
+    if q is not None:
+        return f"saved to {report.output} (dense safetensors: the quantized weights as floats)"
+    return f"saved to {report.output} (a dense safetensors checkpoint with zeros)"
 
 
 def _refit_lines(refit: Refit | None) -> list[str]:

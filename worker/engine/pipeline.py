@@ -11,6 +11,7 @@ gave it, the archive's name), so it and the model card are written once, with th
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
 import time
@@ -22,15 +23,22 @@ import torch
 
 from worker.engine.architectures import LayerSelection, adapter_for
 from worker.engine.calibration import calibration_windows, check_hub, evaluation_windows, is_named, read_text_file
-from worker.engine.card import data_files
+from worker.engine.card import data_files, model_card
 from worker.engine.checkpoint import context_length, load_model, resolve_device, resolve_dtype, save_pruned
 from worker.engine.coverage import check_prunable, coverage, weight_name
 from worker.engine.errors import InvalidJob
 from worker.engine.moe import MoeSettings
 from worker.engine.owl import block_targets, check_profile
-from worker.engine.quantized_job import check_quantizable, compress_for_evaluation, formats_of, quantization_of, \
-    quantization_part, writers
 from worker.engine.progress import CancelCheck, ProgressCallback, Tracker
+from worker.engine.quantized_job import (
+    check_quantizable,
+    compress_for_evaluation,
+    formats_of,
+    quantization_of,
+    quantization_part,
+    settle_sizes,
+    writers,
+)
 from worker.engine.refit import refit_summary
 from worker.engine.report import Environment, Report, Timings
 from worker.engine.resume import Checkpoints, fingerprint
@@ -95,7 +103,8 @@ class _Run:
         self.spec, self.options, self.tracker = spec, options, tracker
         self.device = resolve_device(options.device)
         # dtype auto on a GPU follows the checkpoint (known once its config is read, in load)
-        self.dtype = None if spec.dtype == "auto" and self.device.type == "cuda" else resolve_dtype(spec.dtype, self.device)
+        gpu_auto = spec.dtype == "auto" and self.device.type == "cuda"
+        self.dtype = None if gpu_auto else resolve_dtype(spec.dtype, self.device)
         self.seconds: dict[str, float] = {}
         self.start = time.perf_counter()
         self.eval_windows: dict[str, torch.Tensor] = {}  # tokenized when first needed, then kept
@@ -122,6 +131,7 @@ class _Run:
         self.model, self.tokenizer = load_model(spec.model, dtype=self.dtype, revision=spec.revision,
                                                 trust_remote_code=spec.trust_remote_code, token=self.options.token)
         self.dtype = self.model.sparsegpt_dtype
+        self.parameters = sum(p.numel() for p in self.model.parameters())  # as loaded (a quantized save compresses)
         check_hub(*hub_sets)  # (a Hub model's own check came first)
         self.adapter = adapter_for(self.model)
         self.selection = LayerSelection(**spec.layers.model_dump())
@@ -216,9 +226,11 @@ class _Run:
             if self.quantization is not None:
                 report.quantization = quantization_part(self.spec, self.quantization, self.quantized, self.model,
                                                         report.coverage.dense if report.coverage else [],
-                                                        directories)
+                                                        self.parameters)
             self.seconds["total"] = time.perf_counter() - self.start
             report.seconds = Timings(**self.seconds)
+            if self.quantization is not None:  # the sizes as the directories will hold them, card and report too
+                settle_sizes(report, directories, lambda d: [model_card(d), json.dumps(d, indent=2)])
             made.append(report)
             return report.to_dict()
 
@@ -270,6 +282,7 @@ class _Run:
                  "batch_size": self.options.batch_size, "task_dirs": [label(d) for d in self.options.task_dirs]},
             output=label(self.options.output) if self.options.output else None,
             zero_shot=self.zero_shot.report(),  # None without evaluation.tasks
+            quantization=None,  # a quantized job's part is added once its model is saved or compressed
         )
 
 
@@ -279,7 +292,8 @@ def _stages(spec: JobSpec, options: RunOptions) -> list[str]:
     return ["loading", "calibrating"] + (["evaluating_dense"] if evaluate and spec.evaluation.dense else []) \
         + (["evaluating_tasks_dense"] if spec.evaluation.tasks and spec.evaluation.dense else []) \
         + ["pruning"] + (["saving"] if saved_first else []) + (["evaluating"] if evaluate else []) \
-        + (["evaluating_tasks"] if spec.evaluation.tasks else []) + (["saving"] if options.output and not saved_first else [])
+        + (["evaluating_tasks"] if spec.evaluation.tasks else []) \
+        + (["saving"] if options.output and not saved_first else [])
 
 
 def run_job(spec: JobSpec, options: RunOptions | None = None, *, on_progress: ProgressCallback | None = None,
@@ -305,7 +319,7 @@ def run(spec: JobSpec, options: RunOptions | None = None, *, on_progress: Progre
     with run.timed("load"):
         run.load()
     if on_loaded is not None:
-        on_loaded({"config": run.model.config.to_dict(), "parameters": sum(p.numel() for p in run.model.parameters()),
+        on_loaded({"config": run.model.config.to_dict(), "parameters": run.parameters,
                    "dtype": str(run.dtype).replace("torch.", ""), "device": run.device.type, "seqlen": run.seqlen,
                    "mapped": run.model.sparsegpt_mapped, "stored": run.model.sparsegpt_stored})
     with run.timed("data"):
@@ -314,7 +328,7 @@ def run(spec: JobSpec, options: RunOptions | None = None, *, on_progress: Progre
         run.profile()
     if spec.sparsity_profile != "owl":
         del run.seconds["profile"]
-    dense_ppl, pruned_ppl = {}, {}
+    dense_ppl = {}
     if evaluate and spec.evaluation.dense:
         with run.timed("eval_dense"):
             dense_ppl = run.evaluate("evaluating_dense", "dense")
@@ -344,7 +358,7 @@ def run(spec: JobSpec, options: RunOptions | None = None, *, on_progress: Progre
         compress_for_evaluation(run.model, run.quantization, run.quantized)  # evaluated as it would load
         report = evaluated()
         report.quantization = quantization_part(spec, run.quantization, run.quantized, run.model,
-                                                report.coverage.dense if report.coverage else [])
+                                                report.coverage.dense if report.coverage else [], run.parameters)
     else:
         report = evaluated()
         if options.output:

@@ -18,11 +18,10 @@ from worker.engine.errors import InvalidJob
 from worker.engine.method_table import method_info
 from worker.engine.moe import quantization_refusal
 from worker.engine.quant import Quantization, QuantizedWeight
-from worker.engine.report import QuantizationPart
-from worker.engine.spec_quant import group_size_message
+from worker.engine.report import FormatSize, QuantizationPart, Report
+from worker.engine.spec_quant import FORMATS, group_size_message
 
-COMPRESSED, DENSE = "compressed-tensors", "dense"
-FORMATS = (COMPRESSED, DENSE)
+COMPRESSED, DENSE = FORMATS
 
 
 def quantization_of(spec, dtype: torch.dtype) -> Quantization | None:
@@ -104,12 +103,10 @@ def _quantized_bytes(q: QuantizedWeight, bits: int) -> int:
 
 
 def quantization_part(spec, quantization: Quantization, quantized: dict[str, QuantizedWeight], model,
-                      coverage_dense: list, directories: dict[str, Path] | None = None) -> QuantizationPart:
-    """The report's ``quantization`` part."""
-    from worker.engine.checkpoint import directory_bytes
-
+                      coverage_dense: list, dense_parameters: int) -> QuantizationPart:
+    """The report's ``quantization`` part, its formats' sizes not yet known (``settle_sizes``);
+    ``dense_parameters``: the model's parameters as loaded (the model may be compressed by now)."""
     joint = method_info(spec.method).joint_quantization and spec.solver.refit == "none"
-    dense_fp16 = 2 * sum(p.numel() for p in model.parameters())
     decoder = sum(_quantized_bytes(q, quantization.bits) for q in quantized.values())
     decoder_fp16 = 2 * sum(q.codes.numel() for q in quantized.values())
     unquantized = [{"name": name, "reason": "the output head: never pruned nor quantized (compressed-tensors' "
@@ -118,12 +115,29 @@ def quantization_part(spec, quantization: Quantization, quantized: dict[str, Qua
     for d in coverage_dense:
         d = d if isinstance(d, dict) else d.model_dump()
         unquantized.append({"name": d["name"], "reason": d["reason"]})
-    formats = {name: {"bytes": directory_bytes(d), "ratio": directory_bytes(d) / dense_fp16}
-               for name, d in (directories or {}).items()}
-    return QuantizationPart.model_validate({"scheme": quantization.scheme, "group_size": quantization.group_size, "actorder": quantization.actorder,
-            "bits": quantization.bits, "how": "in-solve" if joint else "round-to-nearest",
-            "quantization_only": spec.pattern.sparsity == 0, "layers_quantized": len(quantized),
-            "experts_quantized": sum(1 for k in quantized if ":" in k), "unquantized": unquantized,
-            "sizes": {"dense_fp16_bytes": dense_fp16, "decoder_weights_bytes": decoder,
-                      "decoder_weights_fp16_bytes": decoder_fp16,
-                      "decoder_weights_ratio": decoder / decoder_fp16 if decoder_fp16 else None, "formats": formats}})
+    return QuantizationPart.model_validate({
+        "scheme": quantization.scheme, "group_size": quantization.group_size, "actorder": quantization.actorder,
+        "bits": quantization.bits, "how": "in-solve" if joint else "round-to-nearest",
+        "quantization_only": spec.pattern.sparsity == 0, "layers_quantized": len(quantized),
+        "experts_quantized": sum(1 for k in quantized if ":" in k), "unquantized": unquantized,
+        "sizes": {"dense_fp16_bytes": 2 * dense_parameters, "decoder_weights_bytes": decoder,
+                  "decoder_weights_fp16_bytes": decoder_fp16,
+                  "decoder_weights_ratio": decoder / decoder_fp16 if decoder_fp16 else None, "formats": {}}})
+
+
+def settle_sizes(report: Report, directories: dict[str, Path], files: Callable[[dict], list[str]]) -> None:
+    """Each format's bytes in ``report.quantization``, counted as the directory will hold them: its
+    files so far plus ``files(report_dict)``, the texts still to be written into it (the card and the
+    report, which state these very sizes). Repeated until the count holds (a digit more in a size can
+    lengthen the texts); two or three rounds."""
+    from worker.engine.checkpoint import directory_bytes
+
+    sizes = report.quantization.sizes
+    written = {name: directory_bytes(d) for name, d in directories.items()}
+    for _ in range(10):
+        extra = sum(len(text.encode("utf-8")) for text in files(report.to_dict()))
+        formats = {name: FormatSize(bytes=n + extra, ratio=round((n + extra) / sizes.dense_fp16_bytes, 4))
+                   for name, n in written.items()}
+        if formats == sizes.formats:
+            return
+        sizes.formats = formats

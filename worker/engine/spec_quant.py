@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 SCHEMES = ("W4A16", "W8A16", "FP8_DYNAMIC")
 SCHEME_BITS = {"W4A16": 4, "W8A16": 8, "FP8_DYNAMIC": 8}
 DEFAULT_GROUP_SIZE = 128
+FORMATS = ("compressed-tensors", "dense")  # a quantized job's saved formats (RunOptions.formats)
 CANDIDATE_GROUPS = (256, 128, 64, 32, 16)  # offered when the asked one does not divide every width
 
 # The shared wording of each refusal (API 422, form, CLI).
