@@ -88,6 +88,10 @@ class ZeroShot:
             where = " or in the task directories " + ", ".join(self.task_dirs) if self.task_dirs else ""
             raise InvalidJob(f"evaluation.tasks: unknown lm-eval task {'; '.join(hints)}: not one of lm-eval "
                              f"{self.version or ''}'s tasks{where} (`lm-eval ls tasks` lists them)")
+        unsafe = _unsafe_tasks(manager, self.names)
+        if unsafe:  # before ``load``, which imports the task's code (humaneval: a Hub metric's)
+            raise InvalidJob(f"evaluation.tasks: {', '.join(unsafe)} run the model's generated code, which the "
+                             "engine never does")
         try:
             self.tasks = manager.load(self.names)
         except Exception as exc:  # the harness and `datasets` raise many kinds; the job needs one line
@@ -121,6 +125,34 @@ class ZeroShot:
         return {"tasks": self.names, "limit": self.limit, "batch_size": self.batch_size, "lm_eval": self.version,
                 "placement": self.placement, "examples": self.examples, "dense": self.results.get("dense", {}),
                 "pruned": self.results.get("pruned", {})}
+
+
+def _unsafe_tasks(manager: Any, names: list[str]) -> list[str]:
+    """The tasks among ``names`` (groups and tags expanded) whose config says ``unsafe_code``,
+    read from the harness's task index (its YAML, includes resolved): no task code imported."""
+    index = getattr(manager, "task_index", {})
+    unsafe: list[str] = []
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        entry = index.get(name) if isinstance(name, str) else None
+        if entry is None or name in seen:
+            continue
+        seen.add(name)
+        cfg = getattr(entry, "cfg", None) or {}
+        if cfg.get("unsafe_code"):
+            unsafe.append(name)
+        kind = getattr(getattr(entry, "kind", None), "name", "")
+        if kind == "GROUP":
+            todo += [t.get("task") if isinstance(t, dict) else t for t in _as_list(cfg.get("task"))]
+        elif kind == "TAG":
+            todo += [other for other, e in index.items() if name in (getattr(e, "tags", None) or ())]
+    return sorted(unsafe)
+
+
+def _as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [] if value is None else [value]
 
 
 def metrics(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
