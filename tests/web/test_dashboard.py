@@ -281,7 +281,20 @@ def test_not_found_and_bad_queries(page, dashboard):
 
 def test_a_failed_job_shows_its_reason(page, dashboard, allowed_dir):
     page.goto("/jobs/new")
-    page.fill("#model", str(allowed_dir))  # a directory, but no model in it
+    page.fill("#model", str(allowed_dir))  # a directory, but no model in it: refused at submit, nothing queued
+    page.check('input[name=calibration_source][value=path]')
+    page.fill("#calibration_path", str(allowed_dir / "calibration.txt"))
+    page.uncheck('input[name=eval_sets][value=wikitext2]')
+    page.click("#submit-job")
+    expect(page.locator("body")).to_contain_text("holds no loadable model: config.json is missing")
+    assert re.search(r"/jobs/new$|/jobs$", page.url), page.url
+    broken = allowed_dir / "broken-model"  # looks loadable, fails on the worker: its weights are not safetensors
+    broken.mkdir(exist_ok=True)
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    (broken / "tokenizer.json").write_text("{}")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    page.goto("/jobs/new")
+    page.fill("#model", str(broken))
     page.check('input[name=calibration_source][value=path]')
     page.fill("#calibration_path", str(allowed_dir / "calibration.txt"))
     page.fill("#nsamples", "4")
