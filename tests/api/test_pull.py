@@ -108,7 +108,10 @@ def test_range_and_pull(make_stack, module_redis, models_dir, tmp_path):
     assert report["spec"]["evaluation"]["datasets"] == [ref] and list(report["perplexity"]) == [ref]
     assert report["model"] == body["model"] and report["seconds"]["save"] > 0
     card = ModelCard.load(target / "README.md")
-    assert card.data.base_model is None and card.data.eval_results[0].dataset_name == ref
+    # the card names an upload by its content (upload-<sha256 prefix>), with its whole sha256 beside
+    upload_sha = report["files"][ref]["sha256"]
+    assert card.data.base_model is None and card.data.eval_results[0].dataset_name == f"upload-{upload_sha[:12]}.txt"
+    assert upload_sha in card.content
     assert stack.env["SPARSEGPT_DATA_DIR"] not in card.content and ".partial" not in card.content
     config = json.loads((target / "config.json").read_text())
     assert config["use_cache"] == json.loads((models_dir / "llama" / "config.json").read_text())["use_cache"]
