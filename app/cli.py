@@ -29,7 +29,8 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["SPARSEGPT_LOCAL_DIRS"] = ":".join(dict.fromkeys(dirs))
     from app.serve import serve
 
-    return serve(host=args.host, port=args.port, workers=args.workers, log_level=args.log_level)
+    return serve(host=args.host, port=args.port, workers=args.workers, log_level=args.log_level,
+                 api_workers=args.api_workers)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="local worker processes to start (default 1; 0 on a server whose workers run apart)",
     )
+    p.add_argument("--api-workers", type=int, default=None, metavar="N",
+                   help="API processes serving requests (default: one per CPU, at most 8, with PostgreSQL; 1 with SQLite)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     p.add_argument("--allow-dir", action="append", metavar="DIR", default=[],
                    help="a directory whose models and text files jobs may name by absolute path (repeatable; "

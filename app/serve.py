@@ -32,6 +32,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app import db
 from app.config import Settings, get_settings, is_loopback
+from app.serve_procs import bind, default_api_workers, run_processes
 
 log = logging.getLogger("sparsegpt.serve")
 FD_RESERVE = 256  # open files kept for the database, Redis, uploads and logs beyond the connections
@@ -342,7 +343,27 @@ def auth_mode(settings: Settings, host: str) -> str:
     return mode
 
 
-def serve(*, host: str | None, port: int | None, workers: int | None, log_level: str = "info") -> int:
+def _run_uvicorn(settings: Settings, host: str, port: int, log_level: str, sock) -> int:
+    """One API process: the app and uvicorn with the edge limits (on ``sock`` when one is shared)."""
+    import uvicorn
+
+    from app.main import create_app
+
+    forwarded = settings.forwarded_allow_ips.strip()
+    config = uvicorn.Config(
+        create_app(settings, migrate=False, bind_host=host), host=host, port=port, log_level=log_level,
+        timeout_graceful_shutdown=5, http=EdgeProtocol, timeout_keep_alive=settings.keepalive_timeout_s,
+        # X-Forwarded-Proto/-For are believed only from these addresses (none: ignored).
+        proxy_headers=bool(forwarded), forwarded_allow_ips=forwarded or None,
+    )
+    install_log_limits()  # after uvicorn set up its handlers
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock] if sock is not None else None)
+    return 0 if server.started else 1
+
+
+def serve(*, host: str | None, port: int | None, workers: int | None, log_level: str = "info",
+          api_workers: int | None = None) -> int:
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = get_settings()
     host, port = host or "127.0.0.1", port or 8000
@@ -381,25 +402,16 @@ def serve(*, host: str | None, port: int | None, workers: int | None, log_level:
             pool.start()
             log.info("started %d local worker process(es)", workers)
 
-        import uvicorn
-
-        from app.main import create_app
-
         open_files = raise_open_files_limit()
         EdgeProtocol.header_timeout_s = settings.header_timeout_s
-        EdgeProtocol.max_connections = connection_bound(settings, open_files)
+        EdgeProtocol.max_connections = connection_bound(settings, open_files)  # per API process
         EdgeProtocol.ceiling = max(EdgeProtocol.max_connections, open_files - FD_RESERVE)
-        forwarded = settings.forwarded_allow_ips.strip()
-        config = uvicorn.Config(
-            create_app(settings, migrate=False, bind_host=host), host=host, port=port, log_level=log_level,
-            timeout_graceful_shutdown=5, http=EdgeProtocol, timeout_keep_alive=settings.keepalive_timeout_s,
-            # X-Forwarded-Proto/-For are believed only from these addresses (none: ignored).
-            proxy_headers=bool(forwarded), forwarded_allow_ips=forwarded or None,
-        )
-        install_log_limits()  # after uvicorn set up its handlers
-        server = uvicorn.Server(config)
-        server.run()
-        return 0 if server.started else 1
+        count = api_workers if api_workers is not None else default_api_workers(settings.database)
+        if count < 1:
+            raise SystemExit("sparsegpt serve: --api-workers must be 1 or more")
+        if count == 1:
+            return _run_uvicorn(settings, host, port, log_level, None)
+        return run_processes(count, bind(host, port), lambda sock: _run_uvicorn(settings, host, port, log_level, sock))
     except (KeyboardInterrupt, _Terminated):
         return 0
     finally:
