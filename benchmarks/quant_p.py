@@ -4,7 +4,8 @@
     python benchmarks/quant_p.py --reuse              # keep the runs already in build/quant-p/
     python benchmarks/quant_p.py --from-json benchmarks/results/quant_p.json   # the table again
 
-Each run is its own process (``nice``d), one after another:
+Each run is its own process, one after another (each inherits this one's ``nice``: both sides run at
+the same priority):
 
 - ours: ``sparsegpt prune MODEL --sparsity S --quantize SCHEME --group-size G --calibration ...
   --nsamples 32 --seqlen 512 --seed 0 --no-eval --device cpu --dtype float32 --threads 2 --output DIR``
@@ -84,7 +85,7 @@ def evaluate(path: Path, *, threads: int = 2, eval_windows: int = 40, seqlen: in
 
 def _run(cmd: list[str], log: Path) -> None:
     with log.open("w") as out:
-        rc = subprocess.call(["nice", *cmd], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     if rc:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {rc}); see {log}")
 
