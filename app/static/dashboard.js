@@ -254,6 +254,23 @@
     };
   }
 
+  // The new-job form: the model field names a model this server pruned before -> about how long.
+  function durationHint() {
+    var input = document.getElementById("model"), hint = document.getElementById("duration-hint");
+    if (!input || !hint) return;
+    var rows = document.querySelectorAll("#past-durations tr[data-model]");
+    function update() {
+      var found = null;
+      rows.forEach(function (row) { if (row.dataset.model === input.value.trim()) found = row; });
+      hint.hidden = !found;
+      if (found) hint.textContent = "This server pruned this model before: a whole job took about " +
+        found.dataset.total + " (fewer blocks, samples or evaluation windows take less).";
+    }
+    input.addEventListener("input", update);
+    update();
+  }
+
   if (page === "jobs") jobsPage();
   if (page === "job") jobPage();
+  durationHint();
 })();

@@ -38,7 +38,13 @@ CALIBRATION = ("calibration", "dataset")
 OPTIONAL_SECTIONS = tuple(name for name, f in JobSpec.model_fields.items() if f.default is None
                           and any(leaf.path[0] == name and len(leaf.path) > 1 for leaf in LEAVES))
 # The inputs' help text: the spec's own field descriptions (the form says what the API docs say).
-HELP: dict[str, str] = {leaf.ui.form: leaf.info.description or "" for leaf in LEAVES}
+def _form_help(description: str) -> str:
+    """A spec description as the form's help: a sentence, and an empty input where the API says null."""
+    text = description.replace("null:", "empty:").replace("[]:", "empty:")
+    return text[:1].upper() + text[1:]
+
+
+HELP: dict[str, str] = {leaf.ui.form: _form_help(leaf.info.description or "") for leaf in LEAVES}
 EVALUATION = ("evaluation", "datasets")
 
 # Where an error of the spec is shown: each leaf's own input, and the two compound inputs.

@@ -21,9 +21,10 @@ from app.web import forms
 from app.web.accuracy import compare_rows, job_rows
 from app.web.charts import bar_chart, line_chart, profile_chart
 from app.web.filters import fmt_bytes, fmt_duration, fmt_secs, progress_view
-from app.web.queue_view import standings
+from app.web.queue_view import history, standings
 from app.web.render import current_user, error_page, open_session, parse_job_id, render
 from worker.engine.report import Report, facts
+from worker.engine.hub import dataset_unavailable
 from worker.engine.spec import BUILTIN_DATASETS, JobSpec
 
 router = APIRouter(include_in_schema=False)
@@ -101,9 +102,32 @@ def form_page(request: Request, session: Session, values: dict[str, Any], errors
     context = {
         "form": values, "errors": errors, "uploads": crud.list_calibration_sets(session, limit=100),
         "choices": forms.CHOICES, "helps": forms.HELP, "builtin": BUILTIN_DATASETS,
-        "allowed_dirs": [str(d) for d in request.app.state.settings.allowed_dirs], **extra,
+        "allowed_dirs": [str(d) for d in request.app.state.settings.allowed_dirs],
+        "unavailable": unavailable_sets(), "paces": past_paces(session), **extra,
     }
     return render(request, "new_job.html", context, status_code=status_code)
+
+
+def unavailable_sets() -> dict[str, str]:
+    """The built-in sets this server cannot load now (offline or no Hub, and not cached), with why."""
+    return {name: why for name in BUILTIN_DATASETS if (why := dataset_unavailable(name))}
+
+
+def past_paces(session: Session) -> list[dict[str, Any]]:
+    """This server's past jobs per model: its blocks, seconds per block, and so about how long a
+    job of it takes here (the form shows them beside the model field)."""
+    return [{"model": model, "blocks": pace.blocks, "per_block": pace.seconds_per_block,
+             "total": pace.seconds_per_block * pace.blocks}
+            for model, pace in sorted(history(session).items())]
+
+
+def offline_defaults(values: dict[str, Any], unavailable: dict[str, str], has_uploads: bool) -> dict[str, Any]:
+    """The form's defaults on this server: no built-in set it cannot load is picked for the user."""
+    values = dict(values)
+    if values.get("calibration_source") in unavailable:
+        values["calibration_source"] = "upload" if has_uploads else "file"
+    values["eval_sets"] = [d for d in values.get("eval_sets") or [] if d not in unavailable]
+    return values
 
 
 # Declared before /jobs/{job_id}, which would otherwise take "new" as a job id.
@@ -111,7 +135,8 @@ def form_page(request: Request, session: Session, values: dict[str, Any], errors
 def new_job_page(request: Request, clone: str = "") -> HTMLResponse:
     with open_session(request) as session:
         if not clone:
-            return form_page(request, session, dict(forms.FORM_DEFAULTS), {})
+            has_uploads = bool(crud.list_calibration_sets(session, limit=1))
+            return form_page(request, session, offline_defaults(forms.FORM_DEFAULTS, unavailable_sets(), has_uploads), {})
         job_id = parse_job_id(clone)
         job = crud.get_job(session, job_id) if job_id else None
         if job is None:

@@ -88,7 +88,8 @@ def test_the_quantization_inputs():
     q = JobSpec.model_fields["quantization"].annotation
     section = next(a for a in getattr(q, "__args__", (q,)) if a is not type(None))
     for name, field in (("quant_scheme", "scheme"), ("quant_group_size", "group_size"), ("quant_actorder", "actorder")):
-        assert HELP[name] == section.model_fields[field].description and HELP[name]
+        description = section.model_fields[field].description  # as a sentence: its first letter capitalised
+        assert HELP[name] == description[:1].upper() + description[1:] and HELP[name]
 
 
 @pytest.mark.parametrize(("quantization", "extra", "field", "words"), [
