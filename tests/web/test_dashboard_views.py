@@ -162,3 +162,13 @@ def test_the_compare_page_timings_artifact_sizes_and_failed_cells(client):
     assert rows["peak memory"] == ["3.0 GiB", "failed"] and rows["artifact hf-tar"] == ["5.0 MiB", "failed"]
     ppl = re.search(r'id="ppl-table".*?</table>', page, re.S).group(0)
     assert re.search(rf'data-job="{failed}"><span class="muted">failed</span>', ppl)
+
+
+def test_a_quantization_only_job_is_called_that_in_the_list(client):
+    only = make_job(client, {"model": "org/q", "sparsity": 0, "quantization": {"scheme": "W8A16", "group_size": 64}},
+                    sparsity="0")
+    pruned = make_job(client, {"model": "org/p", "sparsity": 0.5, "quantization": {"scheme": "W8A16", "group_size": 64}},
+                      sparsity="0.5")
+    page = client.get("/").text
+    assert "quantization only" in row_html(page, only) and "0.0%" not in row_html(page, only)
+    assert "quantization only" not in row_html(page, pruned) and "50.0%" in row_html(page, pruned)
