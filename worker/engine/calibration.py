@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+from array import array
 from pathlib import Path
 
 import torch
@@ -81,16 +83,72 @@ def read_text_file(path: str | Path) -> str:
     return raw
 
 
+# Pieces of about this many characters are tokenised at a time: the tokenizer's BatchEncoding
+# (offsets, token strings: ~600 bytes a token) then costs a few MB, and only the int32 ids of the
+# whole text are kept (4 bytes a token).
+PIECE_CHARS = 1 << 18
+# Around each cut, this much text either side is tokenised whole and as two parts: a cut is taken
+# only where both agree (the tokenizer's pre-tokenisation does not reach across it).
+CHECK_CHARS = 512
+_PARAGRAPH = re.compile(r"(?<=\S)\n\n")  # a cut before a blank line that follows text
+_SPACE = re.compile(r"(?<=\S) (?=\S)")  # a cut before a single space between words
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _special_ends(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text (BOS, EOS), read from a probe."""
+    bare, full = _ids(tokenizer, "a"), tokenizer("a").input_ids
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    return [], []
+
+
+def _cut_is_exact(tokenizer, text: str, cut: int) -> bool:
+    left, right = text[max(0, cut - CHECK_CHARS) : cut], text[cut : cut + CHECK_CHARS]
+    return _ids(tokenizer, left + right) == _ids(tokenizer, left) + _ids(tokenizer, right)
+
+
+def _next_cut(tokenizer, text: str, start: int) -> int:
+    """Where the piece that begins at ``start`` ends: the first exact cut at a paragraph boundary
+    past PIECE_CHARS, else (text without blank lines) the first exact cut before a space."""
+    if len(text) - start <= PIECE_CHARS:
+        return len(text)
+    for pattern in (_PARAGRAPH, _SPACE):
+        for match in pattern.finditer(text, start + PIECE_CHARS):
+            if match.start() - start > 4 * PIECE_CHARS and pattern is _PARAGRAPH:
+                break  # paragraphs this far apart: cut at a space instead
+            if _cut_is_exact(tokenizer, text, match.start()):
+                return match.start()
+            if match.start() - start > 8 * PIECE_CHARS:
+                break
+    return len(text)  # no exact cut found: the rest in one piece
+
+
 def _tokenize(tokenizer, text: str) -> torch.Tensor:
-    """All tokens of ``text`` as one 1-D tensor (no truncation; the tokenizer's defaults)."""
+    """All tokens of ``text`` as one 1-D int32 tensor (no truncation; the tokenizer's defaults), the
+    same ids as ``tokenizer(text).input_ids``, tokenised piece by piece so that memory stays about
+    4 bytes a token plus one piece's encoding (see ``_next_cut``), not ~600 bytes a token."""
     import transformers
 
     level = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "longer than the maximum length" is expected here
     try:
-        return torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+        head, tail = _special_ends(tokenizer)
+        ids = array("i", head)
+        start = 0
+        while start < len(text):
+            cut = _next_cut(tokenizer, text, start)
+            ids.extend(_ids(tokenizer, text[start:cut]))
+            start = cut
+        ids.extend(tail)
     finally:
         transformers.logging.set_verbosity(level)
+    # the tensor shares the array's memory and keeps it alive (no copy of the ids)
+    return torch.frombuffer(ids, dtype=torch.int32) if ids else torch.zeros(0, dtype=torch.int32)
 
 
 def _sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, source: str) -> torch.Tensor:
@@ -104,7 +162,7 @@ def _sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, so
     for _ in range(nsamples):
         i = random.randint(0, ids.numel() - seqlen - 1)
         rows.append(ids[i : i + seqlen])
-    return torch.stack(rows)  # (nsamples, seqlen)
+    return torch.stack(rows).long()  # (nsamples, seqlen)
 
 
 def _c4_calibration(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -121,7 +179,7 @@ def _c4_calibration(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.T
             raise DataError(f"c4: found no document longer than {seqlen} tokens")
         i = random.randint(0, ids.numel() - seqlen - 1)
         rows.append(ids[i : i + seqlen])
-    return torch.stack(rows)
+    return torch.stack(rows).long()
 
 
 def _named_text(name: str, split: str) -> str:
@@ -159,4 +217,4 @@ def evaluation_windows(tokenizer, source: str, *, seqlen: int, max_windows: int 
         count = min(count, max_windows)
     if count < 1:
         raise DataError(f"{source} has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    return ids[: count * seqlen].reshape(count, seqlen)
+    return ids[: count * seqlen].reshape(count, seqlen).long()
