@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import threading
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from app.packagers import Packager
 
 READ_BYTES = 1024 * 1024
+log = logging.getLogger(__name__)
 SCHEME = "s3://"
 
 
@@ -233,6 +235,31 @@ def get_store(settings) -> Store:
 def cached_upload(settings, url: str, sha256: str | None = None) -> Path:
     """A stored upload as a file on this machine (app/s3_store.py: a content-addressed cache)."""
     return get_store(settings).local_file(url, sha256)
+
+
+class DigestMismatch(StorageError):
+    """A whole object streamed out did not hash to its recorded sha256 (the body is cut short)."""
+
+
+def verified(chunks: Iterator[bytes], sha256: str, label: str) -> Iterator[bytes]:
+    """``chunks`` passed on while hashed; the last chunk is held back until the whole has been
+    hashed, and on a mismatch it is never sent: the error (logged) ends the body short of its
+    Content-Length (or without the final chunk of a chunked body), so a client sees a failed
+    download, never a complete-looking wrong file. Only a whole object can be checked."""
+    digest, held = hashlib.sha256(), None
+    for chunk in chunks:
+        if not chunk:
+            continue
+        digest.update(chunk)
+        if held is not None:
+            yield held
+        held = chunk
+    if digest.hexdigest() != sha256:
+        log.error("%s does not match its recorded sha256 (%s, streamed %s): download aborted",
+                  label, sha256, digest.hexdigest())
+        raise DigestMismatch(f"{label} does not match its recorded sha256")
+    if held is not None:
+        yield held
 
 
 def file_sha256(path: Path) -> str:

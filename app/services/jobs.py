@@ -279,7 +279,13 @@ class Download:
         return self.packager.file_name(self.name)
 
     def body(self, start: int = 0, end: int | None = None):
-        return self.store.read(self.artifact.path, self.packager, self.name, start, end)
+        """The bytes [start, end); the whole object is checked against its recorded sha256 as it
+        goes out (see ``storage.verified``); a range cannot be, and is sent as read."""
+        chunks = self.store.read(self.artifact.path, self.packager, self.name, start, end)
+        if start == 0 and end in (None, self.artifact.size):
+            return storage.verified(chunks, self.artifact.sha256, f"job {self.artifact.job_id}'s "
+                                    f"{self.artifact.format} artifact ({self.artifact.path})")
+        return chunks
 
 
 def artifact(session: Session, settings: Settings, job_id: int, format: str | None = None) -> Download:
