@@ -175,7 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=10, help="POST/GET/list/cancel rounds per client")
     parser.add_argument("--duration", type=float, default=120.0, help="stop after this many seconds")
+    parser.add_argument("--wrk", action="store_true",
+                        help="measure with wrk against a bare FastAPI app instead (benchmarks/load_wrk.py)")
     args = parser.parse_args(argv)
+    if args.wrk:
+        from benchmarks.load_wrk import run_wrk
+
+        return run_wrk(seconds=min(int(args.duration), 30))
     if not (1 <= args.clients <= 200 and 1 <= args.rounds <= 200 and 0 < args.duration <= 600):
         parser.error("bounded on purpose: --clients 1..200, --rounds 1..200, --duration up to 600 s")
     proc = workdir = None
@@ -196,12 +202,16 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-            shutil.rmtree(workdir, ignore_errors=True)
+            stop_server(proc, workdir)
+
+
+def stop_server(proc: subprocess.Popen, workdir: Path) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=40)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
