@@ -47,7 +47,8 @@ def wrk(url: str, *, connections: int, seconds: int) -> dict:
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = {q: float(v) * _UNITS[u] for q, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": lat.get("50"), "p99_ms": lat.get("99"), "non_2xx": int(errors.group(1)) if errors else 0}
+    return {"rps": rps, "p50_ms": lat.get("50"), "p99_ms": lat.get("99"),
+            "non_2xx": int(errors.group(1)) if errors else 0}
 
 
 def open_streams(base: str, job_id: int, count: int, stop: threading.Event, answered: list) -> threading.Thread:
