@@ -10,7 +10,7 @@ from __future__ import annotations
 from worker.engine.report import QuantizationPart
 
 HOW = {"in-solve": "inside the SparseGPT solve (the pruned and the kept weights' errors compensated together)",
-       "round-to-nearest": "round-to-nearest on the grid after the prune, the mask kept"}
+       "round-to-nearest": "round-to-nearest on the grid after the prune (and the refit, if any), the mask kept"}
 RUNTIME_NOTE = ("Sparsity brings no extra size or speed in today's runtimes (vLLM, transformers): the pruned "
                 "weights are stored as quantized zeros, and the bytes come from the bits.")
 
