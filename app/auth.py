@@ -24,7 +24,7 @@ from urllib.parse import quote
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app import crud
+from app import auth_cache, crud
 from app import sessions as sessions_mod
 from app.config import Settings, is_loopback
 from app.tokens import LOCAL_USER, hash_token
@@ -99,6 +99,18 @@ def _current(user, *, local: bool = False) -> CurrentUser:
     return CurrentUser(id=user.id, name=user.name, is_admin=bool(user.is_admin), local=local)
 
 
+def _token_user(sessions, token: str) -> CurrentUser | None:
+    with sessions() as session:
+        user = user_for_token(session, token)
+        return _current(user) if user is not None else None
+
+
+def _cookie_user(sessions, settings: Settings, cookie: str) -> CurrentUser | None:
+    with sessions() as session:
+        user = sessions_mod.user_for_cookie(session, settings, cookie)
+        return _current(user) if user is not None else None
+
+
 def resolve_user(request: Request) -> CurrentUser | None:
     """The user the request's credentials name; raises 401 for a bad token or cookie-less
     request when sign-in is required; None on a public path without credentials."""
@@ -111,17 +123,17 @@ def resolve_user(request: Request) -> CurrentUser | None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise unauthorized(request, "the Authorization header must be: Bearer <token>")
-        with sessions() as session:
-            user = user_for_token(session, token.strip())
-            if user is None:
-                raise unauthorized(request, "the API token is not valid (ask an admin for one: sparsegpt users add NAME)")
-            return _current(user)
+        token = token.strip()
+        current = auth_cache.remembered(settings.database, "token", hash_token(token),
+                                        lambda: _token_user(sessions, token))
+        if current is None:
+            raise unauthorized(request, "the API token is not valid (ask an admin for one: sparsegpt users add NAME)")
+        return current
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
-        with sessions() as session:
-            user = sessions_mod.user_for_cookie(session, settings, cookie)
-        if user is not None:
-            return _current(user)
+        current = auth_cache.remembered(settings.database, "cookie", cookie, lambda: _cookie_user(sessions, settings, cookie))
+        if current is not None:
+            return current
     if not auth_required(request):
         local = request.app.state.local_user
         return local

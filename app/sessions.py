@@ -18,7 +18,7 @@ from datetime import timedelta
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from app import crud
+from app import auth_cache, crud
 from app.config import Settings
 from app.models import utcnow
 
@@ -90,4 +90,5 @@ def session_id(settings: Settings, value: str | None) -> str | None:
 def end_session(session, settings: Settings, value: str | None) -> bool:
     """Logout: revokes the session a cookie names (the caller commits); False when none."""
     key = session_id(settings, value)
+    auth_cache.forget_all()  # this process stops admitting the cookie at once (others within its TTL)
     return key is not None and crud.revoke_web_session(session, key)

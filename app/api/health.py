@@ -11,10 +11,9 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from app import streams
-from app.schemas import ComponentHealth, HealthOut, HealthStatusOut, WorkerOut
+from app.schemas import ComponentHealth, HealthOut, WorkerOut
 
 router = APIRouter(tags=["health"])
 
@@ -23,35 +22,56 @@ def _short(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
 
 
+CHECK_TTL_S = 1.0  # a healthy verdict is reused this long per process; a failed one never is
+
+
+def _database(request: Request) -> ComponentHealth:
+    """One round trip on a pooled connection (no ORM session)."""
+    try:
+        with request.app.state.sessions.kw["bind"].connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+        return ComponentHealth(ok=True)
+    except Exception as err:
+        return ComponentHealth(ok=False, error=_short(err))
+
+
+def _redis_and_workers(request: Request) -> tuple[ComponentHealth, list[dict]]:
+    """Redis's health and the workers' registrations as stored (each with when it was seen)."""
+    try:
+        r = request.app.state.redis
+        keys = list(r.scan_iter(match=streams.WORKER_PATTERN, count=500))  # also proves Redis answers
+        return ComponentHealth(ok=True), [json.loads(raw) for raw in (r.mget(keys) if keys else []) if raw]
+    except Exception as err:
+        return ComponentHealth(ok=False, error=_short(err)), []
+
+
+def _checks(request: Request) -> tuple[ComponentHealth, ComponentHealth, list[dict]]:
+    """The database, Redis and the workers: checked again when the last healthy answer is older
+    than CHECK_TTL_S (a load balancer's probe, or hundreds of them a second, costs a lookup),
+    at once after any failure. So /health may report a component that failed less than
+    CHECK_TTL_S ago as up, never the other way round."""
+    cached = getattr(request.app.state, "health_checks", None)
+    now = time.monotonic()
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    database = _database(request)
+    redis_ok, records = _redis_and_workers(request)
+    answer = (database, redis_ok, records)
+    request.app.state.health_checks = (now + CHECK_TTL_S, answer) if database.ok and redis_ok.ok else None
+    return answer
+
+
 @router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut, "description": "database or Redis down"}})
 def health(request: Request) -> JSONResponse:
     """200 while the database and Redis answer ("degraded" when no worker was seen), else 503.
     Without sign-in (the public /health), only ``{"status": ...}``."""
-    try:
-        with request.app.state.sessions() as session:
-            session.execute(text("SELECT 1"))
-        database = ComponentHealth(ok=True)
-    except Exception as err:
-        database = ComponentHealth(ok=False, error=_short(err))
-    workers: list[WorkerOut] = []
-    try:
-        r = request.app.state.redis
-        r.ping()
-        keys = list(r.scan_iter(match=streams.WORKER_PATTERN, count=500))
-        now = time.time()
-        for raw in r.mget(keys) if keys else []:
-            if not raw:
-                continue
-            info = json.loads(raw)
-            workers.append(
-                WorkerOut(
-                    name=info.get("name", "?"), queues=info.get("queues", []), gpu=info.get("gpu"),
-                    pid=info.get("pid"), seen_s_ago=round(max(0.0, now - info.get("seen", now)), 1),
-                )
-            )
-        redis_ok = ComponentHealth(ok=True)
-    except Exception as err:
-        redis_ok = ComponentHealth(ok=False, error=_short(err))
+    database, redis_ok, records = _checks(request)
+    now = time.time()
+    workers = [
+        WorkerOut(name=info.get("name", "?"), queues=info.get("queues", []), gpu=info.get("gpu"),
+                  pid=info.get("pid"), seen_s_ago=round(max(0.0, now - info.get("seen", now)), 1))
+        for info in records
+    ]
     workers.sort(key=lambda w: w.name)
     if not (database.ok and redis_ok.ok):
         overall = "down"
@@ -59,6 +79,6 @@ def health(request: Request) -> JSONResponse:
         overall = "ok" if workers else "degraded"
     code = 503 if overall == "down" else 200
     if getattr(request.state, "user", None) is None:
-        return JSONResponse(HealthStatusOut(status=overall).model_dump(mode="json"), status_code=code)
+        return JSONResponse({"status": overall}, status_code=code)
     body = HealthOut(status=overall, database=database, redis=redis_ok, workers=workers)
     return JSONResponse(body.model_dump(mode="json"), status_code=code)
