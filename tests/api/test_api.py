@@ -162,7 +162,7 @@ BAD_SPECS = [
     ({"sparsity": "3:2"}, "0 < N < M"),
     ({"sparsity": "2:256"}, "at most 128"),
     ({"sparsity": 1.5}, "strictly between 0 and 1"),
-    ({"sparsity": 0}, "strictly between 0 and 1"),
+    ({"sparsity": 0}, "sparsity 0 prunes nothing: set quantization"),  # 0: quantization only (issue 26)
     ({"sparsity": "half"}, "neither a ratio"),
     ({"sparsity": True}, "neither a ratio"),
     ({"calibration": {"nsamples": 0}}, "Must be at least 1"),
