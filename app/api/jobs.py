@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from app import archive, crud, packagers
 from app.api.deps import RedisDep, SessionDep, SettingsDep
 from app.auth import UserDep
+from app.crud.jobs import list_job_summaries
 from app.models import SUCCEEDED, Job
 from app.schemas import (
     ArtifactFileOut,
@@ -142,8 +143,9 @@ def list_jobs(
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> JobList:
     """Newest first."""
-    items, total = crud.list_jobs(session, status=status_, limit=limit, offset=offset)
-    return JobList(items=[JobSummary(**summary(j)) for j in items], total=total, limit=limit, offset=offset)
+    rows, total = list_job_summaries(session, status=status_, limit=limit, offset=offset)
+    return JobList(items=[JobSummary(**row, url=job_url(row["id"])) for row in rows], total=total, limit=limit,
+                   offset=offset)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
