@@ -131,7 +131,8 @@ def resolve_user(request: Request) -> CurrentUser | None:
         return current
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
-        current = auth_cache.remembered(settings.database, "cookie", cookie, lambda: _cookie_user(sessions, settings, cookie))
+        current = auth_cache.remembered(settings.database, "cookie", cookie,
+                                        lambda: _cookie_user(sessions, settings, cookie))
         if current is not None:
             return current
     if not auth_required(request):
