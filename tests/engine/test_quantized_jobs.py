@@ -144,3 +144,13 @@ def test_group_size_check_from_config():
     assert "576" in message and "64" in message and "128," not in message
     assert group_size_message(smollm, 64) is None and group_size_message(smollm, -1) is None
     assert JobSpec(model="org/name", sparsity="0", quantization={"scheme": "W4A16"}).quantization_only
+
+
+def test_blocks_outside_the_selection_are_named_as_left_in_float(workdir, tmp_path):
+    model = make_tiny_model(tmp_path / "m", "llama")  # 2 blocks of 7 Linears
+    report = run(job(model, workdir, sparsity=0.5, scheme="W4A16", group_size=32, last_block=0),
+                 RunOptions(device="cpu"))
+    q = report.quantization
+    assert q.layers_quantized == 7 and not q.sizes.formats  # nothing saved: no format
+    assert [u["name"] for u in q.unquantized] == ["lm_head", "the blocks outside 0..0"]
+    assert "outside the layer selection" in q.unquantized[1]["reason"]

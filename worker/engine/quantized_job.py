@@ -115,6 +115,10 @@ def quantization_part(spec, quantization: Quantization, quantized: dict[str, Qua
     for d in coverage_dense:
         d = d if isinstance(d, dict) else d.model_dump()
         unquantized.append({"name": d["name"], "reason": d["reason"]})
+    first, last = spec.layers.first_block, spec.layers.last_block
+    if first is not None or last is not None:
+        unquantized.append({"name": f"the blocks outside {first or 0}..{'last' if last is None else last}",
+                            "reason": "outside the layer selection: neither pruned nor quantized"})
     return QuantizationPart.model_validate({
         "scheme": quantization.scheme, "group_size": quantization.group_size, "actorder": quantization.actorder,
         "bits": quantization.bits, "how": "in-solve" if joint else "round-to-nearest",
