@@ -15,7 +15,7 @@ import transformers
 from tests.engine.test_cli import prune
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.calibration import evaluation_windows
-from worker.engine.spec_quant import ACTORDER_NM, FP8_GROUP, NO_SCHEME
+from worker.engine.spec_quant import ACTORDER_NM, FP8_GROUP, NO_SCHEME, WITH_REFIT
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_quantize_writes_compressed_tensors_that_load_as_measured(files, tmp_pat
     # the summary: the scheme and how, the layers, what stayed in float and why, the format's bytes and ratio
     assert "quantization W4A16 (group size 32): inside the SparseGPT solve" in stdout
     assert "quantized 14 layers" in stdout and "left in float: lm_head (the output head" in stdout
-    assert f"format compressed-tensors: " in stdout and f"({size['bytes']} bytes), {size['ratio']:.3f}x" in stdout
+    assert "format compressed-tensors: " in stdout and f"({size['bytes']} bytes), {size['ratio']:.3f}x" in stdout
     assert f"saved to {out} (compressed-tensors, W4A16" in stdout
     card = (out / "README.md").read_text()
     assert "vllm serve" in card and "AutoModelForCausalLM.from_pretrained" in card
@@ -93,6 +93,7 @@ def test_format_dense_writes_the_float_checkpoint_of_the_same_weights(files, tmp
     (["--quantize", "W4A16", "--group-size", "48"], "quantization.group_size 48 does not divide the input width"),
     (["--quantize", "W4A16", "--actorder", "--sparsity", "2:4"], ACTORDER_NM),
     (["--group-size", "64"], NO_SCHEME),
+    (["--quantize", "W4A16", "--refit", "reconstruct"], WITH_REFIT),
     (["--quantize", "W3A16"], "--quantize: Must be one of"),
     (["--format", "compressed-tensors", "--output", "OUT"], "--format compressed-tensors holds quantized weights"),
     (["--quantize", "W4A16", "--group-size", "32", "--format", "dense"], "--format says what --output writes"),

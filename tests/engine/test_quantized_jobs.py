@@ -131,6 +131,7 @@ def test_refused_before_it_runs(workdir, tmp_path):
     ({"sparsity": 0.5, "quantization": {"scheme": "W4A16"}, "solver": {"exact": True}}, "solver.exact"),
     ({"sparsity": 0.5, "quantization": {"scheme": "W4A16"}, "solver": {"wbits": 4}}, "two grids"),
     ({"sparsity": 0.5, "quantization": {"group_size": 64}}, "scheme is required"),
+    ({"sparsity": 0.5, "quantization": {"scheme": "W4A16"}, "solver": {"refit": "reconstruct"}}, "set refit none"),
     ({"sparsity": 0.5, "quantization": {"scheme": "W3A16"}}, "W4A16"),
 ])
 def test_spec_refusals(fields, reason):
