@@ -45,7 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import auth
 from app.config import Settings
 from app.services.uploads import MULTIPART_OVERHEAD
-from worker.engine.spec_fields import plain_message
+from worker.engine.contract.spec_fields import plain_message
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})

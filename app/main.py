@@ -20,7 +20,7 @@ from app import auth, db, guard, login, web
 from app.api import events, health, jobs, uploads, usage, workers
 from app.config import Settings, get_settings
 from app.sweeper import Sweeper
-from worker.engine.spec import METHODS
+from worker.engine.contract.spec import METHODS
 
 log = logging.getLogger(__name__)
 DOCS_ASSETS = "/static/api-docs"  # under /static/: public, cacheable, like the dashboard's own files

@@ -1,7 +1,7 @@
 """Pydantic response models of the API. The request body, ``JobSpec``, is the one job spec of
-``worker.engine.spec`` (re-exported here); what needs the server's state (allowed directories,
+``worker.engine.contract.spec`` (re-exported here); what needs the server's state (allowed directories,
 uploads that exist, the server's caps) is checked by ``app.services.specs``. A job's ``result`` is
-the engine's report, ``worker.engine.report.Report`` (torch-free, as the spec).
+the engine's report, ``worker.engine.contract.report.Report`` (torch-free, as the spec).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from worker.engine.report import Report  # the engine's report: a job's result
-from worker.engine.spec import (  # noqa: F401 - the API's request model and its vocabulary
+from worker.engine.contract.report import Report  # the engine's report: a job's result
+from worker.engine.contract.spec import (  # noqa: F401 - the API's request model and its vocabulary
     BUILTIN_DATASETS,
     DTYPES,
     METHODS,

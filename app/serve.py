@@ -8,13 +8,12 @@ Redis. On a team server (``--workers 0``) the workers run as their own services.
 uvicorn (h11) runs with limits it lacks alone (``EdgeProtocol``): request headers within
 settings.header_timeout_s, settings.keepalive_timeout_s idle between requests, at most
 settings.max_connections held (below the open-files limit, raised to its hard limit); "Too many
-open files" is logged once a minute, not once per connection (``RateLimitedFilter``).
+open files" is logged once a minute, not once per connection (``app.log_limits``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import resource
@@ -32,6 +31,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app import db
 from app.config import Settings, get_settings, is_loopback
+from app.log_limits import install_log_limits, limited_log
 from app.serve_procs import bind, default_api_workers, run_processes
 
 log = logging.getLogger("sparsegpt.serve")
@@ -203,7 +203,7 @@ class EdgeProtocol(H11Protocol):
         self.born = self.loop.time()
         count = len(self.connections)
         if count > self.ceiling and not self._pool.evict(count - self.ceiling, keep=self):
-            _limited_log.warning("%d connections, none of them idle: refusing new ones (503)", count - 1)
+            limited_log.warning("%d connections, none of them idle: refusing new ones (503)", count - 1)
             transport.write(self._BUSY_503)
             transport.close()
             return
@@ -254,54 +254,6 @@ class EdgeProtocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._in_request()
         super().connection_lost(exc)
-
-
-class RateLimitedFilter(logging.Filter):
-    """Lets one record about running out of file descriptors through per interval (without its
-    traceback, with a count of the ones held back): a flood of connections must not become a
-    flood of log lines."""
-
-    def __init__(self, interval_s: float = 60.0):
-        super().__init__()
-        self.interval_s, self.last, self.held = interval_s, float("-inf"), 0
-
-    @staticmethod
-    def _exhaustion(record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        while exc is not None:
-            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-                return True
-            exc = exc.__cause__ or exc.__context__
-        message = record.getMessage()
-        return "Too many open files" in message or "out of system resource" in message or record.name == _limited_log.name
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not self._exhaustion(record):
-            return True
-        now = time.monotonic()
-        if now - self.last < self.interval_s:
-            self.held += 1
-            return False
-        self.last = now
-        if self.held:
-            record.msg, record.args = f"{record.getMessage()} ({self.held} more like it in the last interval)", ()
-            self.held = 0
-        record.exc_info, record.exc_text, record.stack_info = None, None, None
-        return True
-
-
-_limited_log = logging.getLogger("sparsegpt.serve.limits")
-
-
-def install_log_limits(interval_s: float = 60.0) -> RateLimitedFilter:
-    """One shared filter on the loggers that report accept() failures and crashed requests, and their handlers."""
-    limit = RateLimitedFilter(interval_s)
-    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access", "asyncio", _limited_log.name):
-        logger = logging.getLogger(name)
-        logger.addFilter(limit)
-        for handler in logger.handlers:
-            handler.addFilter(limit)
-    return limit
 
 
 def raise_open_files_limit() -> int:

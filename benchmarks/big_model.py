@@ -146,7 +146,7 @@ def run_engine(a) -> dict:
     import torch
 
     from worker.engine.pipeline import RunOptions, run_job
-    from worker.engine.spec import JobSpec
+    from worker.engine.contract.spec import JobSpec
 
     torch.set_num_threads(a.threads) if a.threads else None
     last = None if a.prune_blocks is None else a.prune_blocks - 1

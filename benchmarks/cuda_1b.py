@@ -65,7 +65,7 @@ def memory_bound(model_dir: Path, nsamples: int, seqlen: int) -> dict:
 
 def run_ours(model_dir: Path, calibration: str, pattern: str, nsamples: int, seqlen: int, device: str) -> dict:
     from worker.engine.pipeline import RunOptions, run_job
-    from worker.engine.spec import JobSpec
+    from worker.engine.contract.spec import JobSpec
 
     spec = JobSpec.from_flat(model=str(model_dir), sparsity=pattern, dataset=calibration, nsamples=nsamples,
                              seqlen=seqlen, datasets=[], dtype="float16" if device == "cuda" else "float32")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reference_sparsegpt as ref  # noqa: E402
 
-from worker.engine.method_table import METHOD_NAMES  # noqa: E402
+from worker.engine.contract.method_table import METHOD_NAMES  # noqa: E402
 
 
 def _stage(event) -> str:
@@ -42,7 +42,7 @@ def run(method: str, pattern: str, *, model_path=ref.DEFAULT_MODEL,
     import torch
 
     from worker.engine.pipeline import RunOptions, run_job
-    from worker.engine.spec import JobSpec
+    from worker.engine.contract.spec import JobSpec
 
     torch.set_num_threads(threads)
     eval_key = str(eval_file)

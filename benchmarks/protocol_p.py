@@ -32,7 +32,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
-from worker.engine.method_table import METHOD_NAMES  # noqa: E402  (torch-free: the engine's methods)
+from worker.engine.contract.method_table import METHOD_NAMES  # noqa: E402  (torch-free: the engine's methods)
 
 DATA = REPO.parent / "shared" / "data" / "protocol-p"
 DEFAULT_MODEL = REPO / "models" / "smollm2-135m"

@@ -47,7 +47,7 @@ def one_run(variant: str, pattern: str, args) -> dict:
 
     sys.path.insert(0, str(REPO))
     from worker.engine.pipeline import RunOptions, run_job
-    from worker.engine.spec import JobSpec
+    from worker.engine.contract.spec import JobSpec
 
     torch.set_num_threads(args.threads)
     eval_key = str(args.eval_file)

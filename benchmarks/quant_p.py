@@ -172,6 +172,10 @@ def _f(x, fmt=".3f"):
     return "-" if x is None else format(x, fmt)
 
 
+def _verdict(value, met: bool) -> str:
+    return "not measured" if value is None else "met" if met else "MISSED"
+
+
 def table(data: dict) -> str:
     runs, s = data["runs"], data["summary"]
     lines = ["| run | pattern | scheme | ppl | prune s | surviving sparsity | decoder / fp16 | dir / fp16 dir |",
@@ -185,13 +189,14 @@ def table(data: dict) -> str:
                      f"{_f(_ratio(r.get('directory_bytes'), fp16_dir))} |")
     a = s["a_w4a16"]
     lines += ["", f"(a) W4A16 g{GROUP}, ours / llm-compressor GPTQ: perplexity {_f(a['perplexity_ratio'], '.4f')}x "
-              f"(target <= 1.01: {'met' if a['perplexity_met'] else 'MISSED'}), time {_f(a['time_ratio'])}x "
-              f"(target <= 0.6: {'met' if a['time_met'] else 'MISSED'})"]
+              f"(target <= 1.01: {_verdict(a['perplexity_ratio'], a['perplexity_met'])}), time {_f(a['time_ratio'])}x "
+              f"(target <= 0.6: {_verdict(a['time_ratio'], a['time_met'])})"]
     for k, v in s["c_fp8"].items():
         lines.append(f"(c) {k}: perplexity {_f(v['perplexity'])}, {_f(v['vs_dense'], '.4f')}x the dense model's")
     for k, v in s["d_bytes"].items():
         lines.append(f"(d) {k}: decoder weights {_f(v['decoder_vs_fp16'])}x fp16 (target <= {v['target']}: "
-                     f"{'met' if v['met'] else 'MISSED'}); directory {_f(v['directory_vs_dense_fp16_directory'])}x "
+                     f"{_verdict(v['decoder_vs_fp16'], v['met'])}); "
+                     f"directory {_f(v['directory_vs_dense_fp16_directory'])}x "
                      f"the dense fp16 directory, {_f(v['directory_vs_dense_fp32_directory'])}x the fp32 one")
     return "\n".join(lines)
 
@@ -205,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated keys of " + ", ".join(RUNS))
     p.add_argument("--model", default=str(ref.DEFAULT_MODEL))
     p.add_argument("--reuse", action="store_true", help="keep runs whose JSON is already in build/quant-p/")
+    p.add_argument("--collect", action="store_true", help="only the runs already in build/quant-p/: run nothing")
     p.add_argument("--from-json", help="print the table of a saved result")
     p.add_argument("--json", default=str(RESULT))
     a = p.parse_args(argv)
@@ -224,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for key in keys:
         js = BUILD / f"{key}.json"
-        if a.reuse and js.exists():
+        if (a.reuse or a.collect) and js.exists():
             runs[key] = {**json.loads(js.read_text()), "key": key}
-        else:
+        elif not a.collect:
             print(f"{time.strftime('%H:%M:%S')} {key} ...", flush=True)
             runs[key] = run_one(key, Path(a.model))
     data = {"protocol": "P: SmolLM2-135M fp32, 32 x 512 calibration (seed 0), 40 x 512 evaluation windows, 2 threads",

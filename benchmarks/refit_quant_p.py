@@ -7,7 +7,7 @@
   mask, then quantized to nearest on the same grid, the mask fixed).
 
 Both evaluated as the checkpoint would load (compressed in memory). The decision this informed: the
-spec now refuses sparsegpt + refit + quantization (worker/engine/spec_quant.py, WITH_REFIT), so the
+spec now refuses sparsegpt + refit + quantization (worker/engine/contract/spec_quant.py, WITH_REFIT), so the
 second run works only at a commit before that refusal (a5d01a8). Measured there, CPU, 2 shared cores,
 ``--last-block 5 --eval-windows 10`` (blocks 0-5 of 30, 10 windows; results/refit_quant_p.json): dense
 33.26, in-solve 39.78, refit then round-to-nearest 41.49.

@@ -1,9 +1,9 @@
 """The tables of the docs that are generated from the code, so the pages cannot drift from it.
 
-docs/api.md's table of the job spec's fields comes from ``worker.engine.spec.JobSpec``: each field's
+docs/api.md's table of the job spec's fields comes from ``worker.engine.contract.spec.JobSpec``: each field's
 JSON path, type, default, CLI flag and the spec's own description (the one text the form, the CLI's
 --help and the API's OpenAPI schema show as well); docs/engine.md's table of the pruning methods
-from ``worker.engine.method_table``. Run it after a change of either:
+from ``worker.engine.contract.method_table``. Run it after a change of either:
 
     .venv/bin/python scripts/docs_tables.py          # rewrite the generated blocks in place
     .venv/bin/python scripts/docs_tables.py --check  # exit 1 when a page is stale (tests/test_docs.py)
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from worker.engine.spec import UI, JobSpec  # noqa: E402  (after the repository is on sys.path)
+from worker.engine.contract.spec import UI, JobSpec  # noqa: E402  (after the repository is on sys.path)
 
 
 def _type(annotation: Any) -> str:
@@ -85,8 +85,8 @@ def spec_table() -> str:
 
 
 def methods_table() -> str:
-    """The pruning methods of worker.engine.method_table: what each reads of the data and allows."""
-    from worker.engine.method_table import METHOD_TABLE
+    """The pruning methods of worker.engine.contract.method_table: what each reads of the data and allows."""
+    from worker.engine.contract.method_table import METHOD_TABLE
 
     reads = {"hessian": "the Hessian H = (2/n) X X^T", "diag": "the inputs' norms (diag H)", "none": "nothing"}
     yes = {True: "yes", False: "no"}

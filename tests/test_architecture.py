@@ -2,7 +2,7 @@
 
 - ``worker/engine`` imports nothing of ``app``, ``worker`` (outside the engine), Celery, the web
   framework or the database: it runs alone from the CLI and from Python.
-- ``app`` never imports ``worker``, except the job spec (``worker.engine.spec``, torch-free);
+- ``app`` never imports ``worker``, except the job spec (``worker.engine.contract.spec``, torch-free);
   ``app/cli.py`` dispatches to the worker and the engine lazily, inside its subcommands.
 - The API process and the worker's main process load no torch (only the task does, in the
   pool's child), and neither does the spec.
@@ -37,21 +37,38 @@ def test_the_engine_imports_nothing_of_the_service():
     assert bad == []
 
 
-SPEC_MODULES = ("worker.engine.spec", "worker.engine.spec_fields", "worker.engine.report",  # pure pydantic, no torch
-                "worker.engine.spec_quant",  # the spec's quantization section and its config.json check (no torch)
-                "worker.engine.hub")  # the Hub's reachability and cache, asked at submit (httpx, huggingface_hub)
+CONTRACT = "worker.engine.contract"  # the torch-free contract the API and the workers share
+# What the worker (outside its engine) may use of the service: the database, settings, Redis streams and
+# the job's files and store; never the web layer (routes, pages, the edge, the API's services).
+WORKER_USES_OF_APP = ("app", "app.config", "app.db", "app.models", "app.crud", "app.streams", "app.queue",
+                      "app.storage", "app.s3_store", "app.job_files", "app.mirror", "app.packagers", "app.archive",
+                      "app.paths", "app.model_links", "app.routing_tiers", "app.workers")
 
 
-def test_app_imports_of_the_worker_are_the_spec_only():
+def test_app_imports_of_the_worker_are_the_contract_only():
     bad = [(f, line, m) for f, line, m in imports("app")
            if (m == "worker" or m.startswith("worker.") or m.split(".")[0] == "torch")
-           and m not in SPEC_MODULES and f != "app/cli.py"]
+           and not m.startswith(CONTRACT + ".") and m != CONTRACT and f != "app/cli.py"]
+    assert bad == []
+
+
+def test_the_workers_imports_of_the_app_are_its_data_layer_only():
+    bad = [(f, line, m) for f, line, m in imports("worker")
+           if (m == "app" or m.startswith("app.")) and not any(m == a or m.startswith(a + ".") and a != "app"
+                                                              for a in WORKER_USES_OF_APP)]
+    assert bad == [], "the worker uses the web layer: " + repr(bad)
+
+
+def test_the_contract_is_torch_free_and_imports_only_itself():
+    bad = [(f, line, m) for f, line, m in imports("worker/engine/contract")
+           if m.split(".")[0] in ("torch", "transformers", "app", "celery", "sqlalchemy", "fastapi", "redis")
+           or (m.startswith("worker.") and not m.startswith(CONTRACT) and m != "worker.engine.errors")]
     assert bad == []
 
 
 def test_api_worker_main_process_and_spec_load_no_torch():
     code = (
-        "import sys, worker.engine.spec\n"
+        "import sys, worker.engine.contract.spec\n"
         "assert 'torch' not in sys.modules\n"
         "import app.main, app.serve, app.cli, worker.celery_app, worker.tasks, worker.reporter\n"
         "app.main.create_app()\n"

@@ -1,4 +1,4 @@
-"""The one job spec (worker/engine/spec.py): the API, the new-job form and the CLI accept the
+"""The one job spec (worker/engine/contract/spec.py): the API, the new-job form and the CLI accept the
 same inputs as the same spec, and refuse the same inputs with the same reasons."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from app.config import Settings
 from app.main import create_app
 from tests.support.paths import REPO
 from worker.engine.cli import build_parser, spec_data
-from worker.engine.spec import JobSpec, field_paths
-from worker.engine.spec_fields import leaf_fields, plain_message
+from worker.engine.contract.spec import JobSpec, field_paths
+from worker.engine.contract.spec_fields import leaf_fields, plain_message
 
 MODEL = "org/name"
 

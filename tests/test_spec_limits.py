@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from app.web import forms
 from tests.support.paths import REPO
 from worker.engine.cli import build_parser, describe, spec_data
-from worker.engine.spec import JobSpec
-from worker.engine.spec_fields import plain_message
+from worker.engine.contract.spec import JobSpec
+from worker.engine.contract.spec_fields import plain_message
 
 MODEL = "org/name"
 

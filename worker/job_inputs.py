@@ -1,6 +1,6 @@
 """What a claimed job runs on, as this server allows it, checked again just before it starts.
 
-The job row stores the spec the API accepted (``worker.engine.spec.JobSpec`` as a dict; one
+The job row stores the spec the API accepted (``worker.engine.contract.spec.JobSpec`` as a dict; one
 written by an older version validates too, missing sections take their defaults). Here it is
 validated, refused when it asks for what the server disallows (trust_remote_code, a path that
 left the allowed directories since it was queued, an upload that vanished, too little free
@@ -23,8 +23,8 @@ from app import crud, db, storage
 from app.config import Settings
 from app.model_links import escaped_file
 from app.paths import PathNotAllowed, resolve_allowed
-from worker.engine.spec import BUILTIN_DATASETS, JobSpec, upload_id
-from worker.engine.spec_fields import first_error
+from worker.engine.contract.spec import BUILTIN_DATASETS, JobSpec, upload_id
+from worker.engine.contract.spec_fields import first_error
 
 
 class Refused(Exception):

@@ -1,7 +1,7 @@
 """A job's memory on the worker: its size checked before calibrating, its process watched while it
 runs, and an out-of-memory kill told apart from any other SIGKILL. No torch here.
 
-- ``check_loaded_model``: the estimate of ``app.services.estimate`` (the API's, before queueing)
+- ``check_loaded_model``: the estimate of ``worker.engine.contract.estimate`` (the API's, before queueing)
   again with what the worker knows once the model is loaded: its config, exact parameter count,
   working dtype, device and seqlen. Too large: ``Refused`` (failed, not retried).
 - ``MemoryWatch`` (run by the heartbeat thread, ``worker.liveness``): the task process's resident
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from app.services.estimate import GB, JobSize, estimate, estimate_method
+from worker.engine.contract.estimate import GB, JobSize, estimate, estimate_method
 from worker.job_inputs import Refused
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED
 from app.queue import RUN_JOB_TASK
 from worker.celery_app import celery_app
 from worker.failures import describe_failure, is_cancel, is_expected, late_cancel
-from worker.engine.report import Report
+from worker.engine.contract.report import Report
 from worker.job_inputs import job_inputs
 from worker.liveness import Liveness
 from worker.memory import (

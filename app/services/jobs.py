@@ -28,7 +28,7 @@ from app.queue import enqueue_job
 from app.services.routing import consumed, listing
 from app.services.specs import SpecError, check_spec
 from app.workers import live_workers
-from worker.engine.spec import JobSpec
+from worker.engine.contract.spec import JobSpec
 
 log = logging.getLogger(__name__)
 

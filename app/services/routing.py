@@ -15,7 +15,7 @@
 
 The GPU estimate is the part of the engine's memory estimate that sits on the GPU: the block in
 flight (its weights, the largest Hessians and the solve) plus the calibration or evaluation
-activations (app/services/estimate.py; the weights of the whole model stay in host memory).
+activations (worker/engine/contract/estimate.py; the weights of the whole model stay in host memory).
 The queue chosen is kept in the stored spec (``resources.queue``), so the sweeper's requeues
 and re-sends go to the same place.
 """
@@ -29,7 +29,7 @@ import redis
 
 from app.config import Settings
 from app.routing_tiers import TIERS, plain_queue, tier_queue
-from app.services.estimate import GB, Estimate
+from worker.engine.contract.estimate import GB, Estimate
 from app.workers import live_workers
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """The job spec checked against the server: its caps, allowed directories and uploads (the spec
-itself, ``worker.engine.spec.JobSpec``, checks everything that needs no server state)."""
+itself, ``worker.engine.contract.spec.JobSpec``, checks everything that needs no server state)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from app import crud
 from app.config import Settings
 from app.model_links import escaped_file
 from app.paths import PathNotAllowed, resolve_allowed
-from app.services.estimate import Estimate, JobSize, estimate, estimate_method, hub_config, local_config
+from app.services.model_config import hub_config, local_config
+from worker.engine.contract.estimate import Estimate, JobSize, estimate, estimate_method
 from app.services.routing import choose_queue
-from worker.engine.hub import dataset_unavailable, model_unavailable
-from worker.engine.spec import BUILTIN_DATASETS, JobSpec, stored_dtype, upload_id, working_dtype
-from worker.engine.spec_quant import group_size_message
+from worker.engine.contract.hub import dataset_unavailable, model_unavailable
+from worker.engine.contract.spec import BUILTIN_DATASETS, JobSpec, stored_dtype, upload_id, working_dtype
+from worker.engine.contract.spec_quant import group_size_message
 
 DEFAULT_SEQLEN = 2048  # what the engine uses when the spec has none (or the model's context, if shorter)
 
@@ -185,7 +186,7 @@ def _text_bytes(name: str, stored: str, session: Session) -> int | None:
 
 
 def job_dtype(spec_dtype: str, worker_device: str, config: dict[str, Any] | None = None) -> tuple[str, str]:
-    """(working dtype, device kind) as the API guesses the worker's (worker.engine.spec.working_dtype:
+    """(working dtype, device kind) as the API guesses the worker's (worker.engine.contract.spec.working_dtype:
     ``auto`` is the checkpoint's fp16/bf16 on CUDA, else fp16, and fp32 on the CPU); a worker
     device of ``auto`` is taken for a GPU (the smaller estimate: the worker checks again with what
     it has)."""

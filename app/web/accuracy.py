@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from worker.engine.report import Report, ZeroShot
+from worker.engine.contract.report import Report, ZeroShot
 
 
 def _number(value: Any) -> float | None:

@@ -20,7 +20,7 @@ from app.services.specs import SpecError
 from app.web import csrf, forms
 from app.web.pages import form_page
 from app.web.render import csrf_refused, current_user, error_page, open_session, parse_job_id
-from worker.engine.spec import JobSpec
+from worker.engine.contract.spec import JobSpec
 
 router = APIRouter(include_in_schema=False)
 

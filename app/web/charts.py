@@ -7,7 +7,7 @@ import math
 
 from markupsafe import Markup, escape
 
-from worker.engine.report import Profile
+from worker.engine.contract.report import Profile
 
 PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563")
 _W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 640, 240, 56, 16, 28, 36

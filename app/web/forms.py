@@ -1,6 +1,6 @@
 """The new-job form <-> the job spec, without a server (tests/dashboard/test_form_mapping.py).
 
-Every field of ``worker.engine.spec.JobSpec`` that has a form name (``UI(form=...)``, listed by
+Every field of ``worker.engine.contract.spec.JobSpec`` that has a form name (``UI(form=...)``, listed by
 ``leaf_fields()``) maps by itself, by its path in the spec and its kind: a checkbox for a bool,
 comma-separated text for a list, text for the rest. A new spec field therefore needs a change
 in the spec module, an input in templates/new_job.html and a test, nothing here.
@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from worker.engine.spec import (
+from worker.engine.contract.spec import (
     BUILTIN_DATASETS,
     CalibrationSpec,
     EvaluationSpec,
@@ -29,7 +29,7 @@ from worker.engine.spec import (
     set_path,
     upload_id,
 )
-from worker.engine.spec_fields import Leaf, error_path, leaf_fields, plain_message
+from worker.engine.contract.spec_fields import Leaf, error_path, leaf_fields, plain_message
 
 LEAVES: tuple[Leaf, ...] = tuple(leaf for leaf in leaf_fields() if leaf.ui.form)
 CHOICES: dict[str, tuple[str, ...]] = {leaf.ui.form: leaf.choices for leaf in LEAVES if leaf.choices}

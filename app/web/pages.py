@@ -23,9 +23,9 @@ from app.web.charts import bar_chart, line_chart, profile_chart
 from app.web.filters import fmt_bytes, fmt_duration, fmt_secs, progress_view
 from app.web.queue_view import history, standings
 from app.web.render import current_user, error_page, open_session, parse_job_id, render
-from worker.engine.report import Report, facts
-from worker.engine.hub import dataset_unavailable
-from worker.engine.spec import BUILTIN_DATASETS, JobSpec
+from worker.engine.contract.report import Report, facts
+from worker.engine.contract.hub import dataset_unavailable
+from worker.engine.contract.spec import BUILTIN_DATASETS, JobSpec
 
 router = APIRouter(include_in_schema=False)
 PAGE_SIZE = 20

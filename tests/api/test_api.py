@@ -144,7 +144,7 @@ def test_openapi_and_docs(client):
 def test_the_result_schema_is_the_engines_report(client):
     """A job's ``result`` is typed in OpenAPI by the report module alone: every field of the report and
     of each of its parts is listed (a field added there is here with no other edit)."""
-    from worker.engine import report
+    from worker.engine.contract import report
 
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     assert {"$ref": "#/components/schemas/Report"} in schemas["JobOut"]["properties"]["result"]["anyOf"]

@@ -1,5 +1,5 @@
 """A Hub model's config.json, read before a job is queued for its memory estimate
-(``app.services.estimate.hub_config``, called in the API's request threads): one bounded GET, at
+(``worker.engine.contract.estimate.hub_config``, called in the API's request threads): one bounded GET, at
 most ``HUB_MAX_FETCHES`` at once, never longer than its deadline, at most 4 MB, cached.
 
 huggingface_hub's download retried a timed-out request with 60 s timeouts (390 s for one job's
@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from app.services import estimate as est
+from app.services import model_config as est
 
 CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
           "num_attention_heads": 4, "vocab_size": 1000}

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.services.estimate import JobSize, estimate
+from worker.engine.contract.estimate import JobSize, estimate
 from tests.support.processes import base_env, free_port, serve_api
 
 LLAMA_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
@@ -174,7 +174,7 @@ def test_the_mapped_estimate_counts_what_lies_outside_the_blocks():
     ("auto", "cuda", "float32", "float16"), ("auto", "cuda", None, "float16"),
     ("auto", "cpu", "bfloat16", "float32"), ("bfloat16", "cpu", "float16", "bfloat16")])
 def test_dtype_auto_follows_the_checkpoint_on_a_gpu(spec_dtype, device, stored, expected):
-    from worker.engine.spec import stored_dtype, working_dtype
+    from worker.engine.contract.spec import stored_dtype, working_dtype
 
     assert working_dtype(spec_dtype, device, stored) == expected
     assert stored_dtype({"torch_dtype": stored}) == stored and stored_dtype({"dtype": stored}) == stored
@@ -203,7 +203,7 @@ def test_the_estimate_counts_the_weights_transformers_builds(family):
         model = transformers.AutoModelForCausalLM.from_config(config)
     built = sum(p.numel() for n, p in model.named_parameters()
                 if p.dim() >= 2 and not n.endswith(("mlp.gate.weight", "shared_expert_gate.weight", "router.weight")))
-    from app.services.estimate import ModelShape
+    from worker.engine.contract.estimate import ModelShape
 
     assert ModelShape.from_config(config.to_dict()).params == built
 

@@ -15,7 +15,7 @@ import pytest
 from tests.support.processes import read_sse
 
 from tests.support.stacks import SMALL
-from worker.engine.report import Report
+from worker.engine.contract.report import Report
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def test_job_end_to_end(service, models_dir, uploaded, tmp_path):
     assert job["status"] == "succeeded" and job["attempt"] == 1 and job["error"] is None
     assert job["started_at"] and job["finished_at"] and job["finished_at"] >= job["started_at"]
     assert job["result"]["pattern"] == "2:4" and job["result"]["sparsity"] == pytest.approx(0.5, abs=0.01)
-    # the worker stores the whole report (worker.engine.report), each path named as the user named it
+    # the worker stores the whole report (worker.engine.contract.report), each path named as the user named it
     assert set(job["result"]) == {f.alias or n for n, f in Report.model_fields.items()}
     assert list(job["result"]["perplexity"]) == [uploaded] and job["result"]["output"] == f"sparsegpt-job-{job_id}"
     [metric] = job["metrics"]

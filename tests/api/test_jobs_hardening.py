@@ -89,7 +89,7 @@ def test_a_replay_of_a_job_still_being_queued_waits(make_stack, redis_server, mo
     that could vanish; once the message is out, the replay is the job."""
     from app import auth, crud, db
     from app.services.jobs import spec_digest
-    from worker.engine.spec import JobSpec
+    from worker.engine.contract.spec import JobSpec
 
     stack = make_stack(redis_server.url)
     stack.start_api()

@@ -19,7 +19,7 @@ from app.config import Settings
 from app.main import create_app
 from app.models import Job
 from tests.support.paths import REPO
-from worker.engine.spec_quant import FP8_GROUP, WITH_EXACT, group_size_message
+from worker.engine.contract.spec_quant import FP8_GROUP, WITH_EXACT, group_size_message
 
 
 @pytest.fixture()

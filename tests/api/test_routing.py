@@ -11,7 +11,7 @@ import time
 import pytest
 
 from app.config import Settings
-from app.services.estimate import JobSize, estimate
+from worker.engine.contract.estimate import JobSize, estimate
 from app.services.routing import choose_queue, gpu_need_gb
 
 # A LLaMA-shaped config of 2 blocks at 70B's width: what the API estimates from (no weights).

@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from app.serve import RateLimitedFilter
+from app.log_limits import RateLimitedFilter
 from tests.support.paths import REPO
 from tests.support.processes import Proc, base_env, free_port, wait_for_health
 

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.main import create_app
 from tests.support.stacks import SMALL
-from worker.engine import hub
+from worker.engine.contract import hub
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.card import accuracies, card_data, hub_id, model_card, reproduce_command
 from worker.engine.cli import build_parser, spec_data
 from worker.engine.pipeline import RunOptions, run_job
-from worker.engine.spec import JobSpec
+from worker.engine.contract.spec import JobSpec
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from huggingface_hub import ModelCard, metadata_load
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.card import base_license, model_card, pattern_tag, quantization_scheme
 from worker.engine.pipeline import RunOptions, run
-from worker.engine.report import Report
-from worker.engine.spec import JobSpec
+from worker.engine.contract.report import Report
+from worker.engine.contract.spec import JobSpec
 
 REPO = Path(__file__).resolve().parents[2]
 SPARSEGPT = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]

@@ -15,7 +15,7 @@ import transformers
 from tests.engine.test_cli import prune
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.calibration import evaluation_windows
-from worker.engine.spec_quant import ACTORDER_NM, FP8_GROUP, NO_SCHEME, WITH_REFIT
+from worker.engine.contract.spec_quant import ACTORDER_NM, FP8_GROUP, NO_SCHEME, WITH_REFIT
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from tests.support.tiny_families import FAMILIES, SKIP, VOCAB, tiny_config, tiny
 from worker.engine.architectures import LayerSelection, adapter_for
 from worker.engine.coverage import block_weights, check_prunable, coverage
 from worker.engine.errors import InvalidJob
-from worker.engine.patterns import SparsityPattern
+from worker.engine.contract.patterns import SparsityPattern
 from worker.engine.progress import Tracker
 from worker.engine.sequential import SolverSettings, prune_sequential
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from worker.engine.architectures import adapter_for, prunable_linears
 from worker.engine.export_ct import save_compressed_from_dense
-from worker.engine.patterns import SparsityPattern
+from worker.engine.contract.patterns import SparsityPattern
 from worker.engine.quant import Quantization, QuantizedWeight
 from worker.engine.sparsegpt import Hessian, sparsegpt_prune
 

@@ -15,7 +15,7 @@ from worker.engine.architectures import adapter_for, prunable_linears, weight_ma
 from worker.engine.calibration import evaluation_windows
 from worker.engine.errors import InvalidJob, JobCancelled
 from worker.engine.pipeline import RunOptions, run_job
-from worker.engine.spec import JobSpec
+from worker.engine.contract.spec import JobSpec
 
 
 @pytest.fixture(scope="module")

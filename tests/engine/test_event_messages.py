@@ -9,7 +9,7 @@ import pytest
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.pipeline import RunOptions, run
 from worker.engine.progress import plain_message
-from worker.engine.spec import JobSpec
+from worker.engine.contract.spec import JobSpec
 from worker.reporter import without_paths
 
 

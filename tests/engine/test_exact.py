@@ -20,10 +20,10 @@ from benchmarks import reference_sparsegpt as reference
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.architectures import adapter_for, prunable_linears, weight_matrix
 from worker.engine.errors import InvalidJob
-from worker.engine.patterns import parse_sparsity
+from worker.engine.contract.patterns import parse_sparsity
 from worker.engine.pipeline import RunOptions, run_job
 from worker.engine.reference import RunningHessian, reference_prune_shared
-from worker.engine.spec import JobSpec
+from worker.engine.contract.spec import JobSpec
 
 
 NSAMPLES, SEQLEN, BLOCKSIZE = 8, 64, 32  # hidden 64, MLP 128: two and four column blocks

@@ -23,7 +23,7 @@ from tests.support.tiny_families import tiny_family_model
 from tests.support.tiny_models import make_tiny_model
 from worker.engine.architectures import adapter_for, prunable_linears
 from worker.engine.export_ct import save_compressed, save_compressed_from_dense
-from worker.engine.patterns import parse_sparsity
+from worker.engine.contract.patterns import parse_sparsity
 from worker.engine.quant import Quantization, QuantizedWeight
 from worker.engine.sparsegpt import Hessian, sparsegpt_prune
 

@@ -161,7 +161,7 @@ def test_a_jobs_failure_reason_says_what_to_do_in_seconds(make_stack, module_red
 def test_hub_warnings_print_once():
     """huggingface_hub's own handler and the root logger's printed each warning twice."""
     code = ("import logging, sys; logging.basicConfig(format='%(levelname)s %(name)s: %(message)s'); "
-            "from huggingface_hub.utils import logging as hub_logging; from worker.engine import hub; "
+            "from huggingface_hub.utils import logging as hub_logging; from worker.engine.contract import hub; "
             "hub.one_copy_of_hub_logs() if sys.argv[1] == 'fixed' else None; "
             "hub_logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].')")
     counts = {}

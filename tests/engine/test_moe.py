@@ -18,10 +18,10 @@ from torch.testing import assert_close
 from tests.support.tiny_models import MOE_ARCHS, make_tiny_model, sample_text
 from worker.engine.calibration import calibration_windows
 from worker.engine.moe import ExpertCollector, MoeSettings, expert_matrix, fused_experts
-from worker.engine.patterns import parse_sparsity
+from worker.engine.contract.patterns import parse_sparsity
 from worker.engine.pipeline import RunOptions, run_job
 from worker.engine.sparsegpt import Hessian, sparsegpt_prune_shared
-from worker.engine.spec import JobSpec
+from worker.engine.contract.spec import JobSpec
 
 DEVICE = os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu")
 NSAMPLES, SEQLEN = 8, 32

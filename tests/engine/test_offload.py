@@ -11,7 +11,7 @@ import torch
 from tests.support.tiny_models import make_tiny_model
 from worker.engine.architectures import LayerSelection, adapter_for
 from worker.engine.checkpoint import load_model
-from worker.engine.patterns import parse_sparsity
+from worker.engine.contract.patterns import parse_sparsity
 from worker.engine.progress import Tracker
 from worker.engine.resume import Checkpoints
 from worker.engine.sequential import SolverSettings, perplexity, prune_sequential

@@ -16,7 +16,7 @@ from worker.engine.cli import build_parser, main, spec_data, summary
 from worker.engine.errors import InvalidJob
 from worker.engine.owl import owl_targets
 from worker.engine.pipeline import RunOptions, run_job
-from worker.engine.spec import JobSpec
+from worker.engine.contract.spec import JobSpec
 
 BLOCKS, PLANTED = 4, 3
 DEVICE = os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu")  # as tests/engine/test_driver.py

@@ -10,7 +10,7 @@ from compressed_tensors.quantization.lifecycle.forward import fake_quantize, qua
 from compressed_tensors.quantization.utils.helpers import calculate_qparams
 from torch.testing import assert_close
 
-from worker.engine.patterns import SparsityPattern, parse_sparsity
+from worker.engine.contract.patterns import SparsityPattern, parse_sparsity
 from worker.engine.quant import Quantization, round_to_nearest
 from worker.engine.sparsegpt import Hessian, sparsegpt_prune, sparsegpt_prune_shared
 

@@ -14,8 +14,8 @@ from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.calibration import evaluation_windows
 from worker.engine.errors import InvalidJob
 from worker.engine.pipeline import RunOptions, run
-from worker.engine.spec import JobSpec
-from worker.engine.spec_quant import group_size_message
+from worker.engine.contract.spec import JobSpec
+from worker.engine.contract.spec_quant import group_size_message
 
 
 @pytest.fixture(scope="module")

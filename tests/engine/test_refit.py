@@ -23,12 +23,12 @@ from worker.engine.methods.magnitude import magnitude_prune
 from worker.engine.methods.wanda import wanda_prune
 from worker.engine.calibration import calibration_windows
 from worker.engine.cli import summary
-from worker.engine.patterns import parse_sparsity
+from worker.engine.contract.patterns import parse_sparsity
 from worker.engine.pipeline import RunOptions, run_job
 from worker.engine.refit import REFITS, refit_shared
 from worker.engine.sequential import HessianCollector, capture_block_inputs, run_block
 from worker.engine.sparsegpt import sparsegpt_prune_shared
-from worker.engine.spec import JobSpec
+from worker.engine.contract.spec import JobSpec
 
 DEVICE = os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu")  # as tests/engine/test_driver.py
 PATTERNS = ["0.5", "2:4", "4:8", "0.7"]
@@ -259,7 +259,7 @@ def test_a_bad_refit_is_refused_with_one_reason_everywhere(client, args, body, f
     result = cli(*args)
     assert result.returncode == 2 and result.stderr.count("error:") == 1 and reason in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) <= 2  # usage line + the one error line, no traceback
-    from worker.engine.spec_fields import plain_message
+    from worker.engine.contract.spec_fields import plain_message
 
     api = client.post("/api/v1/jobs", json={"model": "org/name", "sparsity": 0.5, **body})
     assert api.status_code == 422 and [reason in plain_message(e) for e in api.json()["detail"]] == [True], api.text

@@ -1,4 +1,4 @@
-"""The typed report (worker.engine.report): the engine sets every field of it and names each path as
+"""The typed report (worker.engine.contract.report): the engine sets every field of it and names each path as
 its labels say, an old report and an old stored result load as before, and a field added to the
 report reaches the card, the page's facts and the API's schema with no edit outside the report module."""
 
@@ -17,8 +17,8 @@ from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.card import model_card
 from worker.engine.cli import summary
 from worker.engine.pipeline import RunOptions, run
-from worker.engine.report import Report, Timings, facts, shown
-from worker.engine.spec import JobSpec
+from worker.engine.contract.report import Report, Timings, facts, shown
+from worker.engine.contract.spec import JobSpec
 
 OLD_REPORT = Path(__file__).parent / "data" / "report_before_typing.json"  # written by the code before this module
 # What a job row's result held before the worker stored the whole report (its hand-kept key list).

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from worker.engine.methods.magnitude import magnitude_prune
 from worker.engine.methods.wanda import wanda_prune
-from worker.engine.patterns import parse_sparsity
+from worker.engine.contract.patterns import parse_sparsity
 from worker.engine.sparsegpt import Hessian, inverse_hessian_factor, sparsegpt_prune, sparsegpt_prune_shared
 
 

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from tests.support.paths import REPO
 from tests.support.tiny_models import make_tiny_model, sample_text
 from tests.support.zeroshot import TASK, accuracy, direct_picks, rows_right_on, weigh_blocks, write_choice_task
-from worker.engine.spec import JobSpec
+from worker.engine.contract.spec import JobSpec
 
 SPARSEGPT = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

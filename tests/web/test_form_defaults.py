@@ -15,7 +15,7 @@ from app.config import Settings
 from app.main import create_app
 from app.models import ModuleResult, utcnow
 from app.web.forms import FORM_DEFAULTS, HELP
-from worker.engine.spec_fields import leaf_fields
+from worker.engine.contract.spec_fields import leaf_fields
 
 
 @pytest.fixture()

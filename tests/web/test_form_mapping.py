@@ -8,8 +8,8 @@ from pydantic import ValidationError
 from app.web.charts import line_chart
 from app.web.forms import FORM_DEFAULTS, HELP, OPTIONAL_SECTIONS, field_errors, form_from_spec, form_values, spec_body, split_list
 from app.web.pages import flatten
-from worker.engine.spec import JobSpec, get_path
-from worker.engine.spec_fields import leaf_fields
+from worker.engine.contract.spec import JobSpec, get_path
+from worker.engine.contract.spec_fields import leaf_fields
 
 
 def test_defaults_are_the_specs_defaults():

@@ -106,7 +106,7 @@ def test_local_paths_are_absolute_and_resolved_under_the_allowed_directories(tmp
         job_inputs({**spec, "model": str(allowed / "link")}, settings)
     from pydantic import ValidationError
 
-    from worker.engine.spec import JobSpec
+    from worker.engine.contract.spec import JobSpec
 
     for relative in ("./models/llama", "../models/llama", "~/models/llama"):
         with pytest.raises(ValidationError, match="absolute path"):

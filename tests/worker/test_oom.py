@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from app.services.estimate import JobSize, estimate
+from worker.engine.contract.estimate import JobSize, estimate
 from tests.support.stacks import job_body
 from worker.memory import OomCounters, memory_limit, oom_counters, oom_evidence, oom_reason, process_memory
 

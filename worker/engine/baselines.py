@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine.method_table import MethodInfo
-from worker.engine.patterns import SparsityPattern
+from worker.engine.contract.method_table import MethodInfo
+from worker.engine.contract.patterns import SparsityPattern
 from worker.engine.sparsegpt import relative_error
 
 # (W (rows, cols) fp32, diag(H) (cols,) or None) -> score (rows, cols); diag(H) = (2/n) ||X_j||^2

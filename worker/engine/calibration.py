@@ -44,7 +44,7 @@ def _load_dataset(label: str, *args, **kwargs):
 def check_hub(*names: str) -> None:
     """Fail at once, with what to do, when a built-in set is needed and the Hub cannot be reached
     (else a minute of hidden retries comes before the same failure)."""
-    from worker.engine import hub
+    from worker.engine.contract import hub
 
     named = [n for n in names if is_named(n)]
     if not named or hub.offline() or os.environ.get("HF_DATASETS_OFFLINE") == "1":

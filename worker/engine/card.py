@@ -3,7 +3,7 @@
 when its card or config says it, tags for the method, pattern and quantization, the perplexity and
 any zero-shot accuracy as ``model-index``), then what was done and how to do it again.
 
-No torch here; it reads the typed report (``worker.engine.report``; a report file's dict is read as
+No torch here; it reads the typed report (``worker.engine.contract.report``; a report file's dict is read as
 one), leaving out the sections a report lacks, and lists the report's fields marked for the card.
 The card names no path of the machine that ran the job: a local model is ``./<its directory name>``,
 a data file its file name (an upload: ``upload-<sha256 prefix>.txt``, its whole sha256 beside), and
@@ -26,9 +26,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load,
 from pydantic import BaseModel
 
 from worker.engine.quant_text import card_section
-from worker.engine.report import Calibration, Report, Solver, as_report, facts
-from worker.engine.spec import BUILTIN_DATASETS, upload_id
-from worker.engine.spec_fields import leaf_fields
+from worker.engine.contract.report import Calibration, Report, Solver, as_report, facts
+from worker.engine.contract.spec import BUILTIN_DATASETS, upload_id
+from worker.engine.contract.spec_fields import leaf_fields
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DATASET_TYPES = {"wikitext2": "wikitext", "c4": "allenai/c4", "ptb": "ptb_text_only"}

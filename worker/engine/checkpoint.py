@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from worker.engine import hub
+from worker.engine.contract import hub
 from worker.engine.card import model_card
 from worker.engine.errors import InvalidJob, ModelNotFound
 from worker.engine.offload import file_backed
-from worker.engine.spec import stored_dtype, working_dtype
+from worker.engine.contract.spec import stored_dtype, working_dtype
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -42,7 +42,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device, stored: str | None = None) -> torch.dtype:
-    """The working dtype (worker.engine.spec.working_dtype): 'auto' is the checkpoint's ``stored``
+    """The working dtype (worker.engine.contract.spec.working_dtype): 'auto' is the checkpoint's ``stored``
     float16/bfloat16 on CUDA, else fp16 (as the reference); fp32 on the CPU."""
     if name == "auto":
         return DTYPES[working_dtype("auto", device.type, stored)]

@@ -1,6 +1,6 @@
 """``sparsegpt prune MODEL``: the engine alone, from the command line.
 
-The job's flags are built from the job spec (``worker.engine.spec``): each spec field with a CLI
+The job's flags are built from the job spec (``worker.engine.contract.spec``): each spec field with a CLI
 flag becomes one, with the spec's default and description, and the arguments are checked by the
 spec itself, before torch is imported, so a bad argument is refused at once with the same reason
 the API and the form give. Bad input ends with one line on stderr and exit code 2; Ctrl-C with 130.
@@ -20,10 +20,10 @@ from pydantic import ValidationError
 
 from worker.engine.coverage_text import coverage_lines, sparsity_headline
 from worker.engine.quant_text import quantization_lines
-from worker.engine.report import Refit, Report, ZeroShot, as_report
-from worker.engine.spec import BUILTIN_DATASETS, METHODS, JobSpec, set_path
-from worker.engine.spec_fields import Leaf, error_path, leaf_fields, plain_message
-from worker.engine.spec_quant import FORMATS
+from worker.engine.contract.report import Refit, Report, ZeroShot, as_report
+from worker.engine.contract.spec import BUILTIN_DATASETS, METHODS, JobSpec, set_path
+from worker.engine.contract.spec_fields import Leaf, error_path, leaf_fields, plain_message
+from worker.engine.contract.spec_quant import FORMATS
 
 EXIT_USAGE = 2
 PROG = "sparsegpt prune"
@@ -199,7 +199,7 @@ def path_problem(spec: JobSpec, args: argparse.Namespace) -> str | None:
 
 
 def _run(spec: JobSpec, args: argparse.Namespace) -> int:
-    from worker.engine import hub
+    from worker.engine.contract import hub
 
     names = [spec.calibration.dataset, *spec.evaluation.datasets]
     if not hub.offline() and (not Path(spec.model).is_absolute() or any(n in BUILTIN_DATASETS for n in names)):

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from worker.engine.method_table import method_info
+from worker.engine.contract.method_table import method_info
 from worker.engine.methods import prune_layers
 
 MATRICES = ("gate_up_proj", "up_proj", "down_proj")

@@ -2,8 +2,8 @@
 dense model, prune, evaluate, save.
 
 ``run_job(spec, RunOptions(...), on_progress=..., should_cancel=...)`` is what the CLI and the
-Celery worker call; ``spec`` is the job spec (``worker.engine.spec.JobSpec``) with its datasets
-resolved to built-in names or file paths. ``run`` returns the report (``worker.engine.report.Report``),
+Celery worker call; ``spec`` is the job spec (``worker.engine.contract.spec.JobSpec``) with its datasets
+resolved to built-in names or file paths. ``run`` returns the report (``worker.engine.contract.report.Report``),
 ``run_job`` its JSON form (a dict, as the report file holds it). The report names each path the
 run read or wrote as ``RunOptions.labels`` names it (the worker: ``upload:3``, the model as the user
 gave it, the archive's name), so it and the model card are written once, with the user's names.
@@ -40,10 +40,10 @@ from worker.engine.quantized_job import (
     writers,
 )
 from worker.engine.refit import refit_summary
-from worker.engine.report import Environment, Report, Timings
+from worker.engine.contract.report import Environment, Report, Timings
 from worker.engine.resume import Checkpoints, fingerprint
 from worker.engine.sequential import LayerResult, SolverSettings, perplexity, prune_sequential
-from worker.engine.spec import JobSpec, upload_id
+from worker.engine.contract.spec import JobSpec, upload_id
 from worker.engine.zeroshot import ZeroShot
 
 DEFAULT_SEQLEN = 2048  # the reference's; capped by the model's context

@@ -2,12 +2,12 @@
 
 What grid, how it was applied, how many layers (experts among them) were quantized, which stayed in
 float and why, and each saved format's bytes beside the dense model's size in fp16. No torch here:
-it reads the typed report (``worker.engine.report``).
+it reads the typed report (``worker.engine.contract.report``).
 """
 
 from __future__ import annotations
 
-from worker.engine.report import QuantizationPart
+from worker.engine.contract.report import QuantizationPart
 
 HOW = {"in-solve": "inside the SparseGPT solve (the pruned and the kept weights' errors compensated together)",
        "round-to-nearest": "round-to-nearest on the grid after the prune (and the refit, if any), the mask kept"}

@@ -15,11 +15,11 @@ from torch import nn
 
 from worker.engine.architectures import prunable_linears
 from worker.engine.errors import InvalidJob
-from worker.engine.method_table import method_info
+from worker.engine.contract.method_table import method_info
 from worker.engine.moe import quantization_refusal
 from worker.engine.quant import Quantization, QuantizedWeight
-from worker.engine.report import FormatSize, QuantizationPart, Report
-from worker.engine.spec_quant import FORMATS, group_size_message
+from worker.engine.contract.report import FormatSize, QuantizationPart, Report
+from worker.engine.contract.spec_quant import FORMATS, group_size_message
 
 COMPRESSED, DENSE = FORMATS
 

@@ -23,7 +23,7 @@ from functools import partial
 
 import torch
 
-from worker.engine.patterns import SparsityPattern
+from worker.engine.contract.patterns import SparsityPattern
 from worker.engine.quant import Quantization
 from worker.engine.sparsegpt import LayerStack, PruneResult, block_column_loop, dampened_factor, solve
 

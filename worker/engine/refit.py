@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.engine.patterns import SparsityPattern
+from worker.engine.contract.patterns import SparsityPattern
 
 REFITS = ("none", "reconstruct", "swap+reconstruct")
 CG_ITERATIONS = 32  # conjugate-gradient steps (stops earlier once every row's residual fell 1e-6x)

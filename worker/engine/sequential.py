@@ -32,11 +32,11 @@ from worker.engine.architectures import (
     weight_matrix,
 )
 from worker.engine.attention_kinds import capture_kind_kwargs
-from worker.engine.method_table import method_info
+from worker.engine.contract.method_table import method_info
 from worker.engine.methods import prune_layers
 from worker.engine.methods.sparsegpt import sparsegpt_arithmetic
 from worker.engine.moe import ExpertCollector, MoeSettings, fused_experts, prune_experts
-from worker.engine.patterns import SparsityPattern
+from worker.engine.contract.patterns import SparsityPattern
 from worker.engine.progress import Tracker
 from worker.engine.quant import Quantization, QuantizedWeight, restore_quantized, save_quantized
 from worker.engine.reference import RunningHessian
@@ -67,7 +67,7 @@ class LayerResult:
 
 @dataclass
 class SolverSettings:
-    method: str  # a name of worker.engine.method_table
+    method: str  # a name of worker.engine.contract.method_table
     pattern: SparsityPattern
     blocksize: int = 128
     percdamp: float = 0.01

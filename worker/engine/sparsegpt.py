@@ -22,7 +22,7 @@ from functools import partial
 
 import torch
 
-from worker.engine.patterns import SparsityPattern
+from worker.engine.contract.patterns import SparsityPattern
 from worker.engine.quant import Quantization, QuantizedWeight, Quantizer, SolveGrids
 
 log = logging.getLogger(__name__)

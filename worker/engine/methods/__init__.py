@@ -1,6 +1,6 @@
 """The pruning methods' registry: one object per method, one module per method.
 
-Each name of ``worker.engine.method_table.METHOD_TABLE`` (what the method needs and allows, torch
+Each name of ``worker.engine.contract.method_table.METHOD_TABLE`` (what the method needs and allows, torch
 free) is a module here whose ``METHOD`` has that table row as ``info`` and one prune function,
 
     METHOD.prune(dense, H, solver, prune_shared) -> (pruned fp32 weights, fits)
@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from worker.engine.method_table import METHOD_TABLE, MethodInfo
+from worker.engine.contract.method_table import METHOD_TABLE, MethodInfo
 from worker.engine.quant import QuantizedWeight, round_to_nearest
 from worker.engine.refit import refit_layers
 from worker.engine.sparsegpt import relative_error

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from worker.engine.baselines import ScoreMethod, prune_lowest
-from worker.engine.method_table import method_info
-from worker.engine.patterns import SparsityPattern
+from worker.engine.contract.method_table import method_info
+from worker.engine.contract.patterns import SparsityPattern
 
 
 def magnitude_score(W: torch.Tensor, _diag: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from worker.engine.baselines import ScoreMethod, prune_lowest
-from worker.engine.method_table import method_info
-from worker.engine.patterns import SparsityPattern
+from worker.engine.contract.method_table import method_info
+from worker.engine.contract.patterns import SparsityPattern
 
 A = 0.5  # the exponent of the activation norms (the paper's a)
 PER_ROW = False  # unstructured: the lowest scores of the whole layer (the authors' default)

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from worker.engine.method_table import MethodInfo, method_info
+from worker.engine.contract.method_table import MethodInfo, method_info
 from worker.engine.reference import RunningHessian, reference_prune_shared
 from worker.engine.sparsegpt import Hessian, PruneResult, sparsegpt_prune_shared
 

@@ -79,8 +79,8 @@ def describe_methods() -> str:
 
 def check_solver_options(name: str, solver, pattern, quantization=None) -> None:
     """ValueError unless method ``name`` allows the spec's ``solver`` options (wbits, exact, refit,
-    blocksize: worker.engine.spec.SolverSpec) with its sparsity ``pattern`` (a SparsityPattern) and
-    ``quantization`` (the spec's section or None; its own refusals: worker.engine.spec_quant)."""
+    blocksize: worker.engine.contract.spec.SolverSpec) with its sparsity ``pattern`` (a SparsityPattern) and
+    ``quantization`` (the spec's section or None; its own refusals: worker.engine.contract.spec_quant)."""
     method = method_info(name)
     if solver.wbits is not None and not method.joint_quantization:
         raise ValueError(f"solver.wbits (joint quantization) works with method {names_where('joint_quantization')}")

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from worker.engine.spec import UI, JobSpec
+from worker.engine.contract.spec import UI, JobSpec
 
 # --- walking the spec's fields (the form and the CLI are built from this) ----------------------
 

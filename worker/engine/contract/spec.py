@@ -21,14 +21,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from worker.engine.method_table import DEFAULT_METHOD, METHOD_NAMES, check_solver_options, describe_methods, method_info
-from worker.engine.patterns import SparsityPattern, parse_profile, parse_sparsity
-from worker.engine.spec_dtypes import DTYPES, stored_dtype, working_dtype  # noqa: F401 (the spec's vocabulary)
-from worker.engine.spec_paths import field_paths, get_path, set_path  # noqa: F401 (re-exported)
-from worker.engine.spec_quant import check_quantization, empty_as_none, quantization_spec
+from worker.engine.contract.method_table import DEFAULT_METHOD, METHOD_NAMES, check_solver_options, describe_methods, method_info
+from worker.engine.contract.patterns import SparsityPattern, parse_profile, parse_sparsity
+from worker.engine.contract.spec_dtypes import DTYPES, stored_dtype, working_dtype  # noqa: F401 (the spec's vocabulary)
+from worker.engine.contract.spec_paths import field_paths, get_path, set_path  # noqa: F401 (re-exported)
+from worker.engine.contract.spec_quant import check_quantization, empty_as_none, quantization_spec
 
 BUILTIN_DATASETS = ("c4", "wikitext2", "ptb")
-METHODS = METHOD_NAMES  # (worker.engine.method_table: the one list)
+METHODS = METHOD_NAMES  # (worker.engine.contract.method_table: the one list)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]*$")
@@ -250,7 +250,7 @@ class ResourcesSpec(_Strict):
                                                    "(sparsegpt worker --queue)")] = None
 
 
-QuantizationSpec = quantization_spec(UI)  # worker.engine.spec_quant
+QuantizationSpec = quantization_spec(UI)  # worker.engine.contract.spec_quant
 
 
 class JobSpec(_Strict):
