@@ -70,3 +70,27 @@ def test_the_cli_checks_every_path_before_it_loads_anything(files, args, message
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_on_a_machine_without_the_hub_the_clis_defaults_say_what_to_give(files, tmp_path):
+    """Offline, with an empty Hugging Face cache: the default calibration set (c4) is an error naming
+    --calibration, an --eval wikitext2 the user named is an error, and the default evaluation set is
+    left out with a note (the run goes on and measures no perplexity)."""
+    env = {**ENV, "HF_HUB_CACHE": str(tmp_path / "empty-hub-cache"), "HF_HOME": str(tmp_path / "hf-home")}
+
+    def run(*args):
+        return subprocess.run([*SPARSEGPT, "prune", str(files / "model"), *args, "--nsamples", "4", "--seqlen", "32",
+                               "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+
+    no_calibration = run()
+    assert no_calibration.returncode == 2, no_calibration.stderr
+    assert "no --calibration given, and its default, c4, cannot be loaded here" in no_calibration.stderr
+    named = run("--calibration", str(files / "cal.txt"), "--eval", "wikitext2")
+    assert named.returncode == 2 and "--eval wikitext2: the wikitext2 dataset" in named.stderr, named.stderr
+    report = tmp_path / "report.json"
+    default_eval = run("--calibration", str(files / "cal.txt"), "--report", str(report))
+    assert default_eval.returncode == 0, default_eval.stderr
+    assert "note: no --eval given and its default, wikitext2, cannot be loaded here" in default_eval.stderr
+    import json
+
+    assert json.loads(report.read_text())["perplexity"] in ({}, None)

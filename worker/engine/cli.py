@@ -157,10 +157,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     problem = path_problem(spec, args)
+    if problem is None:
+        spec, problem = builtin_sets_here(spec, args)
     if problem:  # before torch and the model load: a typo costs a second, not a minute
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     return _run(spec, args)
+
+
+def builtin_sets_here(spec: JobSpec, args: argparse.Namespace) -> tuple[JobSpec, str | None]:
+    """The built-in sets this machine cannot load now (offline, or no Hub, and not cached): the
+    default evaluation set is left out with a note; a set the user named, or the default
+    calibration set a method needs, is an error saying what to give instead."""
+    from worker.engine.contract.hub import dataset_unavailable
+
+    cal = spec.calibration.dataset
+    if spec.reads_calibration and cal in BUILTIN_DATASETS and (why := dataset_unavailable(cal)):
+        if hasattr(args, _SPEC + "calibration.dataset"):
+            return spec, f"--calibration {cal}: {why}"
+        return spec, (f"no --calibration given, and its default, {cal}, cannot be loaded here: {why}. "
+                      "Give --calibration FILE (a .txt or .jsonl file)")
+    named = [d for d in spec.evaluation.datasets if d in BUILTIN_DATASETS]
+    missing = {d: why for d in named if (why := dataset_unavailable(d))}
+    if not missing:
+        return spec, None
+    if args.eval_sets:  # named by the user
+        name, why = next(iter(missing.items()))
+        return spec, f"--eval {name}: {why}"
+    print(f"{PROG}: note: no --eval given and its default, {', '.join(missing)}, cannot be loaded here, so no "
+          "perplexity is measured; give --eval FILE for one", file=sys.stderr)
+    kept = [d for d in spec.evaluation.datasets if d not in missing]
+    return spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"datasets": kept})}), None
 
 
 def path_problem(spec: JobSpec, args: argparse.Namespace) -> str | None:
