@@ -23,7 +23,9 @@ def artifact_name(job_id: int) -> str:
 
 
 def _members(root: Path) -> list[Path]:
-    return sorted((p for p in root.rglob("*") if p.is_file() and not p.is_symlink()), key=lambda p: p.relative_to(root).as_posix())
+    return sorted(
+        (p for p in root.rglob("*") if p.is_file() and not p.is_symlink()), key=lambda p: p.relative_to(root).as_posix()
+    )
 
 
 def _header(name: str, size: int, mtime: int) -> bytes:
@@ -93,8 +95,14 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     if unit.strip().lower() != "bytes" or "," in spec:
         return None
     first, dash, last = spec.strip().partition("-")
-    if not dash or not (first.isdigit() or last.isdigit()) or (first and not first.isdigit()) \
-            or (last and not last.isdigit()) or len(first) > 20 or len(last) > 20:
+    if (
+        not dash
+        or not (first.isdigit() or last.isdigit())
+        or (first and not first.isdigit())
+        or (last and not last.isdigit())
+        or len(first) > 20
+        or len(last) > 20
+    ):
         return None
     if not first:  # bytes=-N: the last N bytes
         n = int(last)

@@ -87,7 +87,9 @@ def _wants_page(request: Request) -> bool:
 def unauthorized(request: Request, reason: str) -> HTTPException:
     if _wants_page(request) and not request.headers.get("authorization"):
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        return HTTPException(status.HTTP_303_SEE_OTHER, detail=reason, headers={"Location": f"/login?next={quote(target, safe='/')}"})
+        return HTTPException(
+            status.HTTP_303_SEE_OTHER, detail=reason, headers={"Location": f"/login?next={quote(target, safe='/')}"}
+        )
     headers = {"WWW-Authenticate": 'Bearer realm="sparsegpt"'}
     if request.headers.get("hx-request"):
         headers["HX-Redirect"] = "/login"
@@ -124,15 +126,17 @@ def resolve_user(request: Request) -> CurrentUser | None:
         if scheme.lower() != "bearer" or not token.strip():
             raise unauthorized(request, "the Authorization header must be: Bearer <token>")
         token = token.strip()
-        current = auth_cache.remembered(settings.database, "token", hash_token(token),
-                                        lambda: _token_user(sessions, token))
+        current = auth_cache.remembered(
+            settings.database, "token", hash_token(token), lambda: _token_user(sessions, token)
+        )
         if current is None:
             raise unauthorized(request, "the API token is not valid (ask an admin for one: sparsegpt users add NAME)")
         return current
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
-        current = auth_cache.remembered(settings.database, "cookie", cookie,
-                                        lambda: _cookie_user(sessions, settings, cookie))
+        current = auth_cache.remembered(
+            settings.database, "cookie", cookie, lambda: _cookie_user(sessions, settings, cookie)
+        )
         if current is not None:
             return current
     if not auth_required(request):

@@ -29,8 +29,9 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["SPARSEGPT_LOCAL_DIRS"] = ":".join(dict.fromkeys(dirs))
     from app.serve import serve
 
-    return serve(host=args.host, port=args.port, workers=args.workers, log_level=args.log_level,
-                 api_workers=args.api_workers)
+    return serve(
+        host=args.host, port=args.port, workers=args.workers, log_level=args.log_level, api_workers=args.api_workers
+    )
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -58,8 +59,10 @@ def _sweeper(args: argparse.Namespace) -> int:
     from app.config import get_settings
     from app.sweeper import run_sweeper
 
-    logging.basicConfig(level=getattr(logging, args.loglevel.upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, args.loglevel.upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     return run_sweeper(get_settings(), interval_s=args.interval)
 
 
@@ -86,12 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="local worker processes to start (default 1; 0 on a server whose workers run apart)",
     )
-    p.add_argument("--api-workers", type=int, default=None, metavar="N",
-                   help="API processes serving requests (default: one per CPU, at most 8, with PostgreSQL; 1 with SQLite)")
+    p.add_argument(
+        "--api-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="API processes serving requests (default: one per CPU, at most 8, with PostgreSQL; 1 with SQLite)",
+    )
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
-    p.add_argument("--allow-dir", action="append", metavar="DIR", default=[],
-                   help="a directory whose models and text files jobs may name by absolute path (repeatable; "
-                        "added to SPARSEGPT_LOCAL_DIRS)")
+    p.add_argument(
+        "--allow-dir",
+        action="append",
+        metavar="DIR",
+        default=[],
+        help="a directory whose models and text files jobs may name by absolute path (repeatable; "
+        "added to SPARSEGPT_LOCAL_DIRS)",
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("worker", help="run one Celery worker (one per GPU)")
@@ -104,8 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--loglevel", default="info")
     p.add_argument("--hostname", default=None, help="Celery node name (default sparsegpt-gpuN@host)")
-    p.add_argument("--gpu-memory-gb", type=float, default=None,
-                   help="GPU memory to advertise (GB) instead of what nvidia-smi reads; jobs are routed by it")
+    p.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=None,
+        help="GPU memory to advertise (GB) instead of what nvidia-smi reads; jobs are routed by it",
+    )
     p.add_argument("--gpu-name", default=None, help="the GPU name to advertise with --gpu-memory-gb")
     p.add_argument(
         "--concurrency",
@@ -116,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_worker)
 
     p = sub.add_parser("sweeper", help="requeue lost jobs, expire artifacts (one at a time across servers)")
-    p.add_argument("--interval", type=float, default=None, help="seconds between rounds (default SPARSEGPT_SWEEP_INTERVAL_S)")
+    p.add_argument(
+        "--interval", type=float, default=None, help="seconds between rounds (default SPARSEGPT_SWEEP_INTERVAL_S)"
+    )
     p.add_argument("--loglevel", default="info")
     p.set_defaults(func=_sweeper)
 
@@ -136,9 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     a = usub.add_parser("add", help="create a user and print its token (once, on the last line)")
     a.add_argument("name")
     a.add_argument("--admin", action="store_true", help="may cancel or delete anyone's jobs")
-    t = usub.add_parser("token", help="replace a user's token (prints the new one once, on the last line); "
-                                      "without NAME: a token for the single-user mode's local user, the same "
-                                      "owner as the browser's jobs")
+    t = usub.add_parser(
+        "token",
+        help="replace a user's token (prints the new one once, on the last line); "
+        "without NAME: a token for the single-user mode's local user, the same "
+        "owner as the browser's jobs",
+    )
     t.add_argument("name", nargs="?")
     r = usub.add_parser("remove", help="remove a user (their jobs stay)")
     r.add_argument("name")

@@ -35,15 +35,23 @@ class PullError(Exception):
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("pull", aliases=["download"],
-                       help="download a job's pruned model (resumable, sha256-checked) and unpack it")
+    p = sub.add_parser(
+        "pull", aliases=["download"], help="download a job's pruned model (resumable, sha256-checked) and unpack it"
+    )
     p.add_argument("job_id", type=int, metavar="JOB_ID", help="the job's id")
     p.add_argument("directory", nargs="?", metavar="DIR", help="where to unpack it (default ./sparsegpt-job-JOB_ID)")
-    p.add_argument("--server", default=None,
-                   help=f"the service's URL (default $SPARSEGPT_URL or {DEFAULT_SERVER}); the token is $SPARSEGPT_TOKEN")
-    p.add_argument("--format", default=None, metavar="NAME",
-                   help="which of the job's artifact formats to fetch (default: the job's own: compressed-tensors "
-                        "for a job that quantizes, else hf-tar)")
+    p.add_argument(
+        "--server",
+        default=None,
+        help=f"the service's URL (default $SPARSEGPT_URL or {DEFAULT_SERVER}); the token is $SPARSEGPT_TOKEN",
+    )
+    p.add_argument(
+        "--format",
+        default=None,
+        metavar="NAME",
+        help="which of the job's artifact formats to fetch (default: the job's own: compressed-tensors "
+        "for a job that quantizes, else hf-tar)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     p.set_defaults(func=main)
 
@@ -88,8 +96,10 @@ def _get(client: httpx.Client, server: str, path: str, **kwargs) -> httpx.Respon
     try:
         return client.get(path, **kwargs)
     except httpx.HTTPError as exc:
-        raise PullError(f"cannot reach {server} ({type(exc).__name__}: {exc}); is the service running? "
-                        "(--server URL or SPARSEGPT_URL)") from None
+        raise PullError(
+            f"cannot reach {server} ({type(exc).__name__}: {exc}); is the service running? "
+            "(--server URL or SPARSEGPT_URL)"
+        ) from None
 
 
 def _refusal(response: httpx.Response, job_id: int) -> PullError:
@@ -99,7 +109,9 @@ def _refusal(response: httpx.Response, job_id: int) -> PullError:
         detail = None
     detail = detail if isinstance(detail, str) else response.reason_phrase
     if response.status_code == 401:
-        return PullError(f"the server wants a token: set SPARSEGPT_TOKEN (`sparsegpt users token NAME` prints one) ({detail})")
+        return PullError(
+            f"the server wants a token: set SPARSEGPT_TOKEN (`sparsegpt users token NAME` prints one) ({detail})"
+        )
     if response.status_code == 404:
         return PullError(f"job {job_id} does not exist on this server")
     return PullError(f"job {job_id}: {response.status_code} {detail}")
@@ -114,7 +126,8 @@ def _artifact_of(client: httpx.Client, server: str, job_id: int, fmt: str | None
     if not job.get("artifact"):
         state = job.get("status")
         why = {"succeeded": "its artifact is no longer on the server"}.get(
-            state, f"it is {state}; its model exists once it has succeeded")
+            state, f"it is {state}; its model exists once it has succeeded"
+        )
         raise PullError(f"job {job_id} has no model to download: {why}")
     if fmt is None:
         return job["artifact"]
@@ -158,16 +171,20 @@ def _download(client: httpx.Client, artifact: dict, part: Path, job_id: int, *, 
                             shown = tenth
                             print(f"downloaded {have / 1e6:.1f} of {size / 1e6:.1f} MB", file=sys.stderr)
             except httpx.HTTPError as exc:
-                raise PullError(f"the download stopped at byte {have} of {size} ({type(exc).__name__}); "
-                                "run the same command again to resume") from None
+                raise PullError(
+                    f"the download stopped at byte {have} of {size} ({type(exc).__name__}); "
+                    "run the same command again to resume"
+                ) from None
     sha = hashlib.sha256()
     with part.open("rb") as handle:
         while chunk := handle.read(CHUNK):
             sha.update(chunk)
     if part.stat().st_size != size or sha.hexdigest() != expected:
         part.unlink()
-        raise PullError(f"the archive's sha256 {sha.hexdigest()} is not the job's {expected}; "
-                        "the partial file was removed: run the same command again")
+        raise PullError(
+            f"the archive's sha256 {sha.hexdigest()} is not the job's {expected}; "
+            "the partial file was removed: run the same command again"
+        )
 
 
 def _place(part: Path, target: Path, name: str) -> None:
@@ -211,12 +228,15 @@ def _check_members(members: list[tarfile.TarInfo], size: int) -> None:
     total = 0
     for member in members:
         if not (member.isreg() or member.isdir()):
-            raise PullError(f"the archive holds {member.name!r}, which is not a regular file or a directory "
-                            "(the server writes none); nothing was unpacked")
+            raise PullError(
+                f"the archive holds {member.name!r}, which is not a regular file or a directory "
+                "(the server writes none); nothing was unpacked"
+            )
         parts = Path(member.name).parts
         if not parts or member.name.startswith("/") or any(p in (".", "..") for p in parts):
             raise PullError(f"the archive holds the path {member.name!r}; nothing was unpacked")
         total += member.size
         if total > size:
-            raise PullError(f"the archive's members hold more than the archive's announced {size} bytes; "
-                            "nothing was unpacked")
+            raise PullError(
+                f"the archive's members hold more than the archive's announced {size} bytes; nothing was unpacked"
+            )

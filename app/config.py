@@ -19,7 +19,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="SPARSEGPT_", env_file=".env", env_file_encoding="utf-8", extra="ignore",
+        env_prefix="SPARSEGPT_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
         populate_by_name=True,
     )
 
@@ -33,9 +36,7 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("DATABASE_URL", "SPARSEGPT_DATABASE_URL")
     )
     # None: `sparsegpt serve` starts a redis-server of its own and sets REDIS_URL for its children.
-    redis_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("REDIS_URL", "SPARSEGPT_REDIS_URL")
-    )
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "SPARSEGPT_REDIS_URL"))
     # ':'-separated directories whose models and text files jobs may name (resolved, symlinks too).
     local_dirs: str = ""
     # ':'-separated directories of lm-eval task YAML files whose tasks jobs' evaluation.tasks may name
@@ -199,7 +200,7 @@ class Settings(BaseSettings):
                 import time
 
                 time.sleep(0.02)
-            raise RuntimeError(f"{path} exists but is empty; delete it or set SPARSEGPT_SECRET_KEY")
+            raise RuntimeError(f"{path} exists but is empty; delete it or set SPARSEGPT_SECRET_KEY") from None
         value = secrets.token_urlsafe(48)
         with os.fdopen(fd, "w") as handle:
             handle.write(value + "\n")

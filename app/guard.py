@@ -58,8 +58,10 @@ SECURITY_HEADERS = (
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"same-origin"),
 )
-API_NEEDS_BEARER = ("the session cookie does not change anything over /api/*: API clients send "
-                    "Authorization: Bearer <token> (sparsegpt users add NAME)")
+API_NEEDS_BEARER = (
+    "the session cookie does not change anything over /api/*: API clients send "
+    "Authorization: Bearer <token> (sparsegpt users add NAME)"
+)
 MIN_BODY_RATE = 16 * 1024  # bytes/s: the slowest average a request body may come at, after its grace
 SLOW_BODY = f"the request body came too slowly (under {MIN_BODY_RATE // 1024} KiB/s on average)"
 
@@ -140,13 +142,19 @@ def cross_site_reason(scope: Scope, headers: dict[str, str], host: str) -> str |
     referer = headers.get("referer")
     if referer:
         if origin_of(referer) != own or own is None:
-            return f"cross-site request refused: Referer from {_printable(origin_of(referer) or 'elsewhere')} is not this server ({own})"
+            return (
+                f"cross-site request refused: Referer from {_printable(origin_of(referer) or 'elsewhere')} is "
+                f"not this server ({own})"
+            )
         return None
     site = headers.get("sec-fetch-site")
     if site is not None and site not in ("same-origin", "none"):
         return f"cross-site request refused: Sec-Fetch-Site {_printable(site, 16)} without an Origin header"
     if auth.SESSION_COOKIE in headers.get("cookie", ""):
-        return "a request signed in with the session cookie must come from this server's pages (no Origin or Referer header)"
+        return (
+            "a request signed in with the session cookie must come from this server's pages (no Origin or "
+            "Referer header)"
+        )
     return None
 
 
@@ -247,8 +255,14 @@ async def validation_error_handler(request: Request, exc) -> JSONResponse:
 class Guard:
     """The ASGI layer (see the module's docstring)."""
 
-    def __init__(self, app: ASGIApp, *, settings: Settings, bind_host: str | None = None,
-                 open_paths: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        settings: Settings,
+        bind_host: str | None = None,
+        open_paths: frozenset[str] = frozenset(),
+    ) -> None:
         self.app, self.settings = app, settings
         self.names, self.any_host = allowed_names(settings, bind_host)
         self.open_paths = open_paths  # the API docs: no sign-in, no body
@@ -320,8 +334,13 @@ class Guard:
         request = Request(scope)
         try:
             cookie = auth.SESSION_COOKIE in headers.get("cookie", "")
-            if method in UNSAFE_METHODS and path.startswith("/api/") and cookie and "authorization" not in headers \
-                    and auth.auth_required(request):
+            if (
+                method in UNSAFE_METHODS
+                and path.startswith("/api/")
+                and cookie
+                and "authorization" not in headers
+                and auth.auth_required(request)
+            ):
                 raise auth.unauthorized(request, API_NEEDS_BEARER)
             if cookie or "authorization" in headers:
                 user = await run_in_threadpool(auth.resolve_user, request)  # a database lookup

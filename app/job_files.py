@@ -89,8 +89,9 @@ class JobFiles:
                 self.store.publish(f"{self.artifacts}/{REPORT}", final, report, self.name)
             for packager in formats:
                 path, size, sha = self.store.publish(self.artifact_key(packager), final, packager, self.name)
-                rows.append(dict(format=packager.format, media_type=packager.media_type, path=path, size=size,
-                                 sha256=sha))
+                rows.append(
+                    dict(format=packager.format, media_type=packager.media_type, path=path, size=size, sha256=sha)
+                )
         except BaseException:
             self.discard(rows)
             raise

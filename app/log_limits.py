@@ -25,7 +25,9 @@ class RateLimitedFilter(logging.Filter):
                 return True
             exc = exc.__cause__ or exc.__context__
         message = record.getMessage()
-        return "Too many open files" in message or "out of system resource" in message or record.name == limited_log.name
+        return (
+            "Too many open files" in message or "out of system resource" in message or record.name == limited_log.name
+        )
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self._exhaustion(record):

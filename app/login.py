@@ -19,7 +19,13 @@ router = APIRouter(include_in_schema=False)
 
 def safe_next(value: str | None) -> str:
     """Only a path on this server: no scheme, no host, no //evil.example, no backslashes."""
-    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value or any(ord(c) < 32 for c in value):
+    if (
+        not value
+        or not value.startswith("/")
+        or value.startswith("//")
+        or "\\" in value
+        or any(ord(c) < 32 for c in value)
+    ):
         return "/"
     return value
 
@@ -51,22 +57,36 @@ def login(
 ) -> Response:
     target = safe_next(next)
     if not csrf.valid(request, csrf_token):  # login CSRF: another site signing this browser in
-        return _page(request, error="This sign-in form was out of date or sent from another site, so nothing was "
-                     "done. Enter your token again.", next_url=target, code=status.HTTP_403_FORBIDDEN)
+        return _page(
+            request,
+            error="This sign-in form was out of date or sent from another site, so nothing was "
+            "done. Enter your token again.",
+            next_url=target,
+            code=status.HTTP_403_FORBIDDEN,
+        )
     settings = request.app.state.settings
     old = request.cookies.get(auth.SESSION_COOKIE)
     with request.app.state.sessions() as session:
         user = auth.user_for_token(session, token.strip())
         if user is None:
-            return _page(request, error="That token is not valid. Ask an admin for one (sparsegpt users add NAME).",
-                         next_url=target, code=status.HTTP_401_UNAUTHORIZED)
+            return _page(
+                request,
+                error="That token is not valid. Ask an admin for one (sparsegpt users add NAME).",
+                next_url=target,
+                code=status.HTTP_401_UNAUTHORIZED,
+            )
         sessions.end_session(session, settings, old)  # a sign-in replaces the browser's previous session
         value = sessions.session_value(session, settings, user)
         session.commit()
     response = RedirectResponse(target, status_code=status.HTTP_303_SEE_OTHER)
     response.set_cookie(
-        auth.SESSION_COOKIE, value, max_age=settings.session_max_age_s,
-        httponly=True, samesite="lax", secure=request.url.scheme == "https", path="/",
+        auth.SESSION_COOKIE,
+        value,
+        max_age=settings.session_max_age_s,
+        httponly=True,
+        samesite="lax",
+        secure=request.url.scheme == "https",
+        path="/",
     )
     return response
 

@@ -10,11 +10,11 @@ import logging
 from contextlib import asynccontextmanager
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from app import auth, db, guard, login, web
 from app.api import events, health, jobs, uploads, usage, workers
@@ -40,8 +40,12 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, bind_h
         # One quick retry (a restarted Redis), not the client's default backoff: while Redis is
         # down, requests answer from the database without waiting on it.
         app.state.redis = redis.Redis.from_url(
-            settings.redis, decode_responses=True, health_check_interval=30, socket_connect_timeout=2,
-            socket_timeout=10, retry=Retry(NoBackoff(), 1),
+            settings.redis,
+            decode_responses=True,
+            health_check_interval=30,
+            socket_connect_timeout=2,
+            socket_timeout=10,
+            retry=Retry(NoBackoff(), 1),
         )
         app.state.aredis = events.async_redis(settings)  # the live-progress streams' pool
         app.state.local_user = auth.ensure_local_user(app.state.sessions)

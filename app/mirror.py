@@ -68,8 +68,9 @@ class Mirror:
 
 
 class DirectoryMirror(Mirror):
-    def __init__(self, store, name: str, directory: Path, *, named: Callable[[dict], list[str]], state: str,
-                 interval_s: float):
+    def __init__(
+        self, store, name: str, directory: Path, *, named: Callable[[dict], list[str]], state: str, interval_s: float
+    ):
         self.store, self.name, self.dir, self.named, self.state = store, name.rstrip("/"), Path(directory), named, state
         self.interval_s = interval_s
         self.guard: Guard | None = None
@@ -102,8 +103,10 @@ class DirectoryMirror(Mirror):
             return 0
         expected = self.guard.recorded() if self.guard is not None else None
         if self.guard is not None and (not expected or self.state not in expected):
-            log.warning("%s: the store holds a checkpoint the database has no record of: not taken up, "
-                        "starting from block 0", self.name)
+            log.warning(
+                "%s: the store holds a checkpoint the database has no record of: not taken up, starting from block 0",
+                self.name,
+            )
             return 0
         names = sorted(expected) if expected else [n for n in found if n != self.state]
         files = [n for n in names if n != self.state and self._allowed(n)]
@@ -158,8 +161,9 @@ class DirectoryMirror(Mirror):
                 self.remote.add(file)
         if self.sent.get(self.state) != (len(state_bytes), hash(state_bytes)):
             if self.guard is not None:  # recorded before the state goes up: the store never leads the record
-                self.guard.record({**{f: self.hashes[f] for f in named},
-                                   self.state: hashlib.sha256(state_bytes).hexdigest()})
+                self.guard.record(
+                    {**{f: self.hashes[f] for f in named}, self.state: hashlib.sha256(state_bytes).hexdigest()}
+                )
             self.store.put_bytes(self._object(self.state), state_bytes, "application/json")
             self.sent[self.state] = (len(state_bytes), hash(state_bytes))
             self.remote.add(self.state)

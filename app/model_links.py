@@ -39,6 +39,8 @@ def escaped_file(directory: Path, allowed: list[Path]) -> str | None:
                 real = None
             if real is None or not any(real == root or real.is_relative_to(root) for root in roots):
                 shown = entry.relative_to(directory)
-                return (f"model directory {directory.name!r}: {str(shown)!r} is a link that does not resolve "
-                        "inside the server's allowed directories (every file of a local model must be inside them)")
+                return (
+                    f"model directory {directory.name!r}: {str(shown)!r} is a link that does not resolve "
+                    "inside the server's allowed directories (every file of a local model must be inside them)"
+                )
     return None

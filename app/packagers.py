@@ -179,6 +179,10 @@ QUANTIZED_DEFAULT = "compressed-tensors"  # worker.engine.quantized_job.COMPRESS
 DENSE = "dense"  # worker.engine.quantized_job.DENSE
 
 register(HfTar())
-register(QuantizedFormatTar(QUANTIZED_DEFAULT, "the quantized checkpoint (compressed-tensors) as one tar: "
-                                                "vLLM and transformers load it as it is"))
+register(
+    QuantizedFormatTar(
+        QUANTIZED_DEFAULT,
+        "the quantized checkpoint (compressed-tensors) as one tar: vLLM and transformers load it as it is",
+    )
+)
 register(QuantizedFormatTar(DENSE, "the same model with float weights (the dequantized grid values) as one tar"))

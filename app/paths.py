@@ -21,9 +21,7 @@ def resolve_allowed(value: str, allowed: list[Path], *, kind: str) -> Path:
     except (OSError, RuntimeError, ValueError) as err:  # symlink loops, NUL bytes
         raise PathNotAllowed(f"{value!r} cannot be resolved: {err}") from None
     if not any(path == root or path.is_relative_to(root) for root in allowed):
-        raise PathNotAllowed(
-            f"{value!r} is outside the server's allowed directories ({', '.join(map(str, allowed))})"
-        )
+        raise PathNotAllowed(f"{value!r} is outside the server's allowed directories ({', '.join(map(str, allowed))})")
     if kind == "dir" and not path.is_dir():
         raise PathNotAllowed(f"{value!r} is not a directory on the server")
     if kind == "file" and not path.is_file():

@@ -29,8 +29,11 @@ def client(settings: Settings) -> Celery:
             app = Celery("sparsegpt-api", broker=settings.redis, set_as_current=False)
             # A hung Redis fails a send within seconds (the client's default waits forever),
             # well before anyone could take the job's Idempotency-Key for a lost request.
-            app.conf.broker_transport_options = {**broker_options(settings), "socket_timeout": 5.0,
-                                                 "socket_connect_timeout": 5.0}
+            app.conf.broker_transport_options = {
+                **broker_options(settings),
+                "socket_timeout": 5.0,
+                "socket_connect_timeout": 5.0,
+            }
             app.conf.broker_connection_retry_on_startup = True
             app.conf.task_ignore_result = True
             _clients[key] = app

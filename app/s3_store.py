@@ -56,7 +56,8 @@ class S3Store(Store):
                 self._client = boto3.client(
                     "s3",
                     endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None,
-                    config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60))
+                    config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60),
+                )
             return self._client
 
     # --- names ---------------------------------------------------------------------------------
@@ -81,8 +82,12 @@ class S3Store(Store):
         """The key of an object URL of this bucket (ValueError for anything else)."""
         parsed = urlparse(url)
         key = parsed.path.lstrip("/")
-        if (parsed.scheme != "s3" or parsed.netloc != self.bucket or not key.startswith(self.key(""))
-                or ".." in key.split("/")):
+        if (
+            parsed.scheme != "s3"
+            or parsed.netloc != self.bucket
+            or not key.startswith(self.key(""))
+            or ".." in key.split("/")
+        ):
             raise ValueError(f"{url!r} is not in this server's store ({self.url('')})")
         return key
 
@@ -102,8 +107,13 @@ class S3Store(Store):
             raise StorageError(f"could not store {self.url(name)}: {_reason(err)}") from err
         return self.url(name)
 
-    def put_stream(self, name: str, chunks: Iterable[bytes], content_type: str = "application/octet-stream",
-                   part_bytes: int = PART_BYTES) -> tuple[str, int, str]:
+    def put_stream(
+        self,
+        name: str,
+        chunks: Iterable[bytes],
+        content_type: str = "application/octet-stream",
+        part_bytes: int = PART_BYTES,
+    ) -> tuple[str, int, str]:
         """Upload ``chunks`` as they come (multipart: parts of ``part_bytes``, larger by as much
         every ``PARTS_PER_STEP`` parts, ``PARTS_IN_FLIGHT`` uploading at once): (url, size, sha256).
         Nothing of it stays in the store if anything fails."""
@@ -138,8 +148,9 @@ class S3Store(Store):
                 if buffer or not futures:
                     send(bytes(buffer))
                 parts = [f.result() for f in futures]
-            self.client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                                  MultipartUpload={"Parts": parts})
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
         except BaseException as err:
             try:
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
@@ -198,7 +209,7 @@ class S3Store(Store):
         found: dict[str, int] = {}
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=key):
-                found.update({o["Key"][len(key):]: int(o["Size"]) for o in page.get("Contents", [])})
+                found.update({o["Key"][len(key) :]: int(o["Size"]) for o in page.get("Contents", [])})
         except Exception as err:
             raise StorageError(f"could not list {self.url(name)}/: {_reason(err)}") from err
         return found
@@ -224,7 +235,6 @@ class S3Store(Store):
         except Exception as err:
             raise StorageError(f"could not delete {self.url(name)}/: {_reason(err)}") from err
         return deleted
-
 
     # --- the Store interface's artifacts, files and mirrors -------------------------------------
 
@@ -261,8 +271,7 @@ class S3Store(Store):
             raise StorageError(f"{location}: its content does not match its sha256 {expected}")
         return target
 
-    def mirror(self, directory: Path, name: str, *, named: Callable[[dict], list[str]], state: str,
-               interval_s: float):
+    def mirror(self, directory: Path, name: str, *, named: Callable[[dict], list[str]], state: str, interval_s: float):
         from app.mirror import DirectoryMirror
 
         return DirectoryMirror(self, name, directory, named=named, state=state, interval_s=interval_s)
@@ -282,7 +291,6 @@ def _reason(err: Exception) -> str:
     if error:
         return f"{error.get('Code', '?')}: {error.get('Message', '')}".strip()
     return f"{type(err).__name__}: {err}"[:300]
-
 
 
 def _prune_cache(directory: Path, max_age_s: float, *, keep: Path) -> None:

@@ -64,8 +64,11 @@ class ArtifactFileOut(BaseModel):
     url: str
     file_name: str = Field(description="the download's file name")
     expires_at: datetime | None = Field(None, description="when the retention sweep deletes it (null: kept)")
-    ratio: float | None = Field(None, description="a quantizing job's formats: the saved directory's bytes over the "
-                                                  "whole model's weights in fp16 (the report's quantization sizes)")
+    ratio: float | None = Field(
+        None,
+        description="a quantizing job's formats: the saved directory's bytes over the "
+        "whole model's weights in fp16 (the report's quantization sizes)",
+    )
 
 
 class JobSummary(BaseModel):
@@ -89,7 +92,9 @@ class JobOut(JobSummary):
     cancel_requested: bool
     heartbeat_at: datetime | None
     worker: str | None
-    queue: str | None = Field(None, description="the queue it was sent to: where it fits (resources, its memory estimate)")
+    queue: str | None = Field(
+        None, description="the queue it was sent to: where it fits (resources, its memory estimate)"
+    )
     result: Report | None = Field(description="the engine's report (null until the job succeeds)")
     metrics: list[MetricOut]
     modules: list[ModuleResultOut]

@@ -54,9 +54,26 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
     directory.mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(directory), "--daemonize", "no", "--loglevel", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     url = f"redis://127.0.0.1:{port}/0"
     import redis
@@ -71,7 +88,7 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
                 proc.kill()
-                raise SystemExit(f"sparsegpt serve: redis-server did not start: {err.strip()[:500]}")
+                raise SystemExit(f"sparsegpt serve: redis-server did not start: {err.strip()[:500]}") from None
             time.sleep(0.05)
 
 
@@ -188,8 +205,10 @@ class EdgeProtocol(H11Protocol):
     max_connections: int = 1000
     ceiling: int = 1000
     GRACE_S = 0.1
-    _BUSY_503 = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nretry-after: 2\r\n"
-                 b"connection: close\r\ncontent-length: 36\r\n\r\ntoo many connections; try again soon")
+    _BUSY_503 = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nretry-after: 2\r\n"
+        b"connection: close\r\ncontent-length: 36\r\n\r\ntoo many connections; try again soon"
+    )
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -269,7 +288,9 @@ def connection_bound(settings: Settings, open_files: int) -> int:
     """settings.max_connections, kept below the open-files limit (FD_RESERVE spare)."""
     bound = max(1, min(settings.max_connections, open_files - FD_RESERVE))
     if bound < settings.max_connections:
-        log.warning("max_connections %d is above what %d open files allow: %d", settings.max_connections, open_files, bound)
+        log.warning(
+            "max_connections %d is above what %d open files allow: %d", settings.max_connections, open_files, bound
+        )
     return bound
 
 
@@ -290,7 +311,8 @@ def auth_mode(settings: Settings, host: str) -> str:
         raise SystemExit(
             f"sparsegpt serve: SPARSEGPT_AUTH=off (single-user mode, no sign-in) is refused on --host {host}: "
             "it is allowed only on a loopback address (127.0.0.1, ::1, localhost). On a shared server keep "
-            "SPARSEGPT_AUTH=required (the default there) and give each person a token: sparsegpt users add NAME [--admin]"
+            "SPARSEGPT_AUTH=required (the default there) and give each person a token: sparsegpt users add NAME "
+            "[--admin]"
         )
     return mode
 
@@ -303,10 +325,16 @@ def _run_uvicorn(settings: Settings, host: str, port: int, log_level: str, sock)
 
     forwarded = settings.forwarded_allow_ips.strip()
     config = uvicorn.Config(
-        create_app(settings, migrate=False, bind_host=host), host=host, port=port, log_level=log_level,
-        timeout_graceful_shutdown=5, http=EdgeProtocol, timeout_keep_alive=settings.keepalive_timeout_s,
+        create_app(settings, migrate=False, bind_host=host),
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+        http=EdgeProtocol,
+        timeout_keep_alive=settings.keepalive_timeout_s,
         # X-Forwarded-Proto/-For are believed only from these addresses (none: ignored).
-        proxy_headers=bool(forwarded), forwarded_allow_ips=forwarded or None,
+        proxy_headers=bool(forwarded),
+        forwarded_allow_ips=forwarded or None,
     )
     install_log_limits()  # after uvicorn set up its handlers
     server = uvicorn.Server(config)
@@ -314,9 +342,12 @@ def _run_uvicorn(settings: Settings, host: str, port: int, log_level: str, sock)
     return 0 if server.started else 1
 
 
-def serve(*, host: str | None, port: int | None, workers: int | None, log_level: str = "info",
-          api_workers: int | None = None) -> int:
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def serve(
+    *, host: str | None, port: int | None, workers: int | None, log_level: str = "info", api_workers: int | None = None
+) -> int:
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     settings = get_settings()
     host, port = host or "127.0.0.1", port or 8000
     mode = auth_mode(settings, host)  # before anything starts
@@ -341,7 +372,9 @@ def serve(*, host: str | None, port: int | None, workers: int | None, log_level:
         db.migrate(settings.database)
         log.info("database %s is at the latest migration", settings.database.split("@")[-1])
         if mode == "required":
-            log.info("sign-in required: API clients send Authorization: Bearer <token>; the dashboard signs in at /login")
+            log.info(
+                "sign-in required: API clients send Authorization: Bearer <token>; the dashboard signs in at /login"
+            )
             from app import crud
 
             with db.session_scope(settings.database) as session:

@@ -59,8 +59,12 @@ def session_value(session, settings: Settings, user) -> str:
     cookie's value. The user's rows that no longer admit anyone are cleared on the way."""
     sid = secrets.token_urlsafe(32)
     crud.purge_web_sessions(session, user_id=user.id)
-    crud.create_web_session(session, key=session_key(sid), user_id=user.id,
-                            expires_at=utcnow() + timedelta(seconds=settings.session_max_age_s))
+    crud.create_web_session(
+        session,
+        key=session_key(sid),
+        user_id=user.id,
+        expires_at=utcnow() + timedelta(seconds=settings.session_max_age_s),
+    )
     return serializer(settings).dumps({"sid": sid, "uid": user.id, "th": _token_tag(settings, user.token_hash)})
 
 

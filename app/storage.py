@@ -73,8 +73,9 @@ class Store(ABC):
         """The package of ``model_dir`` (its top name ``prefix``) kept as ``name``: (location, size, sha256)."""
 
     @abstractmethod
-    def read(self, location: str, packager: Packager, prefix: str, start: int = 0,
-             end: int | None = None) -> Iterator[bytes]:
+    def read(
+        self, location: str, packager: Packager, prefix: str, start: int = 0, end: int | None = None
+    ) -> Iterator[bytes]:
         """Bytes [start, end) of the artifact at ``location`` (published with ``packager``)."""
 
     @abstractmethod
@@ -94,8 +95,9 @@ class Store(ABC):
         """Everything under ``name/``; returns how many objects (or top entries) went."""
 
     @abstractmethod
-    def mirror(self, directory: Path, name: str, *, named: Callable[[dict], list[str]], state: str,
-               interval_s: float) -> Mirror:
+    def mirror(
+        self, directory: Path, name: str, *, named: Callable[[dict], list[str]], state: str, interval_s: float
+    ) -> Mirror:
         """``directory`` (committed by its ``state`` file, which ``named`` reads) followed under ``name``."""
 
     def locked(self) -> AbstractContextManager:
@@ -162,8 +164,9 @@ class LocalStore(Store):
         size, sha = packager.digest(model_dir, prefix)  # made again at each download: nothing else on disk
         return str(model_dir), size, sha
 
-    def read(self, location: str, packager: Packager, prefix: str, start: int = 0,
-             end: int | None = None) -> Iterator[bytes]:
+    def read(
+        self, location: str, packager: Packager, prefix: str, start: int = 0, end: int | None = None
+    ) -> Iterator[bytes]:
         path = self._inside(location)
         if path is None or not path.is_dir():
             raise StorageError(f"{location} is not an artifact of this server")
@@ -195,8 +198,9 @@ class LocalStore(Store):
         self.delete(str(target))
         return count
 
-    def mirror(self, directory: Path, name: str, *, named: Callable[[dict], list[str]], state: str,
-               interval_s: float) -> Mirror:
+    def mirror(
+        self, directory: Path, name: str, *, named: Callable[[dict], list[str]], state: str, interval_s: float
+    ) -> Mirror:
         from app.mirror import Mirror
 
         return Mirror()  # one machine: every attempt finds the directory itself
@@ -224,8 +228,9 @@ def get_store(settings) -> Store:
             if url:
                 from app.s3_store import S3Store
 
-                store = S3Store(url, cache_dir=settings.data_dir / "cache" / "uploads",
-                                cache_max_age_s=settings.upload_retention_s)
+                store = S3Store(
+                    url, cache_dir=settings.data_dir / "cache" / "uploads", cache_max_age_s=settings.upload_retention_s
+                )
             else:
                 store = LocalStore(settings.data_dir)
             store = _stores[key] = store
@@ -255,8 +260,12 @@ def verified(chunks: Iterator[bytes], sha256: str, label: str) -> Iterator[bytes
             yield held
         held = chunk
     if digest.hexdigest() != sha256:
-        log.error("%s does not match its recorded sha256 (%s, streamed %s): download aborted",
-                  label, sha256, digest.hexdigest())
+        log.error(
+            "%s does not match its recorded sha256 (%s, streamed %s): download aborted",
+            label,
+            sha256,
+            digest.hexdigest(),
+        )
         raise DigestMismatch(f"{label} does not match its recorded sha256")
     if held is not None:
         yield held

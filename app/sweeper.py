@@ -34,9 +34,9 @@ import redis as redis_lib
 
 from app import crud, streams
 from app.config import Settings
+from app.job_files import JobFiles
 from app.models import utcnow
 from app.queue import enqueue_job
-from app.job_files import JobFiles
 from app.services import uploads
 from app.storage import StorageError
 
@@ -102,14 +102,18 @@ def _release_stale(settings, sessions, r, report: SweepReport, send) -> None:
     for job in stale:
         task_id = new_task_id(job.id)
         with sessions() as session:
-            outcome = crud.release_stale(session, job, max_attempts=settings.max_attempts, stale_before=before, task_id=task_id)
+            outcome = crud.release_stale(
+                session, job, max_attempts=settings.max_attempts, stale_before=before, task_id=task_id
+            )
             session.commit()
         if outcome is None:
             continue  # another process moved it first
         log.warning("job %s: heartbeat expired (worker %s, attempt %s): %s", job.id, job.worker, job.attempt, outcome)
         if outcome == "requeued":
             report.requeued.append(job.id)
-            _publish_status(settings, r, job.id, "queued", job.attempt, "requeued: its worker stopped sending heartbeats")
+            _publish_status(
+                settings, r, job.id, "queued", job.attempt, "requeued: its worker stopped sending heartbeats"
+            )
             try:
                 send(settings, job.id, task_id=task_id, queue=job.queue or settings.queue)
             except Exception as err:  # the lost-message sweep sends it once the broker is back
@@ -152,7 +156,9 @@ def _resend_lost(settings, sessions, r, report: SweepReport, send) -> None:
         except Exception as err:
             report.errors.append(f"job {job_id}: could not send: {err}")
             continue
-        log.warning("job %s: its run message %s was in no queue (Redis restarted?); sent it again as %s", job_id, task_id, new)
+        log.warning(
+            "job %s: its run message %s was in no queue (Redis restarted?); sent it again as %s", job_id, task_id, new
+        )
         report.resent.append(job_id)
 
 
@@ -203,8 +209,14 @@ def _remove_upload_temps(settings: Settings, report: SweepReport) -> None:
 
 def _publish_status(settings, r, job_id, status, attempt, error, final=False) -> None:
     try:
-        streams.publish(r, job_id, "status", {"status": status, "attempt": attempt, "error": error},
-                       maxlen=settings.events_maxlen, ttl_s=settings.events_ttl_s if final else None)
+        streams.publish(
+            r,
+            job_id,
+            "status",
+            {"status": status, "attempt": attempt, "error": error},
+            maxlen=settings.events_maxlen,
+            ttl_s=settings.events_ttl_s if final else None,
+        )
     except redis_lib.RedisError:
         pass
 
@@ -289,10 +301,15 @@ def run_sweeper(settings: Settings, *, interval_s: float | None = None) -> int:
     if not settings.redis_url:
         raise SystemExit("sparsegpt sweeper: REDIS_URL is not set (the Redis the API and the workers use)")
     if settings.sweep_interval_s <= 0:
-        raise SystemExit("sparsegpt sweeper: the sweep interval must be above 0 (SPARSEGPT_SWEEP_INTERVAL_S, --interval)")
-    r = redis_lib.Redis.from_url(settings.redis, decode_responses=True, socket_connect_timeout=2, socket_timeout=10,
-                                 health_check_interval=30)
-    sweeper = Sweeper(settings, db.session_factory(settings.database), r, name=f"sweeper@{socket.gethostname()}:{os.getpid()}")
+        raise SystemExit(
+            "sparsegpt sweeper: the sweep interval must be above 0 (SPARSEGPT_SWEEP_INTERVAL_S, --interval)"
+        )
+    r = redis_lib.Redis.from_url(
+        settings.redis, decode_responses=True, socket_connect_timeout=2, socket_timeout=10, health_check_interval=30
+    )
+    sweeper = Sweeper(
+        settings, db.session_factory(settings.database), r, name=f"sweeper@{socket.gethostname()}:{os.getpid()}"
+    )
     signal.signal(signal.SIGTERM, lambda *_: sweeper.stop_event.set())
     log.info("sweeping every %ss (one sweeper at a time holds %s)", settings.sweep_interval_s, LOCK_KEY)
     try:

@@ -18,8 +18,6 @@ from app.tokens import LOCAL_USER, hash_token, new_token
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@\-]{0,63}$")
 
 
-
-
 def _local_token(settings) -> int:
     """A token for the single-user mode's local user: curl and `sparsegpt pull` with it act as the
     person at the browser (the same owner: her browser jobs are hers to cancel from a shell)."""
@@ -27,8 +25,10 @@ def _local_token(settings) -> int:
     with db.session_scope(settings.database) as session:
         user = crud.get_or_create_local_user(session, name=LOCAL_USER)
         user.token_hash = hash_token(token)
-    print(f"new API token for the local user {LOCAL_USER} (an admin, as in the browser; a previous one stops "
-          "working; shown once):")
+    print(
+        f"new API token for the local user {LOCAL_USER} (an admin, as in the browser; a previous one stops "
+        "working; shown once):"
+    )
     print(token)
     return 0
 

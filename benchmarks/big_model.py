@@ -32,12 +32,35 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 SHAPES = {  # the real models' shapes (config.json of meta-llama/Meta-Llama-3-8B and -70B)
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
-    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
-    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=32000, max_position_embeddings=2048),  # a dry run
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+    "llama3-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),  # a dry run
 }
 SHARD_BYTES = 2 * 10**9
 
@@ -93,8 +116,12 @@ def write_model(directory: Path, shape: str, blocks: int | None, dtype: str, see
 
     from tests.support.tiny_models import make_tokenizer
 
-    config = transformers.LlamaConfig(**{**SHAPES[shape], **({"num_hidden_layers": blocks} if blocks else {})},
-                                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    config = transformers.LlamaConfig(
+        **{**SHAPES[shape], **({"num_hidden_layers": blocks} if blocks else {})},
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in transformers.AutoModelForCausalLM.from_config(config).state_dict().items()}
     torch_dtype = getattr(torch, dtype)
@@ -145,30 +172,46 @@ def run_engine(a) -> dict:
     """The engine as the worker runs it, in this process, with its memory sampled."""
     import torch
 
-    from worker.engine.pipeline import RunOptions, run_job
     from worker.engine.contract.spec import JobSpec
+    from worker.engine.pipeline import RunOptions, run_job
 
     torch.set_num_threads(a.threads) if a.threads else None
     last = None if a.prune_blocks is None else a.prune_blocks - 1
-    spec = JobSpec.from_flat(model=str(a.model), sparsity=a.sparsity, dataset=str(a.calibration),
-                             nsamples=a.nsamples, seqlen=a.seqlen, datasets=[], dtype=a.dtype, last_block=last)
+    spec = JobSpec.from_flat(
+        model=str(a.model),
+        sparsity=a.sparsity,
+        dataset=str(a.calibration),
+        nsamples=a.nsamples,
+        seqlen=a.seqlen,
+        datasets=[],
+        dtype=a.dtype,
+        last_block=last,
+    )
     with tempfile.TemporaryDirectory(prefix="big-model-resume-", dir=a.workdir) as resume, MemorySampler() as mem:
         before = mem.read()
         t0 = time.perf_counter()
+
         def on_progress(event: dict) -> None:
             mem.label = f"{event.get('stage')}: {event.get('message')}"
 
         report = run_job(spec, RunOptions(device=a.device, resume_dir=resume), on_progress=on_progress)
         wall = time.perf_counter() - t0
     pruned_params = block_params(a.model, a.prune_blocks)
-    return {"runner": "engine", "device": a.device, "wall_seconds": wall,
-            "prune_seconds": report["seconds"]["prune"], "load_seconds": report["seconds"]["load"],
-            "pruned_block_params": pruned_params,
-            "prune_seconds_per_billion": report["seconds"]["prune"] / (pruned_params / 1e9),
-            "peak_gpu_bytes": report["peak_memory_bytes"] if a.device.startswith("cuda") else None,
-            "rss_before": before, "peak": mem.peak, "peak_anonymous_during": mem.peak_anon_at,
-            "sparsity": report.get("sparsity"),
-            "environment": report["environment"]}
+    return {
+        "runner": "engine",
+        "device": a.device,
+        "wall_seconds": wall,
+        "prune_seconds": report["seconds"]["prune"],
+        "load_seconds": report["seconds"]["load"],
+        "pruned_block_params": pruned_params,
+        "prune_seconds_per_billion": report["seconds"]["prune"] / (pruned_params / 1e9),
+        "peak_gpu_bytes": report["peak_memory_bytes"] if a.device.startswith("cuda") else None,
+        "rss_before": before,
+        "peak": mem.peak,
+        "peak_anonymous_during": mem.peak_anon_at,
+        "sparsity": report.get("sparsity"),
+        "environment": report["environment"],
+    }
 
 
 def block_params(model: Path, blocks: int | None) -> int:
@@ -200,14 +243,33 @@ def run_llmcompressor(a) -> dict:
     with MemorySampler() as mem:
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype))
         torch.cuda.reset_peak_memory_stats()
-        recipe = SparseGPTModifier(sparsity=float(a.sparsity), mask_structure="0:0", targets=["Linear"],
-                                   ignore=["re:.*lm_head"], block_size=128, dampening_frac=0.01)
+        recipe = SparseGPTModifier(
+            sparsity=float(a.sparsity),
+            mask_structure="0:0",
+            targets=["Linear"],
+            ignore=["re:.*lm_head"],
+            block_size=128,
+            dampening_frac=0.01,
+        )
         t0 = time.perf_counter()
-        oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=a.nsamples,
-                max_seq_length=a.seqlen, shuffle_calibration_samples=False, pipeline="sequential")
+        oneshot(
+            model=model,
+            tokenizer=tokenizer,
+            dataset=dataset,
+            recipe=recipe,
+            num_calibration_samples=a.nsamples,
+            max_seq_length=a.seqlen,
+            shuffle_calibration_samples=False,
+            pipeline="sequential",
+        )
         seconds = time.perf_counter() - t0
-    return {"runner": "llm-compressor", "prune_seconds": seconds, "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
-            "peak": mem.peak, "note": "whole model pruned (llm-compressor has no block range)"}
+    return {
+        "runner": "llm-compressor",
+        "prune_seconds": seconds,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
+        "peak": mem.peak,
+        "note": "whole model pruned (llm-compressor has no block range)",
+    }
 
 
 def child(a) -> None:
@@ -218,7 +280,9 @@ def child(a) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
-    p.add_argument("--blocks", type=int, default=None, help="decoder blocks of the written model (default: the shape's)")
+    p.add_argument(
+        "--blocks", type=int, default=None, help="decoder blocks of the written model (default: the shape's)"
+    )
     p.add_argument("--prune-blocks", type=int, default=None, help="prune blocks 0..N-1 only (default: all)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -242,22 +306,62 @@ def main(argv: list[str] | None = None) -> None:
     model = a.workdir / f"{a.shape}-{a.blocks or 'all'}-{a.dtype}"
     if not (model / "config.json").exists():
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from benchmarks.big_model "
-                        "import write_model; from pathlib import Path; write_model(Path(sys.argv[2]), sys.argv[3], "
-                        "int(sys.argv[4]) or None, sys.argv[5])", str(REPO), str(model), a.shape, str(a.blocks or 0),
-                        a.dtype], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; sys.path.insert(0, sys.argv[1]); from benchmarks.big_model "
+                "import write_model; from pathlib import Path; write_model(Path(sys.argv[2]), sys.argv[3], "
+                "int(sys.argv[4]) or None, sys.argv[5])",
+                str(REPO),
+                str(model),
+                a.shape,
+                str(a.blocks or 0),
+                a.dtype,
+            ],
+            check=True,
+        )
         print(f"wrote {model} ({model_bytes(model) / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s", flush=True)
     calibration = calibration_file(a.workdir)
     size = model_bytes(model)
-    results = {"shape": a.shape, "blocks": a.blocks or SHAPES[a.shape]["num_hidden_layers"], "dtype": a.dtype,
-               "prune_blocks": a.prune_blocks, "nsamples": a.nsamples, "seqlen": a.seqlen, "model_bytes": size,
-               "host_ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "runs": []}
+    results = {
+        "shape": a.shape,
+        "blocks": a.blocks or SHAPES[a.shape]["num_hidden_layers"],
+        "dtype": a.dtype,
+        "prune_blocks": a.prune_blocks,
+        "nsamples": a.nsamples,
+        "seqlen": a.seqlen,
+        "model_bytes": size,
+        "host_ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "runs": [],
+    }
     runners = [("engine", sys.executable)] + ([("llmcompressor", a.llmcompressor)] if a.llmcompressor else [])
     for runner, python in runners:
         out = a.workdir / f"{runner}.json"
-        args = [python, __file__, "--child", runner, "--model", str(model), "--calibration", str(calibration),
-                "--out", str(out), "--device", a.device, "--dtype", a.dtype, "--sparsity", a.sparsity,
-                "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--workdir", str(a.workdir)]
+        args = [
+            python,
+            __file__,
+            "--child",
+            runner,
+            "--model",
+            str(model),
+            "--calibration",
+            str(calibration),
+            "--out",
+            str(out),
+            "--device",
+            a.device,
+            "--dtype",
+            a.dtype,
+            "--sparsity",
+            a.sparsity,
+            "--nsamples",
+            str(a.nsamples),
+            "--seqlen",
+            str(a.seqlen),
+            "--workdir",
+            str(a.workdir),
+        ]
         args += ["--prune-blocks", str(a.prune_blocks)] if a.prune_blocks else []
         args += ["--threads", str(a.threads)] if a.threads else []
         subprocess.run(args, check=True)
@@ -274,13 +378,17 @@ def main(argv: list[str] | None = None) -> None:
 
 def report(results: dict) -> None:
     size = results["model_bytes"]
-    print(f"\n{results['shape']} x {results['blocks']} blocks, {results['dtype']}: {size / 1e9:.2f} GB on disk; "
-          f"host RAM {results['host_ram_bytes'] / 1e9:.1f} GB; calibration {results['nsamples']} x {results['seqlen']}")
+    print(
+        f"\n{results['shape']} x {results['blocks']} blocks, {results['dtype']}: {size / 1e9:.2f} GB on disk; "
+        f"host RAM {results['host_ram_bytes'] / 1e9:.1f} GB; calibration {results['nsamples']} x {results['seqlen']}"
+    )
     for r in results["runs"]:
         peak = r["peak"]
-        line = (f"  {r['runner']:>14}: prune {r['prune_seconds']:.1f} s; peak RSS {peak['VmRSS'] / 1e9:.2f} GB "
-                f"({peak['VmRSS'] / size:.2f}x the model), peak anonymous {peak['RssAnon'] / 1e9:.2f} GB "
-                f"({peak['RssAnon'] / size:.2f}x)")
+        line = (
+            f"  {r['runner']:>14}: prune {r['prune_seconds']:.1f} s; peak RSS {peak['VmRSS'] / 1e9:.2f} GB "
+            f"({peak['VmRSS'] / size:.2f}x the model), peak anonymous {peak['RssAnon'] / 1e9:.2f} GB "
+            f"({peak['RssAnon'] / size:.2f}x)"
+        )
         if r.get("prune_seconds_per_billion"):
             line += f"; {r['prune_seconds_per_billion']:.1f} s per billion pruned block parameters"
         if r.get("peak_gpu_bytes"):
@@ -288,8 +396,10 @@ def report(results: dict) -> None:
         print(line)
     if len(results["runs"]) == 2 and results["prune_blocks"] is None:  # the peer prunes every block
         ours, peer = results["runs"]
-        print(f"  engine / llm-compressor: prune time {ours['prune_seconds'] / peer['prune_seconds']:.2f}x, "
-              f"peak GPU {ours['peak_gpu_bytes'] / peer['peak_gpu_bytes']:.2f}x")
+        print(
+            f"  engine / llm-compressor: prune time {ours['prune_seconds'] / peer['prune_seconds']:.2f}x, "
+            f"peak GPU {ours['peak_gpu_bytes'] / peer['peak_gpu_bytes']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

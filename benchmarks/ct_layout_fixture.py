@@ -26,13 +26,33 @@ OUT = REPO / "tests" / "engine" / "data"
 
 # Tiny configs: every Linear's input width divisible by 32 (the W4A16 group), two blocks.
 CONFIGS = {
-    "llama": dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=128, tie_word_embeddings=False),
-    "qwen3_moe": dict(model_type="qwen3_moe", vocab_size=256, hidden_size=64, intermediate_size=128,
-                      moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, decoder_sparse_step=1,
-                      max_position_embeddings=128, tie_word_embeddings=False),
+    "llama": dict(
+        model_type="llama",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    ),
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        decoder_sparse_step=1,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    ),
 }
 # case -> (config, scheme, group size); W4A16 with llm-compressor's GPTQModifier, FP8_DYNAMIC with
 # its QuantizationModifier (no calibration data), as benchmarks/llmcompressor_p.py runs them.
@@ -91,8 +111,12 @@ def make_case(case: str) -> dict:
     if scheme != "FP8_DYNAMIC":
         g = torch.Generator().manual_seed(SEED)
         rows = torch.randint(0, config.vocab_size, (ROWS, SEQLEN), generator=g).tolist()
-        data = dict(dataset=Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * SEQLEN] * ROWS}),
-                    num_calibration_samples=ROWS, max_seq_length=SEQLEN, shuffle_calibration_samples=False)
+        data = dict(
+            dataset=Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * SEQLEN] * ROWS}),
+            num_calibration_samples=ROWS,
+            max_seq_length=SEQLEN,
+            shuffle_calibration_samples=False,
+        )
     with tmp_dir:
         oneshot(model=model, tokenizer=tokenizer, recipe=recipe(scheme, group_size), **data)
         model.save_pretrained(out, save_compressed=True)
@@ -104,10 +128,18 @@ def make_case(case: str) -> dict:
                     tensors[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
         saved_config = json.loads((out / "config.json").read_text())
     return {
-        "case": case, "config": config_dict, "dtype": DTYPE, "scheme": scheme, "group_size": group_size,
-        "made_by": {"script": "benchmarks/ct_layout_fixture.py", "llmcompressor": llmcompressor.__version__,
-                    "compressed_tensors": compressed_tensors.__version__, "transformers": transformers.__version__,
-                    "torch": torch.__version__},
+        "case": case,
+        "config": config_dict,
+        "dtype": DTYPE,
+        "scheme": scheme,
+        "group_size": group_size,
+        "made_by": {
+            "script": "benchmarks/ct_layout_fixture.py",
+            "llmcompressor": llmcompressor.__version__,
+            "compressed_tensors": compressed_tensors.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        },
         "quantization_config": saved_config["quantization_config"],
         "tensors": dict(sorted(tensors.items())),
     }

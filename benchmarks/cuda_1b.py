@@ -25,12 +25,20 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # TinyLlama-1.1B's shape: 22 blocks, hidden 2048, MLP 5632, 32 heads, 4 KV heads.
-SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+SHAPE = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+)
 
 
-SMALL = dict(SHAPE, hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=8,
-             num_key_value_heads=2)  # --small: a dry run of this script on any machine
+SMALL = dict(
+    SHAPE, hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2
+)  # --small: a dry run of this script on any machine
 
 
 def build_model(directory: Path, shape: dict, device: str) -> Path:
@@ -64,14 +72,24 @@ def memory_bound(model_dir: Path, nsamples: int, seqlen: int) -> dict:
 
 
 def run_ours(model_dir: Path, calibration: str, pattern: str, nsamples: int, seqlen: int, device: str) -> dict:
-    from worker.engine.pipeline import RunOptions, run_job
     from worker.engine.contract.spec import JobSpec
+    from worker.engine.pipeline import RunOptions, run_job
 
-    spec = JobSpec.from_flat(model=str(model_dir), sparsity=pattern, dataset=calibration, nsamples=nsamples,
-                             seqlen=seqlen, datasets=[], dtype="float16" if device == "cuda" else "float32")
+    spec = JobSpec.from_flat(
+        model=str(model_dir),
+        sparsity=pattern,
+        dataset=calibration,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        datasets=[],
+        dtype="float16" if device == "cuda" else "float32",
+    )
     report = run_job(spec, RunOptions(device=device))
-    return {"prune_s": report["seconds"]["prune"], "peak_bytes": report["peak_memory_bytes"],
-            "sparsity": report["sparsity"]}
+    return {
+        "prune_s": report["seconds"]["prune"],
+        "peak_bytes": report["peak_memory_bytes"],
+        "sparsity": report["sparsity"],
+    }
 
 
 def sync(device: str) -> None:
@@ -79,8 +97,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_reference(model_dir: Path, calibration: str, pattern: str, nsamples: int, seqlen: int,
-                  device: str) -> dict:
+def run_reference(model_dir: Path, calibration: str, pattern: str, nsamples: int, seqlen: int, device: str) -> dict:
     import transformers
 
     from benchmarks import reference_sparsegpt as ref
@@ -118,17 +135,23 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     args = p.parse_args()
     torch.set_float32_matmul_precision("highest")
-    model_dir = build_model(Path(tempfile.mkdtemp()) / "llama-random", SMALL if args.small else SHAPE,
-                            args.device)
+    model_dir = build_model(Path(tempfile.mkdtemp()) / "llama-random", SMALL if args.small else SHAPE, args.device)
     bound = memory_bound(model_dir, args.nsamples, args.seqlen)
     rows = []
     for pattern in args.patterns.split(","):
         ours = run_ours(model_dir, args.calibration, pattern, args.nsamples, args.seqlen, args.device)
-        ref = None if args.no_reference else run_reference(model_dir, args.calibration, pattern,
-                                                            args.nsamples, args.seqlen, args.device)
-        row = {"pattern": pattern, "ours": ours, "reference": ref,
-               "time_ratio": ours["prune_s"] / ref["prune_s"] if ref else None,
-               "peak_over_bound": ours["peak_bytes"] / bound["bound_plus_10pct"]}
+        ref = (
+            None
+            if args.no_reference
+            else run_reference(model_dir, args.calibration, pattern, args.nsamples, args.seqlen, args.device)
+        )
+        row = {
+            "pattern": pattern,
+            "ours": ours,
+            "reference": ref,
+            "time_ratio": ours["prune_s"] / ref["prune_s"] if ref else None,
+            "peak_over_bound": ours["peak_bytes"] / bound["bound_plus_10pct"],
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
@@ -138,9 +161,11 @@ def main() -> None:
     for r in rows:
         ref_s = f"{r['reference']['prune_s']:.1f}" if r["reference"] else "-"
         ratio = f"{r['time_ratio']:.2f}" if r["time_ratio"] else "-"
-        print(f"| {r['pattern']} | {r['ours']['prune_s']:.1f} | {ref_s} | {ratio} | "
-              f"{r['ours']['peak_bytes'] / 2**30:.2f} | {bound['bound_plus_10pct'] / 2**30:.2f} | "
-              f"{r['peak_over_bound']:.2f} |")
+        print(
+            f"| {r['pattern']} | {r['ours']['prune_s']:.1f} | {ref_s} | {ratio} | "
+            f"{r['ours']['peak_bytes'] / 2**30:.2f} | {bound['bound_plus_10pct'] / 2**30:.2f} | "
+            f"{r['peak_over_bound']:.2f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"bound": bound, "rows": rows}, indent=2))
 

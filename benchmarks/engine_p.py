@@ -34,23 +34,47 @@ def _stage(event) -> str:
     return str(getattr(value, "value", value) or "").lower()
 
 
-def run(method: str, pattern: str, *, model_path=ref.DEFAULT_MODEL,
-        calibration=ref.DATA / "calibration.txt", eval_file=ref.DATA / "eval.txt",
-        nsamples: int = 32, seqlen: int = 512, seed: int = 0, eval_limit: int | None = 40,
-        blocksize: int = 128, percdamp: float = 0.01, threads: int = 2, dense: bool = False,
-        do_eval: bool = True, exact: bool = False) -> dict:
+def run(
+    method: str,
+    pattern: str,
+    *,
+    model_path=ref.DEFAULT_MODEL,
+    calibration=ref.DATA / "calibration.txt",
+    eval_file=ref.DATA / "eval.txt",
+    nsamples: int = 32,
+    seqlen: int = 512,
+    seed: int = 0,
+    eval_limit: int | None = 40,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    threads: int = 2,
+    dense: bool = False,
+    do_eval: bool = True,
+    exact: bool = False,
+) -> dict:
     import torch
 
-    from worker.engine.pipeline import RunOptions, run_job
     from worker.engine.contract.spec import JobSpec
+    from worker.engine.pipeline import RunOptions, run_job
 
     torch.set_num_threads(threads)
     eval_key = str(eval_file)
-    job = JobSpec.from_flat(model=str(model_path), sparsity=pattern, method=method,
-                            dataset=str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed,
-                            blocksize=blocksize, percdamp=percdamp,
-                            datasets=[eval_key] if do_eval else [], max_windows=eval_limit,
-                            dense=dense and do_eval, dtype="float32", exact=exact)
+    job = JobSpec.from_flat(
+        model=str(model_path),
+        sparsity=pattern,
+        method=method,
+        dataset=str(calibration),
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        datasets=[eval_key] if do_eval else [],
+        max_windows=eval_limit,
+        dense=dense and do_eval,
+        dtype="float32",
+        exact=exact,
+    )
     options = RunOptions(device="cpu")
 
     marks: dict = {"stages": []}
@@ -69,14 +93,19 @@ def run(method: str, pattern: str, *, model_path=ref.DEFAULT_MODEL,
 
     seconds = report.get("seconds", {})
     result = {
-        "method": method, "pattern": pattern, "runner": "engine",
-        "prune_seconds": seconds.get("prune"), "seconds": seconds, "wall_seconds": wall,
+        "method": method,
+        "pattern": pattern,
+        "runner": "engine",
+        "prune_seconds": seconds.get("prune"),
+        "seconds": seconds,
+        "wall_seconds": wall,
         "sparsity": report.get("sparsity"),
         "engine_peak_memory_bytes": report.get("peak_memory_bytes"),
         # on CPU the engine's own figure is the process's peak RSS right after the prune
         "peak_rss_after_prune": report.get("peak_memory_bytes") or marks.get("peak_after_prune"),
         "peak_rss_at_eval_start": marks.get("peak_after_prune"),
-        "peak_rss": ref.peak_rss_bytes(), "stages": marks["stages"],
+        "peak_rss": ref.peak_rss_bytes(),
+        "stages": marks["stages"],
     }
     layers = report.get("layers") or []
     if layers and all("seconds" in layer for layer in layers):
@@ -100,10 +129,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dense", action="store_true", help="let the engine evaluate the dense model too")
     p.add_argument("--exact", action="store_true", help="the engine's exact mode (the reference's arithmetic)")
     a = p.parse_args(argv)
-    result = run(a.method, a.sparsity, model_path=a.model, calibration=a.calibration,
-                 eval_file=a.eval_file, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                 eval_limit=a.eval_windows, blocksize=a.blocksize, percdamp=a.percdamp,
-                 threads=a.threads, dense=a.dense, do_eval=not a.no_eval, exact=a.exact)
+    result = run(
+        a.method,
+        a.sparsity,
+        model_path=a.model,
+        calibration=a.calibration,
+        eval_file=a.eval_file,
+        nsamples=a.nsamples,
+        seqlen=a.seqlen,
+        seed=a.seed,
+        eval_limit=a.eval_windows,
+        blocksize=a.blocksize,
+        percdamp=a.percdamp,
+        threads=a.threads,
+        dense=a.dense,
+        do_eval=not a.no_eval,
+        exact=a.exact,
+    )
     print(json.dumps(result, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))

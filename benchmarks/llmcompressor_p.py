@@ -44,12 +44,14 @@ def gptq_modifier(scheme: str, group_size: int, percdamp: float, blocksize: int,
     if scheme not in QUANT_SCHEMES:
         raise SystemExit(f"llm-compressor runner: GPTQ schemes are {', '.join(QUANT_SCHEMES)}, not {scheme!r}")
     weights = dict(num_bits=QUANT_SCHEMES[scheme], type="int", symmetric=True, dynamic=False)
-    weights.update(strategy="channel" if group_size == -1 else "group",
-                   group_size=None if group_size == -1 else group_size)
+    weights.update(
+        strategy="channel" if group_size == -1 else "group", group_size=None if group_size == -1 else group_size
+    )
     groups = {"group_0": {"targets": ["Linear"], "weights": weights, "format": "pack-quantized"}}
     extra = {} if actorder is None else {"actorder": None if actorder == "none" else actorder}
-    return GPTQModifier(config_groups=groups, ignore=["lm_head"], block_size=blocksize,
-                        dampening_frac=percdamp, **extra)
+    return GPTQModifier(
+        config_groups=groups, ignore=["lm_head"], block_size=blocksize, dampening_frac=percdamp, **extra
+    )
 
 
 def fp8_modifier():
@@ -66,8 +68,7 @@ def build_recipe(method: str, pattern: str, percdamp: float, blocksize: int):
         raise SystemExit("llm-compressor runner: method gptq needs --quantize")
     sparsity, n, m = ref.parse_pattern(pattern)
     structure = f"{n}:{m}" if n else "0:0"
-    common = dict(sparsity=sparsity, mask_structure=structure, targets=["Linear"],
-                  ignore=["re:.*lm_head"])
+    common = dict(sparsity=sparsity, mask_structure=structure, targets=["Linear"], ignore=["re:.*lm_head"])
     if method == "sparsegpt":
         from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
@@ -79,8 +80,15 @@ def build_recipe(method: str, pattern: str, percdamp: float, blocksize: int):
     raise SystemExit(f"llm-compressor runner: unsupported method {method!r}")
 
 
-def _recipe(method: str, pattern: str, percdamp: float, blocksize: int, quantize: str | None,
-            group_size: int, actorder: str | None):
+def _recipe(
+    method: str,
+    pattern: str,
+    percdamp: float,
+    blocksize: int,
+    quantize: str | None,
+    group_size: int,
+    actorder: str | None,
+):
     """The modifiers: a pruning or fp8 one, then GPTQ when ``quantize`` (method gptq: GPTQ alone)."""
     recipe = [] if method == "gptq" else [build_recipe(method, pattern, percdamp, blocksize)]
     if quantize:
@@ -88,12 +96,26 @@ def _recipe(method: str, pattern: str, percdamp: float, blocksize: int, quantize
     return recipe
 
 
-def run(method: str, pattern: str, *, model_path=ref.DEFAULT_MODEL,
-        calibration=ref.DATA / "calibration.txt", eval_file=ref.DATA / "eval.txt",
-        nsamples: int = 32, seqlen: int = 512, seed: int = 0, eval_limit: int | None = 40,
-        blocksize: int = 128, percdamp: float = 0.01, threads: int = 2, do_eval: bool = True,
-        quantize: str | None = None, group_size: int = 64, actorder: str | None = None,
-        output: str | Path | None = None) -> dict:
+def run(
+    method: str,
+    pattern: str,
+    *,
+    model_path=ref.DEFAULT_MODEL,
+    calibration=ref.DATA / "calibration.txt",
+    eval_file=ref.DATA / "eval.txt",
+    nsamples: int = 32,
+    seqlen: int = 512,
+    seed: int = 0,
+    eval_limit: int | None = 40,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    threads: int = 2,
+    do_eval: bool = True,
+    quantize: str | None = None,
+    group_size: int = 64,
+    actorder: str | None = None,
+    output: str | Path | None = None,
+) -> dict:
     import llmcompressor
     import torch
     from datasets import Dataset
@@ -110,22 +132,36 @@ def run(method: str, pattern: str, *, model_path=ref.DEFAULT_MODEL,
     if method != "fp8":  # FP8_DYNAMIC needs no calibration data
         samples = ref.calibration_samples(ref.tokenize_file(tokenizer, calibration), nsamples, seqlen, seed)
         rows = [s[0].tolist() for s in samples]
-        data = dict(dataset=Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}),
-                    num_calibration_samples=nsamples, max_seq_length=seqlen, shuffle_calibration_samples=False,
-                    batch_size=1)
+        data = dict(
+            dataset=Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}),
+            num_calibration_samples=nsamples,
+            max_seq_length=seqlen,
+            shuffle_calibration_samples=False,
+            batch_size=1,
+        )
 
     t0 = time.perf_counter()
-    oneshot(model=model, tokenizer=tokenizer,
-            recipe=_recipe(method, pattern, percdamp, blocksize, quantize, group_size, actorder), **data)
+    oneshot(
+        model=model,
+        tokenizer=tokenizer,
+        recipe=_recipe(method, pattern, percdamp, blocksize, quantize, group_size, actorder),
+        **data,
+    )
     prune_seconds = time.perf_counter() - t0
     model.eval()
 
-    result = {"method": method, "pattern": pattern if method != "gptq" else "-", "runner": "llm-compressor",
-              "quantize": "FP8_DYNAMIC" if method == "fp8" else quantize,
-              "group_size": group_size if quantize else None, "actorder": actorder if quantize else None,
-              "version": getattr(llmcompressor, "__version__", "?"),
-              "prune_seconds": prune_seconds, "peak_rss_after_prune": ref.peak_rss_bytes(),
-              "sparsity": ref.achieved_sparsity(model)}
+    result = {
+        "method": method,
+        "pattern": pattern if method != "gptq" else "-",
+        "runner": "llm-compressor",
+        "quantize": "FP8_DYNAMIC" if method == "fp8" else quantize,
+        "group_size": group_size if quantize else None,
+        "actorder": actorder if quantize else None,
+        "version": getattr(llmcompressor, "__version__", "?"),
+        "prune_seconds": prune_seconds,
+        "peak_rss_after_prune": ref.peak_rss_bytes(),
+        "sparsity": ref.achieved_sparsity(model),
+    }
     if saves:
         result.update(_save_and_reload(model, tokenizer, Path(output)))
         model = result.pop("model")
@@ -159,16 +195,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sparsity", default="0.5")
     p.add_argument("--quantize", choices=sorted(QUANT_SCHEMES), help="then GPTQModifier with this scheme")
     p.add_argument("--group-size", type=int, default=64, help="GPTQ's group size (-1: per output channel)")
-    p.add_argument("--actorder", choices=["static", "weight", "none"],
-                   help="GPTQModifier's actorder (default: its own, 'static')")
+    p.add_argument(
+        "--actorder", choices=["static", "weight", "none"], help="GPTQModifier's actorder (default: its own, 'static')"
+    )
     p.add_argument("--output", help="the compressed checkpoint's directory (quantizing recipes)")
     ref.add_protocol_args(p)
     a = p.parse_args(argv)
-    result = run(a.method, a.sparsity, model_path=a.model, calibration=a.calibration,
-                 eval_file=a.eval_file, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                 eval_limit=a.eval_windows, blocksize=a.blocksize, percdamp=a.percdamp,
-                 threads=a.threads, do_eval=not a.no_eval, quantize=a.quantize, group_size=a.group_size,
-                 actorder=a.actorder, output=a.output)
+    result = run(
+        a.method,
+        a.sparsity,
+        model_path=a.model,
+        calibration=a.calibration,
+        eval_file=a.eval_file,
+        nsamples=a.nsamples,
+        seqlen=a.seqlen,
+        seed=a.seed,
+        eval_limit=a.eval_windows,
+        blocksize=a.blocksize,
+        percdamp=a.percdamp,
+        threads=a.threads,
+        do_eval=not a.no_eval,
+        quantize=a.quantize,
+        group_size=a.group_size,
+        actorder=a.actorder,
+        output=a.output,
+    )
     print(json.dumps(result, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))

@@ -61,13 +61,39 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, str, Path]:
     (models / "calib.txt").write_text(sample_text(20_000), encoding="utf-8")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSEGPT_")}
-    env.update(SPARSEGPT_DATA_DIR=str(workdir / "data"), SPARSEGPT_LOCAL_DIRS=str(models), SPARSEGPT_WORKER_DEVICE="cpu",
-               SPARSEGPT_MAX_ACTIVE_JOBS_PER_USER="0", SPARSEGPT_AUTH="off", OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update(
+        SPARSEGPT_DATA_DIR=str(workdir / "data"),
+        SPARSEGPT_LOCAL_DIRS=str(models),
+        SPARSEGPT_WORKER_DEVICE="cpu",
+        SPARSEGPT_MAX_ACTIVE_JOBS_PER_USER="0",
+        SPARSEGPT_AUTH="off",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
     log = (workdir / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--log-level", "warning"],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -86,21 +112,39 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, str, Path]:
 
 def small_job(models: Path | None) -> dict:
     if models is None:  # someone else's server: a hub id it need not download (the job is cancelled)
-        return {"model": "facebook/opt-125m", "sparsity": 0.5, "calibration": {"nsamples": 4, "seqlen": 32},
-                "evaluation": {"datasets": [], "max_windows": 2}}
-    return {"model": str(models / "llama"), "sparsity": "2:4",
-            "calibration": {"dataset": str(models / "calib.txt"), "nsamples": 4, "seqlen": 32},
-            "evaluation": {"datasets": [str(models / "calib.txt")], "max_windows": 2}, "dtype": "float32"}
+        return {
+            "model": "facebook/opt-125m",
+            "sparsity": 0.5,
+            "calibration": {"nsamples": 4, "seqlen": 32},
+            "evaluation": {"datasets": [], "max_windows": 2},
+        }
+    return {
+        "model": str(models / "llama"),
+        "sparsity": "2:4",
+        "calibration": {"dataset": str(models / "calib.txt"), "nsamples": 4, "seqlen": 32},
+        "evaluation": {"datasets": [str(models / "calib.txt")], "max_windows": 2},
+        "dtype": "float32",
+    }
 
 
 def busy_job(models: Path) -> dict:
-    return {"model": str(models / "llama-deep"), "sparsity": 0.5,
-            "calibration": {"dataset": str(models / "calib.txt"), "nsamples": 512, "seqlen": 256},
-            "evaluation": {"datasets": [str(models / "calib.txt")], "max_windows": 32}, "dtype": "float32"}
+    return {
+        "model": str(models / "llama-deep"),
+        "sparsity": 0.5,
+        "calibration": {"dataset": str(models / "calib.txt"), "nsamples": 512, "seqlen": 256},
+        "evaluation": {"datasets": [str(models / "calib.txt")], "max_windows": 32},
+        "dtype": "float32",
+    }
 
 
-async def client_loop(client: httpx.AsyncClient, models: Path | None, rounds: int, stop_at: float,
-                      latencies: dict[str, list[float]], codes: Counter) -> None:
+async def client_loop(
+    client: httpx.AsyncClient,
+    models: Path | None,
+    rounds: int,
+    stop_at: float,
+    latencies: dict[str, list[float]],
+    codes: Counter,
+) -> None:
     async def timed(kind: str, method: str, url: str, **kwargs) -> httpx.Response | None:
         start = time.perf_counter()
         try:
@@ -142,25 +186,33 @@ async def run(base: str, token: str | None, models: Path | None, clients: int, r
         latencies: dict[str, list[float]] = defaultdict(list)
         codes: Counter = Counter()
         start = time.monotonic()
-        await asyncio.gather(*(client_loop(client, models, rounds, start + duration, latencies, codes) for _ in range(clients)))
+        await asyncio.gather(
+            *(client_loop(client, models, rounds, start + duration, latencies, codes) for _ in range(clients))
+        )
         elapsed = time.monotonic() - start
         busy_status = (await client.get(f"/api/v1/jobs/{busy_id}")).json()["status"] if busy_id else "n/a"
         if busy_id is not None and busy_status in ("queued", "running"):
             await client.post(f"/api/v1/jobs/{busy_id}/cancel")
 
     total = sum(len(v) for v in latencies.values())
-    print(f"\n{clients} clients, {total} requests in {elapsed:.1f} s ({total / elapsed:.0f} req/s); "
-          f"the background job was {busy_status} at the end")
+    print(
+        f"\n{clients} clients, {total} requests in {elapsed:.1f} s ({total / elapsed:.0f} req/s); "
+        f"the background job was {busy_status} at the end"
+    )
     print(f"{'request':<24}{'n':>7}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
     everything: list[float] = []
     for kind, values in latencies.items():
         everything += values
-        print(f"{kind:<24}{len(values):>7}{percentile(values, 50) * 1000:>10.1f}{percentile(values, 99) * 1000:>10.1f}"
-              f"{max(values) * 1000:>10.1f}")
+        print(
+            f"{kind:<24}{len(values):>7}{percentile(values, 50) * 1000:>10.1f}{percentile(values, 99) * 1000:>10.1f}"
+            f"{max(values) * 1000:>10.1f}"
+        )
     if everything:
-        print(f"{'all':<24}{len(everything):>7}{percentile(everything, 50) * 1000:>10.1f}"
-              f"{percentile(everything, 99) * 1000:>10.1f}{max(everything) * 1000:>10.1f}"
-              f"   (mean {statistics.mean(everything) * 1000:.1f})")
+        print(
+            f"{'all':<24}{len(everything):>7}{percentile(everything, 50) * 1000:>10.1f}"
+            f"{percentile(everything, 99) * 1000:>10.1f}{max(everything) * 1000:>10.1f}"
+            f"   (mean {statistics.mean(everything) * 1000:.1f})"
+        )
     print("responses:", ", ".join(f"{k[0]} {k[1]}: {n}" for k, n in sorted(codes.items(), key=str)))
     bad = sum(n for (kind, code), n in codes.items() if not isinstance(code, int) or code >= 500)
     if bad:
@@ -175,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=10, help="POST/GET/list/cancel rounds per client")
     parser.add_argument("--duration", type=float, default=120.0, help="stop after this many seconds")
-    parser.add_argument("--wrk", action="store_true",
-                        help="measure with wrk against a bare FastAPI app instead (benchmarks/load_wrk.py)")
+    parser.add_argument(
+        "--wrk",
+        action="store_true",
+        help="measure with wrk against a bare FastAPI app instead (benchmarks/load_wrk.py)",
+    )
     args = parser.parse_args(argv)
     if args.wrk:
         from benchmarks.load_wrk import run_wrk
@@ -198,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = asyncio.run(run(base, args.token, models, args.clients, args.rounds, args.duration))
         if code and workdir is not None:
-            print("the server's log ends with:\n" + "\n".join((workdir / "serve.log").read_text(errors="replace").splitlines()[-40:]))
+            print(
+                "the server's log ends with:\n"
+                + "\n".join((workdir / "serve.log").read_text(errors="replace").splitlines()[-40:])
+            )
         return code
     finally:
         if proc is not None:

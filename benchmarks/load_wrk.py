@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "load.json"
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
-BARE_APP = '''
+BARE_APP = """
 import os, sys
 from fastapi import FastAPI
 from fastapi.responses import Response
@@ -37,18 +37,26 @@ def jobs(limit: int = 20):
 def health():
     return Response(bodies["/health"], media_type="application/json")
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), http="h11", log_level="warning", timeout_keep_alive=5)
-'''
+"""
 
 
 def wrk(url: str, *, connections: int, seconds: int) -> dict:
     """requests/s and p50/p99 in ms of one wrk run (2 threads)."""
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = {q: float(v) * _UNITS[u] for q, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rps, "p50_ms": lat.get("50"), "p99_ms": lat.get("99"),
-            "non_2xx": int(errors.group(1)) if errors else 0}
+    return {
+        "rps": rps,
+        "p50_ms": lat.get("50"),
+        "p99_ms": lat.get("99"),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+    }
 
 
 def open_streams(base: str, job_id: int, count: int, stop: threading.Event, answered: list) -> threading.Thread:
@@ -61,12 +69,14 @@ def open_streams(base: str, job_id: int, count: int, stop: threading.Event, answ
     async def hold():
         limits = httpx.Limits(max_connections=count + 5)
         async with httpx.AsyncClient(base_url=base, timeout=None, limits=limits) as client:
+
             async def one():
                 async with client.stream("GET", f"/api/v1/jobs/{job_id}/events") as resp:
                     answered.append(resp.status_code)
                     async for _ in resp.aiter_bytes():
                         if stop.is_set():
                             return
+
             tasks = [asyncio.create_task(one()) for _ in range(count)]
             await asyncio.sleep(3)
             opened.set()
@@ -93,8 +103,11 @@ def measure(base: str, models: Path, workdir: Path, seconds: int, connections: i
     (workdir / "jobs.json").write_bytes(listing.content)
     (workdir / "health.json").write_bytes(health.content)
     port = free_port()
-    bare = subprocess.Popen([sys.executable, "-c", BARE_APP, str(port), str(workdir / "jobs.json"),
-                             str(workdir / "health.json")], cwd=REPO, start_new_session=True)
+    bare = subprocess.Popen(
+        [sys.executable, "-c", BARE_APP, str(port), str(workdir / "jobs.json"), str(workdir / "health.json")],
+        cwd=REPO,
+        start_new_session=True,
+    )
     bare_base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
@@ -105,8 +118,10 @@ def measure(base: str, models: Path, workdir: Path, seconds: int, connections: i
                 time.sleep(0.1)
         rows = {}
         for path in ("/api/v1/jobs?limit=20", "/health"):
-            rows[path] = {"api": wrk(base + path, connections=connections, seconds=seconds),
-                          "bare": wrk(bare_base + path, connections=connections, seconds=seconds)}
+            rows[path] = {
+                "api": wrk(base + path, connections=connections, seconds=seconds),
+                "bare": wrk(bare_base + path, connections=connections, seconds=seconds),
+            }
         stop = threading.Event()
         answered: list[int] = []
         holder = open_streams(base, running, 200, stop, answered)
@@ -134,8 +149,14 @@ def report(rows: dict, seconds: int, connections: int) -> dict:
     targets["jobs_rps_ratio"]["met"] = targets["jobs_rps_ratio"]["value"] >= 0.3
     targets["health_rps_ratio"]["met"] = targets["health_rps_ratio"]["value"] >= 0.7
     targets["p99_ratio_with_200_sse"]["met"] = targets["p99_ratio_with_200_sse"]["value"] <= 2
-    result = {"tool": "wrk -t2 --latency", "connections": connections, "seconds": seconds,
-              "cpus": os.cpu_count(), "rows": rows, "targets": targets}
+    result = {
+        "tool": "wrk -t2 --latency",
+        "connections": connections,
+        "seconds": seconds,
+        "cpus": os.cpu_count(),
+        "rows": rows,
+        "targets": targets,
+    }
     print(f"{'request':42} {'server':6} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'non-2xx':>8}")
     for path, by in rows.items():
         for who, r in by.items():

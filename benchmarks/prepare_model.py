@@ -51,8 +51,10 @@ def fetch_gguf(cache: Path) -> Path:
 
 
 def is_prepared(out: Path) -> bool:
-    return (out / "config.json").exists() and any(out.glob("*.safetensors")) and (
-        (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
+    return (
+        (out / "config.json").exists()
+        and any(out.glob("*.safetensors"))
+        and ((out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists())
     )
 
 

@@ -34,10 +34,17 @@ def _inline_threadpool() -> None:
 
 def _report(blocks: int) -> dict:
     """A finished job's report about as large as a real one (per block and module rows)."""
-    modules = [{"block": b, "name": f"self_attn.{m}", "sparsity": 0.5, "error": 0.01, "seconds": 0.2}
-               for b in range(blocks) for m in ("q_proj", "k_proj", "v_proj", "o_proj", "up", "down", "gate")]
-    return {"modules": modules, "perplexity": {"wikitext2": {"dense": 12.3, "pruned": 14.1}},
-            "environment": {"torch": "2.x", "gpu": "cpu"}, "timings": {"total_s": 12.0}}
+    modules = [
+        {"block": b, "name": f"self_attn.{m}", "sparsity": 0.5, "error": 0.01, "seconds": 0.2}
+        for b in range(blocks)
+        for m in ("q_proj", "k_proj", "v_proj", "o_proj", "up", "down", "gate")
+    ]
+    return {
+        "modules": modules,
+        "perplexity": {"wikitext2": {"dense": 12.3, "pruned": 14.1}},
+        "environment": {"torch": "2.x", "gpu": "cpu"},
+        "timings": {"total_s": 12.0},
+    }
 
 
 def seed(settings, jobs: int = 20) -> str:
@@ -48,8 +55,12 @@ def seed(settings, jobs: int = 20) -> str:
 
     db.migrate(settings.database)
     token = new_token()
-    spec = {"model": "/models/llama", "method": "sparsegpt", "sparsity": 0.5,
-            "calibration": {"dataset": "c4", "nsamples": 128, "seqlen": 2048}}
+    spec = {
+        "model": "/models/llama",
+        "method": "sparsegpt",
+        "sparsity": 0.5,
+        "calibration": {"dataset": "c4", "nsamples": 128, "seqlen": 2048},
+    }
     with db.session_scope(settings.database) as session:
         user = crud.create_user(session, name="profiler", token_hash=hash_token(token), is_admin=True)
         for i in range(jobs):
@@ -93,13 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     from app.main import create_app
 
     data = Path(tempfile.mkdtemp(prefix="sparsegpt-profile-"))
-    settings = Settings(data_dir=data, redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/13"),
-                        auth="required" if args.auth == "token" else "off", sweep_interval_s=3600)
+    settings = Settings(
+        data_dir=data,
+        redis_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/13"),
+        auth="required" if args.auth == "token" else "off",
+        sweep_interval_s=3600,
+    )
     token = seed(settings)
     headers = {"Authorization": f"Bearer {token}"} if args.auth == "token" else {}
     elapsed = asyncio.run(drive(create_app(settings), args.path, headers, args.requests))
-    print(f"{args.requests} x GET {args.path} (auth {args.auth}): {elapsed * 1000 / args.requests:.2f} ms a request "
-          f"under the profiler")
+    print(
+        f"{args.requests} x GET {args.path} (auth {args.auth}): {elapsed * 1000 / args.requests:.2f} ms a request "
+        f"under the profiler"
+    )
     return 0
 
 

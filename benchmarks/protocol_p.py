@@ -40,12 +40,18 @@ BENCH_VENV_PYTHON = REPO / ".venv-bench" / "bin" / "python"
 GB = 1e9
 
 RUNNERS = ("engine", "engine-exact", "reference", "llmcompressor")
-SCRIPTS = {"engine": "engine_p.py", "engine-exact": "engine_p.py", "reference": "reference_sparsegpt.py",
-           "llmcompressor": "llmcompressor_p.py"}
-METHODS = {"engine": METHOD_NAMES,
-           "engine-exact": ("sparsegpt",),  # the engine with exact=True: the reference's arithmetic
-           "reference": ("sparsegpt", "wanda", "magnitude"),
-           "llmcompressor": ("sparsegpt", "wanda")}
+SCRIPTS = {
+    "engine": "engine_p.py",
+    "engine-exact": "engine_p.py",
+    "reference": "reference_sparsegpt.py",
+    "llmcompressor": "llmcompressor_p.py",
+}
+METHODS = {
+    "engine": METHOD_NAMES,
+    "engine-exact": ("sparsegpt",),  # the engine with exact=True: the reference's arithmetic
+    "reference": ("sparsegpt", "wanda", "magnitude"),
+    "llmcompressor": ("sparsegpt", "wanda"),
+}
 
 # ../shared/BENCHMARK.md, measured on this machine's kind: (perplexity, prune s, peak RSS GB)
 FIXED = {
@@ -81,12 +87,12 @@ def fixed_for(run: dict) -> tuple | None:
 
 # ----------------------------------------------------------------------------- runner discovery
 
+
 def llmcompressor_python() -> str | None:
     if importlib.util.find_spec("llmcompressor") is not None:
         return sys.executable
     if BENCH_VENV_PYTHON.exists():
-        probe = subprocess.run([str(BENCH_VENV_PYTHON), "-c", "import llmcompressor"],
-                               capture_output=True)
+        probe = subprocess.run([str(BENCH_VENV_PYTHON), "-c", "import llmcompressor"], capture_output=True)
         if probe.returncode == 0:
             return str(BENCH_VENV_PYTHON)
     return None
@@ -104,34 +110,75 @@ def engine_available() -> bool:
 
 # ----------------------------------------------------------------------------- one child run
 
-def run_child(runner: str, method: str, pattern: str | None, args, python: str,
-              extra: list[str] = ()) -> dict:
+
+def run_child(runner: str, method: str, pattern: str | None, args, python: str, extra: list[str] = ()) -> dict:
     """Run one configuration in its own process; its figures plus the process's own peak RSS."""
     tag = f"{runner}-{method}-{(pattern or 'dense').replace(':', 'of')}"
     out_json = args.workdir / f"{tag}.json"
     log = args.workdir / f"{tag}.log"
     out_json.unlink(missing_ok=True)
-    cmd = [python, str(BENCH / SCRIPTS[runner]), "--method", method,
-           "--model", str(args.model), "--calibration", str(args.calibration),
-           "--eval", str(args.eval_file), "--eval-windows", str(args.eval_windows),
-           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
-           "--blocksize", str(args.blocksize), "--percdamp", str(args.percdamp),
-           "--threads", str(args.threads), "--json", str(out_json), *extra]
+    cmd = [
+        python,
+        str(BENCH / SCRIPTS[runner]),
+        "--method",
+        method,
+        "--model",
+        str(args.model),
+        "--calibration",
+        str(args.calibration),
+        "--eval",
+        str(args.eval_file),
+        "--eval-windows",
+        str(args.eval_windows),
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--seed",
+        str(args.seed),
+        "--blocksize",
+        str(args.blocksize),
+        "--percdamp",
+        str(args.percdamp),
+        "--threads",
+        str(args.threads),
+        "--json",
+        str(out_json),
+        *extra,
+    ]
     if pattern is not None:
         cmd += ["--sparsity", pattern]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               TQDM_DISABLE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        TQDM_DISABLE="1",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     print(f"  {tag:<34}", end="", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+            preexec_fn=(lambda: os.nice(args.nice)) if args.nice else None,
+        )
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
-    result = {"runner": runner, "method": method, "pattern": pattern or "-",
-              "wall_seconds": wall, "process_peak_rss": usage.ru_maxrss * 1024, "log": str(log)}
+    result = {
+        "runner": runner,
+        "method": method,
+        "pattern": pattern or "-",
+        "wall_seconds": wall,
+        "process_peak_rss": usage.ru_maxrss * 1024,
+        "log": str(log),
+    }
     if proc.returncode != 0 or not out_json.exists():
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         result["error"] = f"exit code {proc.returncode}: " + " | ".join(tail)
@@ -149,6 +196,7 @@ def run_child(runner: str, method: str, pattern: str | None, args, python: str,
 
 
 # ----------------------------------------------------------------------------- tables
+
 
 def _ratio(a, b) -> float | None:
     if a is None or b in (None, 0):
@@ -181,11 +229,15 @@ def add_ratios(runs: list[dict]) -> None:
 
 
 def print_tables(runs: list[dict], windows: int | str = 40, seqlen: int | str = 512) -> None:
-    head = (f"{'runner':<14}{'method':<10}{'pattern':>7}{'ppl':>10}{'prune s':>9}{'RSS GB':>8}"
-            f" |{'ppl/ref':>8}{'s/ref':>7}{'rss/ref':>8}{'s/llmc':>7}"
-            f" |{'ppl/fix':>8}{'s/fix':>7}{'rss/fix':>8}")
-    print(f"\nProtocol P: perplexity on eval.txt ({windows} x {seqlen}), prune seconds, "
-          "peak RSS after prune (GB = 1e9 bytes)")
+    head = (
+        f"{'runner':<14}{'method':<10}{'pattern':>7}{'ppl':>10}{'prune s':>9}{'RSS GB':>8}"
+        f" |{'ppl/ref':>8}{'s/ref':>7}{'rss/ref':>8}{'s/llmc':>7}"
+        f" |{'ppl/fix':>8}{'s/fix':>7}{'rss/fix':>8}"
+    )
+    print(
+        f"\nProtocol P: perplexity on eval.txt ({windows} x {seqlen}), prune seconds, "
+        "peak RSS after prune (GB = 1e9 bytes)"
+    )
     print("ratios: /ref = the reference procedure in this run, /llmc = llm-compressor in this run,")
     print("        /fix = the fixed figures of ../shared/BENCHMARK.md")
     print(head)
@@ -194,8 +246,15 @@ def print_tables(runs: list[dict], windows: int | str = 40, seqlen: int | str = 
     pat_order = {"-": 0, "0.5": 1, "2:4": 2, "4:8": 3}
     run_order = {n: i for i, n in enumerate(RUNNERS)}
     last = None
-    for r in sorted(runs, key=lambda r: (order.get(r["method"], 9), pat_order.get(r["pattern"], 9),
-                                         r["pattern"], run_order.get(r["runner"], 9))):
+    for r in sorted(
+        runs,
+        key=lambda r: (
+            order.get(r["method"], 9),
+            pat_order.get(r["pattern"], 9),
+            r["pattern"],
+            run_order.get(r["runner"], 9),
+        ),
+    ):
         group = (r["method"], r["pattern"])
         if last is not None and group != last:
             print()
@@ -205,13 +264,15 @@ def print_tables(runs: list[dict], windows: int | str = 40, seqlen: int | str = 
             continue
         q = r.get("ratios", {})
         rss = r.get("peak_rss_after_prune")
-        print(f"{r['runner']:<14}{r['method']:<10}{r['pattern']:>7}"
-              f"{_fmt(r.get('perplexity'), '.3f', 10)}{_fmt(r.get('prune_seconds'), '.1f', 9)}"
-              f"{_fmt(rss and rss / GB, '.2f', 8)} |"
-              f"{_fmt(q.get('ppl_vs_reference'), '.4f', 8)}{_fmt(q.get('prune_s_vs_reference'), '.2f', 7)}"
-              f"{_fmt(q.get('rss_vs_reference'), '.2f', 8)}{_fmt(q.get('prune_s_vs_llmcompressor'), '.2f', 7)} |"
-              f"{_fmt(q.get('ppl_vs_fixed'), '.4f', 8)}{_fmt(q.get('prune_s_vs_fixed'), '.2f', 7)}"
-              f"{_fmt(q.get('rss_vs_fixed'), '.2f', 8)}")
+        print(
+            f"{r['runner']:<14}{r['method']:<10}{r['pattern']:>7}"
+            f"{_fmt(r.get('perplexity'), '.3f', 10)}{_fmt(r.get('prune_seconds'), '.1f', 9)}"
+            f"{_fmt(rss and rss / GB, '.2f', 8)} |"
+            f"{_fmt(q.get('ppl_vs_reference'), '.4f', 8)}{_fmt(q.get('prune_s_vs_reference'), '.2f', 7)}"
+            f"{_fmt(q.get('rss_vs_reference'), '.2f', 8)}{_fmt(q.get('prune_s_vs_llmcompressor'), '.2f', 7)} |"
+            f"{_fmt(q.get('ppl_vs_fixed'), '.4f', 8)}{_fmt(q.get('prune_s_vs_fixed'), '.2f', 7)}"
+            f"{_fmt(q.get('rss_vs_fixed'), '.2f', 8)}"
+        )
 
 
 def check_targets(runs: list[dict]) -> list[dict]:
@@ -229,18 +290,29 @@ def check_targets(runs: list[dict]) -> list[dict]:
             ("peak RSS <= 0.8x the reference (this run)", q.get("rss_vs_reference"), 0.8),
         ):
             ok = None if value is None else value <= limit
-            checks.append({"runner": r["runner"], "pattern": r["pattern"], "target": name,
-                           "value": value, "limit": limit, "ok": ok})
+            checks.append(
+                {
+                    "runner": r["runner"],
+                    "pattern": r["pattern"],
+                    "target": name,
+                    "value": value,
+                    "limit": limit,
+                    "ok": ok,
+                }
+            )
     if checks:
         print("\nTargets (engine, SparseGPT):")
         for c in checks:
             verdict = {True: "PASS", False: "FAIL", None: "n/a "}[c["ok"]]
-            print(f"  {verdict}  {c.get('runner', 'engine'):<13}{c['pattern']:>4}  {c['target']:<46} "
-                  f"{_fmt(c['value'], '.3f', 7)} (limit {c['limit']})")
+            print(
+                f"  {verdict}  {c.get('runner', 'engine'):<13}{c['pattern']:>4}  {c['target']:<46} "
+                f"{_fmt(c['value'], '.3f', 7)} (limit {c['limit']})"
+            )
     return checks
 
 
 # ----------------------------------------------------------------------------- main
+
 
 def add_protocol_args(p: argparse.ArgumentParser) -> None:
     """Protocol P's model, data and sizes (../shared/BENCHMARK.md), the same in every benchmark of it."""
@@ -254,25 +326,33 @@ def add_protocol_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--methods", default="sparsegpt", help=f"comma list of {','.join(METHOD_NAMES)}")
     p.add_argument("--patterns", default="0.5", help="comma list, e.g. 0.5,2:4,4:8")
-    p.add_argument("--runners", default="engine,reference,llmcompressor",
-                   help="comma list of engine,engine-exact,reference,llmcompressor (missing ones "
-                        "are skipped; engine-exact is the engine reproducing the reference bit for bit)")
-    p.add_argument("--full", action="store_true",
-                   help=f"all methods ({', '.join(METHOD_NAMES)}) at 0.5, 2:4 and 4:8")
+    p.add_argument(
+        "--runners",
+        default="engine,reference,llmcompressor",
+        help="comma list of engine,engine-exact,reference,llmcompressor (missing ones "
+        "are skipped; engine-exact is the engine reproducing the reference bit for bit)",
+    )
+    p.add_argument("--full", action="store_true", help=f"all methods ({', '.join(METHOD_NAMES)}) at 0.5, 2:4 and 4:8")
     p.add_argument("--no-dense", action="store_true", help="skip the dense evaluation")
-    p.add_argument("--engine-dense", action="store_true",
-                   help="also let the engine evaluate the dense model (in its first run)")
+    p.add_argument(
+        "--engine-dense", action="store_true", help="also let the engine evaluate the dense model (in its first run)"
+    )
     add_protocol_args(p)
     p.add_argument("--blocksize", type=int, default=128)
     p.add_argument("--percdamp", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--nice", type=int, default=0, help="niceness increment for the child runs")
-    p.add_argument("--workdir", type=Path, default=REPO / "build" / "bench-p",
-                   help="per-run logs and JSON (default build/bench-p, gitignored)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=REPO / "build" / "bench-p",
+        help="per-run logs and JSON (default build/bench-p, gitignored)",
+    )
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--from-json", type=Path, help="print the tables of an earlier --json and exit")
     return p.parse_args(argv)
@@ -287,10 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         check_targets(data["runs"])
         return 0
 
-    methods = list(METHOD_NAMES) if args.full else \
-        [m.strip() for m in args.methods.split(",") if m.strip()]
-    patterns = ["0.5", "2:4", "4:8"] if args.full else \
-        [norm_pattern(p) for p in args.patterns.split(",") if p.strip()]
+    methods = list(METHOD_NAMES) if args.full else [m.strip() for m in args.methods.split(",") if m.strip()]
+    patterns = ["0.5", "2:4", "4:8"] if args.full else [norm_pattern(p) for p in args.patterns.split(",") if p.strip()]
     wanted = [r.strip() for r in args.runners.split(",") if r.strip()]
     for name in wanted:
         if name not in RUNNERS:
@@ -321,8 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     runs: list[dict] = []
-    print(f"protocol P: methods {methods}, patterns {patterns}, runners {list(pythons)}, "
-          f"{args.threads} threads; logs in {args.workdir}")
+    print(
+        f"protocol P: methods {methods}, patterns {patterns}, runners {list(pythons)}, "
+        f"{args.threads} threads; logs in {args.workdir}"
+    )
     if not args.no_dense:
         runs.append(run_child("reference", "dense", None, args, sys.executable))
     engine_dense_pending = args.engine_dense
@@ -336,8 +416,9 @@ def main(argv: list[str] | None = None) -> int:
                     extra, engine_dense_pending = ["--dense"], False
                 runs.append(run_child(runner, method, pattern, args, pythons[runner], extra))
                 add_ratios(runs)
-                write_json(args, runs, [], time.perf_counter() - t_start, methods, patterns,
-                           list(pythons), notes, partial=True)  # partial figures survive a stop
+                write_json(
+                    args, runs, [], time.perf_counter() - t_start, methods, patterns, list(pythons), notes, partial=True
+                )  # partial figures survive a stop
     total = time.perf_counter() - t_start
 
     add_ratios(runs)
@@ -357,15 +438,24 @@ def write_json(args, runs, checks, total, methods, patterns, runners, notes, par
     import torch
 
     payload = {
-        "protocol": "P", "partial": partial,
-        "config": {k: v if isinstance(v, (int, float, bool)) or v is None else str(v)
-                   for k, v in vars(args).items()},
-        "methods": methods, "patterns": patterns, "runners": runners, "notes": notes,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "machine": platform.machine(), "cpus": os.cpu_count()},
+        "protocol": "P",
+        "partial": partial,
+        "config": {k: v if isinstance(v, (int, float, bool)) or v is None else str(v) for k, v in vars(args).items()},
+        "methods": methods,
+        "patterns": patterns,
+        "runners": runners,
+        "notes": notes,
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+        },
         "fixed": {f"{m} {p}": v for (m, p), v in FIXED.items()},
         "fixed_llmcompressor": {f"{m} {p}": v for (m, p), v in FIXED_LLMC.items()},
-        "runs": runs, "targets": checks, "wall_seconds": total,
+        "runs": runs,
+        "targets": checks,
+        "wall_seconds": total,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(payload, indent=2))

@@ -34,6 +34,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the repository is where benchmarks/ is a package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.protocol_p import REPO, add_protocol_args  # noqa: E402
+
 VARIANTS = ("sparsegpt", "owl", "owl+refit", "refit")  # run in this order within a pattern
 PATTERNS = ("0.7", "0.5", "2:4", "0.6", "4:8")  # the targets' patterns first: a stopped run has them
 REFERENCE = {"dense": 28.404, "0.5": 50.641, "2:4": 83.441, "4:8": 64.210}  # ../shared/BENCHMARK.md
@@ -46,16 +47,28 @@ def one_run(variant: str, pattern: str, args) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO))
-    from worker.engine.pipeline import RunOptions, run_job
     from worker.engine.contract.spec import JobSpec
+    from worker.engine.pipeline import RunOptions, run_job
 
     torch.set_num_threads(args.threads)
     eval_key = str(args.eval_file)
-    fields = dict(model=str(args.model), sparsity=pattern, method="sparsegpt", dataset=str(args.calibration),
-                  nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, blocksize=128, percdamp=0.01,
-                  datasets=[eval_key], max_windows=args.eval_windows, dense=args.dense, dtype="float32",
-                  sparsity_profile="owl" if variant.startswith("owl") else "uniform",
-                  refit=args.refit if variant.endswith("refit") else "none")
+    fields = dict(
+        model=str(args.model),
+        sparsity=pattern,
+        method="sparsegpt",
+        dataset=str(args.calibration),
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        blocksize=128,
+        percdamp=0.01,
+        datasets=[eval_key],
+        max_windows=args.eval_windows,
+        dense=args.dense,
+        dtype="float32",
+        sparsity_profile="owl" if variant.startswith("owl") else "uniform",
+        refit=args.refit if variant.endswith("refit") else "none",
+    )
     if args.tasks:
         fields.update(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], task_limit=args.task_limit)
     spec = JobSpec.from_flat(**fields)
@@ -63,13 +76,19 @@ def one_run(variant: str, pattern: str, args) -> dict:
     report = run_job(spec, RunOptions(device="cpu", **({"task_dirs": (str(args.task_dir),)} if args.task_dir else {})))
     seconds = report["seconds"]
     return {
-        "variant": variant, "pattern": pattern, "refit_mode": spec.solver.refit,
+        "variant": variant,
+        "pattern": pattern,
+        "refit_mode": spec.solver.refit,
         "perplexity": report["perplexity"][eval_key],
         "dense_perplexity": report.get("dense_perplexity", {}).get(eval_key),
         "prune_seconds": seconds.get("prune", 0.0) + seconds.get("profile", 0.0),
-        "refit_seconds": seconds.get("refit"), "profile_seconds": seconds.get("profile"),
-        "seconds": seconds, "wall_seconds": time.perf_counter() - t0, "sparsity": report["sparsity"],
-        "refit": report.get("refit"), "profile": report.get("profile"),
+        "refit_seconds": seconds.get("refit"),
+        "profile_seconds": seconds.get("profile"),
+        "seconds": seconds,
+        "wall_seconds": time.perf_counter() - t0,
+        "sparsity": report["sparsity"],
+        "refit": report.get("refit"),
+        "profile": report.get("profile"),
         "zeroshot": _zeroshot(report),
         "layer_errors": [r["error"] for r in report["layers"]],
     }
@@ -88,16 +107,47 @@ def run_child(variant: str, pattern: str, args, dense: bool) -> dict:
     tag = f"{variant}-{pattern.replace(':', 'of')}".replace("+", "_")
     out, log = args.workdir / f"{tag}.json", args.workdir / f"{tag}.log"
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", variant, pattern, "--json", str(out),
-           "--refit", args.refit, "--threads", str(args.threads), "--model", str(args.model),
-           "--calibration", str(args.calibration), "--eval", str(args.eval_file),
-           "--eval-windows", str(args.eval_windows), "--nsamples", str(args.nsamples),
-           "--seqlen", str(args.seqlen), "--seed", str(args.seed)] + (["--dense"] if dense else []) \
-        + (["--tasks", args.tasks] if args.tasks else []) \
-        + (["--task-dir", str(args.task_dir)] if args.task_dir else []) \
+    cmd = (
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--one",
+            variant,
+            pattern,
+            "--json",
+            str(out),
+            "--refit",
+            args.refit,
+            "--threads",
+            str(args.threads),
+            "--model",
+            str(args.model),
+            "--calibration",
+            str(args.calibration),
+            "--eval",
+            str(args.eval_file),
+            "--eval-windows",
+            str(args.eval_windows),
+            "--nsamples",
+            str(args.nsamples),
+            "--seqlen",
+            str(args.seqlen),
+            "--seed",
+            str(args.seed),
+        ]
+        + (["--dense"] if dense else [])
+        + (["--tasks", args.tasks] if args.tasks else [])
+        + (["--task-dir", str(args.task_dir)] if args.task_dir else [])
         + (["--task-limit", str(args.task_limit)] if args.task_limit else [])
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
+    )
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(args.threads),
+        MKL_NUM_THREADS=str(args.threads),
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        TQDM_DISABLE="1",
+    )
     print(f"  {variant:<10}{pattern:>5}", end=" ", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as fh:
@@ -107,8 +157,10 @@ def run_child(variant: str, pattern: str, args, dense: bool) -> dict:
         print(f"FAILED, see {log}")
         return {"variant": variant, "pattern": pattern, "error": f"exit code {code}: {tail}"}
     result = json.loads(out.read_text())
-    print(f"ppl {result['perplexity']:8.3f}  prune {result['prune_seconds']:6.1f}s  "
-          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(
+        f"ppl {result['perplexity']:8.3f}  prune {result['prune_seconds']:6.1f}s  ({time.perf_counter() - t0:.0f}s)",
+        flush=True,
+    )
     return result
 
 
@@ -146,11 +198,12 @@ def dense_of(runs: list[dict]) -> float | None:
 
 def print_table(runs: list[dict]) -> None:
     dense = dense_of(runs)
-    print(f"\nProtocol P quality (SmolLM2-135M, eval.txt 40 x 512): dense perplexity "
-          f"{_f(dense, '.3f', 0)} (this run)")
+    print(f"\nProtocol P quality (SmolLM2-135M, eval.txt 40 x 512): dense perplexity {_f(dense, '.3f', 0)} (this run)")
     tasks = sorted({k for r in runs for k in (r.get("zeroshot") or {})})
-    head = (f"{'variant':<11}{'pattern':>7}{'ppl':>9}{'ppl/plain':>10}{'prune s':>9}{'s/plain':>8}"
-            f"{'refit s':>8}{'err before':>11}{'err after':>10}" + "".join(f"{t[:12]:>13}" for t in tasks))
+    head = (
+        f"{'variant':<11}{'pattern':>7}{'ppl':>9}{'ppl/plain':>10}{'prune s':>9}{'s/plain':>8}"
+        f"{'refit s':>8}{'err before':>11}{'err after':>10}" + "".join(f"{t[:12]:>13}" for t in tasks)
+    )
     print(head)
     print("-" * len(head))
     for pattern in PATTERNS:
@@ -161,27 +214,35 @@ def print_table(runs: list[dict]) -> None:
                 continue
             fit = r.get("refit") or {}
             acc = r.get("zeroshot") or {}
-            print(f"{r['variant']:<11}{pattern:>7}{_f(r['perplexity'], '.3f', 9)}{_f(r.get('ppl_vs_plain'), '.4f', 10)}"
-                  f"{_f(r['prune_seconds'], '.1f', 9)}{_f(r.get('prune_s_vs_plain'), '.2f', 8)}"
-                  f"{_f(r.get('refit_seconds'), '.1f', 8)}{_f(fit.get('error_before'), '.4f', 11)}"
-                  f"{_f(fit.get('error_after'), '.4f', 10)}"
-                  + "".join(_f(_accuracy(acc.get(t)), '.4f', 13) for t in tasks))
+            print(
+                f"{r['variant']:<11}{pattern:>7}{_f(r['perplexity'], '.3f', 9)}{_f(r.get('ppl_vs_plain'), '.4f', 10)}"
+                f"{_f(r['prune_seconds'], '.1f', 9)}{_f(r.get('prune_s_vs_plain'), '.2f', 8)}"
+                f"{_f(r.get('refit_seconds'), '.1f', 8)}{_f(fit.get('error_before'), '.4f', 11)}"
+                f"{_f(fit.get('error_after'), '.4f', 10)}"
+                + "".join(_f(_accuracy(acc.get(t)), ".4f", 13) for t in tasks)
+            )
         if rows:
             print()
 
 
 def print_markdown(runs: list[dict]) -> None:
-    print("\n| method | pattern | perplexity | ppl / plain | prune s | prune s / plain | refit s | "
-          "layer error before -> after refit |")
+    print(
+        "\n| method | pattern | perplexity | ppl / plain | prune s | prune s / plain | refit s | "
+        "layer error before -> after refit |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for pattern in PATTERNS:
-        for r in sorted((r for r in runs if r["pattern"] == pattern and "error" not in r),
-                        key=lambda r: VARIANTS.index(r["variant"])):
+        for r in sorted(
+            (r for r in runs if r["pattern"] == pattern and "error" not in r),
+            key=lambda r: VARIANTS.index(r["variant"]),
+        ):
             fit = r.get("refit") or {}
-            err = (f"{fit['error_before']:.4f} -> {fit['error_after']:.4f}" if fit.get("layers") else "")
-            print(f"| {r['variant']} | {pattern} | {r['perplexity']:.3f} | {_f(r.get('ppl_vs_plain'), '.4f', 0)} | "
-                  f"{r['prune_seconds']:.1f} | {_f(r.get('prune_s_vs_plain'), '.2f', 0)} | "
-                  f"{_f(r.get('refit_seconds'), '.1f', 0)} | {err} |")
+            err = f"{fit['error_before']:.4f} -> {fit['error_after']:.4f}" if fit.get("layers") else ""
+            print(
+                f"| {r['variant']} | {pattern} | {r['perplexity']:.3f} | {_f(r.get('ppl_vs_plain'), '.4f', 0)} | "
+                f"{r['prune_seconds']:.1f} | {_f(r.get('prune_s_vs_plain'), '.2f', 0)} | "
+                f"{_f(r.get('refit_seconds'), '.1f', 0)} | {err} |"
+            )
 
 
 def _accuracy(value):
@@ -207,20 +268,37 @@ def check_targets(runs: list[dict]) -> list[dict]:
 
     b = best("0.7", ("owl", "owl+refit"))
     if b and "0.7" in plain:
-        checks.append({"target": f"70%: OWL(+refit) <= {OWL_70_RATIO}x plain", "variant": b["variant"],
-                       "value": b["perplexity"], "limit": OWL_70_RATIO * plain["0.7"]})
+        checks.append(
+            {
+                "target": f"70%: OWL(+refit) <= {OWL_70_RATIO}x plain",
+                "variant": b["variant"],
+                "value": b["perplexity"],
+                "limit": OWL_70_RATIO * plain["0.7"],
+            }
+        )
     for pattern in ("0.5", "2:4"):
         b = best(pattern, ("owl", "refit", "owl+refit"))
         if b is None or pattern not in plain:
             continue
         if dense is not None:
-            checks.append({"target": f"{pattern}: close {GAP_SHARE:.0%} of this run's gap ({plain[pattern]:.2f} -> "
-                                     f"{dense:.2f})", "variant": b["variant"], "value": b["perplexity"],
-                           "limit": plain[pattern] - GAP_SHARE * (plain[pattern] - dense)})
+            checks.append(
+                {
+                    "target": f"{pattern}: close {GAP_SHARE:.0%} of this run's gap ({plain[pattern]:.2f} -> "
+                    f"{dense:.2f})",
+                    "variant": b["variant"],
+                    "value": b["perplexity"],
+                    "limit": plain[pattern] - GAP_SHARE * (plain[pattern] - dense),
+                }
+            )
         ref = REFERENCE[pattern]
-        checks.append({"target": f"{pattern}: <= reference figure {ref} - {GAP_SHARE:.0%} of its gap",
-                       "variant": b["variant"], "value": b["perplexity"],
-                       "limit": round(ref - GAP_SHARE * (ref - REFERENCE["dense"]), 1)})
+        checks.append(
+            {
+                "target": f"{pattern}: <= reference figure {ref} - {GAP_SHARE:.0%} of its gap",
+                "variant": b["variant"],
+                "value": b["perplexity"],
+                "limit": round(ref - GAP_SHARE * (ref - REFERENCE["dense"]), 1),
+            }
+        )
     if checks:
         print("Targets (issue 12):")
     for c in checks:
@@ -236,35 +314,55 @@ def write_json(path: Path | None, runs, checks, args, partial: bool, wall: float
         return
     import torch
 
-    payload = {"protocol": "P", "table": "quality", "partial": partial, "refit": args.refit,
-               "config": {k: str(v) for k, v in vars(args).items()},
-               "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                               "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                               "loadavg_end": os.getloadavg()},
-               "runs": runs, "targets": checks, "wall_seconds": wall}
+    payload = {
+        "protocol": "P",
+        "table": "quality",
+        "partial": partial,
+        "refit": args.refit,
+        "config": {k: str(v) for k, v in vars(args).items()},
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "loadavg_end": os.getloadavg(),
+        },
+        "runs": runs,
+        "targets": checks,
+        "wall_seconds": wall,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--patterns", default=",".join(PATTERNS))
     p.add_argument("--refit", default="swap+reconstruct", help="the refit mode of the refit rows")
     p.add_argument("--tasks", default="", help="zero-shot tasks (evaluation.tasks), e.g. wikitext_cloze")
-    p.add_argument("--task-dir", type=Path, help="a directory of local lm-eval task YAMLs "
-                   "(python -m benchmarks.zeroshot_task DIR writes protocol P's wikitext_cloze)")
+    p.add_argument(
+        "--task-dir",
+        type=Path,
+        help="a directory of local lm-eval task YAMLs "
+        "(python -m benchmarks.zeroshot_task DIR writes protocol P's wikitext_cloze)",
+    )
     p.add_argument("--task-limit", type=int, help="at most this many examples per task")
     add_protocol_args(p)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dense", action="store_true", help="(--one) also evaluate the dense model")
-    p.add_argument("--configs", default="", help="an explicit list and order: VARIANT@PATTERN,... (the first "
-                   "also evaluates the dense model)")
+    p.add_argument(
+        "--configs",
+        default="",
+        help="an explicit list and order: VARIANT@PATTERN,... (the first also evaluates the dense model)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each with --threads threads)")
     p.add_argument("--reuse", action="store_true", help="take a run's figures from the workdir where present")
-    p.add_argument("--collect", action="store_true", help="only gather the workdir's finished runs into the table "
-                   "(runs nothing)")
+    p.add_argument(
+        "--collect", action="store_true", help="only gather the workdir's finished runs into the table (runs nothing)"
+    )
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown (for the README)")
     p.add_argument("--workdir", type=Path, default=REPO / "build" / "quality-p")
     p.add_argument("--json", type=Path)
@@ -290,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-    configs = [(v, p) for p in patterns for v in variants if not (v.startswith("owl") and ":" in p)]  # OWL: unstructured
+    configs = [
+        (v, p) for p in patterns for v in variants if not (v.startswith("owl") and ":" in p)
+    ]  # OWL: unstructured
     if args.configs:  # an explicit order, VARIANT@PATTERN,...
         configs = [tuple(c.split("@", 1)) for c in args.configs.split(",") if c]
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -95,8 +95,17 @@ def run_one(key: str, model: Path) -> dict:
     out, js, log = BUILD / "ckpt" / key, BUILD / f"{key}.json", BUILD / f"{key}.log"
     load = os.getloadavg()
     if side == "llmc":
-        cmd = [str(REPO / ".venv-bench" / "bin" / "python"), str(HERE / "llmcompressor_p.py"), *extra,
-               "--model", str(model), "--output", str(out), "--json", str(js)]
+        cmd = [
+            str(REPO / ".venv-bench" / "bin" / "python"),
+            str(HERE / "llmcompressor_p.py"),
+            *extra,
+            "--model",
+            str(model),
+            "--output",
+            str(out),
+            "--json",
+            str(js),
+        ]
         if scheme != "FP8_DYNAMIC":
             cmd += ["--quantize", scheme, "--group-size", str(GROUP), "--sparsity", sparsity or "0.5"]
         _run(cmd, log)
@@ -106,18 +115,60 @@ def run_one(key: str, model: Path) -> dict:
         if side == "ours":
             report = BUILD / f"{key}.report.json"
             group = "-1" if scheme == "FP8_DYNAMIC" else str(GROUP)
-            _run([str(REPO / ".venv" / "bin" / "sparsegpt"), "prune", str(model), "--sparsity", sparsity,
-                  "--quantize", scheme, "--group-size", group, *extra,
-                  "--calibration", str(ref.DATA / "calibration.txt"),
-                  "--nsamples", "32", "--seqlen", "512", "--seed", "0", "--no-eval", "--device", "cpu",
-                  "--dtype", "float32", "--threads", "2", "--quiet", "--output", str(out), "--report", str(report)],
-                 log)
+            _run(
+                [
+                    str(REPO / ".venv" / "bin" / "sparsegpt"),
+                    "prune",
+                    str(model),
+                    "--sparsity",
+                    sparsity,
+                    "--quantize",
+                    scheme,
+                    "--group-size",
+                    group,
+                    *extra,
+                    "--calibration",
+                    str(ref.DATA / "calibration.txt"),
+                    "--nsamples",
+                    "32",
+                    "--seqlen",
+                    "512",
+                    "--seed",
+                    "0",
+                    "--no-eval",
+                    "--device",
+                    "cpu",
+                    "--dtype",
+                    "float32",
+                    "--threads",
+                    "2",
+                    "--quiet",
+                    "--output",
+                    str(out),
+                    "--report",
+                    str(report),
+                ],
+                log,
+            )
             engine = json.loads(report.read_text())
-            result.update(prune_seconds=(engine.get("seconds") or {}).get("prune"), output=str(out),
-                          group_size=int(group), actorder="--actorder" in extra,
-                          engine_quantization=engine.get("quantization"))
-        _run([sys.executable, str(Path(__file__).resolve()), "evaluate", str(out if side == "ours" else model),
-              "--json", str(js)], log.with_suffix(".eval.log"))
+            result.update(
+                prune_seconds=(engine.get("seconds") or {}).get("prune"),
+                output=str(out),
+                group_size=int(group),
+                actorder="--actorder" in extra,
+                engine_quantization=engine.get("quantization"),
+            )
+        _run(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "evaluate",
+                str(out if side == "ours" else model),
+                "--json",
+                str(js),
+            ],
+            log.with_suffix(".eval.log"),
+        )
         result.update(json.loads(js.read_text()))
     result.update(key=key, load_average_at_start=load)
     js.write_text(json.dumps(result, indent=2))
@@ -125,16 +176,28 @@ def run_one(key: str, model: Path) -> dict:
 
 
 def environment() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     versions = {}
     for name in ("torch", "transformers", "compressed_tensors"):
         try:
             versions[name] = __import__(name).__version__
         except ImportError:
             pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "ours": versions,
-            "date": time.strftime("%Y-%m-%d %H:%M"), "load_average_at_end": os.getloadavg()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "ours": versions,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "load_average_at_end": os.getloadavg(),
+    }
 
 
 def _ratio(a, b):
@@ -150,21 +213,33 @@ def summarize(runs: dict[str, dict]) -> dict:
         return {f: runs.get(key, {}).get(f) for f in fields}
 
     ours, theirs = runs.get("ours-w4a16", {}), runs.get("llmc-w4a16", {})
-    a = {"perplexity_ratio": _ratio(ours.get("perplexity"), theirs.get("perplexity")), "perplexity_target": 1.01,
-         "time_ratio": _ratio(ours.get("prune_seconds"), theirs.get("prune_seconds")), "time_target": 0.6}
+    a = {
+        "perplexity_ratio": _ratio(ours.get("perplexity"), theirs.get("perplexity")),
+        "perplexity_target": 1.01,
+        "time_ratio": _ratio(ours.get("prune_seconds"), theirs.get("prune_seconds")),
+        "time_target": 0.6,
+    }
     a["perplexity_met"] = a["perplexity_ratio"] is not None and a["perplexity_ratio"] <= 1.01
     a["time_met"] = a["time_ratio"] is not None and a["time_ratio"] <= 0.6
-    b = {k: pick(k, "perplexity", "surviving_sparsity", "prune_seconds")
-         for k in ("ours-s50-w4a16", "llmc-s50-w4a16", "ours-s24-w4a16", "llmc-s24-w4a16")}
-    c = {k: {**pick(k, "perplexity"), "vs_dense": _ratio(runs.get(k, {}).get("perplexity"), dense.get("perplexity"))}
-         for k in ("ours-fp8", "llmc-fp8")}
+    b = {
+        k: pick(k, "perplexity", "surviving_sparsity", "prune_seconds")
+        for k in ("ours-s50-w4a16", "llmc-s50-w4a16", "ours-s24-w4a16", "llmc-s24-w4a16")
+    }
+    c = {
+        k: {**pick(k, "perplexity"), "vs_dense": _ratio(runs.get(k, {}).get("perplexity"), dense.get("perplexity"))}
+        for k in ("ours-fp8", "llmc-fp8")
+    }
     d = {}
     for k, target in (("ours-w4a16", 0.30), ("llmc-w4a16", 0.30), ("ours-fp8", 0.52), ("llmc-fp8", 0.52)):
         r = runs.get(k, {})
         dec = _ratio(r.get("decoder_weight_bytes"), fp16_decoder)
-        d[k] = {"decoder_vs_fp16": dec, "target": target, "met": dec is not None and dec <= target,
-                "directory_vs_dense_fp16_directory": _ratio(r.get("directory_bytes"), dense_fp16_dir),
-                "directory_vs_dense_fp32_directory": _ratio(r.get("directory_bytes"), dense.get("directory_bytes"))}
+        d[k] = {
+            "decoder_vs_fp16": dec,
+            "target": target,
+            "met": dec is not None and dec <= target,
+            "directory_vs_dense_fp16_directory": _ratio(r.get("directory_bytes"), dense_fp16_dir),
+            "directory_vs_dense_fp32_directory": _ratio(r.get("directory_bytes"), dense.get("directory_bytes")),
+        }
     return {"a_w4a16": a, "b_sparse_w4a16": b, "c_fp8": c, "d_bytes": d}
 
 
@@ -178,26 +253,35 @@ def _verdict(value, met: bool) -> str:
 
 def table(data: dict) -> str:
     runs, s = data["runs"], data["summary"]
-    lines = ["| run | pattern | scheme | ppl | prune s | surviving sparsity | decoder / fp16 | dir / fp16 dir |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | pattern | scheme | ppl | prune s | surviving sparsity | decoder / fp16 | dir / fp16 dir |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     fp16_decoder = runs.get("dense", {}).get("decoder_weight_bytes_fp16")
     fp16_dir = runs.get("dense", {}).get("fp16_directory_bytes")
     for key, r in runs.items():
-        lines.append(f"| {key} | {r.get('pattern') or '-'} | {r.get('quantize') or '-'} | {_f(r.get('perplexity'))} | "
-                     f"{_f(r.get('prune_seconds'), '.1f')} | {_f(r.get('surviving_sparsity'), '.4f')} | "
-                     f"{_f(_ratio(r.get('decoder_weight_bytes'), fp16_decoder))} | "
-                     f"{_f(_ratio(r.get('directory_bytes'), fp16_dir))} |")
+        lines.append(
+            f"| {key} | {r.get('pattern') or '-'} | {r.get('quantize') or '-'} | {_f(r.get('perplexity'))} | "
+            f"{_f(r.get('prune_seconds'), '.1f')} | {_f(r.get('surviving_sparsity'), '.4f')} | "
+            f"{_f(_ratio(r.get('decoder_weight_bytes'), fp16_decoder))} | "
+            f"{_f(_ratio(r.get('directory_bytes'), fp16_dir))} |"
+        )
     a = s["a_w4a16"]
-    lines += ["", f"(a) W4A16 g{GROUP}, ours / llm-compressor GPTQ: perplexity {_f(a['perplexity_ratio'], '.4f')}x "
-              f"(target <= 1.01: {_verdict(a['perplexity_ratio'], a['perplexity_met'])}), time {_f(a['time_ratio'])}x "
-              f"(target <= 0.6: {_verdict(a['time_ratio'], a['time_met'])})"]
+    lines += [
+        "",
+        f"(a) W4A16 g{GROUP}, ours / llm-compressor GPTQ: perplexity {_f(a['perplexity_ratio'], '.4f')}x "
+        f"(target <= 1.01: {_verdict(a['perplexity_ratio'], a['perplexity_met'])}), time {_f(a['time_ratio'])}x "
+        f"(target <= 0.6: {_verdict(a['time_ratio'], a['time_met'])})",
+    ]
     for k, v in s["c_fp8"].items():
         lines.append(f"(c) {k}: perplexity {_f(v['perplexity'])}, {_f(v['vs_dense'], '.4f')}x the dense model's")
     for k, v in s["d_bytes"].items():
-        lines.append(f"(d) {k}: decoder weights {_f(v['decoder_vs_fp16'])}x fp16 (target <= {v['target']}: "
-                     f"{_verdict(v['decoder_vs_fp16'], v['met'])}); "
-                     f"directory {_f(v['directory_vs_dense_fp16_directory'])}x "
-                     f"the dense fp16 directory, {_f(v['directory_vs_dense_fp32_directory'])}x the fp32 one")
+        lines.append(
+            f"(d) {k}: decoder weights {_f(v['decoder_vs_fp16'])}x fp16 (target <= {v['target']}: "
+            f"{_verdict(v['decoder_vs_fp16'], v['met'])}); "
+            f"directory {_f(v['directory_vs_dense_fp16_directory'])}x "
+            f"the dense fp16 directory, {_f(v['directory_vs_dense_fp32_directory'])}x the fp32 one"
+        )
     return "\n".join(lines)
 
 
@@ -235,8 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         elif not a.collect:
             print(f"{time.strftime('%H:%M:%S')} {key} ...", flush=True)
             runs[key] = run_one(key, Path(a.model))
-    data = {"protocol": "P: SmolLM2-135M fp32, 32 x 512 calibration (seed 0), 40 x 512 evaluation windows, 2 threads",
-            "group_size": GROUP, "environment": environment(), "runs": runs}
+    data = {
+        "protocol": "P: SmolLM2-135M fp32, 32 x 512 calibration (seed 0), 40 x 512 evaluation windows, 2 threads",
+        "group_size": GROUP,
+        "environment": environment(),
+        "runs": runs,
+    }
     data["summary"] = summarize(runs)
     Path(a.json).write_text(json.dumps(data, indent=2) + "\n")
     print(table(data))

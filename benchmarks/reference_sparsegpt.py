@@ -35,6 +35,7 @@ DEFAULT_MODEL = REPO / "models" / "smollm2-135m"
 
 # ----------------------------------------------------------------------------- memory / patterns
 
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far (VmHWM)."""
     try:
@@ -64,6 +65,7 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- data
+
 
 def load_model(path: str | Path):
     from transformers import AutoModelForCausalLM
@@ -112,6 +114,7 @@ def perplexity(model, windows: list[torch.Tensor]) -> float:
 
 # ----------------------------------------------------------------------------- block inputs
 
+
 class _StopForward(Exception):
     pass
 
@@ -159,6 +162,7 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
 
 # ----------------------------------------------------------------------------- the solver
 
+
 class SparseGPTLayer:
     """One Linear: accumulate H = (2/n) sum x x^T over calibration sequences, then solve."""
 
@@ -179,8 +183,9 @@ class SparseGPTLayer:
         self.H += x @ x.t()
 
     @torch.no_grad()
-    def prune(self, sparsity: float, prunen: int = 0, prunem: int = 0, blocksize: int = 128,
-              percdamp: float = 0.01) -> float:
+    def prune(
+        self, sparsity: float, prunen: int = 0, prunem: int = 0, blocksize: int = 128, percdamp: float = 0.01
+    ) -> float:
         W = self.layer.weight.data.clone().float()  # (rows, cols)
         rows, cols = W.shape
         H = self.H
@@ -270,9 +275,18 @@ class WandaLayer:
 
 # ----------------------------------------------------------------------------- drivers
 
+
 @torch.no_grad()
-def prune_sequential(model, samples: list[torch.Tensor], method: str, pattern: str, *,
-                     blocksize: int = 128, percdamp: float = 0.01, log=print) -> dict:
+def prune_sequential(
+    model,
+    samples: list[torch.Tensor],
+    method: str,
+    pattern: str,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    log=print,
+) -> dict:
     """The reference driver: per block, hooks + calibration pass, solve, second pass."""
     sparsity, prunen, prunem = parse_pattern(pattern)
     solver_cls = {"sparsegpt": SparseGPTLayer, "wanda": WandaLayer}[method]
@@ -288,6 +302,7 @@ def prune_sequential(model, samples: list[torch.Tensor], method: str, pattern: s
         def hook_for(solver):
             def hook(module, inp, out):
                 solver.add_batch(inp[0].data)
+
             return hook
 
         handles = [s.layer.register_forward_hook(hook_for(s)) for s in solvers.values()]
@@ -299,7 +314,8 @@ def prune_sequential(model, samples: list[torch.Tensor], method: str, pattern: s
         ts = time.perf_counter()
         for name, solver in solvers.items():
             losses[f"model.layers.{b}.{name}"] = solver.prune(
-                sparsity, prunen, prunem, blocksize=blocksize, percdamp=percdamp)
+                sparsity, prunen, prunem, blocksize=blocksize, percdamp=percdamp
+            )
         t_solve += time.perf_counter() - ts
         del solvers
 
@@ -337,10 +353,24 @@ def achieved_sparsity(model) -> float:
 
 # ----------------------------------------------------------------------------- one run
 
-def run(method: str, pattern: str | None, *, model_path=DEFAULT_MODEL,
-        calibration=DATA / "calibration.txt", eval_file=DATA / "eval.txt", nsamples: int = 32,
-        seqlen: int = 512, seed: int = 0, eval_limit: int | None = 40, blocksize: int = 128,
-        percdamp: float = 0.01, threads: int = 2, do_eval: bool = True, verbose: bool = False) -> dict:
+
+def run(
+    method: str,
+    pattern: str | None,
+    *,
+    model_path=DEFAULT_MODEL,
+    calibration=DATA / "calibration.txt",
+    eval_file=DATA / "eval.txt",
+    nsamples: int = 32,
+    seqlen: int = 512,
+    seed: int = 0,
+    eval_limit: int | None = 40,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    threads: int = 2,
+    do_eval: bool = True,
+    verbose: bool = False,
+) -> dict:
     """Load, prune (method 'dense' skips it), evaluate; the figures of one protocol-P run."""
     from transformers import AutoTokenizer
 
@@ -356,8 +386,9 @@ def run(method: str, pattern: str | None, *, model_path=DEFAULT_MODEL,
         samples = calibration_samples(tokenize_file(tokenizer, calibration), nsamples, seqlen, seed)
     t0 = time.perf_counter()  # the prune phase: forward passes, Hessians, solves (not tokenizing)
     if method in ("sparsegpt", "wanda"):
-        info = prune_sequential(model, samples, method, pattern, blocksize=blocksize,
-                                percdamp=percdamp, log=print if verbose else None)
+        info = prune_sequential(
+            model, samples, method, pattern, blocksize=blocksize, percdamp=percdamp, log=print if verbose else None
+        )
         result["seconds_solve"] = info["seconds_solve"]
     elif method == "magnitude":
         prune_magnitude(model, pattern)
@@ -400,10 +431,22 @@ def main(argv: list[str] | None = None) -> None:
     add_protocol_args(p)
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
-    result = run(a.method, None if a.method == "dense" else a.sparsity, model_path=a.model,
-                 calibration=a.calibration, eval_file=a.eval_file, nsamples=a.nsamples,
-                 seqlen=a.seqlen, seed=a.seed, eval_limit=a.eval_windows, blocksize=a.blocksize,
-                 percdamp=a.percdamp, threads=a.threads, do_eval=not a.no_eval, verbose=a.verbose)
+    result = run(
+        a.method,
+        None if a.method == "dense" else a.sparsity,
+        model_path=a.model,
+        calibration=a.calibration,
+        eval_file=a.eval_file,
+        nsamples=a.nsamples,
+        seqlen=a.seqlen,
+        seed=a.seed,
+        eval_limit=a.eval_windows,
+        blocksize=a.blocksize,
+        percdamp=a.percdamp,
+        threads=a.threads,
+        do_eval=not a.no_eval,
+        verbose=a.verbose,
+    )
     print(json.dumps(result, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))

@@ -30,14 +30,45 @@ MODEL = REPO / "models" / "smollm2-135m"
 DATA = Path(os.environ.get("SPARSEGPT_SHARED_DATA", REPO.parent / "shared" / "data")) / "protocol-p"
 
 
-def one(pattern: str, refit: str, workdir: Path, dense: bool, last_block: int | None = None,
-        eval_windows: int = 40) -> dict:
+def one(
+    pattern: str, refit: str, workdir: Path, dense: bool, last_block: int | None = None, eval_windows: int = 40
+) -> dict:
     report = workdir / f"{pattern.replace(':', 'of')}-{refit}.json"
-    cmd = [sys.executable, "-m", "worker.engine.cli", str(MODEL), "--sparsity", pattern, "--quantize", "W4A16",
-           "--group-size", "64", "--refit", refit, "--calibration", str(DATA / "calibration.txt"),
-           "--nsamples", "32", "--seqlen", "512", "--seed", "0", "--eval", str(DATA / "eval.txt"),
-           "--eval-windows", str(eval_windows), "--device", "cpu", "--dtype", "float32", "--threads", "2", "--quiet",
-           "--report", str(report)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "worker.engine.cli",
+        str(MODEL),
+        "--sparsity",
+        pattern,
+        "--quantize",
+        "W4A16",
+        "--group-size",
+        "64",
+        "--refit",
+        refit,
+        "--calibration",
+        str(DATA / "calibration.txt"),
+        "--nsamples",
+        "32",
+        "--seqlen",
+        "512",
+        "--seed",
+        "0",
+        "--eval",
+        str(DATA / "eval.txt"),
+        "--eval-windows",
+        str(eval_windows),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--threads",
+        "2",
+        "--quiet",
+        "--report",
+        str(report),
+    ]
     if not dense:
         cmd.append("--no-dense-eval")
     if last_block is not None:  # a quicker look: only blocks 0..last_block pruned and quantized
@@ -45,9 +76,15 @@ def one(pattern: str, refit: str, workdir: Path, dense: bool, last_block: int | 
     subprocess.run(cmd, cwd=REPO, check=True)
     data = json.loads(report.read_text())
     [ppl] = data["perplexity"].values()
-    return {"pattern": pattern, "refit": refit, "how": data["quantization"]["how"], "perplexity": ppl,
-            "dense_perplexity": next(iter(data["dense_perplexity"].values()), None),
-            "prune_seconds": data["seconds"]["prune"], "refit_error": data.get("refit")}
+    return {
+        "pattern": pattern,
+        "refit": refit,
+        "how": data["quantization"]["how"],
+        "perplexity": ppl,
+        "dense_perplexity": next(iter(data["dense_perplexity"].values()), None),
+        "prune_seconds": data["seconds"]["prune"],
+        "refit_error": data.get("refit"),
+    }
 
 
 def main() -> None:
@@ -61,12 +98,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i, pattern in enumerate(args.patterns.split(",")):
             for refit in ("none", "reconstruct"):
-                runs.append(one(pattern, refit, Path(tmp), dense=(i == 0 and refit == "none"),
-                                last_block=args.last_block, eval_windows=args.eval_windows))
+                runs.append(
+                    one(
+                        pattern,
+                        refit,
+                        Path(tmp),
+                        dense=(i == 0 and refit == "none"),
+                        last_block=args.last_block,
+                        eval_windows=args.eval_windows,
+                    )
+                )
                 print(json.dumps(runs[-1]), flush=True)
     if args.json:
-        result = {"protocol": "P", "scheme": "W4A16", "group_size": 64, "last_block": args.last_block,
-                  "eval_windows": args.eval_windows, "runs": runs}
+        result = {
+            "protocol": "P",
+            "scheme": "W4A16",
+            "group_size": 64,
+            "last_block": args.last_block,
+            "eval_windows": args.eval_windows,
+            "runs": runs,
+        }
         Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
 
 

@@ -43,10 +43,21 @@ def main(argv: list[str] | None = None) -> None:
     ref.add_protocol_args(p)
     a = p.parse_args(argv)
     ref.SparseGPTLayer = SummedHessianLayer  # what prune_sequential instantiates
-    result = ref.run("sparsegpt", a.sparsity, model_path=a.model, calibration=a.calibration,
-                     eval_file=a.eval_file, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                     eval_limit=a.eval_windows, blocksize=a.blocksize, percdamp=a.percdamp,
-                     threads=a.threads, do_eval=not a.no_eval)
+    result = ref.run(
+        "sparsegpt",
+        a.sparsity,
+        model_path=a.model,
+        calibration=a.calibration,
+        eval_file=a.eval_file,
+        nsamples=a.nsamples,
+        seqlen=a.seqlen,
+        seed=a.seed,
+        eval_limit=a.eval_windows,
+        blocksize=a.blocksize,
+        percdamp=a.percdamp,
+        threads=a.threads,
+        do_eval=not a.no_eval,
+    )
     result["runner"] = "reference, Hessian summed then scaled"
     print(json.dumps(result, indent=2))
     if a.json:

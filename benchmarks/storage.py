@@ -57,7 +57,10 @@ def main(argv: list[str]) -> int:
     mb = size / 1e6
     print(f"archive of {model.name}: {mb:.0f} MB, sha256 {sha_local[:16]}... (the same through the store)")
     print(f"local hash (no store):            {local_s:6.2f} s  {mb / local_s:7.0f} MB/s")
-    print(f"streamed into the store + hashed: {put_s:6.2f} s  {mb / put_s:7.0f} MB/s  ({put_s / local_s:.1f}x the local hash)")
+    print(
+        f"streamed into the store + hashed: {put_s:6.2f} s  {mb / put_s:7.0f} MB/s  ({put_s / local_s:.1f}x the "
+        "local hash)"
+    )
     print(f"read back whole:                  {get_s:6.2f} s  {mb / get_s:7.0f} MB/s")
     print(f"16 MiB range from the middle:     {range_s:6.2f} s")
     return 0

@@ -17,7 +17,6 @@ import random
 import re
 from pathlib import Path
 
-
 PROTOCOL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "protocol-p"
 NAME = "wikitext_cloze"
 CONTEXT_WORDS = 32
@@ -54,8 +53,9 @@ def questions(text: str, n: int, seed: int) -> list[dict]:
                 others.append(span)
         choices = [true, *others]
         rng.shuffle(choices)
-        rows.append({"question": " ".join(words[i - CONTEXT_WORDS : i]), "choices": choices,
-                     "label": choices.index(true)})
+        rows.append(
+            {"question": " ".join(words[i - CONTEXT_WORDS : i]), "choices": choices, "label": choices.index(true)}
+        )
     return rows
 
 
@@ -69,7 +69,9 @@ def write_task(directory: Path, rows: list[dict], name: str = NAME) -> Path:
         'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
         "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
-        "metadata:\n  version: 1.0\n", encoding="utf-8")
+        "metadata:\n  version: 1.0\n",
+        encoding="utf-8",
+    )
     return directory
 
 

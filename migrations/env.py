@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 from app.config import get_settings
 from app.db import make_engine
 from app.models import Base

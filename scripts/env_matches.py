@@ -76,5 +76,7 @@ if __name__ == "__main__":
     extras = [e for e in (sys.argv[1] if len(sys.argv) > 1 else "").split(",") if e]
     problems = missing(extras)
     if problems:
-        print("bootstrap: to install: " + ", ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""), file=sys.stderr)
+        print(
+            "bootstrap: to install: " + ", ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""), file=sys.stderr
+        )
     sys.exit(1 if problems else 0)

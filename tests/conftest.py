@@ -168,9 +168,14 @@ def make_stack(team_pg, models_dir, tmp_path) -> Iterator:
     def make(redis_url: str, **settings: str) -> Stack:
         data = tmp_path / f"data{len(stacks)}"
         env = base_env(
-            SPARSEGPT_DATA_DIR=str(data), DATABASE_URL=team_pg, REDIS_URL=redis_url,
-            SPARSEGPT_LOCAL_DIRS=str(models_dir), SPARSEGPT_QUEUE=f"team-{secrets.token_hex(3)}",
-            SPARSEGPT_AUTH="required", SPARSEGPT_HEARTBEAT_INTERVAL_S="0.5", SPARSEGPT_MIN_FREE_DISK_MB="1",
+            SPARSEGPT_DATA_DIR=str(data),
+            DATABASE_URL=team_pg,
+            REDIS_URL=redis_url,
+            SPARSEGPT_LOCAL_DIRS=str(models_dir),
+            SPARSEGPT_QUEUE=f"team-{secrets.token_hex(3)}",
+            SPARSEGPT_AUTH="required",
+            SPARSEGPT_HEARTBEAT_INTERVAL_S="0.5",
+            SPARSEGPT_MIN_FREE_DISK_MB="1",
         )
         env.update({f"SPARSEGPT_{k.upper()}": str(v) for k, v in settings.items()})
         logs = tmp_path / f"logs{len(stacks)}"
@@ -232,11 +237,20 @@ def dashboard(redis_available, allowed_dir, tmp_path_factory, request) -> Iterat
     redis.Redis.from_url(redis_url).flushdb()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSEGPT_")}
     env.update(
-        SPARSEGPT_DATA_DIR=str(data), DATABASE_URL=database, REDIS_URL=redis_url,
-        SPARSEGPT_LOCAL_DIRS=str(allowed_dir), SPARSEGPT_QUEUE=f"test-dashboard-{secrets.token_hex(3)}",
-        SPARSEGPT_WORKER_DEVICE="cpu", SPARSEGPT_HEARTBEAT_INTERVAL_S="0.5",
-        SPARSEGPT_MAX_UPLOAD_BYTES=str(DASHBOARD_UPLOAD_LIMIT), SPARSEGPT_MAX_NSAMPLES="512", SPARSEGPT_MAX_SEQLEN="4096",
-        PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+        SPARSEGPT_DATA_DIR=str(data),
+        DATABASE_URL=database,
+        REDIS_URL=redis_url,
+        SPARSEGPT_LOCAL_DIRS=str(allowed_dir),
+        SPARSEGPT_QUEUE=f"test-dashboard-{secrets.token_hex(3)}",
+        SPARSEGPT_WORKER_DEVICE="cpu",
+        SPARSEGPT_HEARTBEAT_INTERVAL_S="0.5",
+        SPARSEGPT_MAX_UPLOAD_BYTES=str(DASHBOARD_UPLOAD_LIMIT),
+        SPARSEGPT_MAX_NSAMPLES="512",
+        SPARSEGPT_MAX_SEQLEN="4096",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
     )
     yield from run_service(env, logs, "test-dashboard")
 
@@ -255,7 +269,9 @@ def browser():
 
 @pytest.fixture(scope="module")
 def page(browser, dashboard):
-    context = browser.new_context(base_url=dashboard.base, viewport={"width": 1360, "height": 900}, accept_downloads=True)
+    context = browser.new_context(
+        base_url=dashboard.base, viewport={"width": 1360, "height": 900}, accept_downloads=True
+    )
     context.set_default_timeout(20_000)
     page = context.new_page()
     errors: list[str] = []

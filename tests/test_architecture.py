@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 from tests.support.paths import REPO
+
 ENGINE_FORBIDDEN = ("app", "worker", "celery", "fastapi", "starlette", "sqlalchemy", "redis", "kombu")
 MAX_MODULE_LINES = 420
 
@@ -32,37 +33,67 @@ def imports(package: str) -> list[tuple[str, int, str]]:
 
 
 def test_the_engine_imports_nothing_of_the_service():
-    bad = [(f, line, m) for f, line, m in imports("worker/engine")
-           if m.split(".")[0] in ENGINE_FORBIDDEN and not m.startswith("worker.engine")]
+    bad = [
+        (f, line, m)
+        for f, line, m in imports("worker/engine")
+        if m.split(".")[0] in ENGINE_FORBIDDEN and not m.startswith("worker.engine")
+    ]
     assert bad == []
 
 
 CONTRACT = "worker.engine.contract"  # the torch-free contract the API and the workers share
 # What the worker (outside its engine) may use of the service: the database, settings, Redis streams and
 # the job's files and store; never the web layer (routes, pages, the edge, the API's services).
-WORKER_USES_OF_APP = ("app", "app.config", "app.db", "app.models", "app.crud", "app.streams", "app.queue",
-                      "app.storage", "app.s3_store", "app.job_files", "app.mirror", "app.packagers", "app.archive",
-                      "app.paths", "app.model_links", "app.routing_tiers", "app.workers")
+WORKER_USES_OF_APP = (
+    "app",
+    "app.config",
+    "app.db",
+    "app.models",
+    "app.crud",
+    "app.streams",
+    "app.queue",
+    "app.storage",
+    "app.s3_store",
+    "app.job_files",
+    "app.mirror",
+    "app.packagers",
+    "app.archive",
+    "app.paths",
+    "app.model_links",
+    "app.routing_tiers",
+    "app.workers",
+)
 
 
 def test_app_imports_of_the_worker_are_the_contract_only():
-    bad = [(f, line, m) for f, line, m in imports("app")
-           if (m == "worker" or m.startswith("worker.") or m.split(".")[0] == "torch")
-           and not m.startswith(CONTRACT + ".") and m != CONTRACT and f != "app/cli.py"]
+    bad = [
+        (f, line, m)
+        for f, line, m in imports("app")
+        if (m == "worker" or m.startswith("worker.") or m.split(".")[0] == "torch")
+        and not m.startswith(CONTRACT + ".")
+        and m != CONTRACT
+        and f != "app/cli.py"
+    ]
     assert bad == []
 
 
 def test_the_workers_imports_of_the_app_are_its_data_layer_only():
-    bad = [(f, line, m) for f, line, m in imports("worker")
-           if (m == "app" or m.startswith("app.")) and not any(m == a or m.startswith(a + ".") and a != "app"
-                                                              for a in WORKER_USES_OF_APP)]
+    bad = [
+        (f, line, m)
+        for f, line, m in imports("worker")
+        if (m == "app" or m.startswith("app."))
+        and not any(m == a or m.startswith(a + ".") and a != "app" for a in WORKER_USES_OF_APP)
+    ]
     assert bad == [], "the worker uses the web layer: " + repr(bad)
 
 
 def test_the_contract_is_torch_free_and_imports_only_itself():
-    bad = [(f, line, m) for f, line, m in imports("worker/engine/contract")
-           if m.split(".")[0] in ("torch", "transformers", "app", "celery", "sqlalchemy", "fastapi", "redis")
-           or (m.startswith("worker.") and not m.startswith(CONTRACT) and m != "worker.engine.errors")]
+    bad = [
+        (f, line, m)
+        for f, line, m in imports("worker/engine/contract")
+        if m.split(".")[0] in ("torch", "transformers", "app", "celery", "sqlalchemy", "fastapi", "redis")
+        or (m.startswith("worker.") and not m.startswith(CONTRACT) and m != "worker.engine.errors")
+    ]
     assert bad == []
 
 
@@ -80,8 +111,11 @@ def test_api_worker_main_process_and_spec_load_no_torch():
 
 
 def test_no_module_of_app_or_worker_is_oversized():
-    sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines())
-             for package in ("app", "worker") for p in (REPO / package).rglob("*.py")}
+    sizes = {
+        str(p.relative_to(REPO)): len(p.read_text().splitlines())
+        for package in ("app", "worker")
+        for p in (REPO / package).rglob("*.py")
+    }
     assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}
 
 
@@ -101,12 +135,15 @@ def _module_graph(package: str) -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                targets = [f"{node.module}.{a.name}" if _is_module(f"{node.module}.{a.name}") else node.module
-                           for a in node.names]
+                targets = [
+                    f"{node.module}.{a.name}" if _is_module(f"{node.module}.{a.name}") else node.module
+                    for a in node.names
+                ]
             else:
                 continue
-            edges.update(t for t in targets if t.split(".")[0] == package and t != name
-                         and (name, t) not in LAZY_ON_PURPOSE)
+            edges.update(
+                t for t in targets if t.split(".")[0] == package and t != name and (name, t) not in LAZY_ON_PURPOSE
+            )
     return graph
 
 
@@ -115,27 +152,34 @@ def _is_module(dotted: str) -> bool:
     return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
 
 
+def _a_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (a path that comes back to its start), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in graph:
+                continue  # a package's __init__ or a name the graph does not hold
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
 def test_no_import_cycles_in_app_or_worker():
     """No module imports, even inside a function, a module that imports it back (directly or
     through others): a cycle hidden by a function-level import still makes the two one unit."""
     for package in ("app", "worker"):
-        graph = _module_graph(package)
-        state: dict[str, int] = {}
-        stack: list[str] = []
-
-        def visit(node: str) -> None:
-            state[node] = 1
-            stack.append(node)
-            for nxt in sorted(graph.get(node, ())):
-                if nxt not in graph:
-                    continue  # a package's __init__ or a name the graph does not hold
-                if state.get(nxt) == 1:
-                    raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
-                if nxt not in state:
-                    visit(nxt)
-            stack.pop()
-            state[node] = 2
-
-        for start in sorted(graph):
-            if start not in state:
-                visit(start)
+        cycle = _a_cycle(_module_graph(package))
+        assert cycle is None, "import cycle: " + " -> ".join(cycle or [])

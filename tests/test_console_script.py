@@ -10,7 +10,9 @@ from tests.support.paths import REPO
 
 
 def test_cli_dispatches_prune_to_the_engine():
-    result = subprocess.run([sys.executable, "-m", "app.cli", "prune", "--help"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "prune", "--help"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0 and "sparsity" in result.stdout
     result = subprocess.run([sys.executable, "-m", "app.cli", "--help"], cwd=REPO, capture_output=True, text=True)
     assert all(cmd in result.stdout for cmd in ("serve", "worker", "prune", "users"))
@@ -22,8 +24,12 @@ def test_users_add_prints_the_token_once_and_stores_its_hash(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL",) and not k.startswith("SPARSEGPT_")}
     env["SPARSEGPT_DATA_DIR"] = str(tmp_path)
-    run = lambda *args: subprocess.run([sys.executable, "-m", "app.cli", "users", *args], cwd=REPO, env=env,
-                                       capture_output=True, text=True)
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "app.cli", "users", *args], cwd=REPO, env=env, capture_output=True, text=True
+        )
+
     added = run("add", "alice", "--admin")
     assert added.returncode == 0, added.stderr
     token = added.stdout.strip().splitlines()[-1]

@@ -21,10 +21,22 @@ import httpx
 import pytest
 
 from tests.support.processes import add_user, base_env, free_port, read_sse, spawn, wait_for_health
-from tests.support.proxy import MAIN_CONF, NGINX, REPO, TEMPLATES, compose, compose_proxy_env, interpolate, prepare, start_proxy
+from tests.support.proxy import (
+    MAIN_CONF,
+    NGINX,
+    REPO,
+    TEMPLATES,
+    compose,
+    compose_proxy_env,
+    interpolate,
+    prepare,
+    start_proxy,
+)
 from tests.support.stacks import job_body
 
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="needs the nginx binary (apt-get install nginx; scripts/test installs it)")
+needs_nginx = pytest.mark.skipif(
+    NGINX is None, reason="needs the nginx binary (apt-get install nginx; scripts/test installs it)"
+)
 
 HEADER_TIMEOUT_S = 1  # the test render's client_header_timeout (compose: 10s)
 UPLOAD_LIMIT = "4m"  # the test render's upload limit (compose: 65m); the API's own cap is 8 MiB
@@ -32,6 +44,7 @@ PROXY_413 = "too large for the proxy"
 
 
 # --- docker-compose.yml, no process -------------------------------------------------------------
+
 
 def test_compose_publishes_only_the_proxy_and_mounts_the_tested_config():
     services = compose()["services"]
@@ -70,9 +83,16 @@ def test_compose_api_trusts_forwarded_headers_from_the_proxy_network_only():
     assert api_env["SPARSEGPT_FORWARDED_ALLOW_IPS"] == proxy_address
     assert ipaddress.ip_address(proxy_address) in ipaddress.ip_network(subnet)
     assert api_env["SPARSEGPT_ALLOWED_HOSTS"] == "localhost"  # ${SPARSEGPT_HOSTNAME:-localhost}
-    assert interpolate(services["api"]["environment"]["SPARSEGPT_ALLOWED_HOSTS"], {"SPARSEGPT_HOSTNAME": "gpu.example.org"}) == "gpu.example.org"
+    assert (
+        interpolate(
+            services["api"]["environment"]["SPARSEGPT_ALLOWED_HOSTS"], {"SPARSEGPT_HOSTNAME": "gpu.example.org"}
+        )
+        == "gpu.example.org"
+    )
     assert list(services["proxy"]["networks"]) == ["edge"] and "edge" in services["api"]["networks"]
-    others = [name for name, svc in services.items() if name not in ("api", "proxy") and "edge" in (svc.get("networks") or [])]
+    others = [
+        name for name, svc in services.items() if name not in ("api", "proxy") and "edge" in (svc.get("networks") or [])
+    ]
     assert others == [], f"only the proxy and the API belong on the trusted edge network: {others}"
     # uvicorn (the API's server) takes a CIDR in forwarded_allow_ips
     from uvicorn.middleware.proxy_headers import _TrustedHosts
@@ -90,11 +110,14 @@ def test_compose_render_is_valid_nginx(tls, tmp_path):
 
     env = compose_proxy_env() | {"SPARSEGPT_TLS": tls}
     cmd = prepare(tmp_path, env)
-    result = subprocess.run([*cmd[:-2], "-t", "-g", cmd[-1].replace("daemon off;", "")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*cmd[:-2], "-t", "-g", cmd[-1].replace("daemon off;", "")], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
 
 
 # --- the proxy in front of a real API -----------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def api(module_redis, models_dir, tmp_path_factory):
@@ -102,14 +125,24 @@ def api(module_redis, models_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("proxy-api")
     port = free_port()
     env = base_env(
-        SPARSEGPT_DATA_DIR=str(data), DATABASE_URL=f"sqlite:///{data / 'sparsegpt.db'}", REDIS_URL=module_redis.url,
-        SPARSEGPT_LOCAL_DIRS=str(models_dir), SPARSEGPT_QUEUE=f"proxy-{secrets.token_hex(3)}", SPARSEGPT_AUTH="required",
-        SPARSEGPT_ALLOWED_HOSTS="127.0.0.1,sparsegpt.test", SPARSEGPT_FORWARDED_ALLOW_IPS="127.0.0.1",
-        SPARSEGPT_MAX_UPLOAD_BYTES=str(8 * 1024 * 1024), SPARSEGPT_MIN_FREE_DISK_MB="1",
+        SPARSEGPT_DATA_DIR=str(data),
+        DATABASE_URL=f"sqlite:///{data / 'sparsegpt.db'}",
+        REDIS_URL=module_redis.url,
+        SPARSEGPT_LOCAL_DIRS=str(models_dir),
+        SPARSEGPT_QUEUE=f"proxy-{secrets.token_hex(3)}",
+        SPARSEGPT_AUTH="required",
+        SPARSEGPT_ALLOWED_HOSTS="127.0.0.1,sparsegpt.test",
+        SPARSEGPT_FORWARDED_ALLOW_IPS="127.0.0.1",
+        SPARSEGPT_MAX_UPLOAD_BYTES=str(8 * 1024 * 1024),
+        SPARSEGPT_MIN_FREE_DISK_MB="1",
     )
     token = add_user(env, "proxyadmin", admin=True)
     # --log-level info: uvicorn's access log names the client address the API believes
-    proc = spawn(["serve", "--workers", "0", "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"], env, data / "api.log")
+    proc = spawn(
+        ["serve", "--workers", "0", "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"],
+        env,
+        data / "api.log",
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for_health(base, proc)
@@ -120,8 +153,12 @@ def api(module_redis, models_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def proxy(api, tmp_path_factory):
-    proxy = start_proxy(tmp_path_factory.mktemp("nginx"), api["base"], SPARSEGPT_PROXY_HEADER_TIMEOUT=f"{HEADER_TIMEOUT_S}s",
-                        SPARSEGPT_PROXY_MAX_UPLOAD=UPLOAD_LIMIT)
+    proxy = start_proxy(
+        tmp_path_factory.mktemp("nginx"),
+        api["base"],
+        SPARSEGPT_PROXY_HEADER_TIMEOUT=f"{HEADER_TIMEOUT_S}s",
+        SPARSEGPT_PROXY_MAX_UPLOAD=UPLOAD_LIMIT,
+    )
     yield proxy
     proxy.stop()
 
@@ -160,7 +197,9 @@ def test_body_over_the_proxy_limit_is_refused_by_nginx(proxy, api):
             for _ in range(48):
                 yield b" " * 65536
 
-        response = client.post("/api/v1/jobs?probe=chunked", content=chunks(), headers={"Content-Type": "application/json"})
+        response = client.post(
+            "/api/v1/jobs?probe=chunked", content=chunks(), headers={"Content-Type": "application/json"}
+        )
         assert response.status_code == 413 and PROXY_413 in response.json()["detail"]
         assert 'upstream="-"' in proxy.log_line("probe=chunked")
 
@@ -172,10 +211,14 @@ def test_uploads_get_the_upload_limit(proxy, api):
     headers = {"Authorization": f"Bearer {api['token']}"}
     text = ("the quick brown fox jumps over the lazy dog\n" * 72_000).encode()  # ~3.2 MB
     with httpx.Client(base_url=proxy.base, timeout=60, headers=headers) as client:
-        response = client.post("/api/v1/calibration-sets?probe=upload-ok", files={"file": ("calib.txt", text, "text/plain")})
+        response = client.post(
+            "/api/v1/calibration-sets?probe=upload-ok", files={"file": ("calib.txt", text, "text/plain")}
+        )
         assert response.status_code == 201, response.text
         assert 'upstream="127.0.0.1:' in proxy.log_line("probe=upload-ok")
-        response = client.post("/api/v1/calibration-sets?probe=upload-big", files={"file": ("calib.txt", text * 2, "text/plain")})
+        response = client.post(
+            "/api/v1/calibration-sets?probe=upload-big", files={"file": ("calib.txt", text * 2, "text/plain")}
+        )
         assert response.status_code == 413 and PROXY_413 in response.json()["detail"]
         assert 'upstream="-"' in proxy.log_line("probe=upload-big")
 
@@ -205,7 +248,13 @@ def test_progress_stream_is_not_buffered(proxy, api, module_redis):
             assert first["event"] == "snapshot", first
             assert time.monotonic() - started < 3, "the snapshot was held back"
             sent = time.monotonic()
-            streams.publish(redis.Redis.from_url(module_redis.url), job_id, "progress", {"stage": "pruning", "probe": "unbuffered"}, maxlen=100)
+            streams.publish(
+                redis.Redis.from_url(module_redis.url),
+                job_id,
+                "progress",
+                {"stage": "pruning", "probe": "unbuffered"},
+                maxlen=100,
+            )
             event = next(events)
             assert event["event"] == "progress" and event["data"]["probe"] == "unbuffered", event
             assert time.monotonic() - sent < 1.5, f"progress took {time.monotonic() - sent:.2f}s through the proxy"
@@ -287,6 +336,7 @@ def test_sign_in_is_rate_limited_per_address(api, tmp_path):
 
 # --- what the API learns from the proxy (SPARSEGPT_ALLOWED_HOSTS, SPARSEGPT_FORWARDED_ALLOW_IPS) ---
 
+
 def _sign_in(client: httpx.Client, token: str) -> httpx.Response:
     """The dashboard's sign-in as a browser does it (its Origin): the API's cross-site check
     compares that Origin with the scheme it was told and the Host with its port, so this only
@@ -327,10 +377,14 @@ def test_api_sees_the_client_address_not_the_proxy_or_a_forged_one(tls_proxy, ap
     """X-Forwarded-For reaches the API, set by nginx from the connection (a client's own header
     is replaced): a client connecting from 127.0.0.2 is 127.0.0.2 in the API's access log."""
     marker = f"probe-{secrets.token_hex(4)}"
-    transport = httpx.HTTPTransport(local_address="127.0.0.2",
-                                    verify=ssl.create_default_context(cafile=str(tls_proxy.root / "certs" / "fullchain.pem")))
+    transport = httpx.HTTPTransport(
+        local_address="127.0.0.2",
+        verify=ssl.create_default_context(cafile=str(tls_proxy.root / "certs" / "fullchain.pem")),
+    )
     with httpx.Client(base_url=tls_proxy.base, transport=transport, timeout=30) as client:
-        response = client.get(f"/health?{marker}", headers={"X-Forwarded-For": "203.0.113.9", "X-Real-IP": "203.0.113.9"})
+        response = client.get(
+            f"/health?{marker}", headers={"X-Forwarded-For": "203.0.113.9", "X-Real-IP": "203.0.113.9"}
+        )
         assert response.status_code == 200
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and marker not in api["proc"].log.read_text(errors="replace"):
@@ -358,8 +412,12 @@ def test_an_anonymous_upload_is_refused_before_its_body(proxy):
     host, port = proxy.base.removeprefix("http://").split(":")
     for path in ("/api/v1/calibration-sets", "/jobs/new"):
         with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: multipart/form-data; "
-                          f"boundary=x\r\nContent-Length: 1000000\r\nAccept: application/json\r\n\r\n").encode())
+            sock.sendall(
+                (
+                    f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: multipart/form-data; "
+                    f"boundary=x\r\nContent-Length: 1000000\r\nAccept: application/json\r\n\r\n"
+                ).encode()
+            )
             sock.sendall(b"--x\r\n")  # a start of the body, then nothing
             ready, _, _ = select.select([sock], [], [], 5)
             assert ready, f"{path}: no answer before the body was sent (nginx buffers it)"

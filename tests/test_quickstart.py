@@ -47,13 +47,22 @@ def test_docs_link_only_to_files_of_the_repository(doc):
 def test_a_second_start_needs_no_package_index(tmp_path):
     """scripts/serve on a complete .venv: no pip (the index is unreachable), up in seconds."""
     port = free_port()
-    env = base_env(SPARSEGPT_DATA_DIR=str(tmp_path / "data"), PIP_INDEX_URL=f"http://127.0.0.1:{_closed_port()}/simple",
-                   PIP_NO_INDEX="1")
+    env = base_env(
+        SPARSEGPT_DATA_DIR=str(tmp_path / "data"),
+        PIP_INDEX_URL=f"http://127.0.0.1:{_closed_port()}/simple",
+        PIP_NO_INDEX="1",
+    )
     log = tmp_path / "serve.log"
     t0 = time.monotonic()
     with log.open("wb") as out:
-        proc = subprocess.Popen([str(REPO / "scripts" / "serve"), "--workers", "0", "--port", str(port)], cwd=tmp_path,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(REPO / "scripts" / "serve"), "--workers", "0", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -72,14 +81,21 @@ def test_a_second_start_needs_no_package_index(tmp_path):
     print(f"second start: /health answered after {started:.1f} s")
     assert started < 20, f"{started:.1f} s to start"
     stamp = (REPO / ".venv" / ".bootstrap-gguf").read_text()
-    assert stamp.startswith(subprocess.run(["sha256sum", str(REPO / "pyproject.toml")], capture_output=True,
-                                           text=True).stdout.split()[0])
+    assert stamp.startswith(
+        subprocess.run(["sha256sum", str(REPO / "pyproject.toml")], capture_output=True, text=True).stdout.split()[0]
+    )
 
 
 def test_serve_allow_dir_refuses_a_missing_directory(tmp_path):
     t0 = time.monotonic()
-    result = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "app.cli", "serve", "--allow-dir",
-                             str(tmp_path / "nope")], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "python"), "-m", "app.cli", "serve", "--allow-dir", str(tmp_path / "nope")],
+        cwd=REPO,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 2 and time.monotonic() - t0 < 5
     assert result.stderr.strip() == f"sparsegpt serve: error: --allow-dir {tmp_path / 'nope'}: no such directory"
 
@@ -93,8 +109,11 @@ def test_offline_quickstart_in_the_browser(browser, tmp_path):
     models = tmp_path / "models"
     make_tiny_model(models / "tiny")
     (models / "notes.txt").write_text(sample_text(20_000), encoding="utf-8")
-    env = base_env(SPARSEGPT_DATA_DIR=str(tmp_path / "data"), HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",
-                   HF_HOME=str(tmp_path / "hf-home"))
+    env = base_env(
+        SPARSEGPT_DATA_DIR=str(tmp_path / "data"),
+        HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",
+        HF_HOME=str(tmp_path / "hf-home"),
+    )
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         env.pop(name, None)
     port = free_port()
@@ -112,11 +131,11 @@ def test_offline_quickstart_in_the_browser(browser, tmp_path):
         expect(page.locator("#allowed-dirs")).to_contain_text(str(models.resolve()))
         page.fill("#model", str(models / "tiny"))
         page.fill("#sparsity", "0.5")
-        page.check('input[name=calibration_source][value=path]')
+        page.check("input[name=calibration_source][value=path]")
         page.fill("#calibration_path", str(models / "notes.txt"))
         page.fill("#nsamples", "4")
         page.fill("#seqlen", "32")
-        page.uncheck('input[name=eval_sets][value=wikitext2]')
+        page.uncheck("input[name=eval_sets][value=wikitext2]")
         page.fill("#eval_extra", str(models / "notes.txt"))
         page.fill("#max_windows", "2")
         page.click("#submit-job")
@@ -132,7 +151,9 @@ def test_offline_quickstart_in_the_browser(browser, tmp_path):
         serve.stop()
         kill_group(serve)
     log = (tmp_path / "serve.log").read_text(errors="replace")
-    assert "superuser privileges" not in log and "-------------- [queues]" not in log and "celery@" not in log, log[-3000:]
+    assert "superuser privileges" not in log and "-------------- [queues]" not in log and "celery@" not in log, log[
+        -3000:
+    ]
     assert "Retrying" not in log, log[-3000:]
 
 

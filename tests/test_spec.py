@@ -32,8 +32,9 @@ def test_field_names_are_unique_across_sections():
 
 def test_from_flat_and_nested_agree():
     flat = JobSpec.from_flat(model=MODEL, sparsity="2:4", nsamples=8, datasets=[], first_block=1)
-    nested = JobSpec(model=MODEL, sparsity="2:4", calibration={"nsamples": 8}, evaluation={"datasets": []},
-                     layers={"first_block": 1})
+    nested = JobSpec(
+        model=MODEL, sparsity="2:4", calibration={"nsamples": 8}, evaluation={"datasets": []}, layers={"first_block": 1}
+    )
     assert flat == nested
     with pytest.raises(TypeError, match="no field 'nsample'"):
         JobSpec.from_flat(model=MODEL, sparsity=0.5, nsample=8)
@@ -47,8 +48,12 @@ def test_spec_normalises_the_pattern():
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
-    settings = Settings(data_dir=tmp_path_factory.mktemp("spec"), redis_url="redis://127.0.0.1:6379/12",
-                        auth="off", queue=f"spec-{uuid.uuid4().hex[:8]}")
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("spec"),
+        redis_url="redis://127.0.0.1:6379/12",
+        auth="off",
+        queue=f"spec-{uuid.uuid4().hex[:8]}",
+    )
     with TestClient(create_app(settings)) as client:
         yield client
 
@@ -58,16 +63,28 @@ CASES = [
     (["--sparsity", "3:2"], {"sparsity": "3:2"}, {"sparsity": "3:2"}),
     (["--nsamples", "0"], {"calibration": {"nsamples": 0}}, {"nsamples": "0"}),
     (["--method", "obs"], {"method": "obs"}, {"method": "obs"}),
-    (["--method", "wanda", "--wbits", "4"], {"method": "wanda", "solver": {"wbits": 4}},
-     {"method": "wanda", "wbits": "4"}),
-    (["--sparsity", "2:4", "--blocksize", "6"], {"sparsity": "2:4", "solver": {"blocksize": 6}},
-     {"sparsity": "2:4", "blocksize": "6"}),
-    (["--first-block", "3", "--last-block", "1"], {"layers": {"first_block": 3, "last_block": 1}},
-     {"first_block": "3", "last_block": "1"}),
+    (
+        ["--method", "wanda", "--wbits", "4"],
+        {"method": "wanda", "solver": {"wbits": 4}},
+        {"method": "wanda", "wbits": "4"},
+    ),
+    (
+        ["--sparsity", "2:4", "--blocksize", "6"],
+        {"sparsity": "2:4", "solver": {"blocksize": 6}},
+        {"sparsity": "2:4", "blocksize": "6"},
+    ),
+    (
+        ["--first-block", "3", "--last-block", "1"],
+        {"layers": {"first_block": 3, "last_block": 1}},
+        {"first_block": "3", "last_block": "1"},
+    ),
     (["--first-block", "-1"], {"layers": {"first_block": -1}}, {"first_block": "-1"}),
     (["--percdamp", "nan"], {"solver": {"percdamp": "nan"}}, {"percdamp": "nan"}),
-    (["--sparsity", "2:4", "--sparsity-profile", "owl"], {"sparsity": "2:4", "sparsity_profile": "owl"},
-     {"sparsity": "2:4", "sparsity_profile": "owl"}),
+    (
+        ["--sparsity", "2:4", "--sparsity-profile", "owl"],
+        {"sparsity": "2:4", "sparsity_profile": "owl"},
+        {"sparsity": "2:4", "sparsity_profile": "owl"},
+    ),
     (["--sparsity-profile", "0.5,1.5"], {"sparsity_profile": [0.5, 1.5]}, {"sparsity_profile": "0.5, 1.5"}),
     (["--sparsity-profile", "owls"], {"sparsity_profile": "owls"}, {"sparsity_profile": "owls"}),
     (["--owl-lambda", "0.5"], {"owl": {"lambda": 0.5}}, {"owl_lambda": "0.5"}),
@@ -76,9 +93,19 @@ CASES = [
 
 
 def form_fields(**changes) -> dict[str, str]:
-    fields = {"model": MODEL, "sparsity": "0.5", "method": "sparsegpt", "calibration_source": "c4",
-              "eval_sets": "wikitext2", "dense": "1", "nsamples": "128", "seed": "0", "blocksize": "128",
-              "percdamp": "0.01", "dtype": "auto"}
+    fields = {
+        "model": MODEL,
+        "sparsity": "0.5",
+        "method": "sparsegpt",
+        "calibration_source": "c4",
+        "eval_sets": "wikitext2",
+        "dense": "1",
+        "nsamples": "128",
+        "seed": "0",
+        "blocksize": "128",
+        "percdamp": "0.01",
+        "dtype": "auto",
+    }
     fields.update(changes)
     return fields
 
@@ -88,8 +115,9 @@ def api_body(**changes) -> dict:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "worker.engine.cli", MODEL, *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "worker.engine.cli", MODEL, *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.parametrize("args,body,form", CASES, ids=[" ".join(c[0]) for c in CASES])
@@ -115,13 +143,44 @@ def stem(reason: str) -> str:
 
 
 def test_the_same_input_is_accepted_as_the_same_spec(client):
-    args = ["--sparsity", "4:8", "--method", "wanda", "--nsamples", "16", "--seqlen", "64", "--first-block", "1",
-            "--last-block", "2", "--include", "*.mlp.*", "--exclude", "*.down_proj", "--eval-windows", "3"]
-    body = {"sparsity": "4:8", "method": "wanda", "calibration": {"nsamples": 16, "seqlen": 64},
-            "layers": {"first_block": 1, "last_block": 2, "include": ["*.mlp.*"], "exclude": ["*.down_proj"]},
-            "evaluation": {"max_windows": 3}}
-    form = form_fields(sparsity="4:8", method="wanda", nsamples="16", seqlen="64", first_block="1", last_block="2",
-                       include="*.mlp.*", exclude="*.down_proj", max_windows="3")
+    args = [
+        "--sparsity",
+        "4:8",
+        "--method",
+        "wanda",
+        "--nsamples",
+        "16",
+        "--seqlen",
+        "64",
+        "--first-block",
+        "1",
+        "--last-block",
+        "2",
+        "--include",
+        "*.mlp.*",
+        "--exclude",
+        "*.down_proj",
+        "--eval-windows",
+        "3",
+    ]
+    body = {
+        "sparsity": "4:8",
+        "method": "wanda",
+        "calibration": {"nsamples": 16, "seqlen": 64},
+        "layers": {"first_block": 1, "last_block": 2, "include": ["*.mlp.*"], "exclude": ["*.down_proj"]},
+        "evaluation": {"max_windows": 3},
+    }
+    form = form_fields(
+        sparsity="4:8",
+        method="wanda",
+        nsamples="16",
+        seqlen="64",
+        first_block="1",
+        last_block="2",
+        include="*.mlp.*",
+        exclude="*.down_proj",
+        max_windows="3",
+    )
     from_cli = JobSpec.model_validate(spec_data(build_parser().parse_args([MODEL, *args]))).model_dump(mode="json")
     created = client.post("/api/v1/jobs", json=api_body(**body))
     assert created.status_code == 201, created.text

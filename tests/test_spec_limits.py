@@ -25,24 +25,65 @@ MODEL = "org/name"
 
 # id: (CLI arguments, the JSON body's changes, the form's changes, words of the reason)
 CASES = {
-    "400-digit-sparsity": (["--sparsity", "1" * 400], {"sparsity": "1" * 400}, {"sparsity": "1" * 400},
-                           "sparsity is 400 characters long"),
-    "nan-sparsity": (["--sparsity", "NaN"], {"sparsity": "NaN"}, {"sparsity": "NaN"}, "sparsity must be a finite number"),
-    "infinite-sparsity": (["--sparsity=-Infinity"], {"sparsity": "-Infinity"}, {"sparsity": "-Infinity"},
-                          "sparsity must be a finite number"),
-    "1e999-sparsity": (["--sparsity", "1e999"], {"sparsity": "1e999"}, {"sparsity": "1e999"}, "sparsity must be a finite number"),
-    "long-n-m": (["--sparsity", "12345:123456"], {"sparsity": "12345:123456"}, {"sparsity": "12345:123456"},
-                 "is neither a ratio"),
-    "1e999-percdamp": (["--percdamp", "1e999"], {"solver": {"percdamp": "1e999"}}, {"percdamp": "1e999"},
-                       "Must be a finite number"),
-    "5000-digit-nsamples": (["--nsamples", "9" * 5000], {"calibration": {"nsamples": "9" * 5000}}, {"nsamples": "9" * 5000},
-                            "Is too large a number"),
+    "400-digit-sparsity": (
+        ["--sparsity", "1" * 400],
+        {"sparsity": "1" * 400},
+        {"sparsity": "1" * 400},
+        "sparsity is 400 characters long",
+    ),
+    "nan-sparsity": (
+        ["--sparsity", "NaN"],
+        {"sparsity": "NaN"},
+        {"sparsity": "NaN"},
+        "sparsity must be a finite number",
+    ),
+    "infinite-sparsity": (
+        ["--sparsity=-Infinity"],
+        {"sparsity": "-Infinity"},
+        {"sparsity": "-Infinity"},
+        "sparsity must be a finite number",
+    ),
+    "1e999-sparsity": (
+        ["--sparsity", "1e999"],
+        {"sparsity": "1e999"},
+        {"sparsity": "1e999"},
+        "sparsity must be a finite number",
+    ),
+    "long-n-m": (
+        ["--sparsity", "12345:123456"],
+        {"sparsity": "12345:123456"},
+        {"sparsity": "12345:123456"},
+        "is neither a ratio",
+    ),
+    "1e999-percdamp": (
+        ["--percdamp", "1e999"],
+        {"solver": {"percdamp": "1e999"}},
+        {"percdamp": "1e999"},
+        "Must be a finite number",
+    ),
+    "5000-digit-nsamples": (
+        ["--nsamples", "9" * 5000],
+        {"calibration": {"nsamples": "9" * 5000}},
+        {"nsamples": "9" * 5000},
+        "Is too large a number",
+    ),
 }
 
 
 def form_fields(**changes: str) -> dict[str, list[str]]:
-    fields = {"model": MODEL, "sparsity": "0.5", "method": "sparsegpt", "calibration_source": "c4", "eval_sets": "wikitext2",
-              "dense": "1", "nsamples": "128", "seed": "0", "blocksize": "128", "percdamp": "0.01", "dtype": "auto"}
+    fields = {
+        "model": MODEL,
+        "sparsity": "0.5",
+        "method": "sparsegpt",
+        "calibration_source": "c4",
+        "eval_sets": "wikitext2",
+        "dense": "1",
+        "nsamples": "128",
+        "seed": "0",
+        "blocksize": "128",
+        "percdamp": "0.01",
+        "dtype": "auto",
+    }
     fields.update(changes)
     return {name: [value] for name, value in fields.items()}
 
@@ -97,10 +138,17 @@ def test_an_integer_sparsity_is_a_422_not_an_overflow(service, number):
 UNICODE = "must be valid Unicode text"
 
 
-@pytest.mark.parametrize("changes", [
-    {"model": "/models/m\udc80"}, {"revision": "main\udc80"}, {"calibration": {"dataset": "/data/c\udcff.txt"}},
-    {"evaluation": {"datasets": ["/data/e\ud800.txt"]}}, {"layers": {"include": ["*.mlp\udc80"]}},
-], ids=["model", "revision", "calibration", "evaluation", "glob"])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"model": "/models/m\udc80"},
+        {"revision": "main\udc80"},
+        {"calibration": {"dataset": "/data/c\udcff.txt"}},
+        {"evaluation": {"datasets": ["/data/e\ud800.txt"]}},
+        {"layers": {"include": ["*.mlp\udc80"]}},
+    ],
+    ids=["model", "revision", "calibration", "evaluation", "glob"],
+)
 def test_a_lone_surrogate_is_refused_by_the_spec(changes):
     with pytest.raises(ValidationError) as info:
         JobSpec.model_validate({"model": MODEL, "sparsity": 0.5, **changes})
@@ -113,7 +161,9 @@ def test_a_lone_surrogate_is_refused_the_same_through_the_form_and_the_cli(servi
     tail = ", which no UTF-8 text can hold"
     reason = f"{UNICODE}: character 10 is a lone surrogate (U+DCFF){tail}"
     assert form_reasons(form_fields(model="/models/m\udcff")) == [reason]
-    assert form_reasons(form_fields(include="*.mlp.*, *.attn\udcff")) == [f"{UNICODE}: character 7 is a lone surrogate (U+DCFF){tail}"]
+    assert form_reasons(form_fields(include="*.mlp.*, *.attn\udcff")) == [
+        f"{UNICODE}: character 7 is a lone surrogate (U+DCFF){tail}"
+    ]
     assert form_reasons(form_fields(sparsity="0.5\udcff"))[0].startswith("sparsity must be plain text")
     # A byte that is not UTF-8 on the command line becomes a lone surrogate in Python's argv.
     result = cli_process(b"/models/m\xff", "--sparsity", "0.5", "--no-eval")
@@ -121,6 +171,9 @@ def test_a_lone_surrogate_is_refused_the_same_through_the_form_and_the_cli(servi
     assert result.returncode == 2 and stderr.count("error:") == 1 and f"MODEL: {reason}" in stderr, stderr[:500]
     # The API's JSON cannot carry one either: the edge refuses it before the spec (a 422, no job).
     before = service.client.get("/api/v1/jobs").json()["total"]
-    response = service.client.post("/api/v1/jobs", content=b'{"model": "/models/m\\udcff", "sparsity": 0.5}',
-                                   headers={"content-type": "application/json"})
+    response = service.client.post(
+        "/api/v1/jobs",
+        content=b'{"model": "/models/m\\udcff", "sparsity": 0.5}',
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 422 and service.client.get("/api/v1/jobs").json()["total"] == before

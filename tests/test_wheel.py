@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.processes import base_env, free_port
 from tests.support.paths import REPO
+from tests.support.processes import base_env, free_port
 
 # What the wheel is built from: the project's own files, nothing of the checkout's state.
 SOURCES = ("pyproject.toml", "README.md", "app", "worker", "migrations", "templates")
@@ -61,8 +61,11 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_the_wheel_holds_every_package_templates_static_files_and_migrations(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    packages = sorted(str(p.parent.relative_to(REPO)) for top in ("app", "worker", "migrations")
-                      for p in (REPO / top).rglob("__init__.py"))
+    packages = sorted(
+        str(p.parent.relative_to(REPO))
+        for top in ("app", "worker", "migrations")
+        for p in (REPO / top).rglob("__init__.py")
+    )
     missing = [p for p in packages if f"{p}/__init__.py" not in names]
     assert missing == [], f"packages missing from the wheel (list them in pyproject.toml): {missing}"
     expected = {f"app/templates/{p.name}" for p in (REPO / "templates").glob("*.html")}
@@ -88,8 +91,11 @@ def test_the_installed_wheel_serves_the_dashboard(wheel, tmp_path, redis_server)
     cwd.mkdir()
     env = {k: v for k, v in base_env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(SPARSEGPT_DATA_DIR=str(tmp_path / "data"), REDIS_URL=redis_server.url, SPARSEGPT_AUTH="required")
-    where = _run([python, "-c", "import app, migrations, worker; print(app.__file__, migrations.__file__, worker.__file__)"],
-                 cwd=cwd, env=env).stdout.split()
+    where = _run(
+        [python, "-c", "import app, migrations, worker; print(app.__file__, migrations.__file__, worker.__file__)"],
+        cwd=cwd,
+        env=env,
+    ).stdout.split()
     assert all(Path(p).is_relative_to(venv) for p in where), where
 
     sparsegpt = venv / "bin" / "sparsegpt"
@@ -97,8 +103,14 @@ def test_the_installed_wheel_serves_the_dashboard(wheel, tmp_path, redis_server)
     token = added.stdout.strip().splitlines()[-1]
     port = free_port()
     log = (tmp_path / "api.log").open("wb")
-    api = subprocess.Popen([sparsegpt, "serve", "--port", str(port), "--workers", "0", "--log-level", "warning"],
-                           cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    api = subprocess.Popen(
+        [sparsegpt, "serve", "--port", str(port), "--workers", "0", "--log-level", "warning"],
+        cwd=cwd,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base, timeout=10) as client:
@@ -117,8 +129,12 @@ def test_the_installed_wheel_serves_the_dashboard(wheel, tmp_path, redis_server)
             assert client.get("/static/dashboard.css").status_code == 200
             icon = client.get("/favicon.ico")  # browsers ask for it before signing in: no 404 in the console
             assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
-            signed_in = client.post("/login", data={"token": token, "next": "/", "csrf_token": csrf},
-                                    headers={"Origin": base}, follow_redirects=True)
+            signed_in = client.post(
+                "/login",
+                data={"token": token, "next": "/", "csrf_token": csrf},
+                headers={"Origin": base},
+                follow_redirects=True,
+            )
             assert signed_in.status_code == 200, signed_in.text[-2000:]
             assert str(signed_in.url) == f"{base}/"
             assert 'id="current-user">alice' in signed_in.text and "page 1 of 1" in signed_in.text

@@ -68,6 +68,7 @@ celery_app = make_celery()
 
 # --- "workers seen recently": each worker refreshes a key with a TTL -------------------------
 
+
 class _Registration:
     def __init__(self) -> None:
         self.stop = threading.Event()
@@ -91,8 +92,13 @@ def _register(sender=None, **_kwargs) -> None:
     client = redis.Redis.from_url(settings.redis_url or DEFAULT_REDIS)
     key = _registration.key = streams.worker_key(name)
     ttl = settings.worker_seen_ttl_s
-    info = {"name": name, "queues": queues, "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(),
-            **_hardware(settings)}
+    info = {
+        "name": name,
+        "queues": queues,
+        "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "pid": os.getpid(),
+        **_hardware(settings),
+    }
 
     def beat() -> None:
         clean_at = 0.0  # at start, then every local_files.INTERVAL_S
@@ -127,8 +133,11 @@ def _hardware(settings) -> dict:
     if _described is None:
         from worker.gpus import describe
 
-        _described = describe(advertised_gb=settings.worker_gpu_memory_gb, advertised_name=settings.worker_gpu_name,
-                              device=settings.worker_device)
+        _described = describe(
+            advertised_gb=settings.worker_gpu_memory_gb,
+            advertised_name=settings.worker_gpu_name,
+            device=settings.worker_device,
+        )
     return _described
 
 
@@ -164,7 +173,14 @@ def _after_fork(**_kwargs) -> None:
 # <data_dir>/worker-cwd, emptied when the worker starts; nothing is ever written there.
 
 WORKER_CWD = "worker-cwd"
-_CACHE_VARIABLES = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE", "TORCH_HOME", "XDG_CACHE_HOME")
+_CACHE_VARIABLES = (
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_DATASETS_CACHE",
+    "TRANSFORMERS_CACHE",
+    "TORCH_HOME",
+    "XDG_CACHE_HOME",
+)
 
 
 class _Neutral:
@@ -211,7 +227,9 @@ def _absolute_sqlite(url: str) -> str:
     name = parsed.database
     if not parsed.drivername.startswith("sqlite") or not name or name == ":memory:" or name.startswith("file:"):
         return url
-    return url if os.path.isabs(name) else parsed.set(database=os.path.abspath(name)).render_as_string(hide_password=False)
+    return (
+        url if os.path.isabs(name) else parsed.set(database=os.path.abspath(name)).render_as_string(hide_password=False)
+    )
 
 
 @signals.worker_init.connect

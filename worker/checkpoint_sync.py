@@ -40,6 +40,7 @@ def committed(state: dict) -> list[str]:
 def guard(settings, job_id: int) -> Guard:
     """The job's row keeps the sha256 of its mirrored checkpoint (jobs.checkpoint_files): the store
     is shared, the database is the trusted side."""
+
     def record(hashes: dict[str, str]) -> None:
         with db.session_scope(settings.database) as session:
             session.execute(update(Job).where(Job.id == job_id).values(checkpoint_files=hashes))
@@ -52,7 +53,12 @@ def guard(settings, job_id: int) -> Guard:
 
 
 def for_job(settings, files: JobFiles) -> Mirror:
-    mirror = files.store.mirror(files.resume, files.checkpoints, named=committed, state=STATE,
-                                interval_s=max(0.5, settings.heartbeat_interval_s))
+    mirror = files.store.mirror(
+        files.resume,
+        files.checkpoints,
+        named=committed,
+        state=STATE,
+        interval_s=max(0.5, settings.heartbeat_interval_s),
+    )
     guarded = getattr(mirror, "guarded", None)  # the local store's needs none: the directory is its own copy
     return guarded(guard(settings, files.job_id)) if guarded else mirror

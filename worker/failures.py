@@ -90,8 +90,11 @@ def is_host_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and "CPUAllocator" in text and (
-        "can't allocate memory" in text or "not enough memory" in text)
+    return (
+        isinstance(exc, RuntimeError)
+        and "CPUAllocator" in text
+        and ("can't allocate memory" in text or "not enough memory" in text)
+    )
 
 
 def describe_failure(exc: BaseException, spec: dict[str, Any], settings: Settings) -> str:
@@ -99,7 +102,9 @@ def describe_failure(exc: BaseException, spec: dict[str, Any], settings: Setting
     cal = spec.get("calibration", {})
     if is_cuda_oom(exc):
         nsamples, seqlen = cal.get("nsamples", 128), cal.get("seqlen")
-        shorter = f"seqlen {seqlen} -> {max(8, seqlen // 2)}" if seqlen else "a seqlen below the model's context (e.g. 1024)"
+        shorter = (
+            f"seqlen {seqlen} -> {max(8, seqlen // 2)}" if seqlen else "a seqlen below the model's context (e.g. 1024)"
+        )
         return (
             "CUDA out of memory: retry with fewer calibration samples "
             f"(nsamples {nsamples} -> {max(1, nsamples // 2)}) or a shorter sequence ({shorter}), "
@@ -107,7 +112,10 @@ def describe_failure(exc: BaseException, spec: dict[str, Any], settings: Setting
         )
     if isinstance(exc, SoftTimeLimitExceeded):
         hours = settings.job_time_limit_s / 3600
-        return f"stopped at the time limit of {hours:g} h (SPARSEGPT_JOB_TIME_LIMIT_S); use fewer samples or a smaller model"
+        return (
+            f"stopped at the time limit of {hours:g} h (SPARSEGPT_JOB_TIME_LIMIT_S); use fewer samples or a "
+            "smaller model"
+        )
     if is_host_oom(exc):
         nsamples, seqlen = cal.get("nsamples", 128), cal.get("seqlen") or "the default"
         return (
@@ -118,7 +126,9 @@ def describe_failure(exc: BaseException, spec: dict[str, Any], settings: Setting
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if is_expected(exc):
         if is_auth_failure(exc) and not os.environ.get("HF_TOKEN"):
-            text += " (this worker has no HF_TOKEN: accept the model's licence on the Hub and set HF_TOKEN for the workers)"
+            text += (
+                " (this worker has no HF_TOKEN: accept the model's licence on the Hub and set HF_TOKEN for the workers)"
+            )
         return text
     if isinstance(exc, OSError) and ("not a valid model identifier" in text or "Repository Not Found" in text):
         return f"model {spec.get('model')!r} was not found on the Hugging Face Hub or in the allowed directories"

@@ -30,8 +30,13 @@ def nvidia_gpus(visible: str | None) -> list[dict]:
     if binary is None:
         return []
     try:
-        out = subprocess.run([binary, "--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            [binary, "--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     return parse_nvidia_smi(out, visible)
@@ -61,8 +66,13 @@ def describe(*, advertised_gb: float = 0.0, advertised_name: str = "", device: s
     """{"gpus": [...], "gpu_count": n, "memory_gb": the smallest GPU's memory (a job runs on one)
     or None (CPU-only), "device": the engine's device setting}."""
     if advertised_gb > 0:
-        gpus = [{"index": os.environ.get("CUDA_VISIBLE_DEVICES") or "0", "name": advertised_name or "advertised",
-                 "memory_gb": round(advertised_gb, 1)}]
+        gpus = [
+            {
+                "index": os.environ.get("CUDA_VISIBLE_DEVICES") or "0",
+                "name": advertised_name or "advertised",
+                "memory_gb": round(advertised_gb, 1),
+            }
+        ]
     elif device == "cpu":
         gpus = []
     else:

@@ -4,7 +4,8 @@ The job row stores the spec the API accepted (``worker.engine.contract.spec.JobS
 written by an older version validates too, missing sections take their defaults). Here it is
 validated, refused when it asks for what the server disallows (trust_remote_code, a path that
 left the allowed directories since it was queued, an upload that vanished, too little free
-disk, a Hub id that names something in the working directory), and its references resolved for the engine: a local model path to its real path,
+disk, a Hub id that names something in the working directory), and its references resolved for the
+engine: a local model path to its real path,
 ``upload:<id>`` to the stored file, a dataset path re-resolved under the allowed directories.
 The engine gets the result unchanged. No torch here.
 """

@@ -28,8 +28,16 @@ MEMORY_POLL_S = 1.0  # the process's memory is read this often
 class Liveness:
     """``with Liveness(...) as live: run_job(..., should_cancel=live.should_cancel)``."""
 
-    def __init__(self, url: str, job_id: int, attempt: int, reporter: RedisProgress, *, interval_s: float,
-                 watch: MemoryWatch | None = None):
+    def __init__(
+        self,
+        url: str,
+        job_id: int,
+        attempt: int,
+        reporter: RedisProgress,
+        *,
+        interval_s: float,
+        watch: MemoryWatch | None = None,
+    ):
         self.url, self.job_id, self.attempt, self.reporter = url, job_id, attempt, reporter
         self.interval_s = interval_s
         self.watch = watch

@@ -51,7 +51,9 @@ def remove_leftovers(settings) -> list[Path]:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     if removed:
-        log.warning("removed %d leftovers of attempts lost on this machine: %s", len(removed),
-                    ", ".join(str(p.relative_to(root)) for p in removed))
+        log.warning(
+            "removed %d leftovers of attempts lost on this machine: %s",
+            len(removed),
+            ", ".join(str(p.relative_to(root)) for p in removed),
+        )
     return removed
-

@@ -23,9 +23,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from worker.engine.contract.estimate import GB, JobSize, estimate, estimate_method
 from worker.job_inputs import Refused
@@ -155,8 +156,10 @@ def oom_evidence(before: OomCounters | None, after: OomCounters, sample: dict[st
 def oom_reason(sample: dict[str, Any] | None) -> str:
     peak, limit = (int((sample or {}).get(k) or 0) for k in ("peak", "limit"))
     used = f" (peak ~{peak / GB:.1f} GB of {limit / GB:.1f} GB)" if peak and limit else ""
-    return (f"the worker process was killed by the out-of-memory killer while running this job{used}; "
-            "not retried: lower nsamples or seqlen (or evaluation.max_windows), or use a worker with more memory")
+    return (
+        f"the worker process was killed by the out-of-memory killer while running this job{used}; "
+        "not retried: lower nsamples or seqlen (or evaluation.max_windows), or use a worker with more memory"
+    )
 
 
 # --- the task process, watched by its heartbeat thread -----------------------------------------------
@@ -177,8 +180,7 @@ def read_sample(client, job_id: int) -> dict[str, Any] | None:
 class MemoryWatch:
     """Reads the process's memory; records it; trips once above ``max_rss_bytes`` (0: never)."""
 
-    def __init__(self, client, job_id: int, attempt: int, *, max_rss_bytes: int,
-                 on_over_limit: Callable[[str], None]):
+    def __init__(self, client, job_id: int, attempt: int, *, max_rss_bytes: int, on_over_limit: Callable[[str], None]):
         self.client, self.job_id, self.attempt = client, job_id, attempt
         self.max_rss_bytes = max_rss_bytes
         self.on_over_limit = on_over_limit
@@ -234,8 +236,12 @@ def check_loaded_model(facts: dict[str, Any], spec, max_job_memory_gb: float) ->
         return
     size = JobSize(
         method=estimate_method(spec.method, spec.sparsity_profile),
-        nsamples=spec.calibration.nsamples, seqlen=facts.get("seqlen"), dtype=facts["dtype"],
-        device=facts["device"], max_windows=spec.evaluation.max_windows, mapped=bool(facts.get("mapped")),
+        nsamples=spec.calibration.nsamples,
+        seqlen=facts.get("seqlen"),
+        dtype=facts["dtype"],
+        device=facts["device"],
+        max_windows=spec.evaluation.max_windows,
+        mapped=bool(facts.get("mapped")),
         stored=facts.get("stored"),
         eval_sets=tuple((name, _text_bytes(name)) for name in spec.evaluation.datasets),
     )

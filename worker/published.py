@@ -18,8 +18,9 @@ REPORT = "sparsegpt_report.json"
 CARD = "README.md"
 
 
-def labels(inputs: JobInputs, stored: dict[str, Any], *, output: Path, name: str,
-           task_dirs: tuple[str, ...] = ()) -> dict[str, str]:
+def labels(
+    inputs: JobInputs, stored: dict[str, Any], *, output: Path, name: str, task_dirs: tuple[str, ...] = ()
+) -> dict[str, str]:
     """Path the engine runs on -> the name its report and card give it."""
     names = dict(inputs.labels)  # the datasets: upload:3, the path as given
     if inputs.spec.model != stored.get("model"):  # the model's resolved path -> as the user gave it

@@ -43,7 +43,9 @@ class RedisProgress:
     """While Redis is down (restarting, unreachable), calls are skipped for ``backoff_s`` after
     each failure, so the engine never waits on it; the database keeps the job's record."""
 
-    def __init__(self, client: redis.Redis, job_id: int, attempt: int, *, maxlen: int, ttl_s: int, backoff_s: float = 2.0):
+    def __init__(
+        self, client: redis.Redis, job_id: int, attempt: int, *, maxlen: int, ttl_s: int, backoff_s: float = 2.0
+    ):
         self.client, self.job_id, self.attempt = client, job_id, attempt
         self.maxlen, self.ttl_s = maxlen, ttl_s
         self.backoff_s = backoff_s
@@ -86,8 +88,12 @@ class RedisProgress:
 
     def status(self, status: str, *, final: bool = False, **extra: Any) -> None:
         # A status event is always tried (the final one tells SSE clients the job is over).
-        self._publish("status", _clean({"status": status, "attempt": self.attempt, **extra}),
-                      ttl_s=self.ttl_s if final else None, force=True)
+        self._publish(
+            "status",
+            _clean({"status": status, "attempt": self.attempt, **extra}),
+            ttl_s=self.ttl_s if final else None,
+            force=True,
+        )
 
     def snapshot(self) -> dict[str, Any] | None:
         with self._lock:

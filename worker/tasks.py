@@ -27,21 +27,26 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from app import crud, db, packagers, storage
-from app.job_files import JobFiles
-from worker import checkpoint_sync
 from app.config import Settings, get_settings
+from app.job_files import JobFiles
 from app.models import CANCELLED, FAILED, RUNNING, SUCCEEDED
 from app.queue import RUN_JOB_TASK
+from worker import checkpoint_sync, published
 from worker.celery_app import celery_app
-from worker.failures import describe_failure, is_cancel, is_expected, late_cancel
 from worker.engine.contract.report import Report
+from worker.failures import describe_failure, is_cancel, is_expected, late_cancel
 from worker.job_inputs import job_inputs
 from worker.liveness import Liveness
 from worker.memory import (
-    MemoryWatch, OomCounters, check_loaded_model, oom_counters, oom_evidence, oom_reason, read_sample,
+    MemoryWatch,
+    OomCounters,
+    check_loaded_model,
+    oom_counters,
+    oom_evidence,
+    oom_reason,
+    read_sample,
 )
 from worker.reporter import RedisProgress
-from worker import published
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +101,12 @@ def fail_if_oom_killed(job_id: int, pid: int | None, before: OomCounters | None)
     """In the worker's main process, once the pool process ``pid`` running the job is gone."""
     global _oom_seen
     settings = get_settings()
-    client = redis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0", decode_responses=True,
-                                  socket_timeout=5, socket_connect_timeout=2)
+    client = redis.Redis.from_url(
+        settings.redis_url or "redis://127.0.0.1:6379/0",
+        decode_responses=True,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+    )
     try:
         sample = read_sample(client, job_id)
         if sample is not None and pid is not None and sample.get("pid") != pid:
@@ -118,16 +127,18 @@ def fail_if_oom_killed(job_id: int, pid: int | None, before: OomCounters | None)
             if not crud.finish_job(session, job_id=job_id, attempt=attempt, status=FAILED, error=reason):
                 return False
         log.error("job %s failed: %s (%s)", job_id, reason, evidence)
-        RedisProgress(client, job_id, attempt, maxlen=settings.events_maxlen,
-                      ttl_s=settings.events_ttl_s).status(FAILED, final=True, error=reason)
+        RedisProgress(client, job_id, attempt, maxlen=settings.events_maxlen, ttl_s=settings.events_ttl_s).status(
+            FAILED, final=True, error=reason
+        )
     finally:
         client.close()
     JobFiles(settings, job_id).remove_partials()
     return True
 
 
-@celery_app.task(name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
-                 Request=JobRequest)
+@celery_app.task(
+    name=RUN_JOB_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True, Request=JobRequest
+)
 def run_job_task(self, job_id: int) -> dict[str, Any]:
     hostname = self.request.hostname or f"sparsegpt@{socket.gethostname()}"
     return JobRun(get_settings(), int(job_id), worker=hostname).run()
@@ -142,8 +153,12 @@ class JobRun:
         self.url = settings.database
         # Short timeouts: while Redis is down or restarting, progress is dropped, the job runs on.
         self.redis = redis.Redis.from_url(
-            settings.redis_url or "redis://127.0.0.1:6379/0", decode_responses=True,
-            socket_timeout=5, socket_connect_timeout=2, health_check_interval=10, retry=Retry(NoBackoff(), 1),
+            settings.redis_url or "redis://127.0.0.1:6379/0",
+            decode_responses=True,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            health_check_interval=10,
+            retry=Retry(NoBackoff(), 1),
         )
         self.attempt = 0
         self.reporter: RedisProgress | None = None
@@ -173,10 +188,16 @@ class JobRun:
         reporter = self._reporter(self.attempt)
         reporter.status("running", worker=self.worker)
         partial = self.partial = self.files.partial(self.attempt)
-        watch = MemoryWatch(self.redis, self.job_id, self.attempt, on_over_limit=self._over_memory_limit,
-                            max_rss_bytes=int(self.settings.worker_max_rss_gb * 1e9))
-        self.liveness = Liveness(self.url, self.job_id, self.attempt, reporter,
-                                 interval_s=self.settings.heartbeat_interval_s, watch=watch)
+        watch = MemoryWatch(
+            self.redis,
+            self.job_id,
+            self.attempt,
+            on_over_limit=self._over_memory_limit,
+            max_rss_bytes=int(self.settings.worker_max_rss_gb * 1e9),
+        )
+        self.liveness = Liveness(
+            self.url, self.job_id, self.attempt, reporter, interval_s=self.settings.heartbeat_interval_s, watch=watch
+        )
         try:
             with self.liveness:  # the heartbeat beats until the attempt is recorded
                 return self._execute(spec, partial)
@@ -193,13 +214,18 @@ class JobRun:
             # torch is imported here, in the pool's child, only once the job is accepted
             from worker.engine.pipeline import RunOptions, run
 
-            options = RunOptions(device=self.settings.worker_device, output=str(partial),
-                                 token=os.environ.get("HF_TOKEN") or None, task_dirs=self.settings.eval_task_dirs,
-                                 resume_dir=str(self.files.resume),  # a redelivery resumes there
-                                 formats=packagers.engine_formats(stored),  # quantizing: a directory per format
-                                 # the report and card name what the user named, not the server's paths
-                                 labels=published.labels(inputs, stored, output=partial, name=self.files.name,
-                                                         task_dirs=tuple(self.settings.eval_task_dirs)))
+            options = RunOptions(
+                device=self.settings.worker_device,
+                output=str(partial),
+                token=os.environ.get("HF_TOKEN") or None,
+                task_dirs=self.settings.eval_task_dirs,
+                resume_dir=str(self.files.resume),  # a redelivery resumes there
+                formats=packagers.engine_formats(stored),  # quantizing: a directory per format
+                # the report and card name what the user named, not the server's paths
+                labels=published.labels(
+                    inputs, stored, output=partial, name=self.files.name, task_dirs=tuple(self.settings.eval_task_dirs)
+                ),
+            )
             # The checkpoints follow the job through its store to whichever machine runs it next.
             sync = checkpoint_sync.for_job(self.settings, self.files)
             try:
@@ -208,9 +234,13 @@ class JobRun:
                 log.warning("job %s: checkpoint not fetched: %s", self.job_id, err)
             sync.start()
             try:
-                report = run(inputs.spec, options, on_progress=self.reporter.progress, should_cancel=should_cancel,
-                                 on_loaded=lambda facts: check_loaded_model(facts, inputs.spec,
-                                                                            self.settings.max_job_memory_gb))
+                report = run(
+                    inputs.spec,
+                    options,
+                    on_progress=self.reporter.progress,
+                    should_cancel=should_cancel,
+                    on_loaded=lambda facts: check_loaded_model(facts, inputs.spec, self.settings.max_job_memory_gb),
+                )
             finally:
                 sync.stop()
             if should_cancel():
@@ -235,9 +265,15 @@ class JobRun:
         metrics = metric_rows(report)
         with db.session_scope(self.url) as session:
             done = crud.finish_job(
-                session, job_id=self.job_id, attempt=self.attempt, status=SUCCEEDED,
+                session,
+                job_id=self.job_id,
+                attempt=self.attempt,
+                status=SUCCEEDED,
                 result=report.to_json(),  # the whole report (JSON-safe: no NaN)
-                progress=self.reporter.snapshot(), modules=module_rows(report), metrics=metrics, artifacts=artifacts,
+                progress=self.reporter.snapshot(),
+                modules=module_rows(report),
+                metrics=metrics,
+                artifacts=artifacts,
             )
         if not done:
             log.warning("job %s attempt %s finished but no longer owns the job", self.job_id, self.attempt)
@@ -246,7 +282,8 @@ class JobRun:
             return {"job": self.job_id, "lost": True}
         self.files.keep_only(artifacts)  # earlier attempts' leftovers, a copy a remote store holds, checkpoints
         self.reporter.status(
-            SUCCEEDED, final=True,
+            SUCCEEDED,
+            final=True,
             artifact={"size": artifacts[0]["size"], "sha256": artifacts[0]["sha256"]} if artifacts else None,
             perplexity={m["dataset"]: m["perplexity"] for m in metrics},
         )
@@ -263,7 +300,11 @@ class JobRun:
             log.error("job %s failed: %s", self.job_id, reason, exc_info=not is_expected(exc))
         with db.session_scope(self.url) as session:
             crud.finish_job(
-                session, job_id=self.job_id, attempt=self.attempt, status=status, error=reason,
+                session,
+                job_id=self.job_id,
+                attempt=self.attempt,
+                status=status,
+                error=reason,
                 progress=self.reporter.snapshot(),
             )
         self.files.drop_checkpoints()  # the job ended: no attempt resumes
@@ -274,8 +315,14 @@ class JobRun:
         """The heartbeat thread's memory guard tripped: the job is failed, then this process is
         ended at once (its memory is what is wrong; the pool starts another)."""
         with db.session_scope(self.url) as session:
-            done = crud.finish_job(session, job_id=self.job_id, attempt=self.attempt, status=FAILED, error=reason,
-                                   progress=self.reporter.snapshot())
+            done = crud.finish_job(
+                session,
+                job_id=self.job_id,
+                attempt=self.attempt,
+                status=FAILED,
+                error=reason,
+                progress=self.reporter.snapshot(),
+            )
         if not done:  # finished or taken over meanwhile: nothing to stop
             return
         log.error("job %s failed: %s", self.job_id, reason)
@@ -326,4 +373,3 @@ def _float(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return out if math.isfinite(out) else None
-

@@ -32,8 +32,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app import crud, streams
 from app.api.jobs import JobId, job_out
-from app.services.jobs import live_progress
 from app.models import TERMINAL
+from app.services.jobs import live_progress
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -60,9 +60,13 @@ def async_redis(settings) -> aredis.Redis:
     back-off is the stream loop's.
     """
     pool = aredis.BlockingConnectionPool.from_url(
-        settings.redis, decode_responses=True,
-        max_connections=max(1, settings.max_streams_per_process) + POOL_HEADROOM, timeout=POOL_WAIT_S,
-        socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=2, health_check_interval=30,
+        settings.redis,
+        decode_responses=True,
+        max_connections=max(1, settings.max_streams_per_process) + POOL_HEADROOM,
+        timeout=POOL_WAIT_S,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=2,
+        health_check_interval=30,
         retry=Retry(NoBackoff(), 1),
     )
     return aredis.Redis.from_pool(pool)
@@ -125,7 +129,9 @@ class _SlotStream(StreamingResponse):
 
 
 def _unavailable(detail: str) -> HTTPException:
-    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=detail, headers={"Retry-After": str(RETRY_AFTER_S)})
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE, detail=detail, headers={"Retry-After": str(RETRY_AFTER_S)}
+    )
 
 
 def _sse(kind: str, data: str, event_id: str | None) -> bytes:
@@ -173,7 +179,9 @@ async def job_events(
         resume, resume_at = parse_event_id(resume)
     slots = stream_slots(request.app)
     if not slots.acquire():
-        raise _unavailable(f"this server has {slots.limit} live streams open; poll GET /api/v1/jobs/{job_id} or retry later")
+        raise _unavailable(
+            f"this server has {slots.limit} live streams open; poll GET /api/v1/jobs/{job_id} or retry later"
+        )
     response: _SlotStream | None = None
     try:
         response = await _open(job_id, request, sessions, r_sync, r, resume, resume_at, slots)
@@ -192,8 +200,11 @@ async def _open(job_id, request, sessions, r_sync, r, resume, resume_at, slots) 
             if job is None:
                 return None, None, 0
             snap = (
-                job_out(job, live_progress(r_sync, job), retention_s=settings.artifact_retention_s).model_dump(mode="json")
-                if with_snapshot else None
+                job_out(job, live_progress(r_sync, job), retention_s=settings.artifact_retention_s).model_dump(
+                    mode="json"
+                )
+                if with_snapshot
+                else None
             )
             return job.status, snap, job.attempt
 
@@ -206,8 +217,10 @@ async def _open(job_id, request, sessions, r_sync, r, resume, resume_at, slots) 
         except redis.RedisError:
             job_status, _, _ = await run_in_threadpool(load, False)
             if job_status is None:
-                raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
-            raise _unavailable(f"live progress is unavailable (Redis is down); poll GET /api/v1/jobs/{job_id}")
+                raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found") from None
+            raise _unavailable(
+                f"live progress is unavailable (Redis is down); poll GET /api/v1/jobs/{job_id}"
+            ) from None
         cursor = latest[0][0] if latest else "0"
         job_status, snapshot, _ = await run_in_threadpool(load, True)
     else:
@@ -230,8 +243,13 @@ async def _open(job_id, request, sessions, r_sync, r, resume, resume_at, slots) 
             if _is_terminal(kind, data):
                 return
         final_status, snap, attempt = await run_in_threadpool(load, True)
-        payload = {"job": job_id, "type": "status", "status": final_status, "attempt": attempt,
-                   "error": (snap or {}).get("error")}
+        payload = {
+            "job": job_id,
+            "type": "status",
+            "status": final_status,
+            "attempt": attempt,
+            "error": (snap or {}).get("error"),
+        }
         yield _sse("status", json.dumps(payload), entries[-1][0] if entries else cursor)
 
     async def stream() -> AsyncIterator[bytes]:

@@ -61,15 +61,22 @@ def _checks(request: Request) -> tuple[ComponentHealth, ComponentHealth, list[di
     return answer
 
 
-@router.get("/health", response_model=HealthOut, responses={503: {"model": HealthOut, "description": "database or Redis down"}})
+@router.get(
+    "/health", response_model=HealthOut, responses={503: {"model": HealthOut, "description": "database or Redis down"}}
+)
 def health(request: Request) -> JSONResponse:
     """200 while the database and Redis answer ("degraded" when no worker was seen), else 503.
     Without sign-in (the public /health), only ``{"status": ...}``."""
     database, redis_ok, records = _checks(request)
     now = time.time()
     workers = [
-        WorkerOut(name=info.get("name", "?"), queues=info.get("queues", []), gpu=info.get("gpu"),
-                  pid=info.get("pid"), seen_s_ago=round(max(0.0, now - info.get("seen", now)), 1))
+        WorkerOut(
+            name=info.get("name", "?"),
+            queues=info.get("queues", []),
+            gpu=info.get("gpu"),
+            pid=info.get("pid"),
+            seen_s_ago=round(max(0.0, now - info.get("seen", now)), 1),
+        )
         for info in records
     ]
     workers.sort(key=lambda w: w.name)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app import archive, crud, packagers
+from app import archive, packagers
 from app.api.deps import RedisDep, SessionDep, SettingsDep
 from app.auth import UserDep
 from app.crud.jobs import list_job_summaries
@@ -67,15 +67,30 @@ def _file_name(job_id: int, format: str) -> str:
 
 def job_out(job: Job, progress: dict[str, Any] | None = None, *, retention_s: int = 0) -> JobOut:
     artifact, files, ratios = None, [], packagers.format_ratios(job.result)
-    if (job.status == SUCCEEDED and job.artifact_sha256 and job.artifact_size is not None
-            and job.artifact_expired_at is None):
+    if (
+        job.status == SUCCEEDED
+        and job.artifact_sha256
+        and job.artifact_size is not None
+        and job.artifact_expired_at is None
+    ):
         expires = job.finished_at + timedelta(seconds=retention_s) if retention_s > 0 and job.finished_at else None
-        artifact = ArtifactOut(url=f"{job_url(job.id)}/artifact", size=job.artifact_size, sha256=job.artifact_sha256,
-                               expires_at=expires)
-        files = [ArtifactFileOut(format=a.format, size=a.size, sha256=a.sha256, media_type=a.media_type,
-                                 url=f"{job_url(job.id)}/artifacts/{a.format}", file_name=_file_name(job.id, a.format),
-                                 expires_at=expires, ratio=ratios.get(a.format))
-                 for a in job.artifacts if a.expired_at is None]
+        artifact = ArtifactOut(
+            url=f"{job_url(job.id)}/artifact", size=job.artifact_size, sha256=job.artifact_sha256, expires_at=expires
+        )
+        files = [
+            ArtifactFileOut(
+                format=a.format,
+                size=a.size,
+                sha256=a.sha256,
+                media_type=a.media_type,
+                url=f"{job_url(job.id)}/artifacts/{a.format}",
+                file_name=_file_name(job.id, a.format),
+                expires_at=expires,
+                ratio=ratios.get(a.format),
+            )
+            for a in job.artifacts
+            if a.expired_at is None
+        ]
     return JobOut(
         **summary(job, progress),
         spec=job.spec,
@@ -103,8 +118,10 @@ def job_out(job: Job, progress: dict[str, Any] | None = None, *, retention_s: in
         409: {"description": "an earlier request with this Idempotency-Key is still queueing its job (Retry-After)"},
         422: {"description": "invalid spec, or an Idempotency-Key reused with another body"},
         **LIMITED,
-        503: {"description": "the queue is unreachable: nothing was queued; send it again (with the same "
-                             "Idempotency-Key, it makes the job once)"},
+        503: {
+            "description": "the queue is unreachable: nothing was queued; send it again (with the same "
+            "Idempotency-Key, it makes the job once)"
+        },
     },
 )
 def submit_job(
@@ -115,22 +132,30 @@ def submit_job(
     user: UserDep,
     idempotency_key: Annotated[
         str | None,
-        Header(alias="Idempotency-Key", max_length=255,
-               description="repeat a POST safely: the same key and body return the first job (200)"),
+        Header(
+            alias="Idempotency-Key",
+            max_length=255,
+            description="repeat a POST safely: the same key and body return the first job (200)",
+        ),
     ] = None,
 ) -> Any:
     """Queue a pruning job. 201 with the job and its Location."""
     if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                            detail="Idempotency-Key: 1 to 255 visible ASCII characters (a UUID, for example)")
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            detail="Idempotency-Key: 1 to 255 visible ASCII characters (a UUID, for example)",
+        )
     try:
         created = jobs.create(session, settings, user, spec, idempotency_key=idempotency_key)
     except SpecError as err:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=err.errors) from None
     body = job_out(created.job, retention_s=settings.artifact_retention_s)
     if created.replayed:
-        return JSONResponse(body.model_dump(mode="json"), status_code=status.HTTP_200_OK,
-                            headers={"Location": job_url(created.job.id), "Idempotent-Replayed": "true"})
+        return JSONResponse(
+            body.model_dump(mode="json"),
+            status_code=status.HTTP_200_OK,
+            headers={"Location": job_url(created.job.id), "Idempotent-Replayed": "true"},
+        )
     response.headers["Location"] = job_url(created.job.id)
     return body
 
@@ -144,8 +169,9 @@ def list_jobs(
 ) -> JobList:
     """Newest first."""
     rows, total = list_job_summaries(session, status=status_, limit=limit, offset=offset)
-    return JobList(items=[JobSummary(**row, url=job_url(row["id"])) for row in rows], total=total, limit=limit,
-                   offset=offset)
+    return JobList(
+        items=[JobSummary(**row, url=job_url(row["id"])) for row in rows], total=total, limit=limit, offset=offset
+    )
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
@@ -158,9 +184,14 @@ def get_job(job_id: JobId, session: SessionDep, r: RedisDep, settings: SettingsD
     "/{job_id}/retry",
     status_code=status.HTTP_201_CREATED,
     response_model=JobOut,
-    responses={**NOT_FOUND, **FORBIDDEN, 409: {"description": "the job has not finished"},
-               422: {"description": "its spec is no longer allowed here"}, **LIMITED,
-               503: {"description": "the queue is unreachable: nothing was queued; send it again"}},
+    responses={
+        **NOT_FOUND,
+        **FORBIDDEN,
+        409: {"description": "the job has not finished"},
+        422: {"description": "its spec is no longer allowed here"},
+        **LIMITED,
+        503: {"description": "the queue is unreachable: nothing was queued; send it again"},
+    },
 )
 def retry_job(job_id: JobId, response: Response, session: SessionDep, settings: SettingsDep, user: UserDep) -> JobOut:
     """A new job with the same spec (checked again against today's limits); the old one stays."""
@@ -187,8 +218,12 @@ def delete_job(job_id: JobId, session: SessionDep, settings: SettingsDep, r: Red
 @router.post(
     "/{job_id}/cancel",
     response_model=JobOut,
-    responses={**NOT_FOUND, **FORBIDDEN, 202: {"model": JobOut, "description": "running: it stops between modules"},
-               409: {"description": "already finished"}},
+    responses={
+        **NOT_FOUND,
+        **FORBIDDEN,
+        202: {"model": JobOut, "description": "running: it stops between modules"},
+        409: {"description": "already finished"},
+    },
 )
 def cancel_job(job_id: JobId, session: SessionDep, settings: SettingsDep, r: RedisDep, user: UserDep) -> Response:
     """A queued job is cancelled at once (200); a running one is asked to stop (202) and ends
@@ -209,8 +244,9 @@ _DOWNLOAD_ERRORS = {
     416: {"description": "the range starts past the file's end"},
     503: {"description": "the object store is unreachable (Retry-After)"},
 }
-RangeHeader = Annotated[str | None, Header(alias="Range", max_length=200,
-                                           description="one `bytes=` range resumes a download (206)")]
+RangeHeader = Annotated[
+    str | None, Header(alias="Range", max_length=200, description="one `bytes=` range resumes a download (206)")
+]
 IfRangeHeader = Annotated[str | None, Header(alias="If-Range", max_length=200)]
 
 
@@ -223,8 +259,13 @@ IfRangeHeader = Annotated[str | None, Header(alias="If-Range", max_length=200)]
         **_DOWNLOAD_ERRORS,
     },
 )
-def download_artifact(job_id: JobId, session: SessionDep, settings: SettingsDep, range_: RangeHeader = None,
-                      if_range: IfRangeHeader = None) -> Response:
+def download_artifact(
+    job_id: JobId,
+    session: SessionDep,
+    settings: SettingsDep,
+    range_: RangeHeader = None,
+    if_range: IfRangeHeader = None,
+) -> Response:
     """The pruned Hugging Face directory as one tar stream (the default format); its sha256 (of
     the whole archive, also for a range) is in the X-Checksum-SHA256 and Repr-Digest headers and
     in the job."""
@@ -241,10 +282,19 @@ def download_artifact(job_id: JobId, session: SessionDep, settings: SettingsDep,
     },
 )
 def download_artifact_format(
-    job_id: JobId, session: SessionDep, settings: SettingsDep,
-    format: Annotated[str, PathParam(max_length=32, pattern=r"^[a-z0-9-]+$",
-                                     description=f"an artifact format ({packagers.DEFAULT_FORMAT} is the default)")],
-    range_: RangeHeader = None, if_range: IfRangeHeader = None,
+    job_id: JobId,
+    session: SessionDep,
+    settings: SettingsDep,
+    format: Annotated[
+        str,
+        PathParam(
+            max_length=32,
+            pattern=r"^[a-z0-9-]+$",
+            description=f"an artifact format ({packagers.DEFAULT_FORMAT} is the default)",
+        ),
+    ],
+    range_: RangeHeader = None,
+    if_range: IfRangeHeader = None,
 ) -> Response:
     """One of the job's artifacts by format (its `artifacts` list names them), resumable the same way."""
     return _serve(jobs.artifact(session, settings, job_id, format), range_, if_range)
@@ -264,13 +314,15 @@ def _serve(download: jobs.Download, range_: str | None, if_range: str | None) ->
     }
     wanted = archive.parse_range(range_, size) if if_range in (None, headers["ETag"]) else None
     if wanted == "unsatisfiable":
-        return Response(status_code=status.HTTP_416_RANGE_NOT_SATISFIABLE,
-                        headers={"Content-Range": f"bytes */{size}", **headers})
+        return Response(
+            status_code=status.HTTP_416_RANGE_NOT_SATISFIABLE, headers={"Content-Range": f"bytes */{size}", **headers}
+        )
     if wanted is None:
         headers["Content-Length"] = str(size)
         return StreamingResponse(download.body(), media_type=media_type, headers=headers)
     start, end = wanted
     headers["Content-Length"] = str(end - start)
     headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    return StreamingResponse(download.body(start, end), status_code=status.HTTP_206_PARTIAL_CONTENT,
-                             media_type=media_type, headers=headers)
+    return StreamingResponse(
+        download.body(start, end), status_code=status.HTTP_206_PARTIAL_CONTENT, media_type=media_type, headers=headers
+    )

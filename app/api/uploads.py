@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path as PathParam, Request, Response, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
 from app import crud
@@ -32,8 +33,14 @@ class CalibrationSetItems(BaseModel):
 
 def out(row: CalibrationSet, owner: str | None = None) -> CalibrationSetItem:
     return CalibrationSetItem(
-        id=row.id, ref=f"upload:{row.id}", name=row.name, format=row.format, size=row.size,
-        sha256=row.sha256, created_at=row.created_at, owner=owner,
+        id=row.id,
+        ref=f"upload:{row.id}",
+        name=row.name,
+        format=row.format,
+        size=row.size,
+        sha256=row.sha256,
+        created_at=row.created_at,
+        owner=owner,
     )
 
 
@@ -41,10 +48,13 @@ def out(row: CalibrationSet, owner: str | None = None) -> CalibrationSetItem:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=CalibrationSetItem,
-    responses={400: {"description": "a malformed multipart body"},
-               409: {"description": "the uploader already holds SPARSEGPT_MAX_UPLOADS_PER_USER files"},
-               413: {"description": "larger than the upload limit, or than the uploader's quota left"},
-               415: {"description": "not multipart/form-data"}, 422: {"description": "not a .txt/.jsonl text file"}},
+    responses={
+        400: {"description": "a malformed multipart body"},
+        409: {"description": "the uploader already holds SPARSEGPT_MAX_UPLOADS_PER_USER files"},
+        413: {"description": "larger than the upload limit, or than the uploader's quota left"},
+        415: {"description": "not multipart/form-data"},
+        422: {"description": "not a .txt/.jsonl text file"},
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -60,7 +70,9 @@ def out(row: CalibrationSet, owner: str | None = None) -> CalibrationSetItem:
         }
     },
 )
-async def upload_calibration_set(request: Request, session: SessionDep, settings: SettingsDep, user: UserDep) -> CalibrationSetItem:
+async def upload_calibration_set(
+    request: Request, session: SessionDep, settings: SettingsDep, user: UserDep
+) -> CalibrationSetItem:
     """Upload a calibration (or evaluation) text file as the multipart field ``file``."""
     received = await uploads.receive(request, settings, file_field="file")
     if received.file is None:
@@ -78,8 +90,11 @@ def list_calibration_sets(session: SessionDep) -> CalibrationSetItems:
     "/{set_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    responses={403: {"description": "not yours (its owner or an admin may delete it)"}, 404: {"description": "no such set"},
-               409: {"description": "a queued or running job uses it"}},
+    responses={
+        403: {"description": "not yours (its owner or an admin may delete it)"},
+        404: {"description": "no such set"},
+        409: {"description": "a queued or running job uses it"},
+    },
 )
 def delete_calibration_set(set_id: SetId, session: SessionDep, settings: SettingsDep, user: UserDep) -> Response:
     """Remove a calibration set and its file, unless a queued or running job names it."""
@@ -87,14 +102,17 @@ def delete_calibration_set(set_id: SetId, session: SessionDep, settings: Setting
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"calibration set upload:{set_id} not found")
     if not user.may_manage(row.owner_id):
-        raise HTTPException(status.HTTP_403_FORBIDDEN,
-                            detail=f"upload:{set_id} is not yours: only its owner or an admin may delete it")
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, detail=f"upload:{set_id} is not yours: only its owner or an admin may delete it"
+        )
     removal = uploads.remove(session, settings, set_id)
     if removal.in_use_by:
         jobs = ", ".join(str(j) for j in removal.in_use_by)
-        raise HTTPException(status.HTTP_409_CONFLICT,
-                            detail=f"upload:{set_id} is used by queued or running job(s) {jobs}: "
-                                   "cancel them or wait until they finish, then delete it")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"upload:{set_id} is used by queued or running job(s) {jobs}: "
+            "cancel them or wait until they finish, then delete it",
+        )
     if not removal.deleted:  # deleted meanwhile (another request, the sweeper)
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"calibration set upload:{set_id} not found")
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -44,10 +44,21 @@ async def usage(session: SessionDep, settings: SettingsDep, user: UserDep) -> Us
     uploads = await run_in_threadpool(dir_size, settings.uploads_dir)
     rows = await run_in_threadpool(crud.usage_by_user, session)
     users = [UserUsageOut(user=name, active_jobs=a, jobs=n, artifact_bytes=b) for name, a, n, b in rows]
-    you = next((u for u in users if u.user == user.name), UserUsageOut(user=user.name, active_jobs=0, jobs=0, artifact_bytes=0))
+    you = next(
+        (u for u in users if u.user == user.name), UserUsageOut(user=user.name, active_jobs=0, jobs=0, artifact_bytes=0)
+    )
     return UsageOut(
-        disk=DiskOut(path=str(settings.data_dir), total_bytes=disk.total, used_bytes=disk.used, free_bytes=disk.free,
-                     min_free_bytes=settings.min_free_disk_mb * 1024 * 1024),
-        artifacts_bytes=artifacts, uploads_bytes=uploads, artifact_retention_s=settings.artifact_retention_s,
-        max_active_jobs_per_user=settings.max_active_jobs_per_user, you=you, users=users,
+        disk=DiskOut(
+            path=str(settings.data_dir),
+            total_bytes=disk.total,
+            used_bytes=disk.used,
+            free_bytes=disk.free,
+            min_free_bytes=settings.min_free_disk_mb * 1024 * 1024,
+        ),
+        artifacts_bytes=artifacts,
+        uploads_bytes=uploads,
+        artifact_retention_s=settings.artifact_retention_s,
+        max_active_jobs_per_user=settings.max_active_jobs_per_user,
+        you=you,
+        users=users,
     )

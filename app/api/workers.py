@@ -38,14 +38,28 @@ class WorkerList(BaseModel):
 def workers_view(r, session) -> list[WorkerInfo]:
     found = live_workers(r)
     running = running_jobs_by_worker(session)
-    return [WorkerInfo(
-        name=str(w.get("name", "?")), pid=w.get("pid"), queues=list(w.get("queues") or []), device=w.get("device"),
-        gpus=[GpuOut(index=str(g.get("index")) if g.get("index") is not None else None, name=str(g.get("name", "?")),
-                     memory_gb=float(g.get("memory_gb") or 0)) for g in w.get("gpus") or []],
-        gpu_count=int(w.get("gpu_count") or 0), memory_gb=w.get("memory_gb"),
-        current_jobs=running.get(str(w.get("name")), []), seen_s_ago=w["seen_s_ago"],
-        clock_skew_s=w.get("clock_skew_s"),
-    ) for w in found]
+    return [
+        WorkerInfo(
+            name=str(w.get("name", "?")),
+            pid=w.get("pid"),
+            queues=list(w.get("queues") or []),
+            device=w.get("device"),
+            gpus=[
+                GpuOut(
+                    index=str(g.get("index")) if g.get("index") is not None else None,
+                    name=str(g.get("name", "?")),
+                    memory_gb=float(g.get("memory_gb") or 0),
+                )
+                for g in w.get("gpus") or []
+            ],
+            gpu_count=int(w.get("gpu_count") or 0),
+            memory_gb=w.get("memory_gb"),
+            current_jobs=running.get(str(w.get("name")), []),
+            seen_s_ago=w["seen_s_ago"],
+            clock_skew_s=w.get("clock_skew_s"),
+        )
+        for w in found
+    ]
 
 
 @router.get("/workers", response_model=WorkerList, responses={503: {"description": "Redis is unreachable"}})

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from __future__ import annotations
-
-
 import re
 from datetime import datetime
 

@@ -10,10 +10,10 @@ from sqlalchemy.orm import Session, defer, selectinload
 
 from app.models import (
     CANCELLED,
-    Artifact,
-    SUCCEEDED,
     QUEUED,
     RUNNING,
+    SUCCEEDED,
+    Artifact,
     Job,
     User,
     utcnow,
@@ -57,9 +57,9 @@ def set_task_id(session: Session, *, job_id: int, task_id: str) -> None:
 
 
 def get_job_by_idempotency_key(session: Session, *, owner_id: int, key: str) -> Job | None:
-    return session.scalars(
-        select(Job).where(Job.owner_id == owner_id, Job.idempotency_key == key)
-    ).unique().one_or_none()
+    return (
+        session.scalars(select(Job).where(Job.owner_id == owner_id, Job.idempotency_key == key)).unique().one_or_none()
+    )
 
 
 def lock_user(session: Session, user_id: int) -> None:
@@ -69,9 +69,12 @@ def lock_user(session: Session, user_id: int) -> None:
 
 
 def count_active_jobs(session: Session, *, owner_id: int) -> int:
-    return session.scalar(
-        select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status.in_((QUEUED, RUNNING)))
-    ) or 0
+    return (
+        session.scalar(
+            select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status.in_((QUEUED, RUNNING)))
+        )
+        or 0
+    )
 
 
 def delete_job(session: Session, *, job_id: int) -> str:
@@ -115,8 +118,20 @@ def list_jobs(
     return list(items), session.scalar(count) or 0
 
 
-_SUMMARY_COLUMNS = (Job.id, Job.status, Job.model, Job.method, Job.sparsity, Job.attempt, User.name.label("owner"),
-                    Job.created_at, Job.started_at, Job.finished_at, Job.error, Job.progress)
+_SUMMARY_COLUMNS = (
+    Job.id,
+    Job.status,
+    Job.model,
+    Job.method,
+    Job.sparsity,
+    Job.attempt,
+    User.name.label("owner"),
+    Job.created_at,
+    Job.started_at,
+    Job.finished_at,
+    Job.error,
+    Job.progress,
+)
 
 
 def list_job_summaries(
@@ -138,11 +153,13 @@ def discard_unsent(session: Session, *, job_id: int) -> bool:
     removed, so the client's retry (with the same Idempotency-Key, or none) makes the job
     afresh. False, and nothing changed, when the message went out after all: a task id is
     recorded (the sweeper sent it) or a worker claimed the job."""
-    return bool(session.execute(
-        delete(Job)
-        .where(Job.id == job_id, Job.status == QUEUED, Job.celery_task_id.is_(None))
-        .execution_options(synchronize_session=False)
-    ).rowcount)
+    return bool(
+        session.execute(
+            delete(Job)
+            .where(Job.id == job_id, Job.status == QUEUED, Job.celery_task_id.is_(None))
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    )
 
 
 @dataclass
@@ -171,9 +188,11 @@ def request_cancel(session: Session, *, job_id: int) -> CancelOutcome:
 
 
 def refresh_job(session: Session, job_id: int) -> Job | None:
-    return session.scalars(
-        select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
-    ).unique().one_or_none()
+    return (
+        session.scalars(select(Job).where(Job.id == job_id).execution_options(populate_existing=True))
+        .unique()
+        .one_or_none()
+    )
 
 
 def usage_by_user(session: Session) -> list[tuple[str | None, int, int, int]]:

@@ -64,9 +64,7 @@ def claim_job(
         progress=None,
     )
     claimed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == QUEUED, Job.attempt < max_attempts)
-        .values(**values)
+        update(Job).where(Job.id == job_id, Job.status == QUEUED, Job.attempt < max_attempts).values(**values)
     ).rowcount
     if claimed:
         return Claim(True, refresh_job(session, job_id))
@@ -130,8 +128,9 @@ def finish_job(
     if progress is not None:
         values["progress"] = progress
     if artifacts is None and artifact is not None:
-        artifacts = [dict(format=DEFAULT_FORMAT, media_type=MEDIA_TYPE, path=artifact[0], size=artifact[1],
-                          sha256=artifact[2])]
+        artifacts = [
+            dict(format=DEFAULT_FORMAT, media_type=MEDIA_TYPE, path=artifact[0], size=artifact[1], sha256=artifact[2])
+        ]
     artifacts = list(artifacts or ())
     if artifacts:
         first = artifacts[0]
@@ -174,15 +173,24 @@ def release_stale(session: Session, job: Job, *, max_attempts: int, stale_before
         outcome = "cancelled"
     elif job.attempt >= max_attempts:
         values = dict(
-            status=FAILED, finished_at=now,
-            error=(f"gave up after {job.attempt} attempt(s): the worker running it ({job.worker or 'unknown'}) "
-                   f"stopped sending heartbeats (last at {last}) and the attempt limit is {max_attempts}"),
+            status=FAILED,
+            finished_at=now,
+            error=(
+                f"gave up after {job.attempt} attempt(s): the worker running it ({job.worker or 'unknown'}) "
+                f"stopped sending heartbeats (last at {last}) and the attempt limit is {max_attempts}"
+            ),
         )
         outcome = "failed"
     else:
-        values = dict(status=QUEUED, celery_task_id=task_id, enqueued_at=now, worker=None, worker_pid=None,
-                      error=f"requeued: the worker of attempt {job.attempt} ({job.worker or 'unknown'}) stopped "
-                            f"sending heartbeats (last at {last})")
+        values = dict(
+            status=QUEUED,
+            celery_task_id=task_id,
+            enqueued_at=now,
+            worker=None,
+            worker_pid=None,
+            error=f"requeued: the worker of attempt {job.attempt} ({job.worker or 'unknown'}) stopped "
+            f"sending heartbeats (last at {last})",
+        )
         outcome = "requeued"
     done = session.execute(update(Job).where(*seen).values(**values)).rowcount
     return outcome if done else None
@@ -215,7 +223,8 @@ def replace_task_id(session: Session, *, job_id: int, old: str | None, new: str)
     cond = Job.celery_task_id.is_(None) if old is None else Job.celery_task_id == old
     return bool(
         session.execute(
-            update(Job).where(Job.id == job_id, Job.status == QUEUED, cond)
+            update(Job)
+            .where(Job.id == job_id, Job.status == QUEUED, cond)
             .values(celery_task_id=new, enqueued_at=utcnow())
         ).rowcount
     )
@@ -241,8 +250,9 @@ def mark_artifact_expired(session: Session, *, job_id: int) -> bool:
         ).rowcount
     )
     if won:
-        session.execute(update(Artifact).where(Artifact.job_id == job_id, Artifact.expired_at.is_(None))
-                        .values(expired_at=now))
+        session.execute(
+            update(Artifact).where(Artifact.job_id == job_id, Artifact.expired_at.is_(None)).values(expired_at=now)
+        )
     return won
 
 

@@ -49,8 +49,10 @@ def waiting_note(r: redis.Redis, job: Job, default_queue: str) -> str | None:
         return None
     if consumed(queue, workers):
         return None
-    return (f"no live worker takes jobs from its queue {queue!r} now (live workers: {listing(workers) or 'none'}); "
-            f"it waits until one starts (sparsegpt worker --queue {queue}), or cancel it and submit it again")
+    return (
+        f"no live worker takes jobs from its queue {queue!r} now (live workers: {listing(workers) or 'none'}); "
+        f"it waits until one starts (sparsegpt worker --queue {queue}), or cancel it and submit it again"
+    )
 
 
 def live_progress(r: redis.Redis, job: Job) -> dict[str, Any] | None:
@@ -112,8 +114,10 @@ def _check_job_cap(session: Session, settings: Settings, user: CurrentUser) -> N
         session.rollback()
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
-            detail=(f"{user.name} has {active} job(s) queued or running, and this server's limit per user is {cap} "
-                    "(SPARSEGPT_MAX_ACTIVE_JOBS_PER_USER): wait for one to finish or cancel one"),
+            detail=(
+                f"{user.name} has {active} job(s) queued or running, and this server's limit per user is {cap} "
+                "(SPARSEGPT_MAX_ACTIVE_JOBS_PER_USER): wait for one to finish or cancel one"
+            ),
             headers={"Retry-After": "30"},
         )
 
@@ -122,22 +126,33 @@ def _replayed(existing: Job, digest: str, key: str) -> Created:
     if existing.spec_sha256 != digest:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail=(f"Idempotency-Key {key!r} was already used for job {existing.id} with a different body; "
-                    "send the same body to get that job again, or use a new key for a new job"),
+            detail=(
+                f"Idempotency-Key {key!r} was already used for job {existing.id} with a different body; "
+                "send the same body to get that job again, or use a new key for a new job"
+            ),
         )
     if existing.status == QUEUED and existing.celery_task_id is None:
         # The first request with this key is still sending the run message; if that fails the
         # row is removed (see _enqueue), so it must not be handed out yet. (A row whose API
         # process died here gets its message from the sweeper, and a task id with it.)
         raise HTTPException(
-            status.HTTP_409_CONFLICT, headers={"Retry-After": "2"},
-            detail=f"an earlier request with Idempotency-Key {key!r} is still queueing its job; send this one again in a moment",
+            status.HTTP_409_CONFLICT,
+            headers={"Retry-After": "2"},
+            detail=f"an earlier request with Idempotency-Key {key!r} is still queueing its job; send this one again "
+            "in a moment",
         )
     return Created(existing, replayed=True)
 
 
-def create(session: Session, settings: Settings, user: CurrentUser, spec: JobSpec, *,
-           idempotency_key: str | None = None, retry_of: int | None = None) -> Created:
+def create(
+    session: Session,
+    settings: Settings,
+    user: CurrentUser,
+    spec: JobSpec,
+    *,
+    idempotency_key: str | None = None,
+    retry_of: int | None = None,
+) -> Created:
     """The one way a job is made (the API, its retry, the dashboard's form): the spec checked
     against the server (422 SpecError), the idempotency key's earlier job if any, then under the
     user's row lock the per-user cap (429), the row, the commit and the run message (503 when
@@ -157,8 +172,15 @@ def create(session: Session, settings: Settings, user: CurrentUser, spec: JobSpe
             return _replayed(existing, digest, idempotency_key)
     _check_job_cap(session, settings, user)
     try:
-        job = crud.create_job(session, spec=data, owner_id=user.id, idempotency_key=idempotency_key,
-                              spec_sha256=digest, retry_of=retry_of, queue=checked.queue)
+        job = crud.create_job(
+            session,
+            spec=data,
+            owner_id=user.id,
+            idempotency_key=idempotency_key,
+            spec_sha256=digest,
+            retry_of=retry_of,
+            queue=checked.queue,
+        )
         session.commit()  # the worker must find the row: enqueue only after the commit
     except IntegrityError:  # the twin committed between our check and our insert
         session.rollback()
@@ -181,8 +203,11 @@ def _enqueue(session: Session, settings: Settings, job_id: int, *, queue: str | 
         taken_back = crud.discard_unsent(session, job_id=job_id)
         session.commit()
         if taken_back:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "5"},
-                                detail="the job queue (Redis) is unreachable; nothing was queued, try again") from None
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                headers={"Retry-After": "5"},
+                detail="the job queue (Redis) is unreachable; nothing was queued, try again",
+            ) from None
         return  # the message went out after all (the sweeper sent it, or a worker has it): the job stands
     crud.set_task_id(session, job_id=job_id, task_id=task_id)
     session.commit()
@@ -193,7 +218,10 @@ def retry(session: Session, settings: Settings, user: CurrentUser, job_id: int) 
     old = get_or_404(session, job_id)
     forbid_unless_manager(user, old, "retry")
     if old.status not in TERMINAL:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} is {old.status}; retry it once it has finished (or cancel it)")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"job {job_id} is {old.status}; retry it once it has finished (or cancel it)",
+        )
     try:
         spec = JobSpec.model_validate(old.spec)
     except ValidationError as err:  # a spec stored by an older version
@@ -204,8 +232,9 @@ def retry(session: Session, settings: Settings, user: CurrentUser, job_id: int) 
 # --- cancel and delete -------------------------------------------------------------------------
 
 
-def cancel(session: Session, settings: Settings, r: redis.Redis, user: CurrentUser | None,
-           job_id: int) -> crud.CancelOutcome:
+def cancel(
+    session: Session, settings: Settings, r: redis.Redis, user: CurrentUser | None, job_id: int
+) -> crud.CancelOutcome:
     """404 / 403 unless the user may cancel the job; then the database first (a queued job ends
     now, a running one is flagged), then Redis: the worker's fast cancel flag, or the final
     status event for SSE clients. Redis being down only delays what the database says. The
@@ -220,8 +249,12 @@ def cancel(session: Session, settings: Settings, r: redis.Redis, user: CurrentUs
             r.set(streams.cancel_key(job_id), "1", ex=settings.job_time_limit_s)
         elif result.outcome == "cancelled":
             streams.publish(
-                r, job_id, "status", {"status": "cancelled", "attempt": result.job.attempt, "error": result.job.error},
-                maxlen=settings.events_maxlen, ttl_s=settings.events_ttl_s,
+                r,
+                job_id,
+                "status",
+                {"status": "cancelled", "attempt": result.job.attempt, "error": result.job.error},
+                maxlen=settings.events_maxlen,
+                ttl_s=settings.events_ttl_s,
             )
     except redis.RedisError:
         log.warning("Redis unreachable while cancelling job %s; the database flag stands", job_id)
@@ -234,7 +267,9 @@ def delete(session: Session, settings: Settings, r: redis.Redis, user: CurrentUs
     outcome = crud.delete_job(session, job_id=job_id)
     if outcome == "running":
         session.rollback()
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} is running; cancel it first (POST {job_url(job_id)}/cancel)")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, detail=f"job {job_id} is running; cancel it first (POST {job_url(job_id)}/cancel)"
+        )
     if outcome == "missing":
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
     session.commit()
@@ -283,8 +318,11 @@ class Download:
         goes out (see ``storage.verified``); a range cannot be, and is sent as read."""
         chunks = self.store.read(self.artifact.path, self.packager, self.name, start, end)
         if start == 0 and end in (None, self.artifact.size):
-            return storage.verified(chunks, self.artifact.sha256, f"job {self.artifact.job_id}'s "
-                                    f"{self.artifact.format} artifact ({self.artifact.path})")
+            return storage.verified(
+                chunks,
+                self.artifact.sha256,
+                f"job {self.artifact.job_id}'s {self.artifact.format} artifact ({self.artifact.path})",
+            )
         return chunks
 
 
@@ -293,32 +331,44 @@ def artifact(session: Session, settings: Settings, job_id: int, format: str | No
     or format), 409 (not succeeded), 410 (gone), 503 (the store unreachable)."""
     job = get_or_404(session, job_id)
     if job.status != SUCCEEDED:
-        raise HTTPException(status.HTTP_409_CONFLICT,
-                            detail=f"job {job_id} is {job.status}; the artifact exists once it has succeeded")
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, detail=f"job {job_id} is {job.status}; the artifact exists once it has succeeded"
+        )
     if job.artifact_expired_at is not None:
         raise HTTPException(
             status.HTTP_410_GONE,
             detail=f"job {job_id}'s artifact was deleted on {job.artifact_expired_at:%Y-%m-%d %H:%M} UTC "
-                   f"(artifacts are kept {settings.artifact_retention_s / 86400:g} days); "
-                   "retry the job to make it again",
+            f"(artifacts are kept {settings.artifact_retention_s / 86400:g} days); "
+            "retry the job to make it again",
         )
     wanted = format or packagers.default_for(job.spec)  # a quantizing job's: compressed-tensors
     row = crud.get_artifact(session, job_id, wanted)
     if row is None and wanted == packagers.DEFAULT_FORMAT and job.artifact_path and job.artifact_sha256:
         # recorded by a worker of the version before artifact rows (a rolling upgrade): the same tar
-        row = Artifact(job_id=job.id, format=wanted, media_type=packagers.HfTar.media_type, path=job.artifact_path,
-                       size=job.artifact_size or 0, sha256=job.artifact_sha256)
+        row = Artifact(
+            job_id=job.id,
+            format=wanted,
+            media_type=packagers.HfTar.media_type,
+            path=job.artifact_path,
+            size=job.artifact_size or 0,
+            sha256=job.artifact_sha256,
+        )
     packager = packagers.get(wanted)
     if row is None or packager is None:
         made = ", ".join(a.format for a in crud.get_job(session, job_id, details=True).artifacts) or "none"
-        raise HTTPException(status.HTTP_404_NOT_FOUND if format else status.HTTP_410_GONE,
-                            detail=f"job {job_id} has no artifact in the format {wanted!r} (it has: {made})")
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND if format else status.HTTP_410_GONE,
+            detail=f"job {job_id} has no artifact in the format {wanted!r} (it has: {made})",
+        )
     store = storage.get_store(settings)
     try:
         intact = store.holds(row.path) and store.intact(row.path, row.size)
     except storage.StorageError as err:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "10"},
-                            detail=f"the object store is unreachable: {err}") from None
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "10"},
+            detail=f"the object store is unreachable: {err}",
+        ) from None
     if row.expired_at is not None or not intact:
         raise HTTPException(status.HTTP_410_GONE, detail=f"job {job_id}'s artifact is no longer {store.place}")
     return Download(job, row, packager, store, JobFiles(settings, job_id, store).name)

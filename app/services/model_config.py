@@ -31,8 +31,10 @@ def local_config(directory: str | Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     except RecursionError:  # json.loads recurses once per [ or {: a 4 MiB file can nest 4M deep
-        return UnreadableConfig("the model's config.json is nested too deeply to be read (no transformers config "
-                                "nests more than a few levels); fix the model's config.json")
+        return UnreadableConfig(
+            "the model's config.json is nested too deeply to be read (no transformers config "
+            "nests more than a few levels); fix the model's config.json"
+        )
     return data if isinstance(data, dict) else None
 
 
@@ -55,8 +57,10 @@ def _fetch_config(url: str, token: str | None, deadline: float) -> dict[str, Any
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     timeout = httpx.Timeout(max(0.1, deadline - time.monotonic()))
-    with (httpx.Client(timeout=timeout, follow_redirects=True, max_redirects=5) as client,
-          client.stream("GET", url, headers=headers) as response):
+    with (
+        httpx.Client(timeout=timeout, follow_redirects=True, max_redirects=5) as client,
+        client.stream("GET", url, headers=headers) as response,
+    ):
         length = response.headers.get("content-length", "")
         if response.status_code != 200 or (length.isdigit() and int(length) > MAX_CONFIG_BYTES):
             return None
@@ -69,8 +73,9 @@ def _fetch_config(url: str, token: str | None, deadline: float) -> dict[str, Any
     return data if isinstance(data, dict) else None
 
 
-def hub_config(model: str, revision: str | None, *, token: str | None = None,
-               timeout_s: float = HUB_TIMEOUT_S) -> dict[str, Any] | None:
+def hub_config(
+    model: str, revision: str | None, *, token: str | None = None, timeout_s: float = HUB_TIMEOUT_S
+) -> dict[str, Any] | None:
     """Only ``config.json`` of a Hub model, fetched here (``HF_ENDPOINT``, ``HF_TOKEN``): one GET
     of at most ``MAX_CONFIG_BYTES``, not kept in the Hub's cache, within ``timeout_s`` in all;
     None when it cannot be had (offline, gated, not found, slow, too big, or ``HUB_MAX_FETCHES``

@@ -29,8 +29,8 @@ import redis
 
 from app.config import Settings
 from app.routing_tiers import TIERS, plain_queue, tier_queue
-from worker.engine.contract.estimate import GB, Estimate
 from app.workers import live_workers
+from worker.engine.contract.estimate import GB, Estimate
 
 log = logging.getLogger(__name__)
 _clients: dict[str, redis.Redis] = {}
@@ -40,7 +40,8 @@ def _redis(settings: Settings) -> redis.Redis:
     client = _clients.get(settings.redis)
     if client is None:
         client = _clients[settings.redis] = redis.Redis.from_url(
-            settings.redis, decode_responses=True, socket_connect_timeout=2, socket_timeout=5)
+            settings.redis, decode_responses=True, socket_connect_timeout=2, socket_timeout=5
+        )
     return client
 
 
@@ -54,8 +55,9 @@ def _gb(value: float) -> str:
     return f"{value:.3g} GB" if value < 10 else f"{value:,.0f} GB"
 
 
-def choose_queue(settings: Settings, resources: dict[str, Any], found: Estimate | None,
-                 workers: list[dict[str, Any]] | None = None) -> tuple[str, str | None]:
+def choose_queue(
+    settings: Settings, resources: dict[str, Any], found: Estimate | None, workers: list[dict[str, Any]] | None = None
+) -> tuple[str, str | None]:
     """(queue, None), or (the shared queue, the refusal in words)."""
     if workers is None:
         try:
@@ -67,26 +69,35 @@ def choose_queue(settings: Settings, resources: dict[str, Any], found: Estimate 
     if named:
         if consumed(named, workers):
             return named, None
-        return settings.queue, (f"no live worker consumes the queue {named!r} (live workers: "
-                                f"{listing(workers) or 'none'}); start one with sparsegpt worker --queue {named}")
+        return settings.queue, (
+            f"no live worker consumes the queue {named!r} (live workers: "
+            f"{listing(workers) or 'none'}); start one with sparsegpt worker --queue {named}"
+        )
     asked = resources.get("min_gpu_memory_gb")
     gpu_workers = [w for w in workers if isinstance(w.get("memory_gb"), (int, float)) and w["memory_gb"] > 0]
     if not gpu_workers:
         if asked:
-            return settings.queue, (f"the job asks for a GPU with at least {_gb(asked)} but no live worker "
-                                    f"advertises a GPU (live workers: {listing(workers) or 'none'})")
+            return settings.queue, (
+                f"the job asks for a GPU with at least {_gb(asked)} but no live worker "
+                f"advertises a GPU (live workers: {listing(workers) or 'none'})"
+            )
         return settings.queue, None
     estimate = gpu_need_gb(found)
     if not asked and len(gpu_workers) < len(workers):
         return _any_worker(settings, estimate or 0.0, gpu_workers), None
     need = max(estimate or 0.0, float(asked or 0.0))
     fit = [w for w in gpu_workers if w["memory_gb"] >= need]
-    why = (f"it needs {_gb(need)} of GPU memory ("
-           + (f"estimate {_gb(estimate)}: {'; '.join(found.parts)}" if estimate is not None else "no estimate")
-           + (f"; asked at least {_gb(asked)}" if asked else "") + ")")
+    why = (
+        f"it needs {_gb(need)} of GPU memory ("
+        + (f"estimate {_gb(estimate)}: {'; '.join(found.parts)}" if estimate is not None else "no estimate")
+        + (f"; asked at least {_gb(asked)}" if asked else "")
+        + ")"
+    )
     if not fit:
-        return settings.queue, (f"no live worker can take this job: {why}, and the largest GPU of a live worker "
-                                f"has {_gb(max(w['memory_gb'] for w in gpu_workers))} ({listing(gpu_workers)})")
+        return settings.queue, (
+            f"no live worker can take this job: {why}, and the largest GPU of a live worker "
+            f"has {_gb(max(w['memory_gb'] for w in gpu_workers))} ({listing(gpu_workers)})"
+        )
     tier = next((t for t in TIERS if t >= need), None)
     queue = tier_queue(settings.queue, tier) if tier is not None else None
     if queue is None or not consumed(queue, fit):
@@ -113,5 +124,6 @@ def consumed(queue: str, workers: list[dict[str, Any]]) -> bool:
 
 def listing(workers: list[dict[str, Any]]) -> str:
     """The workers in a message: name and GPU memory (or CPU only), the first 12."""
-    return ", ".join(f"{w.get('name', '?')} ({_gb(w['memory_gb']) if w.get('memory_gb') else 'CPU only'})"
-                     for w in workers[:12])
+    return ", ".join(
+        f"{w.get('name', '?')} ({_gb(w['memory_gb']) if w.get('memory_gb') else 'CPU only'})" for w in workers[:12]
+    )

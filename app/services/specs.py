@@ -14,8 +14,8 @@ from app.config import Settings
 from app.model_links import escaped_file
 from app.paths import PathNotAllowed, resolve_allowed
 from app.services.model_config import hub_config, local_config
-from worker.engine.contract.estimate import Estimate, JobSize, estimate, estimate_method
 from app.services.routing import choose_queue
+from worker.engine.contract.estimate import Estimate, JobSize, estimate, estimate_method
 from worker.engine.contract.hub import dataset_unavailable, model_unavailable
 from worker.engine.contract.spec import BUILTIN_DATASETS, JobSpec, stored_dtype, upload_id, working_dtype
 from worker.engine.contract.spec_quant import group_size_message
@@ -71,9 +71,11 @@ def model_files_problem(directory: Path) -> str | None:
             return None
         if ggufs:
             return f"model directory {directory.name!r} holds several .gguf files ({', '.join(ggufs)}): keep one"
-        return (f"model directory {directory.name!r} holds no loadable model: config.json is missing (a "
-                "Hugging Face model saved with save_pretrained has config.json, weights and tokenizer files; "
-                "or one .gguf file)")
+        return (
+            f"model directory {directory.name!r} holds no loadable model: config.json is missing (a "
+            "Hugging Face model saved with save_pretrained has config.json, weights and tokenizer files; "
+            "or one .gguf file)"
+        )
     lacking = []
     if not any(any(directory.glob(pattern)) for pattern in WEIGHT_FILES):
         lacking.append("weights (*.safetensors or *.bin)")
@@ -119,11 +121,17 @@ def check_spec(spec: JobSpec, settings: Settings, session: Session) -> Checked:
     cal = spec.calibration
     if cal.nsamples > settings.max_nsamples:
         errors.append(
-            _error(("calibration", "nsamples"), f"nsamples {_number(cal.nsamples)} is above this server's limit of {settings.max_nsamples}")
+            _error(
+                ("calibration", "nsamples"),
+                f"nsamples {_number(cal.nsamples)} is above this server's limit of {settings.max_nsamples}",
+            )
         )
     if cal.seqlen is not None and cal.seqlen > settings.max_seqlen:
         errors.append(
-            _error(("calibration", "seqlen"), f"seqlen {_number(cal.seqlen)} is above this server's limit of {settings.max_seqlen}")
+            _error(
+                ("calibration", "seqlen"),
+                f"seqlen {_number(cal.seqlen)} is above this server's limit of {settings.max_seqlen}",
+            )
         )
     _check_size(spec, settings, errors)
     data["calibration"]["dataset"] = _dataset(cal.dataset, ("calibration", "dataset"), settings, session, errors)
@@ -156,19 +164,25 @@ def _check_size(spec: JobSpec, settings: Settings, errors: list) -> None:
     seqlen = cal.seqlen if cal.seqlen is not None else DEFAULT_SEQLEN
     tokens = cal.nsamples * seqlen
     if spec.reads_calibration and tokens > settings.max_calibration_tokens:
-        errors.append(_error(
-            ("calibration", "nsamples"),
-            f"nsamples {_number(cal.nsamples)} x seqlen {_number(seqlen)}{'' if cal.seqlen else ' (the default)'} = "
-            f"{_number(tokens)} calibration tokens, above this server's limit of "
-            f"{_number(settings.max_calibration_tokens)} (SPARSEGPT_MAX_CALIBRATION_TOKENS); lower nsamples or seqlen",
-        ))
+        errors.append(
+            _error(
+                ("calibration", "nsamples"),
+                f"nsamples {_number(cal.nsamples)} x seqlen "
+                f"{_number(seqlen)}{'' if cal.seqlen else ' (the default)'} = "
+                f"{_number(tokens)} calibration tokens, above this server's limit of "
+                f"{_number(settings.max_calibration_tokens)} (SPARSEGPT_MAX_CALIBRATION_TOKENS); lower nsamples or "
+                "seqlen",
+            )
+        )
     windows = spec.evaluation.max_windows
     if windows is not None and windows > settings.max_eval_windows:
-        errors.append(_error(
-            ("evaluation", "max_windows"),
-            f"evaluation.max_windows {_number(windows)} is above this server's limit of "
-            f"{_number(settings.max_eval_windows)} windows per set (SPARSEGPT_MAX_EVAL_WINDOWS)",
-        ))
+        errors.append(
+            _error(
+                ("evaluation", "max_windows"),
+                f"evaluation.max_windows {_number(windows)} is above this server's limit of "
+                f"{_number(settings.max_eval_windows)} windows per set (SPARSEGPT_MAX_EVAL_WINDOWS)",
+            )
+        )
 
 
 def _text_bytes(name: str, stored: str, session: Session) -> int | None:
@@ -217,8 +231,9 @@ def _check_group_size(spec: JobSpec, config: dict[str, Any], errors: list) -> No
             errors.append(_error(("quantization", "group_size"), problem))
 
 
-def _check_memory(spec: JobSpec, data: dict[str, Any], settings: Settings, session: Session,
-                  errors: list) -> Estimate | None:
+def _check_memory(
+    spec: JobSpec, data: dict[str, Any], settings: Settings, session: Session, errors: list
+) -> Estimate | None:
     """The job's memory estimate (returned: the job is routed by it) against
     SPARSEGPT_MAX_JOB_MEMORY_GB, when the model's config can be read here: a local directory's
     config.json, or a Hub model's config.json alone (short timeout). When it cannot (offline,
@@ -234,8 +249,11 @@ def _check_memory(spec: JobSpec, data: dict[str, Any], settings: Settings, sessi
     names = spec.evaluation.datasets
     size = JobSize(
         method=estimate_method(spec.method, spec.sparsity_profile),
-        nsamples=spec.calibration.nsamples, seqlen=spec.calibration.seqlen, dtype=dtype,
-        device=device, max_windows=spec.evaluation.max_windows,
+        nsamples=spec.calibration.nsamples,
+        seqlen=spec.calibration.seqlen,
+        dtype=dtype,
+        device=device,
+        max_windows=spec.evaluation.max_windows,
         mapped=weights_mapped(data["model"] if spec.model.startswith("/") else None, config, dtype),
         stored=stored_dtype(config),
         eval_sets=tuple((n, _text_bytes(n, s, session)) for n, s in zip(names, data["evaluation"]["datasets"])),

@@ -72,21 +72,30 @@ class Quota:
     def too_large(self, what: str = "the upload") -> UploadError:
         left = self.left
         if left is None or left >= self.settings.max_upload_bytes:
-            return UploadError(413, f"{what} is larger than this server's upload limit of "
-                                    f"{self.settings.max_upload_bytes} bytes (SPARSEGPT_MAX_UPLOAD_BYTES)")
-        return UploadError(413, f"{what} is larger than the {left} bytes left of {self.name}'s upload quota: "
-                                f"{self.files} file(s) use {self.used} of {self.settings.upload_quota_bytes_per_user} "
-                                f"bytes (SPARSEGPT_UPLOAD_QUOTA_BYTES_PER_USER); delete some (DELETE "
-                                "/api/v1/calibration-sets/{id}) or ask an admin")
+            return UploadError(
+                413,
+                f"{what} is larger than this server's upload limit of "
+                f"{self.settings.max_upload_bytes} bytes (SPARSEGPT_MAX_UPLOAD_BYTES)",
+            )
+        return UploadError(
+            413,
+            f"{what} is larger than the {left} bytes left of {self.name}'s upload quota: "
+            f"{self.files} file(s) use {self.used} of {self.settings.upload_quota_bytes_per_user} "
+            f"bytes (SPARSEGPT_UPLOAD_QUOTA_BYTES_PER_USER); delete some (DELETE "
+            "/api/v1/calibration-sets/{id}) or ask an admin",
+        )
 
     def full(self) -> UploadError | None:
         """The refusal when the user already holds as many files as allowed."""
         limit = self.settings.max_uploads_per_user
         if limit <= 0 or self.files < limit:
             return None
-        return UploadError(409, f"{self.name} has {self.files} uploaded file(s), and this server's limit per user is "
-                                f"{limit} (SPARSEGPT_MAX_UPLOADS_PER_USER): delete one (DELETE "
-                                "/api/v1/calibration-sets/{id}) or ask an admin")
+        return UploadError(
+            409,
+            f"{self.name} has {self.files} uploaded file(s), and this server's limit per user is "
+            f"{limit} (SPARSEGPT_MAX_UPLOADS_PER_USER): delete one (DELETE "
+            "/api/v1/calibration-sets/{id}) or ask an admin",
+        )
 
 
 def quota_of(session: Session, settings: Settings, user_id: int | None, name: str | None = None) -> Quota:
@@ -118,7 +127,7 @@ class ReceivedFile:
     filename: str
     path: Path
     size: int = 0
-    sha: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    sha: hashlib._Hash = field(default_factory=hashlib.sha256)
 
     @property
     def format(self) -> str:
@@ -183,8 +192,11 @@ class _Parts:
             return
         filename = filename.decode("utf-8", "replace")
         if self.name != self.file_field:
-            raise UploadError(422, f"{self.name[:40]!r} is not the file field: send the file in a multipart "
-                                   f"field named {self.file_field!r}")
+            raise UploadError(
+                422,
+                f"{self.name[:40]!r} is not the file field: send the file in a multipart "
+                f"field named {self.file_field!r}",
+            )
         if self.received.file is not None:
             raise UploadError(422, f"send one file per upload (one multipart field named {self.file_field!r})")
         if not filename:  # a form's empty file input
@@ -193,7 +205,8 @@ class _Parts:
         suffix = Path(filename).suffix.lower()
         if suffix not in FORMATS:
             raise UploadError(
-                422, f"{filename!r}: calibration sets are .txt (plain text) or .jsonl (one {{\"text\": ...}} per line)")
+                422, f'{filename!r}: calibration sets are .txt (plain text) or .jsonl (one {{"text": ...}} per line)'
+            )
         full = self.quota.full()
         if full is not None:
             raise full
@@ -239,7 +252,9 @@ async def receive(request: Request, settings: Settings, *, file_field: str, form
     left when smaller (a ``form`` may also come url-encoded, or empty: no fields at all, so no
     content type)."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
-    quota = await run_in_threadpool(_load_quota, request.app.state.sessions, settings, getattr(request.state, "user", None))
+    quota = await run_in_threadpool(
+        _load_quota, request.app.state.sessions, settings, getattr(request.state, "user", None)
+    )
     limit = quota.cap
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
@@ -266,8 +281,9 @@ async def receive(request: Request, settings: Settings, *, file_field: str, form
         raise UploadError(400, f"malformed multipart body: {err}") from None
     except OSError as err:  # the temp file: a full disk (ENOSPC), a quota, a read-only mount
         parts.discard()
-        raise UploadError(507, f"the upload could not be written on this server: "
-                               f"{getattr(err, 'strerror', None) or err}") from None
+        raise UploadError(
+            507, f"the upload could not be written on this server: {getattr(err, 'strerror', None) or err}"
+        ) from None
     except BaseException:
         parts.discard()
         raise
@@ -298,12 +314,17 @@ def check_content(path: Path, fmt: str) -> None:
                     try:
                         obj = json.loads(line)
                     except ValueError:
-                        raise UploadError(422, f"line {number} is not JSON (a .jsonl file holds one {{\"text\": ...}} object per line)") from None
+                        raise UploadError(
+                            422, f'line {number} is not JSON (a .jsonl file holds one {{"text": ...}} object per line)'
+                        ) from None
                     except RecursionError:  # json.loads recurses once per [ or {
-                        raise UploadError(422, f"line {number} is nested too deeply (a .jsonl file holds one flat "
-                                               "{\"text\": ...} object per line)") from None
+                        raise UploadError(
+                            422,
+                            f"line {number} is nested too deeply (a .jsonl file holds one flat "
+                            '{"text": ...} object per line)',
+                        ) from None
                     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise UploadError(422, f"line {number} has no \"text\" string")
+                        raise UploadError(422, f'line {number} has no "text" string')
                 texts += 1
     except UnicodeDecodeError as err:
         raise UploadError(422, f"the file is not UTF-8 text (byte {err.start})") from None
@@ -335,8 +356,15 @@ def _keep(session: Session, settings: Settings, file: ReceivedFile, owner_id: in
     sha = file.sha.hexdigest()
     store = storage.get_store(settings)
     name = f"uploads/{sha}.{file.format}"  # content-addressed: sets of the same content share it
-    row = crud.create_calibration_set(session, name=safe_name(file.filename), format=file.format, size=file.size,
-                                      sha256=sha, path=store.location(name), owner_id=owner_id)
+    row = crud.create_calibration_set(
+        session,
+        name=safe_name(file.filename),
+        format=file.format,
+        size=file.size,
+        sha256=sha,
+        path=store.location(name),
+        owner_id=owner_id,
+    )
     session.commit()  # before the file is in place: a concurrent ``remove`` of a twin then keeps it
     try:
         with store.locked():

@@ -26,8 +26,9 @@ STATIC_DIR = str(files("app").joinpath("static"))  # package data, installed or 
 
 
 async def favicon(request) -> FileResponse:
-    return FileResponse(f"{STATIC_DIR}/favicon.svg", media_type="image/svg+xml",
-                        headers={"Cache-Control": "public, max-age=86400"})
+    return FileResponse(
+        f"{STATIC_DIR}/favicon.svg", media_type="image/svg+xml", headers={"Cache-Control": "public, max-age=86400"}
+    )
 
 
 def install(app: FastAPI) -> None:

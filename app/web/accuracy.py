@@ -36,11 +36,17 @@ def job_rows(zero_shot: ZeroShot | None) -> list[dict[str, Any]]:
         for metric in list(dict.fromkeys([*_metrics(values), *_metrics(before_values)])):
             after, before = _number(values.get(metric)), _number(before_values.get(metric))
             stderr = _number(values.get(f"{metric}_stderr"))
-            rows.append({
-                "task": task, "metric": metric, "dense": _pct(before), "pruned": _pct(after),
-                "change": "–" if after is None or before is None else f"{100 * (after - before):+.2f}",
-                "stderr": None if stderr is None else f"±{100 * stderr:.2f}", "examples": examples.get(task),
-            })
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "dense": _pct(before),
+                    "pruned": _pct(after),
+                    "change": "–" if after is None or before is None else f"{100 * (after - before):+.2f}",
+                    "stderr": None if stderr is None else f"±{100 * stderr:.2f}",
+                    "examples": examples.get(task),
+                }
+            )
     return rows
 
 
@@ -49,5 +55,7 @@ def compare_rows(reports: list[Report]) -> list[dict[str, Any]]:
     (None: the job did not run that task)."""
     per_job = [{(r["task"], r["metric"]): r for r in job_rows(report.zero_shot)} for report in reports]
     keys = list(dict.fromkeys(key for rows in per_job for key in rows))
-    return [{"task": task, "metric": metric, "values": [rows.get((task, metric)) for rows in per_job]}
-            for task, metric in keys]
+    return [
+        {"task": task, "metric": metric, "values": [rows.get((task, metric)) for rows in per_job]}
+        for task, metric in keys
+    ]

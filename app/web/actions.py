@@ -32,14 +32,21 @@ _REFUSED = {400: "Malformed form", 413: "Upload too large", 415: "Not a form", 4
 
 
 def _refused(request: Request, err: uploads.UploadError) -> HTMLResponse:
-    advice = {413: "Go back and choose a smaller calibration file.",
-              422: "Go back and choose a .txt or .jsonl file."}.get(err.status_code, "Go back and try again.")
-    return error_page(request, err.status_code, _REFUSED.get(err.status_code, "The form was refused"),
-                      f"The form could not be read: {err.detail}. {advice}")
+    advice = {
+        413: "Go back and choose a smaller calibration file.",
+        422: "Go back and choose a .txt or .jsonl file.",
+    }.get(err.status_code, "Go back and try again.")
+    return error_page(
+        request,
+        err.status_code,
+        _REFUSED.get(err.status_code, "The form was refused"),
+        f"The form could not be read: {err.detail}. {advice}",
+    )
 
 
-async def _take_file(request: Request, session: Session, values: dict[str, Any],
-                     file: uploads.ReceivedFile | None) -> tuple[dict[str, list[str]], str]:
+async def _take_file(
+    request: Request, session: Session, values: dict[str, Any], file: uploads.ReceivedFile | None
+) -> tuple[dict[str, list[str]], str]:
     """Store the uploaded calibration file when the form chose "upload a new file" (discard it
     otherwise); then the form names the stored upload. Returns (errors, notice)."""
     if values["calibration_source"] != "file":
@@ -56,8 +63,9 @@ async def _take_file(request: Request, session: Session, values: dict[str, Any],
     return {}, f"{row.name} was uploaded as upload:{row.id}."
 
 
-def _create(request: Request, session: Session, values: dict[str, Any], errors: dict[str, list[str]],
-            notice: str) -> Response:
+def _create(
+    request: Request, session: Session, values: dict[str, Any], errors: dict[str, list[str]], notice: str
+) -> Response:
     """Validate the form as the spec, then create through ``jobs.create`` (the server's checks,
     the per-user cap, the queue); the form again with what went wrong, or the job's page."""
     try:  # every field's errors at once; the calibration choice's own message wins
@@ -116,8 +124,9 @@ def cancel_job_form(request: Request, job_id: str, csrf_token: Annotated[str, Fo
         return parsed
     with open_session(request) as session:
         try:
-            outcome = jobs.cancel(session, request.app.state.settings, request.app.state.redis,
-                                  current_user(request), parsed)
+            outcome = jobs.cancel(
+                session, request.app.state.settings, request.app.state.redis, current_user(request), parsed
+            )
         except HTTPException as err:  # 404, 403 (not yours)
             return _refusal(request, err, "Cannot cancel")
         if outcome.outcome == "finished":
@@ -154,8 +163,12 @@ def retry_job_form(request: Request, job_id: str, csrf_token: Annotated[str, For
             new = jobs.retry(session, request.app.state.settings, current_user(request), parsed)
         except SpecError as err:
             text = "; ".join(forms.describe(e) for e in err.errors)
-            return error_page(request, 422, "Cannot retry",
-                              f"Job {parsed}'s spec is no longer accepted: {text}. Use Clone to edit it.")
+            return error_page(
+                request,
+                422,
+                "Cannot retry",
+                f"Job {parsed}'s spec is no longer accepted: {text}. Use Clone to edit it.",
+            )
         except HTTPException as err:  # 404, 403 (not yours), 409 (not finished), 429, 503
             return _refusal(request, err, "Cannot retry")
         new_id = new.id

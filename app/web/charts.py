@@ -36,13 +36,25 @@ def _frame(title: str, y_max: float, x_label: str = "block") -> list[str]:
     for i in range(5):
         y = _TOP + plot_h - plot_h * i / 4
         parts.append(f'<line class="grid" x1="{_LEFT}" x2="{_W - _RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        parts.append(f'<text class="tick" x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{_tick(y_max * i / 4)}</text>')
-    parts.append(f'<text class="axis-label" x="{(_LEFT + _W - _RIGHT) / 2:.0f}" y="{_H - 4}" text-anchor="middle">{escape(x_label)}</text>')
+        parts.append(
+            f'<text class="tick" x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{_tick(y_max * i / 4)}</text>'
+        )
+    parts.append(
+        f'<text class="axis-label" x="{(_LEFT + _W - _RIGHT) / 2:.0f}" y="{_H - 4}" '
+        f'text-anchor="middle">{escape(x_label)}</text>'
+    )
     return parts
 
 
-def bar_chart(labels: list[str], values: list[float | None], *, title: str, y_max: float | None = None,
-              value_format: str = "{:.3g}", css: str = "bar") -> Markup:
+def bar_chart(
+    labels: list[str],
+    values: list[float | None],
+    *,
+    title: str,
+    y_max: float | None = None,
+    value_format: str = "{:.3g}",
+    css: str = "bar",
+) -> Markup:
     """One bar per label (a block); missing values are left empty."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     top = y_max if y_max is not None else _nice_max(max(finite, default=0.0))
@@ -53,7 +65,10 @@ def bar_chart(labels: list[str], values: list[float | None], *, title: str, y_ma
     for i, (label, value) in enumerate(zip(labels, values)):
         x = _LEFT + slot * i + (slot - width) / 2
         if len(labels) <= 32 or i % math.ceil(len(labels) / 32) == 0:
-            parts.append(f'<text class="tick" x="{x + width / 2:.1f}" y="{_TOP + plot_h + 14}" text-anchor="middle">{escape(label)}</text>')
+            parts.append(
+                f'<text class="tick" x="{x + width / 2:.1f}" y="{_TOP + plot_h + 14}" '
+                f'text-anchor="middle">{escape(label)}</text>'
+            )
         if value is None or not math.isfinite(value):
             continue
         height = plot_h * min(value, top) / top if top else 0
@@ -61,10 +76,13 @@ def bar_chart(labels: list[str], values: list[float | None], *, title: str, y_ma
         shown = value_format.format(value)
         parts.append(
             f'<rect class="{css}" x="{x:.1f}" y="{y:.1f}" width="{width:.1f}" height="{max(height, 0.5):.1f}">'
-            f'<title>block {escape(label)}: {escape(shown)}</title></rect>'
+            f"<title>block {escape(label)}: {escape(shown)}</title></rect>"
         )
         if len(labels) <= 16:
-            parts.append(f'<text class="bar-value" x="{x + width / 2:.1f}" y="{y - 4:.1f}" text-anchor="middle">{escape(shown)}</text>')
+            parts.append(
+                f'<text class="bar-value" x="{x + width / 2:.1f}" y="{y - 4:.1f}" '
+                f'text-anchor="middle">{escape(shown)}</text>'
+            )
     parts.append("</svg>")
     return Markup("".join(parts))
 
@@ -96,13 +114,18 @@ def line_chart(series: list[tuple[str, list[tuple[int, float]]]], *, title: str,
             path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
             parts.append(f'<polyline class="series" data-series="{escape(name)}" points="{path}" stroke="{color}"/>')
         for x, y in points:
-            parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{color}"><title>{escape(name)}, block {x}: {y:.4g}</title></circle>')
+            parts.append(
+                f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{color}"><title>{escape(name)}, block '
+                f"{x}: {y:.4g}</title></circle>"
+            )
         legend_x = _W - _RIGHT - 120 * (len(series) - index)
         parts.append(f'<rect x="{legend_x}" y="8" width="12" height="4" fill="{color}"/>')
         label = name if points else f"{name} (none)"
         parts.append(f'<text class="legend" x="{legend_x + 16}" y="14">{escape(label)}</text>')
     if not ys:
-        parts.append(f'<text class="empty" x="{_W / 2}" y="{_H / 2}" text-anchor="middle">no per-block results yet</text>')
+        parts.append(
+            f'<text class="empty" x="{_W / 2}" y="{_H / 2}" text-anchor="middle">no per-block results yet</text>'
+        )
     parts.append("</svg>")
     return Markup("".join(parts))
 
@@ -116,8 +139,11 @@ def profile_chart(profile: Profile | dict | None) -> Markup | None:
     if profile is None:
         return None
     targets, achieved = profile.targets, profile.achieved
-    rows = [(b, t, a) for b, (t, a) in enumerate(zip(targets, achieved))
-            if isinstance(t, (int, float)) and isinstance(a, (int, float)) and math.isfinite(t) and math.isfinite(a)]
+    rows = [
+        (b, t, a)
+        for b, (t, a) in enumerate(zip(targets, achieved))
+        if isinstance(t, (int, float)) and isinstance(a, (int, float)) and math.isfinite(t) and math.isfinite(a)
+    ]
     if not rows or max(t for _, t, _ in rows) - min(t for _, t, _ in rows) < 1e-9:
         return None  # one target for every block (uniform): the bars would only draw a flat line
     kind = str(profile.profile or "uniform")
@@ -129,13 +155,17 @@ def profile_chart(profile: Profile | dict | None) -> Markup | None:
     for i, (block, target, done) in enumerate(rows):
         x0 = _LEFT + slot * i + slot * 0.1
         if len(rows) <= 32 or i % math.ceil(len(rows) / 32) == 0:
-            parts.append(f'<text class="tick" x="{x0 + width:.1f}" y="{_TOP + plot_h + 14}" text-anchor="middle">{block}</text>')
+            parts.append(
+                f'<text class="tick" x="{x0 + width:.1f}" y="{_TOP + plot_h + 14}" text-anchor="middle">{block}</text>'
+            )
         for j, (name, value) in enumerate((("target", target), ("achieved", done))):
             height = plot_h * min(max(value, 0.0), 1.0)
             parts.append(
-                f'<rect class="bar-{name}" data-block="{block}" x="{x0 + j * width:.1f}" y="{_TOP + plot_h - height:.1f}" '
+                f'<rect class="bar-{name}" data-block="{block}" x="{x0 + j * width:.1f}" '
+                f'y="{_TOP + plot_h - height:.1f}" '
                 f'width="{width:.1f}" height="{max(height, 0.5):.1f}" fill="{colors[name]}">'
-                f'<title>block {block}: {name} {100 * value:.2f}%</title></rect>')
+                f"<title>block {block}: {name} {100 * value:.2f}%</title></rect>"
+            )
     for index, name in enumerate(("target", "achieved")):
         legend_x = _W - _RIGHT - 90 * (2 - index)
         parts.append(f'<rect x="{legend_x}" y="8" width="12" height="8" fill="{colors[name]}"/>')

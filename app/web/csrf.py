@@ -36,7 +36,9 @@ _BROWSER_HEADERS = ("origin", "referer", "sec-fetch-site")
 
 
 def _well_formed(value: str | None) -> bool:
-    return bool(value) and len(value) == _COOKIE_LEN and value.isascii() and all(c.isalnum() or c in "-_" for c in value)
+    return (
+        bool(value) and len(value) == _COOKIE_LEN and value.isascii() and all(c.isalnum() or c in "-_" for c in value)
+    )
 
 
 def _binding(request: Request, *, create: bool) -> str | None:
@@ -97,7 +99,12 @@ def remember(request: Request, response: Response) -> Response:
     value = getattr(request.state, "csrf_cookie", None)
     if value and request.cookies.get(CSRF_COOKIE) != value:
         response.set_cookie(
-            CSRF_COOKIE, value, max_age=request.app.state.settings.session_max_age_s, path="/",
-            httponly=True, samesite="lax", secure=request.url.scheme == "https",
+            CSRF_COOKIE,
+            value,
+            max_age=request.app.state.settings.session_max_age_s,
+            path="/",
+            httponly=True,
+            samesite="lax",
+            secure=request.url.scheme == "https",
         )
     return response

@@ -35,8 +35,13 @@ LEAVES: tuple[Leaf, ...] = tuple(leaf for leaf in leaf_fields() if leaf.ui.form)
 CHOICES: dict[str, tuple[str, ...]] = {leaf.ui.form: leaf.choices for leaf in LEAVES if leaf.choices}
 CALIBRATION_SOURCES = (*BUILTIN_DATASETS, "upload", "file", "path")
 CALIBRATION = ("calibration", "dataset")
-OPTIONAL_SECTIONS = tuple(name for name, f in JobSpec.model_fields.items() if f.default is None
-                          and any(leaf.path[0] == name and len(leaf.path) > 1 for leaf in LEAVES))
+OPTIONAL_SECTIONS = tuple(
+    name
+    for name, f in JobSpec.model_fields.items()
+    if f.default is None and any(leaf.path[0] == name and len(leaf.path) > 1 for leaf in LEAVES)
+)
+
+
 # The inputs' help text: the spec's own field descriptions (the form says what the API docs say).
 def _form_help(description: str) -> str:
     """A spec description as the form's help: a sentence, and an empty input where the API says null."""
@@ -49,7 +54,9 @@ EVALUATION = ("evaluation", "datasets")
 
 # Where an error of the spec is shown: each leaf's own input, and the two compound inputs.
 _FIELD_OF_PATH: dict[tuple[str, ...], str] = {
-    **{leaf.path: leaf.ui.form for leaf in LEAVES}, CALIBRATION: "calibration_source", EVALUATION: "eval_sets",
+    **{leaf.path: leaf.ui.form for leaf in LEAVES},
+    CALIBRATION: "calibration_source",
+    EVALUATION: "eval_sets",
     ("quantization",): "quant_scheme",  # the section as a whole (no scheme, its cross-field checks)
 }
 _MISSING = object()
@@ -90,7 +97,9 @@ def calibration_inputs(dataset: str) -> dict[str, str]:
 def calibration_dataset(values: Mapping[str, Any]) -> str:
     """``calibration.dataset`` from the source's inputs (a "file" is stored first: see actions)."""
     source = values.get("calibration_source", "")
-    return {"upload": values.get("calibration_upload", ""), "path": values.get("calibration_path", "")}.get(source, source)
+    return {"upload": values.get("calibration_upload", ""), "path": values.get("calibration_path", "")}.get(
+        source, source
+    )
 
 
 def calibration_choice_errors(values: Mapping[str, Any]) -> dict[str, list[str]]:
@@ -106,8 +115,10 @@ def calibration_choice_errors(values: Mapping[str, Any]) -> dict[str, list[str]]
 
 def evaluation_inputs(datasets: list[str]) -> dict[str, Any]:
     """The built-in sets as checkboxes, the others (uploads, paths) as text."""
-    return {"eval_sets": [d for d in datasets if d in BUILTIN_DATASETS],
-            "eval_extra": ", ".join(d for d in datasets if d not in BUILTIN_DATASETS)}
+    return {
+        "eval_sets": [d for d in datasets if d in BUILTIN_DATASETS],
+        "eval_extra": ", ".join(d for d in datasets if d not in BUILTIN_DATASETS),
+    }
 
 
 def evaluation_datasets(values: Mapping[str, Any]) -> list[str]:

@@ -23,8 +23,8 @@ from app.web.charts import bar_chart, line_chart, profile_chart
 from app.web.filters import fmt_bytes, fmt_duration, fmt_secs, progress_view
 from app.web.queue_view import history, standings
 from app.web.render import current_user, error_page, open_session, parse_job_id, render
-from worker.engine.contract.report import Report, facts
 from worker.engine.contract.hub import dataset_unavailable
+from worker.engine.contract.report import Report, facts
 from worker.engine.contract.spec import BUILTIN_DATASETS, JobSpec
 
 router = APIRouter(include_in_schema=False)
@@ -50,22 +50,44 @@ def _disk(session: Session, data_dir: Path) -> dict[str, Any]:
 def jobs_page(request: Request, status: str = "", page: str = "1") -> HTMLResponse:
     status = status.strip()
     if status and status not in STATUSES:
-        return error_page(request, 400, "Unknown status", f"{status!r} is not a job status; use one of {', '.join(STATUSES)}.")
+        return error_page(
+            request, 400, "Unknown status", f"{status!r} is not a job status; use one of {', '.join(STATUSES)}."
+        )
     page_no = int(page) if page.strip().isdigit() and 0 < int(page) < 10**6 else 1
     r = request.app.state.redis
     with open_session(request) as session:
         items, total = crud.jobs_page(session, status=status or None, limit=PAGE_SIZE, offset=(page_no - 1) * PAGE_SIZE)
         counts = crud.status_counts(session)
-        standing = standings(session, r, request.app.state.settings.queue, lambda job: jobs.live_progress(r, job)) \
-            if any(job.status == "queued" for job in items) else {}
-        rows = [{"job": job, "progress": progress_view(jobs.live_progress(r, job)), "extras": spec_extras(job.spec),
-                 "standing": standing.get(job.id), "metric": job.metrics[0] if job.metrics else None}
-                for job in items]
-        return render(request, "jobs.html", {
-            "rows": rows, "total": total, "status": status, "page": page_no,
-            "pages": max(1, math.ceil(total / PAGE_SIZE)), "counts": counts, "all_count": sum(counts.values()),
-            "disk": _disk(session, request.app.state.settings.data_dir), "page_size": PAGE_SIZE,
-        })
+        standing = (
+            standings(session, r, request.app.state.settings.queue, lambda job: jobs.live_progress(r, job))
+            if any(job.status == "queued" for job in items)
+            else {}
+        )
+        rows = [
+            {
+                "job": job,
+                "progress": progress_view(jobs.live_progress(r, job)),
+                "extras": spec_extras(job.spec),
+                "standing": standing.get(job.id),
+                "metric": job.metrics[0] if job.metrics else None,
+            }
+            for job in items
+        ]
+        return render(
+            request,
+            "jobs.html",
+            {
+                "rows": rows,
+                "total": total,
+                "status": status,
+                "page": page_no,
+                "pages": max(1, math.ceil(total / PAGE_SIZE)),
+                "counts": counts,
+                "all_count": sum(counts.values()),
+                "disk": _disk(session, request.app.state.settings.data_dir),
+                "page_size": PAGE_SIZE,
+            },
+        )
 
 
 def spec_extras(spec: dict[str, Any] | None) -> list[str]:
@@ -77,8 +99,11 @@ def spec_extras(spec: dict[str, Any] | None) -> list[str]:
         out.append(f"refit {solver['refit']}")
     if isinstance(quant, dict) and quant.get("scheme"):
         group = quant.get("group_size")
-        out.append(quant["scheme"] + (f" g{group}" if isinstance(group, int) and group > 0 else "")
-                   + (" actorder" if quant.get("actorder") else ""))
+        out.append(
+            quant["scheme"]
+            + (f" g{group}" if isinstance(group, int) and group > 0 else "")
+            + (" actorder" if quant.get("actorder") else "")
+        )
     elif solver.get("wbits"):
         out.append(f"{solver['wbits']}-bit")
     return out
@@ -96,14 +121,27 @@ def quantization_only(spec: dict[str, Any] | None) -> bool:
 # --- the new-job form (what it posts: app.web.actions) -------------------------------------------------
 
 
-def form_page(request: Request, session: Session, values: dict[str, Any], errors: dict[str, list[str]], *,
-              status_code: int = 200, **extra: Any) -> HTMLResponse:
+def form_page(
+    request: Request,
+    session: Session,
+    values: dict[str, Any],
+    errors: dict[str, list[str]],
+    *,
+    status_code: int = 200,
+    **extra: Any,
+) -> HTMLResponse:
     """The new-job form with these values and errors (by input name; "" for the whole form)."""
     context = {
-        "form": values, "errors": errors, "uploads": crud.list_calibration_sets(session, limit=100),
-        "choices": forms.CHOICES, "helps": forms.HELP, "builtin": BUILTIN_DATASETS,
+        "form": values,
+        "errors": errors,
+        "uploads": crud.list_calibration_sets(session, limit=100),
+        "choices": forms.CHOICES,
+        "helps": forms.HELP,
+        "builtin": BUILTIN_DATASETS,
         "allowed_dirs": [str(d) for d in request.app.state.settings.allowed_dirs],
-        "unavailable": unavailable_sets(), "paces": past_paces(session), **extra,
+        "unavailable": unavailable_sets(),
+        "paces": past_paces(session),
+        **extra,
     }
     return render(request, "new_job.html", context, status_code=status_code)
 
@@ -116,9 +154,15 @@ def unavailable_sets() -> dict[str, str]:
 def past_paces(session: Session) -> list[dict[str, Any]]:
     """This server's past jobs per model: its blocks, seconds per block, and so about how long a
     job of it takes here (the form shows them beside the model field)."""
-    return [{"model": model, "blocks": pace.blocks, "per_block": pace.seconds_per_block,
-             "total": pace.seconds_per_block * pace.blocks}
-            for model, pace in sorted(history(session).items())]
+    return [
+        {
+            "model": model,
+            "blocks": pace.blocks,
+            "per_block": pace.seconds_per_block,
+            "total": pace.seconds_per_block * pace.blocks,
+        }
+        for model, pace in sorted(history(session).items())
+    ]
 
 
 def offline_defaults(values: dict[str, Any], unavailable: dict[str, str], has_uploads: bool) -> dict[str, Any]:
@@ -136,7 +180,9 @@ def new_job_page(request: Request, clone: str = "") -> HTMLResponse:
     with open_session(request) as session:
         if not clone:
             has_uploads = bool(crud.list_calibration_sets(session, limit=1))
-            return form_page(request, session, offline_defaults(forms.FORM_DEFAULTS, unavailable_sets(), has_uploads), {})
+            return form_page(
+                request, session, offline_defaults(forms.FORM_DEFAULTS, unavailable_sets(), has_uploads), {}
+            )
         job_id = parse_job_id(clone)
         job = crud.get_job(session, job_id) if job_id else None
         if job is None:
@@ -184,14 +230,25 @@ def _job_charts(job: Job, report: Report) -> dict[str, Any]:
         return {}
     labels = [str(b) for b in blocks]
     charts: dict[str, Any] = {
-        "error": bar_chart(labels, errors, title="Relative reconstruction error per block (mean of its modules)",
-                           value_format="{:.3g}", css="bar-error"),
+        "error": bar_chart(
+            labels,
+            errors,
+            title="Relative reconstruction error per block (mean of its modules)",
+            value_format="{:.3g}",
+            css="bar-error",
+        ),
     }
     if max(sparsity) - min(sparsity) < FLAT:  # every block alike (2:4, a uniform ratio): a sentence, not a flat chart
         charts["flat_sparsity"] = sum(sparsity) / len(sparsity)
     else:
-        charts["sparsity"] = bar_chart(labels, [100 * s for s in sparsity], title="Achieved sparsity per block (%)",
-                                       y_max=100, value_format="{:.1f}%", css="bar-sparsity")
+        charts["sparsity"] = bar_chart(
+            labels,
+            [100 * s for s in sparsity],
+            title="Achieved sparsity per block (%)",
+            y_max=100,
+            value_format="{:.1f}%",
+            css="bar-sparsity",
+        )
     profile = profile_chart(report.profile)  # target vs achieved, per block; None when every target is the same
     if profile is not None:
         charts["profile"] = profile
@@ -225,20 +282,34 @@ def job_page(request: Request, job_id: str) -> HTMLResponse:
         pview = progress_view(progress)
         if pview is not None and ran is not None:  # over: started -> finished, not the last event's clock
             pview["elapsed"] = fmt_duration(ran)
-        return render(request, "job.html", {
-            "job": job, "spec": spec_view(job.spec), "progress": progress, "pview": pview, "ran_for": ran,
-            "whole_sparsity": whole_model_sparsity(report),
-            "charts": _job_charts(job, report), "metrics": job.metrics, "modules": job.modules,
-            "report": report, "has_report": bool(job.result), "facts": facts(report, "page"),
-            "zero_shot": job_rows(report.zero_shot),
-            "active": job.status not in TERMINAL, "may_change": jobs.may_change(current_user(request), job),
-            "spec_json": json.dumps(job.spec, indent=2),
-            "artifact_ok": jobs.artifact_available(job, request.app.state.settings),
-            "format_ratios": packagers.format_ratios(job.result), "extras": spec_extras(job.spec),
-            "quantization_only": quantization_only(job.spec),
-            "message": request.query_params.get("message", "")[:300],
-            "waiting": jobs.waiting_note(request.app.state.redis, job, request.app.state.settings.queue),
-        })
+        return render(
+            request,
+            "job.html",
+            {
+                "job": job,
+                "spec": spec_view(job.spec),
+                "progress": progress,
+                "pview": pview,
+                "ran_for": ran,
+                "whole_sparsity": whole_model_sparsity(report),
+                "charts": _job_charts(job, report),
+                "metrics": job.metrics,
+                "modules": job.modules,
+                "report": report,
+                "has_report": bool(job.result),
+                "facts": facts(report, "page"),
+                "zero_shot": job_rows(report.zero_shot),
+                "active": job.status not in TERMINAL,
+                "may_change": jobs.may_change(current_user(request), job),
+                "spec_json": json.dumps(job.spec, indent=2),
+                "artifact_ok": jobs.artifact_available(job, request.app.state.settings),
+                "format_ratios": packagers.format_ratios(job.result),
+                "extras": spec_extras(job.spec),
+                "quantization_only": quantization_only(job.spec),
+                "message": request.query_params.get("message", "")[:300],
+                "waiting": jobs.waiting_note(request.app.state.redis, job, request.app.state.settings.queue),
+            },
+        )
 
 
 # --- compare -------------------------------------------------------------------------------------------
@@ -265,7 +336,9 @@ def _compare_ids(request: Request) -> list[int] | HTMLResponse:
         for part in (p for p in value.split(",") if p.strip()):
             parsed = parse_job_id(part)
             if parsed is None:
-                return error_page(request, 400, "Bad job list", f"{part.strip()!r} is not a job id. Use /compare?ids=1,2,3.")
+                return error_page(
+                    request, 400, "Bad job list", f"{part.strip()!r} is not a job id. Use /compare?ids=1,2,3."
+                )
             if parsed not in ids:
                 ids.append(parsed)
     if len(ids) > MAX_COMPARED:
@@ -278,18 +351,28 @@ def _comparison(jobs_: list[Job]) -> dict[str, Any]:
     per set, and each job's error per block as one line."""
     flat = [flatten(spec_view(job.spec)) for job in jobs_]
     keys = list(dict.fromkeys(k for f in flat for k in f))
-    spec_rows = [{"key": k, "values": [f.get(k, "–") for f in flat],
-                  "differs": len({f.get(k, "–") for f in flat}) > 1} for k in keys]
+    spec_rows = [
+        {"key": k, "values": [f.get(k, "–") for f in flat], "differs": len({f.get(k, "–") for f in flat}) > 1}
+        for k in keys
+    ]
     datasets = list(dict.fromkeys(m.dataset for job in jobs_ for m in job.metrics))
-    ppl = [{"dataset": d, "values": [next((m for m in job.metrics if m.dataset == d), None) for job in jobs_]}
-           for d in datasets]
+    ppl = [
+        {"dataset": d, "values": [next((m for m in job.metrics if m.dataset == d), None) for job in jobs_]}
+        for d in datasets
+    ]
     series = []
     for job in jobs_:
         blocks, _, errors = _block_series(job)
         series.append((f"job {job.id}", [(b, e) for b, e in zip(blocks, errors) if e is not None]))
     chart = line_chart(series, title="Relative reconstruction error per block", x_label="block")
-    return {"spec_rows": spec_rows, "ppl": ppl, "chart": chart, "differences": sum(r["differs"] for r in spec_rows),
-            "accuracy": compare_rows([report_of(job) for job in jobs_]), "run_rows": run_rows(jobs_)}
+    return {
+        "spec_rows": spec_rows,
+        "ppl": ppl,
+        "chart": chart,
+        "differences": sum(r["differs"] for r in spec_rows),
+        "accuracy": compare_rows([report_of(job) for job in jobs_]),
+        "run_rows": run_rows(jobs_),
+    }
 
 
 def missing(job: Job) -> str:
@@ -305,18 +388,45 @@ def run_rows(jobs_: list[Job]) -> list[dict[str, Any]]:
     steps = list(dict.fromkeys(k for r in reports for k in r.seconds.to_json()))
     for step in steps:
         values = [r.seconds.to_json().get(step) for r in reports]
-        rows.append({"key": f"{step.replace('_', ' ')} (s)", "values": [
-            fmt_secs(v) if isinstance(v, (int, float)) else missing(job) for v, job in zip(values, jobs_)]})
-    rows.append({"key": "peak memory", "values": [
-        fmt_bytes(r.peak_memory_bytes) if r.peak_memory_bytes else missing(job) for r, job in zip(reports, jobs_)]})
+        rows.append(
+            {
+                "key": f"{step.replace('_', ' ')} (s)",
+                "values": [
+                    fmt_secs(v) if isinstance(v, (int, float)) else missing(job) for v, job in zip(values, jobs_)
+                ],
+            }
+        )
+    rows.append(
+        {
+            "key": "peak memory",
+            "values": [
+                fmt_bytes(r.peak_memory_bytes) if r.peak_memory_bytes else missing(job)
+                for r, job in zip(reports, jobs_)
+            ],
+        }
+    )
     formats = list(dict.fromkeys(a.format for job in jobs_ for a in job.artifacts if a.expired_at is None))
     for name in formats:
-        sizes = [next((a.size for a in job.artifacts if a.format == name and a.expired_at is None), None) for job in jobs_]
-        rows.append({"key": f"artifact {name}", "format": name, "values": [
-            fmt_bytes(size) if size is not None else missing(job) for size, job in zip(sizes, jobs_)]})
+        sizes = [
+            next((a.size for a in job.artifacts if a.format == name and a.expired_at is None), None) for job in jobs_
+        ]
+        rows.append(
+            {
+                "key": f"artifact {name}",
+                "format": name,
+                "values": [fmt_bytes(size) if size is not None else missing(job) for size, job in zip(sizes, jobs_)],
+            }
+        )
     if not formats:
-        rows.append({"key": "artifact", "values": [fmt_bytes(job.artifact_size) if job.artifact_size and not
-                                                   job.artifact_expired_at else missing(job) for job in jobs_]})
+        rows.append(
+            {
+                "key": "artifact",
+                "values": [
+                    fmt_bytes(job.artifact_size) if job.artifact_size and not job.artifact_expired_at else missing(job)
+                    for job in jobs_
+                ],
+            }
+        )
     return rows
 
 

@@ -52,12 +52,19 @@ def history(session: Session) -> dict[str, Pace]:
     done = session.execute(
         select(Job.id, Job.model, Job.started_at, Job.finished_at)
         .where(Job.status == SUCCEEDED, Job.started_at.is_not(None), Job.finished_at.is_not(None))
-        .order_by(Job.finished_at.desc()).limit(HISTORY)).all()
+        .order_by(Job.finished_at.desc())
+        .limit(HISTORY)
+    ).all()
     if not done:
         return {}
-    counts = {job_id: (n, top) for job_id, n, top in session.execute(
-        select(ModuleResult.job_id, func.count(func.distinct(ModuleResult.block)), func.max(ModuleResult.block))
-        .where(ModuleResult.job_id.in_([row.id for row in done])).group_by(ModuleResult.job_id))}
+    counts = {
+        job_id: (n, top)
+        for job_id, n, top in session.execute(
+            select(ModuleResult.job_id, func.count(func.distinct(ModuleResult.block)), func.max(ModuleResult.block))
+            .where(ModuleResult.job_id.in_([row.id for row in done]))
+            .group_by(ModuleResult.job_id)
+        )
+    }
     totals: dict[str, list[float]] = {}  # model -> [seconds, blocks pruned, the model's blocks]
     for row in done:
         if row.id not in counts:
@@ -100,12 +107,16 @@ def _workers_per_queue(r: redis.Redis, queues: set[str]) -> dict[str, int]:
     return {q: sum(consumed(q, [w]) for w in workers) for q in queues}
 
 
-def standings(session: Session, r: redis.Redis, default_queue: str,
-              progress_of: Any) -> dict[int, Standing]:
+def standings(session: Session, r: redis.Redis, default_queue: str, progress_of: Any) -> dict[int, Standing]:
     """Each queued job's standing, by id. ``progress_of(job)``: a running job's live progress."""
-    active = list(session.scalars(
-        select(Job).where(Job.status.in_([QUEUED, RUNNING]))
-        .order_by(func.coalesce(Job.enqueued_at, Job.created_at), Job.id).limit(MAX_QUEUED)))
+    active = list(
+        session.scalars(
+            select(Job)
+            .where(Job.status.in_([QUEUED, RUNNING]))
+            .order_by(func.coalesce(Job.enqueued_at, Job.created_at), Job.id)
+            .limit(MAX_QUEUED)
+        )
+    )
     if not any(job.status == QUEUED for job in active):
         return {}
     paces, now = history(session), time.time()
@@ -117,8 +128,9 @@ def standings(session: Session, r: redis.Redis, default_queue: str,
     out: dict[int, Standing] = {}
     for queue, jobs_ in by_queue.items():
         waiting = [job for job in jobs_ if job.status == QUEUED]
-        ahead: list[float | None] = [_seconds_left(job, paces, progress_of(job), now)
-                                     for job in jobs_ if job.status == RUNNING]
+        ahead: list[float | None] = [
+            _seconds_left(job, paces, progress_of(job), now) for job in jobs_ if job.status == RUNNING
+        ]
         takers = workers.get(queue, 1)  # (the workers unreadable: one, as a guess)
         for position, job in enumerate(waiting, 1):
             known = takers > 0 and all(s is not None for s in ahead)  # no worker takes the queue: unknown

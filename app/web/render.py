@@ -37,7 +37,9 @@ def error_page(request: Request, status_code: int, title: str, message: str) -> 
 def csrf_refused(request: Request) -> HTMLResponse:
     """403: the page to show instead of doing what a forged or stale form asked (app.web.csrf said no)."""
     return error_page(
-        request, 403, "Reload the form",
+        request,
+        403,
+        "Reload the form",
         "This form's security token is missing or out of date (it was opened before you signed in or out, "
         "or it was sent from another site), so nothing was done. Reload the page and submit the form again.",
     )

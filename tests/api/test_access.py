@@ -26,8 +26,11 @@ def env(team_pg, module_redis, models_dir, tmp_path_factory):
 
 
 def post_job(env: InProcess, who: str, body: dict | None = None, **headers):
-    return env.client.post("/api/v1/jobs", json=body or {"model": "facebook/opt-125m", "sparsity": 0.5},
-                           headers={**env.as_(who), **headers})
+    return env.client.post(
+        "/api/v1/jobs",
+        json=body or {"model": "facebook/opt-125m", "sparsity": 0.5},
+        headers={**env.as_(who), **headers},
+    )
 
 
 def cancel_all(env: InProcess) -> None:
@@ -41,8 +44,9 @@ def finished_job_with_artifact(env: InProcess, who: str, tmp: Path) -> int:
     """A job of ``who`` that succeeded, with a real artifact directory where the worker puts it."""
     job_id = post_job(env, who).json()["id"]
     with db.session_scope(env.settings.database) as session:
-        assert crud.claim_job(session, job_id=job_id, worker="w@h", pid=1, stale_before=crud.stale_before(60),
-                              max_attempts=2).claimed
+        assert crud.claim_job(
+            session, job_id=job_id, worker="w@h", pid=1, stale_before=crud.stale_before(60), max_attempts=2
+        ).claimed
     final = env.settings.artifacts_dir / str(job_id) / "attempt-1"
     final.mkdir(parents=True)
     (final / "config.json").write_text('{"model_type": "llama"}')
@@ -66,7 +70,11 @@ def api_routes(app) -> list[tuple[str, set[str]]]:
         from fastapi.routing import iter_route_contexts  # FastAPI >= 0.16x wraps included routers
     except ImportError:
         return [(r.path, set(r.methods)) for r in app.routes if isinstance(r, APIRoute)]
-    return [(c.path, set(c.methods)) for c in iter_route_contexts(app.routes) if isinstance(getattr(c, "route", None), APIRoute)]
+    return [
+        (c.path, set(c.methods))
+        for c in iter_route_contexts(app.routes)
+        if isinstance(getattr(c, "route", None), APIRoute)
+    ]
 
 
 def test_every_route_needs_a_token(env):
@@ -95,8 +103,10 @@ def test_every_route_needs_a_token(env):
     assert env.client.get("/api/v1/health").status_code == 401
 
 
-@pytest.mark.parametrize("header", ["Bearer", "Bearer ", "Basic YWxpY2U6eA==", "Bearer sgpt_not-a-real-token", "Token x",
-                                    "Bearer " + "x" * 5000])
+@pytest.mark.parametrize(
+    "header",
+    ["Bearer", "Bearer ", "Basic YWxpY2U6eA==", "Bearer sgpt_not-a-real-token", "Token x", "Bearer " + "x" * 5000],
+)
 def test_bad_credentials_are_401(env, header):
     response = env.client.get("/api/v1/jobs", headers={"Authorization": header})
     assert response.status_code == 401 and "detail" in response.json()
@@ -147,7 +157,9 @@ def test_dashboard_session_login_logout(env):
     c.cookies.clear()
 
 
-@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "/\\evil.example", "javascript:alert(1)"])
+@pytest.mark.parametrize(
+    "target", ["//evil.example/x", "https://evil.example/", "/\\evil.example", "javascript:alert(1)"]
+)
 def test_login_never_redirects_off_site(env, target):
     response = env.client.post("/login", data={"token": env.tokens["bob"], "next": target})
     assert response.status_code == 303 and response.headers["location"] == "/"
@@ -171,7 +183,10 @@ def test_other_users_job(env, tmp_path):
     listed = c.get("/api/v1/jobs", headers=env.as_("bob")).json()["items"]
     assert any(j["id"] == job_id and j["owner"].startswith("alice") for j in listed)
     download = c.get(f"/api/v1/jobs/{job_id}/artifact", headers=env.as_("bob"))
-    assert download.status_code == 200 and hashlib.sha256(download.content).hexdigest() == download.headers["x-checksum-sha256"]
+    assert (
+        download.status_code == 200
+        and hashlib.sha256(download.content).hexdigest() == download.headers["x-checksum-sha256"]
+    )
     for method, path in (("POST", "cancel"), ("POST", "retry"), ("DELETE", "")):
         response = c.request(method, f"/api/v1/jobs/{job_id}/{path}".rstrip("/"), headers=env.as_("bob"))
         assert response.status_code == 403, (method, path, response.text)
@@ -248,7 +263,9 @@ def test_sample_and_length_caps(env, models_dir):
 
 def test_upload_cap(env):
     limit = env.settings.max_upload_bytes
-    response = env.client.post("/api/v1/calibration-sets", files={"file": ("big.txt", b"a " * limit)}, headers=env.as_("alice"))
+    response = env.client.post(
+        "/api/v1/calibration-sets", files={"file": ("big.txt", b"a " * limit)}, headers=env.as_("alice")
+    )
     assert response.status_code == 413
 
 
@@ -281,7 +298,12 @@ def test_idempotency_key(env):
     first = post_job(env, "alice", {"model": "facebook/opt-125m", "sparsity": 0.5}, **{"Idempotency-Key": key})
     assert first.status_code == 201
     # The same body (other key order, defaults spelled out): the first job, 200.
-    again = post_job(env, "alice", {"sparsity": "50%", "method": "sparsegpt", "model": "facebook/opt-125m"}, **{"Idempotency-Key": key})
+    again = post_job(
+        env,
+        "alice",
+        {"sparsity": "50%", "method": "sparsegpt", "model": "facebook/opt-125m"},
+        **{"Idempotency-Key": key},
+    )
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
     assert again.headers["location"] == f"/api/v1/jobs/{first.json()['id']}"
     other = post_job(env, "alice", {"model": "facebook/opt-125m", "sparsity": 0.6}, **{"Idempotency-Key": key})
@@ -301,7 +323,9 @@ def test_idempotency_key_concurrent_twins(env):
     results = []
 
     def submit():
-        results.append(post_job(env, "alice", {"model": "facebook/opt-125m", "sparsity": 0.5}, **{"Idempotency-Key": key}))
+        results.append(
+            post_job(env, "alice", {"model": "facebook/opt-125m", "sparsity": 0.5}, **{"Idempotency-Key": key})
+        )
 
     threads = [threading.Thread(target=submit) for _ in range(6)]
     for t in threads:
@@ -313,8 +337,11 @@ def test_idempotency_key_concurrent_twins(env):
     codes = sorted(r.status_code for r in results)
     assert codes.count(201) == 1 and set(codes) <= {200, 201, 409}, codes
     assert all(r.headers.get("retry-after") for r in results if r.status_code == 409)
-    again = [post_job(env, "alice", {"model": "facebook/opt-125m", "sparsity": 0.5}, **{"Idempotency-Key": key})
-             for r in results if r.status_code == 409]
+    again = [
+        post_job(env, "alice", {"model": "facebook/opt-125m", "sparsity": 0.5}, **{"Idempotency-Key": key})
+        for r in results
+        if r.status_code == 409
+    ]
     assert all(r.status_code == 200 for r in again)
     assert len({r.json()["id"] for r in results + again if r.status_code in (200, 201)}) == 1
     cancel_all(env)
@@ -327,22 +354,36 @@ def test_trust_remote_code_refused_unless_allowed(env, team_pg, module_redis, mo
     body = {"model": "facebook/opt-125m", "sparsity": 0.5, "trust_remote_code": True}
     response = post_job(env, "alice", body)
     assert response.status_code == 422 and "trust_remote_code is refused" in str(response.json())
-    client, _, tokens = make_inprocess(team_pg, module_redis, models_dir, tmp_path_factory, allow_trust_remote_code=True)
+    client, _, tokens = make_inprocess(
+        team_pg, module_redis, models_dir, tmp_path_factory, allow_trust_remote_code=True
+    )
     with client:
         allowed = client.post("/api/v1/jobs", json=body, headers={"Authorization": f"Bearer {tokens['alice']}"})
         assert allowed.status_code == 201 and allowed.json()["spec"]["trust_remote_code"] is True
-        client.post(f"/api/v1/jobs/{allowed.json()['id']}/cancel", headers={"Authorization": f"Bearer {tokens['alice']}"})
+        client.post(
+            f"/api/v1/jobs/{allowed.json()['id']}/cancel", headers={"Authorization": f"Bearer {tokens['alice']}"}
+        )
 
 
-TRAVERSALS = ["../../../../etc/passwd", "..%2f..%2f..%2fetc%2fpasswd", "%2e%2e/%2e%2e/etc/passwd", "....//....//etc/passwd"]
+TRAVERSALS = [
+    "../../../../etc/passwd",
+    "..%2f..%2f..%2fetc%2fpasswd",
+    "%2e%2e/%2e%2e/etc/passwd",
+    "....//....//etc/passwd",
+]
 
 
 @pytest.mark.parametrize("attempt", TRAVERSALS)
 def test_path_traversal_on_every_route_with_a_name(env, models_dir, tmp_path, attempt):
     """Job ids, static files, upload file names, model and dataset paths, the login target."""
     c, h = env.client, env.as_("alice")
-    for path in (f"/api/v1/jobs/{attempt}", f"/api/v1/jobs/{attempt}/artifact", f"/api/v1/jobs/{attempt}/events",
-                 f"/api/v1/jobs/1/{attempt}", f"/jobs/{attempt}"):
+    for path in (
+        f"/api/v1/jobs/{attempt}",
+        f"/api/v1/jobs/{attempt}/artifact",
+        f"/api/v1/jobs/{attempt}/events",
+        f"/api/v1/jobs/1/{attempt}",
+        f"/jobs/{attempt}",
+    ):
         response = c.get(path, headers=h)
         assert response.status_code in (404, 422), (path, response.status_code)
         assert "root:" not in response.text
@@ -412,8 +453,13 @@ def test_progress_reporter_does_not_wait_on_a_dead_redis(module_redis):
     hung = socket.socket()
     hung.bind(("127.0.0.1", 0))
     hung.listen(128)  # accepts connections (the kernel does), never answers
-    dead = redis_lib.Redis(port=hung.getsockname()[1], socket_timeout=0.25, socket_connect_timeout=0.25,
-                           retry=Retry(NoBackoff(), 1), decode_responses=True)
+    dead = redis_lib.Redis(
+        port=hung.getsockname()[1],
+        socket_timeout=0.25,
+        socket_connect_timeout=0.25,
+        retry=Retry(NoBackoff(), 1),
+        decode_responses=True,
+    )
     reporter = RedisProgress(dead, 999_001, 1, maxlen=100, ttl_s=60, backoff_s=30)
     start = time.monotonic()
     for i in range(200):  # without the backoff: 400 calls x 2 tries x 0.25 s
@@ -440,8 +486,11 @@ def test_cap_and_idempotency_hold_on_sqlite(module_redis, models_dir, tmp_path_f
         codes: list[int] = []
 
         def submit(extra: dict) -> None:
-            codes.append(client.post("/api/v1/jobs", json={"model": "facebook/opt-125m", "sparsity": 0.5},
-                                     headers={**headers, **extra}).status_code)
+            codes.append(
+                client.post(
+                    "/api/v1/jobs", json={"model": "facebook/opt-125m", "sparsity": 0.5}, headers={**headers, **extra}
+                ).status_code
+            )
 
         threads = [threading.Thread(target=submit, args=({},)) for _ in range(8)]
         for t in threads:
@@ -458,8 +507,11 @@ def test_cap_and_idempotency_hold_on_sqlite(module_redis, models_dir, tmp_path_f
         for t in threads:
             t.join()
         assert codes.count(201) == 1 and set(codes) <= {200, 201, 409}, codes  # 409: the first is still sending
-        again = client.post("/api/v1/jobs", json={"model": "facebook/opt-125m", "sparsity": 0.5},
-                            headers={**headers, "Idempotency-Key": "same"})
+        again = client.post(
+            "/api/v1/jobs",
+            json={"model": "facebook/opt-125m", "sparsity": 0.5},
+            headers={**headers, "Idempotency-Key": "same"},
+        )
         assert again.status_code == 200
         assert client.get("/api/v1/jobs", headers=headers).json()["total"] == 4  # 3 cancelled + this one
 

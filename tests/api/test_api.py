@@ -62,7 +62,9 @@ def messages(response) -> str:
 def test_submit_returns_201_location_and_defaults(client, models_dir, upload):
     response = client.post(
         "/api/v1/jobs",
-        json=spec(models_dir, calibration={"dataset": upload["ref"], **SMALL}, evaluation={"datasets": [upload["ref"]]}),
+        json=spec(
+            models_dir, calibration={"dataset": upload["ref"], **SMALL}, evaluation={"datasets": [upload["ref"]]}
+        ),
     )
     assert response.status_code == 201, response.text
     job = response.json()
@@ -88,7 +90,11 @@ def test_hub_model_and_ratio(client):
 def test_local_file_datasets_are_resolved(client, models_dir):
     link = models_dir / f"link-{secrets.token_hex(3)}.txt"
     link.symlink_to(models_dir / "calib.txt")
-    body = spec(models_dir, calibration={"dataset": str(link), **SMALL}, evaluation={"datasets": [str(models_dir / "calib.txt")]})
+    body = spec(
+        models_dir,
+        calibration={"dataset": str(link), **SMALL},
+        evaluation={"datasets": [str(models_dir / "calib.txt")]},
+    )
     response = client.post("/api/v1/jobs", json=body)
     assert response.status_code == 201, response.text
     assert response.json()["spec"]["calibration"]["dataset"] == str((models_dir / "calib.txt").resolve())
@@ -135,7 +141,12 @@ def test_health(client):
 
 def test_openapi_and_docs(client):
     schema = client.get("/openapi.json").json()
-    for path in ("/api/v1/jobs", "/api/v1/jobs/{job_id}/events", "/api/v1/jobs/{job_id}/artifact", "/api/v1/calibration-sets"):
+    for path in (
+        "/api/v1/jobs",
+        "/api/v1/jobs/{job_id}/events",
+        "/api/v1/jobs/{job_id}/artifact",
+        "/api/v1/calibration-sets",
+    ):
         assert path in schema["paths"]
     assert "multipart/form-data" in schema["paths"]["/api/v1/calibration-sets"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 200
@@ -148,8 +159,9 @@ def test_the_result_schema_is_the_engines_report(client):
 
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     assert {"$ref": "#/components/schemas/Report"} in schemas["JobOut"]["properties"]["result"]["anyOf"]
-    parts = [m for m in vars(report).values()
-             if isinstance(m, type) and issubclass(m, report.Part) and m is not report.Part]
+    parts = [
+        m for m in vars(report).values() if isinstance(m, type) and issubclass(m, report.Part) and m is not report.Part
+    ]
     assert len(parts) > 10
     for part in parts:
         assert set(schemas[part.__name__]["properties"]) == {f.alias or n for n, f in part.model_fields.items()}, part
@@ -209,7 +221,9 @@ def test_bad_spec_is_422(client, models_dir, change, message):
 
 
 def test_local_paths_missing_or_escaping_by_symlink(client, models_dir, tmp_path):
-    assert "not a directory" in messages(client.post("/api/v1/jobs", json=spec(models_dir, model=str(models_dir / "nope"))))
+    assert "not a directory" in messages(
+        client.post("/api/v1/jobs", json=spec(models_dir, model=str(models_dir / "nope")))
+    )
     escape = models_dir / f"escape-{secrets.token_hex(3)}"
     escape.symlink_to(tmp_path)
     response = client.post("/api/v1/jobs", json=spec(models_dir, model=str(escape)))
@@ -317,8 +331,10 @@ def test_upload_over_limit_while_streaming(client):
     sent = {"bytes": 0}
 
     def body():
-        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.txt\"\r\n"
-                "Content-Type: text/plain\r\n\r\n").encode()
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.txt"\r\n'
+            "Content-Type: text/plain\r\n\r\n"
+        ).encode()
         yield head
         chunk = b"x" * 16384
         for _ in range((UPLOAD_LIMIT // len(chunk)) * 4):
@@ -327,7 +343,9 @@ def test_upload_over_limit_while_streaming(client):
         yield f"\r\n--{boundary}--\r\n".encode()
 
     response = client.post(
-        "/api/v1/calibration-sets", content=body(), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+        "/api/v1/calibration-sets",
+        content=body(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
     )
     assert response.status_code == 413, response.text
     assert "upload limit" in response.json()["detail"]

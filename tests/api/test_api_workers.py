@@ -31,11 +31,20 @@ def children(pid: int) -> set[int]:
 
 
 def test_several_api_processes_serve_with_the_edge_limits(team_pg, module_redis, tmp_path):
-    env = base_env(SPARSEGPT_DATA_DIR=str(tmp_path / "data"), DATABASE_URL=team_pg, REDIS_URL=module_redis.url,
-                   SPARSEGPT_AUTH="off", SPARSEGPT_QUEUE=f"procs-{secrets.token_hex(3)}", SPARSEGPT_HEADER_TIMEOUT_S="1")
+    env = base_env(
+        SPARSEGPT_DATA_DIR=str(tmp_path / "data"),
+        DATABASE_URL=team_pg,
+        REDIS_URL=module_redis.url,
+        SPARSEGPT_AUTH="off",
+        SPARSEGPT_QUEUE=f"procs-{secrets.token_hex(3)}",
+        SPARSEGPT_HEADER_TIMEOUT_S="1",
+    )
     port = free_port()
-    api = spawn(["serve", "--workers", "0", "--api-workers", "3", "--port", str(port), "--log-level", "warning"],
-                env, tmp_path / "api.log")
+    api = spawn(
+        ["serve", "--workers", "0", "--api-workers", "3", "--port", str(port), "--log-level", "warning"],
+        env,
+        tmp_path / "api.log",
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for_health(base, api)

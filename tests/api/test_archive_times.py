@@ -18,8 +18,11 @@ def test_members_carry_the_save_time_and_the_stream_is_the_same_bytes_each_time(
     data = b"".join(iter_tar(tmp_path, "sparsegpt-job-7"))
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         members = tar.getmembers()
-    assert [m.name for m in members] == ["sparsegpt-job-7/config.json", "sparsegpt-job-7/model.safetensors",
-                                         "sparsegpt-job-7/sub/README.md"]
+    assert [m.name for m in members] == [
+        "sparsegpt-job-7/config.json",
+        "sparsegpt-job-7/model.safetensors",
+        "sparsegpt-job-7/sub/README.md",
+    ]
     assert {m.mtime for m in members} == {saved}
     assert b"".join(iter_tar(tmp_path, "sparsegpt-job-7")) == data  # reproducible: the recorded sha256 holds
     size, _ = digest(tmp_path, "sparsegpt-job-7")

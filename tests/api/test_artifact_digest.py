@@ -112,8 +112,9 @@ def test_a_changed_s3_object_fails_the_download_and_is_logged(served, caplog, tm
             monkeypatch.setenv(key, value)
         store = S3Store(f"s3://{BUCKET}/team")
         model = make_model(tmp_path / "model")
-        location, size, sha = store.publish("artifacts/7/sparsegpt-job-7.tar", model, packagers.get("hf-tar"),
-                                            "sparsegpt-job-7")
+        location, size, sha = store.publish(
+            "artifacts/7/sparsegpt-job-7.tar", model, packagers.get("hf-tar"), "sparsegpt-job-7"
+        )
         served.download = download_of(store, location, size, sha)
         key = store.key_of(location)
 

@@ -35,8 +35,9 @@ class Manifest(packagers.Packager):
 def manifest_bytes(model_dir: Path, prefix: str) -> bytes:
     """The direct computation the downloads are checked against."""
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
-    listing = {f"{prefix}/{p.relative_to(model_dir).as_posix()}": hashlib.sha256(p.read_bytes()).hexdigest()
-               for p in files}
+    listing = {
+        f"{prefix}/{p.relative_to(model_dir).as_posix()}": hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+    }
     return json.dumps(listing, indent=1, sort_keys=True).encode()
 
 
@@ -59,11 +60,13 @@ def manifest_format():
 def finished_job(env: InProcess) -> tuple[int, Path]:
     """A job claimed and finished the worker's way: its saved directory published in every
     registered format, the rows written by finish_job."""
-    job_id = env.client.post("/api/v1/jobs", json={"model": "facebook/opt-125m", "sparsity": 0.5},
-                             headers=env.as_("alice")).json()["id"]
+    job_id = env.client.post(
+        "/api/v1/jobs", json={"model": "facebook/opt-125m", "sparsity": 0.5}, headers=env.as_("alice")
+    ).json()["id"]
     with db.session_scope(env.settings.database) as session:
-        claim = crud.claim_job(session, job_id=job_id, worker="w@h", pid=1, stale_before=crud.stale_before(60),
-                               max_attempts=2)
+        claim = crud.claim_job(
+            session, job_id=job_id, worker="w@h", pid=1, stale_before=crud.stale_before(60), max_attempts=2
+        )
         assert claim.claimed
         spec = dict(claim.job.spec)
     files = JobFiles(env.settings, job_id)

@@ -32,8 +32,14 @@ JOB = {"model": "facebook/opt-125m", "sparsity": 0.5}
 def team(module_redis, tmp_path_factory):
     """Team mode, behind a 'proxy' on 127.0.0.1 that is trusted, with an extra allowed name."""
     tmp = tmp_path_factory.mktemp("edge-team")
-    with server(tmp, module_redis.url.replace("/0", "/1"), AUTH="required", FORWARDED_ALLOW_IPS="127.0.0.1",
-                ALLOWED_HOSTS="sparse.example.org", MAX_UPLOAD_BYTES=str(64 * 1024)) as s:
+    with server(
+        tmp,
+        module_redis.url.replace("/0", "/1"),
+        AUTH="required",
+        FORWARDED_ALLOW_IPS="127.0.0.1",
+        ALLOWED_HOSTS="sparse.example.org",
+        MAX_UPLOAD_BYTES=str(64 * 1024),
+    ) as s:
         yield s
 
 
@@ -65,20 +71,35 @@ def test_big_bodies_are_refused_before_they_are_read(team):
     json_head = "content-type: application/json\r\n"
     auth = f"authorization: Bearer {team.token}\r\n"
     multipart = f"content-type: multipart/form-data; boundary={boundary}\r\n"
-    part = (f"--{boundary}\r\ncontent-disposition: form-data; name=\"token\"; filename=\"t.txt\"\r\n"
-            "content-type: text/plain\r\n\r\n").encode()
+    part = (
+        f'--{boundary}\r\ncontent-disposition: form-data; name="token"; filename="t.txt"\r\n'
+        "content-type: text/plain\r\n\r\n"
+    ).encode()
     closing = f"\r\n--{boundary}--\r\n".encode()
     cases = []
     for chunked in (False, True):
         length = None if chunked else BIG
         cases += [
-            ("no token", 401, _head("POST", "/api/v1/jobs", port, length=length, extra=json_head),
-             lambda c=chunked: filler(BIG, chunked=c)),
-            ("token", 413, _head("POST", "/api/v1/jobs", port, length=length, extra=json_head + auth),
-             lambda c=chunked: filler(BIG, chunked=c)),
-            ("login file", 413, _head("POST", "/login", port, length=None if chunked else len(part) + BIG + len(closing),
-                                      extra=multipart),
-             lambda c=chunked: framed([part, *filler(BIG), closing], chunked=c)),
+            (
+                "no token",
+                401,
+                _head("POST", "/api/v1/jobs", port, length=length, extra=json_head),
+                lambda c=chunked: filler(BIG, chunked=c),
+            ),
+            (
+                "token",
+                413,
+                _head("POST", "/api/v1/jobs", port, length=length, extra=json_head + auth),
+                lambda c=chunked: filler(BIG, chunked=c),
+            ),
+            (
+                "login file",
+                413,
+                _head(
+                    "POST", "/login", port, length=None if chunked else len(part) + BIG + len(closing), extra=multipart
+                ),
+                lambda c=chunked: framed([part, *filler(BIG), closing], chunked=c),
+            ),
         ]
     with PeakRSS(team.api.popen.pid) as rss:
         for name, status, head, body in cases:
@@ -98,23 +119,38 @@ def test_a_file_in_a_form_field_is_not_read_back(team):
     assert all("input" not in e and "ctx" not in e for e in response.json()["detail"])
 
 
-@pytest.mark.parametrize("body", [
-    b'{"model": "facebook/opt-125m", "sparsity": NaN}',
-    b'{"model": "facebook/opt-125m", "sparsity": Infinity}',
-    b'{"model": "facebook/opt-125m", "sparsity": -Infinity}',
-    b'{"model": "facebook/opt-125m", "sparsity": 1e999}',
-    b'{"model": "facebook/opt-125m", "sparsity": 0.5, "calibration": {"nsamples": 4, "seqlen": 1e999}}',
-    b'{"model": "facebook/opt-125m", "sparsity": 0.5, "evaluation": {"max_windows": NaN}}',
-    b'{"model": "facebook/opt-125m\\ud800", "sparsity": 0.5}',
-    b'{"model": "facebook/opt-125m", "sparsity": 0.5, "calibration": {"dataset": "\\udfff"}}',
-    b'{"model": "facebook/opt-125m\xed\xa0\x80", "sparsity": 0.5}',  # a surrogate in raw UTF-8 bytes
-    b'{"\\ud800": 1, "model": "facebook/opt-125m", "sparsity": 0.5}',
-], ids=["nan", "inf", "-inf", "1e999", "seqlen-1e999", "windows-nan", "surrogate", "surrogate-nested", "raw-surrogate",
-        "surrogate-key"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "facebook/opt-125m", "sparsity": NaN}',
+        b'{"model": "facebook/opt-125m", "sparsity": Infinity}',
+        b'{"model": "facebook/opt-125m", "sparsity": -Infinity}',
+        b'{"model": "facebook/opt-125m", "sparsity": 1e999}',
+        b'{"model": "facebook/opt-125m", "sparsity": 0.5, "calibration": {"nsamples": 4, "seqlen": 1e999}}',
+        b'{"model": "facebook/opt-125m", "sparsity": 0.5, "evaluation": {"max_windows": NaN}}',
+        b'{"model": "facebook/opt-125m\\ud800", "sparsity": 0.5}',
+        b'{"model": "facebook/opt-125m", "sparsity": 0.5, "calibration": {"dataset": "\\udfff"}}',
+        b'{"model": "facebook/opt-125m\xed\xa0\x80", "sparsity": 0.5}',  # a surrogate in raw UTF-8 bytes
+        b'{"\\ud800": 1, "model": "facebook/opt-125m", "sparsity": 0.5}',
+    ],
+    ids=[
+        "nan",
+        "inf",
+        "-inf",
+        "1e999",
+        "seqlen-1e999",
+        "windows-nan",
+        "surrogate",
+        "surrogate-nested",
+        "raw-surrogate",
+        "surrogate-key",
+    ],
+)
 def test_json_that_is_not_json_numbers_or_unicode_is_422(team, body):
     for path in ("/api/v1/jobs", "/api/v1/jobs?idempotency_key=x"):
-        response = httpx.post(team.base + path, content=body, headers={**bearer(team), "content-type": "application/json"},
-                              timeout=30)
+        response = httpx.post(
+            team.base + path, content=body, headers={**bearer(team), "content-type": "application/json"}, timeout=30
+        )
         assert response.status_code == 422, (response.status_code, response.text[:300])
         detail = response.json()["detail"]
         assert detail and all(set(e) == {"loc", "msg", "type"} for e in detail), detail
@@ -124,20 +160,36 @@ def test_json_that_is_not_json_numbers_or_unicode_is_422(team, body):
 
 def test_a_422_echoes_no_input(team):
     huge = "x" * 300_000  # 900 kB in all: under the 1 MB cap
-    response = httpx.post(f"{team.base}/api/v1/jobs", json={"model": huge, "sparsity": huge, "method": huge},
-                          headers=bearer(team), timeout=30)
+    response = httpx.post(
+        f"{team.base}/api/v1/jobs",
+        json={"model": huge, "sparsity": huge, "method": huge},
+        headers=bearer(team),
+        timeout=30,
+    )
     assert response.status_code == 422 and len(response.content) < 5000, len(response.content)
     assert all(set(e) == {"loc", "msg", "type"} for e in response.json()["detail"])
 
 
 def test_json_over_the_body_cap_is_413_chunked_too(team):
     body = json.dumps({**JOB, "padding": "x" * (2 * MB)}).encode()
-    declared = httpx.post(f"{team.base}/api/v1/jobs", content=body, headers={**bearer(team), "content-type": "application/json"},
-                          timeout=30)
+    declared = httpx.post(
+        f"{team.base}/api/v1/jobs",
+        content=body,
+        headers={**bearer(team), "content-type": "application/json"},
+        timeout=30,
+    )
     assert declared.status_code == 413 and "limit" in declared.json()["detail"]
-    chunked = raw_request(team.port, _head("POST", "/api/v1/jobs", team.port, length=None,
-                                           extra=f"content-type: application/json\r\nauthorization: Bearer {team.token}\r\n"),
-                          framed([body[i:i + 65536] for i in range(0, len(body), 65536)], chunked=True))
+    chunked = raw_request(
+        team.port,
+        _head(
+            "POST",
+            "/api/v1/jobs",
+            team.port,
+            length=None,
+            extra=f"content-type: application/json\r\nauthorization: Bearer {team.token}\r\n",
+        ),
+        framed([body[i : i + 65536] for i in range(0, len(body), 65536)], chunked=True),
+    )
     assert chunked.status == 413
 
 
@@ -151,9 +203,13 @@ def test_the_host_header_must_name_this_server(team, single):
             assert response.status_code == 400 and response.text.startswith("Host not allowed"), (host, response.text)
             assert len(response.text) < 120
         for host in (f"127.0.0.1:{s.port}", f"localhost:{s.port}", "localhost", "LOCALHOST."):
-            assert httpx.get(f"{s.base}/api/v1/me", headers={"host": host, **bearer(s)}, timeout=10).status_code == 200, host
+            assert (
+                httpx.get(f"{s.base}/api/v1/me", headers={"host": host, **bearer(s)}, timeout=10).status_code == 200
+            ), host
     # The configured name is answered; the long bogus one is cut in the answer.
-    assert httpx.get(f"{team.base}/api/v1/me", headers={"host": "sparse.example.org", **bearer(team)}).status_code == 200
+    assert (
+        httpx.get(f"{team.base}/api/v1/me", headers={"host": "sparse.example.org", **bearer(team)}).status_code == 200
+    )
     assert httpx.get(f"{single.base}/api/v1/me", headers={"host": "sparse.example.org"}).status_code == 400
     long = httpx.get(f"{team.base}/health", headers={"host": "a" * 5000 + ".example"})
     assert long.status_code == 400 and len(long.text) < 120
@@ -181,8 +237,13 @@ def test_origin_rule_for_scripts_and_browsers(single, team):
         "cookie without origin": {"cookie": "sparsegpt_session=abc"},
     }
     for name, headers in refused.items():
-        for method, path in (("POST", "/api/v1/jobs"), ("POST", f"/api/v1/jobs/{job_id}/cancel"),
-                             ("DELETE", f"/api/v1/jobs/{job_id}"), ("POST", "/jobs/new"), ("POST", "/logout")):
+        for method, path in (
+            ("POST", "/api/v1/jobs"),
+            ("POST", f"/api/v1/jobs/{job_id}/cancel"),
+            ("DELETE", f"/api/v1/jobs/{job_id}"),
+            ("POST", "/jobs/new"),
+            ("POST", "/logout"),
+        ):
             response = httpx.request(method, single.base + path, json=JOB, headers=headers, timeout=30)
             assert response.status_code == 403, (name, method, path, response.status_code)
             assert "refused" in response.json()["detail"] or "pages" in response.json()["detail"]
@@ -194,11 +255,16 @@ def test_origin_rule_for_scripts_and_browsers(single, team):
     login = httpx.post(f"{team.base}/login", data={"token": team.token, "next": "/"}, timeout=30)
     cookies = {"sparsegpt_session": login.cookies["sparsegpt_session"]}
     assert httpx.get(f"{team.base}/api/v1/me", cookies=cookies).status_code == 200
-    for method, path in (("POST", "/api/v1/jobs"), ("POST", f"/api/v1/jobs/{signed.json()['id']}/cancel"),
-                         ("DELETE", f"/api/v1/jobs/{signed.json()['id']}")):
+    for method, path in (
+        ("POST", "/api/v1/jobs"),
+        ("POST", f"/api/v1/jobs/{signed.json()['id']}/cancel"),
+        ("DELETE", f"/api/v1/jobs/{signed.json()['id']}"),
+    ):
         response = httpx.request(method, team.base + path, json=JOB, cookies=cookies, headers={"origin": team.base})
         assert response.status_code == 401 and "Bearer" in response.json()["detail"], (method, path, response.text)
-    assert httpx.get(f"{team.base}/api/v1/jobs/{signed.json()['id']}", headers=bearer(team)).json()["status"] == "queued"
+    assert (
+        httpx.get(f"{team.base}/api/v1/jobs/{signed.json()['id']}", headers=bearer(team)).json()["status"] == "queued"
+    )
 
 
 ATTACK = """<!doctype html><title>cute cats</title>
@@ -234,8 +300,11 @@ def edge_browser():
     from playwright.sync_api import sync_playwright
 
     # evil.example resolves to this machine: what a rebinding DNS name does.
-    args = [*CHROMIUM_ARGS, "--host-resolver-rules=MAP evil.example 127.0.0.1",
-            "--disable-features=HttpsUpgrades,HttpsFirstBalancedModeAutoEnable"]
+    args = [
+        *CHROMIUM_ARGS,
+        "--host-resolver-rules=MAP evil.example 127.0.0.1",
+        "--disable-features=HttpsUpgrades,HttpsFirstBalancedModeAutoEnable",
+    ]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
         yield browser
@@ -252,8 +321,12 @@ def _attack(browser, s, headers: dict[str, str], cookies: list[dict] | None = No
         context.add_cookies(cookies)
     page = context.new_page()
     seen: list[tuple[str, int]] = []
-    page.on("response", lambda r: seen.append((f"{r.request.method} {r.url[len(s.base):]}", r.status))
-            if r.url.startswith(s.base) else None)
+    page.on(
+        "response",
+        lambda r: (
+            seen.append((f"{r.request.method} {r.url[len(s.base) :]}", r.status)) if r.url.startswith(s.base) else None
+        ),
+    )
     try:
         with page_server({"/": ATTACK.format(api=s.base, job=job)}) as evil:
             page.goto(evil + "/")
@@ -265,7 +338,9 @@ def _attack(browser, s, headers: dict[str, str], cookies: list[dict] | None = No
         context.close()
     jobs = httpx.get(f"{s.base}/api/v1/jobs", headers=headers, timeout=10).json()
     assert jobs["total"] == before + 1, f"a job was created from another site: {jobs['items'][:2]}"
-    assert httpx.get(f"{s.base}/api/v1/jobs/{job}", headers=headers).json()["status"] == "queued", "cancelled from another site"
+    assert httpx.get(f"{s.base}/api/v1/jobs/{job}", headers=headers).json()["status"] == "queued", (
+        "cancelled from another site"
+    )
     uploads = httpx.get(f"{s.base}/api/v1/calibration-sets", headers=headers).json()["items"]
     assert not any(u["name"] == "evil.txt" for u in uploads), "uploaded from another site"
     return seen
@@ -302,8 +377,12 @@ def test_dns_rebinding_reads_nothing(edge_browser, single):
 
 def test_session_cookie_is_secure_behind_a_trusted_proxy(team, single):
     for s, secure in ((team, True), (single, False)):
-        login = httpx.post(f"{s.base}/login", data={"token": s.token, "next": "/"},
-                           headers={"x-forwarded-proto": "https", "x-forwarded-for": "203.0.113.7"}, timeout=30)
+        login = httpx.post(
+            f"{s.base}/login",
+            data={"token": s.token, "next": "/"},
+            headers={"x-forwarded-proto": "https", "x-forwarded-for": "203.0.113.7"},
+            timeout=30,
+        )
         assert login.status_code == 303, login.text[:300]
         flags = [f.strip().lower() for f in login.headers["set-cookie"].split(";")]
         assert ("secure" in flags) is secure, (s.base, login.headers["set-cookie"])

@@ -24,19 +24,25 @@ EXAMPLES = int(os.environ.get("SPARSEGPT_FUZZ_EXAMPLES", "12"))
 @pytest.fixture(scope="module")
 def live(team_pg, redis_binary, models_dir, tmp_path_factory):
     """The API as a process (no worker: jobs stay queued), with a user's token."""
+    import secrets
+
     from tests.support.processes import RedisServer, add_user, base_env
     from tests.support.stacks import Stack
-
-    import secrets
 
     redis_server = RedisServer(tmp_path_factory.mktemp("fuzz-redis"))
     redis_server.start()
     data = tmp_path_factory.mktemp("fuzz-data")
     logs = tmp_path_factory.mktemp("fuzz-logs")
-    env = base_env(SPARSEGPT_DATA_DIR=str(data), DATABASE_URL=team_pg, REDIS_URL=redis_server.url,
-                   SPARSEGPT_LOCAL_DIRS=str(models_dir), SPARSEGPT_QUEUE=f"fuzz-{secrets.token_hex(3)}",
-                   SPARSEGPT_AUTH="required", SPARSEGPT_MAX_ACTIVE_JOBS_PER_USER="1000",
-                   SPARSEGPT_MAX_UPLOAD_BYTES="65536")
+    env = base_env(
+        SPARSEGPT_DATA_DIR=str(data),
+        DATABASE_URL=team_pg,
+        REDIS_URL=redis_server.url,
+        SPARSEGPT_LOCAL_DIRS=str(models_dir),
+        SPARSEGPT_QUEUE=f"fuzz-{secrets.token_hex(3)}",
+        SPARSEGPT_AUTH="required",
+        SPARSEGPT_MAX_ACTIVE_JOBS_PER_USER="1000",
+        SPARSEGPT_MAX_UPLOAD_BYTES="65536",
+    )
     stack = Stack(env, logs)
     stack.token = add_user(env, f"fuzzer{secrets.token_hex(2)}")
     stack.start_api()
@@ -48,10 +54,20 @@ def live(team_pg, redis_binary, models_dir, tmp_path_factory):
 # Operations by label; the event stream is left out: it stays open while a job is queued and no
 # worker runs here (tests/service and tests/team/test_crash.py read it).
 OPERATIONS = [
-    "POST /api/v1/jobs", "GET /api/v1/jobs", "GET /api/v1/jobs/{job_id}", "POST /api/v1/jobs/{job_id}/retry",
-    "DELETE /api/v1/jobs/{job_id}", "POST /api/v1/jobs/{job_id}/cancel", "GET /api/v1/jobs/{job_id}/artifact",
-    "POST /api/v1/calibration-sets", "GET /api/v1/calibration-sets", "GET /api/v1/health", "GET /api/v1/me", "GET /api/v1/workers",
-    "GET /api/v1/usage", "DELETE /api/v1/calibration-sets/{set_id}",
+    "POST /api/v1/jobs",
+    "GET /api/v1/jobs",
+    "GET /api/v1/jobs/{job_id}",
+    "POST /api/v1/jobs/{job_id}/retry",
+    "DELETE /api/v1/jobs/{job_id}",
+    "POST /api/v1/jobs/{job_id}/cancel",
+    "GET /api/v1/jobs/{job_id}/artifact",
+    "POST /api/v1/calibration-sets",
+    "GET /api/v1/calibration-sets",
+    "GET /api/v1/health",
+    "GET /api/v1/me",
+    "GET /api/v1/workers",
+    "GET /api/v1/usage",
+    "DELETE /api/v1/calibration-sets/{set_id}",
 ]
 
 
@@ -73,10 +89,12 @@ def test_api_conforms_to_its_schema(live, live_schema, label):
     checks = [not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]
 
     @given(case=operation.as_strategy())
-    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-              database=None)
+    @settings(
+        max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+    )
     def fuzz(case):
-        case.call_and_validate(base_url=live.base, headers={"Authorization": f"Bearer {live.token}"}, checks=checks,
-                               timeout=20)
+        case.call_and_validate(
+            base_url=live.base, headers={"Authorization": f"Bearer {live.token}"}, checks=checks, timeout=20
+        )
 
     fuzz()

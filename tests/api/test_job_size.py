@@ -17,14 +17,30 @@ from pathlib import Path
 import httpx
 import pytest
 
-from worker.engine.contract.estimate import JobSize, estimate
 from tests.support.processes import base_env, free_port, serve_api
+from worker.engine.contract.estimate import JobSize, estimate
 
-LLAMA_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 11008,
-            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-            "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "float16"}
-LLAMA_70B = {**LLAMA_7B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-             "num_attention_heads": 64, "num_key_value_heads": 8}
+LLAMA_7B = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+}
+LLAMA_70B = {
+    **LLAMA_7B,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+}
 LLAMA3_70B = {**LLAMA_70B, "vocab_size": 128256, "torch_dtype": "bfloat16"}  # stored in bf16, as shipped
 HOSTILE = {**LLAMA_7B, "hidden_size": 10**400}  # json.dumps writes it, json.loads reads it back
 MAX_SIZE = 2**31 - 1  # the largest size a config may give
@@ -34,8 +50,12 @@ HUB_MODEL = "org/name"  # offline (HF_HUB_OFFLINE=1): its config cannot be read,
 @pytest.fixture(scope="module")
 def allowed(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("allowed")
-    for name, config in {"llama-7b": LLAMA_7B, "llama-70b": LLAMA_70B, "hostile": HOSTILE,
-                         "llama3-70b": LLAMA3_70B}.items():
+    for name, config in {
+        "llama-7b": LLAMA_7B,
+        "llama-70b": LLAMA_70B,
+        "hostile": HOSTILE,
+        "llama3-70b": LLAMA3_70B,
+    }.items():
         (root / name).mkdir()
         if name != "llama3-70b":  # a config that names no dtype: the weights are converted into host memory
             config = {k: v for k, v in config.items() if k != "torch_dtype"}
@@ -55,11 +75,18 @@ def allowed(tmp_path_factory) -> Path:
 def api(module_redis, allowed, tmp_path_factory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("job-size")
     env = base_env(
-        SPARSEGPT_DATA_DIR=str(tmp / "data"), REDIS_URL=module_redis.url, SPARSEGPT_AUTH="off",
-        SPARSEGPT_LOCAL_DIRS=str(allowed), SPARSEGPT_QUEUE=f"idle-{free_port()}", SPARSEGPT_MAX_ACTIVE_JOBS_PER_USER="0",
+        SPARSEGPT_DATA_DIR=str(tmp / "data"),
+        REDIS_URL=module_redis.url,
+        SPARSEGPT_AUTH="off",
+        SPARSEGPT_LOCAL_DIRS=str(allowed),
+        SPARSEGPT_QUEUE=f"idle-{free_port()}",
+        SPARSEGPT_MAX_ACTIVE_JOBS_PER_USER="0",
         # The deployment's defaults (a GPU worker: fp16 for dtype auto), spelled out.
-        SPARSEGPT_WORKER_DEVICE="auto", SPARSEGPT_MAX_NSAMPLES="4096", SPARSEGPT_MAX_SEQLEN="32768",
-        SPARSEGPT_MAX_CALIBRATION_TOKENS=str(4096 * 2048), SPARSEGPT_MAX_EVAL_WINDOWS="4096",
+        SPARSEGPT_WORKER_DEVICE="auto",
+        SPARSEGPT_MAX_NSAMPLES="4096",
+        SPARSEGPT_MAX_SEQLEN="32768",
+        SPARSEGPT_MAX_CALIBRATION_TOKENS=str(4096 * 2048),
+        SPARSEGPT_MAX_EVAL_WINDOWS="4096",
         SPARSEGPT_MAX_JOB_MEMORY_GB="80",
     )
     with serve_api(env, tmp / "api.log") as (base, _port, _proc):
@@ -73,8 +100,12 @@ def client(api) -> Iterator[httpx.Client]:
 
 
 def body(model: str = HUB_MODEL, *, nsamples: int = 128, seqlen: int | None = 2048, **changes) -> dict:
-    spec = {"model": model, "sparsity": "2:4", "calibration": {"dataset": "c4", "nsamples": nsamples, "seqlen": seqlen},
-            "evaluation": {"datasets": ["wikitext2"]}}
+    spec = {
+        "model": model,
+        "sparsity": "2:4",
+        "calibration": {"dataset": "c4", "nsamples": nsamples, "seqlen": seqlen},
+        "evaluation": {"datasets": ["wikitext2"]},
+    }
     spec.update(changes)
     return spec
 
@@ -120,8 +151,11 @@ def test_memory_estimate_refuses_what_no_worker_can_hold(client, allowed):
     model = str(allowed / "llama-7b")
     locs, msg = refusal(client.post("/api/v1/jobs", json=body(model, nsamples=4096, seqlen=2048)))
     assert locs == [["body", "calibration", "nsamples"]]
-    numbers = re.search(r"this job needs about (\d+) GB \(calibration activations (\d+) GB = 4096 samples x 2048 tokens "
-                        r"x 4096 hidden x 2 bytes \(float16\); model weights (\d+) GB = 6.74 B parameters", msg)
+    numbers = re.search(
+        r"this job needs about (\d+) GB \(calibration activations (\d+) GB = 4096 samples x 2048 tokens "
+        r"x 4096 hidden x 2 bytes \(float16\); model weights (\d+) GB = 6.74 B parameters",
+        msg,
+    )
     assert numbers, msg
     total, activations, weights = map(int, numbers.groups())
     assert activations == 69 and weights == 13 and 82 <= total <= 95, msg
@@ -169,16 +203,25 @@ def test_the_mapped_estimate_counts_what_lies_outside_the_blocks():
     assert mapped.refusal(80) is None and converted.field == ("dtype",)
 
 
-@pytest.mark.parametrize(("spec_dtype", "device", "stored", "expected"), [
-    ("auto", "cuda", "bfloat16", "bfloat16"), ("auto", "cuda", "float16", "float16"),
-    ("auto", "cuda", "float32", "float16"), ("auto", "cuda", None, "float16"),
-    ("auto", "cpu", "bfloat16", "float32"), ("bfloat16", "cpu", "float16", "bfloat16")])
+@pytest.mark.parametrize(
+    ("spec_dtype", "device", "stored", "expected"),
+    [
+        ("auto", "cuda", "bfloat16", "bfloat16"),
+        ("auto", "cuda", "float16", "float16"),
+        ("auto", "cuda", "float32", "float16"),
+        ("auto", "cuda", None, "float16"),
+        ("auto", "cpu", "bfloat16", "float32"),
+        ("bfloat16", "cpu", "float16", "bfloat16"),
+    ],
+)
 def test_dtype_auto_follows_the_checkpoint_on_a_gpu(spec_dtype, device, stored, expected):
     from worker.engine.contract.spec import stored_dtype, working_dtype
 
     assert working_dtype(spec_dtype, device, stored) == expected
     assert stored_dtype({"torch_dtype": stored}) == stored and stored_dtype({"dtype": stored}) == stored
-    assert stored_dtype({"text_config": {"dtype": "bfloat16"}}) == "bfloat16" and stored_dtype({"dtype": "int8"}) is None
+    assert (
+        stored_dtype({"text_config": {"dtype": "bfloat16"}}) == "bfloat16" and stored_dtype({"dtype": "int8"}) is None
+    )
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe", "llama4_text", "llama"])
@@ -189,20 +232,42 @@ def test_the_estimate_counts_the_weights_transformers_builds(family):
     import torch
     import transformers
 
-    own = {"mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},  # (each family's own fields only)
-           "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
-           "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                         "shared_expert_intermediate_size": 48},
-           "llama4_text": {"num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 80,
-                           "interleave_moe_layer_step": 1},
-           "llama": {}}[family]
+    own = {
+        "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},  # (each family's own fields only)
+        "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+        "qwen2_moe": {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48,
+        },
+        "llama4_text": {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 1,
+            "intermediate_size_mlp": 80,
+            "interleave_moe_layer_step": 1,
+        },
+        "llama": {},
+    }[family]
     config = transformers.AutoConfig.for_model(
-        family, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, vocab_size=300, tie_word_embeddings=False, **own)
+        family,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=300,
+        tie_word_embeddings=False,
+        **own,
+    )
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
-    built = sum(p.numel() for n, p in model.named_parameters()
-                if p.dim() >= 2 and not n.endswith(("mlp.gate.weight", "shared_expert_gate.weight", "router.weight")))
+    built = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if p.dim() >= 2 and not n.endswith(("mlp.gate.weight", "shared_expert_gate.weight", "router.weight"))
+    )
     from worker.engine.contract.estimate import ModelShape
 
     assert ModelShape.from_config(config.to_dict()).params == built
@@ -231,9 +296,20 @@ def test_the_dashboard_form_refuses_with_the_numbers(api, allowed):
     with httpx.Client(base_url=api, headers={"Origin": api, "Accept": "text/html"}, timeout=30) as browser:
         page = browser.get("/jobs/new")
         token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
-        form = {"csrf_token": token, "model": str(allowed / "llama-7b"), "sparsity": "2:4", "method": "sparsegpt",
-                "calibration_source": "c4", "nsamples": "4096", "seqlen": "2048", "eval_sets": "wikitext2",
-                "dtype": "auto", "blocksize": "128", "percdamp": "0.01", "seed": "0"}
+        form = {
+            "csrf_token": token,
+            "model": str(allowed / "llama-7b"),
+            "sparsity": "2:4",
+            "method": "sparsegpt",
+            "calibration_source": "c4",
+            "nsamples": "4096",
+            "seqlen": "2048",
+            "eval_sets": "wikitext2",
+            "dtype": "auto",
+            "blocksize": "128",
+            "percdamp": "0.01",
+            "seed": "0",
+        }
         response = browser.post("/jobs/new", data=form)
         assert response.status_code == 422, response.text[-2000:]
         assert "this job needs about" in response.text and "SPARSEGPT_MAX_JOB_MEMORY_GB" in response.text
@@ -266,8 +342,19 @@ def test_a_deeply_nested_config_is_refused_not_a_500(client, allowed):
     assert client.get("/health").status_code == 200
 
 
-@pytest.mark.parametrize("field", ["hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
-                                   "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "hidden_size",
+        "num_hidden_layers",
+        "vocab_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "num_local_experts",
+    ],
+)
 @pytest.mark.parametrize("value", [MAX_SIZE + 1, 10**400], ids=["2**31", "1e400"])
 def test_any_size_above_2_31_makes_the_config_unusable(field, value):
     found = estimate({**LLAMA_7B, field: value}, JobSize("sparsegpt", 128, 2048, "float16", "cuda"))
@@ -280,8 +367,13 @@ def test_what_is_no_size_is_still_ignored_as_before():
     context only caps the default seqlen: ignored. Sizes at the bound are fine."""
     job = JobSize("sparsegpt", 128, None, "float16", "cuda")
     plain = estimate(LLAMA_7B, job)
-    for changes in ({"num_key_value_heads": -1}, {"num_key_value_heads": None}, {"num_key_value_heads": 32.0},
-                    {"max_position_embeddings": 10**400}, {"head_dim": "big"}):
+    for changes in (
+        {"num_key_value_heads": -1},
+        {"num_key_value_heads": None},
+        {"num_key_value_heads": 32.0},
+        {"max_position_embeddings": 10**400},
+        {"head_dim": "big"},
+    ):
         found = estimate({**LLAMA_7B, **changes}, job)
         assert found is not None and not found.problem and found.total == plain.total, changes
     assert estimate({**LLAMA_7B, "hidden_size": 1e400}, job) is None  # inf: no hidden size given

@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from tests.support.processes import read_sse
-
 from tests.support.stacks import SMALL
 from worker.engine.contract.report import Report
 
@@ -146,8 +145,13 @@ def test_exact_reaches_the_engine(service, models_dir, uploaded):
 
 def test_cancel_running_and_queued(service, models_dir, uploaded):
     client = service.client
-    deep = small_job(models_dir, uploaded, model="llama-deep", calibration={"dataset": uploaded, "nsamples": 16, "seqlen": 64},
-                     evaluation={"datasets": []})
+    deep = small_job(
+        models_dir,
+        uploaded,
+        model="llama-deep",
+        calibration={"dataset": uploaded, "nsamples": 16, "seqlen": 64},
+        evaluation={"datasets": []},
+    )
     running_id = client.post("/api/v1/jobs", json=deep).json()["id"]
     # Behind it on the single worker (prefetch 1): this one stays queued.
     queued_id = client.post("/api/v1/jobs", json=small_job(models_dir, uploaded)).json()["id"]
@@ -165,7 +169,9 @@ def test_cancel_running_and_queued(service, models_dir, uploaded):
     assert cancel_running.status_code == 202, cancel_running.text
     assert cancel_running.json()["cancel_requested"] is True
 
-    with client.stream("GET", f"/api/v1/jobs/{running_id}/events", headers={"Last-Event-ID": events[-1]["id"]}) as stream:
+    with client.stream(
+        "GET", f"/api/v1/jobs/{running_id}/events", headers={"Last-Event-ID": events[-1]["id"]}
+    ) as stream:
         rest = list(read_sse(stream))
     assert rest[-1]["event"] == "status" and rest[-1]["data"]["status"] == "cancelled"
     job = service.wait_done(running_id)
@@ -186,6 +192,7 @@ def test_cancel_running_and_queued(service, models_dir, uploaded):
     while expected not in service.worker.log.read_text() and time.monotonic() < deadline:
         time.sleep(0.3)
     assert expected in service.worker.log.read_text()
+
 
 def service_artifacts(service, job_id: int) -> list[str]:
     from pathlib import Path
@@ -213,7 +220,7 @@ def test_upload_cap_over_a_real_socket(service):
     sent = {"bytes": 0}
 
     def body():
-        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.txt\"\r\n\r\n").encode()
+        yield (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.txt"\r\n\r\n').encode()
         for _ in range(200):  # 200 x 64 KiB = 12.5 MiB, far beyond the 256 KiB cap
             sent["bytes"] += 65536
             yield b"y" * 65536
@@ -222,8 +229,10 @@ def test_upload_cap_over_a_real_socket(service):
 
     try:
         response = httpx.post(
-            f"{service.base}/api/v1/calibration-sets", content=body(),
-            headers={"content-type": f"multipart/form-data; boundary={boundary}"}, timeout=30,
+            f"{service.base}/api/v1/calibration-sets",
+            content=body(),
+            headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+            timeout=30,
         )
     except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
         response = None  # the server answered and closed while the client was still sending

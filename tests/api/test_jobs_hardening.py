@@ -61,7 +61,9 @@ def test_a_deleted_jobs_id_is_never_reused(service, models_dir):
     404, and the old id's Redis keys gone with it."""
     client = service.client
     r = redis.Redis.from_url(service.env["REDIS_URL"])
-    body = job_body(models_dir, calibration={"dataset": str(models_dir / "calib.txt"), **SMALL}, evaluation={"datasets": []})
+    body = job_body(
+        models_dir, calibration={"dataset": str(models_dir / "calib.txt"), **SMALL}, evaluation={"datasets": []}
+    )
     first = client.post("/api/v1/jobs", json=body)
     assert first.status_code == 201, first.text
     old = first.json()["id"]
@@ -97,8 +99,13 @@ def test_a_replay_of_a_job_still_being_queued_waits(make_stack, redis_server, mo
     url = stack.env["DATABASE_URL"]
     with db.session_scope(url) as session:  # the first request's row, committed, its message not sent yet
         user = crud.get_user_by_token_hash(session, auth.hash_token(stack.token))
-        job_id = crud.create_job(session, spec=JobSpec.model_validate(body).model_dump(mode="json"), owner_id=user.id,
-                                 idempotency_key=key, spec_sha256=spec_digest(JobSpec.model_validate(body))).id
+        job_id = crud.create_job(
+            session,
+            spec=JobSpec.model_validate(body).model_dump(mode="json"),
+            owner_id=user.id,
+            idempotency_key=key,
+            spec_sha256=spec_digest(JobSpec.model_validate(body)),
+        ).id
     with stack.client() as client:
         twin = client.post("/api/v1/jobs", json=body, headers={"Idempotency-Key": key})
         assert twin.status_code == 409 and twin.headers.get("retry-after"), twin.text
@@ -126,7 +133,9 @@ def test_a_hung_broker_answers_503_and_the_key_waits_for_it(make_stack, redis_se
         results = {}
         redis_server.proc.send_signal(signal.SIGSTOP)
         try:
-            first = threading.Thread(target=lambda: results.update(first=client.post("/api/v1/jobs", json=body, headers=key)))
+            first = threading.Thread(
+                target=lambda: results.update(first=client.post("/api/v1/jobs", json=body, headers=key))
+            )
             started = time.monotonic()
             first.start()
             time.sleep(3)

@@ -27,8 +27,14 @@ def pull(stack, *args, token: str | None = None, url_from_env: bool = False):
     server = ["--server", stack.base]
     if url_from_env:
         env["SPARSEGPT_URL"], server = stack.base, []
-    return subprocess.run([sys.executable, "-m", "app.cli", "pull", *map(str, args), *server],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", "pull", *map(str, args), *server],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_range_and_pull(make_stack, module_redis, models_dir, tmp_path):
@@ -36,11 +42,16 @@ def test_range_and_pull(make_stack, module_redis, models_dir, tmp_path):
     stack.start_api()
     stack.start_worker("pull")
     with stack.client() as c:
-        upload = c.post("/api/v1/calibration-sets", files={"file": ("notes.txt", (models_dir / "calib.txt").read_bytes())})
+        upload = c.post(
+            "/api/v1/calibration-sets", files={"file": ("notes.txt", (models_dir / "calib.txt").read_bytes())}
+        )
         assert upload.status_code == 201, upload.text
         ref = upload.json()["ref"]
-        body = job_body(models_dir, calibration={"dataset": ref, "nsamples": 4, "seqlen": 32},
-                        evaluation={"datasets": [ref], "max_windows": 2})
+        body = job_body(
+            models_dir,
+            calibration={"dataset": ref, "nsamples": 4, "seqlen": 32},
+            evaluation={"datasets": [ref], "max_windows": 2},
+        )
         job_id = c.post("/api/v1/jobs", json=body).json()["id"]
     job = stack.wait(job_id)
     assert job["status"] == "succeeded", job["error"]
@@ -52,14 +63,21 @@ def test_range_and_pull(make_stack, module_redis, models_dir, tmp_path):
         data = full.content
         assert len(data) == size and hashlib.sha256(data).hexdigest() == sha
         # ranges anywhere in the stream: inside a header, a file, the padding, the end marker
-        for start, end in ((0, 0), (0, 511), (100, 5000), (size // 2, size - 1), (size - 1024, size - 1), (7, size + 100)):
+        for start, end in (
+            (0, 0),
+            (0, 511),
+            (100, 5000),
+            (size // 2, size - 1),
+            (size - 1024, size - 1),
+            (7, size + 100),
+        ):
             part = c.get(url, headers={"Range": f"bytes={start}-{end}"})
             assert part.status_code == 206, (start, end, part.text)
             stop = min(end, size - 1)
             assert part.headers["content-range"] == f"bytes {start}-{stop}/{size}"
-            assert part.content == data[start:stop + 1] and part.headers["x-checksum-sha256"] == sha
+            assert part.content == data[start : stop + 1] and part.headers["x-checksum-sha256"] == sha
         assert c.get(url, headers={"Range": "bytes=-700"}).content == data[-700:]
-        assert c.get(url, headers={"Range": f"bytes={size // 3}-"}).content == data[size // 3:]
+        assert c.get(url, headers={"Range": f"bytes={size // 3}-"}).content == data[size // 3 :]
         refused = c.get(url, headers={"Range": f"bytes={size}-"})
         assert refused.status_code == 416 and refused.headers["content-range"] == f"bytes */{size}"
         several = c.get(url, headers={"Range": "bytes=0-10,20-30"})  # not served as ranges: the whole
@@ -99,7 +117,9 @@ def test_range_and_pull(make_stack, module_redis, models_dir, tmp_path):
     assert len(unknown.stderr.splitlines()) == 1 and not (tmp_path / "nope").exists()
 
     # What the user gets: the model, a card with metadata, a report naming what they named.
-    assert {"config.json", "model.safetensors", "README.md", "sparsegpt_report.json"} <= {p.name for p in target.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "sparsegpt_report.json"} <= {
+        p.name for p in target.iterdir()
+    }
     assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~_umask()
     report_text = (target / "sparsegpt_report.json").read_text()
     report = json.loads(report_text)

@@ -37,20 +37,26 @@ def _entry(name: str, kind: bytes, link: str = "") -> tuple[tarfile.TarInfo, Non
 
 
 def test_regular_files_unpack(tmp_path):
-    size = _tar(tmp_path / "a.tar", [_entry("job", tarfile.DIRTYPE), _file("job/config.json", b"{}"),
-                                      _file("job/sub/w.bin", b"x" * 1000)])
+    size = _tar(
+        tmp_path / "a.tar",
+        [_entry("job", tarfile.DIRTYPE), _file("job/config.json", b"{}"), _file("job/sub/w.bin", b"x" * 1000)],
+    )
     _unpack(tmp_path / "a.tar", tmp_path / "out", size)
     assert (tmp_path / "out" / "config.json").read_bytes() == b"{}"
     assert (tmp_path / "out" / "sub" / "w.bin").stat().st_size == 1000
 
 
-@pytest.mark.parametrize("member", [
-    _entry("job/x", tarfile.SYMTYPE, "../.ssh/id_rsa"),
-    _entry("job/y", tarfile.SYMTYPE, "config.json"),  # inside, still a link: the server writes none
-    _entry("job/h", tarfile.LNKTYPE, "job/config.json"),
-    _entry("job/f", tarfile.FIFOTYPE),
-    _entry("job/d", tarfile.CHRTYPE),
-], ids=["link-out", "link-in", "hardlink", "fifo", "device"])
+@pytest.mark.parametrize(
+    "member",
+    [
+        _entry("job/x", tarfile.SYMTYPE, "../.ssh/id_rsa"),
+        _entry("job/y", tarfile.SYMTYPE, "config.json"),  # inside, still a link: the server writes none
+        _entry("job/h", tarfile.LNKTYPE, "job/config.json"),
+        _entry("job/f", tarfile.FIFOTYPE),
+        _entry("job/d", tarfile.CHRTYPE),
+    ],
+    ids=["link-out", "link-in", "hardlink", "fifo", "device"],
+)
 def test_every_other_member_type_is_refused_before_writing(tmp_path, member):
     size = _tar(tmp_path / "a.tar", [_file("job/config.json", b"{}"), member])
     with pytest.raises(PullError, match=repr(member[0].name)):

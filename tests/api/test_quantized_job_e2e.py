@@ -46,9 +46,13 @@ def test_quantizing_job_offers_two_formats(make_stack, module_redis, models_dir,
     stack.start_api()
     stack.start_worker("quant")
     text = models_dir / "calib.txt"
-    body = job_body(models_dir, sparsity=0.5, quantization=SCHEME,
-                    calibration={"dataset": str(text), "nsamples": 4, "seqlen": 32},
-                    evaluation={"datasets": [str(text)], "max_windows": 2})
+    body = job_body(
+        models_dir,
+        sparsity=0.5,
+        quantization=SCHEME,
+        calibration={"dataset": str(text), "nsamples": 4, "seqlen": 32},
+        evaluation={"datasets": [str(text)], "max_windows": 2},
+    )
     with stack.client() as c:
         created = c.post("/api/v1/jobs", json=body)
         assert created.status_code == 201, created.text
@@ -75,7 +79,7 @@ def test_quantizing_job_offers_two_formats(make_stack, module_redis, models_dir,
             assert hashlib.sha256(whole.content).hexdigest() == entry["sha256"]
             lo, hi = entry["size"] // 3, entry["size"] // 3 + 4095
             part = c.get(entry["url"], headers={"Range": f"bytes={lo}-{hi}"})
-            assert part.status_code == 206 and part.content == whole.content[lo:hi + 1]
+            assert part.status_code == 206 and part.content == whole.content[lo : hi + 1]
             with tarfile.open(fileobj=io.BytesIO(whole.content)) as tar:
                 tar.extractall(tmp_path / name, filter="data")
         assert default.content == c.get(listed["compressed-tensors"]["url"]).content
@@ -101,8 +105,9 @@ def test_quantizing_job_offers_two_formats(make_stack, module_redis, models_dir,
     from tests.support.browser import shot
 
     signed_in = {"Authorization": f"Bearer {stack.token}"} if stack.token else {}
-    context = browser.new_context(base_url=stack.base, viewport={"width": 1360, "height": 900},
-                                  extra_http_headers=signed_in)
+    context = browser.new_context(
+        base_url=stack.base, viewport={"width": 1360, "height": 900}, extra_http_headers=signed_in
+    )
     try:
         page = context.new_page()
         page.goto(f"/jobs/{job_id}")

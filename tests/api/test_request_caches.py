@@ -21,6 +21,7 @@ def test_a_credential_is_remembered_briefly_and_a_refusal_never():
         def run():
             calls.append(answer)
             return answer
+
         return run
 
     key = uuid.uuid4().hex
@@ -36,8 +37,14 @@ def test_a_credential_is_remembered_briefly_and_a_refusal_never():
 
 
 def test_health_never_reuses_a_failure(tmp_path, redis_server):
-    settings = Settings(_env_file=None, data_dir=tmp_path, redis_url=redis_server.url, auth="off", sweep_interval_s=0,
-                        queue=f"idle-{uuid.uuid4().hex[:6]}")
+    settings = Settings(
+        _env_file=None,
+        data_dir=tmp_path,
+        redis_url=redis_server.url,
+        auth="off",
+        sweep_interval_s=0,
+        queue=f"idle-{uuid.uuid4().hex[:6]}",
+    )
     with TestClient(create_app(settings)) as client:
         assert client.get("/api/v1/health").status_code == 200
         redis_server.kill()
@@ -48,14 +55,24 @@ def test_health_never_reuses_a_failure(tmp_path, redis_server):
 
 
 def test_the_jobs_list_items_match_each_jobs_own_view(tmp_path, redis_available, models_dir):
-    settings = Settings(_env_file=None, data_dir=tmp_path, redis_url="redis://127.0.0.1:6379/11", auth="off",
-                        local_dirs=str(models_dir), queue=f"idle-{uuid.uuid4().hex[:6]}", sweep_interval_s=0,
-                        max_active_jobs_per_user=0)
+    settings = Settings(
+        _env_file=None,
+        data_dir=tmp_path,
+        redis_url="redis://127.0.0.1:6379/11",
+        auth="off",
+        local_dirs=str(models_dir),
+        queue=f"idle-{uuid.uuid4().hex[:6]}",
+        sweep_interval_s=0,
+        max_active_jobs_per_user=0,
+    )
     with TestClient(create_app(settings)) as client:
         for sparsity in ("2:4", 0.5, "4:8"):
-            body = {"model": str(models_dir / "llama"), "sparsity": sparsity,
-                    "calibration": {"dataset": str(models_dir / "calib.txt"), "nsamples": 4, "seqlen": 32},
-                    "evaluation": {"datasets": []}}
+            body = {
+                "model": str(models_dir / "llama"),
+                "sparsity": sparsity,
+                "calibration": {"dataset": str(models_dir / "calib.txt"), "nsamples": 4, "seqlen": 32},
+                "evaluation": {"datasets": []},
+            }
             assert client.post("/api/v1/jobs", json=body).status_code == 201
         items = client.get("/api/v1/jobs").json()["items"]
         assert len(items) == 3

@@ -11,13 +11,21 @@ import time
 import pytest
 
 from app.config import Settings
-from worker.engine.contract.estimate import JobSize, estimate
 from app.services.routing import choose_queue, gpu_need_gb
+from worker.engine.contract.estimate import JobSize, estimate
 
 # A LLaMA-shaped config of 2 blocks at 70B's width: what the API estimates from (no weights).
-WIDE = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 8192, "intermediate_size": 28672,
-        "num_hidden_layers": 2, "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000,
-        "max_position_embeddings": 4096}
+WIDE = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+}
 
 
 def worker(name: str, memory: float | None, base: str = "q") -> dict:
@@ -45,7 +53,9 @@ def test_choose_queue_by_estimate_and_request():
     queue, refusal = choose_queue(settings, {"min_gpu_memory_gb": 100}, tiny, [small, big])
     assert "no live worker can take this job" in refusal and "100 GB" in refusal and "86 GB" in refusal
     queue, refusal = choose_queue(settings, {}, wide, [small])
-    assert "no live worker can take this job" in refusal and "estimate" in refusal and "calibration activations" in refusal
+    assert (
+        "no live worker can take this job" in refusal and "estimate" in refusal and "calibration activations" in refusal
+    )
     # Between tiers (a 90 GB need, tiers 80 and 96): the whole-GB queue of the worker that fits.
     fat = worker("fat@h", 91.2)
     queue, refusal = choose_queue(settings, {"min_gpu_memory_gb": 90}, None, [big, fat])
@@ -79,8 +89,17 @@ def test_one_gpu_worker_does_not_draw_plain_jobs_from_the_cpu_workers():
 def start_gpu_worker(stack, name: str, memory_gb: float):
     from tests.support.processes import spawn
 
-    proc = spawn(["worker", f"--hostname={name}@%h", "--loglevel=info", f"--gpu-memory-gb={memory_gb}",
-                  f"--gpu-name=Test {int(memory_gb)}GB"], stack.env, stack.logs / f"worker-{name}.log")
+    proc = spawn(
+        [
+            "worker",
+            f"--hostname={name}@%h",
+            "--loglevel=info",
+            f"--gpu-memory-gb={memory_gb}",
+            f"--gpu-name=Test {int(memory_gb)}GB",
+        ],
+        stack.env,
+        stack.logs / f"worker-{name}.log",
+    )
     stack.workers.append(proc)
     with stack.client() as c:
         deadline = time.monotonic() + 60
@@ -127,9 +146,15 @@ def test_jobs_go_to_the_worker_that_fits(make_stack, redis_server, models_dir, t
         page = c.get("/workers")
         assert page.status_code == 200 and "Test 80GB" in page.text and f'href="/jobs/{job_id}"' in page.text
         # By its estimate alone (34 GB of activations): the 80 GB worker (the model has no weights: it fails there).
-        wide_job = c.post("/api/v1/jobs", json={"model": str(wide), "sparsity": 0.5, "dtype": "float32",
-                                                "calibration": {"dataset": str(models_dir / "calib.txt"),
-                                                                "nsamples": 512, "seqlen": 2048}})
+        wide_job = c.post(
+            "/api/v1/jobs",
+            json={
+                "model": str(wide),
+                "sparsity": 0.5,
+                "dtype": "float32",
+                "calibration": {"dataset": str(models_dir / "calib.txt"), "nsamples": 512, "seqlen": 2048},
+            },
+        )
         assert wide_job.status_code == 201, wide_job.text
         # Nothing fits: 422 with the numbers, nothing queued.
         refused = c.post("/api/v1/jobs", json={**job_body(models_dir), "resources": {"min_gpu_memory_gb": 100}})

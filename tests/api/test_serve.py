@@ -14,9 +14,7 @@ import httpx
 import pytest
 
 from tests.support.paths import REPO
-
 from tests.support.processes import free_port, read_sse
-
 from tests.support.stacks import SMALL
 
 pytestmark = pytest.mark.slow
@@ -33,13 +31,27 @@ def _children(pid: int) -> set[int]:
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs a redis-server binary")
 def test_serve_with_nothing_configured(models_dir, calib_bytes, tmp_path):
     data = tmp_path / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSEGPT_") and k not in ("REDIS_URL", "DATABASE_URL")}
-    env.update(SPARSEGPT_DATA_DIR=str(data), SPARSEGPT_LOCAL_DIRS=str(models_dir), SPARSEGPT_WORKER_DEVICE="cpu",
-               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("SPARSEGPT_") and k not in ("REDIS_URL", "DATABASE_URL")
+    }
+    env.update(
+        SPARSEGPT_DATA_DIR=str(data),
+        SPARSEGPT_LOCAL_DIRS=str(models_dir),
+        SPARSEGPT_WORKER_DEVICE="cpu",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+    )
     port = free_port()
     log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -56,14 +68,22 @@ def test_serve_with_nothing_configured(models_dir, calib_bytes, tmp_path):
         assert health.get("status") == "ok", health
         assert (data / "sparsegpt.db").exists()
         children = _children(proc.pid)
-        assert any("redis-server" in open(f"/proc/{p}/cmdline").read() for p in children if os.path.exists(f"/proc/{p}"))
+        assert any(
+            "redis-server" in open(f"/proc/{p}/cmdline").read() for p in children if os.path.exists(f"/proc/{p}")
+        )
 
         with httpx.Client(base_url=base, timeout=60) as client:
             ref = client.post("/api/v1/calibration-sets", files={"file": ("c.txt", calib_bytes)}).json()["ref"]
-            response = client.post("/api/v1/jobs", json={
-                "model": str(models_dir / "llama"), "sparsity": 0.5, "method": "wanda",
-                "calibration": {"dataset": ref, **SMALL}, "evaluation": {"datasets": [ref], "max_windows": 2},
-            })
+            response = client.post(
+                "/api/v1/jobs",
+                json={
+                    "model": str(models_dir / "llama"),
+                    "sparsity": 0.5,
+                    "method": "wanda",
+                    "calibration": {"dataset": ref, **SMALL},
+                    "evaluation": {"datasets": [ref], "max_windows": 2},
+                },
+            )
             assert response.status_code == 201, response.text
             job_id = response.json()["id"]
             with client.stream("GET", f"/api/v1/jobs/{job_id}/events", timeout=120) as stream:
@@ -84,6 +104,7 @@ def test_serve_with_nothing_configured(models_dir, calib_bytes, tmp_path):
         log.close()
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
     time.sleep(0.5)
-    alive = [p for p in children if os.path.exists(f"/proc/{p}")
-             and "zombie" not in open(f"/proc/{p}/status").read().lower()]
+    alive = [
+        p for p in children if os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read().lower()
+    ]
     assert alive == [], "children left running after SIGTERM"

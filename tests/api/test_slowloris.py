@@ -42,14 +42,25 @@ def slow_server(redis_server, tmp_path):
     if hard != resource.RLIM_INFINITY and hard < SERVER_FILES[1]:
         pytest.skip(f"needs a hard open-files limit of {SERVER_FILES[1]} (it is {hard})")
     port = free_port()
-    env = base_env(SPARSEGPT_DATA_DIR=str(tmp_path / "data"), REDIS_URL=redis_server.url, SPARSEGPT_AUTH="required",
-                   SPARSEGPT_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT), SPARSEGPT_KEEPALIVE_TIMEOUT_S="1",
-                   SPARSEGPT_MAX_CONNECTIONS=str(BOUND))
+    env = base_env(
+        SPARSEGPT_DATA_DIR=str(tmp_path / "data"),
+        REDIS_URL=redis_server.url,
+        SPARSEGPT_AUTH="required",
+        SPARSEGPT_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT),
+        SPARSEGPT_KEEPALIVE_TIMEOUT_S="1",
+        SPARSEGPT_MAX_CONNECTIONS=str(BOUND),
+    )
     log = tmp_path / "api.log"
     with log.open("wb") as handle:
-        popen = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--workers", "0", "--port", str(port)],
-                                 cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-                                 preexec_fn=_limit_files)
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--workers", "0", "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_limit_files,
+        )
     api = Proc(popen, log)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -75,7 +86,9 @@ def _read_response(sock: socket.socket) -> bytes:
     while b"\r\n\r\n" not in data:
         data += sock.recv(65536)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    )
     while len(body) < length:
         body += sock.recv(65536)
     return head
@@ -151,8 +164,11 @@ def test_half_open_connections_are_timed_out_and_bounded(slow_server):
                 break
             time.sleep(0.5)
         assert still_open == 0, f"{still_open} of {len(socks)} half-open connections still open"
-        print(f"{len(socks)} half-open connections, {failed_connects} refused at connect; /health took at most "
-              f"{max(seconds for seconds, _ in health)} s over {len(health)} probes; the API held at most {peak_files} files")
+        print(
+            f"{len(socks)} half-open connections, {failed_connects} refused at connect; /health took at most "
+            f"{max(seconds for seconds, _ in health)} s over {len(health)} probes; the API held at most "
+            f"{peak_files} files"
+        )
     finally:
         for sock in socks:
             sock.close()
@@ -192,10 +208,11 @@ def test_kept_alive_connections_get_the_same_deadlines(slow_server):
     sock.close()
 
 
-
 def _login_head(length: int) -> bytes:
-    return (b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-            b"Content-Length: %d\r\n\r\n" % length)
+    return (
+        b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: %d\r\n\r\n" % length
+    )
 
 
 @pytest.mark.slow
@@ -225,7 +242,9 @@ def test_a_body_sent_a_byte_at_a_time_is_refused_after_its_grace(slow_server):
                 answer = None if index in ends else _closed_or_answered(sock)
                 if answer is not None:
                     ends[index] = (time.monotonic() - started, answer)
-        assert len(ends) == len(socks), f"{len(socks) - len(ends)} slow bodies still open after {time.monotonic() - started:.1f} s"
+        assert len(ends) == len(socks), (
+            f"{len(socks) - len(ends)} slow bodies still open after {time.monotonic() - started:.1f} s"
+        )
         assert max(seconds for seconds, _ in ends.values()) < HEADER_TIMEOUT + 5, ends
         assert all(answer.startswith(b"HTTP/1.1 408") or answer == b"" for _, answer in ends.values()), ends
         assert any(answer.startswith(b"HTTP/1.1 408") for _, answer in ends.values()), ends
@@ -241,7 +260,7 @@ def test_a_body_sent_a_byte_at_a_time_is_refused_after_its_grace(slow_server):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(_login_head(len(padded)))
         for offset in range(0, len(padded), 8192):
-            sock.sendall(padded[offset:offset + 8192])
+            sock.sendall(padded[offset : offset + 8192])
             time.sleep(0.3)
         assert _read_response(sock).split(b" ")[1] in (b"401", b"403")
 
@@ -270,12 +289,17 @@ def test_running_out_of_files_is_logged_once_per_interval():
                 raise OSError(errno.EMFILE, "Too many open files")
             except OSError:
                 logger.exception("socket.accept() out of system resource")
-            logger.error("Exception in ASGI application", exc_info=OSError(errno.ENFILE, "Too many open files in system"))
+            logger.error(
+                "Exception in ASGI application", exc_info=OSError(errno.ENFILE, "Too many open files in system")
+            )
         logger.error("an unrelated error")
         time.sleep(0.6)
         logger.error("socket.accept() out of system resource")
     finally:
         logger.removeHandler(handler)
     lines = stream.getvalue().splitlines()
-    assert lines == ["socket.accept() out of system resource", "an unrelated error",
-                     "socket.accept() out of system resource (1999 more like it in the last interval)"], lines
+    assert lines == [
+        "socket.accept() out of system resource",
+        "an unrelated error",
+        "socket.accept() out of system resource (1999 more like it in the last interval)",
+    ], lines

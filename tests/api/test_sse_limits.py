@@ -30,7 +30,9 @@ def api(module_redis, models_dir, tmp_path_factory):
 
 def refusal(api, path: str, **kwargs) -> httpx.Response:
     """GET ``path``; a 200 event stream is not read on (it would not end): its status is enough."""
-    with httpx.stream("GET", f"{api.base}{path}", headers={**api.auth, **kwargs.pop("headers", {})}, timeout=15, **kwargs) as response:
+    with httpx.stream(
+        "GET", f"{api.base}{path}", headers={**api.auth, **kwargs.pop("headers", {})}, timeout=15, **kwargs
+    ) as response:
         if response.status_code != 200:
             response.read()
         return response
@@ -40,13 +42,22 @@ def events_path(job_id: int, last_event_id: str | None = None) -> str:
     return f"/api/v1/jobs/{job_id}/events" + (f"?last_event_id={last_event_id}" if last_event_id is not None else "")
 
 
-@pytest.mark.parametrize("bad", [
-    "99999999999999999999",            # > 2**64-1 (20 digits: the old pattern let it through)
-    "1-99999999999999999999",          # the sequence part too large
-    f"{MAX + 1}-0", f"0-{MAX + 1}",
-    "１２-3",                           # non-ASCII digits
-    "1-", "-1", "1-2-3", "abc", "9" * 5000,
-], ids=lambda bad: bad if len(bad) < 42 else f"{bad[:8]}...({len(bad)} chars)")
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "99999999999999999999",  # > 2**64-1 (20 digits: the old pattern let it through)
+        "1-99999999999999999999",  # the sequence part too large
+        f"{MAX + 1}-0",
+        f"0-{MAX + 1}",
+        "１２-3",  # non-ASCII digits
+        "1-",
+        "-1",
+        "1-2-3",
+        "abc",
+        "9" * 5000,
+    ],
+    ids=lambda bad: bad if len(bad) < 42 else f"{bad[:8]}...({len(bad)} chars)",
+)
 def test_last_event_id_outside_redis_range_is_422(api, models_dir, bad):
     job_id = api.jobs[0] if api.jobs else api.new_job(models_dir)
     for kwargs in ({"params": {"last_event_id": bad}}, {"headers": {"Last-Event-ID": bad}}):
@@ -75,8 +86,11 @@ def test_idle_streams_block_quietly(api, models_dir):
     largest id each get keep-alive comments only (no false "redis unavailable" from a socket
     timeout), and the API process stays idle (no loop spinning on Redis or the database)."""
     job_id = api.new_job(models_dir)
-    opened = [SyncStream(api, events_path(job_id)), SyncStream(api, events_path(job_id, "9999999999999-0")),
-              SyncStream(api, events_path(job_id, f"{MAX}-{MAX}"))]
+    opened = [
+        SyncStream(api, events_path(job_id)),
+        SyncStream(api, events_path(job_id, "9999999999999-0")),
+        SyncStream(api, events_path(job_id, f"{MAX}-{MAX}")),
+    ]
     try:
         assert [s.status for s in opened] == [200, 200, 200]
         assert opened[0].read_until(b"event: snapshot", 15), opened[0].data[:300]
@@ -232,7 +246,9 @@ def test_500_open_streams_leave_other_routes_fast(module_redis, models_dir, tmp_
         times.sort()
         p99 = times[math.ceil(0.99 * len(times)) - 1]
         print(f"GET /api/v1/me with 500 open streams: p99 {p99 * 1000:.1f} ms, median {times[75] * 1000:.1f} ms")
-        assert p99 < 0.2, f"p99 of GET /api/v1/me with 500 open streams: {p99 * 1000:.0f} ms (median {times[75] * 1000:.0f} ms)"
+        assert p99 < 0.2, (
+            f"p99 of GET /api/v1/me with 500 open streams: {p99 * 1000:.0f} ms (median {times[75] * 1000:.0f} ms)"
+        )
         assert many.wait_all(KEEPALIVE, 2 * BLOCK_S) == 500, "not every stream is still served"
         assert sum(UNAVAILABLE in d for d in many.data) == 0
         assert all(b"HTTP/1.1 200" in d[:20] for d in many.data)

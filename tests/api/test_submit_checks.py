@@ -28,19 +28,29 @@ def client(tmp_path_factory, models_dir, redis_available):
     (allowed / "gguf-only").mkdir()
     (allowed / "gguf-only" / "model.Q4.gguf").write_bytes(b"GGUF")
     (allowed / "calib.txt").write_text((models_dir / "calib.txt").read_text())
-    settings = Settings(_env_file=None, data_dir=str(data), database_url=f"sqlite:///{data}/db.sqlite",
-                        redis_url="redis://127.0.0.1:6379/13", local_dirs=str(allowed),
-                        queue=f"idle-{secrets.token_hex(3)}", auth="off", max_active_jobs_per_user=0,
-                        sweep_interval_s=0)
+    settings = Settings(
+        _env_file=None,
+        data_dir=str(data),
+        database_url=f"sqlite:///{data}/db.sqlite",
+        redis_url="redis://127.0.0.1:6379/13",
+        local_dirs=str(allowed),
+        queue=f"idle-{secrets.token_hex(3)}",
+        auth="off",
+        max_active_jobs_per_user=0,
+        sweep_interval_s=0,
+    )
     with TestClient(create_app(settings)) as test_client:
         test_client.allowed = allowed
         yield test_client
 
 
 def post(client, model, dataset=None, evaluation=()):
-    body = {"model": model, "sparsity": 0.5,
-            "calibration": {"dataset": dataset or str(client.allowed / "calib.txt"), **SMALL},
-            "evaluation": {"datasets": list(evaluation)}}
+    body = {
+        "model": model,
+        "sparsity": 0.5,
+        "calibration": {"dataset": dataset or str(client.allowed / "calib.txt"), **SMALL},
+        "evaluation": {"datasets": list(evaluation)},
+    }
     return client.post("/api/v1/jobs", json=body)
 
 
@@ -48,11 +58,14 @@ def reasons(response) -> str:
     return " | ".join(d["msg"] for d in response.json()["detail"])
 
 
-@pytest.mark.parametrize("directory,missing", [
-    ("empty", "holds no loadable model: config.json is missing"),
-    ("no-weights", "has config.json but no weights (*.safetensors or *.bin)"),
-    ("no-tokenizer", "no tokenizer files"),
-])
+@pytest.mark.parametrize(
+    "directory,missing",
+    [
+        ("empty", "holds no loadable model: config.json is missing"),
+        ("no-weights", "has config.json but no weights (*.safetensors or *.bin)"),
+        ("no-tokenizer", "no tokenizer files"),
+    ],
+)
 def test_a_directory_without_a_loadable_model_is_refused_naming_what_is_missing(client, directory, missing):
     response = post(client, str(client.allowed / directory))
     assert response.status_code == 422 and missing in reasons(response), response.text
@@ -97,4 +110,3 @@ def test_an_unreachable_hub_is_a_422_at_once_unless_the_model_is_cached(client, 
     assert "cannot be reached" in text and "hf download facebook/opt-350m" in text and "the c4 dataset" in text
     assert post(client, "facebook/opt-125m").status_code == 201  # in the cache: the worker loads it from there
     hub._answers.clear()
-

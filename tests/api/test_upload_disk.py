@@ -24,9 +24,14 @@ from tests.support.processes import base_env, serve_api
 
 
 def api_env(root: Path, redis_url: str) -> dict[str, str]:
-    return base_env(SPARSEGPT_DATA_DIR=str(root / "data"), REDIS_URL=redis_url, SPARSEGPT_AUTH="off",
-                    SPARSEGPT_QUEUE=f"disk-{secrets.token_hex(3)}", SPARSEGPT_MIN_FREE_DISK_MB="0",
-                    SPARSEGPT_MAX_UPLOAD_BYTES=str(4 * 1024 * 1024))
+    return base_env(
+        SPARSEGPT_DATA_DIR=str(root / "data"),
+        REDIS_URL=redis_url,
+        SPARSEGPT_AUTH="off",
+        SPARSEGPT_QUEUE=f"disk-{secrets.token_hex(3)}",
+        SPARSEGPT_MIN_FREE_DISK_MB="0",
+        SPARSEGPT_MAX_UPLOAD_BYTES=str(4 * 1024 * 1024),
+    )
 
 
 @pytest.fixture
@@ -44,26 +49,35 @@ def small_disk(tmp_path) -> Path:
 def test_an_upload_on_a_full_disk_is_507_with_the_reason(small_disk, module_redis):
     with serve_api(api_env(small_disk, module_redis.url), small_disk / "api.log") as (base, _port, _proc):
         content = (secrets.token_hex(16) + " some words\n").encode() * 8000  # ~370 KB > 64 KiB
-        response = httpx.post(f"{base}/api/v1/calibration-sets", files={"file": ("set.txt", content, "text/plain")},
-                              timeout=30)
+        response = httpx.post(
+            f"{base}/api/v1/calibration-sets", files={"file": ("set.txt", content, "text/plain")}, timeout=30
+        )
         assert response.status_code == 507, response.text
         assert "No space left on device" in response.json()["detail"], response.text
         assert not list((small_disk / "data" / "uploads").glob(".upload-*"))  # the partial file is gone
-        small = httpx.post(f"{base}/api/v1/calibration-sets", files={"file": ("s.txt", b"a few words", "text/plain")},
-                           timeout=30)
+        small = httpx.post(
+            f"{base}/api/v1/calibration-sets", files={"file": ("s.txt", b"a few words", "text/plain")}, timeout=30
+        )
         assert small.status_code == 201, small.text  # the disk has room again
 
 
 def _start_upload(port: int, head_bytes: int) -> socket.socket:
     """A multipart upload that sends ``head_bytes`` of its file and then nothing more."""
     boundary = "b" + secrets.token_hex(8)
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"set.txt\"\r\n"
-            "Content-Type: text/plain\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="set.txt"\r\n'
+        "Content-Type: text/plain\r\n\r\n"
+    ).encode()
     length = len(head) + 10 * head_bytes
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall((f"POST /api/v1/calibration-sets HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                  f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {length}\r\n\r\n").encode()
-                 + head + b"w" * head_bytes)
+    sock.sendall(
+        (
+            f"POST /api/v1/calibration-sets HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {length}\r\n\r\n"
+        ).encode()
+        + head
+        + b"w" * head_bytes
+    )
     return sock
 
 

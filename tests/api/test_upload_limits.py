@@ -30,10 +30,16 @@ def make_team_stack(team_pg: str, redis_url: str, models_dir: Path, root: Path, 
     """The API alone (no worker: jobs stay queued), team mode, TMPDIR of its own to watch."""
     (root / "tmp").mkdir(parents=True)
     env = base_env(
-        SPARSEGPT_DATA_DIR=str(root / "data"), DATABASE_URL=team_pg, REDIS_URL=redis_url,
-        SPARSEGPT_LOCAL_DIRS=str(models_dir), SPARSEGPT_QUEUE=f"uploads-{secrets.token_hex(3)}",
-        SPARSEGPT_AUTH="required", SPARSEGPT_MIN_FREE_DISK_MB="1", TMPDIR=str(root / "tmp"),
-        SPARSEGPT_MAX_UPLOAD_BYTES=str(MAX_UPLOAD), SPARSEGPT_UPLOAD_QUOTA_BYTES_PER_USER=str(QUOTA),
+        SPARSEGPT_DATA_DIR=str(root / "data"),
+        DATABASE_URL=team_pg,
+        REDIS_URL=redis_url,
+        SPARSEGPT_LOCAL_DIRS=str(models_dir),
+        SPARSEGPT_QUEUE=f"uploads-{secrets.token_hex(3)}",
+        SPARSEGPT_AUTH="required",
+        SPARSEGPT_MIN_FREE_DISK_MB="1",
+        TMPDIR=str(root / "tmp"),
+        SPARSEGPT_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
+        SPARSEGPT_UPLOAD_QUOTA_BYTES_PER_USER=str(QUOTA),
         SPARSEGPT_MAX_UPLOADS_PER_USER=str(MAX_FILES),
     )
     env.update({f"SPARSEGPT_{k.upper()}": str(v) for k, v in settings.items()})
@@ -86,7 +92,9 @@ def test_quota_and_file_count_per_user(stack):
     over = post_file(alice, text(50 * 1024))  # under the server's cap, over the 40 KiB left
     assert over.status_code == 413, over.text
     detail = over.json()["detail"]
-    assert "SPARSEGPT_UPLOAD_QUOTA_BYTES_PER_USER" in detail and str(QUOTA) in detail and str(QUOTA - 60 * 1024) in detail
+    assert (
+        "SPARSEGPT_UPLOAD_QUOTA_BYTES_PER_USER" in detail and str(QUOTA) in detail and str(QUOTA - 60 * 1024) in detail
+    )
 
     for _ in range(MAX_FILES - 1):
         assert post_file(alice, text(1000)).status_code == 201
@@ -112,18 +120,25 @@ def test_two_concurrent_uploads_cannot_both_pass_the_quota(stack):
     boundary = "concurrent-boundary"
 
     def body(content: bytes) -> Iterator[bytes]:
-        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"c.txt\"\r\n"
-               "Content-Type: text/plain\r\n\r\n").encode()
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="c.txt"\r\n'
+            "Content-Type: text/plain\r\n\r\n"
+        ).encode()
         yield content[: len(content) // 2]
         barrier.wait()
         time.sleep(0.5)  # both handlers are reading their bodies by now
-        yield content[len(content) // 2:]
+        yield content[len(content) // 2 :]
         yield f"\r\n--{boundary}--\r\n".encode()
 
     def send() -> None:
         with stack.client(token) as client:
-            results.append(client.post("/api/v1/calibration-sets", content=body(text(60 * 1024)),
-                                       headers={"content-type": f"multipart/form-data; boundary={boundary}"}))
+            results.append(
+                client.post(
+                    "/api/v1/calibration-sets",
+                    content=body(text(60 * 1024)),
+                    headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+                )
+            )
 
     threads = [threading.Thread(target=send) for _ in range(2)]
     for thread in threads:
@@ -147,7 +162,11 @@ def test_delete_by_owner_or_admin_refused_while_a_queued_job_uses_it(stack, mode
     dave, erin = user(stack, "dave"), user(stack, "erin")
     admin = stack.client()
     content = text(2000)
-    mine, twin, other = post_file(dave, content).json(), post_file(erin, content).json(), post_file(dave, text(3000)).json()
+    mine, twin, other = (
+        post_file(dave, content).json(),
+        post_file(erin, content).json(),
+        post_file(dave, text(3000)).json(),
+    )
     assert stored(stack, mine) == stored(stack, twin)  # the same content: one stored file
 
     assert erin.delete(f"/api/v1/calibration-sets/{mine['id']}").status_code == 403
@@ -155,8 +174,11 @@ def test_delete_by_owner_or_admin_refused_while_a_queued_job_uses_it(stack, mode
     assert dave.delete("/api/v1/calibration-sets/0").status_code == 422
 
     # A queued job (no worker) names one set for calibration, another for evaluation.
-    spec = job_body(models_dir, calibration={"dataset": f"upload:{mine['id']}", "nsamples": 4, "seqlen": 32},
-                    evaluation={"datasets": [f"upload:{other['id']}"], "max_windows": 2})
+    spec = job_body(
+        models_dir,
+        calibration={"dataset": f"upload:{mine['id']}", "nsamples": 4, "seqlen": 32},
+        evaluation={"datasets": [f"upload:{other['id']}"], "max_windows": 2},
+    )
     job = dave.post("/api/v1/jobs", json=spec)
     assert job.status_code == 201, job.text
     job_id = job.json()["id"]
@@ -183,13 +205,17 @@ def test_delete_by_owner_or_admin_refused_while_a_queued_job_uses_it(stack, mode
 
 @pytest.mark.slow
 def test_sweeper_deletes_old_uploads_unless_a_queued_job_uses_them(team_pg, redis_server, models_dir, tmp_path):
-    stack = make_team_stack(team_pg, redis_server.url, models_dir, tmp_path, upload_retention_s="4",
-                            sweep_interval_s="0.5")
+    stack = make_team_stack(
+        team_pg, redis_server.url, models_dir, tmp_path, upload_retention_s="4", sweep_interval_s="0.5"
+    )
     try:
         client = stack.client()
         used, evaluated, unused = (post_file(client, text(1500)).json() for _ in range(3))
-        spec = job_body(models_dir, calibration={"dataset": f"upload:{used['id']}", "nsamples": 4, "seqlen": 32},
-                        evaluation={"datasets": [f"upload:{evaluated['id']}"], "max_windows": 2})
+        spec = job_body(
+            models_dir,
+            calibration={"dataset": f"upload:{used['id']}", "nsamples": 4, "seqlen": 32},
+            evaluation={"datasets": [f"upload:{evaluated['id']}"], "max_windows": 2},
+        )
         job = client.post("/api/v1/jobs", json=spec)
         assert job.status_code == 201, job.text
 
@@ -252,18 +278,31 @@ def tree_size(roots: list[Path]) -> int:
     return total
 
 
-def chunked_form(stack: Stack, token: str, *, file_bytes: int, watch: list[Path], path: str = "/jobs/new",
-                 field: str = "calibration_file") -> dict:
+def chunked_form(
+    stack: Stack,
+    token: str,
+    *,
+    file_bytes: int,
+    watch: list[Path],
+    path: str = "/jobs/new",
+    field: str = "calibration_file",
+) -> dict:
     """POST a multipart form with Transfer-Encoding: chunked (no Content-Length) over a raw
     socket, stopping as soon as the server answers; samples what the API holds on disk."""
     boundary = "form-boundary-" + secrets.token_hex(4)
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"calibration_source\"\r\n\r\nfile\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"huge.txt\"\r\n"
-            "Content-Type: text/plain\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="calibration_source"\r\n\r\nfile\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="huge.txt"\r\n'
+        "Content-Type: text/plain\r\n\r\n"
+    ).encode()
     pids = process_tree(stack.api.popen.pid)
     sock = socket.create_connection(("127.0.0.1", stack.port), timeout=30)
-    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{stack.port}\r\nAuthorization: Bearer {token}\r\n"
-                  f"Content-Type: multipart/form-data; boundary={boundary}\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
+    sock.sendall(
+        (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{stack.port}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ).encode()
+    )
 
     def chunk(data: bytes) -> None:
         sock.sendall(b"%x\r\n%s\r\n" % (len(data), data))
@@ -294,13 +333,19 @@ def chunked_form(stack: Stack, token: str, *, file_bytes: int, watch: list[Path]
             if not data:
                 break
             reply += data
-    except (ConnectionResetError, socket.timeout):
+    except (TimeoutError, ConnectionResetError):
         pass
     seconds = time.monotonic() - started
     sock.close()
     status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else None
-    return {"status": status, "text": reply.decode("utf-8", "replace"), "sent": sent, "seconds": seconds,
-            "largest_open": max(largest, largest_open_file(pids, watch)), "on_disk": max(on_disk, tree_size(watch))}
+    return {
+        "status": status,
+        "text": reply.decode("utf-8", "replace"),
+        "sent": sent,
+        "seconds": seconds,
+        "largest_open": max(largest, largest_open_file(pids, watch)),
+        "on_disk": max(on_disk, tree_size(watch)),
+    }
 
 
 def test_form_upload_streams_under_the_server_cap_chunked(stack):

@@ -15,8 +15,8 @@ from huggingface_hub import ModelCard
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.card import accuracies, card_data, hub_id, model_card, reproduce_command
 from worker.engine.cli import build_parser, spec_data
-from worker.engine.pipeline import RunOptions, run_job
 from worker.engine.contract.spec import JobSpec
+from worker.engine.pipeline import RunOptions, run_job
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +24,15 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("artifact")
     model = make_tiny_model(root / "model")
     (root / "cal.txt").write_text(sample_text(20_000), encoding="utf-8")
-    spec = JobSpec.model_validate({
-        "model": str(model), "sparsity": "2:4", "calibration": {"dataset": str(root / "cal.txt"), "nsamples": 4, "seqlen": 32},
-        "evaluation": {"datasets": [str(root / "cal.txt")], "max_windows": 2}, "dtype": "float32"})
+    spec = JobSpec.model_validate(
+        {
+            "model": str(model),
+            "sparsity": "2:4",
+            "calibration": {"dataset": str(root / "cal.txt"), "nsamples": 4, "seqlen": 32},
+            "evaluation": {"datasets": [str(root / "cal.txt")], "max_windows": 2},
+            "dtype": "float32",
+        }
+    )
     old = os.umask(0o022)
     try:
         report = run_job(spec, RunOptions(device="cpu", output=str(root / "out" / "pruned")))
@@ -62,7 +68,9 @@ def test_card_is_hub_metadata_for_a_local_model(saved):
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model is None  # a server path is not a base model
     [result] = card.data.eval_results
-    assert result.metric_type == "perplexity" and result.metric_value == pytest.approx(next(iter(report["perplexity"].values())), rel=1e-3)
+    assert result.metric_type == "perplexity" and result.metric_value == pytest.approx(
+        next(iter(report["perplexity"].values())), rel=1e-3
+    )
     assert card.data.library_name == "transformers" and "sparsegpt" in card.data.tags
     assert "dense checkpoint with zeros" in card.text and "2:4" in card.text and "sparsegpt prune" in card.text
 
@@ -74,22 +82,36 @@ def test_reproduce_command_gives_the_same_spec(saved):
     assert argv[:2] == ["sparsegpt", "prune"]
     again = JobSpec.model_validate(spec_data(build_parser().parse_args(argv[2:])))
     assert again.model_dump(mode="json") == report["spec"]
-    profile = {**report["spec"], "sparsity": 0.6, "sparsity_profile": [0.5, 0.7], "solver": {**report["spec"]["solver"], "exact": True}}
+    profile = {
+        **report["spec"],
+        "sparsity": 0.6,
+        "sparsity_profile": [0.5, 0.7],
+        "solver": {**report["spec"]["solver"], "exact": True},
+    }
     argv = shlex.split(reproduce_command(profile))
-    assert JobSpec.model_validate(spec_data(build_parser().parse_args(argv[2:]))).model_dump(mode="json") == \
-        JobSpec.model_validate(profile).model_dump(mode="json")
+    assert JobSpec.model_validate(spec_data(build_parser().parse_args(argv[2:]))).model_dump(
+        mode="json"
+    ) == JobSpec.model_validate(profile).model_dump(mode="json")
 
 
 def test_card_for_a_hub_model_with_zero_shot_accuracy():
     # the engine's zero_shot (worker.engine.zeroshot): task -> metric -> value, stderr beside; lm-eval's
     # own "acc,none" key is read too
-    report = {"model": "facebook/opt-125m", "method": "sparsegpt", "pattern": "50%", "sparsity": 0.5,
-              "perplexity": {"wikitext2": 30.5}, "dense_perplexity": {"wikitext2": 27.6},
-              "zero_shot": {"tasks": ["piqa", "arc_easy"], "examples": {"piqa": 50}, "lm_eval": "0.4",
-                            "dense": {"piqa": {"acc": 0.62, "acc_stderr": 0.02, "acc_norm": 0.71},
-                                      "arc_easy": {"acc,none": 0.44}},
-                            "pruned": {"piqa": {"acc": 0.6, "acc_stderr": 0.02, "acc_norm": 0.69},
-                                       "arc_easy": {"acc,none": 0.41}}}}
+    report = {
+        "model": "facebook/opt-125m",
+        "method": "sparsegpt",
+        "pattern": "50%",
+        "sparsity": 0.5,
+        "perplexity": {"wikitext2": 30.5},
+        "dense_perplexity": {"wikitext2": 27.6},
+        "zero_shot": {
+            "tasks": ["piqa", "arc_easy"],
+            "examples": {"piqa": 50},
+            "lm_eval": "0.4",
+            "dense": {"piqa": {"acc": 0.62, "acc_stderr": 0.02, "acc_norm": 0.71}, "arc_easy": {"acc,none": 0.44}},
+            "pruned": {"piqa": {"acc": 0.6, "acc_stderr": 0.02, "acc_norm": 0.69}, "arc_easy": {"acc,none": 0.41}},
+        },
+    }
     card = ModelCard(model_card(report))
     assert card.data.base_model == "facebook/opt-125m"
     got = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
@@ -101,9 +123,18 @@ def test_card_for_a_hub_model_with_zero_shot_accuracy():
     assert card_data({"model": "/srv/models/x", "perplexity": {}}).eval_results is None
 
 
-@pytest.mark.parametrize("model,expected", [
-    ("facebook/opt-125m", "facebook/opt-125m"), ("gpt2", "gpt2"), ("/srv/models/llama", None),
-    ("./llama", None), ("~/m", None), ("upload:3", None), ("dir/model.gguf", None), ("a/b/c", None),
-])
+@pytest.mark.parametrize(
+    "model,expected",
+    [
+        ("facebook/opt-125m", "facebook/opt-125m"),
+        ("gpt2", "gpt2"),
+        ("/srv/models/llama", None),
+        ("./llama", None),
+        ("~/m", None),
+        ("upload:3", None),
+        ("dir/model.gguf", None),
+        ("a/b/c", None),
+    ],
+)
 def test_hub_id(model, expected):
     assert hub_id(model) == expected

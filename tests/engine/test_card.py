@@ -19,14 +19,19 @@ from huggingface_hub import ModelCard, metadata_load
 
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.card import base_license, model_card, pattern_tag, quantization_scheme
-from worker.engine.pipeline import RunOptions, run
 from worker.engine.contract.report import Report
 from worker.engine.contract.spec import JobSpec
+from worker.engine.pipeline import RunOptions, run
 
 REPO = Path(__file__).resolve().parents[2]
 SPARSEGPT = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "PYTHONPATH": str(REPO)}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "PYTHONPATH": str(REPO),
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +46,18 @@ def served(tmp_path_factory):
     upload.parent.mkdir(parents=True)
     upload.write_text(text, encoding="utf-8")
     evaluation = root / "srv" / "data" / "eval.jsonl"
-    evaluation.write_text("\n".join(json.dumps({"text": p}) for p in sample_text(8_000).split("\n\n") if p.strip()),
-                          encoding="utf-8")
-    spec = JobSpec.model_validate({
-        "model": str(model), "sparsity": "2:4", "dtype": "float32",
-        "calibration": {"dataset": str(upload), "nsamples": 4, "seqlen": 32},
-        "evaluation": {"datasets": [str(evaluation)], "max_windows": 2}})
+    evaluation.write_text(
+        "\n".join(json.dumps({"text": p}) for p in sample_text(8_000).split("\n\n") if p.strip()), encoding="utf-8"
+    )
+    spec = JobSpec.model_validate(
+        {
+            "model": str(model),
+            "sparsity": "2:4",
+            "dtype": "float32",
+            "calibration": {"dataset": str(upload), "nsamples": 4, "seqlen": 32},
+            "evaluation": {"datasets": [str(evaluation)], "max_windows": 2},
+        }
+    )
     output = root / "srv" / "jobs" / "7" / "attempt-1.partial"
     labels = {str(upload): "upload:1", str(output): "sparsegpt-job-7"}  # the model: as submitted (its real path)
     report = run(spec, RunOptions(device="cpu", output=str(output), labels=labels))
@@ -88,8 +99,14 @@ def test_the_reproduce_command_runs_as_written(served, tmp_path):
         assert hashlib.sha256((tmp_path / line[0]).read_bytes()).hexdigest() == line[1]
     argv = shlex.split(command)
     assert argv[:2] == ["sparsegpt", "prune"]
-    result = subprocess.run([*SPARSEGPT, *argv[1:], "--report", "again.json", "--quiet"], cwd=tmp_path, env=ENV,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*SPARSEGPT, *argv[1:], "--report", "again.json", "--quiet"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     again = Report.load(json.loads((tmp_path / "again.json").read_text()))
     assert again.pattern == report.pattern == "2:4"
@@ -113,12 +130,24 @@ def test_a_hub_models_license_comes_from_its_cached_card_never_the_network(tmp_p
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    _hub_cache(tmp_path, "org/licensed", {"README.md": "---\nlicense: other\nlicense_name: tiny-license\n"
-                                                       "license_link: https://example.org/LICENSE\n---\n"})
+    _hub_cache(
+        tmp_path,
+        "org/licensed",
+        {
+            "README.md": "---\nlicense: other\nlicense_name: tiny-license\n"
+            "license_link: https://example.org/LICENSE\n---\n"
+        },
+    )
     _hub_cache(tmp_path, "org/configured", {"config.json": json.dumps({"license": "mit"})})
-    report = {"model": "org/licensed", "method": "wanda", "pattern": "0.5", "sparsity": 0.5,
-              "perplexity": {"wikitext2": 30.0}, "dense_perplexity": {"wikitext2": 27.0},
-              "spec": {"model": "org/licensed", "sparsity": 0.5, "method": "wanda"}}
+    report = {
+        "model": "org/licensed",
+        "method": "wanda",
+        "pattern": "0.5",
+        "sparsity": 0.5,
+        "perplexity": {"wikitext2": 30.0},
+        "dense_perplexity": {"wikitext2": 27.0},
+        "spec": {"model": "org/licensed", "sparsity": 0.5, "method": "wanda"},
+    }
     meta = metadata_load_text(model_card(report), tmp_path)
     assert meta["base_model"] == "org/licensed" and meta["license"] == "other"
     assert meta["license_name"] == "tiny-license" and meta["license_link"] == "https://example.org/LICENSE"
@@ -134,8 +163,17 @@ def metadata_load_text(card: str, directory: Path) -> dict:
     return metadata_load(path)
 
 
-@pytest.mark.parametrize("pattern,tag", [("2:4", "2:4"), ("4:8", "4:8"), ("0.5", "unstructured-50"),
-                                         ("0.7", "unstructured-70"), ("50%", "unstructured-50"), ("", None)])
+@pytest.mark.parametrize(
+    "pattern,tag",
+    [
+        ("2:4", "2:4"),
+        ("4:8", "4:8"),
+        ("0.5", "unstructured-50"),
+        ("0.7", "unstructured-70"),
+        ("50%", "unstructured-50"),
+        ("", None),
+    ],
+)
 def test_pattern_tag(pattern, tag):
     assert pattern_tag(pattern) == tag
 

@@ -30,15 +30,35 @@ def files(tmp_path_factory):
 
 
 def prune(*args, cwd=None):
-    return subprocess.run([*SPARSEGPT, "prune", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=300, cwd=cwd or REPO)
+    return subprocess.run(
+        [*SPARSEGPT, "prune", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300, cwd=cwd or REPO
+    )
 
 
 def test_prune_end_to_end(files, tmp_path):
     out, report_path = tmp_path / "pruned", tmp_path / "report.json"
-    result = prune(files / "model", "--sparsity", "2:4", "--calibration", files / "cal.jsonl",
-                   "--nsamples", 8, "--seqlen", 64, "--eval", files / "cal.txt", "--eval-windows", 3,
-                   "--device", "cpu", "--output", out, "--report", report_path, "--quiet")
+    result = prune(
+        files / "model",
+        "--sparsity",
+        "2:4",
+        "--calibration",
+        files / "cal.jsonl",
+        "--nsamples",
+        8,
+        "--seqlen",
+        64,
+        "--eval",
+        files / "cal.txt",
+        "--eval-windows",
+        3,
+        "--device",
+        "cpu",
+        "--output",
+        out,
+        "--report",
+        report_path,
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     assert "perplexity" in result.stdout and "dense safetensors checkpoint with zeros" in result.stdout
     report = json.loads(report_path.read_text())
@@ -52,18 +72,22 @@ def test_prune_end_to_end(files, tmp_path):
     assert torch.all((q == 0).reshape(q.shape[0], -1, 4).sum(-1) == 2)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--sparsity", "1.5"], "out of range"),
-    (["--sparsity", "3:2"], "0 < N < M"),
-    (["--calibration", "EMPTY"], "holds no text"),
-    (["--seqlen", "4096"], "longer than the model's context"),
-    (["--nsamples", "0"], "nsamples"),
-    (["--calibration", "MISSING"], "does not exist"),
-    (["--method", "obs"], "--method: Must be one of"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--sparsity", "1.5"], "out of range"),
+        (["--sparsity", "3:2"], "0 < N < M"),
+        (["--calibration", "EMPTY"], "holds no text"),
+        (["--seqlen", "4096"], "longer than the model's context"),
+        (["--nsamples", "0"], "nsamples"),
+        (["--calibration", "MISSING"], "does not exist"),
+        (["--method", "obs"], "--method: Must be one of"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(files, args, message):
-    args = [str(files / "empty.txt") if a == "EMPTY" else str(files / "nope.txt") if a == "MISSING" else a
-            for a in args]
+    args = [
+        str(files / "empty.txt") if a == "EMPTY" else str(files / "nope.txt") if a == "MISSING" else a for a in args
+    ]
     result = prune(files / "model", "--calibration", files / "cal.txt", "--no-eval", "-q", *args)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -80,10 +104,20 @@ def test_missing_model_is_one_line_and_exit_2(tmp_path):
 def test_summary_says_what_a_layer_selection_left_dense():
     from worker.engine.cli import summary
 
-    report = {"method": "sparsegpt", "pattern": "0.5", "sparsity": 0.5, "layers": [{}], "peak_memory_bytes": 0,
-              "seconds": {"prune": 1.0, "total": 2.0}, "perplexity": {}, "dense_perplexity": {},
-              "layers_selected": {"first_block": 1, "last_block": None, "include": [], "exclude": ["*.down_proj"]}}
-    assert "layer selection (blocks 1..last; exclude *.down_proj): the modules it leaves out stay dense" in summary(report)
+    report = {
+        "method": "sparsegpt",
+        "pattern": "0.5",
+        "sparsity": 0.5,
+        "layers": [{}],
+        "peak_memory_bytes": 0,
+        "seconds": {"prune": 1.0, "total": 2.0},
+        "perplexity": {},
+        "dense_perplexity": {},
+        "layers_selected": {"first_block": 1, "last_block": None, "include": [], "exclude": ["*.down_proj"]},
+    }
+    assert "layer selection (blocks 1..last; exclude *.down_proj): the modules it leaves out stay dense" in summary(
+        report
+    )
     report["layers_selected"] = {"first_block": None, "last_block": None, "include": [], "exclude": []}
     assert "layer selection" not in summary(report)
 

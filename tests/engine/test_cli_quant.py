@@ -28,10 +28,35 @@ def files(tmp_path_factory):
 
 def run_quantized(files, out, *extra):
     report_path = out.parent / f"{out.name}.json"
-    result = prune(files / "model", "--sparsity", "0.5", "--quantize", "W4A16", "--group-size", 32,
-                   "--calibration", files / "cal.txt", "--nsamples", 8, "--seqlen", 64, "--eval", files / "cal.txt",
-                   "--eval-windows", 3, "--device", "cpu", "--dtype", "float32", "--output", out,
-                   "--report", report_path, "--quiet", *extra)
+    result = prune(
+        files / "model",
+        "--sparsity",
+        "0.5",
+        "--quantize",
+        "W4A16",
+        "--group-size",
+        32,
+        "--calibration",
+        files / "cal.txt",
+        "--nsamples",
+        8,
+        "--seqlen",
+        64,
+        "--eval",
+        files / "cal.txt",
+        "--eval-windows",
+        3,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--output",
+        out,
+        "--report",
+        report_path,
+        "--quiet",
+        *extra,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout, json.loads(report_path.read_text())
 
@@ -88,16 +113,19 @@ def test_format_dense_writes_the_float_checkpoint_of_the_same_weights(files, tmp
     assert max(len(torch.unique(g)) for g in W.detach().reshape(-1, 32)) <= 16
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--quantize", "FP8_DYNAMIC", "--group-size", "32"], FP8_GROUP.format(group_size=32)),
-    (["--quantize", "W4A16", "--group-size", "48"], "quantization.group_size 48 does not divide the input width"),
-    (["--quantize", "W4A16", "--actorder", "--sparsity", "2:4"], ACTORDER_NM),
-    (["--group-size", "64"], NO_SCHEME),
-    (["--quantize", "W4A16", "--refit", "reconstruct"], WITH_REFIT),
-    (["--quantize", "W3A16"], "--quantize: Must be one of"),
-    (["--format", "compressed-tensors", "--output", "OUT"], "--format compressed-tensors holds quantized weights"),
-    (["--quantize", "W4A16", "--group-size", "32", "--format", "dense"], "--format says what --output writes"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quantize", "FP8_DYNAMIC", "--group-size", "32"], FP8_GROUP.format(group_size=32)),
+        (["--quantize", "W4A16", "--group-size", "48"], "quantization.group_size 48 does not divide the input width"),
+        (["--quantize", "W4A16", "--actorder", "--sparsity", "2:4"], ACTORDER_NM),
+        (["--group-size", "64"], NO_SCHEME),
+        (["--quantize", "W4A16", "--refit", "reconstruct"], WITH_REFIT),
+        (["--quantize", "W3A16"], "--quantize: Must be one of"),
+        (["--format", "compressed-tensors", "--output", "OUT"], "--format compressed-tensors holds quantized weights"),
+        (["--quantize", "W4A16", "--group-size", "32", "--format", "dense"], "--format says what --output writes"),
+    ],
+)
 def test_bad_quantization_is_one_line_and_exit_2(files, tmp_path, args, message):
     args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
     result = prune(files / "model", "--calibration", files / "cal.txt", "--no-eval", "-q", "--device", "cpu", *args)

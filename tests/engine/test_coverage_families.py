@@ -14,9 +14,9 @@ import torch
 
 from tests.support.tiny_families import FAMILIES, SKIP, VOCAB, tiny_config, tiny_family_model
 from worker.engine.architectures import LayerSelection, adapter_for
+from worker.engine.contract.patterns import SparsityPattern
 from worker.engine.coverage import block_weights, check_prunable, coverage
 from worker.engine.errors import InvalidJob
-from worker.engine.contract.patterns import SparsityPattern
 from worker.engine.progress import Tracker
 from worker.engine.sequential import SolverSettings, prune_sequential
 
@@ -24,15 +24,32 @@ _NO_BLOCKS = "no decoder blocks found"  # blocks outside the adapter's known pla
 _NOT_PRUNABLE = "of the decoder blocks' weights are in layers this engine prunes"  # unknown expert layouts
 _KINDS = "mixes layer kinds"  # linear attention / state-space layers the engine does not replay
 REFUSED: dict[str, str] = {  # family -> what its refusal says: refused up front, before any calibration
-    **{f: _NO_BLOCKS for f in ("biogpt", "cpmant", "falcon_mamba", "gpt_neox_japanese", "hrm_text", "mamba", "mamba2",
-                               "mpt", "rwkv", "xlnet", "xlstm")},
+    **{
+        f: _NO_BLOCKS
+        for f in (
+            "biogpt",
+            "cpmant",
+            "falcon_mamba",
+            "gpt_neox_japanese",
+            "hrm_text",
+            "mamba",
+            "mamba2",
+            "mpt",
+            "rwkv",
+            "xlnet",
+            "xlstm",
+        )
+    },
     # transformers 5.25 stores LongCat-Flash's experts in the fused 3-D layout, which is pruned in full
     **{f: _NOT_PRUNABLE for f in ("jetmoe",)},
     # Kolibri 1.1's indexed (top-k sparse) attention blocks are not replayed
     **{f: _KINDS for f in ("kolibri1_1", "lara_mini", "minimax", "nemotron_h", "olmo_hybrid")},
 }
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(360)]  # 6 minutes for all 200 on 2 shared threads; one <= 45 s under load
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(360),
+]  # 6 minutes for all 200 on 2 shared threads; one <= 45 s under load
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -52,9 +69,16 @@ def test_every_block_weight_is_pruned_or_listed(family):
     assert family not in REFUSED, f"{family} was expected to be refused ({REFUSED[family]})"
     vocab = min(getattr(model.config, "vocab_size", VOCAB) or VOCAB, VOCAB)
     ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
-    layers = prune_sequential(model, adapter, ids, solver=SolverSettings("sparsegpt", SparsityPattern(0.5)),
-                              selection=selection, device=torch.device("cpu"), batch_size=2,
-                              tracker=Tracker(None, None, ["pruning"]))
+    layers = prune_sequential(
+        model,
+        adapter,
+        ids,
+        solver=SolverSettings("sparsegpt", SparsityPattern(0.5)),
+        selection=selection,
+        device=torch.device("cpu"),
+        batch_size=2,
+        tracker=Tracker(None, None, ["pruning"]),
+    )
     report = coverage(model, adapter, selection, [r.name for r in layers])
     dense = {d["name"]: d["reason"] for d in report["coverage"]["dense"]}
     assert all(reason for reason in dense.values())

@@ -25,8 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from worker.engine.architectures import adapter_for, prunable_linears
-from worker.engine.export_ct import save_compressed_from_dense
 from worker.engine.contract.patterns import SparsityPattern
+from worker.engine.export_ct import save_compressed_from_dense
 from worker.engine.quant import Quantization, QuantizedWeight
 from worker.engine.sparsegpt import Hessian, sparsegpt_prune
 
@@ -37,18 +37,43 @@ MISSING = object()  # a key absent on one side
 # (path in quantization_config, the values allowed in llm-compressor 0.14's, in ours, why they differ).
 # A path with "*" matches every config group and each of its argument blocks (weights, input_activations).
 INTENDED = [
-    (("version",), ("0.19.0",), (MISSING, "any"), "the writer's compressed-tensors version: llm-compressor 0.14 "
-     "pins 0.19.0, we write with 0.20; vLLM does not read it (QUANTIZATION.md 3.2)"),
-    (("moe_sparsity_config",), (MISSING,), (None,), "a key compressed-tensors 0.20 adds to every config, always "
-     "null for us (we never describe sparsity in the config); 0.19 and vLLM's 0.17 ignore unknown top-level keys"),
-    *[(("config_groups", "*", "*", key), (None, MISSING), (MISSING,), f"compressed-tensors 0.19 serializes a None "
-      f"{key}; 0.20 leaves None-valued arguments out (quant_args.py L240-258): the same arguments when read")
-      for key in ("actorder", "block_structure", "scale_dtype", "zp_dtype")],
-    (("config_groups", "*", "*", "observer"), ("memoryless_minmax", None, MISSING), (MISSING,),
-     "llm-compressor records the observer it calibrated with; a calibration setting, not part of the layout, and "
-     "our grids are fitted by the solver (vLLM parses the argument and never uses it)"),
-    (("config_groups", "*", "*", "observer_kwargs"), ({}, MISSING), (MISSING,),
-     "the observer's arguments, empty: left out with the observer"),
+    (
+        ("version",),
+        ("0.19.0",),
+        (MISSING, "any"),
+        "the writer's compressed-tensors version: llm-compressor 0.14 "
+        "pins 0.19.0, we write with 0.20; vLLM does not read it (QUANTIZATION.md 3.2)",
+    ),
+    (
+        ("moe_sparsity_config",),
+        (MISSING,),
+        (None,),
+        "a key compressed-tensors 0.20 adds to every config, always "
+        "null for us (we never describe sparsity in the config); 0.19 and vLLM's 0.17 ignore unknown top-level keys",
+    ),
+    *[
+        (
+            ("config_groups", "*", "*", key),
+            (None, MISSING),
+            (MISSING,),
+            f"compressed-tensors 0.19 serializes a None "
+            f"{key}; 0.20 leaves None-valued arguments out (quant_args.py L240-258): the same arguments when read",
+        )
+        for key in ("actorder", "block_structure", "scale_dtype", "zp_dtype")
+    ],
+    (
+        ("config_groups", "*", "*", "observer"),
+        ("memoryless_minmax", None, MISSING),
+        (MISSING,),
+        "llm-compressor records the observer it calibrated with; a calibration setting, not part of the layout, and "
+        "our grids are fitted by the solver (vLLM parses the argument and never uses it)",
+    ),
+    (
+        ("config_groups", "*", "*", "observer_kwargs"),
+        ({}, MISSING),
+        (MISSING,),
+        "the observer's arguments, empty: left out with the observer",
+    ),
 ]
 
 
@@ -67,14 +92,16 @@ def compare_configs(theirs, ours, path: tuple = ()) -> list[str]:
             ok = _allowed(theirs, allowed_theirs) and _allowed(ours, allowed_ours)
             return [] if ok else [f"{'.'.join(path)}: llm-compressor {theirs!r}, ours {ours!r} (not as INTENDED)"]
     if isinstance(theirs, dict) and isinstance(ours, dict):
-        return [d for key in sorted(theirs.keys() | ours.keys())
-                for d in compare_configs(theirs.get(key, MISSING), ours.get(key, MISSING), (*path, key))]
+        return [
+            d
+            for key in sorted(theirs.keys() | ours.keys())
+            for d in compare_configs(theirs.get(key, MISSING), ours.get(key, MISSING), (*path, key))
+        ]
     if path == ("ignore",) and isinstance(theirs, list) and isinstance(ours, list):
         theirs, ours = sorted(theirs), sorted(ours)  # a list of names to skip: its order means nothing
     if theirs is MISSING or ours is MISSING or theirs != ours:
         show = {id(MISSING): "(absent)"}
-        return [f"{'.'.join(path)}: llm-compressor {show.get(id(theirs), theirs)!r}, "
-                f"ours {show.get(id(ours), ours)!r}"]
+        return [f"{'.'.join(path)}: llm-compressor {show.get(id(theirs), theirs)!r}, ours {show.get(id(ours), ours)!r}"]
     return []
 
 
@@ -150,8 +177,7 @@ def test_the_comparison_catches_a_real_difference():
     assert compare_configs(fixture, ours) == []
     changed = json.loads(json.dumps(ours))
     changed["config_groups"]["group_0"]["weights"]["group_size"] = 64
-    assert compare_configs(fixture, changed) == [
-        "config_groups.group_0.weights.group_size: llm-compressor 32, ours 64"]
+    assert compare_configs(fixture, changed) == ["config_groups.group_0.weights.group_size: llm-compressor 32, ours 64"]
     changed = json.loads(json.dumps(ours))
     changed["config_groups"]["group_0"]["weights"]["zp_dtype"] = "int8"
     assert len(compare_configs(fixture, changed)) == 1

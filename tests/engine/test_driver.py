@@ -13,9 +13,9 @@ from torch.testing import assert_close
 from tests.support.tiny_models import ARCHS, MORE_ARCHS, make_tiny_model, sample_text
 from worker.engine.architectures import adapter_for, prunable_linears, weight_matrix
 from worker.engine.calibration import evaluation_windows
+from worker.engine.contract.spec import JobSpec
 from worker.engine.errors import InvalidJob, JobCancelled
 from worker.engine.pipeline import RunOptions, run_job
-from worker.engine.contract.spec import JobSpec
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,16 @@ DEVICE = os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu")
 
 def job_for(model_dir, workdir, *, output=None, batch_size=None, **overrides) -> tuple[JobSpec, RunOptions]:
     """The spec (fields by their own names, see JobSpec.from_flat) and the run options."""
-    fields = dict(model=str(model_dir), sparsity=0.5, dataset=str(workdir / "cal.txt"), nsamples=8, seqlen=64,
-                  datasets=[str(workdir / "cal.txt")], max_windows=4, dtype="float32")
+    fields = dict(
+        model=str(model_dir),
+        sparsity=0.5,
+        dataset=str(workdir / "cal.txt"),
+        nsamples=8,
+        seqlen=64,
+        datasets=[str(workdir / "cal.txt")],
+        max_windows=4,
+        dtype="float32",
+    )
     fields.update(overrides)
     return JobSpec.from_flat(**fields), RunOptions(device=DEVICE, output=output, batch_size=batch_size)
 
@@ -61,8 +69,7 @@ def direct_perplexity(model, windows: torch.Tensor) -> float:
 def test_prune_save_reload(arch, sparsity, models, workdir, tmp_path):
     events = []
     out = tmp_path / "pruned"
-    report = run_job(*job_for(models[arch], workdir, sparsity=sparsity, output=str(out)),
-                     on_progress=events.append)
+    report = run_job(*job_for(models[arch], workdir, sparsity=sparsity, output=str(out)), on_progress=events.append)
     dense, pruned = load(models[arch]), load(out)
 
     # every Linear inside the blocks is pruned; embeddings and lm_head are untouched
@@ -89,7 +96,8 @@ def test_prune_save_reload(arch, sparsity, models, workdir, tmp_path):
     stages = [e["stage"] for e in events]
     assert stages[0] == "loading" and stages[-1] == "saving"
     assert {e["layer"] for e in events if e["stage"] == "pruning" and e["layer"] is not None} == set(
-        range(len(adapter.blocks)))
+        range(len(adapter.blocks))
+    )
     fractions = [e["fraction"] for e in events]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
@@ -147,8 +155,9 @@ def test_batched_forwards_give_the_same_weights(models, workdir, tmp_path):
 
 def test_layer_selection(models, workdir, tmp_path):
     out = tmp_path / "sel"
-    report = run_job(*job_for(models["llama"], workdir, first_block=1, exclude=["*.mlp.down_proj"],
-                             datasets=[], output=str(out)))
+    report = run_job(
+        *job_for(models["llama"], workdir, first_block=1, exclude=["*.mlp.down_proj"], datasets=[], output=str(out))
+    )
     names = {layer["name"] for layer in report["layers"]}
     assert all(n.startswith("model.layers.1.") for n in names)
     assert "model.layers.1.mlp.down_proj" not in names and "model.layers.1.self_attn.q_proj" in names
@@ -171,8 +180,9 @@ def test_cancellation_stops_between_modules(models, workdir, tmp_path):
 
     out = tmp_path / "cancelled"
     with pytest.raises(JobCancelled):
-        run_job(*job_for(models["llama"], workdir, output=str(out)), on_progress=on_progress,
-                should_cancel=should_cancel)
+        run_job(
+            *job_for(models["llama"], workdir, output=str(out)), on_progress=on_progress, should_cancel=should_cancel
+        )
     assert len(modules_seen) == 2
     assert not out.exists() and not list(tmp_path.glob(".cancelled*"))
 
@@ -183,8 +193,7 @@ def test_seqlen_beyond_context_is_refused(models, workdir):
 
 
 def test_default_seqlen_is_capped_by_the_context(models, workdir):
-    report = run_job(*job_for(models["llama"], workdir, seqlen=None, nsamples=2, datasets=[],
-                             method="wanda"))
+    report = run_job(*job_for(models["llama"], workdir, seqlen=None, nsamples=2, datasets=[], method="wanda"))
     assert report["calibration"]["seqlen"] == 256  # the tiny model's context, below 2048
 
 

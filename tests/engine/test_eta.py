@@ -22,7 +22,11 @@ def run_job(events: list[tuple[float, dict]]) -> float:
     time.sleep(0.05)
     tracker.begin("calibrating")
     time.sleep(0.02)
-    for stage, per_block in (("evaluating_dense", EVAL_BLOCK_S), ("pruning", PRUNE_BLOCK_S), ("evaluating", EVAL_BLOCK_S)):
+    for stage, per_block in (
+        ("evaluating_dense", EVAL_BLOCK_S),
+        ("pruning", PRUNE_BLOCK_S),
+        ("evaluating", EVAL_BLOCK_S),
+    ):
         tracker.begin(stage)
         for i in range(BLOCKS):
             tracker.emit(i / BLOCKS, layer=i, layers=BLOCKS)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from tests.support.tiny_models import make_tiny_model, sample_text
+from worker.engine.contract.spec import JobSpec
 from worker.engine.pipeline import RunOptions, run
 from worker.engine.progress import plain_message
-from worker.engine.contract.spec import JobSpec
 from worker.reporter import without_paths
 
 
@@ -22,12 +22,21 @@ def events(tmp_path_factory):
     upload.parent.mkdir()
     upload.write_text(sample_text(20_000), encoding="utf-8")
     output = root / "jobs" / "attempt-1.partial"
-    spec = JobSpec.model_validate({"model": str(model), "sparsity": "2:4", "dtype": "float32",
-                                   "calibration": {"dataset": str(upload), "nsamples": 4, "seqlen": 32},
-                                   "evaluation": {"datasets": [str(upload)], "max_windows": 2}})
+    spec = JobSpec.model_validate(
+        {
+            "model": str(model),
+            "sparsity": "2:4",
+            "dtype": "float32",
+            "calibration": {"dataset": str(upload), "nsamples": 4, "seqlen": 32},
+            "evaluation": {"datasets": [str(upload)], "max_windows": 2},
+        }
+    )
     seen: list[dict] = []
-    run(spec, RunOptions(device="cpu", output=str(output), labels={str(upload): "upload:3", str(output): "job-7"}),
-        on_progress=seen.append)
+    run(
+        spec,
+        RunOptions(device="cpu", output=str(output), labels={str(upload): "upload:3", str(output): "job-7"}),
+        on_progress=seen.append,
+    )
     return root, seen
 
 
@@ -56,15 +65,25 @@ def test_no_message_repeats_the_block_stage_or_module(events):
     assert all(a != b for a, b in zip(lines, lines[1:]) if a[3]), "two identical event lines in a row"
 
 
-@pytest.mark.parametrize("message,fields,expected", [
-    ("pruning self_attn.q_proj, self_attn.k_proj",
-     dict(stage="pruning", layer=0, layers=2, module="model.layers.0.self_attn.q_proj"), "with self_attn.k_proj"),
-    ("pruning mlp.down_proj", dict(stage="pruning", layer=1, layers=2, module="model.layers.1.mlp.down_proj"), ""),
-    ("block 3 of 4", dict(stage="pruning", layer=2, layers=4, module=None), ""),
-    ("dense block 3 of 4", dict(stage="evaluating", layer=2, layers=4, module=None), "dense"),
-    ("OWL outlier ratios: block 1 of 4", dict(stage="pruning", layer=0, layers=4, module=None), "OWL outlier ratios"),
-    ("block 3 of 4", dict(stage="pruning", layer=1, layers=4, module=None), "block 3 of 4"),  # not this event's
-    ("sparsegpt 2:4", dict(stage="pruning", layer=None, layers=None, module=None), "sparsegpt 2:4"),
-])
+@pytest.mark.parametrize(
+    "message,fields,expected",
+    [
+        (
+            "pruning self_attn.q_proj, self_attn.k_proj",
+            dict(stage="pruning", layer=0, layers=2, module="model.layers.0.self_attn.q_proj"),
+            "with self_attn.k_proj",
+        ),
+        ("pruning mlp.down_proj", dict(stage="pruning", layer=1, layers=2, module="model.layers.1.mlp.down_proj"), ""),
+        ("block 3 of 4", dict(stage="pruning", layer=2, layers=4, module=None), ""),
+        ("dense block 3 of 4", dict(stage="evaluating", layer=2, layers=4, module=None), "dense"),
+        (
+            "OWL outlier ratios: block 1 of 4",
+            dict(stage="pruning", layer=0, layers=4, module=None),
+            "OWL outlier ratios",
+        ),
+        ("block 3 of 4", dict(stage="pruning", layer=1, layers=4, module=None), "block 3 of 4"),  # not this event's
+        ("sparsegpt 2:4", dict(stage="pruning", layer=None, layers=None, module=None), "sparsegpt 2:4"),
+    ],
+)
 def test_plain_message(message, fields, expected):
     assert plain_message(message, **fields) == expected

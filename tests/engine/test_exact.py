@@ -19,12 +19,11 @@ from torch import nn
 from benchmarks import reference_sparsegpt as reference
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.architectures import adapter_for, prunable_linears, weight_matrix
-from worker.engine.errors import InvalidJob
 from worker.engine.contract.patterns import parse_sparsity
+from worker.engine.contract.spec import JobSpec
+from worker.engine.errors import InvalidJob
 from worker.engine.pipeline import RunOptions, run_job
 from worker.engine.reference import RunningHessian, reference_prune_shared
-from worker.engine.contract.spec import JobSpec
-
 
 NSAMPLES, SEQLEN, BLOCKSIZE = 8, 64, 32  # hidden 64, MLP 128: two and four column blocks
 
@@ -45,14 +44,25 @@ def reference_weights(model_dir: Path, calibration: Path, sparsity: str) -> dict
 
 
 def block_weights(model) -> dict[str, torch.Tensor]:
-    return {f"{i}.{name}": weight_matrix(m).clone()
-            for i, block in enumerate(adapter_for(model).blocks)
-            for name, m in prunable_linears(block).items()}
+    return {
+        f"{i}.{name}": weight_matrix(m).clone()
+        for i, block in enumerate(adapter_for(model).blocks)
+        for name, m in prunable_linears(block).items()
+    }
 
 
 def engine_weights(model_dir: Path, calibration: Path, sparsity: str, out: Path, **fields) -> dict[str, torch.Tensor]:
-    spec = JobSpec.from_flat(model=str(model_dir), sparsity=sparsity, dataset=str(calibration), nsamples=NSAMPLES,
-                             seqlen=SEQLEN, blocksize=BLOCKSIZE, datasets=[], dtype="float32", **fields)
+    spec = JobSpec.from_flat(
+        model=str(model_dir),
+        sparsity=sparsity,
+        dataset=str(calibration),
+        nsamples=NSAMPLES,
+        seqlen=SEQLEN,
+        blocksize=BLOCKSIZE,
+        datasets=[],
+        dtype="float32",
+        **fields,
+    )
     report = run_job(spec, RunOptions(device="cpu", output=str(out)))
     assert all(layer["percdamp"] == 0.01 for layer in report["layers"])  # the dampening used, per layer
     return block_weights(transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))

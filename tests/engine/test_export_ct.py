@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from tests.support.tiny_families import tiny_family_model
 from tests.support.tiny_models import make_tiny_model
 from worker.engine.architectures import adapter_for, prunable_linears
-from worker.engine.export_ct import save_compressed, save_compressed_from_dense
 from worker.engine.contract.patterns import parse_sparsity
+from worker.engine.export_ct import save_compressed, save_compressed_from_dense
 from worker.engine.quant import Quantization, QuantizedWeight
 from worker.engine.sparsegpt import Hessian, sparsegpt_prune
 
@@ -96,12 +96,22 @@ def assert_codes_on_disk(out: Path, quantized: dict[str, QuantizedWeight], q: Qu
                 assert torch.equal(stored.view(torch.int8), r.codes.view(torch.int8))
 
 
-@pytest.mark.parametrize("family,scheme,group", [
-    ("llama", "W4A16", 32), ("llama", "W4A16", -1), ("llama", "W8A16", 32), ("llama", "FP8_DYNAMIC", -1),
-    ("qwen3", "W4A16", 64), ("qwen3", "W8A16", -1), ("qwen3_moe", "W4A16", 32),
-    ("qwen2", "W8A16", 32),  # q/k/v with biases: kept dense beside the packed weight
-    ("mixtral", "W4A16", -1), ("qwen3_moe", "FP8_DYNAMIC", -1), ("qwen2_moe", "W8A16", 32),  # experts per expert
-])
+@pytest.mark.parametrize(
+    "family,scheme,group",
+    [
+        ("llama", "W4A16", 32),
+        ("llama", "W4A16", -1),
+        ("llama", "W8A16", 32),
+        ("llama", "FP8_DYNAMIC", -1),
+        ("qwen3", "W4A16", 64),
+        ("qwen3", "W8A16", -1),
+        ("qwen3_moe", "W4A16", 32),
+        ("qwen2", "W8A16", 32),  # q/k/v with biases: kept dense beside the packed weight
+        ("mixtral", "W4A16", -1),
+        ("qwen3_moe", "FP8_DYNAMIC", -1),
+        ("qwen2_moe", "W8A16", 32),  # experts per expert
+    ],
+)
 def test_checkpoint_holds_the_solvers_codes_and_loads_as_evaluated(family, scheme, group, tmp_path):
     dense = dense_bf16(tmp_path, family)
     q = Quantization(scheme, group, scale_dtype=DTYPE)
@@ -163,5 +173,6 @@ def test_bad_exports_are_refused(tmp_path):
     with pytest.raises(ValueError, match="scales were rounded"):
         save_compressed(fp32, linears, q, tmp_path / "b")
     with pytest.raises(ValueError, match="no saved weight"):
-        save_compressed_from_dense(dense, linears, q, tmp_path / "c", experts={"model.layers.0.mlp.experts.9.w1":
-                                                                              linears[name]})
+        save_compressed_from_dense(
+            dense, linears, q, tmp_path / "c", experts={"model.layers.0.mlp.experts.9.w1": linears[name]}
+        )

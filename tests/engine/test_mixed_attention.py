@@ -18,8 +18,17 @@ from worker.engine.sequential import capture_block_inputs
 
 WINDOW = 8  # the sliding window; every sequence here is longer
 ALTERNATING = ["sliding_attention", "full_attention"] * 2
-COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=0,
+)
 # The families of the installed transformers whose layer_types mix full and sliding attention.
 FAMILIES = {
     "gemma2": dict(head_dim=16, sliding_window=WINDOW),  # eager attention, soft-capped
@@ -51,9 +60,15 @@ def test_each_block_gets_the_inputs_of_its_kind(arch):
     adapter = adapter_for(model)  # no longer refused
     ids = torch.randint(1, 128, (3, 4 * WINDOW))
     seen = {}
-    hooks = [b.register_forward_hook(lambda _m, args, kwargs, out, i=i: seen.__setitem__(
-        i, (args[0] if args else kwargs["hidden_states"], first(out))), with_kwargs=True)
-        for i, b in enumerate(adapter.blocks)]
+    hooks = [
+        b.register_forward_hook(
+            lambda _m, args, kwargs, out, i=i: seen.__setitem__(
+                i, (args[0] if args else kwargs["hidden_states"], first(out))
+            ),
+            with_kwargs=True,
+        )
+        for i, b in enumerate(adapter.blocks)
+    ]
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     for h in hooks:

@@ -17,11 +17,11 @@ from torch.testing import assert_close
 
 from tests.support.tiny_models import MOE_ARCHS, make_tiny_model, sample_text
 from worker.engine.calibration import calibration_windows
-from worker.engine.moe import ExpertCollector, MoeSettings, expert_matrix, fused_experts
 from worker.engine.contract.patterns import parse_sparsity
+from worker.engine.contract.spec import JobSpec
+from worker.engine.moe import ExpertCollector, MoeSettings, expert_matrix, fused_experts
 from worker.engine.pipeline import RunOptions, run_job
 from worker.engine.sparsegpt import Hessian, sparsegpt_prune_shared
-from worker.engine.contract.spec import JobSpec
 
 DEVICE = os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu")
 NSAMPLES, SEQLEN = 8, 32
@@ -44,8 +44,15 @@ def load(path):
 
 
 def prune(model_dir, workdir, out, **fields):
-    spec = JobSpec.from_flat(model=str(model_dir), dataset=str(workdir / "cal.txt"), nsamples=NSAMPLES,
-                             seqlen=SEQLEN, datasets=[], dtype="float32", **fields)
+    spec = JobSpec.from_flat(
+        model=str(model_dir),
+        dataset=str(workdir / "cal.txt"),
+        nsamples=NSAMPLES,
+        seqlen=SEQLEN,
+        datasets=[],
+        dtype="float32",
+        **fields,
+    )
     return run_job(spec, RunOptions(device=DEVICE, output=str(out)))
 
 
@@ -95,9 +102,17 @@ def test_calibrating_forward_is_the_models_own(arch, models):
 def test_gpt_oss_layout_transposed_with_bias():
     """gpt-oss: (E, in, out) matrices, biases, interleaved gate/up and its own clamp: same output,
     and each expert's matrix is seen as a Linear's (out, in)."""
-    config = transformers.GptOssConfig(hidden_size=32, intermediate_size=48, num_local_experts=4,
-                                       num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=4,
-                                       num_key_value_heads=2, head_dim=8, vocab_size=64)
+    config = transformers.GptOssConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=64,
+    )
     torch.manual_seed(0)
     mlp = transformers.models.gpt_oss.modeling_gpt_oss.GptOssMLP(config).eval()
     for p in mlp.parameters():
@@ -123,8 +138,9 @@ def test_gpt_oss_layout_transposed_with_bias():
 def test_experts_pruned_with_their_routed_hessian(arch, mode, models, workdir, tmp_path):
     """Block 0: each expert's weights equal SparseGPT on that expert's 2-D matrix with the Hessian of
     the tokens routed to it (or of every token: the fallback for all experts, or all-experts mode)."""
-    fields = {"routed": dict(min_tokens=0), "fallback": dict(min_tokens=10**6),
-              "all_experts": dict(all_experts=True)}[mode]
+    fields = {"routed": dict(min_tokens=0), "fallback": dict(min_tokens=10**6), "all_experts": dict(all_experts=True)}[
+        mode
+    ]
     report = prune(models[arch], workdir, tmp_path / "out", sparsity=0.5, **fields)
     dense, pruned = load(models[arch]), load(tmp_path / "out")
     tokenizer = transformers.AutoTokenizer.from_pretrained(models[arch])
@@ -134,8 +150,9 @@ def test_experts_pruned_with_their_routed_hessian(arch, mode, models, workdir, t
     record = report["experts"][0]
     assert record["module"] == "model.layers.0.mlp.experts"
     assert record["tokens"] == [int((index == e).any(-1).sum()) for e in range(len(H_up))]
-    assert record["hessian"] == [{"routed": "routed", "fallback": "all_tokens_fallback",
-                                  "all_experts": "all_tokens"}[mode]] * len(H_up)
+    assert record["hessian"] == [
+        {"routed": "routed", "fallback": "all_tokens_fallback", "all_experts": "all_tokens"}[mode]
+    ] * len(H_up)
     pattern = parse_sparsity(0.5)
     for pname, hessians in (("gate_up_proj", H_up), ("down_proj", H_down)):
         for e, H in enumerate(hessians):
@@ -164,8 +181,13 @@ def test_llama4_experts_pruned_with_the_hessian_of_their_scaled_inputs(mode, wor
     x = torch.randn(1, 24, dense.config.hidden_size)
     with torch.no_grad():
         want = moe(x)[0]
-        collector = ExpertCollector({"feed_forward.experts": moe.experts}, torch.device("cpu"), MoeSettings(),
-                                    Hessian, block=dense.model.layers[0])
+        collector = ExpertCollector(
+            {"feed_forward.experts": moe.experts},
+            torch.device("cpu"),
+            MoeSettings(),
+            Hessian,
+            block=dense.model.layers[0],
+        )
         got = moe(x)[0]
     collector.remove()
     assert torch.equal(got, want) and "forward" not in moe.experts.__dict__
@@ -188,13 +210,15 @@ def test_llama4_experts_pruned_with_the_hessian_of_their_scaled_inputs(mode, wor
     assert record["tokens"] == [int((scores[:, e] > 0).sum()) for e in range(scores.shape[1])]
     pattern = parse_sparsity(0.5)
     for e in range(scores.shape[1]):
-        xe = hidden if mode == "all_experts" else (hidden * scores[:, e:e + 1])[scores[:, e] > 0]
+        xe = hidden if mode == "all_experts" else (hidden * scores[:, e : e + 1])[scores[:, e] > 0]
         gate, up = (xe @ moe.experts.gate_up_proj[e].detach()).chunk(2, dim=-1)
         act = up * F.silu(gate)
         for pname, inputs in (("gate_up_proj", xe), ("down_proj", act)):
             H = 2 / inputs.shape[0] * inputs.t().double() @ inputs.double()
             W = expert_matrix(moe.experts, pname, e).detach()
-            assert W.shape == ((2 * moe.experts.expert_dim, 64) if pname == "gate_up_proj" else (64, moe.experts.expert_dim))
+            assert W.shape == (
+                (2 * moe.experts.expert_dim, 64) if pname == "gate_up_proj" else (64, moe.experts.expert_dim)
+            )
             wanted = sparsegpt_prune_shared([W.clone()], H.float(), pattern)[0].weight
             got = expert_matrix(pruned.model.layers[0].feed_forward.experts, pname, e).detach()
             assert ((got == 0) == (wanted == 0)).float().mean().item() > 0.995, (pname, e)
@@ -209,8 +233,7 @@ def test_fallback_only_for_starved_experts(models, workdir, tmp_path):
     probe = prune(models["mixtral"], workdir, tmp_path / "probe", sparsity=0.5, method="wanda", min_tokens=0)
     tokens = probe["experts"][0]["tokens"]
     threshold = sorted(tokens)[len(tokens) // 2]
-    report = prune(models["mixtral"], workdir, tmp_path / "out", sparsity=0.5, method="wanda",
-                   min_tokens=threshold)
+    report = prune(models["mixtral"], workdir, tmp_path / "out", sparsity=0.5, method="wanda", min_tokens=threshold)
     assert report["experts"][0]["tokens"] == tokens
     assert report["experts"][0]["hessian"] == ["all_tokens_fallback" if t < threshold else "routed" for t in tokens]
 
@@ -248,17 +271,29 @@ def test_nm_along_the_input_dimension_and_coverage(arch, method, models, workdir
     from worker.engine.cli import summary
 
     text = summary(report)
-    assert (f"sparsity {report['sparsity']:.4f} over all weights of the pruned blocks (0.5000 over the "
-            f"{len(report['layers'])} pruned layers)") in text
+    assert (
+        f"sparsity {report['sparsity']:.4f} over all weights of the pruned blocks (0.5000 over the "
+        f"{len(report['layers'])} pruned layers)"
+    ) in text
     assert f"left dense in the pruned blocks: {len(routers)} weight tensors" in text and "router" in text
     assert "experts: 8 in 2 modules pruned one by one" in text
 
 
-@pytest.mark.parametrize("name,router", [
-    ("mlp.gate", True), ("block_sparse_moe.gate", True), ("mlp.router", True), ("mlp.shared_expert_gate", True),
-    ("mlp.router_gate", True), ("mlp.gate_proj", False), ("mlp.gate_up_proj", False),
-    ("per_layer_input_gate", False), ("self_attn.output_gate", False), ("mlp.shared_expert.gate_proj", False),
-])
+@pytest.mark.parametrize(
+    "name,router",
+    [
+        ("mlp.gate", True),
+        ("block_sparse_moe.gate", True),
+        ("mlp.router", True),
+        ("mlp.shared_expert_gate", True),
+        ("mlp.router_gate", True),
+        ("mlp.gate_proj", False),
+        ("mlp.gate_up_proj", False),
+        ("per_layer_input_gate", False),
+        ("self_attn.output_gate", False),
+        ("mlp.shared_expert.gate_proj", False),
+    ],
+)
 def test_routers_by_name(name, router):
     """A Linear called like a router is never pruned; gate projections and other gates are."""
     from worker.engine.moe import is_router

@@ -48,8 +48,17 @@ def test_pruned_blocks_live_in_their_checkpoint_files(tmp_path):
     assert block_files(adapter) == [{str(source)}] * 3, "an evaluation pass gives the mapped tensors back"
 
     checkpoints = Checkpoints(tmp_path / "resume", {"test": 1})
-    prune_sequential(model, adapter, ids, solver=SolverSettings(method="sparsegpt", pattern=parse_sparsity("0.5")),
-                     selection=LayerSelection(), device=CPU, batch_size=4, tracker=tracker, checkpoints=checkpoints)
+    prune_sequential(
+        model,
+        adapter,
+        ids,
+        solver=SolverSettings(method="sparsegpt", pattern=parse_sparsity("0.5")),
+        selection=LayerSelection(),
+        device=CPU,
+        batch_size=4,
+        tracker=tracker,
+        checkpoints=checkpoints,
+    )
     assert block_files(adapter) == [{str(checkpoints.block_file(i))} for i in range(3)]
     for block in adapter.blocks:
         for name, p in block.named_parameters():
@@ -77,8 +86,12 @@ def test_the_loader_says_whether_the_weights_stay_mapped(tmp_path):
         if (fp32_dir / name).exists():
             (tmp_path / "bf16" / name).write_bytes((fp32_dir / name).read_bytes())
 
-    cases = [(fp32_dir, torch.float32, torch.float32, True), (fp32_dir, None, torch.float16, False),
-             (tmp_path / "bf16", None, torch.bfloat16, True), (tmp_path / "bf16", torch.float32, torch.float32, False)]
+    cases = [
+        (fp32_dir, torch.float32, torch.float32, True),
+        (fp32_dir, None, torch.float16, False),
+        (tmp_path / "bf16", None, torch.bfloat16, True),
+        (tmp_path / "bf16", torch.float32, torch.float32, False),
+    ]
     for directory, asked, working, mapped in cases:
         model, _ = load_model(str(directory), dtype=asked)
         assert model.sparsegpt_dtype == working and next(model.parameters()).dtype == working

@@ -13,10 +13,10 @@ import transformers
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.architectures import adapter_for, prunable_linears, weight_matrix
 from worker.engine.cli import build_parser, main, spec_data, summary
+from worker.engine.contract.spec import JobSpec
 from worker.engine.errors import InvalidJob
 from worker.engine.owl import owl_targets
 from worker.engine.pipeline import RunOptions, run_job
-from worker.engine.contract.spec import JobSpec
 
 BLOCKS, PLANTED = 4, 3
 DEVICE = os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu")  # as tests/engine/test_driver.py
@@ -47,8 +47,18 @@ def planted(workdir):
 
 
 def run(model_dir, workdir, **fields) -> dict:
-    spec = JobSpec.from_flat(**{"model": str(model_dir), "sparsity": 0.7, "dataset": str(workdir / "cal.txt"),
-                                "nsamples": 8, "seqlen": 64, "datasets": [], "dtype": "float32", **fields})
+    spec = JobSpec.from_flat(
+        **{
+            "model": str(model_dir),
+            "sparsity": 0.7,
+            "dataset": str(workdir / "cal.txt"),
+            "nsamples": 8,
+            "seqlen": 64,
+            "datasets": [],
+            "dtype": "float32",
+            **fields,
+        }
+    )
     return run_job(spec, RunOptions(device=DEVICE))
 
 
@@ -71,8 +81,11 @@ def test_the_profile_keeps_the_parameter_weighted_mean_and_orders_by_outliers():
 
 
 def test_targets_outside_0_1_are_refused_with_the_numbers():
-    with pytest.raises(InvalidJob, match=r"sparsity_profile owl: at sparsity 0.9 with lambda 0.2 the blocks' "
-                                         r"targets span 0\.8000\.\.1\.2000, and block 0's 1\.2000 is not strictly between 0 and 1; lower owl.lambda"):
+    with pytest.raises(
+        InvalidJob,
+        match=r"sparsity_profile owl: at sparsity 0.9 with lambda 0.2 the blocks' "
+        r"targets span 0\.8000\.\.1\.2000, and block 0's 1\.2000 is not strictly between 0 and 1; lower owl.lambda",
+    ):
         owl_targets([0.0, 1.0, 1.0, 1.0], [1, 1, 1, 1], 0.9, 0.2)
 
 
@@ -185,8 +198,9 @@ def test_the_cli_reads_the_options_and_a_profile_file(tmp_path, capsys):
 
 
 def test_lambda_is_its_json_name():
-    s = JobSpec.model_validate({"model": "org/name", "sparsity": 0.7, "sparsity_profile": "owl",
-                                "owl": {"m": 3, "lambda": 0.12}})
+    s = JobSpec.model_validate(
+        {"model": "org/name", "sparsity": 0.7, "sparsity_profile": "owl", "owl": {"m": 3, "lambda": 0.12}}
+    )
     assert (s.owl.m, s.owl.lambda_) == (3.0, 0.12)
     assert JobSpec.model_validate(s.model_dump(mode="json")) == s
 
@@ -197,16 +211,20 @@ def test_higher_targets_are_accepted_by_the_cli_the_spec_and_the_form(target):
 
     expected = float(target.rstrip("%")) / (100 if target.endswith("%") else 1)
     from_cli = JobSpec.model_validate(spec_data(build_parser().parse_args(["org/name", "--sparsity", target])))
-    from_form = JobSpec.model_validate(spec_body({**FORM_DEFAULTS, "model": "org/name", "sparsity": target,
-                                                  "sparsity_profile": "owl"}))
+    from_form = JobSpec.model_validate(
+        spec_body({**FORM_DEFAULTS, "model": "org/name", "sparsity": target, "sparsity_profile": "owl"})
+    )
     assert from_cli.sparsity == from_form.sparsity == JobSpec(model="org/name", sparsity=target).sparsity == expected
     assert from_form.sparsity_profile == "owl"
 
 
-@pytest.mark.parametrize("stored", [
-    {"model": "org/name", "sparsity": 0.7, "sparsity_profile": "owl", "owl": {"m": 7, "lambda": 0.05}},
-    {"model": "org/name", "sparsity": 0.7, "sparsity_profile": [0.6, 0.75, 0.8]},
-])
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {"model": "org/name", "sparsity": 0.7, "sparsity_profile": "owl", "owl": {"m": 7, "lambda": 0.05}},
+        {"model": "org/name", "sparsity": 0.7, "sparsity_profile": [0.6, 0.75, 0.8]},
+    ],
+)
 def test_the_form_shows_and_takes_back_a_profile(stored):
     """Clone: a stored spec put in the form and submitted unchanged is the same spec."""
     from app.web.forms import form_from_spec, spec_body

@@ -32,13 +32,19 @@ def make_inputs(rows=32, cols=256, tokens=600, seed=0):
 
 def ct_args(q: Quantization) -> QuantizationArgs:  # scale_dtype: rounded and eps as stored
     if q.type == "float":
-        return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel",
-                                scale_dtype=q.scale_dtype)
+        return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel", scale_dtype=q.scale_dtype)
     if q.group_size == -1:
-        return QuantizationArgs(num_bits=q.bits, type="int", symmetric=True, strategy="channel",
-                                scale_dtype=q.scale_dtype)
-    return QuantizationArgs(num_bits=q.bits, type="int", symmetric=True, strategy="group", group_size=q.group_size,
-                            scale_dtype=q.scale_dtype)
+        return QuantizationArgs(
+            num_bits=q.bits, type="int", symmetric=True, strategy="channel", scale_dtype=q.scale_dtype
+        )
+    return QuantizationArgs(
+        num_bits=q.bits,
+        type="int",
+        symmetric=True,
+        strategy="group",
+        group_size=q.group_size,
+        scale_dtype=q.scale_dtype,
+    )
 
 
 def ct_scales(W: torch.Tensor, q: Quantization) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,8 +54,9 @@ def ct_scales(W: torch.Tensor, q: Quantization) -> tuple[torch.Tensor, torch.Ten
     return calculate_qparams(groups.amin(-1), groups.amax(-1), ct_args(q))
 
 
-@pytest.mark.parametrize("scheme,group", [("W4A16", 64), ("W4A16", -1), ("W8A16", 32), ("W8A16", 128),
-                                          ("FP8_DYNAMIC", -1)])
+@pytest.mark.parametrize(
+    "scheme,group", [("W4A16", 64), ("W4A16", -1), ("W8A16", 32), ("W8A16", 128), ("FP8_DYNAMIC", -1)]
+)
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_grids_are_compressed_tensors_grids(scheme, group, scale_dtype):
     W, _ = make_inputs(seed=1)
@@ -89,8 +96,9 @@ def test_round_to_nearest_keeps_zeros():
     for scheme, group in [("W4A16", 64), ("W8A16", -1), ("FP8_DYNAMIC", -1)]:
         r = round_to_nearest(W, Quantization(scheme, group))
         assert torch.all(r.weight[W == 0] == 0) and torch.all(r.codes.float()[W == 0] == 0)
-        assert torch.equal(r.weight, r.codes.float() * r.scale.float().repeat_interleave(
-            W.shape[1] // r.scale.shape[1], dim=1))
+        assert torch.equal(
+            r.weight, r.codes.float() * r.scale.float().repeat_interleave(W.shape[1] // r.scale.shape[1], dim=1)
+        )
 
 
 def test_bad_quantizations_are_refused():
@@ -168,14 +176,17 @@ def assert_matches_naive(result, naive):
     assert torch.equal(result.weight, result.quantized.weight), "the weight is not its codes times its scales"
 
 
-@pytest.mark.parametrize("pattern,scheme,group,blocksize", [
-    ("0.5", "W4A16", 64, 128),  # groups inside blocks
-    ("0.5", "W4A16", 64, 32),  # groups across blocks: refit with the pending in-block updates
-    ("2:4", "W4A16", 32, 128),
-    ("4:8", "W8A16", -1, 64),  # one grid per row
-    ("0.6", "W8A16", 128, 128),
-    ("0.5", "FP8_DYNAMIC", -1, 128),
-])
+@pytest.mark.parametrize(
+    "pattern,scheme,group,blocksize",
+    [
+        ("0.5", "W4A16", 64, 128),  # groups inside blocks
+        ("0.5", "W4A16", 64, 32),  # groups across blocks: refit with the pending in-block updates
+        ("2:4", "W4A16", 32, 128),
+        ("4:8", "W8A16", -1, 64),  # one grid per row
+        ("0.6", "W8A16", 128, 128),
+        ("0.5", "FP8_DYNAMIC", -1, 128),
+    ],
+)
 def test_joint_solve_matches_a_direct_computation(pattern, scheme, group, blocksize):
     W, H = make_inputs()
     q = Quantization(scheme, group, scale_dtype=torch.float32)

@@ -12,10 +12,10 @@ from pydantic import ValidationError
 
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.calibration import evaluation_windows
-from worker.engine.errors import InvalidJob
-from worker.engine.pipeline import RunOptions, run
 from worker.engine.contract.spec import JobSpec
 from worker.engine.contract.spec_quant import group_size_message
+from worker.engine.errors import InvalidJob
+from worker.engine.pipeline import RunOptions, run
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,16 @@ def workdir(tmp_path_factory):
 
 
 def job(model, workdir, **fields):
-    return JobSpec.from_flat(model=str(model), dataset=str(workdir / "cal.txt"), nsamples=8, seqlen=64,
-                             datasets=[str(workdir / "cal.txt")], max_windows=4, dtype="float32", **fields)
+    return JobSpec.from_flat(
+        model=str(model),
+        dataset=str(workdir / "cal.txt"),
+        nsamples=8,
+        seqlen=64,
+        datasets=[str(workdir / "cal.txt")],
+        max_windows=4,
+        dtype="float32",
+        **fields,
+    )
 
 
 def direct_perplexity(model, windows: torch.Tensor) -> float:
@@ -49,18 +57,23 @@ def check_saved(out, report, workdir):
     return loaded
 
 
-@pytest.mark.parametrize("method, sparsity, scheme, group, how", [
-    ("sparsegpt", "0.5", "W4A16", 32, "in-solve"),
-    ("sparsegpt", "2:4", "W8A16", 32, "in-solve"),
-    ("sparsegpt", "0", "W4A16", 32, "in-solve"),  # quantization only: GPTQ
-    ("wanda", "0.5", "W4A16", -1, "round-to-nearest"),
-    ("sparsegpt", "0.5", "FP8_DYNAMIC", -1, "in-solve"),
-])
+@pytest.mark.parametrize(
+    "method, sparsity, scheme, group, how",
+    [
+        ("sparsegpt", "0.5", "W4A16", 32, "in-solve"),
+        ("sparsegpt", "2:4", "W8A16", 32, "in-solve"),
+        ("sparsegpt", "0", "W4A16", 32, "in-solve"),  # quantization only: GPTQ
+        ("wanda", "0.5", "W4A16", -1, "round-to-nearest"),
+        ("sparsegpt", "0.5", "FP8_DYNAMIC", -1, "in-solve"),
+    ],
+)
 def test_quantized_job_saves_the_model_it_evaluated(method, sparsity, scheme, group, how, workdir, tmp_path):
     model = make_tiny_model(tmp_path / "m", "llama")
     out = tmp_path / "out"
-    report = run(job(model, workdir, method=method, sparsity=sparsity, scheme=scheme, group_size=group),
-                 RunOptions(device="cpu", output=str(out)))
+    report = run(
+        job(model, workdir, method=method, sparsity=sparsity, scheme=scheme, group_size=group),
+        RunOptions(device="cpu", output=str(out)),
+    )
     q = report.quantization
     assert (q.scheme, q.group_size, q.how, q.quantization_only) == (scheme, group, how, sparsity == "0")
     assert q.layers_quantized == 14 and [u["name"] for u in q.unquantized] == ["lm_head"]
@@ -88,8 +101,9 @@ def test_quantized_job_saves_the_model_it_evaluated(method, sparsity, scheme, gr
 def test_moe_experts_are_quantized_per_expert(workdir, tmp_path):
     model = make_tiny_model(tmp_path / "m", "qwen3_moe")
     out = tmp_path / "out"
-    report = run(job(model, workdir, sparsity=0.5, scheme="W4A16", group_size=32),
-                 RunOptions(device="cpu", output=str(out)))
+    report = run(
+        job(model, workdir, sparsity=0.5, scheme="W4A16", group_size=32), RunOptions(device="cpu", output=str(out))
+    )
     assert report.quantization.experts_quantized > 0
     from safetensors import safe_open
 
@@ -103,8 +117,10 @@ def test_moe_experts_are_quantized_per_expert(workdir, tmp_path):
 def test_both_formats_in_subdirectories(workdir, tmp_path):
     model = make_tiny_model(tmp_path / "m", "llama")
     out = tmp_path / "out"
-    report = run(job(model, workdir, sparsity=0.5, scheme="W8A16", group_size=32),
-                 RunOptions(device="cpu", output=str(out), formats=("compressed-tensors", "dense")))
+    report = run(
+        job(model, workdir, sparsity=0.5, scheme="W8A16", group_size=32),
+        RunOptions(device="cpu", output=str(out), formats=("compressed-tensors", "dense")),
+    )
     assert "quantization_config" not in json.loads((out / "dense" / "config.json").read_text())
     check_saved(out / "compressed-tensors", report, workdir)
     check_saved(out / "dense", report, workdir)  # the float weights are the same codes x scales
@@ -124,16 +140,19 @@ def test_refused_before_it_runs(workdir, tmp_path):
         run(job(gpt2, workdir, sparsity=0.5, scheme="W4A16", group_size=32), RunOptions(device="cpu"))
 
 
-@pytest.mark.parametrize("fields, reason", [
-    ({"sparsity": 0}, "sparsity 0 prunes nothing"),
-    ({"sparsity": 0.5, "quantization": {"scheme": "FP8_DYNAMIC", "group_size": 128}}, "one scale per output"),
-    ({"sparsity": "2:4", "quantization": {"scheme": "W4A16", "actorder": True}}, "N:M patterns cannot"),
-    ({"sparsity": 0.5, "quantization": {"scheme": "W4A16"}, "solver": {"exact": True}}, "solver.exact"),
-    ({"sparsity": 0.5, "quantization": {"scheme": "W4A16"}, "solver": {"wbits": 4}}, "two grids"),
-    ({"sparsity": 0.5, "quantization": {"group_size": 64}}, "scheme is required"),
-    ({"sparsity": 0.5, "quantization": {"scheme": "W4A16"}, "solver": {"refit": "reconstruct"}}, "set refit none"),
-    ({"sparsity": 0.5, "quantization": {"scheme": "W3A16"}}, "W4A16"),
-])
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"sparsity": 0}, "sparsity 0 prunes nothing"),
+        ({"sparsity": 0.5, "quantization": {"scheme": "FP8_DYNAMIC", "group_size": 128}}, "one scale per output"),
+        ({"sparsity": "2:4", "quantization": {"scheme": "W4A16", "actorder": True}}, "N:M patterns cannot"),
+        ({"sparsity": 0.5, "quantization": {"scheme": "W4A16"}, "solver": {"exact": True}}, "solver.exact"),
+        ({"sparsity": 0.5, "quantization": {"scheme": "W4A16"}, "solver": {"wbits": 4}}, "two grids"),
+        ({"sparsity": 0.5, "quantization": {"group_size": 64}}, "scheme is required"),
+        ({"sparsity": 0.5, "quantization": {"scheme": "W4A16"}, "solver": {"refit": "reconstruct"}}, "set refit none"),
+        ({"sparsity": 0.5, "quantization": {"scheme": "W3A16"}}, "W4A16"),
+    ],
+)
 def test_spec_refusals(fields, reason):
     with pytest.raises(ValidationError, match=reason):
         JobSpec(model="org/name", **fields)
@@ -149,8 +168,9 @@ def test_group_size_check_from_config():
 
 def test_blocks_outside_the_selection_are_named_as_left_in_float(workdir, tmp_path):
     model = make_tiny_model(tmp_path / "m", "llama")  # 2 blocks of 7 Linears
-    report = run(job(model, workdir, sparsity=0.5, scheme="W4A16", group_size=32, last_block=0),
-                 RunOptions(device="cpu"))
+    report = run(
+        job(model, workdir, sparsity=0.5, scheme="W4A16", group_size=32, last_block=0), RunOptions(device="cpu")
+    )
     q = report.quantization
     assert q.layers_quantized == 7 and not q.sizes.formats  # nothing saved: no format
     assert [u["name"] for u in q.unquantized] == ["lm_head", "the blocks outside 0..0"]

@@ -19,16 +19,16 @@ import transformers
 from tests.support.paths import REPO
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.architectures import adapter_for, prunable_linears, weight_matrix
-from worker.engine.methods.magnitude import magnitude_prune
-from worker.engine.methods.wanda import wanda_prune
 from worker.engine.calibration import calibration_windows
 from worker.engine.cli import summary
 from worker.engine.contract.patterns import parse_sparsity
+from worker.engine.contract.spec import JobSpec
+from worker.engine.methods.magnitude import magnitude_prune
+from worker.engine.methods.wanda import wanda_prune
 from worker.engine.pipeline import RunOptions, run_job
 from worker.engine.refit import REFITS, refit_shared
 from worker.engine.sequential import HessianCollector, capture_block_inputs, run_block
 from worker.engine.sparsegpt import sparsegpt_prune_shared
-from worker.engine.contract.spec import JobSpec
 
 DEVICE = os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu")  # as tests/engine/test_driver.py
 PATTERNS = ["0.5", "2:4", "4:8", "0.7"]
@@ -62,8 +62,10 @@ def groups(workdir):
         run_block(block, inputs, device, keep=False, after_chunk=collector.end_pass)
     finally:
         collector.remove()
-    return [(names, [weight_matrix(modules[n]).detach().clone() for n in names], collector.hessians[owner].H)
-            for owner, names in collector.groups.items()]
+    return [
+        (names, [weight_matrix(modules[n]).detach().clone() for n in names], collector.hessians[owner].H)
+        for owner, names in collector.groups.items()
+    ]
 
 
 def check_pattern(pruned: torch.Tensor, refitted: torch.Tensor, pattern) -> None:
@@ -157,16 +159,29 @@ def test_mode_none_changes_nothing(groups):
 
 
 def run(model_dir, workdir, **fields) -> dict:
-    spec = JobSpec.from_flat(**{"model": str(model_dir), "dataset": str(workdir / "cal.txt"), "nsamples": 8,
-                                "seqlen": 64, "datasets": [], "dtype": "float32", **fields})
+    spec = JobSpec.from_flat(
+        **{
+            "model": str(model_dir),
+            "dataset": str(workdir / "cal.txt"),
+            "nsamples": 8,
+            "seqlen": 64,
+            "datasets": [],
+            "dtype": "float32",
+            **fields,
+        }
+    )
     return run_job(spec, RunOptions(device=DEVICE))
 
 
-@pytest.mark.parametrize("fields", [
-    {"sparsity": 0.7, "sparsity_profile": "owl", "method": "sparsegpt", "refit": "swap+reconstruct"},
-    {"sparsity": "2:4", "method": "sparsegpt", "refit": "reconstruct"},
-    {"sparsity": "4:8", "method": "wanda", "refit": "swap+reconstruct"},
-], ids=["owl-0.7-swap", "2:4-reconstruct", "wanda-4:8-swap"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"sparsity": 0.7, "sparsity_profile": "owl", "method": "sparsegpt", "refit": "swap+reconstruct"},
+        {"sparsity": "2:4", "method": "sparsegpt", "refit": "reconstruct"},
+        {"sparsity": "4:8", "method": "wanda", "refit": "swap+reconstruct"},
+    ],
+    ids=["owl-0.7-swap", "2:4-reconstruct", "wanda-4:8-swap"],
+)
 def test_a_job_with_a_refit_reports_it(workdir, fields):
     """Through run_job: every layer's error after <= before, the sparsity of each layer as without the
     refit, block 0's error before the refit = the plain run's (same inputs), seconds.refit."""
@@ -226,8 +241,13 @@ def test_the_spec_refuses_a_refit_where_it_cannot_apply():
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "worker.engine.cli", "org/name", "--sparsity", "0.5", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "worker.engine.cli", "org/name", "--sparsity", "0.5", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -238,23 +258,49 @@ def client(tmp_path_factory):
     from app.main import create_app
 
     redis = os.environ.get("SPARSEGPT_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")
-    settings = Settings(data_dir=tmp_path_factory.mktemp("refit-api"), redis_url=redis, auth="off",
-                        queue=f"refit-{uuid.uuid4().hex[:8]}")
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("refit-api"),
+        redis_url=redis,
+        auth="off",
+        queue=f"refit-{uuid.uuid4().hex[:8]}",
+    )
     with TestClient(create_app(settings)) as client:
         yield client
 
 
-FORM = {"model": "org/name", "sparsity": "0.5", "method": "sparsegpt", "calibration_source": "c4",
-        "eval_sets": "wikitext2", "dense": "1", "nsamples": "128", "seed": "0", "blocksize": "128",
-        "percdamp": "0.01", "dtype": "auto"}
+FORM = {
+    "model": "org/name",
+    "sparsity": "0.5",
+    "method": "sparsegpt",
+    "calibration_source": "c4",
+    "eval_sets": "wikitext2",
+    "dense": "1",
+    "nsamples": "128",
+    "seed": "0",
+    "blocksize": "128",
+    "percdamp": "0.01",
+    "dtype": "auto",
+}
 
 
-@pytest.mark.parametrize("args,body,form,reason", [
-    (["--refit", "swap"], {"solver": {"refit": "swap"}}, {"refit": "swap"},
-     "ust be one of 'none', 'reconstruct' or 'swap+reconstruct'"),
-    (["--method", "magnitude", "--refit", "reconstruct"], {"method": "magnitude", "solver": {"refit": "reconstruct"}},
-     {"method": "magnitude", "refit": "reconstruct"}, "solver.refit reconstruct needs the calibration Hessian"),
-], ids=["bad-value", "magnitude"])
+@pytest.mark.parametrize(
+    "args,body,form,reason",
+    [
+        (
+            ["--refit", "swap"],
+            {"solver": {"refit": "swap"}},
+            {"refit": "swap"},
+            "ust be one of 'none', 'reconstruct' or 'swap+reconstruct'",
+        ),
+        (
+            ["--method", "magnitude", "--refit", "reconstruct"],
+            {"method": "magnitude", "solver": {"refit": "reconstruct"}},
+            {"method": "magnitude", "refit": "reconstruct"},
+            "solver.refit reconstruct needs the calibration Hessian",
+        ),
+    ],
+    ids=["bad-value", "magnitude"],
+)
 def test_a_bad_refit_is_refused_with_one_reason_everywhere(client, args, body, form, reason):
     result = cli(*args)
     assert result.returncode == 2 and result.stderr.count("error:") == 1 and reason in result.stderr, result.stderr
@@ -270,17 +316,18 @@ def test_a_bad_refit_is_refused_with_one_reason_everywhere(client, args, body, f
 def test_the_refit_is_accepted_by_the_cli_the_api_and_the_form(client):
     from worker.engine.cli import build_parser, spec_data
 
-    parsed = JobSpec.model_validate(spec_data(build_parser().parse_args(
-        ["org/name", "--sparsity", "2:4", "--refit", "swap+reconstruct"])))
+    parsed = JobSpec.model_validate(
+        spec_data(build_parser().parse_args(["org/name", "--sparsity", "2:4", "--refit", "swap+reconstruct"]))
+    )
     assert parsed.solver.refit == "swap+reconstruct"
-    created = client.post("/api/v1/jobs", json={"model": "org/name", "sparsity": "2:4",
-                                                "solver": {"refit": "swap+reconstruct"}})
+    created = client.post(
+        "/api/v1/jobs", json={"model": "org/name", "sparsity": "2:4", "solver": {"refit": "swap+reconstruct"}}
+    )
     assert created.status_code == 201, created.text
     assert created.json()["spec"]["solver"]["refit"] == "swap+reconstruct"
     page = client.get("/jobs/new")
     assert 'name="refit"' in page.text and 'value="swap+reconstruct"' in page.text
-    posted = client.post("/jobs/new", data={**FORM, "sparsity": "2:4", "refit": "reconstruct"},
-                         follow_redirects=False)
+    posted = client.post("/jobs/new", data={**FORM, "sparsity": "2:4", "refit": "reconstruct"}, follow_redirects=False)
     assert posted.status_code == 303, posted.text
     job = client.get(f"/api/v1/jobs/{posted.headers['location'].rsplit('/', 1)[-1]}").json()
     assert job["spec"]["solver"]["refit"] == "reconstruct"
@@ -290,8 +337,29 @@ def test_the_cli_runs_a_refit_and_says_so(workdir, capsys):
     from worker.engine.cli import main
 
     path = make_tiny_model(workdir / "cli", "llama", blocks=2)
-    code = main([str(path), "--sparsity", "2:4", "--calibration", str(workdir / "cal.txt"), "--nsamples", "4",
-                 "--seqlen", "64", "--no-dense-eval", "--eval-windows", "1", "--eval", str(workdir / "cal.txt"),
-                 "--refit", "swap+reconstruct", "--device", DEVICE, "--dtype", "float32"])
+    code = main(
+        [
+            str(path),
+            "--sparsity",
+            "2:4",
+            "--calibration",
+            str(workdir / "cal.txt"),
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "64",
+            "--no-dense-eval",
+            "--eval-windows",
+            "1",
+            "--eval",
+            str(workdir / "cal.txt"),
+            "--refit",
+            "swap+reconstruct",
+            "--device",
+            DEVICE,
+            "--dtype",
+            "float32",
+        ]
+    )
     out = capsys.readouterr().out
     assert code in (0, None) and "refit swap+reconstruct: mean reconstruction error" in out, out

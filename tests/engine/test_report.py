@@ -16,14 +16,27 @@ from pydantic import Field
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.card import model_card
 from worker.engine.cli import summary
-from worker.engine.pipeline import RunOptions, run
 from worker.engine.contract.report import Report, Timings, facts, shown
 from worker.engine.contract.spec import JobSpec
+from worker.engine.pipeline import RunOptions, run
 
 OLD_REPORT = Path(__file__).parent / "data" / "report_before_typing.json"  # written by the code before this module
 # What a job row's result held before the worker stored the whole report (its hand-kept key list).
-OLD_RESULT_KEYS = ("model", "method", "pattern", "sparsity", "sparsity_pruned_modules", "coverage", "experts",
-                   "seconds", "peak_memory_bytes", "environment", "profile", "refit", "zero_shot")
+OLD_RESULT_KEYS = (
+    "model",
+    "method",
+    "pattern",
+    "sparsity",
+    "sparsity_pruned_modules",
+    "coverage",
+    "experts",
+    "seconds",
+    "peak_memory_bytes",
+    "environment",
+    "profile",
+    "refit",
+    "zero_shot",
+)
 
 
 def keys(model: type[Report]) -> set[str]:
@@ -40,13 +53,24 @@ def labelled(tmp_path_factory):
     cal, ev = str(root / "uploads" / "a1b2c3.txt"), str(root / "real" / "eval.txt")
     (root / "real").mkdir()
     (root / "real" / "eval.txt").write_text(sample_text(8_000), encoding="utf-8")
-    spec = JobSpec.model_validate({
-        "model": str(model), "sparsity": 0.5, "solver": {"refit": "reconstruct"},
-        "calibration": {"dataset": cal, "nsamples": 4, "seqlen": 32},
-        "evaluation": {"datasets": [cal, ev], "max_windows": 2}, "dtype": "float32"})
+    spec = JobSpec.model_validate(
+        {
+            "model": str(model),
+            "sparsity": 0.5,
+            "solver": {"refit": "reconstruct"},
+            "calibration": {"dataset": cal, "nsamples": 4, "seqlen": 32},
+            "evaluation": {"datasets": [cal, ev], "max_windows": 2},
+            "dtype": "float32",
+        }
+    )
     output, tasks = root / "attempt-1.partial", root / "server-tasks"
-    labels = {str(model): "/models/llama", cal: "upload:3", ev: "/data/eval.txt",  # a symlink's target -> as given
-              str(output): "sparsegpt-job-7", str(tasks): "server-tasks"}
+    labels = {
+        str(model): "/models/llama",
+        cal: "upload:3",
+        ev: "/data/eval.txt",  # a symlink's target -> as given
+        str(output): "sparsegpt-job-7",
+        str(tasks): "server-tasks",
+    }
     report = run(spec, RunOptions(device="cpu", output=str(output), labels=labels, task_dirs=(str(tasks),)))
     return root, output, report
 

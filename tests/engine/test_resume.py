@@ -129,8 +129,23 @@ def test_cli_checkpoint_dir(workdir, tmp_path):
     again takes them up instead of pruning again, and saves the same weights."""
     from tests.engine.test_cli import prune
 
-    args = [workdir / "llama", "--sparsity", "0.5", "--calibration", workdir / "cal.txt", "--nsamples", 4,
-            "--seqlen", 32, "--device", "cpu", "--checkpoint-dir", tmp_path / "ck", "--no-eval", "--quiet"]
+    args = [
+        workdir / "llama",
+        "--sparsity",
+        "0.5",
+        "--calibration",
+        workdir / "cal.txt",
+        "--nsamples",
+        4,
+        "--seqlen",
+        32,
+        "--device",
+        "cpu",
+        "--checkpoint-dir",
+        tmp_path / "ck",
+        "--no-eval",
+        "--quiet",
+    ]
     first = prune(*args, "--output", tmp_path / "a")
     assert first.returncode == 0, first.stderr
     state = json.loads((tmp_path / "ck" / "state.json").read_text())

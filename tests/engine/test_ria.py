@@ -25,15 +25,15 @@ from tests.support.stacks import SMALL
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.calibration import calibration_windows
 from worker.engine.contract.method_table import METHOD_TABLE
+from worker.engine.contract.patterns import parse_sparsity
+from worker.engine.contract.spec import JobSpec
+from worker.engine.contract.spec_fields import leaf_fields
 from worker.engine.methods import METHODS, prune_layers
 from worker.engine.methods.ria import ria_score
 from worker.engine.moe import expert_matrix
-from worker.engine.contract.patterns import parse_sparsity
 from worker.engine.pipeline import RunOptions, run_job
 from worker.engine.sequential import SolverSettings
 from worker.engine.sparsegpt import Hessian
-from worker.engine.contract.spec import JobSpec
-from worker.engine.contract.spec_fields import leaf_fields
 
 DEVICE = os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu")
 NSAMPLES, SEQLEN = 8, 32

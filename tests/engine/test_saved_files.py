@@ -27,11 +27,36 @@ def files(tmp_path_factory):
 def prune(files, out, log, umask: int):
     """The CLI with its stderr in a file (no terminal), under ``umask``."""
     with open(log, "w") as err:
-        return subprocess.run([*SPARSEGPT, "prune", str(files / "model"), "--sparsity", "0.5", "--calibration",
-                               str(files / "cal.txt"), "--nsamples", "4", "--seqlen", "32", "--eval",
-                               str(files / "cal.txt"), "--eval-windows", "2", "--device", "cpu", "--output", str(out)],
-                              stdout=subprocess.PIPE, stderr=err, text=True, env=ENV, timeout=300, cwd=REPO,
-                              preexec_fn=lambda: os.umask(umask))
+        return subprocess.run(
+            [
+                *SPARSEGPT,
+                "prune",
+                str(files / "model"),
+                "--sparsity",
+                "0.5",
+                "--calibration",
+                str(files / "cal.txt"),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "32",
+                "--eval",
+                str(files / "cal.txt"),
+                "--eval-windows",
+                "2",
+                "--device",
+                "cpu",
+                "--output",
+                str(out),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=ENV,
+            timeout=300,
+            cwd=REPO,
+            preexec_fn=lambda: os.umask(umask),
+        )
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
@@ -53,20 +78,24 @@ def test_saved_files_follow_the_umask_and_a_log_gets_progress_lines(files, tmp_p
     assert all("elapsed" in line for line in lines if line.split()[0] in ("pruning", "saving"))
 
 
-@pytest.mark.parametrize("args,message", [
-    (["MODEL", "--calibration", "/nonexistent/cal.txt"], "--calibration '/nonexistent/cal.txt' does not exist"),
-    (["MODEL", "--calibration", "CAL", "--eval", "missing-eval.txt"], "--eval"),
-    (["/no/such/model", "--calibration", "CAL"], "model '/no/such/model' does not exist"),
-    (["MODEL", "--calibration", "CAL", "--eval-include", "/nonexistent-tasks"], "--eval-include"),
-    (["MODEL", "--calibration", "CAL", "--output", "MODEL"], "exists and is not empty"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["MODEL", "--calibration", "/nonexistent/cal.txt"], "--calibration '/nonexistent/cal.txt' does not exist"),
+        (["MODEL", "--calibration", "CAL", "--eval", "missing-eval.txt"], "--eval"),
+        (["/no/such/model", "--calibration", "CAL"], "model '/no/such/model' does not exist"),
+        (["MODEL", "--calibration", "CAL", "--eval-include", "/nonexistent-tasks"], "--eval-include"),
+        (["MODEL", "--calibration", "CAL", "--output", "MODEL"], "exists and is not empty"),
+    ],
+)
 def test_the_cli_checks_every_path_before_it_loads_anything(files, args, message):
     import time
 
     args = [str(files / "model") if a == "MODEL" else str(files / "cal.txt") if a == "CAL" else a for a in args]
     t0 = time.monotonic()
-    result = subprocess.run([*SPARSEGPT, "prune", *args, "--device", "cpu"], capture_output=True, text=True,
-                            env=ENV, timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [*SPARSEGPT, "prune", *args, "--device", "cpu"], capture_output=True, text=True, env=ENV, timeout=120, cwd=REPO
+    )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert time.monotonic() - t0 < 60
@@ -79,8 +108,14 @@ def test_on_a_machine_without_the_hub_the_clis_defaults_say_what_to_give(files, 
     env = {**ENV, "HF_HUB_CACHE": str(tmp_path / "empty-hub-cache"), "HF_HOME": str(tmp_path / "hf-home")}
 
     def run(*args):
-        return subprocess.run([*SPARSEGPT, "prune", str(files / "model"), *args, "--nsamples", "4", "--seqlen", "32",
-                               "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+        return subprocess.run(
+            [*SPARSEGPT, "prune", str(files / "model"), *args, "--nsamples", "4", "--seqlen", "32", "--device", "cpu"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            cwd=REPO,
+        )
 
     no_calibration = run()
     assert no_calibration.returncode == 2, no_calibration.stderr

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from worker.engine.contract.patterns import parse_sparsity
 from worker.engine.methods.magnitude import magnitude_prune
 from worker.engine.methods.wanda import wanda_prune
-from worker.engine.contract.patterns import parse_sparsity
 from worker.engine.sparsegpt import Hessian, inverse_hessian_factor, sparsegpt_prune, sparsegpt_prune_shared
 
 
@@ -19,7 +19,9 @@ def make_inputs(rows=48, cols=256, tokens=600, seed=0):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(rows, cols, generator=g)
     scales = torch.exp(torch.randn(cols, generator=g))  # some input features are much larger
-    X = torch.randn(tokens, cols, generator=g) @ (torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g) / cols**0.5)
+    X = torch.randn(tokens, cols, generator=g) @ (
+        torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=g) / cols**0.5
+    )
     return W, X * scales
 
 
@@ -214,10 +216,12 @@ def test_the_dampening_used_reaches_the_layer_report(exact):
     H[0, 0] = -0.05  # indefinite: 1% dampening is not enough, 10% is
     modules = {"a": nn.Linear(64, 8), "b": nn.Linear(64, 4)}
     solver = SolverSettings(method="sparsegpt", pattern=parse_sparsity(0.5), exact=exact)
-    stats = solve_group(["a", "b"], modules, H, solver, torch.device("cpu"),
-                        prune_shared=sparsegpt_arithmetic(solver).prune_shared)
+    stats = solve_group(
+        ["a", "b"], modules, H, solver, torch.device("cpu"), prune_shared=sparsegpt_arithmetic(solver).prune_shared
+    )
     for name, (error, loss, percdamp, _refit) in zip("ab", stats):
-        row = LayerResult(block=0, name=name, sparsity=0.5, error=error, loss=loss, percdamp=percdamp,
-                          seconds=0.0).as_dict()
+        row = LayerResult(
+            block=0, name=name, sparsity=0.5, error=error, loss=loss, percdamp=percdamp, seconds=0.0
+        ).as_dict()
         assert {"block", "name", "sparsity", "error", "seconds", "loss"} <= row.keys()
         assert isinstance(row["percdamp"], float) and row["percdamp"] == pytest.approx(0.1)

@@ -54,7 +54,8 @@ def test_special_tokens_come_once_around_the_whole_text(eval_text, monkeypatch):
     tok = make_tokenizer()
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)])
+        single="<|endoftext|> $A <|endoftext|>", special_tokens=[("<|endoftext|>", eos)]
+    )
     monkeypatch.setattr(calibration, "PIECE_CHARS", 20_000)
     text = eval_text[:300_000]
     whole = tok(text).input_ids

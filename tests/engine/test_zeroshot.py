@@ -20,13 +20,19 @@ from tests.support.zeroshot import TASK, accuracy, direct_picks, rows_right_on, 
 from worker.engine.contract.spec import JobSpec
 
 SPARSEGPT = [sys.executable, "-c", "import sys; from app.cli import main; sys.exit(main())"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def prune(*args):
-    return subprocess.run([*SPARSEGPT, "prune", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=600, cwd=REPO)
+    return subprocess.run(
+        [*SPARSEGPT, "prune", *map(str, args)], capture_output=True, text=True, env=ENV, timeout=600, cwd=REPO
+    )
 
 
 # --- the spec ------------------------------------------------------------------------------------
@@ -44,14 +50,17 @@ def test_tasks_are_split_on_commas_and_default_to_none():
     assert spec(tasks=["mmlu_abstract_algebra", "tmmluplus_education_(profession_level)"]).evaluation.tasks
 
 
-@pytest.mark.parametrize("value,message", [
-    ("piqa,,boolq", "'' is not an lm-eval task name"),
-    ("../etc/task", "is not an lm-eval task name"),
-    ("/abs/task.yaml", "is not an lm-eval task name"),
-    ("piqa,piqa", "must not repeat"),
-    (",".join(f"t{i}" for i in range(33)), "at most 32"),
-    ([1], "valid string"),
-])
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("piqa,,boolq", "'' is not an lm-eval task name"),
+        ("../etc/task", "is not an lm-eval task name"),
+        ("/abs/task.yaml", "is not an lm-eval task name"),
+        ("piqa,piqa", "must not repeat"),
+        (",".join(f"t{i}" for i in range(33)), "at most 32"),
+        ([1], "valid string"),
+    ],
+)
 def test_bad_task_names_are_refused_with_the_reason(value, message):
     with pytest.raises(ValidationError) as err:
         spec(tasks=value)
@@ -88,8 +97,27 @@ def files(tmp_path_factory):
 def test_cli_reports_dense_and_pruned_accuracy_equal_to_a_direct_computation(files, tmp_path):
     d, rows = files
     out, report_path = tmp_path / "pruned", tmp_path / "report.json"
-    result = prune(d / "model", "--method", "magnitude", "--sparsity", "0.9", "--no-eval", "--eval-tasks", TASK, "--eval-include", d / "tasks",
-                   "--eval-batch-size", 5, "--device", "cpu", "--output", out, "--report", report_path, "--quiet")
+    result = prune(
+        d / "model",
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.9",
+        "--no-eval",
+        "--eval-tasks",
+        TASK,
+        "--eval-include",
+        d / "tasks",
+        "--eval-batch-size",
+        5,
+        "--device",
+        "cpu",
+        "--output",
+        out,
+        "--report",
+        report_path,
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(report_path.read_text())
     zero_shot = report["zero_shot"]
@@ -122,9 +150,26 @@ def test_cli_reports_dense_and_pruned_accuracy_equal_to_a_direct_computation(fil
 def test_cli_limit_and_no_dense(files, tmp_path):
     d, rows = files
     report_path = tmp_path / "report.json"
-    result = prune(d / "model", "--sparsity", "2:4", "--method", "magnitude", "--no-eval", "--no-dense-eval",
-                   "--eval-tasks", TASK, "--eval-include", d / "tasks", "--eval-limit", 7, "--device", "cpu",
-                   "--report", report_path, "--quiet")
+    result = prune(
+        d / "model",
+        "--sparsity",
+        "2:4",
+        "--method",
+        "magnitude",
+        "--no-eval",
+        "--no-dense-eval",
+        "--eval-tasks",
+        TASK,
+        "--eval-include",
+        d / "tasks",
+        "--eval-limit",
+        7,
+        "--device",
+        "cpu",
+        "--report",
+        report_path,
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     zero_shot = json.loads(report_path.read_text())["zero_shot"]
     assert zero_shot["examples"] == {TASK: 7} and zero_shot["limit"] == 7
@@ -134,8 +179,19 @@ def test_cli_limit_and_no_dense(files, tmp_path):
 
 def test_cli_unknown_task_is_one_line_before_the_model_loads(files):
     d, _ = files
-    result = prune(d / "model", "--sparsity", "0.5", "--no-eval", "--eval-tasks", "sparsegpt_tiny_choise",
-                   "--eval-include", d / "tasks", "--device", "cpu", "--quiet")
+    result = prune(
+        d / "model",
+        "--sparsity",
+        "0.5",
+        "--no-eval",
+        "--eval-tasks",
+        "sparsegpt_tiny_choise",
+        "--eval-include",
+        d / "tasks",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -146,8 +202,10 @@ def test_cli_bad_task_name_is_refused_before_torch(files):
     d, _ = files
     result = prune(d / "model", "--sparsity", "0.5", "--eval-tasks", "piqa,../x")
     assert result.returncode == 2
-    assert result.stderr.strip() == ("sparsegpt prune: error: --eval-tasks: '../x' is not an lm-eval task name "
-                                     "(letters, digits and _ - . + ( ), e.g. piqa or arc_easy)")
+    assert result.stderr.strip() == (
+        "sparsegpt prune: error: --eval-tasks: '../x' is not an lm-eval task name "
+        "(letters, digits and _ - . + ( ), e.g. piqa or arc_easy)"
+    )
 
 
 # --- the harness on the model in memory ----------------------------------------------------------
@@ -166,8 +224,9 @@ def _harness_run(d, how: str, should_cancel=None):
     tracker.begin("evaluating_tasks", "zero-shot")
     zero_shot = ZeroShot([TASK], limit=None, batch_size=3, task_dirs=(str(d / "tasks"),))
     device = torch.device(os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu"))
-    result = zero_shot.evaluate("dense", model, tokenizer, adapter_for(model), device=device, tracker=tracker,
-                                label="dense", how=how)
+    result = zero_shot.evaluate(
+        "dense", model, tokenizer, adapter_for(model), device=device, tracker=tracker, label="dense", how=how
+    )
     return model, zero_shot, result, events
 
 
@@ -184,8 +243,9 @@ def test_where_the_model_runs_changes_no_answer(files, how):
     for block in model.model.layers:
         assert not block._forward_pre_hooks and not block._forward_hooks
     assert {p.device.type for p in model.parameters()} == {"cpu"}
-    assert {n: p.data_ptr() for n, p in model.named_parameters()} == model.pointers_before, \
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == model.pointers_before, (
         "the host tensors themselves are back (memory-mapped weights stay file pages), not copies"
+    )
     tokenizer = transformers.AutoTokenizer.from_pretrained(d / "model")
     _, norm = direct_picks(model, tokenizer, rows)
     assert result[TASK]["acc_norm"] == pytest.approx(accuracy(norm, rows))
@@ -210,8 +270,21 @@ def test_a_cancel_stops_the_harness_between_batches(files):
 
 def test_cli_missing_task_directory_is_one_line(files, tmp_path):
     d, _ = files
-    result = prune(d / "model", "--sparsity", "0.5", "--no-eval", "--eval-tasks", TASK,
-                   "--eval-include", tmp_path / "nowhere", "--device", "cpu", "--quiet")
+    result = prune(
+        d / "model",
+        "--sparsity",
+        "0.5",
+        "--no-eval",
+        "--eval-tasks",
+        TASK,
+        "--eval-include",
+        tmp_path / "nowhere",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"sparsegpt prune: error: evaluation.tasks: the task directory "
-                                     f"{tmp_path / 'nowhere'} does not exist (--eval-include, SPARSEGPT_EVAL_INCLUDE_DIRS)")
+    assert result.stderr.strip() == (
+        f"sparsegpt prune: error: evaluation.tasks: the task directory "
+        f"{tmp_path / 'nowhere'} does not exist (--eval-include, SPARSEGPT_EVAL_INCLUDE_DIRS)"
+    )

@@ -31,11 +31,18 @@ print(json.dumps({"outcome": outcome, "loaded": loaded}))
 """
 
 
-@pytest.mark.parametrize("names, unsafe", [("humaneval", "humaneval"),
-                                           ("arc_easy,humaneval_infilling", "humaneval_multi_line_infilling")])
+@pytest.mark.parametrize(
+    "names, unsafe", [("humaneval", "humaneval"), ("arc_easy,humaneval_infilling", "humaneval_multi_line_infilling")]
+)
 def test_unsafe_tasks_are_refused_before_their_code_is_imported(names, unsafe):
-    done = subprocess.run([sys.executable, "-c", PROBE, names], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, names],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["outcome"].startswith("refused: evaluation.tasks: "), result

@@ -33,8 +33,12 @@ class S3Server:
         binary = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
         self.directory.mkdir(parents=True, exist_ok=True)
         log = (self.directory / "moto.log").open("wb")
-        self.proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(self.port)], stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [binary, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         import httpx
 
@@ -45,18 +49,29 @@ class S3Server:
                 return
             except httpx.HTTPError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start:\n{(self.directory / 'moto.log').read_text()}")
+                    raise RuntimeError(
+                        f"moto_server did not start:\n{(self.directory / 'moto.log').read_text()}"
+                    ) from None
                 time.sleep(0.1)
 
     def env(self) -> dict[str, str]:
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                            region_name="us-east-1")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+            region_name="us-east-1",
+        )
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         found = self.client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
@@ -83,12 +98,17 @@ def s3_bucket(directory: Path, bucket: str) -> Iterator[S3Server]:
 def start_worker(stack, name: str, *args: str, **env: str) -> Proc:
     """``sparsegpt worker --hostname=<name>@%h ARGS`` with ``env`` over the stack's (its own
     SPARSEGPT_DATA_DIR, say); returns once its registration is in Redis."""
-    proc = spawn(["worker", f"--hostname={name}@%h", "--loglevel=info", *args], {**stack.env, **env},
-                 stack.logs / f"worker-{name}-{len(stack.workers)}.log")
+    proc = spawn(
+        ["worker", f"--hostname={name}@%h", "--loglevel=info", *args],
+        {**stack.env, **env},
+        stack.logs / f"worker-{name}-{len(stack.workers)}.log",
+    )
     stack.workers.append(proc)
     r = redis.Redis.from_url(stack.env["REDIS_URL"])
     deadline = time.monotonic() + 60
-    while not any(k.decode().rsplit(":", 1)[-1].startswith(f"{name}@") for k in r.scan_iter(match="sparsegpt:worker:*")):
+    while not any(
+        k.decode().rsplit(":", 1)[-1].startswith(f"{name}@") for k in r.scan_iter(match="sparsegpt:worker:*")
+    ):
         if proc.popen.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"worker {name} not seen:\n{proc.tail()}")
         time.sleep(0.2)

@@ -18,7 +18,11 @@ from pathlib import Path
 # (no weights) lets a job reach the worker, which must not load the directory of that name beside it
 # (tests/worker/test_local_dirs.py)
 MODELS = ("facebook/opt-125m", "org/name", "org/model", "org/m", "outside/secretmodel")
-DATASETS = ("allenai/c4", "Salesforce/wikitext", "ptb-text-only/ptb_text_only")  # worker.engine.contract.hub.DATASET_REPOS
+DATASETS = (
+    "allenai/c4",
+    "Salesforce/wikitext",
+    "ptb-text-only/ptb_text_only",
+)  # worker.engine.contract.hub.DATASET_REPOS
 REVISION = "0" * 40
 
 

@@ -19,6 +19,7 @@ import httpx
 
 from tests.support.paths import REPO
 
+
 def free_port() -> int:
     import socket
 
@@ -49,7 +50,11 @@ class Proc:
 def spawn(args: list[str], env: dict[str, str], log: Path) -> Proc:
     handle = log.open("wb")
     popen = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", *args], cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     handle.close()
@@ -78,7 +83,9 @@ def wait_for_health(base: str, proc: Proc, *, worker: str | None = None, timeout
         try:
             response = httpx.get(f"{base}/health", timeout=2)
             body = response.json()
-            if response.status_code == 200 and (worker is None or any(w["name"].startswith(worker) for w in body["workers"])):
+            if response.status_code == 200 and (
+                worker is None or any(w["name"].startswith(worker) for w in body["workers"])
+            ):
                 return body
         except (httpx.HTTPError, ValueError):
             pass
@@ -122,9 +129,24 @@ class RedisServer:
         binary = shutil.which("redis-server")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory), "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         import redis
 
@@ -136,7 +158,7 @@ class RedisServer:
                 return
             except redis.RedisError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {self.port} did not start")
+                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
                 time.sleep(0.05)
 
     def kill(self) -> None:
@@ -146,9 +168,16 @@ class RedisServer:
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSEGPT_") and k not in ("REDIS_URL", "DATABASE_URL")}
-    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               SPARSEGPT_WORKER_DEVICE="cpu")
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("SPARSEGPT_") and k not in ("REDIS_URL", "DATABASE_URL")
+    }
+    env.update(
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        SPARSEGPT_WORKER_DEVICE="cpu",
+    )
     env.update(extra)
     return env
 

@@ -76,10 +76,29 @@ def make_certificate(directory: Path, name: str = "sparsegpt.test") -> Path:
     assert openssl, "the TLS checks need the openssl command (apt-get install openssl)"
     directory.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(directory / "privkey.pem"), "-out", str(directory / "fullchain.pem"), "-days", "2",
-         "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=60,
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(directory / "privkey.pem"),
+            "-out",
+            str(directory / "fullchain.pem"),
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            f"subjectAltName=DNS:{name},IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     return directory / "fullchain.pem"
 
@@ -149,7 +168,9 @@ def prepare(root: Path, env: dict[str, str]) -> list[str]:
         make_certificate(root / "certs")
     temp = root / "temp"
     temp.mkdir(exist_ok=True)
-    paths = "".join(f"{kind}_temp_path {temp / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    paths = "".join(
+        f"{kind}_temp_path {temp / kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     (conf_d / "test-paths.conf").write_text(paths)
     main = f"daemon off; pid {root / 'nginx.pid'};"
     if os.geteuid() == 0:  # else the workers would run as nobody, who cannot enter the test's temp dir
@@ -161,8 +182,12 @@ def start_proxy(root: Path, upstream: str, *, tls: bool = False, **overrides: st
     """nginx on free ports in front of ``upstream`` (http://127.0.0.1:PORT), configured from
     deploy/nginx with docker-compose.yml's values and ``overrides`` (SPARSEGPT_* names)."""
     env = compose_proxy_env()
-    env.update(SPARSEGPT_HTTP_PORT=str(free_port()), SPARSEGPT_HTTPS_PORT=str(free_port()),
-               SPARSEGPT_UPSTREAM=upstream, SPARSEGPT_TLS="on" if tls else "off")
+    env.update(
+        SPARSEGPT_HTTP_PORT=str(free_port()),
+        SPARSEGPT_HTTPS_PORT=str(free_port()),
+        SPARSEGPT_UPSTREAM=upstream,
+        SPARSEGPT_TLS="on" if tls else "off",
+    )
     env.update(overrides)
     cmd = prepare(root, env)
     with (root / "access.log").open("wb") as out, (root / "error.log").open("wb") as err:
@@ -179,6 +204,6 @@ def start_proxy(root: Path, upstream: str, *, tls: bool = False, **overrides: st
         except OSError:
             if time.monotonic() > deadline:
                 proxy.stop()
-                raise RuntimeError(f"nginx not listening on {ports}:\n{proxy.error_log()}")
+                raise RuntimeError(f"nginx not listening on {ports}:\n{proxy.error_log()}") from None
             time.sleep(0.05)
     return proxy

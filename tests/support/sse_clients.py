@@ -53,15 +53,22 @@ def start_api(tmp_path: Path, redis_url: str, models_dir: Path, name: str = "api
     SPARSEGPT_<NAME> variables."""
     data = tmp_path / f"{name}-data"
     env = base_env(
-        SPARSEGPT_DATA_DIR=str(data), DATABASE_URL=f"sqlite:///{data / 'sparsegpt.db'}", REDIS_URL=redis_url,
-        SPARSEGPT_LOCAL_DIRS=str(models_dir), SPARSEGPT_QUEUE=f"sse-{secrets.token_hex(3)}", SPARSEGPT_AUTH="required",
+        SPARSEGPT_DATA_DIR=str(data),
+        DATABASE_URL=f"sqlite:///{data / 'sparsegpt.db'}",
+        REDIS_URL=redis_url,
+        SPARSEGPT_LOCAL_DIRS=str(models_dir),
+        SPARSEGPT_QUEUE=f"sse-{secrets.token_hex(3)}",
+        SPARSEGPT_AUTH="required",
         SPARSEGPT_MIN_FREE_DISK_MB="1",
     )
     env.update({f"SPARSEGPT_{k.upper()}": str(v) for k, v in settings.items()})
     token = add_user(env, f"admin{secrets.token_hex(3)}", admin=True)
     port = free_port()
-    proc = spawn(["serve", "--workers", "0", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                 env, tmp_path / f"{name}.log")
+    proc = spawn(
+        ["serve", "--workers", "0", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        env,
+        tmp_path / f"{name}.log",
+    )
     try:
         wait_for_health(f"http://127.0.0.1:{port}", proc)
     except BaseException:
@@ -71,8 +78,10 @@ def start_api(tmp_path: Path, redis_url: str, models_dir: Path, name: str = "api
 
 
 def _request(api: Api, path: str) -> bytes:
-    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{api.port}\r\nAccept: text/event-stream\r\n"
-            f"Authorization: Bearer {api.token}\r\nConnection: keep-alive\r\n\r\n").encode()
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{api.port}\r\nAccept: text/event-stream\r\n"
+        f"Authorization: Bearer {api.token}\r\nConnection: keep-alive\r\n\r\n"
+    ).encode()
 
 
 class SyncStream:
@@ -134,15 +143,18 @@ class ManyStreams:
     def open(self, batch: int = 50) -> None:
         async def opening(indices: range) -> None:
             await asyncio.gather(*(self._open(i) for i in indices))
+
         for start in range(0, self.count, batch):
             self.loop.run_until_complete(opening(range(start, min(self.count, start + batch))))
 
     def wait_all(self, marker: bytes, timeout: float) -> int:
         """Run the loop until every stream has received ``marker``; how many did."""
+
         async def waiting() -> None:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and self.missing(marker):
                 await asyncio.sleep(0.1)
+
         self.loop.run_until_complete(waiting())
         return self.count - self.missing(marker)
 
@@ -160,6 +172,7 @@ class ManyStreams:
         def stop() -> None:
             self.loop.call_soon_threadsafe(stop_event.set)
             thread.join(timeout=30)
+
         return stop
 
     def close(self) -> None:
@@ -170,5 +183,6 @@ class ManyStreams:
 
         async def ending() -> None:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+
         self.loop.run_until_complete(ending())
         self.loop.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.processes import Proc, kill_group, spawn, wait_for_health, free_port
+from tests.support.processes import Proc, free_port, kill_group, spawn, wait_for_health
 
 # Small jobs: a 2-block model, 4 windows of 32 tokens, 2 evaluation windows, on the CPU.
 SMALL = {"nsamples": 4, "seqlen": 32}
@@ -66,13 +66,20 @@ class Stack:
 
     def start_api(self) -> Proc:
         n = sum(1 for _ in self.logs.glob("api*.log"))
-        self.api = spawn(["serve", "--workers", "0", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
-                         self.env, self.logs / f"api{n}.log")
+        self.api = spawn(
+            ["serve", "--workers", "0", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+            self.env,
+            self.logs / f"api{n}.log",
+        )
         wait_for_health(self.base, self.api)
         return self.api
 
     def start_worker(self, name: str) -> Proc:
-        proc = spawn(["worker", f"--hostname={name}@%h", "--loglevel=info"], self.env, self.logs / f"worker-{name}-{len(self.workers)}.log")
+        proc = spawn(
+            ["worker", f"--hostname={name}@%h", "--loglevel=info"],
+            self.env,
+            self.logs / f"worker-{name}-{len(self.workers)}.log",
+        )
         self.workers.append(proc)
         with self.client() as c:
             deadline = time.monotonic() + 60
@@ -121,7 +128,9 @@ class Stack:
 
 def job_body(models_dir: Path, model: str = "llama", **changes) -> dict:
     body = {
-        "model": str(models_dir / model), "sparsity": "2:4", "method": "sparsegpt",
+        "model": str(models_dir / model),
+        "sparsity": "2:4",
+        "method": "sparsegpt",
         "calibration": {"dataset": str(models_dir / "calib.txt"), **SMALL},
         "evaluation": {"datasets": [str(models_dir / "calib.txt")], "max_windows": 2},
         "dtype": "float32",
@@ -132,8 +141,12 @@ def job_body(models_dir: Path, model: str = "llama", **changes) -> dict:
 
 def slow_body(models_dir: Path) -> dict:
     """A job long enough to kill mid-way on two shared CPU cores (8 blocks)."""
-    return job_body(models_dir, model="llama-deep", calibration={"dataset": str(models_dir / "calib.txt"), "nsamples": 32, "seqlen": 64},
-                    evaluation={"datasets": [str(models_dir / "calib.txt")], "max_windows": 2})
+    return job_body(
+        models_dir,
+        model="llama-deep",
+        calibration={"dataset": str(models_dir / "calib.txt"), "nsamples": 32, "seqlen": 64},
+        evaluation={"datasets": [str(models_dir / "calib.txt")], "max_windows": 2},
+    )
 
 
 @dataclass
@@ -157,10 +170,21 @@ def make_inprocess(team_pg, module_redis, models_dir, tmp_path_factory, **overri
 
     data = tmp_path_factory.mktemp("inproc-data")
     values = dict(
-        _env_file=None, data_dir=data, database_url=team_pg, redis_url=module_redis.url,
-        local_dirs=str(models_dir), queue=f"idle-{secrets.token_hex(3)}", auth="required",
-        max_upload_bytes=64 * 1024, max_nsamples=256, max_seqlen=1024, max_active_jobs_per_user=3,
-        sweep_interval_s=0, heartbeat_timeout_s=5, max_attempts=2, lost_message_grace_s=0,
+        _env_file=None,
+        data_dir=data,
+        database_url=team_pg,
+        redis_url=module_redis.url,
+        local_dirs=str(models_dir),
+        queue=f"idle-{secrets.token_hex(3)}",
+        auth="required",
+        max_upload_bytes=64 * 1024,
+        max_nsamples=256,
+        max_seqlen=1024,
+        max_active_jobs_per_user=3,
+        sweep_interval_s=0,
+        heartbeat_timeout_s=5,
+        max_attempts=2,
+        lost_message_grace_s=0,
     )
     values.update(overrides)
     settings = Settings(**values)

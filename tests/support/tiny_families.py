@@ -18,29 +18,80 @@ VOCAB = 384
 
 # attribute -> tiny value, set wherever a family's config has that attribute
 SIZES = dict(
-    hidden_size=64, n_embd=64, d_model=64, num_hidden_layers=2, n_layer=2, num_layers=2, n_layers=2,
-    num_attention_heads=4, n_head=4, num_heads=4, num_key_value_heads=2, num_kv_heads=2, intermediate_size=128,
-    ffn_dim=128, n_inner=128, dff=128, ffn_hidden_size=128, head_dim=16, max_position_embeddings=256,
-    n_positions=256, num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2,
-    moe_intermediate_size=32, shared_expert_intermediate_size=64, expert_intermediate_size=32, vocab_size=VOCAB,
+    hidden_size=64,
+    n_embd=64,
+    d_model=64,
+    num_hidden_layers=2,
+    n_layer=2,
+    num_layers=2,
+    n_layers=2,
+    num_attention_heads=4,
+    n_head=4,
+    num_heads=4,
+    num_key_value_heads=2,
+    num_kv_heads=2,
+    intermediate_size=128,
+    ffn_dim=128,
+    n_inner=128,
+    dff=128,
+    ffn_hidden_size=128,
+    head_dim=16,
+    max_position_embeddings=256,
+    n_positions=256,
+    num_local_experts=4,
+    num_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=64,
+    expert_intermediate_size=32,
+    vocab_size=VOCAB,
     # multi-head latent attention (DeepSeek-V2/V3, GLM-4-MoE-lite, MiniCPM3, LongCat)
-    kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16,
-    n_group=1, topk_group=1, rotary_dim=8, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    qk_head_dim=16,
+    n_group=1,
+    topk_group=1,
+    rotary_dim=8,
+    pad_token_id=0,
+    bos_token_id=0,
+    eos_token_id=0,
     # dense first blocks and shared experts of their own width (Ergo, Kolibri)
-    first_dense_intermediate_size=128, shared_intermediate_size=64, mlp_only_intermediate_size=128,
+    first_dense_intermediate_size=128,
+    shared_intermediate_size=64,
+    mlp_only_intermediate_size=128,
 )
 FIXES = {  # what the shared sizes leave inconsistent in one family
     "mamba2": dict(num_heads=8),  # hidden * expand == num_heads * head_dim
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
     # their sliding-window / output low-rank / indexer sizes are separate fields (8192-wide projections otherwise)
-    **{f: dict(swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=16, sliding_window_size=32,
-               rel_extent=64, unpadded_vocab_size=VOCAB) for f in ("inkling_text", "inkling2_text", "inkling2_loop_text")},
+    **{
+        f: dict(
+            swa_num_attention_heads=4,
+            swa_num_key_value_heads=2,
+            swa_head_dim=16,
+            sliding_window_size=32,
+            rel_extent=64,
+            unpadded_vocab_size=VOCAB,
+        )
+        for f in ("inkling_text", "inkling2_text", "inkling2_loop_text")
+    },
     "deepseek_v4": dict(o_lora_rank=16, o_groups=2, index_n_heads=4, index_head_dim=16, index_topk=16),
     # one sliding and one indexed-attention block, the first with a dense MLP, the second with experts;
     # the indexer's heads must fit the query heads of one key head (4 // 2)
-    "kolibri1_1": dict(layer_types=["sliding_attention", "indexed_attention"], mlp_only_layers=[0], index_num_heads=2,
-                       index_topk=16, index_pool_size=64, index_compression=4, index_num_local_tokens=4,
-                       index_num_sink_tokens=2),
+    "kolibri1_1": dict(
+        layer_types=["sliding_attention", "indexed_attention"],
+        mlp_only_layers=[0],
+        index_num_heads=2,
+        index_topk=16,
+        index_pool_size=64,
+        index_compression=4,
+        index_num_local_tokens=4,
+        index_num_sink_tokens=2,
+    ),
 }
 # multi-head latent attention: the rotary part is head_dim wide and every head has its own K/V
 MLA = dict(head_dim=8, num_key_value_heads=4)
@@ -67,23 +118,48 @@ _VISION = "a vision-language model (an image tower beside the text decoder); its
 _ENCODER = "an encoder (BERT-style) used as a decoder; not a decoder-only family"
 SKIP = {
     "blt": "Byte Latent Transformer: local byte encoder/decoder around a global model, no single stack of "
-           "decoder blocks (its tiny config does not build within the test's time)",
-    "fuyu": _VISION, "emu3": "a vision-language model with an image tokenizer (VQ-VAE) inside",
-    "gemma3": _VISION + " (gemma3_text)", "gemma3n": "needs extra deps (timm, PIL) for its audio/vision towers",
-    "gemma4": _VISION + " (gemma4_text)", "gemma4_unified": _VISION + " (gemma4_unified_text)",
-    "gemma4_unified_assistant": _VISION, "llama4": _VISION + " (llama4_text)", "mllama": _VISION,
-    "got_ocr2": _VISION, "dots3_note": _VISION + " (dots3_note_text)", "phi4_multimodal": _VISION + " and audio",
+    "decoder blocks (its tiny config does not build within the test's time)",
+    "fuyu": _VISION,
+    "emu3": "a vision-language model with an image tokenizer (VQ-VAE) inside",
+    "gemma3": _VISION + " (gemma3_text)",
+    "gemma3n": "needs extra deps (timm, PIL) for its audio/vision towers",
+    "gemma4": _VISION + " (gemma4_text)",
+    "gemma4_unified": _VISION + " (gemma4_unified_text)",
+    "gemma4_unified_assistant": _VISION,
+    "llama4": _VISION + " (llama4_text)",
+    "mllama": _VISION,
+    "got_ocr2": _VISION,
+    "dots3_note": _VISION + " (dots3_note_text)",
+    "phi4_multimodal": _VISION + " and audio",
     "moss_transcribe_diarize": "a speech model (audio encoder + text decoder)",
-    "musicgen": "a text-to-audio model (codebook decoder)", "musicgen_melody": "a text-to-audio model",
+    "musicgen": "a text-to-audio model (codebook decoder)",
+    "musicgen_melody": "a text-to-audio model",
     "git": "an image-to-text model (a vision encoder feeding a BERT-style decoder)",
-    "qwen3_5": _VISION + " (qwen3_5_text)", "qwen3_5_moe": _VISION + " (qwen3_5_moe_text)",
+    "qwen3_5": _VISION + " (qwen3_5_text)",
+    "qwen3_5_moe": _VISION + " (qwen3_5_moe_text)",
     "qwen4_exp": _VISION + " (qwen4_exp_text)",
 }
 for _family, _why in SHRINK_FAILS.items():
     SKIP[_family] = _SHRINK + _why
-for _family in ("bert", "bert-generation", "big_bird", "camembert", "data2vec-text", "electra", "ernie",
-                "megatron-bert", "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "xlm",
-                "xlm-roberta", "xlm-roberta-xl", "xmod"):
+for _family in (
+    "bert",
+    "bert-generation",
+    "big_bird",
+    "camembert",
+    "data2vec-text",
+    "electra",
+    "ernie",
+    "megatron-bert",
+    "rembert",
+    "roberta",
+    "roberta-prelayernorm",
+    "roc_bert",
+    "roformer",
+    "xlm",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "xmod",
+):
     SKIP[_family] = _ENCODER
 
 

@@ -14,6 +14,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tests.support.paths import WIKITEXT_VALID
+
 _FALLBACK_TEXT = (
     "The quick brown fox jumps over the lazy dog. SparseGPT prunes large language models "
     "in one shot without retraining, layer by layer, using second order information. "
@@ -53,8 +54,11 @@ def make_tokenizer(vocab_size: int = 384) -> transformers.PreTrainedTokenizerFas
     )
     tok.train_from_iterator([sample_text()], trainer=trainer)
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
     )
 
 
@@ -62,25 +66,47 @@ def make_config(arch: str, vocab_size: int, hidden: int = 64, blocks: int = 2, c
     common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if arch == "llama":
         return transformers.LlamaConfig(
-            hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=blocks,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-            tie_word_embeddings=False, **common)
+            hidden_size=hidden,
+            intermediate_size=2 * hidden + 32,
+            num_hidden_layers=blocks,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=context,
+            tie_word_embeddings=False,
+            **common,
+        )
     if arch == "opt":
         return transformers.OPTConfig(
-            hidden_size=hidden, ffn_dim=2 * hidden + 32, num_hidden_layers=blocks,
-            num_attention_heads=4, word_embed_proj_dim=hidden, max_position_embeddings=context,
-            **common)
+            hidden_size=hidden,
+            ffn_dim=2 * hidden + 32,
+            num_hidden_layers=blocks,
+            num_attention_heads=4,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=context,
+            **common,
+        )
     if arch == "bloom":
         return transformers.BloomConfig(hidden_size=hidden, n_layer=blocks, n_head=4, **common)
     if arch == "gpt2":
-        return transformers.GPT2Config(
-            n_embd=hidden, n_layer=blocks, n_head=4, n_positions=context, **common)
+        return transformers.GPT2Config(n_embd=hidden, n_layer=blocks, n_head=4, n_positions=context, **common)
     if arch == "gpt_neox":
         return transformers.GPTNeoXConfig(
-            hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=blocks,
-            num_attention_heads=4, max_position_embeddings=context, **common)
-    llama_like = dict(hidden_size=hidden, intermediate_size=2 * hidden + 32, num_hidden_layers=blocks,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context, **common)
+            hidden_size=hidden,
+            intermediate_size=2 * hidden + 32,
+            num_hidden_layers=blocks,
+            num_attention_heads=4,
+            max_position_embeddings=context,
+            **common,
+        )
+    llama_like = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 32,
+        num_hidden_layers=blocks,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        **common,
+    )
     if arch == "mistral":
         return transformers.MistralConfig(**llama_like)
     if arch == "qwen2":
@@ -88,29 +114,67 @@ def make_config(arch: str, vocab_size: int, hidden: int = 64, blocks: int = 2, c
     if arch == "gemma":
         return transformers.GemmaConfig(head_dim=16, **llama_like)
     if arch == "phi":
-        return transformers.PhiConfig(hidden_size=hidden, intermediate_size=2 * hidden + 32,
-                                      num_hidden_layers=blocks, num_attention_heads=4,
-                                      max_position_embeddings=context, **common)
-    moe = dict(hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=context, **common)
+        return transformers.PhiConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden + 32,
+            num_hidden_layers=blocks,
+            num_attention_heads=4,
+            max_position_embeddings=context,
+            **common,
+        )
+    moe = dict(
+        hidden_size=hidden,
+        num_hidden_layers=blocks,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        **common,
+    )
     if arch == "mixtral":  # 4 experts, 2 per token
-        return transformers.MixtralConfig(intermediate_size=hidden + 32, num_local_experts=4,
-                                          num_experts_per_tok=2, **moe)
+        return transformers.MixtralConfig(
+            intermediate_size=hidden + 32, num_local_experts=4, num_experts_per_tok=2, **moe
+        )
     if arch == "qwen3_moe":  # every block sparse, no shared expert
-        return transformers.Qwen3MoeConfig(intermediate_size=2 * hidden, moe_intermediate_size=hidden + 32,
-                                           num_experts=4, num_experts_per_tok=2, head_dim=16, **moe)
+        return transformers.Qwen3MoeConfig(
+            intermediate_size=2 * hidden,
+            moe_intermediate_size=hidden + 32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            head_dim=16,
+            **moe,
+        )
     if arch == "qwen2_moe":  # with a shared expert and its gate
-        return transformers.Qwen2MoeConfig(intermediate_size=2 * hidden, moe_intermediate_size=hidden + 32,
-                                           shared_expert_intermediate_size=hidden + 64, num_experts=4,
-                                           num_experts_per_tok=2, **moe)
+        return transformers.Qwen2MoeConfig(
+            intermediate_size=2 * hidden,
+            moe_intermediate_size=hidden + 32,
+            shared_expert_intermediate_size=hidden + 64,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **moe,
+        )
     if arch == "llama4_text":  # Llama 4's experts: inputs scaled by the router, one bmm; a shared expert
-        return transformers.Llama4TextConfig(intermediate_size=hidden + 32, intermediate_size_mlp=2 * hidden,
-                                             num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
-                                             head_dim=16, **moe)
+        return transformers.Llama4TextConfig(
+            intermediate_size=hidden + 32,
+            intermediate_size_mlp=2 * hidden,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=1,
+            head_dim=16,
+            **moe,
+        )
     if arch == "falcon":
-        return transformers.FalconConfig(hidden_size=hidden, num_hidden_layers=blocks, num_attention_heads=4,
-                                         new_decoder_architecture=False, multi_query=True, alibi=False, **common)
-    raise ValueError(f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHS + MORE_ARCHS + MOE_ARCHS)}, llama4_text")
+        return transformers.FalconConfig(
+            hidden_size=hidden,
+            num_hidden_layers=blocks,
+            num_attention_heads=4,
+            new_decoder_architecture=False,
+            multi_query=True,
+            alibi=False,
+            **common,
+        )
+    raise ValueError(
+        f"unknown tiny architecture {arch!r}; known: {', '.join(ARCHS + MORE_ARCHS + MOE_ARCHS)}, llama4_text"
+    )
 
 
 def make_tiny_model(directory: Path, arch: str = "llama", seed: int = 0, **config_kwargs) -> Path:

@@ -65,8 +65,9 @@ class WebServer:
 
         with db.session_scope(self.database) as session:
             user = crud.get_user_by_name(session, owner)
-            job = crud.create_job(session, spec={"model": "org/name", "method": "wanda", "sparsity": "2:4"},
-                                  owner_id=user.id)
+            job = crud.create_job(
+                session, spec={"model": "org/name", "method": "wanda", "sparsity": "2:4"}, owner_id=user.id
+            )
             return job.id
 
     def job_status(self, job_id: int) -> str:
@@ -83,11 +84,13 @@ class WebServer:
 
 
 @contextmanager
-def web_server(tmp_path: Path, redis_url: str, *, auth: str = "required",
-               users: tuple[str, ...] = ("alice", "bob")) -> Iterator[WebServer]:
+def web_server(
+    tmp_path: Path, redis_url: str, *, auth: str = "required", users: tuple[str, ...] = ("alice", "bob")
+) -> Iterator[WebServer]:
     data = tmp_path / "data"
-    env = base_env(SPARSEGPT_DATA_DIR=str(data), REDIS_URL=redis_url, SPARSEGPT_AUTH=auth,
-                   SPARSEGPT_QUEUE=f"web-{free_port()}")  # a queue no worker reads
+    env = base_env(
+        SPARSEGPT_DATA_DIR=str(data), REDIS_URL=redis_url, SPARSEGPT_AUTH=auth, SPARSEGPT_QUEUE=f"web-{free_port()}"
+    )  # a queue no worker reads
     tokens = {name: add_user(env, name) for name in users}
     with serve_api(env, tmp_path / "api.log") as (base, _port, api):
         yield WebServer(base, env, api, data, tokens)
@@ -104,5 +107,7 @@ def other_site(html: str) -> Iterator[str]:
 def auto_submit(action: str, fields: dict[str, str], *, enctype: str = "application/x-www-form-urlencoded") -> str:
     """An attacker's page: a form that posts itself to ``action`` as soon as it loads."""
     inputs = "".join(f'<input type="hidden" name="{k}" value="{v}">' for k, v in fields.items())
-    return (f'<!doctype html><html><body><form id="f" method="post" action="{action}" enctype="{enctype}">{inputs}'
-            '</form><script>document.getElementById("f").submit()</script></body></html>')
+    return (
+        f'<!doctype html><html><body><form id="f" method="post" action="{action}" enctype="{enctype}">{inputs}'
+        '</form><script>document.getElementById("f").submit()</script></body></html>'
+    )

@@ -62,7 +62,9 @@ def write_choice_task(directory: Path, rows: list[dict], name: str = TASK) -> Pa
         "    aggregation: mean\n"
         "    higher_is_better: true\n"
         "metadata:\n"
-        "  version: 1.0\n", encoding="utf-8")
+        "  version: 1.0\n",
+        encoding="utf-8",
+    )
     return directory
 
 

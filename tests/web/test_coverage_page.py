@@ -18,9 +18,15 @@ def test_job_page_shows_both_sparsities_and_the_dense_weights(page, dashboard, a
     model = allowed_dir / "mixtral"
     if not model.exists():
         make_tiny_model(model, "mixtral")
-    body = {"model": str(model), "sparsity": 0.5, "dtype": "float32", "moe": {"min_tokens": 0}, "solver": {"refit": "reconstruct"},
-            "calibration": {"dataset": str(allowed_dir / "valid.txt"), "nsamples": 4, "seqlen": 32},
-            "evaluation": {"datasets": []}}
+    body = {
+        "model": str(model),
+        "sparsity": 0.5,
+        "dtype": "float32",
+        "moe": {"min_tokens": 0},
+        "solver": {"refit": "reconstruct"},
+        "calibration": {"dataset": str(allowed_dir / "valid.txt"), "nsamples": 4, "seqlen": 32},
+        "evaluation": {"datasets": []},
+    }
     created = dashboard.client.post("/api/v1/jobs", json=body)
     assert created.status_code == 201, created.text
     try:
@@ -54,9 +60,11 @@ def test_job_page_shows_both_sparsities_and_the_dense_weights(page, dashboard, a
         # The refit reached every pruned layer, the experts' fused parameters included, and the page says so.
         fit = result["refit"]
         assert fit["layers"] == len(job["modules"]) and fit["not_refit"] == []
-        expect(page.locator("#refit-summary")).to_contain_text(f"Refit reconstruct: mean reconstruction error "
-                                                              f"{fit['error_before']:.4f} → {fit['error_after']:.4f} "
-                                                              f"over {fit['layers']} layers")
+        expect(page.locator("#refit-summary")).to_contain_text(
+            f"Refit reconstruct: mean reconstruction error "
+            f"{fit['error_before']:.4f} → {fit['error_after']:.4f} "
+            f"over {fit['layers']} layers"
+        )
         expect(page.locator("#refit-summary")).not_to_contain_text("Left without a refit")
     finally:  # the dashboard service is shared by the session's browser tests, which count the jobs they see
         deleted = dashboard.client.delete(f"/api/v1/jobs/{created.json()['id']}")

@@ -53,8 +53,12 @@ def test_a_same_origin_post_without_the_right_token_is_refused(server, action, t
     """From the dashboard's own origin (the edge lets it through), signed in, the session cookie
     sent: without the token, with a made-up one or with another session's, nothing happens."""
     job_id = server.queued_job("alice")
-    path = {"cancel": f"/jobs/{job_id}/cancel", "retry": f"/jobs/{job_id}/retry", "new": "/jobs/new",
-            "logout": "/logout"}[action]
+    path = {
+        "cancel": f"/jobs/{job_id}/cancel",
+        "retry": f"/jobs/{job_id}/retry",
+        "new": "/jobs/new",
+        "logout": "/logout",
+    }[action]
     jobs_before = server.job_count()
     with server.browser() as browser, server.browser() as other:
         cookie = server.sign_in(browser, "alice")
@@ -194,7 +198,9 @@ def test_login_csrf_from_another_site_cannot_sign_the_victim_in(browser, server)
     page = context.new_page()
     try:
         page.goto(f"{server.base}/login")  # the victim has this server's csrf cookie already
-        html = auto_submit(f"{server.base}/login", {"token": server.tokens["mallory"], "next": "/", "csrf_token": token})
+        html = auto_submit(
+            f"{server.base}/login", {"token": server.tokens["mallory"], "next": "/", "csrf_token": token}
+        )
         assert _forged(page, server, html).status == 403
         assert not [c for c in context.cookies() if c["name"] == "sparsegpt_session"]
         page.goto(f"{server.base}/")

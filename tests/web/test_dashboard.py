@@ -36,16 +36,29 @@ def test_pages_and_form_defaults(page, dashboard):
     page.click("text=New job >> nth=0")
     expect(page).to_have_url(re.compile(r"/jobs/new$"))
     # Every option of the spec, with the API's defaults and a line of help each.
-    defaults = {"#nsamples": "128", "#seed": "0", "#blocksize": "128", "#percdamp": "0.01", "#sparsity": "0.5",
-                "#seqlen": "", "#wbits": "", "#max_windows": "", "#revision": "", "#model": "",
-                "#first_block": "", "#last_block": "", "#include": "", "#exclude": ""}
+    defaults = {
+        "#nsamples": "128",
+        "#seed": "0",
+        "#blocksize": "128",
+        "#percdamp": "0.01",
+        "#sparsity": "0.5",
+        "#seqlen": "",
+        "#wbits": "",
+        "#max_windows": "",
+        "#revision": "",
+        "#model": "",
+        "#first_block": "",
+        "#last_block": "",
+        "#include": "",
+        "#exclude": "",
+    }
     for selector, value in defaults.items():
         expect(page.locator(selector)).to_have_value(value)
     expect(page.locator("#method")).to_have_value("sparsegpt")
     expect(page.locator("#dtype")).to_have_value("auto")
-    expect(page.locator('input[name=calibration_source][value=c4]')).to_be_checked()
-    expect(page.locator('input[name=eval_sets][value=wikitext2]')).to_be_checked()
-    expect(page.locator('input[name=dense]')).to_be_checked()
+    expect(page.locator("input[name=calibration_source][value=c4]")).to_be_checked()
+    expect(page.locator("input[name=eval_sets][value=wikitext2]")).to_be_checked()
+    expect(page.locator("input[name=dense]")).to_be_checked()
     assert page.locator(".field").count() == page.locator(".field .help").count() >= 18
     shot(page, "02-new-job-form")
 
@@ -59,7 +72,7 @@ def test_bad_form_shows_errors_by_their_fields_and_keeps_values(page, dashboard,
     page.fill("#seqlen", "32")
     page.fill("#percdamp", "abc")
     page.select_option("#method", "wanda")
-    page.check('input[name=calibration_source][value=path]')
+    page.check("input[name=calibration_source][value=path]")
     page.fill("#calibration_path", "/etc/passwd")
     with page.expect_response(lambda r: r.url.endswith("/jobs/new") and r.request.method == "POST") as info:
         page.click("#submit-job")
@@ -70,11 +83,17 @@ def test_bad_form_shows_errors_by_their_fields_and_keeps_values(page, dashboard,
     expect(page.locator(".field:has(#percdamp) .field-error")).to_have_text("Must be a number (got abc)")
     assert page.locator(".field.has-error").count() == 3
     # The values come back as typed.
-    for selector, value in {"#model": model, "#sparsity": "3:2", "#nsamples": "0", "#seqlen": "32",
-                            "#percdamp": "abc", "#calibration_path": "/etc/passwd"}.items():
+    for selector, value in {
+        "#model": model,
+        "#sparsity": "3:2",
+        "#nsamples": "0",
+        "#seqlen": "32",
+        "#percdamp": "abc",
+        "#calibration_path": "/etc/passwd",
+    }.items():
         expect(page.locator(selector)).to_have_value(value)
     expect(page.locator("#method")).to_have_value("wanda")
-    expect(page.locator('input[name=calibration_source][value=path]')).to_be_checked()
+    expect(page.locator("input[name=calibration_source][value=path]")).to_be_checked()
     shot(page, "03-new-job-errors")
 
     # Fixed, the spec passes; the server's own checks (allowed directories) answer next.
@@ -93,11 +112,11 @@ def test_submit_watch_live_results_and_download(page, dashboard, allowed_dir, tm
     page.goto("/jobs/new")
     page.fill("#model", str(allowed_dir / "llama"))
     page.fill("#sparsity", "2:4")
-    page.check('input[name=calibration_source][value=file]')
+    page.check("input[name=calibration_source][value=file]")
     page.set_input_files("#calibration_file", str(allowed_dir / "calibration.txt"))
     page.fill("#nsamples", "4")
     page.fill("#seqlen", "32")
-    page.uncheck('input[name=eval_sets][value=wikitext2]')
+    page.uncheck("input[name=eval_sets][value=wikitext2]")
     page.fill("#eval_extra", str(allowed_dir / "eval.txt"))
     page.fill("#max_windows", "2")
     page.select_option("#dtype", "float32")
@@ -158,7 +177,9 @@ def test_submit_watch_live_results_and_download(page, dashboard, allowed_dir, tm
 def deep_job(allowed_dir) -> dict:
     """Slow enough on the CPU to be cancelled while it runs."""
     return {
-        "model": str(allowed_dir / "llama-deep"), "sparsity": 0.5, "dtype": "float32",
+        "model": str(allowed_dir / "llama-deep"),
+        "sparsity": 0.5,
+        "dtype": "float32",
         "calibration": {"dataset": str(allowed_dir / "valid.txt"), "nsamples": 128, "seqlen": 256},
         "evaluation": {"datasets": []},
     }
@@ -224,7 +245,7 @@ def test_clone_edit_and_compare(page, dashboard):
     expect(page.locator("#seqlen")).to_have_value("32")
     expect(page.locator("#max_windows")).to_have_value("2")
     expect(page.locator("#dtype")).to_have_value("float32")
-    expect(page.locator('input[name=calibration_source][value=upload]')).to_be_checked()
+    expect(page.locator("input[name=calibration_source][value=upload]")).to_be_checked()
     expect(page.locator("#calibration_upload")).to_have_value(spec["calibration"]["dataset"])
     expect(page.locator("#eval_extra")).to_have_value(spec["evaluation"]["datasets"][0])
     page.select_option("#method", "wanda")
@@ -282,9 +303,9 @@ def test_not_found_and_bad_queries(page, dashboard):
 def test_a_failed_job_shows_its_reason(page, dashboard, allowed_dir):
     page.goto("/jobs/new")
     page.fill("#model", str(allowed_dir))  # a directory, but no model in it: refused at submit, nothing queued
-    page.check('input[name=calibration_source][value=path]')
+    page.check("input[name=calibration_source][value=path]")
     page.fill("#calibration_path", str(allowed_dir / "calibration.txt"))
-    page.uncheck('input[name=eval_sets][value=wikitext2]')
+    page.uncheck("input[name=eval_sets][value=wikitext2]")
     page.click("#submit-job")
     expect(page.locator("body")).to_contain_text("holds no loadable model: config.json is missing")
     assert re.search(r"/jobs/new$|/jobs$", page.url), page.url
@@ -295,11 +316,11 @@ def test_a_failed_job_shows_its_reason(page, dashboard, allowed_dir):
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     page.goto("/jobs/new")
     page.fill("#model", str(broken))
-    page.check('input[name=calibration_source][value=path]')
+    page.check("input[name=calibration_source][value=path]")
     page.fill("#calibration_path", str(allowed_dir / "calibration.txt"))
     page.fill("#nsamples", "4")
     page.fill("#seqlen", "32")
-    page.uncheck('input[name=eval_sets][value=wikitext2]')
+    page.uncheck("input[name=eval_sets][value=wikitext2]")
     page.click("#submit-job")
     expect(page).to_have_url(re.compile(r"/jobs/\d+$"))
     job_id = int(page.url.rsplit("/", 1)[1])

@@ -20,8 +20,14 @@ from worker.engine.contract.spec_fields import leaf_fields
 
 @pytest.fixture()
 def client(tmp_path, redis_available):
-    settings = Settings(_env_file=None, data_dir=tmp_path, redis_url="redis://127.0.0.1:6379/11", auth="off",
-                        queue=f"test-form-{uuid.uuid4().hex[:8]}", sweep_interval_s=0)
+    settings = Settings(
+        _env_file=None,
+        data_dir=tmp_path,
+        redis_url="redis://127.0.0.1:6379/11",
+        auth="off",
+        queue=f"test-form-{uuid.uuid4().hex[:8]}",
+        sweep_interval_s=0,
+    )
     with TestClient(create_app(settings)) as client:
         yield client
 
@@ -54,8 +60,12 @@ def test_the_form_tells_how_long_a_model_took_here(client):
             job = crud.create_job(session, spec={"model": "org/known", "method": "sparsegpt", "sparsity": "2:4"})
             job.status, job.started_at, job.finished_at = "succeeded", now - timedelta(seconds=seconds), now
             session.flush()
-            session.add_all([ModuleResult(job_id=job.id, block=b, name="mlp.up_proj", sparsity=0.5, error=0.1,
-                                          seconds=1.0) for b in range(blocks)])
+            session.add_all(
+                [
+                    ModuleResult(job_id=job.id, block=b, name="mlp.up_proj", sparsity=0.5, error=0.1, seconds=1.0)
+                    for b in range(blocks)
+                ]
+            )
     html = client.get("/jobs/new").text
     row = re.search(r'<tr data-model="org/known" data-total="([^"]+)">(.*?)</tr>', html, re.S)
     assert row and row.group(1) == "5m 00s", html[:500]  # 3 blocks x 100 s
@@ -76,7 +86,9 @@ def test_the_template_has_no_hand_written_help_for_a_spec_field():
     for name in HELP:
         block = re.search(rf'name="{name}".*?<p class="help"[^>]*>(.*?)</p>', template, re.S)
         if block and "{{" not in block.group(1)[:40]:
-            pytest.fail(f"{name}: its help is written in the template, not the spec's description: {block.group(1)[:80]}")
+            pytest.fail(
+                f"{name}: its help is written in the template, not the spec's description: {block.group(1)[:80]}"
+            )
 
 
 def test_the_duration_hint_follows_the_model_field_in_a_browser(client, browser):
@@ -86,14 +98,18 @@ def test_the_duration_hint_follows_the_model_field_in_a_browser(client, browser)
         job = crud.create_job(session, spec={"model": "org/known", "method": "sparsegpt", "sparsity": "2:4"})
         job.status, job.started_at, job.finished_at = "succeeded", now - timedelta(seconds=200), now
         session.flush()
-        session.add_all([ModuleResult(job_id=job.id, block=b, name="q", sparsity=0.5, error=0.1, seconds=1.0)
-                         for b in range(2)])
+        session.add_all(
+            [ModuleResult(job_id=job.id, block=b, name="q", sparsity=0.5, error=0.1, seconds=1.0) for b in range(2)]
+        )
 
     def answer(route):
         path = route.request.url.split("form.test", 1)[1]
         response = client.get(path)
-        route.fulfill(status=response.status_code, body=response.content,
-                      headers={"content-type": response.headers.get("content-type", "text/html")})
+        route.fulfill(
+            status=response.status_code,
+            body=response.content,
+            headers={"content-type": response.headers.get("content-type", "text/html")},
+        )
 
     context = browser.new_context()
     page = context.new_page()

@@ -6,7 +6,16 @@ import pytest
 from pydantic import ValidationError
 
 from app.web.charts import line_chart
-from app.web.forms import FORM_DEFAULTS, HELP, OPTIONAL_SECTIONS, field_errors, form_from_spec, form_values, spec_body, split_list
+from app.web.forms import (
+    FORM_DEFAULTS,
+    HELP,
+    OPTIONAL_SECTIONS,
+    field_errors,
+    form_from_spec,
+    form_values,
+    spec_body,
+    split_list,
+)
 from app.web.pages import flatten
 from worker.engine.contract.spec import JobSpec, get_path
 from worker.engine.contract.spec_fields import leaf_fields
@@ -35,19 +44,40 @@ def test_empty_optional_inputs_take_the_specs_defaults():
     assert JobSpec.model_validate(spec_body(values)) == JobSpec(model="org/name", sparsity="2:4")
 
 
-@pytest.mark.parametrize("spec", [
-    {"model": "org/name", "revision": "v1", "method": "wanda", "sparsity": "4:8", "dtype": "bfloat16",
-     "calibration": {"dataset": "upload:7", "nsamples": 16, "seqlen": 64, "seed": 3},
-     "evaluation": {"datasets": ["ptb", "/data/eval.txt"], "max_windows": 5, "dense": False},
-     "solver": {"blocksize": 64, "percdamp": 0.05}},
-    {"model": "/models/llama", "sparsity": 0.6, "calibration": {"dataset": "/data/c.txt"},
-     "evaluation": {"datasets": []}, "solver": {"wbits": 4, "percdamp": 1e-5}},
-    {"model": "org/name", "sparsity": "2:4", "solver": {"exact": True}},
-    {"model": "org/name", "sparsity": 0.5,
-     "layers": {"first_block": 2, "last_block": 9, "include": ["*.mlp.*", "*.self_attn.o_proj"],
-                "exclude": ["*.mlp.down_proj"]}},
-    {"model": "org/name", "sparsity": 0.7, "layers": {"last_block": 0, "exclude": ["model.layers.0.*"]}},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {
+            "model": "org/name",
+            "revision": "v1",
+            "method": "wanda",
+            "sparsity": "4:8",
+            "dtype": "bfloat16",
+            "calibration": {"dataset": "upload:7", "nsamples": 16, "seqlen": 64, "seed": 3},
+            "evaluation": {"datasets": ["ptb", "/data/eval.txt"], "max_windows": 5, "dense": False},
+            "solver": {"blocksize": 64, "percdamp": 0.05},
+        },
+        {
+            "model": "/models/llama",
+            "sparsity": 0.6,
+            "calibration": {"dataset": "/data/c.txt"},
+            "evaluation": {"datasets": []},
+            "solver": {"wbits": 4, "percdamp": 1e-5},
+        },
+        {"model": "org/name", "sparsity": "2:4", "solver": {"exact": True}},
+        {
+            "model": "org/name",
+            "sparsity": 0.5,
+            "layers": {
+                "first_block": 2,
+                "last_block": 9,
+                "include": ["*.mlp.*", "*.self_attn.o_proj"],
+                "exclude": ["*.mlp.down_proj"],
+            },
+        },
+        {"model": "org/name", "sparsity": 0.7, "layers": {"last_block": 0, "exclude": ["model.layers.0.*"]}},
+    ],
+)
 def test_clone_round_trip(spec):
     """A stored spec, put in the form (Clone) and submitted unchanged, is the same spec."""
     stored = JobSpec.model_validate(spec).model_dump(mode="json")
@@ -81,8 +111,15 @@ def test_the_quantization_inputs():
     assert JobSpec.model_validate(spec_body({**base, "quant_scheme": "W4A16"})).quantization.group_size == 128
     assert JobSpec.model_validate(spec_body({**base, "quant_scheme": "FP8_DYNAMIC"})).quantization.group_size == -1
     # posted fields as the browser sends them: the checkbox on by its name
-    values = form_values({"model": ["org/name"], "quant_scheme": ["W4A16"], "quant_group_size": [" 64 "],
-                          "quant_actorder": ["1"], "calibration_source": ["c4"]})
+    values = form_values(
+        {
+            "model": ["org/name"],
+            "quant_scheme": ["W4A16"],
+            "quant_group_size": [" 64 "],
+            "quant_actorder": ["1"],
+            "calibration_source": ["c4"],
+        }
+    )
     assert (values["quant_scheme"], values["quant_group_size"], values["quant_actorder"]) == ("W4A16", "64", True)
     # the help under each input is the spec's own description of the field
     q = JobSpec.model_fields["quantization"].annotation
@@ -92,13 +129,16 @@ def test_the_quantization_inputs():
         assert HELP[name] == description[:1].upper() + description[1:] and HELP[name]
 
 
-@pytest.mark.parametrize(("quantization", "extra", "field", "words"), [
-    ({"scheme": "FP8_DYNAMIC", "group_size": 128}, {}, "quant_group_size", "FP8_DYNAMIC has one scale per output"),
-    ({"scheme": "W3A16"}, {}, "quant_scheme", "W4A16"),
-    ({"group_size": 64}, {}, "quant_scheme", "quantization.scheme is required"),
-    ({"scheme": "W4A16", "group_size": 0}, {}, "quant_group_size", "positive number of input columns"),
-    ({"scheme": "W4A16", "actorder": True}, {"method": "wanda"}, "quant_actorder", "sparsegpt only"),
-])
+@pytest.mark.parametrize(
+    ("quantization", "extra", "field", "words"),
+    [
+        ({"scheme": "FP8_DYNAMIC", "group_size": 128}, {}, "quant_group_size", "FP8_DYNAMIC has one scale per output"),
+        ({"scheme": "W3A16"}, {}, "quant_scheme", "W4A16"),
+        ({"group_size": 64}, {}, "quant_scheme", "quantization.scheme is required"),
+        ({"scheme": "W4A16", "group_size": 0}, {}, "quant_group_size", "positive number of input columns"),
+        ({"scheme": "W4A16", "actorder": True}, {"method": "wanda"}, "quant_actorder", "sparsegpt only"),
+    ],
+)
 def test_quantization_errors_sit_by_their_input(quantization, extra, field, words):
     with pytest.raises(ValidationError) as caught:
         JobSpec.model_validate({"model": "org/name", "sparsity": 0.5, "quantization": quantization, **extra})
@@ -113,9 +153,18 @@ def test_clone_of_a_spec_stored_before_layers_existed():
 
 def test_posted_fields_to_the_spec():
     """What a browser posts (checkboxes only when ticked, lists as text) -> the nested body."""
-    fields = {"model": [" org/name "], "sparsity": ["2:4"], "calibration_source": ["path"],
-              "calibration_path": ["/data/c.txt"], "eval_sets": ["c4", "ptb"], "eval_extra": ["upload:3,\n/data/e.txt"],
-              "exact": ["1"], "first_block": ["1"], "include": ["*.mlp.*,\n*.self_attn.*,"], "exclude": [" "]}
+    fields = {
+        "model": [" org/name "],
+        "sparsity": ["2:4"],
+        "calibration_source": ["path"],
+        "calibration_path": ["/data/c.txt"],
+        "eval_sets": ["c4", "ptb"],
+        "eval_extra": ["upload:3,\n/data/e.txt"],
+        "exact": ["1"],
+        "first_block": ["1"],
+        "include": ["*.mlp.*,\n*.self_attn.*,"],
+        "exclude": [" "],
+    }
     spec = JobSpec.model_validate(spec_body(form_values(fields)))
     assert spec.model == "org/name" and spec.calibration.dataset == "/data/c.txt"
     assert spec.evaluation.datasets == ["c4", "ptb", "upload:3", "/data/e.txt"]
@@ -137,7 +186,12 @@ def test_errors_land_on_their_fields():
         "nsamples": ["Must be at least 1 (got 0)"],
     }
     assert set(errors_for(seqlen="4", blocksize="x", percdamp="2", seed="-1", max_windows="0")) == {
-        "seqlen", "blocksize", "percdamp", "seed", "max_windows"}
+        "seqlen",
+        "blocksize",
+        "percdamp",
+        "seed",
+        "max_windows",
+    }
     assert set(errors_for(calibration_source="path", calibration_path="relative.txt")) == {"calibration_source"}
     assert set(errors_for(eval_extra="nonsense")) == {"eval_sets"}
     assert set(errors_for(model="../etc")) == {"model"}

@@ -19,9 +19,13 @@ def wait_status(service, job_id: int, statuses: tuple[str, ...], timeout: float 
 
 
 def small(allowed_dir, model: str = "llama", sparsity="2:4", **calibration) -> dict:
-    return {"model": str(allowed_dir / model), "sparsity": sparsity, "dtype": "float32",
-            "calibration": {"dataset": str(allowed_dir / "calibration.txt"), "nsamples": 4, "seqlen": 32, **calibration},
-            "evaluation": {"datasets": []}}
+    return {
+        "model": str(allowed_dir / model),
+        "sparsity": sparsity,
+        "dtype": "float32",
+        "calibration": {"dataset": str(allowed_dir / "calibration.txt"), "nsamples": 4, "seqlen": 32, **calibration},
+        "evaluation": {"datasets": []},
+    }
 
 
 def test_details_go_live_when_a_queued_job_starts(page, dashboard, allowed_dir):

@@ -50,11 +50,19 @@ def test_status_filter_and_counts(client):
     assert 'id="disk-artifacts">0 B<' in page.text
 
 
-@pytest.mark.parametrize("url, code", [
-    ("/?status=bogus", 400), ("/jobs/0", 404), ("/jobs/99999999999", 404), ("/jobs/-1", 404),
-    ("/compare?ids=1,,2;drop", 400), ("/compare?ids=" + ",".join(map(str, range(1, 20))), 400),
-    ("/jobs/new?clone=x", 404), ("/compare?ids=1,999", 404),
-])
+@pytest.mark.parametrize(
+    "url, code",
+    [
+        ("/?status=bogus", 400),
+        ("/jobs/0", 404),
+        ("/jobs/99999999999", 404),
+        ("/jobs/-1", 404),
+        ("/compare?ids=1,,2;drop", 400),
+        ("/compare?ids=" + ",".join(map(str, range(1, 20))), 400),
+        ("/jobs/new?clone=x", 404),
+        ("/compare?ids=1,999", 404),
+    ],
+)
 def test_bad_queries_are_pages_not_errors(client, url, code):
     response = client.get(url)
     assert response.status_code == code
@@ -76,8 +84,13 @@ def test_cancel_and_retry_forms(client):
 
 def test_dashboard_submissions_obey_the_per_user_cap(tmp_path):
     """Retry (like the form) goes through the API's create path: cap reached -> 429 with the reason."""
-    settings = Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:6379/11", auth="off",
-                        max_active_jobs_per_user=1, queue="test-pages-cap")  # a queue no worker reads
+    settings = Settings(
+        data_dir=tmp_path,
+        redis_url="redis://127.0.0.1:6379/11",
+        auth="off",
+        max_active_jobs_per_user=1,
+        queue="test-pages-cap",
+    )  # a queue no worker reads
     with TestClient(create_app(settings)) as client:
         with db.session_scope(settings.database) as session:
             crud.create_job(session, spec={"model": "org/m", "method": "wanda", "sparsity": "2:4"})
@@ -98,8 +111,9 @@ def test_forms_as_different_users(tmp_path):
     its sender's; only its owner or an admin cancels or retries it from the job's page."""
     from app.tokens import hash_token, new_token
 
-    settings = Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:6379/11", auth="required",
-                        queue="test-pages-users")  # a queue no worker reads
+    settings = Settings(
+        data_dir=tmp_path, redis_url="redis://127.0.0.1:6379/11", auth="required", queue="test-pages-users"
+    )  # a queue no worker reads
     with TestClient(create_app(settings), follow_redirects=False) as client:
         tokens = {}
         with db.session_scope(settings.database) as session:
@@ -107,14 +121,25 @@ def test_forms_as_different_users(tmp_path):
                 tokens[name] = new_token()
                 crud.create_user(session, name=name, token_hash=hash_token(tokens[name]), is_admin=admin)
         as_ = {name: {"Authorization": f"Bearer {token}"} for name, token in tokens.items()}
-        form = {"model": "org/name", "sparsity": "2:4", "method": "wanda", "calibration_source": "c4",
-                "eval_sets": "wikitext2", "first_block": "1", "include": "*.mlp.*"}
+        form = {
+            "model": "org/name",
+            "sparsity": "2:4",
+            "method": "wanda",
+            "calibration_source": "c4",
+            "eval_sets": "wikitext2",
+            "first_block": "1",
+            "include": "*.mlp.*",
+        }
         created = client.post("/jobs/new", data=form, headers=as_["alice"])
         assert created.status_code == 303, created.text
         job_id = int(created.headers["location"].rsplit("/", 1)[1])
         job = client.get(f"/api/v1/jobs/{job_id}", headers=as_["bob"]).json()
         assert job["owner"] == "alice" and job["spec"]["layers"] == {
-            "first_block": 1, "last_block": None, "include": ["*.mlp.*"], "exclude": []}
+            "first_block": 1,
+            "last_block": None,
+            "include": ["*.mlp.*"],
+            "exclude": [],
+        }
         page = client.get(f"/jobs/{job_id}", headers=as_["bob"]).text
         assert 'id="cancel-job"' not in page and "only *.mlp.*" in page  # bob sees it, without Cancel
 
@@ -137,10 +162,16 @@ def test_the_job_page_charts_the_profile_target_against_achieved(client):
 
     with db.session_scope(client.app.state.settings.database) as session:
         job = session.get(Job, 1)
-        job.status, job.result = "succeeded", {"profile": {"profile": "owl", "targets": [0.62, 0.78],
-                                                           "achieved": [0.6201, 0.7799]}}
-        session.add_all([ModuleResult(job_id=1, block=b, name="mlp.up_proj", sparsity=s, error=0.1)
-                         for b, s in ((0, 0.6201), (1, 0.7799))])
+        job.status, job.result = (
+            "succeeded",
+            {"profile": {"profile": "owl", "targets": [0.62, 0.78], "achieved": [0.6201, 0.7799]}},
+        )
+        session.add_all(
+            [
+                ModuleResult(job_id=1, block=b, name="mlp.up_proj", sparsity=s, error=0.1)
+                for b, s in ((0, 0.6201), (1, 0.7799))
+            ]
+        )
         session.add(ModuleResult(job_id=2, block=0, name="mlp.up_proj", sparsity=0.5, error=0.1))
     page = client.get("/jobs/1")
     assert page.status_code == 200 and 'id="chart-profile"' in page.text and "owl" in page.text
@@ -157,11 +188,27 @@ def test_the_job_page_reads_the_stored_report_old_and_whole(client):
     from app.models import Job
 
     old = json.loads((Path(__file__).parents[1] / "engine" / "data" / "report_before_typing.json").read_text())
-    kept = ("model", "method", "pattern", "sparsity", "sparsity_pruned_modules", "coverage", "experts", "seconds",
-            "peak_memory_bytes", "environment", "profile", "refit", "zero_shot")
+    kept = (
+        "model",
+        "method",
+        "pattern",
+        "sparsity",
+        "sparsity_pruned_modules",
+        "coverage",
+        "experts",
+        "seconds",
+        "peak_memory_bytes",
+        "environment",
+        "profile",
+        "refit",
+        "zero_shot",
+    )
     with db.session_scope(client.app.state.settings.database) as session:
-        for job_id, result in ((1, {k: old[k] for k in kept}), (2, {**old, "revision": "r1"}),
-                               (3, {**old, "refit": {"layers": "many"}, "seconds": [1]})):
+        for job_id, result in (
+            (1, {k: old[k] for k in kept}),
+            (2, {**old, "revision": "r1"}),
+            (3, {**old, "refit": {"layers": "many"}, "seconds": [1]}),
+        ):
             job = session.get(Job, job_id)
             job.status, job.result = "succeeded", result
     for job_id in (1, 2, 3):

@@ -25,7 +25,9 @@ SESSION = "sparsegpt_session"
 
 @pytest.fixture(scope="module")
 def server(module_redis, tmp_path_factory):
-    with web_server(tmp_path_factory.mktemp("sessions"), module_redis.url, users=("alice", "bob", "carol", "dave")) as s:
+    with web_server(
+        tmp_path_factory.mktemp("sessions"), module_redis.url, users=("alice", "bob", "carol", "dave")
+    ) as s:
         yield s
 
 
@@ -44,8 +46,14 @@ def rows(server, name: str | None = None) -> list[WebSession]:
 
 
 def users_cli(server, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app.cli", "users", *args], cwd=REPO, env=server.env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", "users", *args],
+        cwd=REPO,
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_logout_ends_the_session_for_a_copy_of_the_cookie(server):
@@ -89,11 +97,14 @@ def test_the_database_keeps_only_a_hash_of_the_session_id(server):
 
     # A row that has expired admits nobody, although the cookie's signature is still young.
     with db.session_scope(server.database) as session:
-        session.execute(update(WebSession).where(WebSession.id == row.id).values(expires_at=utcnow() - timedelta(seconds=1)))
+        session.execute(
+            update(WebSession).where(WebSession.id == row.id).values(expires_at=utcnow() - timedelta(seconds=1))
+        )
     assert me(server, cookie).status_code == 401
     # Nor does a well-signed cookie whose session the server never made (or has forgotten).
     forged = URLSafeTimedSerializer(settings.session_secret(), salt="sparsegpt-session").dumps(
-        {"sid": "x" * 43, "uid": row.user_id, "th": "0" * 32})
+        {"sid": "x" * 43, "uid": row.user_id, "th": "0" * 32}
+    )
     assert me(server, forged).status_code == 401
 
 

@@ -20,9 +20,15 @@ from worker import celery_app
 
 @pytest.fixture()
 def client(tmp_path, redis_available):
-    settings = Settings(_env_file=None, data_dir=str(tmp_path), database_url=f"sqlite:///{tmp_path}/db.sqlite",
-                        redis_url="redis://127.0.0.1:6379/12", auth="off", sweep_interval_s=0,
-                        queue=f"idle-{secrets.token_hex(3)}")
+    settings = Settings(
+        _env_file=None,
+        data_dir=str(tmp_path),
+        database_url=f"sqlite:///{tmp_path}/db.sqlite",
+        redis_url="redis://127.0.0.1:6379/12",
+        auth="off",
+        sweep_interval_s=0,
+        queue=f"idle-{secrets.token_hex(3)}",
+    )
     r = redis.Redis.from_url(settings.redis_url)
     for key in r.scan_iter(match=streams.WORKER_PATTERN):
         r.delete(key)

@@ -19,9 +19,13 @@ def test_workers_page_shows_the_worker_and_its_job(page, dashboard, allowed_dir)
     expect(row.locator(".worker-gpu")).to_have_text("CPU only")
     expect(row.locator(".worker-seen")).to_contain_text("s ago")
     expect(row.locator(".worker-queues")).to_contain_text(dashboard.env["SPARSEGPT_QUEUE"])
-    body = {"model": str(allowed_dir / "llama-deep"), "sparsity": 0.5, "dtype": "float32",
-            "calibration": {"dataset": str(allowed_dir / "calibration.txt"), "nsamples": 32, "seqlen": 64},
-            "evaluation": {"datasets": [str(allowed_dir / "eval.txt")], "max_windows": 2}}
+    body = {
+        "model": str(allowed_dir / "llama-deep"),
+        "sparsity": 0.5,
+        "dtype": "float32",
+        "calibration": {"dataset": str(allowed_dir / "calibration.txt"), "nsamples": 32, "seqlen": 64},
+        "evaluation": {"datasets": [str(allowed_dir / "eval.txt")], "max_windows": 2},
+    }
     job_id = dashboard.client.post("/api/v1/jobs", json=body).json()["id"]
     try:
         link = row.locator(f'.worker-job a[href="/jobs/{job_id}"]')

@@ -35,8 +35,13 @@ def machines(tmp_path, monkeypatch):
         database = f"sqlite:///{tmp_path / 'db.sqlite'}"
 
         def machine(name: str) -> Settings:
-            return Settings(_env_file=None, data_dir=str(tmp_path / name), database_url=database,
-                            storage_url=f"s3://{BUCKET}/c", heartbeat_interval_s=0.5)
+            return Settings(
+                _env_file=None,
+                data_dir=str(tmp_path / name),
+                database_url=database,
+                storage_url=f"s3://{BUCKET}/c",
+                heartbeat_interval_s=0.5,
+            )
 
         settings = [machine(f"m{i}") for i in range(3)]
         db.migrate(database)

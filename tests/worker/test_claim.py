@@ -16,8 +16,12 @@ from app.models import utcnow
 def settings(service_env) -> Settings:
     env = service_env
     s = Settings(
-        _env_file=None, data_dir=env["SPARSEGPT_DATA_DIR"], database_url=env["DATABASE_URL"],
-        redis_url=env["REDIS_URL"], local_dirs=env["SPARSEGPT_LOCAL_DIRS"], max_attempts=2,
+        _env_file=None,
+        data_dir=env["SPARSEGPT_DATA_DIR"],
+        database_url=env["DATABASE_URL"],
+        redis_url=env["REDIS_URL"],
+        local_dirs=env["SPARSEGPT_LOCAL_DIRS"],
+        max_attempts=2,
     )
     db.migrate(s.database)
     return s
@@ -31,10 +35,20 @@ def new_job(settings) -> int:
 def claim(settings, job_id, *, worker="w1@host", pid=111, stale_s=60.0, dead=False):
     with db.session_scope(settings.database) as session:
         result = crud.claim_job(
-            session, job_id=job_id, worker=worker, pid=pid, stale_before=crud.stale_before(stale_s),
-            max_attempts=settings.max_attempts, owner_is_dead=lambda w, p: dead,
+            session,
+            job_id=job_id,
+            worker=worker,
+            pid=pid,
+            stale_before=crud.stale_before(stale_s),
+            max_attempts=settings.max_attempts,
+            owner_is_dead=lambda w, p: dead,
         )
-        return result.claimed, (result.job.status if result.job else None), (result.job.attempt if result.job else None), result.reason
+        return (
+            result.claimed,
+            (result.job.status if result.job else None),
+            (result.job.attempt if result.job else None),
+            result.reason,
+        )
 
 
 def test_claim_once_then_redelivery_does_nothing(settings):
@@ -64,7 +78,10 @@ def test_only_the_owning_attempt_finishes_or_beats(settings):
         assert crud.heartbeat(session, job_id=job_id, attempt=2, progress={"stage": "pruning"}) == (True, False)
         assert not crud.finish_job(session, job_id=job_id, attempt=1, status="succeeded")
         assert crud.finish_job(
-            session, job_id=job_id, attempt=2, status="succeeded",
+            session,
+            job_id=job_id,
+            attempt=2,
+            status="succeeded",
             modules=[{"block": 0, "name": "q", "sparsity": 0.5, "error": 0.1, "seconds": 0.2}],
             metrics=[{"dataset": "wikitext2", "dense_perplexity": 10.0, "perplexity": 11.0}],
         )
@@ -108,7 +125,9 @@ def test_failure_reasons_are_actionable(settings, monkeypatch):
     spec = {"model": "org/model", "calibration": {"nsamples": 128, "seqlen": 2048}}
     oom = describe_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), spec, settings)
     assert "nsamples 128 -> 64" in oom and "seqlen 2048 -> 1024" in oom
-    missing = describe_failure(OSError("org/model is not a local folder and is not a valid model identifier"), spec, settings)
+    missing = describe_failure(
+        OSError("org/model is not a local folder and is not a valid model identifier"), spec, settings
+    )
     assert "not found" in missing
     gated = describe_failure(ModelNotFound("org/model is gated: request access"), spec, settings)
     assert gated.startswith("org/model is gated") and "set HF_TOKEN for the workers" in gated

@@ -42,7 +42,11 @@ def wait_attempt_running(stack, job_id: int, attempt: int, timeout: float = 120)
     with stack.client() as c:
         while time.monotonic() < deadline:
             job = c.get(f"/api/v1/jobs/{job_id}").json()
-            if job["status"] == "running" and job["attempt"] == attempt and (job.get("progress") or {}).get("stage") == "pruning":
+            if (
+                job["status"] == "running"
+                and job["attempt"] == attempt
+                and (job.get("progress") or {}).get("stage") == "pruning"
+            ):
                 return job
             assert job["status"] in ("queued", "running"), job
             time.sleep(0.1)
@@ -89,7 +93,10 @@ def test_sigkill_mid_job(make_stack, redis_server, models_dir):
     os.kill(pid, signal.SIGKILL)
     job = stack.wait(first, timeout=240)
     assert_finished_once(stack, job, attempt=2)
-    assert "WorkerLostError" in stack.workers[0].log.read_text() or "exited prematurely" in stack.workers[0].log.read_text()
+    assert (
+        "WorkerLostError" in stack.workers[0].log.read_text()
+        or "exited prematurely" in stack.workers[0].log.read_text()
+    )
 
     with stack.client() as c:
         second = c.post("/api/v1/jobs", json=slow_body(models_dir)).json()["id"]

@@ -22,8 +22,15 @@ from tests.support.pg import scratch_database
 @pytest.fixture(params=["sqlite", "postgresql"])
 def settings(request, tmp_path, redis_available):
     def make(url: str) -> Settings:
-        s = Settings(_env_file=None, data_dir=str(tmp_path), database_url=url, redis_url="redis://127.0.0.1:6379/13",
-                     heartbeat_timeout_s=30, max_attempts=3, sweep_interval_s=0)
+        s = Settings(
+            _env_file=None,
+            data_dir=str(tmp_path),
+            database_url=url,
+            redis_url="redis://127.0.0.1:6379/13",
+            heartbeat_timeout_s=30,
+            max_attempts=3,
+            sweep_interval_s=0,
+        )
         db.migrate(s.database)
         return s
 
@@ -53,8 +60,14 @@ def running_job(settings, *, behind_s: float, monkeypatch) -> int:
     with db.session_scope(settings.database) as session:
         job_id = crud.create_job(session, spec={"model": "a/b", "method": "sparsegpt", "sparsity": "2:4"}).id
     with db.session_scope(settings.database) as session:
-        claim = crud.claim_job(session, job_id=job_id, worker="slow@host", pid=1,
-                               stale_before=crud.stale_before(30, session), max_attempts=3)
+        claim = crud.claim_job(
+            session,
+            job_id=job_id,
+            worker="slow@host",
+            pid=1,
+            stale_before=crud.stale_before(30, session),
+            max_attempts=3,
+        )
         assert claim.claimed
     with db.session_scope(settings.database) as session:
         assert crud.heartbeat(session, job_id=job_id, attempt=1) == (True, False)
@@ -72,15 +85,26 @@ def test_the_sweeper_compares_with_the_database_clock(settings, monkeypatch):
     job_id = running_job(settings, behind_s=60, monkeypatch=monkeypatch)
     skew(monkeypatch, +60)  # the sweeper's machine runs ahead as well: 120 s between the two
     sent = []
-    report = sweep_once(settings, db.session_factory(settings.database), redis.Redis.from_url(settings.redis_url),
-                        send=lambda *a, **k: sent.append(a))
+    report = sweep_once(
+        settings,
+        db.session_factory(settings.database),
+        redis.Redis.from_url(settings.redis_url),
+        send=lambda *a, **k: sent.append(a),
+    )
     assert report.requeued == [] and sent == []
     with db.session_scope(settings.database) as session:
         assert session.get(Job, job_id).status == "running"
-        session.execute(Job.__table__.update().where(Job.id == job_id)
-                        .values(heartbeat_at=server_clock(session) - timedelta(seconds=31)))
-    report = sweep_once(settings, db.session_factory(settings.database), redis.Redis.from_url(settings.redis_url),
-                        send=lambda *a, **k: sent.append(a))
+        session.execute(
+            Job.__table__.update()
+            .where(Job.id == job_id)
+            .values(heartbeat_at=server_clock(session) - timedelta(seconds=31))
+        )
+    report = sweep_once(
+        settings,
+        db.session_factory(settings.database),
+        redis.Redis.from_url(settings.redis_url),
+        send=lambda *a, **k: sent.append(a),
+    )
     assert report.requeued == [job_id]  # a really stale heartbeat is still found
 
 

@@ -57,14 +57,26 @@ def as_the_engine_reports(err: Exception) -> EngineError:
         return reworded
 
 
-@pytest.mark.parametrize("answer", [
-    {"status": 401, "X-Error-Code": "GatedRepo", "X-Error-Message": "Access to model org/model is restricted. "
-     "You must have access to it and be authenticated to access it. Please log in."},
-    {"status": 403, "X-Error-Code": "GatedRepo", "X-Error-Message": "Access to model org/model is restricted and you "
-     "are not in the authorized list. Visit https://huggingface.co/org/model to ask for access."},
-    {"status": 401, "X-Error-Message": "Invalid credentials in Authorization header"},
-    {"status": 401, "X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"},  # private, no token
-], ids=["gated-401", "gated-403", "invalid-token", "private-repo"])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {
+            "status": 401,
+            "X-Error-Code": "GatedRepo",
+            "X-Error-Message": "Access to model org/model is restricted. "
+            "You must have access to it and be authenticated to access it. Please log in.",
+        },
+        {
+            "status": 403,
+            "X-Error-Code": "GatedRepo",
+            "X-Error-Message": "Access to model org/model is restricted and you "
+            "are not in the authorized list. Visit https://huggingface.co/org/model to ask for access.",
+        },
+        {"status": 401, "X-Error-Message": "Invalid credentials in Authorization header"},
+        {"status": 401, "X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"},  # private, no token
+    ],
+    ids=["gated-401", "gated-403", "invalid-token", "private-repo"],
+)
 def test_the_hint_goes_with_authentication_failures(answer, settings):
     status = answer.pop("status")
     err = hub_error(status, **answer)
@@ -86,7 +98,9 @@ def test_no_hint_for_a_repository_that_does_not_exist(settings):
         try:
             raise err
         except HfHubHTTPError:
-            raise ModelNotFound("model 'org/model' was not found (neither a local directory nor a Hub model id)") from None
+            raise ModelNotFound(
+                "model 'org/model' was not found (neither a local directory nor a Hub model id)"
+            ) from None
     except ModelNotFound as reported:
         reason = describe_failure(reported, SPEC, settings)
     assert "was not found" in reason and HINT not in reason
@@ -117,8 +131,9 @@ def test_no_hint_for_a_text_too_short_in_tokens(tmp_path, settings):
 
 
 def test_the_engine_gated_message_keeps_its_hint(settings):
-    reason = describe_failure(ModelNotFound("model 'org/model' is gated: accept its licence on the Hub and set HF_TOKEN"),
-                              SPEC, settings)
+    reason = describe_failure(
+        ModelNotFound("model 'org/model' is gated: accept its licence on the Hub and set HF_TOKEN"), SPEC, settings
+    )
     assert HINT in reason
 
 

@@ -3,8 +3,7 @@ names), the advertised override, CPU-only, and the tier queues its memory admits
 
 from __future__ import annotations
 
-from app.routing_tiers import tier_queue
-from app.routing_tiers import TIERS, plain_queue
+from app.routing_tiers import TIERS, plain_queue, tier_queue
 from worker.gpus import describe, parse_nvidia_smi, queues_for
 
 # nvidia-smi 550 on a two-GPU machine (H200 and A100 40GB; a name with a comma, as some have).
@@ -17,7 +16,10 @@ OUTPUT = """0, GPU-0f3c2a10-aaaa-bbbb-cccc-000000000000, NVIDIA H200, 143771
 def test_nvidia_smi_output_and_visible_devices():
     every = parse_nvidia_smi(OUTPUT, None)
     assert [(g["name"], g["memory_gb"]) for g in every] == [
-        ("NVIDIA H200", 150.8), ("NVIDIA A100-SXM4-40GB", 42.9), ("Tesla T4, Special", 16.1)]
+        ("NVIDIA H200", 150.8),
+        ("NVIDIA A100-SXM4-40GB", 42.9),
+        ("Tesla T4, Special", 16.1),
+    ]
     assert [g["index"] for g in parse_nvidia_smi(OUTPUT, "1")] == ["1"]
     assert [g["index"] for g in parse_nvidia_smi(OUTPUT, "2,0")] == ["2", "0"]
     assert [g["index"] for g in parse_nvidia_smi(OUTPUT, "GPU-7d1e9b22-aaaa-bbbb-cccc-111111111111")] == ["1"]

@@ -64,8 +64,10 @@ def test_local_store_keeps_one_directory_and_cleans_up(tmp_path):
     files.store.delete(str(tmp_path / "secret"))  # outside its areas: left alone
     files.delete_all()
     assert not files.dir.exists()
-    assert files.store.mirror(files.resume, files.checkpoints, named=lambda s: [], state="state.json",
-                              interval_s=1).pull() == 0
+    assert (
+        files.store.mirror(files.resume, files.checkpoints, named=lambda s: [], state="state.json", interval_s=1).pull()
+        == 0
+    )
 
 
 def test_local_store_uploads_are_moved_in_and_removed(tmp_path):
@@ -94,8 +96,10 @@ def test_s3_store_holds_every_format_and_nothing_stays_local(tmp_path, monkeypat
         final = saved_model(files)
         rows = files.publish(final, [packagers.HfTar(), Manifest()])
         assert s3.keys(BUCKET, "t/artifacts/9/") == [
-            "t/artifacts/9/sparsegpt-job-9.manifest.json", "t/artifacts/9/sparsegpt-job-9.tar",
-            "t/artifacts/9/sparsegpt_report.json"]
+            "t/artifacts/9/sparsegpt-job-9.manifest.json",
+            "t/artifacts/9/sparsegpt-job-9.tar",
+            "t/artifacts/9/sparsegpt_report.json",
+        ]
         check_published(files, final, rows)
         files.keep_only(rows)
         assert not final.exists(), "the store has it: no copy on this machine"

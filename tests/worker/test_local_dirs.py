@@ -33,9 +33,14 @@ def start_worker_in(stack, name: str, cwd: Path) -> Proc:
     (spawn always starts in the repository)."""
     log = stack.logs / f"worker-{name}.log"
     with log.open("wb") as handle:
-        popen = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", f"--hostname={name}@%h", "--loglevel=info"],
-                                 cwd=cwd, env={**stack.env, "PYTHONPATH": str(REPO)}, stdout=handle,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker", f"--hostname={name}@%h", "--loglevel=info"],
+            cwd=cwd,
+            env={**stack.env, "PYTHONPATH": str(REPO)},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     proc = Proc(popen, log)
     stack.workers.append(proc)  # stopped with the stack
     with stack.client() as client:
@@ -50,8 +55,13 @@ def start_worker_in(stack, name: str, cwd: Path) -> Proc:
 
 
 def job(models_dir: Path, model: str) -> dict:
-    return {"model": model, "sparsity": "2:4", "dtype": "float32",
-            "calibration": {"dataset": str(models_dir / "calib.txt"), **SMALL}, "evaluation": {"datasets": []}}
+    return {
+        "model": model,
+        "sparsity": "2:4",
+        "dtype": "float32",
+        "calibration": {"dataset": str(models_dir / "calib.txt"), **SMALL},
+        "evaluation": {"datasets": []},
+    }
 
 
 @pytest.mark.slow
@@ -124,8 +134,9 @@ def test_the_neutral_directory_is_emptied_and_relative_settings_are_pinned(tmp_p
         monkeypatch.delenv(name, raising=False)  # restored after the test
     leftover = tmp_path / "data" / WORKER_CWD / "outside" / "secretmodel"
     leftover.mkdir(parents=True)
-    settings = Settings(_env_file=None, data_dir=tmp_path / "data", local_dirs="models:other",
-                        database_url="sqlite:///db/jobs.db")
+    settings = Settings(
+        _env_file=None, data_dir=tmp_path / "data", local_dirs="models:other", database_url="sqlite:///db/jobs.db"
+    )
     path = prepare_neutral_cwd(settings)
     assert path == tmp_path / "data" / WORKER_CWD and list(path.iterdir()) == []
     os.chdir(path)

@@ -21,8 +21,14 @@ def settings(tmp_path) -> Settings:
 
 def job(settings, status: str) -> int:
     with db.session_scope(settings.database) as session:
-        row = Job(spec={"model": "a/b"}, model="a/b", method="sparsegpt", sparsity="2:4", status=status,
-                  worker="other@machine")
+        row = Job(
+            spec={"model": "a/b"},
+            model="a/b",
+            method="sparsegpt",
+            sparsity="2:4",
+            status=status,
+            worker="other@machine",
+        )
         session.add(row)
         session.flush()
         return row.id

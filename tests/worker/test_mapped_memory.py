@@ -15,9 +15,11 @@ def test_mapped_file_pages_are_not_counted(tmp_path):
     data = tmp_path / "weights.bin"
     with open(data, "wb") as f:
         f.truncate(300 * MB)
-    code = ("import mmap, sys, time; f = open(sys.argv[1], 'rb'); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ); "
-            "s = sum(m[i] for i in range(0, len(m), 4096)); b = bytearray(100 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
-            "print('ready', flush=True); time.sleep(30)")
+    code = (
+        "import mmap, sys, time; f = open(sys.argv[1], 'rb'); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ); "
+        "s = sum(m[i] for i in range(0, len(m), 4096)); b = bytearray(100 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+        "print('ready', flush=True); time.sleep(30)"
+    )
     child = subprocess.Popen([sys.executable, "-c", code, str(data)], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"

@@ -45,8 +45,10 @@ def dirs(tmp_path, models_dir):
     return allowed, outside
 
 
-@pytest.mark.parametrize("name,file", [("template", "chat_template.jinja"), ("weights", "model.safetensors"),
-                                       ("nested", "extra/tokenizer.model")])
+@pytest.mark.parametrize(
+    "name,file",
+    [("template", "chat_template.jinja"), ("weights", "model.safetensors"), ("nested", "extra/tokenizer.model")],
+)
 def test_a_link_out_of_the_allowed_directories_is_named(dirs, name, file):
     allowed, _ = dirs
     problem = escaped_file(allowed / name, [allowed])
@@ -60,13 +62,24 @@ def test_a_link_between_allowed_directories_is_fine(dirs):
 
 
 def _settings(tmp_path, allowed, **extra) -> Settings:
-    return Settings(_env_file=None, data_dir=str(tmp_path / "data"), database_url=f"sqlite:///{tmp_path}/db.sqlite",
-                    redis_url="redis://127.0.0.1:6379/13", local_dirs=str(allowed), min_free_disk_mb=0, **extra)
+    return Settings(
+        _env_file=None,
+        data_dir=str(tmp_path / "data"),
+        database_url=f"sqlite:///{tmp_path}/db.sqlite",
+        redis_url="redis://127.0.0.1:6379/13",
+        local_dirs=str(allowed),
+        min_free_disk_mb=0,
+        **extra,
+    )
 
 
 def _spec(allowed, name) -> dict:
-    return {"model": str(allowed / name), "sparsity": 0.5,
-            "calibration": {"dataset": str(allowed / "calib.txt"), **SMALL}, "evaluation": {"datasets": []}}
+    return {
+        "model": str(allowed / name),
+        "sparsity": 0.5,
+        "calibration": {"dataset": str(allowed / "calib.txt"), **SMALL},
+        "evaluation": {"datasets": []},
+    }
 
 
 @pytest.mark.parametrize("name,file", [("template", "chat_template.jinja"), ("weights", "model.safetensors")])
@@ -80,8 +93,14 @@ def test_the_worker_refuses_the_job_naming_the_file(dirs, tmp_path, name, file):
 
 def test_submit_answers_422_naming_the_file(dirs, tmp_path, redis_available):
     allowed, _ = dirs
-    settings = _settings(tmp_path, allowed, queue=f"idle-{secrets.token_hex(3)}", auth="off",
-                         max_active_jobs_per_user=0, sweep_interval_s=0)
+    settings = _settings(
+        tmp_path,
+        allowed,
+        queue=f"idle-{secrets.token_hex(3)}",
+        auth="off",
+        max_active_jobs_per_user=0,
+        sweep_interval_s=0,
+    )
     with TestClient(create_app(settings)) as client:
         response = client.post("/api/v1/jobs", json=_spec(allowed, "template"))
         assert response.status_code == 422, response.text
@@ -108,7 +127,15 @@ def test_the_artifact_holds_regular_files_the_save_wrote(dirs, tmp_path):
     out = save_pruned(model, tokenizer, tmp_path / "out", lambda dirs: {"note": "test"})
     entries = sorted(out.iterdir())
     assert all(p.is_file() and not p.is_symlink() for p in entries)
-    assert {p.name for p in entries} <= {"config.json", "generation_config.json", "model.safetensors",
-                                         "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                                         "special_tokens_map.json", "README.md", "sparsegpt_report.json"}
+    assert {p.name for p in entries} <= {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "special_tokens_map.json",
+        "README.md",
+        "sparsegpt_report.json",
+    }
     assert (out / "chat_template.jinja").read_text() == "{{ bos_token }}"

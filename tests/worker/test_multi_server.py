@@ -50,17 +50,24 @@ def download_sha(stack, job: dict) -> str:
 
 
 def test_two_gpu_servers_shared_store_routing_and_a_killed_worker(make_stack, redis_server, models_dir, s3, tmp_path):
-    stack = make_stack(redis_server.url, storage_url=f"s3://{BUCKET}/prod", heartbeat_timeout=4, sweep_interval_s=1,
-                       max_attempts=3)
+    stack = make_stack(
+        redis_server.url, storage_url=f"s3://{BUCKET}/prod", heartbeat_timeout=4, sweep_interval_s=1, max_attempts=3
+    )
     stack.env.update(s3.env())
     assert stack.env["DATABASE_URL"].startswith("postgresql")
     stack.start_api()
     sweeper = spawn(["sweeper"], stack.env, stack.logs / "sweeper.log")
     workers = {
-        "small": start_worker(stack, "small", "--gpu-memory-gb=24", "--gpu-name=Test 24GB",
-                              SPARSEGPT_DATA_DIR=str(tmp_path / "server-small")),
-        "big": start_worker(stack, "big", "--gpu-memory-gb=80", "--gpu-name=Test 80GB",
-                            SPARSEGPT_DATA_DIR=str(tmp_path / "server-big")),
+        "small": start_worker(
+            stack,
+            "small",
+            "--gpu-memory-gb=24",
+            "--gpu-name=Test 24GB",
+            SPARSEGPT_DATA_DIR=str(tmp_path / "server-small"),
+        ),
+        "big": start_worker(
+            stack, "big", "--gpu-memory-gb=80", "--gpu-name=Test 80GB", SPARSEGPT_DATA_DIR=str(tmp_path / "server-big")
+        ),
     }
     stack.workers.append(sweeper)
     with stack.client() as c:

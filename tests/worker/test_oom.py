@@ -25,8 +25,8 @@ import time
 
 import pytest
 
-from worker.engine.contract.estimate import JobSize, estimate
 from tests.support.stacks import job_body
+from worker.engine.contract.estimate import JobSize, estimate
 from worker.memory import OomCounters, memory_limit, oom_counters, oom_evidence, oom_reason, process_memory
 
 NSAMPLES, SEQLEN = 2048, 256
@@ -38,8 +38,9 @@ def _estimates(models_dir) -> tuple[float, float]:
     config = json.loads((models_dir / "llama" / "config.json").read_text())
     sets = ((str(models_dir / "calib.txt"), (models_dir / "calib.txt").stat().st_size),)
     api = estimate(config, JobSize("sparsegpt", NSAMPLES, SEQLEN, "float16", "cuda", sets, 2, stored="float32"))
-    cpu = estimate(config, JobSize("sparsegpt", NSAMPLES, SEQLEN, "float32", "cpu", sets, 2, mapped=True,
-                                   stored="float32"))
+    cpu = estimate(
+        config, JobSize("sparsegpt", NSAMPLES, SEQLEN, "float32", "cpu", sets, 2, mapped=True, stored="float32")
+    )
     return api.total, cpu.total
 
 
@@ -53,15 +54,20 @@ def test_the_worker_refuses_a_job_its_device_cannot_hold(make_stack, redis_serve
     stack.start_api()
     stack.env["SPARSEGPT_WORKER_DEVICE"] = "cpu"
     stack.start_worker("size")
-    body = job_body(models_dir, calibration={"dataset": str(models_dir / "calib.txt"), "nsamples": NSAMPLES,
-                                             "seqlen": SEQLEN}, dtype="auto")
+    body = job_body(
+        models_dir,
+        calibration={"dataset": str(models_dir / "calib.txt"), "nsamples": NSAMPLES, "seqlen": SEQLEN},
+        dtype="auto",
+    )
     with stack.client() as c:
         response = c.post("/api/v1/jobs", json=body)
     assert response.status_code == 201, response.text  # fits the fp16 the API assumed
     job = stack.wait(response.json()["id"], timeout=120)
     assert job["status"] == "failed" and job["attempt"] == 1, job
-    assert job["error"].startswith("this job needs about 0.14 GB (calibration activations 0.13 GB = "
-                                   f"{NSAMPLES} samples x {SEQLEN} tokens x 64 hidden x 4 bytes (float32)"), job["error"]
+    assert job["error"].startswith(
+        "this job needs about 0.14 GB (calibration activations 0.13 GB = "
+        f"{NSAMPLES} samples x {SEQLEN} tokens x 64 hidden x 4 bytes (float32)"
+    ), job["error"]
     assert f"a worker gives a job at most {limit_gb:g} GB (SPARSEGPT_MAX_JOB_MEMORY_GB)" in job["error"]
     assert job["progress"]["stage"] == "loading", "refused before calibrating"
     assert "HF_TOKEN" not in job["error"]
@@ -74,8 +80,9 @@ def test_the_worker_refuses_a_job_its_device_cannot_hold(make_stack, redis_serve
 @pytest.mark.slow
 def test_the_memory_guard_fails_the_job_after_one_attempt(make_stack, redis_server, models_dir):
     """The guard at 0.25 GB: the task process passes it once torch and the model are loaded."""
-    stack = make_stack(redis_server.url, max_attempts=3, worker_max_rss_gb=0.25, heartbeat_timeout=60,
-                       sweep_interval_s=1)
+    stack = make_stack(
+        redis_server.url, max_attempts=3, worker_max_rss_gb=0.25, heartbeat_timeout=60, sweep_interval_s=1
+    )
     stack.start_api()
     worker = stack.start_worker("guard")
     with stack.client() as c:
@@ -86,6 +93,7 @@ def test_the_memory_guard_fails_the_job_after_one_attempt(make_stack, redis_serv
     used = float(job["error"].split("used ")[1].split(" GB")[0])
     assert used >= 0.25
     assert "above this worker's limit of 0.25 GB (SPARSEGPT_WORKER_MAX_RSS_GB); stopped and not retried" in job["error"]
+
     # The process was really killed (the pool replaced it); the message that came back found
     # the job finished and did not start a second attempt.
     def logged(text: str) -> bool:
@@ -110,9 +118,16 @@ def test_the_memory_guard_fails_the_job_after_one_attempt(make_stack, redis_serv
 
 def test_memory_readings_of_a_real_process():
     """A child that holds 200 MB: its resident and peak memory; the limit it runs under."""
-    child = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(200 * 2**20); "
-                              "b[::4096] = b'x' * len(b[::4096]); print('ready', flush=True); time.sleep(30)"],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; b = bytearray(200 * 2**20); "
+            "b[::4096] = b'x' * len(b[::4096]); print('ready', flush=True); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "ready"
         rss, peak = process_memory(child.pid)
@@ -146,5 +161,7 @@ def test_which_sigkill_is_an_oom_kill():
     # The last reading at the limit.
     assert oom_evidence(OomCounters(3, 7), OomCounters(3, 7), {**big, "rss": 31 * gb})
     reason = oom_reason(big)
-    assert reason.startswith("the worker process was killed by the out-of-memory killer while running this job "
-                             "(peak ~31.0 GB of 32.0 GB); not retried")
+    assert reason.startswith(
+        "the worker process was killed by the out-of-memory killer while running this job "
+        "(peak ~31.0 GB of 32.0 GB); not retried"
+    )

@@ -51,7 +51,9 @@ def check_both(files: JobFiles, final, rows) -> None:
         assert b"".join(files.store.read(row["path"], packager, files.name, lo, hi)) == expected[lo:hi]
         with tarfile.open(fileobj=io.BytesIO(whole)) as tar:  # its own directory only, under its own top
             assert sorted(tar.getnames()) == sorted(
-                f"{files.name}-{row['format']}/{n}" for n in ("config.json", "model.safetensors", "sparsegpt_report.json"))
+                f"{files.name}-{row['format']}/{n}"
+                for n in ("config.json", "model.safetensors", "sparsegpt_report.json")
+            )
             config = tar.extractfile(f"{files.name}-{row['format']}/config.json").read()
             assert row["format"].encode() in config
 
@@ -66,9 +68,16 @@ def test_the_formats_a_job_gets():
     assert packagers.engine_formats({"model": "m"}) == ()
     ct, dense = packagers.get("compressed-tensors"), packagers.get("dense")
     assert (ct.file_name("sparsegpt-job-3"), dense.file_name("sparsegpt-job-3")) == (
-        "sparsegpt-job-3-compressed-tensors.tar", "sparsegpt-job-3-dense.tar")
-    result = {"quantization": {"sizes": {"formats": {"compressed-tensors": {"bytes": 10, "ratio": 0.31},
-                                                     "dense": {"bytes": 40, "ratio": 1.02}}}}}
+        "sparsegpt-job-3-compressed-tensors.tar",
+        "sparsegpt-job-3-dense.tar",
+    )
+    result = {
+        "quantization": {
+            "sizes": {
+                "formats": {"compressed-tensors": {"bytes": 10, "ratio": 0.31}, "dense": {"bytes": 40, "ratio": 1.02}}
+            }
+        }
+    }
     assert packagers.format_ratios(result) == {"compressed-tensors": 0.31, "dense": 1.02}
     assert packagers.format_ratios(None) == {} and packagers.format_ratios({"quantization": None}) == {}
 
@@ -98,8 +107,10 @@ def test_s3_store_holds_both_tars_and_the_default_formats_report(tmp_path, monke
         final = saved_formats(files)
         rows = files.publish(final, packagers.for_job(QUANTIZING))
         assert s3.keys(BUCKET, "t/artifacts/11/") == [
-            "t/artifacts/11/sparsegpt-job-11-compressed-tensors.tar", "t/artifacts/11/sparsegpt-job-11-dense.tar",
-            "t/artifacts/11/sparsegpt_report.json"]
+            "t/artifacts/11/sparsegpt-job-11-compressed-tensors.tar",
+            "t/artifacts/11/sparsegpt-job-11-dense.tar",
+            "t/artifacts/11/sparsegpt_report.json",
+        ]
         report = s3.client().get_object(Bucket=BUCKET, Key="t/artifacts/11/sparsegpt_report.json")["Body"].read()
         assert report == (final / "compressed-tensors" / "sparsegpt_report.json").read_bytes()
         check_both(files, final, rows)

@@ -27,7 +27,11 @@ def wait_block(stack, job_id: int, block: int, timeout: float = 180) -> None:
         while time.monotonic() < deadline:
             job = c.get(f"/api/v1/jobs/{job_id}").json()
             progress = job.get("progress") or {}
-            if job["status"] == "running" and progress.get("stage") == "pruning" and (progress.get("layer") or 0) >= block:
+            if (
+                job["status"] == "running"
+                and progress.get("stage") == "pruning"
+                and (progress.get("layer") or 0) >= block
+            ):
                 return
             assert job["status"] in ("queued", "running") and job["attempt"] <= 1, job
             time.sleep(0.05)
@@ -68,7 +72,9 @@ def test_killed_at_block_k_resumes_there(make_stack, redis_server, models_dir):
     wait_dead(pid)
     k = json.loads((resume_dir / "state.json").read_text())["next_block"]  # the blocks it had finished
     assert 2 <= k < BLOCKS_DEEP, k
-    assert sorted(p.name for p in resume_dir.glob("block-*.safetensors")) == [f"block-{i:05d}.safetensors" for i in range(k)]
+    assert sorted(p.name for p in resume_dir.glob("block-*.safetensors")) == [
+        f"block-{i:05d}.safetensors" for i in range(k)
+    ]
 
     job = stack.wait(killed, timeout=300)
     assert_finished_once(stack, job, attempt=2)  # also: the job's directory holds only its artifact
@@ -86,5 +92,6 @@ def test_killed_at_block_k_resumes_there(make_stack, redis_server, models_dir):
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
     assert job["result"]["sparsity"] == whole["result"]["sparsity"]
-    assert [(m["name"], m["sparsity"], m["error"]) for m in job["modules"]] == \
-        [(m["name"], m["sparsity"], m["error"]) for m in whole["modules"]]
+    assert [(m["name"], m["sparsity"], m["error"]) for m in job["modules"]] == [
+        (m["name"], m["sparsity"], m["error"]) for m in whole["modules"]
+    ]

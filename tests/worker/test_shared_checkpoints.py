@@ -41,7 +41,9 @@ def test_a_lost_machines_job_resumes_on_another_from_the_store(make_stack, redis
     stack.start_api()
     first = start_worker(stack, "first", SPARSEGPT_DATA_DIR=str(tmp_path / "machine-1"))
     body = slow_body(models_dir)
-    body["calibration"].update(nsamples=256, seqlen=128)  # long enough for the 0.5 s store sync to show block 2 (a 4 s job did not)
+    body["calibration"].update(
+        nsamples=256, seqlen=128
+    )  # long enough for the 0.5 s store sync to show block 2 (a 4 s job did not)
     with stack.client() as c:
         job_id = c.post("/api/v1/jobs", json=body).json()["id"]
     deadline = time.monotonic() + 180

@@ -28,7 +28,9 @@ def s3(tmp_path_factory):
 
 
 def files_under(directory: Path) -> list[str]:
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()) if directory.exists() else []
+    return (
+        sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()) if directory.exists() else []
+    )
 
 
 def local_artifacts(*dirs: Path, wait_s: float = 10) -> list[str]:
@@ -44,7 +46,9 @@ def local_artifacts(*dirs: Path, wait_s: float = 10) -> list[str]:
         time.sleep(0.2)
 
 
-def test_api_and_two_workers_share_everything_through_the_store(make_stack, redis_server, models_dir, s3, tmp_path, calib_bytes):
+def test_api_and_two_workers_share_everything_through_the_store(
+    make_stack, redis_server, models_dir, s3, tmp_path, calib_bytes
+):
     stack = make_stack(redis_server.url, storage_url=f"s3://{BUCKET}/{PREFIX}")
     stack.env.update(s3.env())
     api_dir, dir_a, dir_b = Path(stack.env["SPARSEGPT_DATA_DIR"]), tmp_path / "worker-a", tmp_path / "worker-b"
@@ -57,8 +61,11 @@ def test_api_and_two_workers_share_everything_through_the_store(make_stack, redi
         set_id, sha = uploaded.json()["id"], hashlib.sha256(calib_bytes).hexdigest()
         assert s3.keys(BUCKET, f"{PREFIX}/uploads/") == [f"{PREFIX}/uploads/{sha}.txt"]
         assert not any(sha in f for f in files_under(api_dir)), "no copy of the upload on the API's disk"
-        body = job_body(models_dir, calibration={"dataset": f"upload:{set_id}", "nsamples": 4, "seqlen": 32},
-                        resources={"queue": "only-b"})
+        body = job_body(
+            models_dir,
+            calibration={"dataset": f"upload:{set_id}", "nsamples": 4, "seqlen": 32},
+            resources={"queue": "only-b"},
+        )
         job_id = c.post("/api/v1/jobs", json=body).json()["id"]
     job = stack.wait(job_id, timeout=180)
     assert job["status"] == "succeeded" and job["worker"].startswith("b@"), job
@@ -67,7 +74,9 @@ def test_api_and_two_workers_share_everything_through_the_store(make_stack, redi
     assert local_artifacts(dir_b, api_dir, dir_a) == []
     name = f"sparsegpt-job-{job_id}"
     assert s3.keys(BUCKET, f"{PREFIX}/artifacts/{job_id}/") == [
-        f"{PREFIX}/artifacts/{job_id}/{name}.tar", f"{PREFIX}/artifacts/{job_id}/sparsegpt_report.json"]
+        f"{PREFIX}/artifacts/{job_id}/{name}.tar",
+        f"{PREFIX}/artifacts/{job_id}/sparsegpt_report.json",
+    ]
     with stack.client() as c:
         whole = c.get(job["artifact"]["url"])
         assert whole.status_code == 200 and whole.headers["x-checksum-sha256"] == job["artifact"]["sha256"]
@@ -88,7 +97,9 @@ def test_api_and_two_workers_share_everything_through_the_store(make_stack, redi
         assert s3.keys(BUCKET, f"{PREFIX}/uploads/") == []
 
 
-def test_retention_deletes_in_the_store_and_the_download_answers_410(make_stack, redis_server, models_dir, s3, tmp_path):
+def test_retention_deletes_in_the_store_and_the_download_answers_410(
+    make_stack, redis_server, models_dir, s3, tmp_path
+):
     """The sweeper (here its own process) expires an artifact: its objects go, the download is a 410;
     an object gone from the store behind the service's back is a 410 as well, never a broken stream."""
     import time
@@ -109,7 +120,9 @@ def test_retention_deletes_in_the_store_and_the_download_answers_410(make_stack,
         gone = c.get(f"/api/v1/jobs/{kept}/artifact")
         assert gone.status_code == 410 and "no longer in the store" in gone.text
     # A sweeper process with a short retention: the other job's objects are deleted.
-    sweeper = spawn(["sweeper", "--interval=1"], {**stack.env, "SPARSEGPT_ARTIFACT_RETENTION_S": "1"}, stack.logs / "sweeper.log")
+    sweeper = spawn(
+        ["sweeper", "--interval=1"], {**stack.env, "SPARSEGPT_ARTIFACT_RETENTION_S": "1"}, stack.logs / "sweeper.log"
+    )
     stack.workers.append(sweeper)
     deadline = time.monotonic() + 60
     while s3.keys(BUCKET, f"r/artifacts/{expiring}/") and time.monotonic() < deadline:
@@ -130,15 +143,16 @@ def test_streamed_upload_in_several_parts_and_a_failure_leaves_nothing(s3, monke
         monkeypatch.setenv(key, value)
     store = S3Store(f"s3://{BUCKET}/parts")
     data = os.urandom(23 * 2**20)
-    url, size, sha = store.put_stream("big.bin", (data[i:i + 300_000] for i in range(0, len(data), 300_000)),
-                                      part_bytes=5 * 2**20)
+    url, size, sha = store.put_stream(
+        "big.bin", (data[i : i + 300_000] for i in range(0, len(data), 300_000)), part_bytes=5 * 2**20
+    )
     assert (size, sha) == (len(data), hashlib.sha256(data).hexdigest())
     assert b"".join(store.iter_range(url)) == data
-    assert b"".join(store.iter_range(url, 7 * 2**20, 12 * 2**20 + 5)) == data[7 * 2**20:12 * 2**20 + 5]
+    assert b"".join(store.iter_range(url, 7 * 2**20, 12 * 2**20 + 5)) == data[7 * 2**20 : 12 * 2**20 + 5]
     assert store.size(url) == len(data)
 
     def broken():
-        yield data[:11 * 2**20]
+        yield data[: 11 * 2**20]
         raise OSError("disk read failed")
 
     with pytest.raises(OSError):

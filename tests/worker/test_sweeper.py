@@ -17,22 +17,31 @@ from tests.support.stacks import InProcess, make_inprocess
 
 @pytest.fixture(scope="module")
 def env(team_pg, module_redis, models_dir, tmp_path_factory):
-    client, settings, tokens = make_inprocess(team_pg, module_redis, models_dir, tmp_path_factory,
-                                              max_active_jobs_per_user=0)
+    client, settings, tokens = make_inprocess(
+        team_pg, module_redis, models_dir, tmp_path_factory, max_active_jobs_per_user=0
+    )
     with client:
         yield InProcess(client, settings, tokens)
 
 
 def queued_job(env) -> int:
-    response = env.client.post("/api/v1/jobs", json={"model": "facebook/opt-125m", "sparsity": 0.5}, headers=env.as_("alice"))
+    response = env.client.post(
+        "/api/v1/jobs", json={"model": "facebook/opt-125m", "sparsity": 0.5}, headers=env.as_("alice")
+    )
     assert response.status_code == 201
     return response.json()["id"]
 
 
 def claimed(env, job_id, *, beat_age_s: float) -> None:
     with db.session_scope(env.settings.database) as session:
-        assert crud.claim_job(session, job_id=job_id, worker="gone@elsewhere", pid=4242,
-                              stale_before=crud.stale_before(60), max_attempts=env.settings.max_attempts).claimed
+        assert crud.claim_job(
+            session,
+            job_id=job_id,
+            worker="gone@elsewhere",
+            pid=4242,
+            stale_before=crud.stale_before(60),
+            max_attempts=env.settings.max_attempts,
+        ).claimed
         session.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=beat_age_s)
 
 
@@ -128,7 +137,9 @@ def test_free_disk_check_fails_the_job_with_the_reason(env):
     job = row(env, job_id)
     assert job.status == "failed" and job.attempt == 1
     assert "not started" in job.error and "GiB free" in job.error and "SPARSEGPT_MIN_FREE_DISK_MB" in job.error
-    assert not (settings.artifacts_dir / str(job_id)).exists() or not any((settings.artifacts_dir / str(job_id)).iterdir())
+    assert not (settings.artifacts_dir / str(job_id)).exists() or not any(
+        (settings.artifacts_dir / str(job_id)).iterdir()
+    )
 
 
 def test_sign_ins_that_admit_nobody_are_purged(env):
@@ -138,9 +149,11 @@ def test_sign_ins_that_admit_nobody_are_purged(env):
     now = utcnow()
     with db.session_scope(env.settings.database) as session:
         user_id = session.query(User).filter(User.name == "alice").one().id
-        for key, expires, revoked in (("live", now + timedelta(hours=1), None),
-                                      ("expired", now - timedelta(seconds=1), None),
-                                      ("revoked", now + timedelta(hours=1), now)):
+        for key, expires, revoked in (
+            ("live", now + timedelta(hours=1), None),
+            ("expired", now - timedelta(seconds=1), None),
+            ("revoked", now + timedelta(hours=1), now),
+        ):
             crud.create_web_session(session, key=f"{key}-{'0' * 50}"[:64], user_id=user_id, expires_at=expires)
             if revoked:
                 crud.revoke_web_session(session, f"{key}-{'0' * 50}"[:64])

@@ -110,8 +110,9 @@ def test_sweeper_command_refuses_without_redis(tmp_path):
     from tests.support.processes import base_env
 
     env = base_env(SPARSEGPT_DATA_DIR=str(tmp_path))
-    done = subprocess.run([sys.executable, "-m", "app.cli", "sweeper"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", "sweeper"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode != 0 and "REDIS_URL is not set" in done.stderr and "Traceback" not in done.stderr
 
 
@@ -125,18 +126,23 @@ def test_requeue_and_resend_go_to_the_jobs_own_queue(team_pg, module_redis, mode
     from app.sweeper import broker_messages, sweep_once
     from tests.support.stacks import make_inprocess
 
-    client, settings, tokens = make_inprocess(team_pg, module_redis, models_dir, tmp_path_factory,
-                                              max_active_jobs_per_user=0)
+    client, settings, tokens = make_inprocess(
+        team_pg, module_redis, models_dir, tmp_path_factory, max_active_jobs_per_user=0
+    )
     with client:
         r = client.app.state.redis
-        response = client.post("/api/v1/jobs", json={"model": "facebook/opt-125m", "sparsity": 0.5},
-                               headers={"Authorization": f"Bearer {tokens['alice']}"})
+        response = client.post(
+            "/api/v1/jobs",
+            json={"model": "facebook/opt-125m", "sparsity": 0.5},
+            headers={"Authorization": f"Bearer {tokens['alice']}"},
+        )
         job_id = response.json()["id"]
         own = f"{settings.queue}.gpu40gb"
         with db.session_scope(settings.database) as session:
             session.get(Job, job_id).queue = own
-            assert crud.claim_job(session, job_id=job_id, worker="gone@x", pid=1, stale_before=crud.stale_before(60),
-                                  max_attempts=3).claimed
+            assert crud.claim_job(
+                session, job_id=job_id, worker="gone@x", pid=1, stale_before=crud.stale_before(60), max_attempts=3
+            ).claimed
             session.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=60)
         shared_before = broker_messages(r, settings.queue).count(f'"argsrepr": "[{job_id}]"')
         assert job_id in sweep_once(settings, client.app.state.sessions, r).requeued

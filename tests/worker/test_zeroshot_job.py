@@ -37,8 +37,13 @@ def zero_shot_model(models_dir):
 
 
 def body(model, **evaluation) -> dict:
-    return {"model": str(model), "method": "magnitude", "sparsity": 0.9, "dtype": "float32",
-            "evaluation": {"datasets": [], **evaluation}}
+    return {
+        "model": str(model),
+        "method": "magnitude",
+        "sparsity": 0.9,
+        "dtype": "float32",
+        "evaluation": {"datasets": [], **evaluation},
+    }
 
 
 def artifact_model(client, job_id: int, directory):

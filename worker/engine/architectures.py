@@ -73,9 +73,7 @@ def adapter_for(model: nn.Module) -> Adapter:
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
             break
     else:
-        raise InvalidJob(
-            f"{type(model).__name__}: no decoder blocks found at any of {', '.join(BLOCK_PATHS)}"
-        )
+        raise InvalidJob(f"{type(model).__name__}: no decoder blocks found at any of {', '.join(BLOCK_PATHS)}")
     final: list[nn.Module] = []
     for paths in FINAL_PATHS:
         found = [_get(model, p) for p in paths]
@@ -92,8 +90,9 @@ def adapter_for(model: nn.Module) -> Adapter:
 def prunable_linears(block: nn.Module) -> dict[str, nn.Module]:
     """The Linear (and GPT-2 Conv1D) layers of one block, by their name inside it, in call order;
     never a mixture-of-experts router (worker.engine.moe.is_router)."""
-    return {name: m for name, m in block.named_modules()
-            if isinstance(m, (nn.Linear, Conv1D)) and not is_router(name, m)}
+    return {
+        name: m for name, m in block.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and not is_router(name, m)
+    }
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -125,9 +124,7 @@ class LayerSelection:
             )
 
     def block_selected(self, i: int) -> bool:
-        return (self.first_block is None or i >= self.first_block) and (
-            self.last_block is None or i <= self.last_block
-        )
+        return (self.first_block is None or i >= self.first_block) and (self.last_block is None or i <= self.last_block)
 
     def module_selected(self, full_name: str) -> bool:
         if self.include and not any(fnmatch.fnmatchcase(full_name, p) for p in self.include):

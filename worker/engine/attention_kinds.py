@@ -42,7 +42,8 @@ def check_kinds(model: nn.Module) -> None:
     if other:
         raise InvalidJob(
             f"{type(model).__name__} mixes layer kinds ({', '.join(sorted(set(kinds)))}); this engine replays "
-            f"blocks of {', '.join(REPLAYED)} but not {', '.join(other)}")
+            f"blocks of {', '.join(REPLAYED)} but not {', '.join(other)}"
+        )
 
 
 def _layer_type_lists(model: nn.Module) -> list[list]:
@@ -92,8 +93,14 @@ class _Reached(Exception):
 
 
 def _same(a, b) -> bool:
-    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-            and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+        and a.device == b.device
+        and torch.equal(a, b)
+    )
 
 
 def _share(kwargs: dict, previous: dict | None) -> dict:
@@ -104,8 +111,9 @@ def _share(kwargs: dict, previous: dict | None) -> dict:
 
 
 @torch.no_grad()
-def capture_kind_kwargs(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, *, batch_size: int,
-                        move) -> tuple[dict[str, list[dict]], dict[int, str]]:
+def capture_kind_kwargs(
+    model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, *, batch_size: int, move
+) -> tuple[dict[str, list[dict]], dict[int, str]]:
     """(kind -> the block keyword arguments per chunk of ``ids``, id(block) -> kind) for the kinds
     other than block 0's; ({}, {}) for a model whose blocks are all alike. ``move(obj)`` puts the
     captured arguments where the blocks run."""

@@ -154,8 +154,7 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
 def _sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, source: str) -> torch.Tensor:
     if ids.numel() <= seqlen + 1:
         raise DataError(
-            f"{source} has {ids.numel()} tokens, too few for windows of {seqlen}: "
-            "use a longer text or a shorter seqlen"
+            f"{source} has {ids.numel()} tokens, too few for windows of {seqlen}: use a longer text or a shorter seqlen"
         )
     random.seed(seed)
     rows = []
@@ -188,7 +187,9 @@ def _named_text(name: str, split: str) -> str:
         rows = _load_dataset("wikitext2", "Salesforce/wikitext", "wikitext-2-raw-v1", split=split)["text"]
         return (" " if split == "train" else "\n\n").join(rows)
     if name == "ptb":
-        rows = _load_dataset("ptb", "parquet", data_files={split: PTB_PARQUET.format(split=split)}, split=split)["sentence"]
+        rows = _load_dataset("ptb", "parquet", data_files={split: PTB_PARQUET.format(split=split)}, split=split)[
+            "sentence"
+        ]
         return " ".join(rows)
     if name == "c4":
         data = _load_dataset("c4", "allenai/c4", data_files={"validation": C4_VALIDATION}, split="validation")
@@ -208,7 +209,9 @@ def calibration_windows(tokenizer, source: str, *, nsamples: int, seqlen: int, s
 
 def evaluation_windows(tokenizer, source: str, *, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows of seqlen from the start, the tail dropped: (windows, seqlen)."""
-    text = _named_text(source, "test" if source != "c4" else "validation") if is_named(source) else read_text_file(source)
+    text = (
+        _named_text(source, "test" if source != "c4" else "validation") if is_named(source) else read_text_file(source)
+    )
     ids = _tokenize(tokenizer, text)
     count = ids.numel() // seqlen
     if source == "c4":

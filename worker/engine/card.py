@@ -25,10 +25,10 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load, try_to_load_from_cache
 from pydantic import BaseModel
 
-from worker.engine.quant_text import card_section
 from worker.engine.contract.report import Calibration, Report, Solver, as_report, facts
 from worker.engine.contract.spec import BUILTIN_DATASETS, upload_id
 from worker.engine.contract.spec_fields import leaf_fields
+from worker.engine.quant_text import card_section
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DATASET_TYPES = {"wikitext2": "wikitext", "c4": "allenai/c4", "ptb": "ptb_text_only"}
@@ -125,9 +125,14 @@ def public_names(report: Report) -> dict[str, str]:
     if model and hub_id(model) is None:
         names[model] = "./" + PurePosixPath(model).name
     spec = report.spec or {}
-    sets = [report.calibration.dataset if report.calibration else None, *report.files, *report.perplexity,
-            *report.dense_perplexity, (spec.get("calibration") or {}).get("dataset"),
-            *((spec.get("evaluation") or {}).get("datasets") or [])]
+    sets = [
+        report.calibration.dataset if report.calibration else None,
+        *report.files,
+        *report.perplexity,
+        *report.dense_perplexity,
+        (spec.get("calibration") or {}).get("dataset"),
+        *((spec.get("evaluation") or {}).get("datasets") or []),
+    ]
     for name in (str(s) for s in sets if s):
         if name in BUILTIN_DATASETS or name in names:
             continue
@@ -214,8 +219,10 @@ def _service_spec(spec: dict, names: Mapping[str, str]) -> dict:
         dataset = spec["calibration"].get("dataset")
         out["calibration"] = {**spec["calibration"], "dataset": where.get(str(dataset), dataset)}
     if isinstance(spec.get("evaluation"), dict):
-        out["evaluation"] = {**spec["evaluation"],
-                             "datasets": [where.get(str(d), d) for d in spec["evaluation"].get("datasets") or []]}
+        out["evaluation"] = {
+            **spec["evaluation"],
+            "datasets": [where.get(str(d), d) for d in spec["evaluation"].get("datasets") or []],
+        }
     return out
 
 
@@ -227,16 +234,35 @@ def card_data(report: Report | Mapping[str, Any]) -> ModelCardData:
     for dataset, ppl in report.perplexity.items():
         if _number(ppl) is not None:
             shown_as = names.get(dataset, dataset)
-            results.append(EvalResult(task_type="text-generation", dataset_type=_DATASET_TYPES.get(dataset, shown_as),
-                                      dataset_name=shown_as, metric_type="perplexity", metric_value=round(ppl, 4),
-                                      metric_name="perplexity (pruned)"))
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    dataset_type=_DATASET_TYPES.get(dataset, shown_as),
+                    dataset_name=shown_as,
+                    metric_type="perplexity",
+                    metric_value=round(ppl, 4),
+                    metric_name="perplexity (pruned)",
+                )
+            )
     for task, acc in accuracies(report).items():
-        results.append(EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
-                                  metric_type="accuracy", metric_value=round(acc["pruned"], 4),
-                                  metric_name="zero-shot accuracy (pruned)"))
-    return ModelCardData(library_name="transformers", base_model=base, tags=tags(report),
-                         model_name=name if results else None, eval_results=results or None,
-                         **base_license(report.model, report.revision))
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=task,
+                dataset_name=task,
+                metric_type="accuracy",
+                metric_value=round(acc["pruned"], 4),
+                metric_name="zero-shot accuracy (pruned)",
+            )
+        )
+    return ModelCardData(
+        library_name="transformers",
+        base_model=base,
+        tags=tags(report),
+        model_name=name if results else None,
+        eval_results=results or None,
+        **base_license(report.model, report.revision),
+    )
 
 
 def _data_lines(report: Report, names: Mapping[str, str]) -> list[str]:
@@ -247,8 +273,13 @@ def _data_lines(report: Report, names: Mapping[str, str]) -> list[str]:
         lines.append(f"- `{names.get(label, label)}`: the {what} the job read, sha256 `{held.sha256}`")
     if not lines:
         return []
-    return ["The data files are not part of this model; put the same bytes (check them with `sha256sum`) "
-            "beside the command:", "", *lines, ""]
+    return [
+        "The data files are not part of this model; put the same bytes (check them with `sha256sum`) "
+        "beside the command:",
+        "",
+        *lines,
+        "",
+    ]
 
 
 def model_card(report: Report | Mapping[str, Any]) -> str:
@@ -263,19 +294,30 @@ def model_card(report: Report | Mapping[str, Any]) -> str:
     held = report.files.get(str(cal.dataset))
     calibration = names.get(str(cal.dataset), str(cal.dataset)) + (f" (sha256 {held.sha256})" if held else "")
     bits = solver.wbits or (report.quantization.bits if report.quantization else None)
-    lines = [f"# {title} pruned with {method} ({pattern})", "",
-             f"One-shot pruned, without retraining, by sparsegpt-service from {source}.", "",
-             f"- Method: **{method}**, pattern **{pattern}**, achieved sparsity "
-             f"{float(report.sparsity or 0):.4f} over the pruned Linear layers (embeddings and lm_head are dense).",
-             f"- Calibration: {calibration}, {cal.nsamples} samples of {cal.seqlen} tokens, seed {cal.seed}.",
-             f"- Solver: blocksize {solver.blocksize}, percdamp {solver.percdamp}, weight bits "
-             f"{bits or 'none (not quantized)'}{', exact (the reference arithmetic)' if solver.exact else ''}.",
-             *(f"- {label[:1].upper()}{label[1:]}: {text}." for label, text in facts(report, "card")),
-             "", *(card_section(report.quantization) if report.quantization else [
-                 "**This is a dense checkpoint with zeros.** The pruned weights are stored as explicit zeros in "
-                 "ordinary safetensors files: it loads anywhere `AutoModelForCausalLM.from_pretrained` works, at the "
-                 "dense model's size and speed. A speed-up needs a runtime with sparse kernels (for 2:4, NVIDIA's "
-                 "semi-structured sparsity on Ampere or newer GPUs); the zeros also compress well.", ""])]
+    lines = [
+        f"# {title} pruned with {method} ({pattern})",
+        "",
+        f"One-shot pruned, without retraining, by sparsegpt-service from {source}.",
+        "",
+        f"- Method: **{method}**, pattern **{pattern}**, achieved sparsity "
+        f"{float(report.sparsity or 0):.4f} over the pruned Linear layers (embeddings and lm_head are dense).",
+        f"- Calibration: {calibration}, {cal.nsamples} samples of {cal.seqlen} tokens, seed {cal.seed}.",
+        f"- Solver: blocksize {solver.blocksize}, percdamp {solver.percdamp}, weight bits "
+        f"{bits or 'none (not quantized)'}{', exact (the reference arithmetic)' if solver.exact else ''}.",
+        *(f"- {label[:1].upper()}{label[1:]}: {text}." for label, text in facts(report, "card")),
+        "",
+        *(
+            card_section(report.quantization)
+            if report.quantization
+            else [
+                "**This is a dense checkpoint with zeros.** The pruned weights are stored as explicit zeros in "
+                "ordinary safetensors files: it loads anywhere `AutoModelForCausalLM.from_pretrained` works, at the "
+                "dense model's size and speed. A speed-up needs a runtime with sparse kernels (for 2:4, NVIDIA's "
+                "semi-structured sparsity on Ampere or newer GPUs); the zeros also compress well.",
+                "",
+            ]
+        ),
+    ]
     if pruned:
         lines += ["## Perplexity", "", "| evaluation set | dense | pruned |", "|---|---|---|"]
         lines += [f"| {names.get(n, n)} | {_fmt(dense.get(n))} | {_fmt(ppl)} |" for n, ppl in pruned.items()] + [""]
@@ -292,11 +334,24 @@ def model_card(report: Report | Mapping[str, Any]) -> str:
         lines += [f"| {b} | {sum(v) / len(v):.4f} |" for b, v in sorted(blocks.items())] + [""]
     if report.spec is not None:
         local = " (the base model's directory beside it)" if str(model) in names else ""
-        lines += ["## Reproduce", "", f"With the engine alone{local}:", "", "```bash",
-                  reproduce_command(report.spec, names), "```", "", *_data_lines(report, names),
-                  "Or as a job of the service (`POST /api/v1/jobs`; a local model or data file by its path on "
-                  "that server, or a data file as `upload:<id>` once uploaded there):", "", "```json",
-                  json.dumps(_service_spec(report.spec, names), indent=2), "```", ""]
+        lines += [
+            "## Reproduce",
+            "",
+            f"With the engine alone{local}:",
+            "",
+            "```bash",
+            reproduce_command(report.spec, names),
+            "```",
+            "",
+            *_data_lines(report, names),
+            "Or as a job of the service (`POST /api/v1/jobs`; a local model or data file by its path on "
+            "that server, or a data file as `upload:<id>` once uploaded there):",
+            "",
+            "```json",
+            json.dumps(_service_spec(report.spec, names), indent=2),
+            "```",
+            "",
+        ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 

@@ -16,15 +16,22 @@ from pathlib import Path
 
 import torch
 
-from worker.engine.contract import hub
 from worker.engine.card import model_card
+from worker.engine.contract import hub
+from worker.engine.contract.spec import stored_dtype, working_dtype
 from worker.engine.errors import InvalidJob, ModelNotFound
 from worker.engine.offload import file_backed
-from worker.engine.contract.spec import stored_dtype, working_dtype
 
-DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,8 +95,10 @@ def check_files_inside(path: Path, allowed_roots: Sequence[str | Path]) -> None:
             real = None
         if real is None or not any(real == root or real.is_relative_to(root) for root in roots):
             shown = entry.name if entry == path else str(entry.relative_to(path))
-            raise InvalidJob(f"model file {shown!r} does not resolve inside the allowed directories; "
-                             "every file of a local model must be inside them")
+            raise InvalidJob(
+                f"model file {shown!r} does not resolve inside the allowed directories; "
+                "every file of a local model must be inside them"
+            )
 
 
 def _entries(directory: Path):
@@ -104,9 +113,15 @@ def _entries(directory: Path):
         yield from (Path(current) / name for name in (*dirs, *files))
 
 
-def load_model(model: str, *, dtype: torch.dtype | None, revision: str | None = None,
-               trust_remote_code: bool = False, token: str | None = None,
-               allowed_roots: Sequence[str | Path] | None = None):
+def load_model(
+    model: str,
+    *,
+    dtype: torch.dtype | None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    token: str | None = None,
+    allowed_roots: Sequence[str | Path] | None = None,
+):
     """(model on the CPU in eval mode, tokenizer). ``dtype`` None: dtype auto on a GPU, the
     checkpoint's own float16/bfloat16 (else float16). The model gets ``sparsegpt_dtype`` (the
     dtype it was loaded in), ``sparsegpt_stored`` (the one its config says its files hold, a
@@ -120,8 +135,11 @@ def load_model(model: str, *, dtype: torch.dtype | None, revision: str | None = 
     transformers.utils.logging.disable_progress_bar()  # the engine reports its own progress
     hub.one_copy_of_hub_logs()
     path = Path(model).expanduser()
-    kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code,
-                    "token": token or os.environ.get("HF_TOKEN")}
+    kwargs: dict = {
+        "revision": revision,
+        "trust_remote_code": trust_remote_code,
+        "token": token or os.environ.get("HF_TOKEN"),
+    }
     # A path is absolute or starts with ./ ../ ~; anything else is a Hub id and never read from
     # the disk (from_pretrained would read ./org/name before asking the Hub).
     local = path.is_absolute() or model.startswith(("./", "../", "~"))
@@ -135,8 +153,10 @@ def load_model(model: str, *, dtype: torch.dtype | None, revision: str | None = 
     elif local or os.sep in model.strip("/").replace("/", "", 1):
         raise ModelNotFound(f"model directory {model!r} does not exist")
     elif os.path.lexists(model):
-        raise InvalidJob(f"{model!r} is read as a Hub id, but the working directory holds an entry of that name; "
-                         f"name the local model as ./{model} or by its absolute path")
+        raise InvalidJob(
+            f"{model!r} is read as a Hub id, but the working directory holds an entry of that name; "
+            f"name the local model as ./{model} or by its absolute path"
+        )
     else:
         model_source = model
         _check_hub(model, revision, kwargs)
@@ -154,7 +174,7 @@ def load_model(model: str, *, dtype: torch.dtype | None, revision: str | None = 
         if "trust_remote_code" in str(exc):
             raise InvalidJob(f"model {model!r} needs trust_remote_code, which this run does not allow") from None
         raise _explain_load_error(model, exc) from None
-    except (OSError, EnvironmentError) as exc:
+    except OSError as exc:
         raise _explain_load_error(model, exc) from None
     if "gguf_file" in kwargs:
         # GGUF weights arrive dequantized; the config's quantization note no longer applies.
@@ -165,8 +185,11 @@ def load_model(model: str, *, dtype: torch.dtype | None, revision: str | None = 
     lm.sparsegpt_dtype, lm.sparsegpt_stored = dtype, stored
     # What the estimate trusts is checked, not inferred alone: a config whose dtype is not its files'
     # leaves converted (anonymous) weights behind.
-    lm.sparsegpt_mapped = (stored is not None and DTYPES[stored] == dtype
-                           and file_backed(p for p in lm.parameters() if p.dim() >= 2) is not False)
+    lm.sparsegpt_mapped = (
+        stored is not None
+        and DTYPES[stored] == dtype
+        and file_backed(p for p in lm.parameters() if p.dim() >= 2) is not False
+    )
     lm.sparsegpt_loaded_config = lm.config.to_dict()  # what save_pruned restores
     lm.config.use_cache = False  # the engine's own forwards keep no cache
     return lm, tokenizer
@@ -191,8 +214,10 @@ def _check_hub(model: str, revision: str | None, kwargs: dict) -> None:
     mode); a model in the local cache is then read from it (``local_files_only``)."""
     if hub.offline():
         if not hub.cached_model(model, revision):
-            raise ModelNotFound(f"model {model!r} is not in this machine's Hugging Face cache and HF_HUB_OFFLINE is set: "
-                                f"download it beforehand (`hf download {model}`, same HF_HOME) or use a local model directory")
+            raise ModelNotFound(
+                f"model {model!r} is not in this machine's Hugging Face cache and HF_HUB_OFFLINE is set: "
+                f"download it beforehand (`hf download {model}`, same HF_HOME) or use a local model directory"
+            )
         return
     why = hub.unreachable(model, revision)
     if why is not None:
@@ -236,8 +261,13 @@ def follow_umask(directory: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def save_pruned(model, tokenizer, output: str | Path, finish_report: Callable[[dict[str, Path]], dict],
-                writers: dict[str, Callable[[Path], None]] | None = None) -> Path:
+def save_pruned(
+    model,
+    tokenizer,
+    output: str | Path,
+    finish_report: Callable[[dict[str, Path]], dict],
+    writers: dict[str, Callable[[Path], None]] | None = None,
+) -> Path:
     """Write the HF directory (safetensors, config, tokenizer, README card, report) atomically.
 
     ``writers``: the model's formats by name, each writing its weights and config into a directory

@@ -18,12 +18,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.engine.coverage_text import coverage_lines, sparsity_headline
-from worker.engine.quant_text import quantization_lines
 from worker.engine.contract.report import Refit, Report, ZeroShot, as_report
 from worker.engine.contract.spec import BUILTIN_DATASETS, METHODS, JobSpec, set_path
 from worker.engine.contract.spec_fields import Leaf, error_path, leaf_fields, plain_message
 from worker.engine.contract.spec_quant import FORMATS
+from worker.engine.coverage_text import coverage_lines, sparsity_headline
+from worker.engine.quant_text import quantization_lines
 
 EXIT_USAGE = 2
 PROG = "sparsegpt prune"
@@ -43,14 +43,25 @@ def _add_spec_flag(p: argparse.ArgumentParser, leaf: Leaf) -> None:
     dest = _SPEC + leaf.dotted
     if leaf.kind == "bool":
         action = "store_false" if leaf.ui.cli_negate else "store_true"
-        p.add_argument(leaf.ui.cli, dest=dest, action=action, default=argparse.SUPPRESS,
-                       help=("do not " + text) if leaf.ui.cli_negate else text)
+        p.add_argument(
+            leaf.ui.cli,
+            dest=dest,
+            action=action,
+            default=argparse.SUPPRESS,
+            help=("do not " + text) if leaf.ui.cli_negate else text,
+        )
         return
     if leaf.default not in (None, [], ""):
         text += f" (default {leaf.default})"
     if leaf.kind == "list":
-        p.add_argument(leaf.ui.cli, dest=dest, action="append", metavar=leaf.ui.metavar or "GLOB",
-                       default=argparse.SUPPRESS, help=text + "; repeatable")
+        p.add_argument(
+            leaf.ui.cli,
+            dest=dest,
+            action="append",
+            metavar=leaf.ui.metavar or "GLOB",
+            default=argparse.SUPPRESS,
+            help=text + "; repeatable",
+        )
         return
     default = argparse.SUPPRESS
     if leaf.required and leaf.ui.suggested is not None:
@@ -63,29 +74,51 @@ def _add_spec_flag(p: argparse.ArgumentParser, leaf: Leaf) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=f"Prune a causal LM one-shot ({' / '.join(METHODS)}) "
-                "and report its perplexity.")
-    p.add_argument("model", help="Hugging Face model id, local model directory, or .gguf file (a path that exists "
-                                 "here is read from the disk; the server reads only absolute paths under its "
-                                 "allowed directories, and never looks for a Hub id on its disk)")
+    p = _Parser(prog=PROG, description=f"Prune a causal LM one-shot ({' / '.join(METHODS)}) and report its perplexity.")
+    p.add_argument(
+        "model",
+        help="Hugging Face model id, local model directory, or .gguf file (a path that exists "
+        "here is read from the disk; the server reads only absolute paths under its "
+        "allowed directories, and never looks for a Hub id on its disk)",
+    )
     for leaf in leaf_fields():
         if leaf.ui.cli:
             _add_spec_flag(p, leaf)
-    p.add_argument("--eval", dest="eval_sets", action="append", metavar="NAME|FILE",
-                   help="perplexity set (wikitext2, c4, ptb or a file); repeatable; default wikitext2")
+    p.add_argument(
+        "--eval",
+        dest="eval_sets",
+        action="append",
+        metavar="NAME|FILE",
+        help="perplexity set (wikitext2, c4, ptb or a file); repeatable; default wikitext2",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip perplexity evaluation")
-    p.add_argument("--eval-include", dest="task_dirs", action="append", metavar="DIR", default=[],
-                   help="a directory of lm-eval task YAML files that --eval-tasks may name; repeatable")
+    p.add_argument(
+        "--eval-include",
+        dest="task_dirs",
+        action="append",
+        metavar="DIR",
+        default=[],
+        help="a directory of lm-eval task YAML files that --eval-tasks may name; repeatable",
+    )
     p.add_argument("--batch-size", type=int, help="sequences per block forward (default ~16k tokens)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--output", "-o", help="directory to save the pruned model in")
-    p.add_argument("--format", dest="formats", action="append", choices=FORMATS, metavar="FORMAT",
-                   help="what --output holds: compressed-tensors (the packed quantized checkpoint; the default "
-                        "with --quantize) or dense (float safetensors; the default without); repeat for both, "
-                        "each then in DIR/<format>")
-    p.add_argument("--checkpoint-dir", metavar="DIR",
-                   help="per-block checkpoints: pruned blocks kept there memory-mapped (host memory about one "
-                        "block), and a rerun of the same job with the same DIR resumes after its last finished block")
+    p.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        choices=FORMATS,
+        metavar="FORMAT",
+        help="what --output holds: compressed-tensors (the packed quantized checkpoint; the default "
+        "with --quantize) or dense (float safetensors; the default without); repeat for both, "
+        "each then in DIR/<format>",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="per-block checkpoints: pruned blocks kept there memory-mapped (host memory about one "
+        "block), and a rerun of the same job with the same DIR resumes after its last finished block",
+    )
     p.add_argument("--report", help="write the report as JSON to this file")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -106,7 +139,7 @@ def spec_data(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = {"model": model}
     for name, value in vars(args).items():
         if name.startswith(_SPEC):
-            set_path(data, tuple(name[len(_SPEC):].split(".")), value)
+            set_path(data, tuple(name[len(_SPEC) :].split(".")), value)
     profile = data.get("sparsity_profile")
     if isinstance(profile, str) and profile.startswith("@"):  # @file.json: a JSON list, one sparsity per block
         data["sparsity_profile"] = _profile_file(profile[1:])
@@ -175,8 +208,10 @@ def builtin_sets_here(spec: JobSpec, args: argparse.Namespace) -> tuple[JobSpec,
     if spec.reads_calibration and cal in BUILTIN_DATASETS and (why := dataset_unavailable(cal)):
         if hasattr(args, _SPEC + "calibration.dataset"):
             return spec, f"--calibration {cal}: {why}"
-        return spec, (f"no --calibration given, and its default, {cal}, cannot be loaded here: {why}. "
-                      "Give --calibration FILE (a .txt or .jsonl file)")
+        return spec, (
+            f"no --calibration given, and its default, {cal}, cannot be loaded here: {why}. "
+            "Give --calibration FILE (a .txt or .jsonl file)"
+        )
     named = [d for d in spec.evaluation.datasets if d in BUILTIN_DATASETS]
     missing = {d: why for d in named if (why := dataset_unavailable(d))}
     if not missing:
@@ -184,8 +219,11 @@ def builtin_sets_here(spec: JobSpec, args: argparse.Namespace) -> tuple[JobSpec,
     if args.eval_sets:  # named by the user
         name, why = next(iter(missing.items()))
         return spec, f"--eval {name}: {why}"
-    print(f"{PROG}: note: no --eval given and its default, {', '.join(missing)}, cannot be loaded here, so no "
-          "perplexity is measured; give --eval FILE for one", file=sys.stderr)
+    print(
+        f"{PROG}: note: no --eval given and its default, {', '.join(missing)}, cannot be loaded here, so no "
+        "perplexity is measured; give --eval FILE for one",
+        file=sys.stderr,
+    )
     kept = [d for d in spec.evaluation.datasets if d not in missing]
     return spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"datasets": kept})}), None
 
@@ -193,8 +231,9 @@ def builtin_sets_here(spec: JobSpec, args: argparse.Namespace) -> tuple[JobSpec,
 def path_problem(spec: JobSpec, args: argparse.Namespace) -> str | None:
     """The first file or directory named on the command line that cannot be used, in words."""
     model = Path(args.model).expanduser()
-    if not model.exists() and (args.model.startswith((".", "/", "~")) or args.model.endswith(".gguf")
-                               or args.model.count("/") > 1):
+    if not model.exists() and (
+        args.model.startswith((".", "/", "~")) or args.model.endswith(".gguf") or args.model.count("/") > 1
+    ):
         return f"model {args.model!r} does not exist (a Hub id is ORG/NAME)"
     named = [("--calibration", spec.calibration.dataset)] + [("--eval", d) for d in spec.evaluation.datasets]
     for flag, name in named:
@@ -240,9 +279,14 @@ def _run(spec: JobSpec, args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    options = RunOptions(device=args.device, output=args.output, batch_size=args.batch_size,
-                         resume_dir=args.checkpoint_dir, formats=tuple(dict.fromkeys(args.formats or ())),
-                         task_dirs=tuple(str(Path(d).expanduser().resolve()) for d in args.task_dirs))
+    options = RunOptions(
+        device=args.device,
+        output=args.output,
+        batch_size=args.batch_size,
+        resume_dir=args.checkpoint_dir,
+        formats=tuple(dict.fromkeys(args.formats or ())),
+        task_dirs=tuple(str(Path(d).expanduser().resolve()) for d in args.task_dirs),
+    )
     on_progress, close = (None, lambda ok=True: None)
     if not args.quiet:
         from worker.engine.progress import console_reporter
@@ -278,26 +322,39 @@ def summary(report: Report | dict) -> str:
     """What the run did, in a few lines (a report file's dict is read as a report)."""
     report = as_report(report)
     seconds, peak = report.seconds, report.peak_memory_bytes or 0
-    lines = [f"{report.method} {report.pattern}: {sparsity_headline(report.to_dict())}, "
-             f"prune {seconds.prune or 0:.1f} s, total {seconds.total or 0:.1f} s, peak memory {peak / 2**30:.2f} GiB"]
+    lines = [
+        f"{report.method} {report.pattern}: {sparsity_headline(report.to_dict())}, "
+        f"prune {seconds.prune or 0:.1f} s, total {seconds.total or 0:.1f} s, peak memory {peak / 2**30:.2f} GiB"
+    ]
     profile = report.profile
     if profile is not None and profile.profile in ("owl", "list"):
-        rows = [(b, t, a) for b, (t, a) in enumerate(zip(profile.targets, profile.achieved))
-                if t is not None and a is not None]
+        rows = [
+            (b, t, a)
+            for b, (t, a) in enumerate(zip(profile.targets, profile.achieved))
+            if t is not None and a is not None
+        ]
         extra = f", M {profile.m:g}, lambda {profile.lambda_:g}" if profile.profile == "owl" else ""
-        lines.append(f"sparsity profile {profile.profile}{extra} (the overall sparsity above is weighted by "
-                     "parameters); block: target -> achieved")
+        lines.append(
+            f"sparsity profile {profile.profile}{extra} (the overall sparsity above is weighted by "
+            "parameters); block: target -> achieved"
+        )
         lines.append("  " + ", ".join(f"{b}: {t:.3f} -> {a:.3f}" for b, t, a in rows))
     lines += _refit_lines(report.refit)
     selected = report.layers_selected
-    if selected is not None and (selected.first_block is not None or selected.last_block is not None
-                                 or selected.include or selected.exclude):
+    if selected is not None and (
+        selected.first_block is not None or selected.last_block is not None or selected.include or selected.exclude
+    ):
         first, last = selected.first_block, selected.last_block
         parts = [f"blocks {'first' if first is None else first}..{'last' if last is None else last}"]
-        parts += [f"{key} {', '.join(globs)}" for key, globs in (("include", selected.include),
-                                                                    ("exclude", selected.exclude)) if globs]
-        lines.append(f"layer selection ({'; '.join(parts)}): the modules it leaves out stay dense (inside the "
-                     "pruned blocks they count in the first sparsity above; blocks outside the range do not)")
+        parts += [
+            f"{key} {', '.join(globs)}"
+            for key, globs in (("include", selected.include), ("exclude", selected.exclude))
+            if globs
+        ]
+        lines.append(
+            f"layer selection ({'; '.join(parts)}): the modules it leaves out stay dense (inside the "
+            "pruned blocks they count in the first sparsity above; blocks outside the range do not)"
+        )
     lines += coverage_lines(report.to_dict())
     for name, ppl in report.perplexity.items():
         dense = report.dense_perplexity.get(name)
@@ -317,8 +374,9 @@ def saved_line(report: Report) -> str:
     if len(formats) > 1:
         return f"saved to {report.output}: " + ", ".join(f"{report.output}/{f}" for f in formats)
     if formats == ["compressed-tensors"]:
-        return (f"saved to {report.output} (compressed-tensors, {q.scheme}: loads with from_pretrained, "
-                "runs in vllm serve)")
+        return (
+            f"saved to {report.output} (compressed-tensors, {q.scheme}: loads with from_pretrained, runs in vllm serve)"
+        )
     if q is not None:
         return f"saved to {report.output} (dense safetensors: the quantized weights as floats)"
     return f"saved to {report.output} (a dense safetensors checkpoint with zeros)"
@@ -329,12 +387,17 @@ def _refit_lines(refit: Refit | None) -> list[str]:
         return []
     lines = []
     if refit.layers:
-        lines.append(f"refit {refit.mode}: mean reconstruction error {refit.error_before:.4f} -> "
-                     f"{refit.error_after:.4f} over {refit.layers} layers, {refit.swaps} swaps, "
-                     f"{refit.seconds:.1f} s (within the prune)")
+        lines.append(
+            f"refit {refit.mode}: mean reconstruction error {refit.error_before:.4f} -> "
+            f"{refit.error_after:.4f} over {refit.layers} layers, {refit.swaps} swaps, "
+            f"{refit.seconds:.1f} s (within the prune)"
+        )
     if refit.not_refit:
-        lines.append(f"refit left alone {len(refit.not_refit)} pruned layers (no calibration Hessian): "
-                     + ", ".join(refit.not_refit[:8]) + (" ..." if len(refit.not_refit) > 8 else ""))
+        lines.append(
+            f"refit left alone {len(refit.not_refit)} pruned layers (no calibration Hessian): "
+            + ", ".join(refit.not_refit[:8])
+            + (" ..." if len(refit.not_refit) > 8 else "")
+        )
     return lines
 
 
@@ -351,8 +414,10 @@ def zero_shot_lines(zero_shot: ZeroShot | dict | None) -> list[str]:
                 continue
             before = zero_shot.dense.get(task, {}).get(metric)
             n = zero_shot.examples.get(task)
-            lines.append(f"zero-shot {task} {metric}: {'' if before is None else f'{before:.4f} -> '}{value:.4f}"
-                         + (f" ({n} examples)" if n else ""))
+            lines.append(
+                f"zero-shot {task} {metric}: {'' if before is None else f'{before:.4f} -> '}{value:.4f}"
+                + (f" ({n} examples)" if n else "")
+            )
     return lines
 
 

@@ -22,8 +22,10 @@ from worker.engine.architectures import Adapter, LayerSelection
 from worker.engine.errors import InvalidJob
 from worker.engine.moe import is_fused_experts, is_router, matrix_names
 
-COUNTED = ("parameters with 2 or more dimensions inside the pruned blocks; 1-D parameters (norm scales, biases) "
-           "and stacked biases (per-expert biases, router score biases) are not weights here")
+COUNTED = (
+    "parameters with 2 or more dimensions inside the pruned blocks; 1-D parameters (norm scales, biases) "
+    "and stacked biases (per-expert biases, router score biases) are not weights here"
+)
 MIN_PRUNABLE_SHARE = 0.5  # below this share of the blocks' weights in prunable layers, a job is refused
 
 
@@ -50,7 +52,7 @@ def _kind(block: nn.Module, pname: str) -> str:
         return "embedding table (looked up, not multiplied)"
     if isinstance(owner, nn.modules.conv._ConvNd):
         return "convolution kernel (not a Linear)"
-    if getattr(owner, "weight", None) is not None and getattr(owner, "weight").dim() == 1:
+    if getattr(owner, "weight", None) is not None and owner.weight.dim() == 1:
         return f"{type(owner).__name__} parameter (not a Linear weight)"
     return f"{type(owner).__name__}.{pname.rpartition('.')[2]}: not a Linear or known fused-experts weight"
 
@@ -76,8 +78,10 @@ def check_prunable(adapter: Adapter, selection: LayerSelection) -> None:
                 unknown[key] = unknown.get(key, 0) + p.numel()
     if total and share / total < MIN_PRUNABLE_SHARE:
         top = ", ".join(k for k, _ in sorted(unknown.items(), key=lambda kv: -kv[1])[:4])
-        raise InvalidJob(f"only {share / total:.0%} of the decoder blocks' weights are in layers this engine prunes "
-                         f"(Linear layers, fused experts); the rest ({top}) would stay dense")
+        raise InvalidJob(
+            f"only {share / total:.0%} of the decoder blocks' weights are in layers this engine prunes "
+            f"(Linear layers, fused experts); the rest ({top}) would stay dense"
+        )
 
 
 def weight_name(layer_name: str, model: nn.Module) -> str:
@@ -115,8 +119,13 @@ def coverage(model: nn.Module, adapter: Adapter, selection: LayerSelection, prun
     return {
         "sparsity": zeros_all / total if total else 0.0,
         "sparsity_pruned_modules": zeros_pruned / total_pruned if total_pruned else 0.0,
-        "coverage": {"counted": COUNTED, "weights": total, "weights_pruned": total_pruned,
-                     "weights_dense": total - total_pruned, "dense": dense,
-                     # every parameter of the model (a tied one once): the whole-model sparsity's denominator
-                     "model_parameters": sum(p.numel() for p in model.parameters())},
+        "coverage": {
+            "counted": COUNTED,
+            "weights": total,
+            "weights_pruned": total_pruned,
+            "weights_dense": total - total_pruned,
+            "dense": dense,
+            # every parameter of the model (a tied one once): the whole-model sparsity's denominator
+            "model_parameters": sum(p.numel() for p in model.parameters()),
+        },
     }

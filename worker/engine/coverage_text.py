@@ -13,8 +13,10 @@ def sparsity_headline(report: dict) -> str:
     layers = len(report["layers"])
     if "sparsity_pruned_modules" not in report:  # a report from before coverage was counted
         return f"sparsity {report['sparsity']:.4f} over {layers} layers"
-    return (f"sparsity {report['sparsity']:.4f} over all weights of the pruned blocks "
-            f"({report['sparsity_pruned_modules']:.4f} over the {layers} pruned layers)")
+    return (
+        f"sparsity {report['sparsity']:.4f} over all weights of the pruned blocks "
+        f"({report['sparsity_pruned_modules']:.4f} over the {layers} pruned layers)"
+    )
 
 
 def coverage_lines(report: dict) -> list[str]:
@@ -24,17 +26,25 @@ def coverage_lines(report: dict) -> list[str]:
     dense = coverage.get("dense") or []
     if dense:
         reasons = Counter(d["reason"] for d in dense)
-        lines.append(f"left dense in the pruned blocks: {len(dense)} weight tensors, {coverage['weights_dense']:,} of "
-                     f"{coverage['weights']:,} weights ({'; '.join(f'{n} x {r}' for r, n in reasons.items())}); "
-                     "the report's coverage.dense names each")
+        lines.append(
+            f"left dense in the pruned blocks: {len(dense)} weight tensors, {coverage['weights_dense']:,} of "
+            f"{coverage['weights']:,} weights ({'; '.join(f'{n} x {r}' for r, n in reasons.items())}); "
+            "the report's coverage.dense names each"
+        )
     experts = report.get("experts") or []
     if experts:
         total = sum(r["experts"] for r in experts)
         fell = sum(h == "all_tokens_fallback" for r in experts for h in (r.get("hessian") or []))
         every = sum(h == "all_tokens" for r in experts for h in (r.get("hessian") or []))
-        how = ("every calibration token through every expert" if every else
-               f"each from its routed tokens; {fell} with too few took all-token Hessians"
-               if any(r.get("hessian") for r in experts) else "by magnitude, no data")
-        lines.append(f"experts: {total} in {len(experts)} modules pruned one by one ({how}); "
-                     "the report's experts lists tokens per expert")
+        how = (
+            "every calibration token through every expert"
+            if every
+            else f"each from its routed tokens; {fell} with too few took all-token Hessians"
+            if any(r.get("hessian") for r in experts)
+            else "by magnitude, no data"
+        )
+        lines.append(
+            f"experts: {total} in {len(experts)} modules pruned one by one ({how}); "
+            "the report's experts lists tokens per expert"
+        )
     return lines

@@ -42,24 +42,36 @@ def scheme_of(quantization: Quantization) -> QuantizationScheme:
     if quantization.type == "float":  # FP8_DYNAMIC: per-channel weights, dynamic per-token activations
         weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel", dynamic=False)
         inputs = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True)
-        return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs,
-                                  format="float-quantized")
+        return QuantizationScheme(
+            targets=["Linear"], weights=weights, input_activations=inputs, format="float-quantized"
+        )
     if quantization.group_size == -1:
         weights = QuantizationArgs(num_bits=quantization.bits, type="int", symmetric=True, strategy="channel")
     else:
-        weights = QuantizationArgs(num_bits=quantization.bits, type="int", symmetric=True, strategy="group",
-                                   group_size=quantization.group_size)
+        weights = QuantizationArgs(
+            num_bits=quantization.bits, type="int", symmetric=True, strategy="group", group_size=quantization.group_size
+        )
     return QuantizationScheme(targets=["Linear"], weights=weights, format="pack-quantized")
 
 
-def _compressed_state(quantized: QuantizedWeight, scheme: QuantizationScheme, name: str, dtype: torch.dtype,
-                      device: torch.device | str = "cpu", state: dict | None = None) -> dict[str, torch.Tensor]:
+def _compressed_state(
+    quantized: QuantizedWeight,
+    scheme: QuantizationScheme,
+    name: str,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    state: dict | None = None,
+) -> dict[str, torch.Tensor]:
     """One weight's compressed tensors from the library's compressor, holding the solver's own codes;
     ``state``: the module's other tensors (bias, qparams), passed through."""
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     scale = quantized.scale.float().to(device)
-    state = {**(state or {}), "weight": quantized.weight.to(device, torch.float32), "weight_scale": scale,
-             "weight_zero_point": torch.zeros(scale.shape, dtype=torch.int8, device=scale.device)}
+    state = {
+        **(state or {}),
+        "weight": quantized.weight.to(device, torch.float32),
+        "weight_scale": scale,
+        "weight_zero_point": torch.zeros(scale.shape, dtype=torch.int8, device=scale.device),
+    }
     out = dict(compressor.compress(state, scheme))
     codes = quantized.codes.to(scale.device)
     if "weight_packed" in out:
@@ -89,17 +101,25 @@ def compress_model(model: nn.Module, quantized: dict[str, QuantizedWeight], quan
         if tuple(q.codes.shape) != tuple(module.weight.shape):
             raise ValueError(f"{name}: codes {tuple(q.codes.shape)} for a weight {tuple(module.weight.shape)}")
         if module.weight.dtype != quantization.scale_dtype:
-            raise ValueError(f"{name}: the model holds {module.weight.dtype} but the scales were rounded to "
-                             f"{quantization.scale_dtype}: quantize with the saved dtype")
+            raise ValueError(
+                f"{name}: the model holds {module.weight.dtype} but the scales were rounded to "
+                f"{quantization.scale_dtype}: quantize with the saved dtype"
+            )
         initialize_module_for_quantization(module, scheme)
-        state = _compressed_state(q, scheme, name, module.weight.dtype, module.weight.device,
-                                  get_direct_state_dict(module))
+        state = _compressed_state(
+            q, scheme, name, module.weight.dtype, module.weight.device, get_direct_state_dict(module)
+        )
         replace_direct_state_dict(module, state)
         module.quantization_status = QuantizationStatus.COMPRESSED
 
 
-def save_compressed(model: nn.Module, quantized: dict[str, QuantizedWeight], quantization: Quantization,
-                    output: str | Path, experts: dict[str, QuantizedWeight] | None = None) -> Path:
+def save_compressed(
+    model: nn.Module,
+    quantized: dict[str, QuantizedWeight],
+    quantization: Quantization,
+    output: str | Path,
+    experts: dict[str, QuantizedWeight] | None = None,
+) -> Path:
     """Write ``model`` as a compressed-tensors checkpoint in ``output`` (config, safetensors).
 
     The model is compressed in place (``compress_model``); a forward afterwards decompresses it
@@ -151,9 +171,13 @@ def _compress_saved(output: Path, experts: dict[str, QuantizedWeight], quantizat
         index_file.write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
-def save_compressed_from_dense(dense_dir: str | Path, quantized: dict[str, QuantizedWeight],
-                               quantization: Quantization, output: str | Path,
-                               experts: dict[str, QuantizedWeight] | None = None) -> Path:
+def save_compressed_from_dense(
+    dense_dir: str | Path,
+    quantized: dict[str, QuantizedWeight],
+    quantization: Quantization,
+    output: str | Path,
+    experts: dict[str, QuantizedWeight] | None = None,
+) -> Path:
     """The same from a saved dense HF directory: loaded, compressed, saved; its other files
     (tokenizer, generation config, card, report) copied beside the new weights and config."""
     import transformers
@@ -177,8 +201,9 @@ def _digest(t: torch.Tensor) -> tuple:
     return tuple(t.shape), str(t.dtype), hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def saved_expert_names(output: Path, experts: dict[str, QuantizedWeight], dtype: torch.dtype
-                       ) -> dict[str, QuantizedWeight]:
+def saved_expert_names(
+    output: Path, experts: dict[str, QuantizedWeight], dtype: torch.dtype
+) -> dict[str, QuantizedWeight]:
     """Each expert matrix's name as ``save_pretrained`` wrote it (``...mlp.experts.3.gate_proj``), found
     by its values: the saved per-expert tensor equal to the expert's codes x scales in ``dtype``. A
     fused gate_up_proj's expert is found whole or as its gate rows and up rows (QUANTIZATION.md 5).
@@ -192,7 +217,11 @@ def saved_expert_names(output: Path, experts: dict[str, QuantizedWeight], dtype:
         for part in parts:
             digest = _digest(part.weight.to(dtype))
             same = pieces.get(digest, part)
-            pieces[digest] = part if same is not None and torch.equal(same.codes.view(torch.int8), part.codes.view(torch.int8)) else None
+            pieces[digest] = (
+                part
+                if same is not None and torch.equal(same.codes.view(torch.int8), part.codes.view(torch.int8))
+                else None
+            )
     named: dict[str, QuantizedWeight] = {}
     for path in sorted(output.glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:
@@ -205,13 +234,20 @@ def saved_expert_names(output: Path, experts: dict[str, QuantizedWeight], dtype:
                         named[key.removesuffix(".weight")] = pieces[digest]
     found, wanted = sum(q.codes.numel() for q in named.values()), sum(q.codes.numel() for q in experts.values())
     if found != wanted:
-        raise RuntimeError(f"the saved checkpoint holds {found} of the {wanted} quantized expert weights under "
-                           "per-expert names: its experts cannot be written quantized")
+        raise RuntimeError(
+            f"the saved checkpoint holds {found} of the {wanted} quantized expert weights under "
+            "per-expert names: its experts cannot be written quantized"
+        )
     return named
 
 
-def save_quantized_model(model: nn.Module, quantized: dict[str, QuantizedWeight], quantization: Quantization,
-                         output: str | Path, experts: dict[str, QuantizedWeight] | None = None) -> Path:
+def save_quantized_model(
+    model: nn.Module,
+    quantized: dict[str, QuantizedWeight],
+    quantization: Quantization,
+    output: str | Path,
+    experts: dict[str, QuantizedWeight] | None = None,
+) -> Path:
     """``save_compressed`` for the engine: ``experts`` by their in-memory keys (worker.engine.moe.expert_key),
     their saved names found in what ``save_pretrained`` writes (``saved_expert_names``)."""
     output = Path(output)

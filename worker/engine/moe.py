@@ -59,19 +59,32 @@ class MoeSettings:
 
 def is_fused_experts(module: nn.Module) -> bool:
     """A transformers experts module whose fused 3-D weights this file knows how to prune."""
-    return (hasattr(module, "is_transposed") and hasattr(module, "has_gate") and hasattr(module, "num_experts")
-            and isinstance(getattr(module, "down_proj", None), nn.Parameter)
-            and getattr(module, "down_proj").dim() == 3) or is_scaled_bmm(module)
+    return (
+        hasattr(module, "is_transposed")
+        and hasattr(module, "has_gate")
+        and hasattr(module, "num_experts")
+        and isinstance(getattr(module, "down_proj", None), nn.Parameter)
+        and module.down_proj.dim() == 3
+    ) or is_scaled_bmm(module)
 
 
 def is_scaled_bmm(module: nn.Module) -> bool:
     """Llama 4's experts layout (see the module's doc): inputs scaled by the router, one bmm."""
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     width = getattr(module, "expert_dim", None)
-    return (not hasattr(module, "is_transposed") and isinstance(getattr(module, "num_experts", None), int)
-            and isinstance(width, int) and isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)
-            and gate_up.dim() == 3 and down.dim() == 3 and gate_up.shape[2] == 2 * width
-            and down.shape[1] == width and gate_up.shape[1] == down.shape[2] and callable(getattr(module, "act_fn", None)))
+    return (
+        not hasattr(module, "is_transposed")
+        and isinstance(getattr(module, "num_experts", None), int)
+        and isinstance(width, int)
+        and isinstance(gate_up, nn.Parameter)
+        and isinstance(down, nn.Parameter)
+        and gate_up.dim() == 3
+        and down.dim() == 3
+        and gate_up.shape[2] == 2 * width
+        and down.shape[1] == width
+        and gate_up.shape[1] == down.shape[2]
+        and callable(getattr(module, "act_fn", None))
+    )
 
 
 def fused_experts(block: nn.Module) -> dict[str, nn.Module]:
@@ -88,8 +101,9 @@ def is_router(name: str, module: nn.Module) -> bool:
 
 def matrix_names(experts: nn.Module) -> list[str]:
     """The fused parameters of one experts module, in the order they act: gate_up (or up), down."""
-    return [n for n in MATRICES if isinstance(getattr(experts, n, None), nn.Parameter)
-            and getattr(experts, n).dim() == 3]
+    return [
+        n for n in MATRICES if isinstance(getattr(experts, n, None), nn.Parameter) and getattr(experts, n).dim() == 3
+    ]
 
 
 def expert_matrix(experts: nn.Module, pname: str, e: int) -> torch.Tensor:
@@ -132,8 +146,14 @@ class ExpertStats:
 class ExpertCollector:
     """Replaces each experts module's forward for the calibration pass (see the module's doc)."""
 
-    def __init__(self, modules: dict[str, nn.Module], device: torch.device, settings: MoeSettings,
-                 hessian: Callable[[int, torch.device], object], block: nn.Module | None = None):
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        device: torch.device,
+        settings: MoeSettings,
+        hessian: Callable[[int, torch.device], object],
+        block: nn.Module | None = None,
+    ):
         self.modules, self.device, self.settings, self.hessian = modules, device, settings, hessian
         self._plain: dict[str, torch.Tensor] = {}  # scaled-bmm experts: the MoE module's input, unscaled
         self._hooks = []
@@ -144,11 +164,18 @@ class ExpertCollector:
                 parent = block.get_submodule(name.rsplit(".", 1)[0])
                 self._hooks.append(parent.register_forward_pre_hook(self._keep_plain(name), with_kwargs=True))
         source = "all_tokens" if settings.all_experts else "routed"
-        self.stats = {name: ExpertStats(up=[None] * m.num_experts, down=[None] * m.num_experts,
-                                        tokens=[0] * m.num_experts, source=[source] * m.num_experts)
-                      for name, m in modules.items()}
-        self._every: dict[str, set[int]] = {name: set(range(m.num_experts)) if settings.all_experts else set()
-                                            for name, m in modules.items()}
+        self.stats = {
+            name: ExpertStats(
+                up=[None] * m.num_experts,
+                down=[None] * m.num_experts,
+                tokens=[0] * m.num_experts,
+                source=[source] * m.num_experts,
+            )
+            for name, m in modules.items()
+        }
+        self._every: dict[str, set[int]] = {
+            name: set(range(m.num_experts)) if settings.all_experts else set() for name, m in modules.items()
+        }
         self._only: dict[str, set[int]] | None = None  # the fallback pass: these experts' statistics only
         for name, m in modules.items():
             m.forward = self._forward_of(name, m)  # an instance attribute: ``remove`` restores the class's
@@ -157,6 +184,7 @@ class ExpertCollector:
         def hook(_module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             self._plain[name] = hidden.reshape(-1, hidden.shape[-1])
+
         return hook
 
     def _forward_of(self, name: str, experts: nn.Module):
@@ -169,6 +197,7 @@ class ExpertCollector:
             index = next(t for t in routing if not t.is_floating_point())
             weights = next(t for t in routing if t.is_floating_point())
             return self._forward(name, experts, hidden_states, index, weights)
+
         return forward
 
     def _add(self, slots: list, e: int, x: torch.Tensor) -> None:
@@ -177,8 +206,14 @@ class ExpertCollector:
         slots[e].add_batch(x.unsqueeze(1))  # (T, 1, cols): the accumulator counts T, H = 2/T sum x x^T
 
     @torch.no_grad()
-    def _forward(self, name: str, experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                 top_k_weights: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self,
+        name: str,
+        experts: nn.Module,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> torch.Tensor:
         """The routed experts' weighted sum (transformers' eager loop), with the statistics on the way."""
         stats, every = self.stats[name], self._every[name]
         only = self._only[name] if self._only is not None else None
@@ -236,8 +271,9 @@ class ExpertCollector:
         """The experts the router sent fewer than ``min_tokens`` tokens (outside all-experts mode)."""
         if self.settings.all_experts:
             return {}
-        out = {name: {e for e, t in enumerate(s.tokens) if t < self.settings.min_tokens}
-               for name, s in self.stats.items()}
+        out = {
+            name: {e for e, t in enumerate(s.tokens) if t < self.settings.min_tokens} for name, s in self.stats.items()
+        }
         return {name: es for name, es in out.items() if es}
 
     def fallback(self, run_pass: Callable[[], None]) -> None:
@@ -267,8 +303,13 @@ class ExpertCollector:
 
 def _experts_refit(fits: list[dict]) -> dict:
     """One fused parameter's refit record from its experts' (a layer's: worker.engine.refit)."""
-    return {"mode": fits[0]["mode"], "error_before": sum(f["error_before"] for f in fits) / len(fits),
-            "swaps": sum(f["swaps"] for f in fits), "seconds": sum(f["seconds"] for f in fits), "experts": len(fits)}
+    return {
+        "mode": fits[0]["mode"],
+        "error_before": sum(f["error_before"] for f in fits) / len(fits),
+        "swaps": sum(f["swaps"] for f in fits),
+        "seconds": sum(f["seconds"] for f in fits),
+        "experts": len(fits),
+    }
 
 
 def expert_key(parameter: str, e: int) -> str:
@@ -282,20 +323,32 @@ def quantization_refusal(block: nn.Module) -> str | None:
     (E, 2I, H) and ``down_proj`` (E, H, I), no biases, saved per expert."""
     for name, experts in fused_experts(block).items():
         if is_scaled_bmm(experts) or getattr(experts, "is_transposed", False):
-            return (f"{name}: its experts are stored (in, out) ({type(experts).__name__}); a quantized checkpoint "
-                    "of that layout is not known to load in transformers or vLLM")
+            return (
+                f"{name}: its experts are stored (in, out) ({type(experts).__name__}); a quantized checkpoint "
+                "of that layout is not known to load in transformers or vLLM"
+            )
         if getattr(experts, "has_bias", False):
             return f"{name}: experts with biases ({type(experts).__name__}) are not known to load quantized"
         if "gate_up_proj" not in matrix_names(experts) or "down_proj" not in matrix_names(experts):
-            return (f"{name}: experts without a fused gate_up_proj ({type(experts).__name__}) are not known to "
-                    "load quantized")
+            return (
+                f"{name}: experts without a fused gate_up_proj ({type(experts).__name__}) are not known to "
+                "load quantized"
+            )
     return None
 
 
 @torch.no_grad()
-def prune_experts(modules: dict[str, nn.Module], stats: dict[str, ExpertStats] | None, solver, *,
-                  prefix: str, block: int, device: torch.device, prune_shared,
-                  quantized: dict | None = None) -> tuple[list[dict], list[dict]]:
+def prune_experts(
+    modules: dict[str, nn.Module],
+    stats: dict[str, ExpertStats] | None,
+    solver,
+    *,
+    prefix: str,
+    block: int,
+    device: torch.device,
+    prune_shared,
+    quantized: dict | None = None,
+) -> tuple[list[dict], list[dict]]:
     """Prune every expert of ``modules`` in place; with ``solver.quantization`` each expert's matrix is
     quantized as its own Linear (its routed Hessian, the method's way) and its codes and scales go into
     ``quantized`` under ``expert_key`` (the fused parameter holds codes x scales).
@@ -332,13 +385,26 @@ def prune_experts(modules: dict[str, nn.Module], stats: dict[str, ExpertStats] |
                 errs.append(err)
                 losses.append(loss)
                 damps.append(damp)
-            layers.append({
-                "block": block, "name": f"{full}.{pname}", "sparsity": zeros / numel,
-                "error": None if errs[0] is None else sum(errs) / len(errs),
-                "loss": None if losses[0] is None else sum(losses), "percdamp": max(damps),
-                "seconds": time.perf_counter() - t0, "target": solver.pattern.sparsity,
-                "refit": _experts_refit(fits) if fits else None})
-        records.append({"block": block, "module": full, "experts": experts.num_experts,
-                        "tokens": list(s.tokens) if s is not None else None,
-                        "hessian": list(s.source) if s is not None else None})
+            layers.append(
+                {
+                    "block": block,
+                    "name": f"{full}.{pname}",
+                    "sparsity": zeros / numel,
+                    "error": None if errs[0] is None else sum(errs) / len(errs),
+                    "loss": None if losses[0] is None else sum(losses),
+                    "percdamp": max(damps),
+                    "seconds": time.perf_counter() - t0,
+                    "target": solver.pattern.sparsity,
+                    "refit": _experts_refit(fits) if fits else None,
+                }
+            )
+        records.append(
+            {
+                "block": block,
+                "module": full,
+                "experts": experts.num_experts,
+                "tokens": list(s.tokens) if s is not None else None,
+                "hessian": list(s.source) if s is not None else None,
+            }
+        )
     return layers, records

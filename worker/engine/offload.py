@@ -96,8 +96,10 @@ def attach(block: nn.Module, path: Path) -> None:
             mapped = f.get_tensor(key)
             current = t.data if kind == "p" else t
             if mapped.shape != current.shape or mapped.dtype != current.dtype:
-                raise RuntimeError(f"{path}: {key} is {tuple(mapped.shape)} {mapped.dtype}, "
-                                   f"the block's is {tuple(current.shape)} {current.dtype}")
+                raise RuntimeError(
+                    f"{path}: {key} is {tuple(mapped.shape)} {mapped.dtype}, "
+                    f"the block's is {tuple(current.shape)} {current.dtype}"
+                )
             if current.device.type != "cpu":
                 mapped = mapped.to(current.device)
             _set(module, kind, name, mapped)

@@ -25,10 +25,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from worker.engine import offload as host
 from worker.engine.architectures import Adapter, LayerSelection, prunable_linears, weight_matrix
 from worker.engine.errors import InvalidJob
 from worker.engine.progress import Tracker
-from worker.engine import offload as host
 from worker.engine.sequential import capture_block_inputs, release_memory, run_block
 
 
@@ -37,13 +37,17 @@ def selected_modules(adapter: Adapter, selection: LayerSelection, i: int) -> dic
     if not selection.block_selected(i):
         return {}
     prefix = adapter.block_name(i)
-    return {name: m for name, m in prunable_linears(adapter.blocks[i]).items()
-            if selection.module_selected(f"{prefix}.{name}")}
+    return {
+        name: m
+        for name, m in prunable_linears(adapter.blocks[i]).items()
+        if selection.module_selected(f"{prefix}.{name}")
+    }
 
 
 def outlier_ratio(weights: Sequence[torch.Tensor], sq_norms: Sequence[torch.Tensor], m: float) -> float:
     """100 x the share of the Wanda scores |W_ij| * ||x_j|| (over all ``weights`` together, each
     (rows, cols) with its inputs' squared norms (cols,)) that are above ``m`` x their mean."""
+
     def score(W: torch.Tensor, n: torch.Tensor) -> torch.Tensor:  # one layer's at a time: no copy of the block
         return W.float().abs() * n.float().clamp(min=0).sqrt().reshape(1, -1)
 
@@ -70,14 +74,23 @@ def owl_targets(ratios: Sequence[float], sizes: Sequence[int], sparsity: float, 
         raise InvalidJob(
             f"sparsity_profile owl: at sparsity {sparsity:g} with lambda {lam:g} the blocks' targets span "
             f"{min(targets):.4f}..{max(targets):.4f}, and block {worst}'s {targets[worst]:.4f} is not strictly "
-            "between 0 and 1; lower owl.lambda or move the sparsity away from 0 and 1")
+            "between 0 and 1; lower owl.lambda or move the sparsity away from 0 and 1"
+        )
     return targets
 
 
 @torch.no_grad()
-def block_outlier_ratios(model: nn.Module, adapter: Adapter, calibration: torch.Tensor, *, selection: LayerSelection,
-                         m: float, device: torch.device, batch_size: int, tracker: Tracker,
-                         ) -> dict[int, tuple[float, int]]:
+def block_outlier_ratios(
+    model: nn.Module,
+    adapter: Adapter,
+    calibration: torch.Tensor,
+    *,
+    selection: LayerSelection,
+    m: float,
+    device: torch.device,
+    batch_size: int,
+    tracker: Tracker,
+) -> dict[int, tuple[float, int]]:
     """(outlier ratio, pruned parameters) of every selected block, from one pass of the
     calibration windows (nsamples, seqlen) through the dense model."""
     blocks = [i for i in range(len(adapter.blocks)) if selected_modules(adapter, selection, i)]
@@ -86,8 +99,12 @@ def block_outlier_ratios(model: nn.Module, adapter: Adapter, calibration: torch.
     inputs = capture_block_inputs(model, adapter, calibration, batch_size=batch_size, device=device)
     out: dict[int, tuple[float, int]] = {}
     for i in range(blocks[-1] + 1):
-        tracker.emit(0.5 + 0.5 * i / (blocks[-1] + 1), layer=i, layers=len(adapter.blocks),
-                     message=f"OWL outlier ratios: block {i + 1} of {blocks[-1] + 1}")
+        tracker.emit(
+            0.5 + 0.5 * i / (blocks[-1] + 1),
+            layer=i,
+            layers=len(adapter.blocks),
+            message=f"OWL outlier ratios: block {i + 1} of {blocks[-1] + 1}",
+        )
         block = adapter.blocks[i]
         host.onload(block, device)
         modules = selected_modules(adapter, selection, i)
@@ -96,7 +113,8 @@ def block_outlier_ratios(model: nn.Module, adapter: Adapter, calibration: torch.
         def hook(name: str):
             def accumulate(_module: nn.Module, args: tuple) -> None:
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
-                norms[name] = norms.get(name, 0) + (x * x).sum(0)
+                norms[name] = norms.get(name, 0) + (x * x).sum(0)  # noqa: B023 (hooks removed in this iteration)
+
             return accumulate
 
         handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in modules.items()]
@@ -107,7 +125,9 @@ def block_outlier_ratios(model: nn.Module, adapter: Adapter, calibration: torch.
                 h.remove()
         if modules:
             weights = [weight_matrix(modules[n]) for n in modules]
-            sq = [norms.get(n, torch.zeros(W.shape[1], device=W.device)) for n, W in zip(modules, weights)]  # not called: 0
+            sq = [
+                norms.get(n, torch.zeros(W.shape[1], device=W.device)) for n, W in zip(modules, weights)
+            ]  # not called: 0
             out[i] = (outlier_ratio(weights, sq, m), sum(W.numel() for W in weights))
         host.offload(block)
         release_memory(device)
@@ -119,13 +139,26 @@ def block_outlier_ratios(model: nn.Module, adapter: Adapter, calibration: torch.
 def check_profile(spec_profile: str | tuple[float, ...], nblocks: int) -> None:
     """A user's profile has one value per decoder block of the model (checked once it is loaded)."""
     if isinstance(spec_profile, tuple) and len(spec_profile) != nblocks:
-        raise InvalidJob(f"sparsity_profile has {len(spec_profile)} values but the model has {nblocks} decoder "
-                         f"blocks: give one sparsity per block (blocks 0..{nblocks - 1})")
+        raise InvalidJob(
+            f"sparsity_profile has {len(spec_profile)} values but the model has {nblocks} decoder "
+            f"blocks: give one sparsity per block (blocks 0..{nblocks - 1})"
+        )
 
 
-def block_targets(spec_profile: str | tuple[float, ...], *, sparsity: float, m: float, lam: float, model: nn.Module,
-                  adapter: Adapter, calibration: torch.Tensor | None, selection: LayerSelection,
-                  device: torch.device, batch_size: int, tracker: Tracker) -> tuple[dict[int, float] | None, dict]:
+def block_targets(
+    spec_profile: str | tuple[float, ...],
+    *,
+    sparsity: float,
+    m: float,
+    lam: float,
+    model: nn.Module,
+    adapter: Adapter,
+    calibration: torch.Tensor | None,
+    selection: LayerSelection,
+    device: torch.device,
+    batch_size: int,
+    tracker: Tracker,
+) -> tuple[dict[int, float] | None, dict]:
     """The per-block targets of the job's profile (None: uniform) and what the report says of them."""
     nblocks = len(adapter.blocks)
     check_profile(spec_profile, nblocks)
@@ -134,11 +167,15 @@ def block_targets(spec_profile: str | tuple[float, ...], *, sparsity: float, m: 
     if isinstance(spec_profile, tuple):  # the user's own, applied as given
         return dict(enumerate(spec_profile)), {"profile": "list"}
     assert calibration is not None, "OWL needs calibration windows"
-    stats = block_outlier_ratios(model, adapter, calibration, selection=selection, m=m, device=device,
-                                 batch_size=batch_size, tracker=tracker)
+    stats = block_outlier_ratios(
+        model, adapter, calibration, selection=selection, m=m, device=device, batch_size=batch_size, tracker=tracker
+    )
     order = sorted(stats)
     targets = owl_targets([stats[b][0] for b in order], [stats[b][1] for b in order], sparsity, lam)
     return dict(zip(order, targets)), {
-        "profile": "owl", "m": m, "lambda": lam,
+        "profile": "owl",
+        "m": m,
+        "lambda": lam,
         "outlier_ratio": [stats[b][0] if b in stats else None for b in range(nblocks)],
-        "mean": "parameter-weighted over the pruned blocks"}
+        "mean": "parameter-weighted over the pruned blocks",
+    }

@@ -25,6 +25,8 @@ from worker.engine.architectures import LayerSelection, adapter_for
 from worker.engine.calibration import calibration_windows, check_hub, evaluation_windows, is_named, read_text_file
 from worker.engine.card import data_files, model_card
 from worker.engine.checkpoint import context_length, load_model, resolve_device, resolve_dtype, save_pruned
+from worker.engine.contract.report import Environment, Report, Timings
+from worker.engine.contract.spec import JobSpec, upload_id
 from worker.engine.coverage import check_prunable, coverage, weight_name
 from worker.engine.errors import InvalidJob
 from worker.engine.moe import MoeSettings
@@ -40,10 +42,8 @@ from worker.engine.quantized_job import (
     writers,
 )
 from worker.engine.refit import refit_summary
-from worker.engine.contract.report import Environment, Report, Timings
 from worker.engine.resume import Checkpoints, fingerprint
 from worker.engine.sequential import LayerResult, SolverSettings, perplexity, prune_sequential
-from worker.engine.contract.spec import JobSpec, upload_id
 from worker.engine.zeroshot import ZeroShot
 
 DEFAULT_SEQLEN = 2048  # the reference's; capped by the model's context
@@ -89,8 +89,13 @@ def _peak_rss_bytes() -> int:
 def environment(device: torch.device) -> Environment:
     import transformers
 
-    env = Environment(python=platform.python_version(), torch=torch.__version__,
-                      transformers=transformers.__version__, device=str(device), cpu_threads=torch.get_num_threads())
+    env = Environment(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        device=str(device),
+        cpu_threads=torch.get_num_threads(),
+    )
     if device.type == "cuda":
         env.gpu, env.cuda = torch.cuda.get_device_name(device), torch.version.cuda
     return env
@@ -109,8 +114,9 @@ class _Run:
         self.start = time.perf_counter()
         self.eval_windows: dict[str, torch.Tensor] = {}  # tokenized when first needed, then kept
         ev = spec.evaluation
-        self.zero_shot = ZeroShot(ev.tasks, limit=ev.task_limit, batch_size=ev.task_batch_size,
-                                  task_dirs=options.task_dirs)
+        self.zero_shot = ZeroShot(
+            ev.tasks, limit=ev.task_limit, batch_size=ev.task_batch_size, task_dirs=options.task_dirs
+        )
 
     @contextmanager
     def timed(self, name: str):
@@ -128,8 +134,13 @@ class _Run:
         hub_sets = [*([spec.calibration.dataset] if calibrates else []), *spec.evaluation.datasets]
         if spec.model.startswith("/"):
             check_hub(*hub_sets)  # no Hub, no built-in set: said before the load, not after
-        self.model, self.tokenizer = load_model(spec.model, dtype=self.dtype, revision=spec.revision,
-                                                trust_remote_code=spec.trust_remote_code, token=self.options.token)
+        self.model, self.tokenizer = load_model(
+            spec.model,
+            dtype=self.dtype,
+            revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code,
+            token=self.options.token,
+        )
         self.dtype = self.model.sparsegpt_dtype
         self.parameters = sum(p.numel() for p in self.model.parameters())  # as loaded (a quantized save compresses)
         check_hub(*hub_sets)  # (a Hub model's own check came first)
@@ -153,8 +164,9 @@ class _Run:
         self.tracker.begin("calibrating", f"sampling {cal.nsamples} windows of {self.seqlen} tokens from {cal.dataset}")
         self.calibration = None
         if self.spec.reads_calibration:  # the method's statistics or OWL's scores need activations
-            self.calibration = calibration_windows(self.tokenizer, cal.dataset, nsamples=cal.nsamples,
-                                                   seqlen=self.seqlen, seed=cal.seed)
+            self.calibration = calibration_windows(
+                self.tokenizer, cal.dataset, nsamples=cal.nsamples, seqlen=self.seqlen, seed=cal.seed
+            )
         for name in self.spec.evaluation.datasets:  # fail now, not after the prune, on a missing or empty file
             if not is_named(name):
                 read_text_file(name)
@@ -163,40 +175,75 @@ class _Run:
         """The per-block targets of a non-uniform profile (OWL: one pass over the dense model)."""
         spec = self.spec
         self.targets, self.profile_info = block_targets(
-            spec.sparsity_profile, sparsity=spec.pattern.sparsity, m=spec.owl.m, lam=spec.owl.lambda_,
-            model=self.model, adapter=self.adapter, calibration=self.calibration, selection=self.selection,
-            device=self.device, batch_size=self.batch_size, tracker=self.tracker)
+            spec.sparsity_profile,
+            sparsity=spec.pattern.sparsity,
+            m=spec.owl.m,
+            lam=spec.owl.lambda_,
+            model=self.model,
+            adapter=self.adapter,
+            calibration=self.calibration,
+            selection=self.selection,
+            device=self.device,
+            batch_size=self.batch_size,
+            tracker=self.tracker,
+        )
 
     def evaluate(self, stage: str, label: str) -> dict[str, float]:
         self.tracker.begin(stage, f"{label} perplexity")
         result = {}
         for name in self.spec.evaluation.datasets:
             if name not in self.eval_windows:
-                self.eval_windows[name] = evaluation_windows(self.tokenizer, name, seqlen=self.seqlen,
-                                                             max_windows=self.spec.evaluation.max_windows)
-            result[name] = perplexity(self.model, self.adapter, self.eval_windows[name], device=self.device,
-                                      batch_size=self.batch_size, tracker=self.tracker, label=f"{label} {name}")
+                self.eval_windows[name] = evaluation_windows(
+                    self.tokenizer, name, seqlen=self.seqlen, max_windows=self.spec.evaluation.max_windows
+                )
+            result[name] = perplexity(
+                self.model,
+                self.adapter,
+                self.eval_windows[name],
+                device=self.device,
+                batch_size=self.batch_size,
+                tracker=self.tracker,
+                label=f"{label} {name}",
+            )
         return result
 
     def evaluate_tasks(self, stage: str, key: str) -> None:
         self.tracker.begin(stage, f"{key} zero-shot")
-        self.zero_shot.evaluate(key, self.model, self.tokenizer, self.adapter, device=self.device,
-                                tracker=self.tracker, label=key)
+        self.zero_shot.evaluate(
+            key, self.model, self.tokenizer, self.adapter, device=self.device, tracker=self.tracker, label=key
+        )
 
     def prune(self) -> list[LayerResult]:
         spec = self.spec
         self.tracker.begin("pruning", f"{spec.method} {spec.pattern}")
-        solver = SolverSettings(method=spec.method, pattern=spec.pattern, blocksize=spec.solver.blocksize,
-                                percdamp=spec.solver.percdamp, wbits=spec.solver.wbits, exact=spec.solver.exact,
-                                refit=spec.solver.refit, quantization=self.quantization)
+        solver = SolverSettings(
+            method=spec.method,
+            pattern=spec.pattern,
+            blocksize=spec.solver.blocksize,
+            percdamp=spec.solver.percdamp,
+            wbits=spec.solver.wbits,
+            exact=spec.solver.exact,
+            refit=spec.solver.refit,
+            quantization=self.quantization,
+        )
         self.quantized = {}  # with quantization: codes and scales by module name (experts: moe.expert_key)
         batch = 1 if spec.solver.exact else self.batch_size  # the reference's one sequence per forward
         self.experts: list[dict] = []  # per experts module: routed tokens and Hessian source per expert
-        layers = prune_sequential(self.model, self.adapter, self.calibration, solver=solver,
-                                  selection=self.selection, device=self.device, batch_size=batch,
-                                  tracker=self.tracker, targets=self.targets, expert_records=self.experts,
-                                  moe=MoeSettings(all_experts=spec.moe.all_experts, min_tokens=spec.moe.min_tokens),
-                                  checkpoints=self.checkpoints(batch), quantized=self.quantized)
+        layers = prune_sequential(
+            self.model,
+            self.adapter,
+            self.calibration,
+            solver=solver,
+            selection=self.selection,
+            device=self.device,
+            batch_size=batch,
+            tracker=self.tracker,
+            targets=self.targets,
+            expert_records=self.experts,
+            moe=MoeSettings(all_experts=spec.moe.all_experts, min_tokens=spec.moe.min_tokens),
+            checkpoints=self.checkpoints(batch),
+            quantized=self.quantized,
+        )
         self.peak_prune_rss = _peak_rss_bytes()
         # measured now: a quantized model is compressed before it is evaluated (compressed-tensors' modules)
         self.coverage = coverage(self.model, self.adapter, self.selection, [r.name for r in layers])
@@ -206,9 +253,17 @@ class _Run:
     def checkpoints(self, batch: int) -> Checkpoints | None:
         if not self.options.resume_dir:
             return None
-        return Checkpoints(self.options.resume_dir, fingerprint(
-            spec=self.spec.model_dump(mode="json"), dtype=self.dtype, device=self.device, batch_size=batch,
-            calibration=self.calibration, blocks=len(self.adapter.blocks)))
+        return Checkpoints(
+            self.options.resume_dir,
+            fingerprint(
+                spec=self.spec.model_dump(mode="json"),
+                dtype=self.dtype,
+                device=self.device,
+                batch_size=batch,
+                calibration=self.calibration,
+                blocks=len(self.adapter.blocks),
+            ),
+        )
 
     def save(self, make_report: Callable[[], Report]) -> Report:
         """Write the formats, then ``make_report()`` (a quantized job evaluates there: the model as saved)
@@ -224,9 +279,14 @@ class _Run:
             inner[0] = time.perf_counter() - t1
             self.seconds["save"] = time.perf_counter() - t0 - inner[0]
             if self.quantization is not None:
-                report.quantization = quantization_part(self.spec, self.quantization, self.quantized, self.model,
-                                                        report.coverage.dense if report.coverage else [],
-                                                        self.parameters)
+                report.quantization = quantization_part(
+                    self.spec,
+                    self.quantization,
+                    self.quantized,
+                    self.model,
+                    report.coverage.dense if report.coverage else [],
+                    self.parameters,
+                )
             self.seconds["total"] = time.perf_counter() - self.start
             report.seconds = Timings(**self.seconds)
             if self.quantization is not None:  # the sizes as the directories will hold them, card and report too
@@ -234,8 +294,13 @@ class _Run:
             made.append(report)
             return report.to_dict()
 
-        save_pruned(self.model, self.tokenizer, self.options.output, finish,
-                    writers(self.model, self.formats, self.quantization, self.quantized))
+        save_pruned(
+            self.model,
+            self.tokenizer,
+            self.options.output,
+            finish,
+            writers(self.model, self.formats, self.quantization, self.quantized),
+        )
         self.seconds["save"] = time.perf_counter() - t0 - inner[0]
         return made[0]
 
@@ -251,35 +316,57 @@ class _Run:
         public = spec.model_copy(update={"model": label(spec.model)}).with_datasets(label)
         ev = spec.evaluation
         return Report(
-            model=public.model, revision=spec.revision, method=spec.method, pattern=str(spec.pattern),
+            model=public.model,
+            revision=spec.revision,
+            method=spec.method,
+            pattern=str(spec.pattern),
             # sparsity: zeros / every weight of the pruned blocks; sparsity_pruned_modules; coverage: what stayed dense
             **self.coverage,
             experts=getattr(self, "experts", []),  # per experts module: routed tokens, Hessian source per expert
-            profile={**self.profile_info,  # per block (None: not pruned); each weighted by its Linears' sizes
-                     "targets": [per_block[b][0][0].target if b in per_block else None for b in range(nblocks)],
-                     "achieved": [sum(r.sparsity * n for r, n in per_block[b]) / sum(n for _, n in per_block[b])
-                                  if b in per_block else None for b in range(nblocks)]},
+            profile={
+                **self.profile_info,  # per block (None: not pruned); each weighted by its Linears' sizes
+                "targets": [per_block[b][0][0].target if b in per_block else None for b in range(nblocks)],
+                "achieved": [
+                    sum(r.sparsity * n for r, n in per_block[b]) / sum(n for _, n in per_block[b])
+                    if b in per_block
+                    else None
+                    for b in range(nblocks)
+                ],
+            },
             calibration={**public.calibration.model_dump(), "seqlen": self.seqlen},
             files=data_files([spec.calibration.dataset, *spec.evaluation.datasets], label),  # their sha256
-            solver={"blocksize": spec.solver.blocksize, "percdamp": spec.solver.percdamp,
-                    "percdamp_max_used": max(used, default=0.0),  # 0.0: no layer was dampened
-                    "wbits": spec.solver.wbits, "exact": spec.solver.exact, "refit": spec.solver.refit},
+            solver={
+                "blocksize": spec.solver.blocksize,
+                "percdamp": spec.solver.percdamp,
+                "percdamp_max_used": max(used, default=0.0),  # 0.0: no layer was dampened
+                "wbits": spec.solver.wbits,
+                "exact": spec.solver.exact,
+                "refit": spec.solver.refit,
+            },
             refit=refit_summary(spec.solver.refit, layers, sizes),
             layers_selected=spec.layers.model_dump(),
-            evaluation={"datasets": list(public.evaluation.datasets), "max_windows": ev.max_windows,
-                        "windows": {label(k): int(v.shape[0]) for k, v in self.eval_windows.items()}},
+            evaluation={
+                "datasets": list(public.evaluation.datasets),
+                "max_windows": ev.max_windows,
+                "windows": {label(k): int(v.shape[0]) for k, v in self.eval_windows.items()},
+            },
             dense_perplexity={label(k): v for k, v in dense_ppl.items()},
             perplexity={label(k): v for k, v in pruned_ppl.items()},
             seconds=Timings(**self.seconds),
-            peak_memory_bytes=(torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                               else self.peak_prune_rss),
+            peak_memory_bytes=(
+                torch.cuda.max_memory_allocated(device) if device.type == "cuda" else self.peak_prune_rss
+            ),
             peak_rss_bytes=_peak_rss_bytes(),
             dtype=str(self.dtype).replace("torch.", ""),
             layers=[r.as_dict() for r in layers],
             environment=environment(device),
             spec=public.model_dump(mode="json"),
-            run={"device": self.options.device, "output": label(self.options.output),
-                 "batch_size": self.options.batch_size, "task_dirs": [label(d) for d in self.options.task_dirs]},
+            run={
+                "device": self.options.device,
+                "output": label(self.options.output),
+                "batch_size": self.options.batch_size,
+                "task_dirs": [label(d) for d in self.options.task_dirs],
+            },
             output=label(self.options.output) if self.options.output else None,
             zero_shot=self.zero_shot.report(),  # None without evaluation.tasks
             quantization=None,  # a quantized job's part is added once its model is saved or compressed
@@ -289,21 +376,38 @@ class _Run:
 def _stages(spec: JobSpec, options: RunOptions) -> list[str]:
     evaluate = bool(spec.evaluation.datasets)
     saved_first = spec.quantization is not None and bool(options.output)  # evaluated as saved
-    return ["loading", "calibrating"] + (["evaluating_dense"] if evaluate and spec.evaluation.dense else []) \
-        + (["evaluating_tasks_dense"] if spec.evaluation.tasks and spec.evaluation.dense else []) \
-        + ["pruning"] + (["saving"] if saved_first else []) + (["evaluating"] if evaluate else []) \
-        + (["evaluating_tasks"] if spec.evaluation.tasks else []) \
+    return (
+        ["loading", "calibrating"]
+        + (["evaluating_dense"] if evaluate and spec.evaluation.dense else [])
+        + (["evaluating_tasks_dense"] if spec.evaluation.tasks and spec.evaluation.dense else [])
+        + ["pruning"]
+        + (["saving"] if saved_first else [])
+        + (["evaluating"] if evaluate else [])
+        + (["evaluating_tasks"] if spec.evaluation.tasks else [])
         + (["saving"] if options.output and not saved_first else [])
+    )
 
 
-def run_job(spec: JobSpec, options: RunOptions | None = None, *, on_progress: ProgressCallback | None = None,
-            should_cancel: CancelCheck | None = None, on_loaded: Callable[[dict], None] | None = None) -> dict:
+def run_job(
+    spec: JobSpec,
+    options: RunOptions | None = None,
+    *,
+    on_progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+    on_loaded: Callable[[dict], None] | None = None,
+) -> dict:
     """``run``'s report as the report file holds it (a dict): for scripts that read it as JSON."""
     return run(spec, options, on_progress=on_progress, should_cancel=should_cancel, on_loaded=on_loaded).to_dict()
 
 
-def run(spec: JobSpec, options: RunOptions | None = None, *, on_progress: ProgressCallback | None = None,
-        should_cancel: CancelCheck | None = None, on_loaded: Callable[[dict], None] | None = None) -> Report:
+def run(
+    spec: JobSpec,
+    options: RunOptions | None = None,
+    *,
+    on_progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+    on_loaded: Callable[[dict], None] | None = None,
+) -> Report:
     """Run the job ``spec`` describes; returns the report. Raises EngineError subclasses for what a
     user can fix. ``on_loaded(facts)``, once the model is loaded and before calibrating, gets its
     config (a dict), parameter count, working dtype, device kind, seqlen and whether the weights
@@ -319,9 +423,17 @@ def run(spec: JobSpec, options: RunOptions | None = None, *, on_progress: Progre
     with run.timed("load"):
         run.load()
     if on_loaded is not None:
-        on_loaded({"config": run.model.config.to_dict(), "parameters": run.parameters,
-                   "dtype": str(run.dtype).replace("torch.", ""), "device": run.device.type, "seqlen": run.seqlen,
-                   "mapped": run.model.sparsegpt_mapped, "stored": run.model.sparsegpt_stored})
+        on_loaded(
+            {
+                "config": run.model.config.to_dict(),
+                "parameters": run.parameters,
+                "dtype": str(run.dtype).replace("torch.", ""),
+                "device": run.device.type,
+                "seqlen": run.seqlen,
+                "mapped": run.model.sparsegpt_mapped,
+                "stored": run.model.sparsegpt_stored,
+            }
+        )
     with run.timed("data"):
         run.calibrate()
     with run.timed("profile"):  # OWL's pass over the dense model; nothing to do for the others
@@ -357,8 +469,14 @@ def run(spec: JobSpec, options: RunOptions | None = None, *, on_progress: Progre
     elif run.quantization is not None:
         compress_for_evaluation(run.model, run.quantization, run.quantized)  # evaluated as it would load
         report = evaluated()
-        report.quantization = quantization_part(spec, run.quantization, run.quantized, run.model,
-                                                report.coverage.dense if report.coverage else [], run.parameters)
+        report.quantization = quantization_part(
+            spec,
+            run.quantization,
+            run.quantized,
+            run.model,
+            report.coverage.dense if report.coverage else [],
+            run.parameters,
+        )
     else:
         report = evaluated()
         if options.output:

@@ -18,8 +18,16 @@ CancelCheck = Callable[[], bool]
 
 # Rough shares of a job's time per stage, used to turn stage progress into one fraction.
 # The zero-shot tasks (evaluating_tasks*) show as the stage "evaluating", as perplexity does.
-STAGE_WEIGHTS = {"loading": 0.05, "calibrating": 0.05, "evaluating_dense": 0.15, "evaluating_tasks_dense": 0.15,
-                 "pruning": 0.55, "evaluating": 0.15, "evaluating_tasks": 0.15, "saving": 0.05}
+STAGE_WEIGHTS = {
+    "loading": 0.05,
+    "calibrating": 0.05,
+    "evaluating_dense": 0.15,
+    "evaluating_tasks_dense": 0.15,
+    "pruning": 0.55,
+    "evaluating": 0.15,
+    "evaluating_tasks": 0.15,
+    "saving": 0.05,
+}
 
 
 # A stage that does what an earlier one did (the same windows through the same blocks; writing
@@ -27,8 +35,15 @@ STAGE_WEIGHTS = {"loading": 0.05, "calibrating": 0.05, "evaluating_dense": 0.15,
 TWINS = {"evaluating": "evaluating_dense", "evaluating_tasks": "evaluating_tasks_dense", "saving": "loading"}
 
 
-def plain_message(message: str, *, stage: str | None, layer: int | None, layers: int | None,
-                  module: str | None, labels: Mapping[str, str] | None = None) -> str:
+def plain_message(
+    message: str,
+    *,
+    stage: str | None,
+    layer: int | None,
+    layers: int | None,
+    module: str | None,
+    labels: Mapping[str, str] | None = None,
+) -> str:
     """An event's message without what the event's other fields already say, and with each path
     named as ``labels`` names it (RunOptions.labels: an upload as upload:3, the output as the
     archive's name): no "block 2 of 4" beside layer 2 of 4, no stage word repeated, no module
@@ -39,7 +54,7 @@ def plain_message(message: str, *, stage: str | None, layer: int | None, layers:
     if layer is not None and layers:
         message = re.sub(rf"\bblock {layer + 1} (?:of|/) ?{layers}\b", "", message)
     if stage and message.startswith(stage + " "):
-        message = message[len(stage) + 1:]
+        message = message[len(stage) + 1 :]
     if module:
         names = [n.strip() for n in message.split(",")]
         if names and all(n and " " not in n for n in names):  # a list of module names
@@ -49,8 +64,13 @@ def plain_message(message: str, *, stage: str | None, layer: int | None, layers:
 
 
 class Tracker:
-    def __init__(self, on_progress: ProgressCallback | None, should_cancel: CancelCheck | None,
-                 stages: list[str], labels: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        on_progress: ProgressCallback | None,
+        should_cancel: CancelCheck | None,
+        stages: list[str],
+        labels: Mapping[str, str] | None = None,
+    ):
         self.on_progress = on_progress
         self.should_cancel = should_cancel
         self.labels = dict(labels or {})  # path -> the name its events give it (RunOptions.labels)
@@ -92,14 +112,22 @@ class Tracker:
             return None
         per_stage = (now - t0) / (stage_fraction - f0)  # seconds the whole stage takes at this pace
         left = per_stage * (1 - stage_fraction)
-        later = self.order[self.order.index(self.stage) + 1:] if self.stage in self.order else []
+        later = self.order[self.order.index(self.stage) + 1 :] if self.stage in self.order else []
         for stage in later:
             twin = TWINS.get(stage)
             left += self.took[twin] if twin in self.took else per_stage * self.share[stage] / share
         return left
 
-    def emit(self, stage_fraction: float, *, layer: int | None = None, layers: int | None = None,
-             module: str | None = None, message: str = "", _opening: bool = False) -> None:
+    def emit(
+        self,
+        stage_fraction: float,
+        *,
+        layer: int | None = None,
+        layers: int | None = None,
+        module: str | None = None,
+        message: str = "",
+        _opening: bool = False,
+    ) -> None:
         """Report progress inside the current stage (0..1); checks for cancellation first."""
         self.check_cancel()
         if self.on_progress is None:
@@ -109,13 +137,20 @@ class Tracker:
         elapsed = now - self.start
         eta = None if _opening else self.eta(stage_fraction, now)
         public_stage = "evaluating" if self.stage and self.stage.startswith("evaluating") else self.stage
-        self.on_progress({
-            "stage": public_stage, "layer": layer, "layers": layers, "module": module,
-            "fraction": round(fraction, 4), "eta_s": None if eta is None else round(eta, 1),
-            "elapsed_s": round(elapsed, 2),
-            "message": plain_message(message, stage=public_stage, layer=layer, layers=layers, module=module,
-                                     labels=self.labels),
-        })
+        self.on_progress(
+            {
+                "stage": public_stage,
+                "layer": layer,
+                "layers": layers,
+                "module": module,
+                "fraction": round(fraction, 4),
+                "eta_s": None if eta is None else round(eta, 1),
+                "elapsed_s": round(elapsed, 2),
+                "message": plain_message(
+                    message, stage=public_stage, layer=layer, layers=layers, module=module, labels=self.labels
+                ),
+            }
+        )
 
 
 def console_reporter(stream=None) -> tuple[ProgressCallback, Callable[..., None]]:

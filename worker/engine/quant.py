@@ -45,11 +45,13 @@ class Quantization:
         if self.scheme not in SCHEMES:
             raise ValueError(f"quantization scheme {self.scheme!r} is not one of {', '.join(SCHEMES)}")
         if self.type == "float" and self.group_size != -1:
-            raise ValueError(f"{self.scheme} has one scale per output channel: group_size must be -1, "
-                             f"not {self.group_size}")
+            raise ValueError(
+                f"{self.scheme} has one scale per output channel: group_size must be -1, not {self.group_size}"
+            )
         if self.group_size != -1 and self.group_size < 1:
-            raise ValueError(f"group_size must be a positive number of columns or -1 (per channel), "
-                             f"not {self.group_size}")
+            raise ValueError(
+                f"group_size must be a positive number of columns or -1 (per channel), not {self.group_size}"
+            )
         if self.scale_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"scales are stored as float16, bfloat16 or float32, not {self.scale_dtype}")
 
@@ -145,8 +147,11 @@ class SolveGrids:
         self.quantization = quantization
         self.group = quantization.group_width(cols)
         self.static = perm is not None or self.group == cols
-        self.group_of = (perm if perm is not None else torch.arange(cols, device=W.device)).div(
-            self.group, rounding_mode="floor").tolist()
+        self.group_of = (
+            (perm if perm is not None else torch.arange(cols, device=W.device))
+            .div(self.group, rounding_mode="floor")
+            .tolist()
+        )
         self.scales = torch.zeros(rows, cols // self.group, dtype=torch.float32, device=W.device)
         self.codes = torch.zeros(rows, cols, dtype=quantization.code_dtype, device=W.device)
         if self.static:  # W in original order here
@@ -222,8 +227,9 @@ def _grids_file(directory, i: int):
 
 def save_quantized(directory, i: int, grids: dict[str, QuantizedWeight]) -> None:
     """Block ``i``'s codes and scales beside its checkpoint (the weights alone cannot give them back)."""
-    tensors = {f"{name}:{part}": getattr(q, part).contiguous() for name, q in grids.items()
-               for part in ("codes", "scale")}
+    tensors = {
+        f"{name}:{part}": getattr(q, part).contiguous() for name, q in grids.items() for part in ("codes", "scale")
+    }
     path = _grids_file(directory, i)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
@@ -242,6 +248,7 @@ def restore_quantized(directory, blocks: int) -> dict[str, QuantizedWeight]:
             if part == "codes":
                 codes, scale = tensors[key], tensors[f"{name}:scale"]
                 group = codes.shape[1] // scale.shape[1]
-                out[name] = QuantizedWeight(codes=codes, scale=scale,
-                                            weight=codes.float() * scale.float().repeat_interleave(group, dim=1))
+                out[name] = QuantizedWeight(
+                    codes=codes, scale=scale, weight=codes.float() * scale.float().repeat_interleave(group, dim=1)
+                )
     return out

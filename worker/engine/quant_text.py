@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from worker.engine.contract.report import QuantizationPart
 
-HOW = {"in-solve": "inside the SparseGPT solve (the pruned and the kept weights' errors compensated together)",
-       "round-to-nearest": "round-to-nearest on the grid after the prune (and the refit, if any), the mask kept"}
-RUNTIME_NOTE = ("Sparsity brings no extra size or speed in today's runtimes (vLLM, transformers): the pruned "
-                "weights are stored as quantized zeros, and the bytes come from the bits.")
+HOW = {
+    "in-solve": "inside the SparseGPT solve (the pruned and the kept weights' errors compensated together)",
+    "round-to-nearest": "round-to-nearest on the grid after the prune (and the refit, if any), the mask kept",
+}
+RUNTIME_NOTE = (
+    "Sparsity brings no extra size or speed in today's runtimes (vLLM, transformers): the pruned "
+    "weights are stored as quantized zeros, and the bytes come from the bits."
+)
 
 
 def scheme_text(q: QuantizationPart) -> str:
@@ -42,11 +46,12 @@ def quantization_lines(q: QuantizationPart | None) -> list[str]:
     how = HOW.get(q.how or "", q.how or "?")
     only = " (quantization only: no weight pruned, i.e. GPTQ through the solver)" if q.quantization_only else ""
     experts = f", of which {q.experts_quantized} expert matrices" if q.experts_quantized else ""
-    lines = [f"quantization {scheme_text(q)}{only}: {how}",
-             f"  quantized {q.layers_quantized} layers{experts}"]
+    lines = [f"quantization {scheme_text(q)}{only}: {how}", f"  quantized {q.layers_quantized} layers{experts}"]
     if q.sizes and q.sizes.decoder_weights_ratio is not None:
-        lines[-1] += (f"; their weights {size_text(q.sizes.decoder_weights_bytes)} vs "
-                      f"{size_text(q.sizes.decoder_weights_fp16_bytes)} in fp16 ({q.sizes.decoder_weights_ratio:.3f}x)")
+        lines[-1] += (
+            f"; their weights {size_text(q.sizes.decoder_weights_bytes)} vs "
+            f"{size_text(q.sizes.decoder_weights_fp16_bytes)} in fp16 ({q.sizes.decoder_weights_ratio:.3f}x)"
+        )
     if q.unquantized:
         shown = "; ".join(f"{u.get('name')} ({u.get('reason')})" for u in q.unquantized[:6])
         more = f"; and {len(q.unquantized) - 6} more" if len(q.unquantized) > 6 else ""
@@ -54,30 +59,43 @@ def quantization_lines(q: QuantizationPart | None) -> list[str]:
     dense = q.sizes.dense_fp16_bytes if q.sizes else None
     for name, nbytes, ratio in format_sizes(q):
         ratio_text = f"{ratio:.3f}x" if ratio is not None else "?"
-        lines.append(f"  format {name}: {size_text(nbytes)} ({nbytes} bytes), {ratio_text} the dense model in fp16 "
-                     f"({size_text(dense)})")
+        lines.append(
+            f"  format {name}: {size_text(nbytes)} ({nbytes} bytes), {ratio_text} the dense model in fp16 "
+            f"({size_text(dense)})"
+        )
     return lines
 
 
 def card_section(q: QuantizationPart, output_name: str = "DIR") -> list[str]:
     """The model card's section for a quantized model: what it is, what runs it, each format's size."""
     formats = [name for name, _, _ in format_sizes(q)]
-    lines = ["## Quantized weights", "",
-             f"Weights quantized to **{scheme_text(q)}**, {HOW.get(q.how or '', q.how or '')}. "
-             f"{q.layers_quantized} layers are quantized"
-             + (f" ({q.experts_quantized} of them expert matrices)" if q.experts_quantized else "") + "; "
-             + ", ".join(f"`{u.get('name')}`" for u in q.unquantized[:8])
-             + (" and others" if len(q.unquantized) > 8 else "") + (" stay" if q.unquantized else "none stays")
-             + " in float.", "",
-             f"The compressed-tensors checkpoint (`quantization_config` in config.json; {output_name}: its directory "
-             "or Hub id) runs in:", "",
-             f"- vLLM: `vllm serve {output_name}`",
-             "- transformers, with `compressed-tensors` installed: "
-             f"`AutoModelForCausalLM.from_pretrained(\"{output_name}\")`",
-             "", RUNTIME_NOTE, ""]
+    lines = [
+        "## Quantized weights",
+        "",
+        f"Weights quantized to **{scheme_text(q)}**, {HOW.get(q.how or '', q.how or '')}. "
+        f"{q.layers_quantized} layers are quantized"
+        + (f" ({q.experts_quantized} of them expert matrices)" if q.experts_quantized else "")
+        + "; "
+        + ", ".join(f"`{u.get('name')}`" for u in q.unquantized[:8])
+        + (" and others" if len(q.unquantized) > 8 else "")
+        + (" stay" if q.unquantized else "none stays")
+        + " in float.",
+        "",
+        f"The compressed-tensors checkpoint (`quantization_config` in config.json; {output_name}: its directory "
+        "or Hub id) runs in:",
+        "",
+        f"- vLLM: `vllm serve {output_name}`",
+        f'- transformers, with `compressed-tensors` installed: `AutoModelForCausalLM.from_pretrained("{output_name}")`',
+        "",
+        RUNTIME_NOTE,
+        "",
+    ]
     if "dense" in formats:
-        lines += ["The dense format holds the same weights dequantized to floats (codes x scales): it loads "
-                  "anywhere `from_pretrained` works, at the dense model's size.", ""]
+        lines += [
+            "The dense format holds the same weights dequantized to floats (codes x scales): it loads "
+            "anywhere `from_pretrained` works, at the dense model's size.",
+            "",
+        ]
     rows = format_sizes(q)
     if rows:
         dense = q.sizes.dense_fp16_bytes if q.sizes else None

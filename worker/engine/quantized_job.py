@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from worker.engine.architectures import prunable_linears
-from worker.engine.errors import InvalidJob
 from worker.engine.contract.method_table import method_info
-from worker.engine.moe import quantization_refusal
-from worker.engine.quant import Quantization, QuantizedWeight
 from worker.engine.contract.report import FormatSize, QuantizationPart, Report
 from worker.engine.contract.spec_quant import FORMATS, group_size_message
+from worker.engine.errors import InvalidJob
+from worker.engine.moe import quantization_refusal
+from worker.engine.quant import Quantization, QuantizedWeight
 
 COMPRESSED, DENSE = FORMATS
 
@@ -48,16 +48,21 @@ def check_quantizable(quantization: Quantization, model, adapter, selection) -> 
             if not selection.module_selected(full):
                 continue
             if type(module) is not nn.Linear:
-                raise InvalidJob(f"quantization: {full} is a {type(module).__name__}, not a Linear; compressed-"
-                                 "tensors packs Linear weights only, so this model cannot be saved quantized")
+                raise InvalidJob(
+                    f"quantization: {full} is a {type(module).__name__}, not a Linear; compressed-"
+                    "tensors packs Linear weights only, so this model cannot be saved quantized"
+                )
             width = module.weight.shape[1]
             if quantization.group_size != -1 and width % quantization.group_size:
-                raise InvalidJob(f"quantization.group_size {quantization.group_size} does not divide the input "
-                                 f"width of {full} ({width}): use a group size dividing it, or -1 (per channel)")
+                raise InvalidJob(
+                    f"quantization.group_size {quantization.group_size} does not divide the input "
+                    f"width of {full} ({width}): use a group size dividing it, or -1 (per channel)"
+                )
         refusal = quantization_refusal(block)
         if refusal:
-            raise InvalidJob(f"quantization: block {i} {refusal}; the job is refused rather than leaving its "
-                             "experts in float")
+            raise InvalidJob(
+                f"quantization: block {i} {refusal}; the job is refused rather than leaving its experts in float"
+            )
 
 
 def formats_of(formats: tuple[str, ...] | None, quantization: Quantization | None) -> tuple[str, ...]:
@@ -72,8 +77,9 @@ def formats_of(formats: tuple[str, ...] | None, quantization: Quantization | Non
     return tuple(sorted(formats, key=FORMATS.index, reverse=True))  # dense first: written before compression
 
 
-def writers(model, formats: tuple[str, ...], quantization: Quantization | None,
-            quantized: dict[str, QuantizedWeight]) -> dict[str, Callable[[Path], None]]:
+def writers(
+    model, formats: tuple[str, ...], quantization: Quantization | None, quantized: dict[str, QuantizedWeight]
+) -> dict[str, Callable[[Path], None]]:
     """Each format's writer for checkpoint.save_pruned, dense first (the compressed one compresses the
     model in place)."""
     from worker.engine.export_ct import save_quantized_model
@@ -102,31 +108,55 @@ def _quantized_bytes(q: QuantizedWeight, bits: int) -> int:
     return (q.codes.numel() * bits + 7) // 8 + q.scale.numel() * q.scale.element_size()
 
 
-def quantization_part(spec, quantization: Quantization, quantized: dict[str, QuantizedWeight], model,
-                      coverage_dense: list, dense_parameters: int) -> QuantizationPart:
+def quantization_part(
+    spec,
+    quantization: Quantization,
+    quantized: dict[str, QuantizedWeight],
+    model,
+    coverage_dense: list,
+    dense_parameters: int,
+) -> QuantizationPart:
     """The report's ``quantization`` part, its formats' sizes not yet known (``settle_sizes``);
     ``dense_parameters``: the model's parameters as loaded (the model may be compressed by now)."""
     joint = method_info(spec.method).joint_quantization and spec.solver.refit == "none"
     decoder = sum(_quantized_bytes(q, quantization.bits) for q in quantized.values())
     decoder_fp16 = 2 * sum(q.codes.numel() for q in quantized.values())
-    unquantized = [{"name": name, "reason": "the output head: never pruned nor quantized (compressed-tensors' "
-                                            "ignore list)"}
-                   for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.endswith("lm_head")]
+    unquantized = [
+        {"name": name, "reason": "the output head: never pruned nor quantized (compressed-tensors' ignore list)"}
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.endswith("lm_head")
+    ]
     for d in coverage_dense:
         d = d if isinstance(d, dict) else d.model_dump()
         unquantized.append({"name": d["name"], "reason": d["reason"]})
     first, last = spec.layers.first_block, spec.layers.last_block
     if first is not None or last is not None:
-        unquantized.append({"name": f"the blocks outside {first or 0}..{'last' if last is None else last}",
-                            "reason": "outside the layer selection: neither pruned nor quantized"})
-    return QuantizationPart.model_validate({
-        "scheme": quantization.scheme, "group_size": quantization.group_size, "actorder": quantization.actorder,
-        "bits": quantization.bits, "how": "in-solve" if joint else "round-to-nearest",
-        "quantization_only": spec.pattern.sparsity == 0, "layers_quantized": len(quantized),
-        "experts_quantized": sum(1 for k in quantized if ":" in k), "unquantized": unquantized,
-        "sizes": {"dense_fp16_bytes": 2 * dense_parameters, "decoder_weights_bytes": decoder,
-                  "decoder_weights_fp16_bytes": decoder_fp16,
-                  "decoder_weights_ratio": decoder / decoder_fp16 if decoder_fp16 else None, "formats": {}}})
+        unquantized.append(
+            {
+                "name": f"the blocks outside {first or 0}..{'last' if last is None else last}",
+                "reason": "outside the layer selection: neither pruned nor quantized",
+            }
+        )
+    return QuantizationPart.model_validate(
+        {
+            "scheme": quantization.scheme,
+            "group_size": quantization.group_size,
+            "actorder": quantization.actorder,
+            "bits": quantization.bits,
+            "how": "in-solve" if joint else "round-to-nearest",
+            "quantization_only": spec.pattern.sparsity == 0,
+            "layers_quantized": len(quantized),
+            "experts_quantized": sum(1 for k in quantized if ":" in k),
+            "unquantized": unquantized,
+            "sizes": {
+                "dense_fp16_bytes": 2 * dense_parameters,
+                "decoder_weights_bytes": decoder,
+                "decoder_weights_fp16_bytes": decoder_fp16,
+                "decoder_weights_ratio": decoder / decoder_fp16 if decoder_fp16 else None,
+                "formats": {},
+            },
+        }
+    )
 
 
 def settle_sizes(report: Report, directories: dict[str, Path], files: Callable[[dict], list[str]]) -> None:
@@ -140,8 +170,10 @@ def settle_sizes(report: Report, directories: dict[str, Path], files: Callable[[
     written = {name: directory_bytes(d) for name, d in directories.items()}
     for _ in range(10):
         extra = sum(len(text.encode("utf-8")) for text in files(report.to_dict()))
-        formats = {name: FormatSize(bytes=n + extra, ratio=round((n + extra) / sizes.dense_fp16_bytes, 4))
-                   for name, n in written.items()}
+        formats = {
+            name: FormatSize(bytes=n + extra, ratio=round((n + extra) / sizes.dense_fp16_bytes, 4))
+            for name, n in written.items()
+        }
         if formats == sizes.formats:
             return
         sizes.formats = formats

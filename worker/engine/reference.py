@@ -67,9 +67,16 @@ def reference_inverse_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def reference_prune_shared(weights: Sequence[torch.Tensor], H: torch.Tensor, pattern: SparsityPattern, *,
-                           blocksize: int = 128, percdamp: float = 0.01,
-                           wbits: int | None = None, quantization: Quantization | None = None) -> list[PruneResult]:
+def reference_prune_shared(
+    weights: Sequence[torch.Tensor],
+    H: torch.Tensor,
+    pattern: SparsityPattern,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    wbits: int | None = None,
+    quantization: Quantization | None = None,
+) -> list[PruneResult]:
     """``sparsegpt_prune_shared``'s contract with the reference's arithmetic, one layer at a time.
 
     Each layer of ``weights`` (they all read ``H``) is solved alone: its own dampening and
@@ -83,6 +90,7 @@ def reference_prune_shared(weights: Sequence[torch.Tensor], H: torch.Tensor, pat
     for w in weights:
         stack = LayerStack.of([w], H, wbits)
         step = partial(block_column_loop, pattern=pattern, quantizer=stack.quantizer)
-        results += solve(stack, pattern, blocksize=blocksize, percdamp=percdamp,
-                         factorize=reference_inverse_factor, block_step=step)
+        results += solve(
+            stack, pattern, blocksize=blocksize, percdamp=percdamp, factorize=reference_inverse_factor, block_step=step
+        )
     return results

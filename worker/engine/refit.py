@@ -61,9 +61,17 @@ def row_errors(dense: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def refit_shared(dense: Sequence[torch.Tensor], pruned: Sequence[torch.Tensor], H: torch.Tensor,
-                 pattern: SparsityPattern, *, mode: str, percdamp: float = 0.01,
-                 iterations: int = CG_ITERATIONS, rounds: int = SWAP_ROUNDS) -> RefitResult:
+def refit_shared(
+    dense: Sequence[torch.Tensor],
+    pruned: Sequence[torch.Tensor],
+    H: torch.Tensor,
+    pattern: SparsityPattern,
+    *,
+    mode: str,
+    percdamp: float = 0.01,
+    iterations: int = CG_ITERATIONS,
+    rounds: int = SWAP_ROUNDS,
+) -> RefitResult:
     """Refit the layers that read one H (``dense[k]`` and ``pruned[k]`` of layer k).
 
     The zeros of ``pruned`` are its mask; ``reconstruct`` keeps them, ``swap+reconstruct`` moves
@@ -98,11 +106,19 @@ def refit_shared(dense: Sequence[torch.Tensor], pruned: Sequence[torch.Tensor], 
         before=[before_rows[r0:r1].sum().item() for r0, r1 in segments],
         after=[after_rows[r0:r1].sum().item() for r0, r1 in segments],
         swaps=[int(swaps[r0:r1].sum().item()) for r0, r1 in segments],
-        dense=[q.sum().item() for q in (W.matmul(H0) * W).sum(1).split([r1 - r0 for r0, r1 in segments])])
+        dense=[q.sum().item() for q in (W.matmul(H0) * W).sum(1).split([r1 - r0 for r0, r1 in segments])],
+    )
 
 
-def refit_layers(dense: Sequence[torch.Tensor], pruned: Sequence[torch.Tensor], H: torch.Tensor,
-                 pattern: SparsityPattern, mode: str, percdamp: float, stats: Sequence[tuple]):
+def refit_layers(
+    dense: Sequence[torch.Tensor],
+    pruned: Sequence[torch.Tensor],
+    H: torch.Tensor,
+    pattern: SparsityPattern,
+    mode: str,
+    percdamp: float,
+    stats: Sequence[tuple],
+):
     """The driver's call (worker.engine.sequential.solve_group): the refitted weights and each layer's
     (error, loss, percdamp, refit) with the relative error after the refit and, in ``refit``, the one
     before, the swaps made and the seconds (shared out by rows)."""
@@ -114,11 +130,22 @@ def refit_layers(dense: Sequence[torch.Tensor], pruned: Sequence[torch.Tensor], 
     seconds = time.perf_counter() - t0
     rows = [p.shape[0] for p in pruned]
     out = []
-    for (_error, loss, used, _), before, after, dq, made, r in zip(stats, result.before, result.after,
-                                                                  result.dense, result.swaps, rows):
-        out.append((_relative(after, dq), loss, used,
-                    {"mode": mode, "error_before": _relative(before, dq), "swaps": made,
-                     "seconds": seconds * r / sum(rows)}))
+    for (_error, loss, used, _), before, after, dq, made, r in zip(
+        stats, result.before, result.after, result.dense, result.swaps, rows
+    ):
+        out.append(
+            (
+                _relative(after, dq),
+                loss,
+                used,
+                {
+                    "mode": mode,
+                    "error_before": _relative(before, dq),
+                    "swaps": made,
+                    "seconds": seconds * r / sum(rows),
+                },
+            )
+        )
     return result.weights, out
 
 
@@ -126,8 +153,7 @@ def _relative(quad: float, dense_quad: float) -> float:
     return max(quad, 0.0) / dense_quad if dense_quad > 0 and dense_quad == dense_quad else 0.0
 
 
-def reconstruct(W: torch.Tensor, P: torch.Tensor, Hd: torch.Tensor, *, iterations: int,
-                tol: float = 1e-6) -> None:
+def reconstruct(W: torch.Tensor, P: torch.Tensor, Hd: torch.Tensor, *, iterations: int, tol: float = 1e-6) -> None:
     """Preconditioned CG on every row at once: P's nonzeros move to minimise (w - p) Hd (w - p)^T;
     its zeros stay zeros (in place)."""
     K = (P != 0).to(P.dtype)
@@ -153,8 +179,9 @@ def reconstruct(W: torch.Tensor, P: torch.Tensor, Hd: torch.Tensor, *, iteration
     P.mul_(K)  # exact zeros where pruned
 
 
-def swap(W: torch.Tensor, P: torch.Tensor, Hd: torch.Tensor, pattern: SparsityPattern, dead: torch.Tensor, *,
-         rounds: int) -> torch.Tensor:
+def swap(
+    W: torch.Tensor, P: torch.Tensor, Hd: torch.Tensor, pattern: SparsityPattern, dead: torch.Tensor, *, rounds: int
+) -> torch.Tensor:
     """Mask swaps that lower (w - p) Hd (w - p)^T, in place on P; the swaps made per row."""
     rows, cols = P.shape
     width = pattern.m if pattern.structured else min(cols, 2 * SWAPS_PER_ROUND)
@@ -216,14 +243,15 @@ def _row_candidates(P, G, Hd, hd, dead):
     ci = torch.topk(cost, k, dim=1, largest=False).indices  # (rows, k)
     cj = torch.topk(gain, min(cols, 2 * k), dim=1).indices  # (rows, 2k)
     a = P.gather(1, ci).unsqueeze(2)
-    score = cost.gather(1, ci).unsqueeze(2) - (G.gather(1, cj).unsqueeze(1) + a * Hd[ci.unsqueeze(2), cj.unsqueeze(1)]
-                                               ) ** 2 / hd[cj].unsqueeze(1)
+    score = cost.gather(1, ci).unsqueeze(2) - (
+        G.gather(1, cj).unsqueeze(1) + a * Hd[ci.unsqueeze(2), cj.unsqueeze(1)]
+    ) ** 2 / hd[cj].unsqueeze(1)
     score = score.masked_fill_(~grow.gather(1, cj).unsqueeze(1), float("inf"))
     picks = []  # removal c (cheapest first) gets the best regrowth no earlier removal took
     for c in range(k):
         best = score[:, c].argmin(1)
         picks.append(best)
-        score[:, c + 1:].scatter_(2, best.reshape(-1, 1, 1).expand(-1, k - c - 1, 1), float("inf"))
+        score[:, c + 1 :].scatter_(2, best.reshape(-1, 1, 1).expand(-1, k - c - 1, 1), float("inf"))
     return ci, cj.gather(1, torch.stack(picks, 1))
 
 
@@ -261,7 +289,12 @@ def refit_summary(mode: str, layers: Sequence, sizes: Sequence[int]) -> dict:
     # Pruned layers the refit did not touch are named, never folded into the figures above (none
     # is expected: fused MoE experts are refit one by one in worker.engine.moe; a guard).
     left = [r.name for r in layers if r.refit is None] if mode != "none" else []
-    return {"mode": mode, "layers": len(done), "not_refit": left,
-            "error_before": sum(f["error_before"] * n for f, _, n in done) / total if total else None,
-            "error_after": sum(e * n for _, e, n in done) / total if total else None,
-            "swaps": sum(f["swaps"] for f, _, _ in done), "seconds": sum(f["seconds"] for f, _, _ in done)}
+    return {
+        "mode": mode,
+        "layers": len(done),
+        "not_refit": left,
+        "error_before": sum(f["error_before"] * n for f, _, n in done) / total if total else None,
+        "error_after": sum(e * n for _, e, n in done) / total if total else None,
+        "swaps": sum(f["swaps"] for f, _, _ in done),
+        "seconds": sum(f["seconds"] for f, _, _ in done),
+    }

@@ -56,14 +56,28 @@ def write_checkpoint(directory: Path, name: str, write: Callable[[Path], None]) 
     return final
 
 
-def fingerprint(*, spec: dict, dtype: torch.dtype, device: torch.device, batch_size: int,
-                calibration: torch.Tensor | None, blocks: int) -> dict:
+def fingerprint(
+    *,
+    spec: dict,
+    dtype: torch.dtype,
+    device: torch.device,
+    batch_size: int,
+    calibration: torch.Tensor | None,
+    blocks: int,
+) -> dict:
     """What must be the same for a checkpoint to be taken up: a rerun of the very same job."""
     tokens = None
     if calibration is not None:
         tokens = hashlib.sha256(calibration.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-    return {"version": VERSION, "spec": spec, "dtype": str(dtype), "device": device.type, "batch_size": batch_size,
-            "calibration_sha256": tokens, "blocks": blocks}
+    return {
+        "version": VERSION,
+        "spec": spec,
+        "dtype": str(dtype),
+        "device": device.type,
+        "batch_size": batch_size,
+        "calibration_sha256": tokens,
+        "blocks": blocks,
+    }
 
 
 def _tensors(module_or_dict) -> dict[str, torch.Tensor]:
@@ -87,9 +101,14 @@ def _well_formed(state) -> bool:
     if not isinstance(state, dict):
         return False
     blocks, hidden, k = state.get("blocks"), state.get("hidden"), state.get("next_block")
-    return (isinstance(blocks, list) and all(type(i) is int and 0 <= i < 100_000 for i in blocks)
-            and (hidden is None or (isinstance(hidden, str) and HIDDEN.fullmatch(hidden) is not None))
-            and type(k) is int and k >= 0 and isinstance(state.get("results"), list))
+    return (
+        isinstance(blocks, list)
+        and all(type(i) is int and 0 <= i < 100_000 for i in blocks)
+        and (hidden is None or (isinstance(hidden, str) and HIDDEN.fullmatch(hidden) is not None))
+        and type(k) is int
+        and k >= 0
+        and isinstance(state.get("results"), list)
+    )
 
 
 class Checkpoints:
@@ -118,8 +137,11 @@ class Checkpoints:
             self.clear()
             return None
         if state.get("fingerprint") != self.fingerprint:
-            log.warning("checkpoint in %s is another job's or another run's (spec, dtype, device, batch or "
-                        "calibration differ): starting over", self.dir)
+            log.warning(
+                "checkpoint in %s is another job's or another run's (spec, dtype, device, batch or "
+                "calibration differ): starting over",
+                self.dir,
+            )
             self.clear()
             return None
         return state
@@ -135,8 +157,9 @@ class Checkpoints:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.state = None
 
-    def restore(self, blocks: nn.ModuleList, inputs, results: list, expert_records: list | None,
-                result_type: type, tracker=None) -> int:
+    def restore(
+        self, blocks: nn.ModuleList, inputs, results: list, expert_records: list | None, result_type: type, tracker=None
+    ) -> int:
         """Put back what the finished blocks left: their weights into ``blocks``, their results into
         ``results`` (as ``result_type``), the next block's hidden states into ``inputs``. Returns the
         block to go on with (0: nothing to resume)."""
@@ -148,26 +171,40 @@ class Checkpoints:
         if inputs is not None and state.get("hidden"):
             saved = load_file(self.dir / state["hidden"])
             if len(saved) != len(inputs.hidden):
-                raise RuntimeError(f"checkpoint {self.dir} holds {len(saved)} chunks of inputs, the run has {len(inputs.hidden)}")
+                raise RuntimeError(
+                    f"checkpoint {self.dir} holds {len(saved)} chunks of inputs, the run has {len(inputs.hidden)}"
+                )
             for c, old in enumerate(inputs.hidden):
                 new = saved[f"chunk{c}"]
                 if new.shape != old.shape or new.dtype != old.dtype:
-                    raise RuntimeError(f"checkpoint {self.dir}: chunk {c} is {tuple(new.shape)} {new.dtype}, "
-                                       f"the run's is {tuple(old.shape)} {old.dtype}")
+                    raise RuntimeError(
+                        f"checkpoint {self.dir}: chunk {c} is {tuple(new.shape)} {new.dtype}, "
+                        f"the run's is {tuple(old.shape)} {old.dtype}"
+                    )
                 new = new.to(old.device)
                 inputs.hidden[c] = new.pin_memory() if old.is_pinned() else new
         results += [result_type(**r) for r in state["results"]]
         if expert_records is not None:
             expert_records += state.get("experts", [])
-        log.warning("resuming at block %d of %d: blocks %s restored from the checkpoint in %s", k, len(blocks),
-                    f"0-{k - 1}" if k > 1 else "0", self.dir)
+        log.warning(
+            "resuming at block %d of %d: blocks %s restored from the checkpoint in %s",
+            k,
+            len(blocks),
+            f"0-{k - 1}" if k > 1 else "0",
+            self.dir,
+        )
         if tracker is not None:
-            tracker.emit(k / len(blocks), layer=min(k, len(blocks) - 1), layers=len(blocks),
-                         message=f"resuming at block {k} of {len(blocks)}")
+            tracker.emit(
+                k / len(blocks),
+                layer=min(k, len(blocks) - 1),
+                layers=len(blocks),
+                message=f"resuming at block {k} of {len(blocks)}",
+            )
         return k
 
-    def block_done(self, i: int, block: nn.Module | None, inputs, results: list, expert_records: list | None,
-                   *, last: int) -> None:
+    def block_done(
+        self, i: int, block: nn.Module | None, inputs, results: list, expert_records: list | None, *, last: int
+    ) -> None:
         """Block ``i`` is finished (``block``: pruned, None: run unchanged); ``inputs`` are block ``i+1``'s."""
         state = dict(self.state or {"fingerprint": self.fingerprint, "blocks": []})
         if block is not None:
@@ -181,8 +218,7 @@ class Checkpoints:
             hidden = {f"chunk{c}": h for c, h in enumerate(inputs.hidden)}
             name = state["hidden"] = f"hidden-{i + 1:05d}.safetensors"
             write_checkpoint(self.dir, name, lambda p: save_file(_tensors(hidden), str(p)))
-        state.update(next_block=i + 1, results=[r.as_dict() for r in results],
-                     experts=list(expert_records or []))
+        state.update(next_block=i + 1, results=[r.as_dict() for r in results], experts=list(expert_records or []))
         text = json.dumps(state)
         write_checkpoint(self.dir, STATE, lambda p: p.write_text(text, encoding="utf-8"))
         self.state = state

@@ -33,10 +33,10 @@ from worker.engine.architectures import (
 )
 from worker.engine.attention_kinds import capture_kind_kwargs
 from worker.engine.contract.method_table import method_info
+from worker.engine.contract.patterns import SparsityPattern
 from worker.engine.methods import prune_layers
 from worker.engine.methods.sparsegpt import sparsegpt_arithmetic
 from worker.engine.moe import ExpertCollector, MoeSettings, fused_experts, prune_experts
-from worker.engine.contract.patterns import SparsityPattern
 from worker.engine.progress import Tracker
 from worker.engine.quant import Quantization, QuantizedWeight, restore_quantized, save_quantized
 from worker.engine.reference import RunningHessian
@@ -60,9 +60,17 @@ class LayerResult:
     refit: dict | None = None  # worker.engine.refit: mode, error_before, swaps, seconds (None: no refit)
 
     def as_dict(self) -> dict:
-        return {"block": self.block, "name": self.name, "sparsity": self.sparsity, "target": self.target,
-                "error": self.error, "seconds": self.seconds, "loss": self.loss, "percdamp": self.percdamp,
-                "refit": self.refit}
+        return {
+            "block": self.block,
+            "name": self.name,
+            "sparsity": self.sparsity,
+            "target": self.target,
+            "error": self.error,
+            "seconds": self.seconds,
+            "loss": self.loss,
+            "percdamp": self.percdamp,
+            "refit": self.refit,
+        }
 
 
 @dataclass
@@ -144,13 +152,15 @@ def storage_device(device: torch.device, nbytes: int) -> torch.device:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, *, batch_size: int,
-                         device: torch.device) -> BlockInputs:
+def capture_block_inputs(
+    model: nn.Module, adapter: Adapter, ids: torch.Tensor, *, batch_size: int, device: torch.device
+) -> BlockInputs:
     """Run the model's embeddings on ``ids`` (n, seq) and stop at block 0, keeping its inputs.
 
     The embeddings run where the model lives (the CPU); the block's other arguments are
     whatever the model itself passes (causal mask, position ids, rotary cos/sin, alibi).
     """
+
     def stop(_module, args, kwargs):
         raise _BlockZeroReached(args, kwargs)
 
@@ -177,14 +187,14 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, 
             inputs.kwargs.append(to_device(kwargs, device))
     finally:
         handle.remove()
-    inputs.by_kind, inputs.kind_of = capture_kind_kwargs(model, adapter.blocks, ids, batch_size=batch_size,
-                                                         move=lambda kw: to_device(kw, device))
+    inputs.by_kind, inputs.kind_of = capture_kind_kwargs(
+        model, adapter.blocks, ids, batch_size=batch_size, move=lambda kw: to_device(kw, device)
+    )
     return inputs
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, *, keep: bool,
-              after_chunk=None) -> None:
+def run_block(block: nn.Module, inputs: BlockInputs, device: torch.device, *, keep: bool, after_chunk=None) -> None:
     """Run every chunk through ``block``; with ``keep`` the outputs replace the inputs in place."""
     for c, hidden in enumerate(inputs.hidden):
         try:
@@ -206,8 +216,14 @@ class HessianCollector:
     ``hessian(columns, device)`` makes each accumulator.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], device: torch.device, *, stop_early: bool = True,
-                 hessian: Callable[[int, torch.device], Hessian | RunningHessian] = Hessian):
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        device: torch.device,
+        *,
+        stop_early: bool = True,
+        hessian: Callable[[int, torch.device], Hessian | RunningHessian] = Hessian,
+    ):
         self.names = set(modules)
         # Once the last Linear has its input, the rest of the dense pass is not needed: its
         # hook stops the pass, provided every other hooked Linear has been called by then.
@@ -255,10 +271,16 @@ def _sparsity(W: torch.Tensor) -> float:
     return (W == 0).sum().item() / W.numel()
 
 
-def solve_group(names: list[str], modules: dict[str, nn.Module], H: torch.Tensor | None, solver: SolverSettings,
-                device: torch.device, *, prune_shared: Callable[..., list[PruneResult]],
-                quantized: dict[str, QuantizedWeight] | None = None,
-                ) -> list[tuple[float | None, float | None, float, dict | None]]:
+def solve_group(
+    names: list[str],
+    modules: dict[str, nn.Module],
+    H: torch.Tensor | None,
+    solver: SolverSettings,
+    device: torch.device,
+    *,
+    prune_shared: Callable[..., list[PruneResult]],
+    quantized: dict[str, QuantizedWeight] | None = None,
+) -> list[tuple[float | None, float | None, float, dict | None]]:
     """Prune the layers of one Hessian group in place with the job's method (worker.engine.methods);
     (error, loss, percdamp, refit) per layer. With quantization each layer's codes and scales go
     into ``quantized`` by its name in ``names`` (the module holds codes x scales).
@@ -279,12 +301,22 @@ def _to_cpu(q: QuantizedWeight) -> QuantizedWeight:
 
 
 @torch.no_grad()
-def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tensor | None, *,
-                     solver: SolverSettings, selection: LayerSelection, device: torch.device,
-                     batch_size: int, tracker: Tracker, targets: dict[int, float] | None = None,
-                     moe: MoeSettings | None = None, expert_records: list[dict] | None = None,
-                     checkpoints: Checkpoints | None = None,
-                     quantized: dict[str, QuantizedWeight] | None = None) -> list[LayerResult]:
+def prune_sequential(
+    model: nn.Module,
+    adapter: Adapter,
+    calibration: torch.Tensor | None,
+    *,
+    solver: SolverSettings,
+    selection: LayerSelection,
+    device: torch.device,
+    batch_size: int,
+    tracker: Tracker,
+    targets: dict[int, float] | None = None,
+    moe: MoeSettings | None = None,
+    expert_records: list[dict] | None = None,
+    checkpoints: Checkpoints | None = None,
+    quantized: dict[str, QuantizedWeight] | None = None,
+) -> list[LayerResult]:
     """Prune the selected Linears of every selected block; returns one result per Linear.
 
     ``calibration`` (nsamples, seqlen) token ids; a method that reads no statistics (magnitude) needs
@@ -300,8 +332,9 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
     selection.validate(nblocks)
     last = selection.last_block if selection.last_block is not None else nblocks - 1
     needs_data = method_info(solver.method).needs_calibration
-    inputs = (capture_block_inputs(model, adapter, calibration, batch_size=batch_size, device=device)
-              if needs_data else None)
+    inputs = (
+        capture_block_inputs(model, adapter, calibration, batch_size=batch_size, device=device) if needs_data else None
+    )
     arithmetic = sparsegpt_arithmetic(solver)
     results: list[LayerResult] = []
     start = checkpoints.restore(blocks, inputs, results, expert_records, LayerResult, tracker) if checkpoints else 0
@@ -318,10 +351,10 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
             continue
         host.onload(block, device, writable=True)  # pruned on a copy: the mapped weights stay untouched
         prefix = adapter.block_name(i)
-        modules = {name: m for name, m in prunable_linears(block).items()
-                   if selection.module_selected(f"{prefix}.{name}")}
-        experts = {name: m for name, m in fused_experts(block).items()
-                   if selection.module_selected(f"{prefix}.{name}")}
+        modules = {
+            name: m for name, m in prunable_linears(block).items() if selection.module_selected(f"{prefix}.{name}")
+        }
+        experts = {name: m for name, m in fused_experts(block).items() if selection.module_selected(f"{prefix}.{name}")}
         expert_stats = None
         if needs_data:
             collector = HessianCollector(modules, device, hessian=arithmetic.hessian, stop_early=not experts)
@@ -329,7 +362,7 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
             try:
                 run_block(block, inputs, device, keep=False, after_chunk=collector.end_pass)
                 collector.remove()
-                moe_collector.fallback(lambda: run_block(block, inputs, device, keep=False))
+                moe_collector.fallback(lambda: run_block(block, inputs, device, keep=False))  # noqa: B023 (called here)
             finally:
                 collector.remove()
                 moe_collector.remove()
@@ -342,25 +375,47 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
         block_solver = solver if targets is None else replace(solver, pattern=SparsityPattern(targets[i]))
         block_grids: dict[str, QuantizedWeight] = {}  # this block's quantized layers and experts
         for g, (names, H) in enumerate(groups):
-            tracker.emit((i + g / max(len(groups), 1)) / (last + 1), layer=i, layers=nblocks,
-                         module=f"{prefix}.{names[0]}", message=f"pruning {', '.join(names)}")
+            tracker.emit(
+                (i + g / max(len(groups), 1)) / (last + 1),
+                layer=i,
+                layers=nblocks,
+                module=f"{prefix}.{names[0]}",
+                message=f"pruning {', '.join(names)}",
+            )
             t0 = time.perf_counter()
             grids: dict[str, QuantizedWeight] = {}
-            stats = solve_group(names, modules, H, block_solver, device, prune_shared=arithmetic.prune_shared,
-                                quantized=grids)
+            stats = solve_group(
+                names, modules, H, block_solver, device, prune_shared=arithmetic.prune_shared, quantized=grids
+            )
             block_grids.update({f"{prefix}.{n}": q for n, q in grids.items()})
             seconds = time.perf_counter() - t0
             rows = [weight_matrix(modules[n]).shape[0] for n in names]
             for n, r, (error, loss, percdamp, refit) in zip(names, rows, stats):
-                results.append(LayerResult(
-                    block=i, name=f"{prefix}.{n}", sparsity=_sparsity(weight_matrix(modules[n])),
-                    error=error, loss=loss, percdamp=percdamp, seconds=seconds * r / sum(rows),
-                    target=block_solver.pattern.sparsity, refit=refit))
+                results.append(
+                    LayerResult(
+                        block=i,
+                        name=f"{prefix}.{n}",
+                        sparsity=_sparsity(weight_matrix(modules[n])),
+                        error=error,
+                        loss=loss,
+                        percdamp=percdamp,
+                        seconds=seconds * r / sum(rows),
+                        target=block_solver.pattern.sparsity,
+                        refit=refit,
+                    )
+                )
         del groups
         if experts:
-            fields, records = prune_experts(experts, expert_stats, block_solver, prefix=prefix, block=i,
-                                            device=device, prune_shared=arithmetic.prune_shared,
-                                            quantized=block_grids)
+            fields, records = prune_experts(
+                experts,
+                expert_stats,
+                block_solver,
+                prefix=prefix,
+                block=i,
+                device=device,
+                prune_shared=arithmetic.prune_shared,
+                quantized=block_grids,
+            )
             results += [LayerResult(**f) for f in fields]
             if expert_records is not None:
                 expert_records += records
@@ -379,8 +434,16 @@ def prune_sequential(model: nn.Module, adapter: Adapter, calibration: torch.Tens
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, adapter: Adapter, windows: torch.Tensor, *, device: torch.device,
-               batch_size: int, tracker: Tracker, label: str = "") -> float:
+def perplexity(
+    model: nn.Module,
+    adapter: Adapter,
+    windows: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int,
+    tracker: Tracker,
+    label: str = "",
+) -> float:
     """exp(mean over windows of the mean next-token cross-entropy), computed block by block."""
     nblocks = len(adapter.blocks)
     inputs = capture_block_inputs(model, adapter, windows, batch_size=batch_size, device=device)
@@ -408,8 +471,7 @@ def perplexity(model: nn.Module, adapter: Adapter, windows: torch.Tensor, *, dev
                     logits = adapter.lm_head(h[t : t + LOGIT_TOKENS]).float()
                     if adapter.logit_softcap:
                         logits = torch.tanh(logits / adapter.logit_softcap) * adapter.logit_softcap
-                    total += nn.functional.cross_entropy(logits, labels[t : t + LOGIT_TOKENS],
-                                                         reduction="sum").item()
+                    total += nn.functional.cross_entropy(logits, labels[t : t + LOGIT_TOKENS], reduction="sum").item()
                 nlls.append(total / labels.numel())
     finally:
         for m in head:

@@ -96,8 +96,13 @@ class LayerStack:
     perm: torch.Tensor | None = None  # act order: the original column solved at each position
 
     @classmethod
-    def of(cls, weights: Sequence[torch.Tensor], H: torch.Tensor, wbits: int | None,
-           quantization: Quantization | None = None) -> LayerStack:
+    def of(
+        cls,
+        weights: Sequence[torch.Tensor],
+        H: torch.Tensor,
+        wbits: int | None,
+        quantization: Quantization | None = None,
+    ) -> LayerStack:
         if wbits and quantization is not None:
             raise ValueError("give either wbits (the reference's grid) or quantization, not both")
         W = torch.cat([w.to(torch.float32) for w in weights])  # a new tensor
@@ -137,8 +142,12 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
     return dampened_factor(H, percdamp, torch.mean(torch.diag(H)).item(), _upper_cholesky_of_inverse)
 
 
-def dampened_factor(H: torch.Tensor, percdamp: float, mean_diag: float | torch.Tensor,
-                    factor: Callable[[torch.Tensor], tuple[torch.Tensor, bool]]) -> tuple[torch.Tensor, float, float]:
+def dampened_factor(
+    H: torch.Tensor,
+    percdamp: float,
+    mean_diag: float | torch.Tensor,
+    factor: Callable[[torch.Tensor], tuple[torch.Tensor, bool]],
+) -> tuple[torch.Tensor, float, float]:
     """Add ``percdamp * mean_diag`` to H's diagonal (in place) and ``factor`` it: (U, percdamp, damp).
 
     ``factor(H)`` returns the upper Cholesky factor of H^-1 and whether it succeeded. If H is
@@ -160,29 +169,43 @@ def dampened_factor(H: torch.Tensor, percdamp: float, mean_diag: float | torch.T
                 "use more calibration samples or check the inputs for NaN/inf"
             )
         new = min(percdamp * 10, 1.0)
-        log.warning("Cholesky failed with percdamp %g; retrying with %g (more calibration samples help)",
-                    percdamp, new)
+        log.warning("Cholesky failed with percdamp %g; retrying with %g (more calibration samples help)", percdamp, new)
         percdamp = new
 
 
 @torch.no_grad()
-def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, pattern: SparsityPattern, *, blocksize: int = 128,
-                    percdamp: float = 0.01, wbits: int | None = None,
-                    quantization: Quantization | None = None) -> PruneResult:
+def sparsegpt_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    pattern: SparsityPattern,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    wbits: int | None = None,
+    quantization: Quantization | None = None,
+) -> PruneResult:
     """Prune ``W`` (rows, cols) to ``pattern`` minimizing ||W X - W' X||^2 given H ~ X X^T.
 
     Neither ``W`` nor ``H`` is modified. Both should be on the same device; the computation
     is fp32 whatever their dtype.
     """
-    return sparsegpt_prune_shared([W], H, pattern, blocksize=blocksize, percdamp=percdamp, wbits=wbits,
-                                  quantization=quantization)[0]
+    return sparsegpt_prune_shared(
+        [W], H, pattern, blocksize=blocksize, percdamp=percdamp, wbits=wbits, quantization=quantization
+    )[0]
 
 
 @torch.no_grad()
-def sparsegpt_prune_shared(weights: Sequence[torch.Tensor], H: torch.Tensor, pattern: SparsityPattern, *,
-                           blocksize: int = 128, percdamp: float = 0.01, wbits: int | None = None,
-                           quantization: Quantization | None = None,
-                           column_loop: bool | None = None) -> list[PruneResult]:
+def sparsegpt_prune_shared(
+    weights: Sequence[torch.Tensor],
+    H: torch.Tensor,
+    pattern: SparsityPattern,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    wbits: int | None = None,
+    quantization: Quantization | None = None,
+    column_loop: bool | None = None,
+) -> list[PruneResult]:
     """Prune several layers that read the same input (q/k/v; gate/up) in one pass.
 
     The OBS update never mixes rows, and the masks are chosen per row (N:M) or per layer in
@@ -199,16 +222,20 @@ def sparsegpt_prune_shared(weights: Sequence[torch.Tensor], H: torch.Tensor, pat
     and scales (``PruneResult.quantized``). A pattern of sparsity 0 prunes nothing (GPTQ).
     """
     if quantization is not None and quantization.actorder and pattern.structured:
-        raise ValueError(f"act order permutes the input columns, which breaks the {pattern} groups: "
-                         "use it with unstructured sparsity or none")
+        raise ValueError(
+            f"act order permutes the input columns, which breaks the {pattern} groups: "
+            "use it with unstructured sparsity or none"
+        )
     stack = LayerStack.of(weights, H, wbits, quantization)
     step = _fast_block_step(pattern, stack.quantizer, stack.W.device, column_loop)
-    return solve(stack, pattern, blocksize=blocksize, percdamp=percdamp,
-                 factorize=inverse_hessian_factor, block_step=step)
+    return solve(
+        stack, pattern, blocksize=blocksize, percdamp=percdamp, factorize=inverse_hessian_factor, block_step=step
+    )
 
 
-def _fast_block_step(pattern: SparsityPattern, quantizer: Quantizer | SolveGrids | None, device: torch.device,
-                     column_loop: bool | None) -> BlockStep:
+def _fast_block_step(
+    pattern: SparsityPattern, quantizer: Quantizer | SolveGrids | None, device: torch.device, column_loop: bool | None
+) -> BlockStep:
     """The fast solver's block step: the column loop with quantization, else lean loop or solved blocks."""
     if quantizer is not None:
         return partial(block_column_loop, pattern=pattern, quantizer=quantizer)
@@ -222,8 +249,15 @@ def _fast_block_step(pattern: SparsityPattern, quantizer: Quantizer | SolveGrids
 
 
 @torch.no_grad()
-def solve(stack: LayerStack, pattern: SparsityPattern, *, blocksize: int, percdamp: float,
-          factorize: Factorization, block_step: BlockStep) -> list[PruneResult]:
+def solve(
+    stack: LayerStack,
+    pattern: SparsityPattern,
+    *,
+    blocksize: int,
+    percdamp: float,
+    factorize: Factorization,
+    block_step: BlockStep,
+) -> list[PruneResult]:
     """Algorithm 1 on ``stack`` (its W ends pruned, its H dampened); one result per layer.
 
     ``factorize`` and ``block_step`` are the arithmetic: the fast solver's, or the reference's.
@@ -285,8 +319,9 @@ def relative_error(W_dense: torch.Tensor, W_pruned: torch.Tensor, H: torch.Tenso
     return _ratio((delta.matmul(H) * delta).sum().item(), (W_dense.matmul(H) * W_dense).sum().item())
 
 
-def unstructured_mask(W1: torch.Tensor, diag1: torch.Tensor, sparsity: float,
-                      segments: Sequence[tuple[int, int]]) -> torch.Tensor:
+def unstructured_mask(
+    W1: torch.Tensor, diag1: torch.Tensor, sparsity: float, segments: Sequence[tuple[int, int]]
+) -> torch.Tensor:
     """The reference's block mask: score w^2 / [H^-1]_jj^2, ``score <= sorted[int(N * s)]``.
 
     Computed per layer (row segment), so stacked layers keep their own thresholds.

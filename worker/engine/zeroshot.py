@@ -24,9 +24,10 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,8 +51,10 @@ def _harness():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
-        raise InvalidJob("zero-shot tasks (evaluation.tasks) need lm-evaluation-harness where the job runs: "
-                         f"pip install 'sparsegpt-service[eval]' ({exc})") from None
+        raise InvalidJob(
+            "zero-shot tasks (evaluation.tasks) need lm-evaluation-harness where the job runs: "
+            f"pip install 'sparsegpt-service[eval]' ({exc})"
+        ) from None
     return lm_eval, evaluate, HFLM, TaskManager
 
 
@@ -75,8 +78,10 @@ class ZeroShot:
         self.version = getattr(lm_eval, "__version__", None)
         missing = [d for d in self.task_dirs if not Path(d).is_dir()]
         if missing:
-            raise InvalidJob(f"evaluation.tasks: the task directory {missing[0]} does not exist (--eval-include, "
-                             "SPARSEGPT_EVAL_INCLUDE_DIRS)")
+            raise InvalidJob(
+                f"evaluation.tasks: the task directory {missing[0]} does not exist (--eval-include, "
+                "SPARSEGPT_EVAL_INCLUDE_DIRS)"
+            )
         manager = TaskManager(include_path=list(self.task_dirs) or None)
         known = set(manager.all_tasks)
         unknown = [name for name in self.names if name not in known]
@@ -86,33 +91,55 @@ class ZeroShot:
                 close = difflib.get_close_matches(name, manager.all_tasks, n=3)
                 hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
             where = " or in the task directories " + ", ".join(self.task_dirs) if self.task_dirs else ""
-            raise InvalidJob(f"evaluation.tasks: unknown lm-eval task {'; '.join(hints)}: not one of lm-eval "
-                             f"{self.version or ''}'s tasks{where} (`lm-eval ls tasks` lists them)")
+            raise InvalidJob(
+                f"evaluation.tasks: unknown lm-eval task {'; '.join(hints)}: not one of lm-eval "
+                f"{self.version or ''}'s tasks{where} (`lm-eval ls tasks` lists them)"
+            )
         unsafe = _unsafe_tasks(manager, self.names)
         if unsafe:  # before ``load``, which imports the task's code (humaneval: a Hub metric's)
-            raise InvalidJob(f"evaluation.tasks: {', '.join(unsafe)} run the model's generated code, which the "
-                             "engine never does")
+            raise InvalidJob(
+                f"evaluation.tasks: {', '.join(unsafe)} run the model's generated code, which the engine never does"
+            )
         try:
             self.tasks = manager.load(self.names)
         except Exception as exc:  # the harness and `datasets` raise many kinds; the job needs one line
-            raise DataError(f"evaluation.tasks: the data of {', '.join(self.names)} could not be loaded "
-                            f"({type(exc).__name__}: {_first_line(exc)}); tasks read their data through "
-                            "`datasets`, from the Hub or its cache (HF_HOME)") from exc
+            raise DataError(
+                f"evaluation.tasks: the data of {', '.join(self.names)} could not be loaded "
+                f"({type(exc).__name__}: {_first_line(exc)}); tasks read their data through "
+                "`datasets`, from the Hub or its cache (HF_HOME)"
+            ) from exc
         unsafe = [name for name, task in self.tasks["tasks"].items() if getattr(task, "UNSAFE_CODE", False)]
         if unsafe:
-            raise InvalidJob(f"evaluation.tasks: {', '.join(unsafe)} run the model's generated code, which the "
-                             "engine never does")
+            raise InvalidJob(
+                f"evaluation.tasks: {', '.join(unsafe)} run the model's generated code, which the engine never does"
+            )
 
-    def evaluate(self, key: str, model: nn.Module, tokenizer: Any, adapter: Adapter, *, device: torch.device,
-                 tracker: Tracker, label: str, how: str = "auto") -> dict[str, dict[str, float]]:
+    def evaluate(
+        self,
+        key: str,
+        model: nn.Module,
+        tokenizer: Any,
+        adapter: Adapter,
+        *,
+        device: torch.device,
+        tracker: Tracker,
+        label: str,
+        how: str = "auto",
+    ) -> dict[str, dict[str, float]]:
         """Run the tasks on ``model`` as it is now; kept under ``key`` ("dense" or "pruned");
         ``how``: where the model runs (``placed``)."""
         self.prepare()
         _, evaluate, HFLM, _ = _harness()  # noqa: N806
         tracker.emit(0.0, message=f"{label} zero-shot {', '.join(self.names)}")
         with _quiet_harness(), placed(model, adapter, device, how=how) as self.placement:
-            lm = _tracked(HFLM)(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=self.batch_size,
-                                softmax_dtype=torch.float32, tracker=tracker, label=f"{label} zero-shot")
+            lm = _tracked(HFLM)(
+                pretrained=model,
+                tokenizer=copy.deepcopy(tokenizer),
+                batch_size=self.batch_size,
+                softmax_dtype=torch.float32,
+                tracker=tracker,
+                label=f"{label} zero-shot",
+            )
             lm._device = device  # where the inputs go: the embeddings are there in either placement
             out = evaluate(lm, self.tasks, limit=self.limit, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False)
         self.results[key] = metrics(out["results"])
@@ -122,9 +149,16 @@ class ZeroShot:
     def report(self) -> dict[str, Any] | None:
         if not self.names:
             return None
-        return {"tasks": self.names, "limit": self.limit, "batch_size": self.batch_size, "lm_eval": self.version,
-                "placement": self.placement, "examples": self.examples, "dense": self.results.get("dense", {}),
-                "pruned": self.results.get("pruned", {})}
+        return {
+            "tasks": self.names,
+            "limit": self.limit,
+            "batch_size": self.batch_size,
+            "lm_eval": self.version,
+            "placement": self.placement,
+            "examples": self.examples,
+            "dense": self.results.get("dense", {}),
+            "pruned": self.results.get("pruned", {}),
+        }
 
 
 def _unsafe_tasks(manager: Any, names: list[str]) -> list[str]:
@@ -216,8 +250,9 @@ def _tracked(HFLM):  # noqa: N803 - the harness's class, imported when first nee
                 self._tracker.check_cancel()
                 return
             self._emitted = now
-            self._tracker.emit(self._fraction, message=f"{self._label}: {min(self._done, self._total)} of "
-                                                       f"{self._total} requests")
+            self._tracker.emit(
+                self._fraction, message=f"{self._label}: {min(self._done, self._total)} of {self._total} requests"
+            )
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             self._begin(requests)
@@ -263,7 +298,7 @@ def _to_device(modules: list[nn.Module], device: torch.device, *, recurse: bool 
     pages. A tensor shared by two modules (tied embeddings) is moved once."""
     records, host_of = [], {}
     for module in modules:
-        for m in (module.modules() if recurse else (module,)):
+        for m in module.modules() if recurse else (module,):
             for kind, table in (("p", m._parameters), ("b", m._buffers)):
                 for name, t in table.items():
                     if t is None:

@@ -67,8 +67,10 @@ class UnusableConfig(ValueError):
 
     def __init__(self, name: str, value: int):
         shown = f"{value:,}" if value < 10**15 else f"about 10^{int(value.bit_length() * 0.30103)}"
-        super().__init__(f"the model's config.json gives {name} = {shown}, which is not a size (at most "
-                         f"{MAX_SIZE:,}): its memory cannot be estimated and no worker could load it")
+        super().__init__(
+            f"the model's config.json gives {name} = {shown}, which is not a size (at most "
+            f"{MAX_SIZE:,}): its memory cannot be estimated and no worker could load it"
+        )
 
 
 class UnreadableConfig(dict):
@@ -119,7 +121,10 @@ class ModelShape:
         if not isinstance(config, dict):
             return None
         if _first(config, "hidden_size", "n_embd", "d_model") is None and isinstance(config.get("text_config"), dict):
-            config = {**config["text_config"], "model_type": config["text_config"].get("model_type", config.get("model_type"))}
+            config = {
+                **config["text_config"],
+                "model_type": config["text_config"].get("model_type", config.get("model_type")),
+            }
         hidden = _first(config, "hidden_size", "n_embd", "d_model", "dim")
         layers = _first(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers")
         vocab = _first(config, "vocab_size", "padded_vocab_size")
@@ -127,7 +132,9 @@ class ModelShape:
             return None
         heads = _first(config, "num_attention_heads", "n_head", "num_heads", "n_heads") or 1
         head_dim = _first(config, "head_dim") or max(1, hidden // heads)
-        kv_heads = 1 if config.get("multi_query") is True else _first(config, "num_key_value_heads", "num_kv_heads") or heads
+        kv_heads = (
+            1 if config.get("multi_query") is True else _first(config, "num_key_value_heads", "num_kv_heads") or heads
+        )
         model_type = str(config.get("model_type") or "")
         intermediate = _first(config, "intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size") or 4 * hidden
         experts = _first(config, "num_local_experts", "num_experts", "n_routed_experts") or 1
@@ -138,9 +145,16 @@ class ModelShape:
         if not shared and experts > 1:
             shared = (_first(config, "n_shared_experts", "num_shared_experts") or 0) * expert_intermediate
         return cls(
-            model_type=model_type, hidden=hidden, layers=layers, vocab=vocab,
-            intermediate=intermediate, attn_out=heads * head_dim, kv=kv_heads * head_dim,
-            gated=model_type not in NON_GATED, experts=experts, expert_intermediate=expert_intermediate,
+            model_type=model_type,
+            hidden=hidden,
+            layers=layers,
+            vocab=vocab,
+            intermediate=intermediate,
+            attn_out=heads * head_dim,
+            kv=kv_heads * head_dim,
+            gated=model_type not in NON_GATED,
+            experts=experts,
+            expert_intermediate=expert_intermediate,
             shared_intermediate=shared,
             tied=bool(config.get("tie_word_embeddings", True)),
             context=_first(config, "max_position_embeddings", "n_positions", "seq_length", "max_seq_len", strict=False),
@@ -169,11 +183,11 @@ class ModelShape:
         """One block's fp32 Hessians: q/k/v's input, o's, the MLP's input and down's (per expert,
         and the shared experts')."""
         h = self.hidden
-        attention = h * h + self.attn_out ** 2
+        attention = h * h + self.attn_out**2
         if self.experts == 1:
-            return 4 * (attention + h * h + self.intermediate ** 2)
-        shared = h * h + self.shared_intermediate ** 2 if self.shared_intermediate else 0
-        return 4 * (attention + self.experts * (h * h + self.expert_intermediate ** 2) + shared)
+            return 4 * (attention + h * h + self.intermediate**2)
+        shared = h * h + self.shared_intermediate**2 if self.shared_intermediate else 0
+        return 4 * (attention + self.experts * (h * h + self.expert_intermediate**2) + shared)
 
     @property
     def solve_bytes(self) -> int:
@@ -237,8 +251,10 @@ class Estimate:
             return self.problem
         if limit_gb <= 0 or self.total <= limit_gb * GB:
             return None
-        return (f"this job needs about {_gb(self.total)} ({'; '.join(self.parts)}) but a worker gives a job "
-                f"at most {limit_gb:g} GB ({SETTING}); {self.advice}")
+        return (
+            f"this job needs about {_gb(self.total)} ({'; '.join(self.parts)}) but a worker gives a job "
+            f"at most {limit_gb:g} GB ({SETTING}); {self.advice}"
+        )
 
 
 def _eval_windows(name: str, text_bytes: int | None, seqlen: int, max_windows: int | None) -> int:
@@ -254,16 +270,25 @@ def estimate(config: dict[str, Any], job: JobSize, *, parameters: int | None = N
     arithmetic fails). ``parameters``: the loaded model's exact count (the worker knows it), else
     from the config. A config whose sizes are no sizes gives an ``Estimate`` that is refused."""
     if isinstance(config, UnreadableConfig):
-        return Estimate(total=0, weights=0, activations=0, block=0, parts=(), advice="", field=("model",),
-                        problem=config.problem)
+        return Estimate(
+            total=0, weights=0, activations=0, block=0, parts=(), advice="", field=("model",), problem=config.problem
+        )
     try:
         shape = ModelShape.from_config(config)
         if shape is None:
             return None
         return _sized(shape, job, parameters)
     except UnusableConfig as err:
-        return Estimate(total=0, weights=0, activations=0, block=0, parts=(), advice="", field=("model",),
-                        problem=f"{err}; fix the model's config.json")
+        return Estimate(
+            total=0,
+            weights=0,
+            activations=0,
+            block=0,
+            parts=(),
+            advice="",
+            field=("model",),
+            problem=f"{err}; fix the model's config.json",
+        )
     except (ArithmeticError, ValueError, TypeError):  # (sizes are bounded: not expected) the worker's then
         return None
 
@@ -276,9 +301,11 @@ def _sized(shape: ModelShape, job: JobSize, parameters: int | None) -> Estimate:
     if job.mapped:  # the blocks' weights are file pages; what lies outside them is counted
         outside = min(params, shape.outside_blocks_params)
         weights = outside * size
-        parts = [f"model weights outside the blocks {_gb(weights)} = {outside / 1e9:.3g} B parameters x {dtype} "
-                 f"(embeddings, head), in host memory; the blocks' {_gb((params - outside) * size)} stay "
-                 "memory-mapped from the checkpoint's files (not counted)"]
+        parts = [
+            f"model weights outside the blocks {_gb(weights)} = {outside / 1e9:.3g} B parameters x {dtype} "
+            f"(embeddings, head), in host memory; the blocks' {_gb((params - outside) * size)} stay "
+            "memory-mapped from the checkpoint's files (not counted)"
+        ]
     else:
         weights = params * size
         parts = [f"model weights {_gb(weights)} = {params / 1e9:.3g} B parameters x {dtype}, in host memory"]
@@ -288,10 +315,14 @@ def _sized(shape: ModelShape, job: JobSize, parameters: int | None) -> Estimate:
     windows = {name: _eval_windows(name, nbytes, seqlen, job.max_windows) for name, nbytes in job.eval_sets}
     worst = max(windows, key=windows.get, default=None)
     evaluation = windows[worst] * seqlen * shape.hidden * size if worst is not None else 0
-    cal_text = (f"calibration activations {_gb(calibration)} = {job.nsamples} samples x {seqlen} tokens x "
-                f"{shape.hidden} hidden x {dtype}")
-    eval_text = (f"evaluation activations {_gb(evaluation)} = {windows.get(worst, 0)} windows of {worst} x "
-                 f"{seqlen} tokens x {shape.hidden} hidden x {dtype}")
+    cal_text = (
+        f"calibration activations {_gb(calibration)} = {job.nsamples} samples x {seqlen} tokens x "
+        f"{shape.hidden} hidden x {dtype}"
+    )
+    eval_text = (
+        f"evaluation activations {_gb(evaluation)} = {windows.get(worst, 0)} windows of {worst} x "
+        f"{seqlen} tokens x {shape.hidden} hidden x {dtype}"
+    )
     if calibration >= evaluation:
         activations, field = calibration, ("calibration", "nsamples")
         advice = "lower nsamples or seqlen"
@@ -306,18 +337,29 @@ def _sized(shape: ModelShape, job: JobSize, parameters: int | None) -> Estimate:
     logits = 3 * LOGIT_TOKENS * shape.vocab * 4 if windows else 0
     hessians = shape.hessian_bytes if calibrated else 0  # a method without calibration data collects none
     block = hessians + shape.solve_bytes + max(forward, logits) + shape.block_params * size
-    parts.append(f"one block in flight {_gb(block)} (its fp32 Hessians and solve, a chunk of {chunk_tokens} tokens, "
-                 f"{'its weights on the GPU' if job.device == 'cuda' else 'the copy of its weights it is pruned on'})")
+    parts.append(
+        f"one block in flight {_gb(block)} (its fp32 Hessians and solve, a chunk of {chunk_tokens} tokens, "
+        f"{'its weights on the GPU' if job.device == 'cuda' else 'the copy of its weights it is pruned on'})"
+    )
     total = weights + activations + block
     if weights + block > activations:
         field = ("model",)
         advice = "use a smaller model, or a worker with more memory and a higher limit"
         if not job.mapped and job.stored and job.stored != job.dtype:
             field = ("dtype",)
-            advice = (f"set dtype to {job.stored} (or auto on a GPU), the dtype its checkpoint stores: its weights "
-                      f"then stay memory-mapped from the files instead of converted into host memory; or {advice}")
-    return Estimate(total=total, weights=weights, activations=activations, block=block,
-                    parts=tuple(parts), advice=advice, field=field)
+            advice = (
+                f"set dtype to {job.stored} (or auto on a GPU), the dtype its checkpoint stores: its weights "
+                f"then stay memory-mapped from the files instead of converted into host memory; or {advice}"
+            )
+    return Estimate(
+        total=total,
+        weights=weights,
+        activations=activations,
+        block=block,
+        parts=tuple(parts),
+        advice=advice,
+        field=field,
+    )
 
 
 # --- the model's config ----------------------------------------------------------------------

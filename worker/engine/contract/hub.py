@@ -26,8 +26,10 @@ def endpoint() -> str:
 
 
 def offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def unreachable(repo: str = "", revision: str | None = None, *, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
@@ -56,8 +58,9 @@ def start(repo: str = "", revision: str | None = None, *, timeout_s: float = PRO
         import httpx
 
         try:
-            with httpx.Client(timeout=httpx.Timeout(timeout_s, connect=timeout_s), follow_redirects=False,
-                              trust_env=True) as client:
+            with httpx.Client(
+                timeout=httpx.Timeout(timeout_s, connect=timeout_s), follow_redirects=False, trust_env=True
+            ) as client:
                 status = client.head(url).status_code
             # a 5xx would be retried for a minute as well; a 401 or 404 is the real load's to explain
             result.append(f"{base} answers HTTP {status}" if status >= 500 else None)
@@ -78,12 +81,16 @@ def start(repo: str = "", revision: str | None = None, *, timeout_s: float = PRO
 def what_to_do(kind: str, name: str, why: str) -> str:
     """The one line for a Hub model (not in the cache) or a built-in dataset that cannot be fetched now."""
     if kind == "model":
-        return (f"model {name!r} is not in this machine's Hugging Face cache and the Hub cannot be reached: {why}. "
-                f"Offline? Download it beforehand where there is network (`hf download {name}`, same HF_HOME) "
-                "and set HF_HUB_OFFLINE=1, or use a local model directory instead")
-    return (f"the {name} dataset comes from the Hugging Face Hub, which cannot be reached: {why}. Offline? Set "
-            "HF_HUB_OFFLINE=1 if it was fetched here before (it is read from the cache then), or use a local "
-            "text file (.txt or .jsonl) instead")
+        return (
+            f"model {name!r} is not in this machine's Hugging Face cache and the Hub cannot be reached: {why}. "
+            f"Offline? Download it beforehand where there is network (`hf download {name}`, same HF_HOME) "
+            "and set HF_HUB_OFFLINE=1, or use a local model directory instead"
+        )
+    return (
+        f"the {name} dataset comes from the Hugging Face Hub, which cannot be reached: {why}. Offline? Set "
+        "HF_HUB_OFFLINE=1 if it was fetched here before (it is read from the cache then), or use a local "
+        "text file (.txt or .jsonl) instead"
+    )
 
 
 def cached_model(model: str, revision: str | None) -> bool:
@@ -146,9 +153,11 @@ def model_unavailable(model: str, revision: str | None) -> str | None:
     if cached_model(model, revision):
         return None
     if offline():
-        return (f"model {model!r} is not in this server's Hugging Face cache and the server is offline "
-                f"(HF_HUB_OFFLINE): download it there beforehand (`hf download {model}`, same HF_HOME) "
-                "or use a local model directory")
+        return (
+            f"model {model!r} is not in this server's Hugging Face cache and the server is offline "
+            f"(HF_HUB_OFFLINE): download it there beforehand (`hf download {model}`, same HF_HOME) "
+            "or use a local model directory"
+        )
     why = unreachable(model, revision)
     return what_to_do("model", model, why) if why is not None else None
 
@@ -160,7 +169,9 @@ def dataset_unavailable(name: str) -> str | None:
     if datasets_offline():
         if cached_dataset(name):
             return None
-        return (f"the {name} dataset comes from the Hugging Face Hub and is not in this server's cache, and the "
-                "server is offline (HF_HUB_OFFLINE): use a local text file (.txt or .jsonl) or an upload instead")
+        return (
+            f"the {name} dataset comes from the Hugging Face Hub and is not in this server's cache, and the "
+            "server is offline (HF_HUB_OFFLINE): use a local text file (.txt or .jsonl) or an upload instead"
+        )
     why = unreachable()
     return what_to_do("dataset", name, why) if why is not None else None

@@ -94,8 +94,10 @@ def check_solver_options(name: str, solver, pattern, quantization=None) -> None:
             f"works with method {names_where('allows_refit')}, without solver.wbits"
         )
     if solver.refit != "none" and quantization is not None and pattern.sparsity == 0:
-        raise ValueError(f"solver.refit {solver.refit} re-solves the weights a prune kept: quantization only "
-                         "prunes nothing (set refit none)")
+        raise ValueError(
+            f"solver.refit {solver.refit} re-solves the weights a prune kept: quantization only "
+            "prunes nothing (set refit none)"
+        )
     if pattern.structured and not method.nm:
         raise ValueError(f"method {name} prunes unstructured only, not {pattern}")
     if pattern.structured and method.blocks_of_m and solver.blocksize % pattern.m:

@@ -53,9 +53,7 @@ def parse_sparsity(value: str | float) -> SparsityPattern:
         try:
             value = float(text.rstrip("%").strip()) / (100 if text.endswith("%") else 1)
         except ValueError:
-            raise InvalidJob(
-                f"sparsity {value!r} is neither a ratio (0.5) nor an N:M pattern (2:4, 4:8)"
-            ) from None
+            raise InvalidJob(f"sparsity {value!r} is neither a ratio (0.5) nor an N:M pattern (2:4, 4:8)") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidJob(f"sparsity {_short(value)} is neither a ratio (0.5) nor an N:M pattern (2:4, 4:8)")
     if isinstance(value, int):  # never converted: float(10**400) overflows
@@ -80,8 +78,9 @@ def _short(value: object) -> str:
 
 PROFILES = ("uniform", "owl")
 MAX_PROFILE = 4096  # values in a per-block profile (more blocks than any decoder has)
-_PROFILE_EXPECTED = ("uniform, owl, or one sparsity per decoder block separated by commas "
-                     "(0.6, 0.7, 0.8; a JSON list in the API)")
+_PROFILE_EXPECTED = (
+    "uniform, owl, or one sparsity per decoder block separated by commas (0.6, 0.7, 0.8; a JSON list in the API)"
+)
 
 
 def parse_profile(value: object) -> str | tuple[float, ...]:
@@ -106,12 +105,18 @@ def parse_profile(value: object) -> str | tuple[float, ...]:
     out = []
     for b, item in enumerate(items):
         if isinstance(item, str) and not (item and _RATIO.match(item) and not item.endswith("%")):
-            raise InvalidJob(f"sparsity_profile value {_short(item)} (block {b}) is not a number; expected {_PROFILE_EXPECTED}")
+            raise InvalidJob(
+                f"sparsity_profile value {_short(item)} (block {b}) is not a number; expected {_PROFILE_EXPECTED}"
+            )
         if isinstance(item, bool) or not isinstance(item, (int, float, str)) or isinstance(item, int):
-            raise InvalidJob(f"sparsity_profile value {_short(item)} (block {b}) must be a ratio strictly between 0 and 1")
+            raise InvalidJob(
+                f"sparsity_profile value {_short(item)} (block {b}) must be a ratio strictly between 0 and 1"
+            )
         ratio = float(item)
         if not math.isfinite(ratio) or not 0.0 < ratio < 1.0:
-            raise InvalidJob(f"sparsity_profile value {ratio:g} (block {b}) is out of range: "
-                             "each must be a finite ratio strictly between 0 and 1")
+            raise InvalidJob(
+                f"sparsity_profile value {ratio:g} (block {b}) is out of range: "
+                "each must be a finite ratio strictly between 0 and 1"
+            )
         out.append(ratio)
     return tuple(out)

@@ -21,7 +21,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from worker.engine.contract.method_table import DEFAULT_METHOD, METHOD_NAMES, check_solver_options, describe_methods, method_info
+from worker.engine.contract.method_table import (
+    DEFAULT_METHOD,
+    METHOD_NAMES,
+    check_solver_options,
+    describe_methods,
+    method_info,
+)
 from worker.engine.contract.patterns import SparsityPattern, parse_profile, parse_sparsity
 from worker.engine.contract.spec_dtypes import DTYPES, stored_dtype, working_dtype  # noqa: F401 (the spec's vocabulary)
 from worker.engine.contract.spec_paths import field_paths, get_path, set_path  # noqa: F401 (re-exported)
@@ -100,8 +106,10 @@ def check_text(value: Any) -> Any:
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError as err:
-                raise ValueError(f"must be valid Unicode text: character {err.start + 1} is a lone surrogate "
-                                 f"(U+{ord(item[err.start]):04X}), which no UTF-8 text can hold") from None
+                raise ValueError(
+                    f"must be valid Unicode text: character {err.start + 1} is a lone surrogate "
+                    f"(U+{ord(item[err.start]):04X}), which no UTF-8 text can hold"
+                ) from None
     return value
 
 
@@ -115,14 +123,20 @@ class _Strict(BaseModel):
 
 
 class CalibrationSpec(_Strict):
-    dataset: Annotated[str, Field(description="c4, wikitext2, ptb, upload:<id>, or an allowed file path"),
-                       UI(cli="--calibration")] = "c4"
-    nsamples: Annotated[int, Field(ge=1, description="calibration windows (the server caps it)"),
-                        UI(form="nsamples", cli="--nsamples")] = 128
-    seqlen: Annotated[int | None, Field(ge=8, description="tokens per window; null: the model's context, at most 2048"),
-                      UI(form="seqlen", cli="--seqlen")] = None
-    seed: Annotated[int, Field(ge=0, le=2**32 - 1, description="the windows' sampling seed"),
-                    UI(form="seed", cli="--seed")] = 0
+    dataset: Annotated[
+        str, Field(description="c4, wikitext2, ptb, upload:<id>, or an allowed file path"), UI(cli="--calibration")
+    ] = "c4"
+    nsamples: Annotated[
+        int, Field(ge=1, description="calibration windows (the server caps it)"), UI(form="nsamples", cli="--nsamples")
+    ] = 128
+    seqlen: Annotated[
+        int | None,
+        Field(ge=8, description="tokens per window; null: the model's context, at most 2048"),
+        UI(form="seqlen", cli="--seqlen"),
+    ] = None
+    seed: Annotated[
+        int, Field(ge=0, le=2**32 - 1, description="the windows' sampling seed"), UI(form="seed", cli="--seed")
+    ] = 0
 
     @field_validator("dataset")
     @classmethod
@@ -131,21 +145,39 @@ class CalibrationSpec(_Strict):
 
 
 class EvaluationSpec(_Strict):
-    datasets: Annotated[list[str], Field(description="perplexity sets; [] skips evaluation")] = \
-        Field(default_factory=lambda: ["wikitext2"])
-    max_windows: Annotated[int | None, Field(ge=1, description="cap on evaluation windows per set"),
-                           UI(form="max_windows", cli="--eval-windows")] = None
-    dense: Annotated[bool, Field(description="also measure the dense model"),
-                     UI(form="dense", cli="--no-dense-eval", cli_negate=True)] = True
-    tasks: Annotated[list[str], BeforeValidator(split_commas), Field(
-        description="lm-evaluation-harness tasks for zero-shot accuracy, dense and pruned (piqa, arc_easy, hellaswag, "
-                    "...: any lm-eval task or group; the worker checks that it exists); []: none"),
-        UI(form="eval_tasks", cli="--eval-tasks", metavar="TASK[,TASK...]")] = Field(default_factory=list)
-    task_limit: Annotated[int | None, Field(ge=1, le=10**7, description="at most this many examples per zero-shot "
-                                                                        "task (lm-eval's limit); null: all"),
-                          UI(form="task_limit", cli="--eval-limit")] = None
-    task_batch_size: Annotated[int, Field(ge=1, le=1024, description="requests per forward in the zero-shot tasks"),
-                               UI(form="task_batch_size", cli="--eval-batch-size")] = 8
+    datasets: Annotated[list[str], Field(description="perplexity sets; [] skips evaluation")] = Field(
+        default_factory=lambda: ["wikitext2"]
+    )
+    max_windows: Annotated[
+        int | None,
+        Field(ge=1, description="cap on evaluation windows per set"),
+        UI(form="max_windows", cli="--eval-windows"),
+    ] = None
+    dense: Annotated[
+        bool,
+        Field(description="also measure the dense model"),
+        UI(form="dense", cli="--no-dense-eval", cli_negate=True),
+    ] = True
+    tasks: Annotated[
+        list[str],
+        BeforeValidator(split_commas),
+        Field(
+            description="lm-evaluation-harness tasks for zero-shot accuracy, dense and pruned (piqa, arc_easy, "
+            "hellaswag, "
+            "...: any lm-eval task or group; the worker checks that it exists); []: none"
+        ),
+        UI(form="eval_tasks", cli="--eval-tasks", metavar="TASK[,TASK...]"),
+    ] = Field(default_factory=list)
+    task_limit: Annotated[
+        int | None,
+        Field(ge=1, le=10**7, description="at most this many examples per zero-shot task (lm-eval's limit); null: all"),
+        UI(form="task_limit", cli="--eval-limit"),
+    ] = None
+    task_batch_size: Annotated[
+        int,
+        Field(ge=1, le=1024, description="requests per forward in the zero-shot tasks"),
+        UI(form="task_batch_size", cli="--eval-batch-size"),
+    ] = 8
 
     @field_validator("datasets")
     @classmethod
@@ -163,45 +195,79 @@ class EvaluationSpec(_Strict):
             raise ValueError(f"at most {MAX_TASKS} zero-shot tasks")
         for value in values:
             if not _TASK.match(value):
-                raise ValueError(f"{value[:40]!r} is not an lm-eval task name (letters, digits and _ - . + ( ), "
-                                 "e.g. piqa or arc_easy)")
+                raise ValueError(
+                    f"{value[:40]!r} is not an lm-eval task name (letters, digits and _ - . + ( ), "
+                    "e.g. piqa or arc_easy)"
+                )
         if len(set(values)) != len(values):
             raise ValueError("zero-shot tasks must not repeat")
         return values
 
 
 class SolverSpec(_Strict):
-    blocksize: Annotated[int, Field(ge=1, le=8192, description="columns solved together (SparseGPT's B)"),
-                         UI(form="blocksize", cli="--blocksize")] = 128
-    percdamp: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False,
-                                     description="Hessian dampening, a fraction of its mean diagonal"),
-                        UI(form="percdamp", cli="--percdamp")] = 0.01
-    wbits: Annotated[int | None, Field(ge=2, le=8, description="joint quantization bits on the reference's per-row "
-                                                               "asymmetric grid (paper section 5; kept for old specs, "
-                                                               "not exported compressed: use quantization)"),
-                     UI(form="wbits", cli="--wbits")] = None
-    exact: Annotated[bool, Field(description="reproduce the reference SparseGPT's arithmetic bit for bit "
-                                             "(one sequence per forward; slower), for checking a result"),
-                     UI(form="exact", cli="--exact")] = False
-    refit: Annotated[Literal["none", "reconstruct", "swap+reconstruct"], Field(
-        description="after the prune, lower each layer's reconstruction error on the calibration data: "
-                    "reconstruct (the kept weights re-solved on the fixed mask) or swap+reconstruct (first "
-                    "mask swaps within the pattern, then reconstruct); none: the method's weights as they are"),
-        UI(form="refit", cli="--refit")] = "none"
+    blocksize: Annotated[
+        int,
+        Field(ge=1, le=8192, description="columns solved together (SparseGPT's B)"),
+        UI(form="blocksize", cli="--blocksize"),
+    ] = 128
+    percdamp: Annotated[
+        float,
+        Field(gt=0, le=1, allow_inf_nan=False, description="Hessian dampening, a fraction of its mean diagonal"),
+        UI(form="percdamp", cli="--percdamp"),
+    ] = 0.01
+    wbits: Annotated[
+        int | None,
+        Field(
+            ge=2,
+            le=8,
+            description="joint quantization bits on the reference's per-row "
+            "asymmetric grid (paper section 5; kept for old specs, "
+            "not exported compressed: use quantization)",
+        ),
+        UI(form="wbits", cli="--wbits"),
+    ] = None
+    exact: Annotated[
+        bool,
+        Field(
+            description="reproduce the reference SparseGPT's arithmetic bit for bit "
+            "(one sequence per forward; slower), for checking a result"
+        ),
+        UI(form="exact", cli="--exact"),
+    ] = False
+    refit: Annotated[
+        Literal["none", "reconstruct", "swap+reconstruct"],
+        Field(
+            description="after the prune, lower each layer's reconstruction error on the calibration data: "
+            "reconstruct (the kept weights re-solved on the fixed mask) or swap+reconstruct (first "
+            "mask swaps within the pattern, then reconstruct); none: the method's weights as they are"
+        ),
+        UI(form="refit", cli="--refit"),
+    ] = "none"
 
 
 class LayersSpec(_Strict):
     """Which decoder blocks and modules are pruned (the rest stay dense)."""
 
-    first_block: Annotated[int | None, Field(ge=0, le=100_000, description="first block to prune (0-based)"),
-                           UI(form="first_block", cli="--first-block")] = None
-    last_block: Annotated[int | None, Field(ge=0, le=100_000, description="last block to prune (inclusive)"),
-                          UI(form="last_block", cli="--last-block")] = None
-    include: Annotated[list[str], Field(description="prune only modules whose full name matches one of "
-                                                    "these globs (e.g. '*.mlp.*'); []: all"),
-                       UI(form="include", cli="--include")] = Field(default_factory=list)
-    exclude: Annotated[list[str], Field(description="never prune modules whose full name matches one of these globs"),
-                       UI(form="exclude", cli="--exclude")] = Field(default_factory=list)
+    first_block: Annotated[
+        int | None,
+        Field(ge=0, le=100_000, description="first block to prune (0-based)"),
+        UI(form="first_block", cli="--first-block"),
+    ] = None
+    last_block: Annotated[
+        int | None,
+        Field(ge=0, le=100_000, description="last block to prune (inclusive)"),
+        UI(form="last_block", cli="--last-block"),
+    ] = None
+    include: Annotated[
+        list[str],
+        Field(description="prune only modules whose full name matches one of these globs (e.g. '*.mlp.*'); []: all"),
+        UI(form="include", cli="--include"),
+    ] = Field(default_factory=list)
+    exclude: Annotated[
+        list[str],
+        Field(description="never prune modules whose full name matches one of these globs"),
+        UI(form="exclude", cli="--exclude"),
+    ] = Field(default_factory=list)
 
     @field_validator("include", "exclude")
     @classmethod
@@ -219,35 +285,65 @@ class OwlSpec(_Strict):
     """OWL (``sparsity_profile: "owl"``, arXiv 2310.05175); ``lambda_`` is ``lambda`` in JSON too."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, loc_by_alias=False)
-    m: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False, description="a Wanda score is an outlier above M "
-                              "times its block's mean"), UI(form="owl_m", cli="--owl-m")] = 5.0
-    lambda_: Annotated[float, Field(alias="lambda", ge=0, lt=0.5, allow_inf_nan=False, description="the blocks' "
-                                    "sparsities spread over 2 x lambda around the target"),
-                       UI(form="owl_lambda", cli="--owl-lambda")] = 0.08
+    m: Annotated[
+        float,
+        Field(
+            gt=0, le=1000, allow_inf_nan=False, description="a Wanda score is an outlier above M times its block's mean"
+        ),
+        UI(form="owl_m", cli="--owl-m"),
+    ] = 5.0
+    lambda_: Annotated[
+        float,
+        Field(
+            alias="lambda",
+            ge=0,
+            lt=0.5,
+            allow_inf_nan=False,
+            description="the blocks' sparsities spread over 2 x lambda around the target",
+        ),
+        UI(form="owl_lambda", cli="--owl-lambda"),
+    ] = 0.08
 
 
 class MoeSpec(_Strict):
     """Mixture-of-experts models (worker.engine.moe); a dense model ignores it."""
 
-    all_experts: Annotated[bool, Field(description="send every calibration token through every expert for its "
-                                                   "Hessians (the output still follows the router): for experts "
-                                                   "the router rarely picks; slower"),
-                           UI(form="moe_all_experts", cli="--moe-all-experts")] = False
-    min_tokens: Annotated[int, Field(ge=0, le=10**9, description="an expert routed fewer calibration tokens than "
-                                                                 "this gets its Hessians from all tokens instead "
-                                                                 "(recorded per expert)"),
-                          UI(form="moe_min_tokens", cli="--moe-min-tokens")] = 128
+    all_experts: Annotated[
+        bool,
+        Field(
+            description="send every calibration token through every expert for its "
+            "Hessians (the output still follows the router): for experts "
+            "the router rarely picks; slower"
+        ),
+        UI(form="moe_all_experts", cli="--moe-all-experts"),
+    ] = False
+    min_tokens: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=10**9,
+            description="an expert routed fewer calibration tokens than "
+            "this gets its Hessians from all tokens instead "
+            "(recorded per expert)",
+        ),
+        UI(form="moe_min_tokens", cli="--moe-min-tokens"),
+    ] = 128
 
 
 class ResourcesSpec(_Strict):
     """Where the service runs the job (the engine ignores it): the API routes the job to a worker
     whose GPU has at least this memory, or to a named queue; unset, by its memory estimate."""
 
-    min_gpu_memory_gb: Annotated[float | None, Field(
-        ge=0, le=100_000, description="the least GPU memory (GB) of a worker that may run it")] = None
-    queue: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
-                                       description="a Celery queue some live worker consumes "
-                                                   "(sparsegpt worker --queue)")] = None
+    min_gpu_memory_gb: Annotated[
+        float | None, Field(ge=0, le=100_000, description="the least GPU memory (GB) of a worker that may run it")
+    ] = None
+    queue: Annotated[
+        str | None,
+        Field(
+            pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
+            description="a Celery queue some live worker consumes (sparsegpt worker --queue)",
+        ),
+    ] = None
 
 
 QuantizationSpec = quantization_spec(UI)  # worker.engine.contract.spec_quant
@@ -256,22 +352,43 @@ QuantizationSpec = quantization_spec(UI)  # worker.engine.contract.spec_quant
 class JobSpec(_Strict):
     """What POST /api/v1/jobs takes. Only ``model`` and ``sparsity`` are required."""
 
-    model: Annotated[str, Field(min_length=1, max_length=512,
-                                description="a Hub id (org/name; never looked up on the server's disk) or an "
-                                            "absolute path under the server's allowed directories"),
-                     UI(form="model")]
-    revision: Annotated[str | None, Field(max_length=255, description="Hub branch, tag or commit"),
-                        UI(form="revision", cli="--revision")] = None
-    trust_remote_code: Annotated[bool, Field(description="run the model repository's own code"),
-                                 UI(form="trust_remote_code", cli="--trust-remote-code")] = False
-    method: Annotated[Literal[METHOD_NAMES], Field(description=describe_methods()),
-                      UI(form="method", cli="--method")] = DEFAULT_METHOD
-    sparsity: Annotated[float | str, Field(description='a ratio (0.5) or an N:M pattern ("2:4")'),
-                        UI(form="sparsity", cli="--sparsity", suggested="0.5")]
-    sparsity_profile: Annotated[str | tuple[float, ...], BeforeValidator(parse_profile), Field(
-        description='how the sparsity spreads over the decoder blocks: uniform; owl (blocks with more outliers '
-                    'pruned less, the mean kept); or one sparsity per block ([0.6, 0.7, ...]; unstructured only)'),
-        UI(form="sparsity_profile", cli="--sparsity-profile")] = "uniform"
+    model: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=512,
+            description="a Hub id (org/name; never looked up on the server's disk) or an "
+            "absolute path under the server's allowed directories",
+        ),
+        UI(form="model"),
+    ]
+    revision: Annotated[
+        str | None,
+        Field(max_length=255, description="Hub branch, tag or commit"),
+        UI(form="revision", cli="--revision"),
+    ] = None
+    trust_remote_code: Annotated[
+        bool,
+        Field(description="run the model repository's own code"),
+        UI(form="trust_remote_code", cli="--trust-remote-code"),
+    ] = False
+    method: Annotated[
+        Literal[METHOD_NAMES], Field(description=describe_methods()), UI(form="method", cli="--method")
+    ] = DEFAULT_METHOD
+    sparsity: Annotated[
+        float | str,
+        Field(description='a ratio (0.5) or an N:M pattern ("2:4")'),
+        UI(form="sparsity", cli="--sparsity", suggested="0.5"),
+    ]
+    sparsity_profile: Annotated[
+        str | tuple[float, ...],
+        BeforeValidator(parse_profile),
+        Field(
+            description="how the sparsity spreads over the decoder blocks: uniform; owl (blocks with more outliers "
+            "pruned less, the mean kept); or one sparsity per block ([0.6, 0.7, ...]; unstructured only)"
+        ),
+        UI(form="sparsity_profile", cli="--sparsity-profile"),
+    ] = "uniform"
     owl: OwlSpec = Field(default_factory=OwlSpec)
     moe: MoeSpec = Field(default_factory=MoeSpec)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
@@ -280,16 +397,30 @@ class JobSpec(_Strict):
     layers: LayersSpec = Field(default_factory=LayersSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     quantization: Annotated[QuantizationSpec | None, BeforeValidator(empty_as_none)] = None
-    dtype: Annotated[Literal["auto", "float16", "bfloat16", "float32"],
-                     Field(description="load, compute and save dtype; auto: the checkpoint's float16/bfloat16 on a "
-                                       "GPU (else float16), float32 on the CPU"),
-                     UI(form="dtype", cli="--dtype")] = "auto"
+    dtype: Annotated[
+        Literal["auto", "float16", "bfloat16", "float32"],
+        Field(
+            description="load, compute and save dtype; auto: the checkpoint's float16/bfloat16 on a "
+            "GPU (else float16), float32 on the CPU"
+        ),
+        UI(form="dtype", cli="--dtype"),
+    ] = "auto"
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "model": "facebook/opt-125m", "method": "sparsegpt", "sparsity": "2:4",
-        "calibration": {"dataset": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0},
-        "evaluation": {"datasets": ["wikitext2"], "max_windows": None},
-        "solver": {"blocksize": 128, "percdamp": 0.01, "wbits": None}}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "facebook/opt-125m",
+                    "method": "sparsegpt",
+                    "sparsity": "2:4",
+                    "calibration": {"dataset": "c4", "nsamples": 128, "seqlen": 2048, "seed": 0},
+                    "evaluation": {"datasets": ["wikitext2"], "max_windows": None},
+                    "solver": {"blocksize": 128, "percdamp": 0.01, "wbits": None},
+                }
+            ]
+        },
+    )
 
     @field_validator("sparsity", mode="before")
     @classmethod
@@ -329,15 +460,18 @@ class JobSpec(_Strict):
         pattern = self.pattern
         if pattern.sparsity == 0:
             if self.quantization is None:
-                raise ValueError("sparsity 0 prunes nothing: set quantization (quantization only) or a sparsity "
-                                 "above 0 (0.5 or 2:4)")
+                raise ValueError(
+                    "sparsity 0 prunes nothing: set quantization (quantization only) or a sparsity above 0 (0.5 or 2:4)"
+                )
             if self.sparsity_profile != "uniform":
                 raise ValueError("sparsity_profile needs a sparsity above 0: quantization only prunes nothing")
         check_quantization(self.quantization, method_info(self.method).joint_quantization, self.solver, pattern)
         if pattern.structured and self.sparsity_profile != "uniform":
             kind = "owl" if self.sparsity_profile == "owl" else "per block"
-            raise ValueError(f"sparsity_profile {kind} needs an unstructured sparsity (0.7), not {pattern}: an N:M "
-                             "pattern has exactly N zeros in every M weights of every block, so it stays uniform")
+            raise ValueError(
+                f"sparsity_profile {kind} needs an unstructured sparsity (0.7), not {pattern}: an N:M "
+                "pattern has exactly N zeros in every M weights of every block, so it stays uniform"
+            )
         return self
 
     @property

@@ -9,10 +9,11 @@ Pure Python + pydantic: importing this module loads no torch (the API imports it
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from types import UnionType
-from typing import Any, Iterator, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -89,14 +90,22 @@ def leaf_paths() -> dict[str, tuple[str, ...]]:
 # --- errors in plain words (the form and the CLI say the same thing) --------------------------
 
 _PLAIN = {
-    "greater_than_equal": "must be at least {ge}", "greater_than": "must be more than {gt}",
-    "less_than_equal": "must be at most {le}", "less_than": "must be less than {lt}",
-    "int_parsing": "must be a whole number", "int_from_float": "must be a whole number",
+    "greater_than_equal": "must be at least {ge}",
+    "greater_than": "must be more than {gt}",
+    "less_than_equal": "must be at most {le}",
+    "less_than": "must be less than {lt}",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
     "int_parsing_size": "is too large a number",
-    "int_type": "must be a whole number", "float_parsing": "must be a number", "float_type": "must be a number",
-    "finite_number": "must be a finite number", "bool_parsing": "must be true or false",
-    "missing": "is required", "string_too_short": "is required",
-    "string_too_long": "is too long (at most {max_length} characters)", "literal_error": "must be one of {expected}",
+    "int_type": "must be a whole number",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_parsing": "must be true or false",
+    "missing": "is required",
+    "string_too_short": "is required",
+    "string_too_long": "is too long (at most {max_length} characters)",
+    "literal_error": "must be one of {expected}",
 }
 
 

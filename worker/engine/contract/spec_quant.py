@@ -23,18 +23,26 @@ FORMATS = ("compressed-tensors", "dense")  # a quantized job's saved formats (Ru
 CANDIDATE_GROUPS = (256, 128, 64, 32, 16)  # offered when the asked one does not divide every width
 
 # The shared wording of each refusal (API 422, form, CLI).
-FP8_GROUP = ("quantization.group_size: FP8_DYNAMIC has one scale per output channel; set group_size -1 "
-             "(got {group_size})")
+FP8_GROUP = (
+    "quantization.group_size: FP8_DYNAMIC has one scale per output channel; set group_size -1 (got {group_size})"
+)
 BAD_GROUP = "quantization.group_size must be a positive number of input columns or -1 (per channel), not {group_size}"
-WITH_EXACT = ("quantization cannot be combined with solver.exact: the reference SparseGPT has no group-wise "
-              "grids to reproduce")
-WITH_WBITS = ("solver.wbits (the reference's per-row asymmetric grid, kept for old specs) and quantization "
-              "are two grids: set one of them")
-ACTORDER_NM = ("quantization.actorder solves the columns out of order, which N:M patterns cannot follow "
-               "(their groups are consecutive columns): use an unstructured sparsity or actorder false")
-WITH_REFIT = ("solver.refit with quantization: sparsegpt applies the grid inside its solve, which measured better "
-              "than a refit followed by round-to-nearest (SmolLM2-135M, blocks 0-5 at 50% + W4A16 group 64: "
-              "perplexity 39.78 in the solve vs 41.49 refit then rounded; benchmarks/refit_quant_p.py): set refit none")
+WITH_EXACT = (
+    "quantization cannot be combined with solver.exact: the reference SparseGPT has no group-wise grids to reproduce"
+)
+WITH_WBITS = (
+    "solver.wbits (the reference's per-row asymmetric grid, kept for old specs) and quantization "
+    "are two grids: set one of them"
+)
+ACTORDER_NM = (
+    "quantization.actorder solves the columns out of order, which N:M patterns cannot follow "
+    "(their groups are consecutive columns): use an unstructured sparsity or actorder false"
+)
+WITH_REFIT = (
+    "solver.refit with quantization: sparsegpt applies the grid inside its solve, which measured better "
+    "than a refit followed by round-to-nearest (SmolLM2-135M, blocks 0-5 at 50% + W4A16 group 64: "
+    "perplexity 39.78 in the solve vs 41.49 refit then rounded; benchmarks/refit_quant_p.py): set refit none"
+)
 NO_SCHEME = "quantization.scheme is required to quantize (one of W4A16, W8A16, FP8_DYNAMIC)"
 
 UI_MARKERS: dict[str, dict[str, Any]] = {  # spec.UI's arguments per field (spec.py attaches them)
@@ -50,7 +58,12 @@ def empty_as_none(value: Any) -> Any:
     if isinstance(value, dict) and value.get("scheme") in (None, ""):
         group, actorder = value.get("group_size"), value.get("actorder")
         if group not in (None, "", DEFAULT_GROUP_SIZE, str(DEFAULT_GROUP_SIZE)) or actorder not in (
-                None, "", False, "false", "off"):
+            None,
+            "",
+            False,
+            "false",
+            "off",
+        ):
             raise ValueError(NO_SCHEME)
         return None
     return value
@@ -63,23 +76,37 @@ def quantization_spec(ui: type) -> type[BaseModel]:
         """Weights quantized by the job (compressed-tensors preset schemes); null: none."""
 
         model_config = ConfigDict(extra="forbid")
-        scheme: Annotated[Literal[SCHEMES], Field(
-            description="W4A16 / W8A16: 4 / 8-bit symmetric integer weights, 16-bit activations; FP8_DYNAMIC: "
-                        "FP8 weights per output channel and FP8 activations per token"),
-            ui(**UI_MARKERS["scheme"])]
-        group_size: Annotated[int, Field(ge=-1, le=1 << 20, description="input columns sharing one scale; -1: "
-                                                                       "one per output channel (FP8_DYNAMIC: -1)"),
-                              ui(**UI_MARKERS["group_size"])] = DEFAULT_GROUP_SIZE
-        actorder: Annotated[bool, Field(description="solve the columns in descending Hessian diagonal order "
-                                                    "(static groups: nothing extra is saved); sparsegpt only"),
-                            ui(**UI_MARKERS["actorder"])] = False
+        scheme: Annotated[
+            Literal[SCHEMES],
+            Field(
+                description="W4A16 / W8A16: 4 / 8-bit symmetric integer weights, 16-bit activations; FP8_DYNAMIC: "
+                "FP8 weights per output channel and FP8 activations per token"
+            ),
+            ui(**UI_MARKERS["scheme"]),
+        ]
+        group_size: Annotated[
+            int,
+            Field(
+                ge=-1,
+                le=1 << 20,
+                description="input columns sharing one scale; -1: one per output channel (FP8_DYNAMIC: -1)",
+            ),
+            ui(**UI_MARKERS["group_size"]),
+        ] = DEFAULT_GROUP_SIZE
+        actorder: Annotated[
+            bool,
+            Field(
+                description="solve the columns in descending Hessian diagonal order "
+                "(static groups: nothing extra is saved); sparsegpt only"
+            ),
+            ui(**UI_MARKERS["actorder"]),
+        ] = False
 
         @model_validator(mode="before")
         @classmethod
         def _fp8_default(cls, data: Any) -> Any:
             """FP8_DYNAMIC without a group size means per channel (the preset's only choice)."""
-            if isinstance(data, dict) and data.get("scheme") == "FP8_DYNAMIC" and data.get("group_size") in (
-                    None, ""):
+            if isinstance(data, dict) and data.get("scheme") == "FP8_DYNAMIC" and data.get("group_size") in (None, ""):
                 return {**data, "group_size": -1}
             return data
 
@@ -110,8 +137,10 @@ def check_quantization(quantization, method_joint: bool, solver, pattern) -> Non
     if method_joint and solver.refit != "none":  # the other methods round after the prune anyway: refit kept
         raise ValueError(WITH_REFIT)
     if quantization.actorder and not method_joint:
-        raise ValueError("quantization.actorder orders the columns of the joint solve: it works with method "
-                         "sparsegpt only (the others round to nearest after the prune)")
+        raise ValueError(
+            "quantization.actorder orders the columns of the joint solve: it works with method "
+            "sparsegpt only (the others round to nearest after the prune)"
+        )
     if quantization.actorder and pattern.structured:
         raise ValueError(ACTORDER_NM)
 
@@ -166,6 +195,9 @@ def group_size_message(config: dict, group_size: int) -> str | None:
     if not bad:
         return None
     layers = "; ".join(f"{kind} {width} wide" for kind, width in bad)
-    offer = f"group sizes that divide every layer: {', '.join(map(str, fits))}, or -1 (per channel)" if fits else \
-        "use -1 (one scale per output channel)"
+    offer = (
+        f"group sizes that divide every layer: {', '.join(map(str, fits))}, or -1 (per channel)"
+        if fits
+        else "use -1 (one scale per output channel)"
+    )
     return f"quantization.group_size {group_size} does not divide the input width of {layers}: {offer}"

@@ -15,8 +15,8 @@ module here with its ``METHOD``, and a test.
 from __future__ import annotations
 
 import importlib
-from dataclasses import replace
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import torch
@@ -73,8 +73,11 @@ def prune_layers(
     quantization = getattr(solver, "quantization", None)
     if quantization is not None and method.info.joint_quantization and solver.refit == "none":
         results = method.solve(dense, H, solver, prune_shared)
-        return ([r.weight for r in results], [(r.error, r.loss, r.percdamp, None) for r in results],
-                [r.quantized for r in results])
+        return (
+            [r.weight for r in results],
+            [(r.error, r.loss, r.percdamp, None) for r in results],
+            [r.quantized for r in results],
+        )
     if quantization is not None and solver.pattern.sparsity == 0:
         pruned, fits = [W.float() for W in dense], [(None, None, 0.0, None) for _ in dense]
     else:

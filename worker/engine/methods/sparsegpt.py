@@ -45,8 +45,15 @@ class SolverMethod:
         solve = prune_shared or sparsegpt_arithmetic(solver).prune_shared
         quantization = getattr(solver, "quantization", None)
         extra = {"quantization": quantization} if quantization is not None else {}
-        return solve(list(dense), H, solver.pattern, blocksize=solver.blocksize, percdamp=solver.percdamp,
-                     wbits=solver.wbits, **extra)
+        return solve(
+            list(dense),
+            H,
+            solver.pattern,
+            blocksize=solver.blocksize,
+            percdamp=solver.percdamp,
+            wbits=solver.wbits,
+            **extra,
+        )
 
     def prune(
         self, dense: Sequence[torch.Tensor], H: torch.Tensor | None, solver, prune_shared: Callable | None = None
