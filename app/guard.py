@@ -30,8 +30,6 @@ Every response gets the security headers (no framing, nosniff, same-origin refer
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import time
 from urllib.parse import urlsplit
 
@@ -44,8 +42,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import auth
 from app.config import Settings
+from app.json_body import json_problem, printable
 from app.services.uploads import MULTIPART_OVERHEAD
-from worker.engine.contract.spec_fields import plain_message
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -69,15 +67,6 @@ SLOW_BODY = f"the request body came too slowly (under {MIN_BODY_RATE // 1024} Ki
 class BodyRefused(HTTPException):
     """Raised from ``receive``: the body passed its cap (413) or came too slowly (408). FastAPI
     answers it, with Connection: close (the rest of the body is not read)."""
-
-
-class BadJSON(ValueError):
-    """A JSON body with something this service does not take (NaN, overflow, lone surrogates)."""
-
-
-def _printable(value: str, limit: int = 64) -> str:
-    text = "".join(c if 32 <= ord(c) < 127 else "?" for c in value[:limit])
-    return text + ("..." if len(value) > limit else "")
 
 
 def split_host(host: str) -> tuple[str, int | None]:
@@ -137,75 +126,24 @@ def cross_site_reason(scope: Scope, headers: dict[str, str], host: str) -> str |
             hint = ""
             if origin.startswith("https://") and scope.get("scheme") == "http":
                 hint = " (behind a TLS proxy: set SPARSEGPT_FORWARDED_ALLOW_IPS to the proxy's address)"
-            return f"cross-site request refused: Origin {_printable(origin)} is not this server ({own}){hint}"
+            return f"cross-site request refused: Origin {printable(origin)} is not this server ({own}){hint}"
         return None
     referer = headers.get("referer")
     if referer:
         if origin_of(referer) != own or own is None:
             return (
-                f"cross-site request refused: Referer from {_printable(origin_of(referer) or 'elsewhere')} is "
+                f"cross-site request refused: Referer from {printable(origin_of(referer) or 'elsewhere')} is "
                 f"not this server ({own})"
             )
         return None
     site = headers.get("sec-fetch-site")
     if site is not None and site not in ("same-origin", "none"):
-        return f"cross-site request refused: Sec-Fetch-Site {_printable(site, 16)} without an Origin header"
+        return f"cross-site request refused: Sec-Fetch-Site {printable(site, 16)} without an Origin header"
     if auth.SESSION_COOKIE in headers.get("cookie", ""):
         return (
             "a request signed in with the session cookie must come from this server's pages (no Origin or "
             "Referer header)"
         )
-    return None
-
-
-def _reject_constant(name: str) -> float:
-    raise BadJSON(f"{name} is not a JSON number: send a finite number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise BadJSON(f"the number {_printable(text, 24)} is out of range (larger than a double)")
-    return value
-
-
-def _lone_surrogate(value) -> bool:
-    """Whether any string (or key) holds a lone surrogate; walked without recursion."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, str) and not item.isascii():
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
-    return False
-
-
-def json_problem(body: bytes) -> str | None:
-    """Why this JSON body is refused (NaN, Infinity, overflowing numbers, lone surrogates,
-    nesting too deep, not UTF-8), or None: valid JSON, or not JSON at all (the route says so)."""
-    try:
-        value = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
-    except BadJSON as err:
-        return str(err)
-    except json.JSONDecodeError:
-        return None
-    except UnicodeDecodeError as err:
-        return f"the body is not UTF-8 (byte {err.start})"
-    except RecursionError:
-        return "the JSON is nested too deeply"
-    except ValueError as err:  # an integer over Python's digit limit
-        return f"a number in the JSON is too long ({_printable(str(err), 80)})"
-    if body.isascii() and b"\\u" not in body:
-        return None  # no escapes and no raw non-ASCII: no surrogate can be there
-    if _lone_surrogate(value):
-        return "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff without its pair): send valid Unicode"
     return None
 
 
@@ -225,31 +163,6 @@ def _is_json(headers: dict[str, str]) -> bool:
     """FastAPI parses a body as JSON when its type is application/json or */*+json, or absent."""
     kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
     return not kind or kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
-
-
-def _clean(value: object, limit: int) -> str:
-    text = str(value)
-    text = text[:limit] + ("..." if len(text) > limit else "")
-    return text.encode("utf-8", "replace").decode("utf-8")  # a lone surrogate becomes "?"
-
-
-def validation_details(errors) -> list[dict]:
-    """A 422's detail: where and what in plain words (the form and the CLI say the same), never
-    the input itself (it may be a file or a megabyte of JSON), messages truncated; at most 50."""
-    details = []
-    for error in list(errors)[:50]:
-        loc = [part if isinstance(part, int) else _clean(part, 64) for part in tuple(error.get("loc", ()))[:12]]
-        msg = plain_message(error)  # the spec's plain words; a short input at most 60 characters
-        ctx = error.get("ctx") or {}
-        if error.get("type") == "json_invalid" and isinstance(ctx.get("error"), str):
-            msg = f"{msg}: {ctx['error']}"
-        details.append({"loc": loc, "msg": _clean(msg, 300), "type": _clean(error.get("type", ""), 64)})
-    return details
-
-
-async def validation_error_handler(request: Request, exc) -> JSONResponse:
-    """FastAPI's RequestValidationError as a 422 that echoes no input."""
-    return JSONResponse({"detail": validation_details(exc.errors())}, 422)
 
 
 class Guard:
@@ -287,7 +200,7 @@ class Guard:
         has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
         host = headers.get("host")
         if not self.host_allowed(scope, host):
-            shown = _printable(split_host(host)[0] if host else "(none)")
+            shown = printable(split_host(host)[0] if host else "(none)")
             await _send(PlainTextResponse(f"Host not allowed: {shown}", 400), scope, receive, send, has_body)
             return
         if method in UNSAFE_METHODS:

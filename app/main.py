@@ -16,7 +16,7 @@ from fastapi_offline import FastAPIOffline
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app import auth, db, guard, login, web
+from app import auth, db, guard, json_body, login, web
 from app.api import events, health, jobs, uploads, usage, workers
 from app.config import Settings, get_settings
 from app.sweeper import Sweeper
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, bind_h
     app.include_router(login.router)  # /login, /logout
     web.install(app)  # the browser pages (templates/) and /static
     # 422s name the field and the problem, never the input (a file, a megabyte of JSON).
-    app.add_exception_handler(RequestValidationError, guard.validation_error_handler)
+    app.add_exception_handler(RequestValidationError, json_body.validation_error_handler)
     # Added last, so outermost: Host, cross-site requests, sign-in and body caps are decided
     # before any route runs and before the body is read (app/guard.py).
     docs = {"/docs", "/redoc", app.openapi_url, app.swagger_ui_oauth2_redirect_url} - {None}  # FastAPIOffline's

@@ -19,18 +19,18 @@ from app.models import STATUSES, TERMINAL, Job
 from app.services import jobs
 from app.web import forms
 from app.web.accuracy import compare_rows, job_rows
-from app.web.charts import bar_chart, line_chart, profile_chart
+from app.web.charts import line_chart
 from app.web.filters import fmt_bytes, fmt_duration, fmt_secs, progress_view
+from app.web.job_view import block_series, job_charts, ran_for, report_of, spec_view, whole_model_sparsity
 from app.web.queue_view import history, standings
 from app.web.render import current_user, error_page, open_session, parse_job_id, render
 from worker.engine.contract.hub import dataset_unavailable
-from worker.engine.contract.report import Report, facts
-from worker.engine.contract.spec import BUILTIN_DATASETS, JobSpec
+from worker.engine.contract.report import facts
+from worker.engine.contract.spec import BUILTIN_DATASETS
 
 router = APIRouter(include_in_schema=False)
 PAGE_SIZE = 20
 MAX_COMPARED = 12
-FLAT = 0.0005  # per-block sparsities closer than 0.05 points draw a flat chart: said in words instead
 
 
 # --- the jobs table --------------------------------------------------------------------------------
@@ -193,83 +193,6 @@ def new_job_page(request: Request, clone: str = "") -> HTMLResponse:
 # --- one job -------------------------------------------------------------------------------------------
 
 
-def spec_view(spec: dict[str, Any] | None) -> dict[str, Any]:
-    """The stored spec over the spec's defaults, so that every field has a value to show (a job
-    stored before a section existed shows that section's defaults)."""
-    merged = JobSpec(model="org/model", sparsity=0.5).model_dump(mode="json")
-    for key, value in (spec or {}).items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    return merged
-
-
-def _block_series(job: Job) -> tuple[list[int], list[float], list[float | None]]:
-    """Per block: mean achieved sparsity and mean relative reconstruction error of its modules."""
-    blocks: dict[int, list] = {}
-    for module in job.modules:
-        blocks.setdefault(module.block, []).append(module)
-    order = sorted(blocks)
-    sparsity = [sum(m.sparsity for m in blocks[b]) / len(blocks[b]) for b in order]
-    errors = []
-    for b in order:
-        values = [m.error for m in blocks[b] if m.error is not None and math.isfinite(m.error)]
-        errors.append(sum(values) / len(values) if values else None)
-    return order, sparsity, errors
-
-
-def report_of(job: Job) -> Report:
-    """The job's stored result as the engine's report (empty until it succeeds)."""
-    return Report.load(job.result) or Report()
-
-
-def _job_charts(job: Job, report: Report) -> dict[str, Any]:
-    blocks, sparsity, errors = _block_series(job)
-    if not blocks:
-        return {}
-    labels = [str(b) for b in blocks]
-    charts: dict[str, Any] = {
-        "error": bar_chart(
-            labels,
-            errors,
-            title="Relative reconstruction error per block (mean of its modules)",
-            value_format="{:.3g}",
-            css="bar-error",
-        ),
-    }
-    if max(sparsity) - min(sparsity) < FLAT:  # every block alike (2:4, a uniform ratio): a sentence, not a flat chart
-        charts["flat_sparsity"] = sum(sparsity) / len(sparsity)
-    else:
-        charts["sparsity"] = bar_chart(
-            labels,
-            [100 * s for s in sparsity],
-            title="Achieved sparsity per block (%)",
-            y_max=100,
-            value_format="{:.1f}%",
-            css="bar-sparsity",
-        )
-    profile = profile_chart(report.profile)  # target vs achieved, per block; None when every target is the same
-    if profile is not None:
-        charts["profile"] = profile
-    return charts
-
-
-def ran_for(job: Job) -> float | None:
-    """Seconds from the (last attempt's) start to the end of a finished job; None while it runs."""
-    if job.status not in TERMINAL or job.started_at is None or job.finished_at is None:
-        return None
-    return max(0.0, (job.finished_at - job.started_at).total_seconds())
-
-
-def whole_model_sparsity(report: Report) -> float | None:
-    """Zeros over every parameter of the model (embeddings, head and norms too), from the report's coverage."""
-    cov = report.coverage
-    if cov is None or report.sparsity is None or not cov.weights or not cov.model_parameters:
-        return None
-    return report.sparsity * cov.weights / cov.model_parameters
-
-
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(request: Request, job_id: str) -> HTMLResponse:
     parsed = parse_job_id(job_id)
@@ -292,7 +215,7 @@ def job_page(request: Request, job_id: str) -> HTMLResponse:
                 "pview": pview,
                 "ran_for": ran,
                 "whole_sparsity": whole_model_sparsity(report),
-                "charts": _job_charts(job, report),
+                "charts": job_charts(job, report),
                 "metrics": job.metrics,
                 "modules": job.modules,
                 "report": report,
@@ -362,7 +285,7 @@ def _comparison(jobs_: list[Job]) -> dict[str, Any]:
     ]
     series = []
     for job in jobs_:
-        blocks, _, errors = _block_series(job)
+        blocks, _, errors = block_series(job)
         series.append((f"job {job.id}", [(b, e) for b, e in zip(blocks, errors) if e is not None]))
     chart = line_chart(series, title="Relative reconstruction error per block", x_label="block")
     return {
