@@ -12,13 +12,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from worker.engine.contract.report import Report  # the engine's report: a job's result
-from worker.engine.contract.spec import (  # noqa: F401 - the API's request model and its vocabulary
+from worker.engine.contract.spec import DTYPES, METHODS, JobSpec  # noqa: F401 - the API's request model and its vocabulary
+from worker.engine.contract.spec_sections import (  # noqa: F401 - the spec's sections and dataset names
     BUILTIN_DATASETS,
-    DTYPES,
-    METHODS,
     CalibrationSpec,
     EvaluationSpec,
-    JobSpec,
     LayersSpec,
     SolverSpec,
     upload_id,

@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from worker.engine.contract.spec import UI, JobSpec  # noqa: E402  (after the repository is on sys.path)
+from worker.engine.contract.spec import JobSpec  # noqa: E402  (after the repository is on sys.path)
+from worker.engine.contract.spec_sections import UI  # noqa: E402
 
 
 def _type(annotation: Any) -> str:

@@ -24,8 +24,9 @@ from app import crud, db, storage
 from app.config import Settings
 from app.model_links import escaped_file
 from app.paths import PathNotAllowed, resolve_allowed
-from worker.engine.contract.spec import BUILTIN_DATASETS, JobSpec, upload_id
+from worker.engine.contract.spec import JobSpec
 from worker.engine.contract.spec_fields import first_error
+from worker.engine.contract.spec_sections import BUILTIN_DATASETS, upload_id
 
 
 class Refused(Exception):

@@ -17,8 +17,9 @@ from app.services.model_config import hub_config, local_config
 from app.services.routing import choose_queue
 from worker.engine.contract.estimate import Estimate, JobSize, estimate, estimate_method
 from worker.engine.contract.hub import dataset_unavailable, model_unavailable
-from worker.engine.contract.spec import BUILTIN_DATASETS, JobSpec, stored_dtype, upload_id, working_dtype
+from worker.engine.contract.spec import JobSpec, stored_dtype, working_dtype
 from worker.engine.contract.spec_quant import group_size_message
+from worker.engine.contract.spec_sections import BUILTIN_DATASETS, upload_id
 
 DEFAULT_SEQLEN = 2048  # what the engine uses when the spec has none (or the model's context, if shorter)
 

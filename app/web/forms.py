@@ -20,16 +20,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from worker.engine.contract.spec import (
-    BUILTIN_DATASETS,
-    CalibrationSpec,
-    EvaluationSpec,
-    JobSpec,
-    get_path,
-    set_path,
-    upload_id,
-)
+from worker.engine.contract.spec import JobSpec, get_path, set_path
 from worker.engine.contract.spec_fields import Leaf, error_path, leaf_fields, plain_message
+from worker.engine.contract.spec_sections import BUILTIN_DATASETS, CalibrationSpec, EvaluationSpec, upload_id
 
 LEAVES: tuple[Leaf, ...] = tuple(leaf for leaf in leaf_fields() if leaf.ui.form)
 CHOICES: dict[str, tuple[str, ...]] = {leaf.ui.form: leaf.choices for leaf in LEAVES if leaf.choices}

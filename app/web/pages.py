@@ -26,7 +26,7 @@ from app.web.queue_view import history, standings
 from app.web.render import current_user, error_page, open_session, parse_job_id, render
 from worker.engine.contract.hub import dataset_unavailable
 from worker.engine.contract.report import facts
-from worker.engine.contract.spec import BUILTIN_DATASETS
+from worker.engine.contract.spec_sections import BUILTIN_DATASETS
 
 router = APIRouter(include_in_schema=False)
 PAGE_SIZE = 20

@@ -102,7 +102,7 @@ def test_missing_model_is_one_line_and_exit_2(tmp_path):
 
 
 def test_summary_says_what_a_layer_selection_left_dense():
-    from worker.engine.cli import summary
+    from worker.engine.report_text import summary
 
     report = {
         "method": "sparsegpt",

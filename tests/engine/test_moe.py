@@ -268,7 +268,7 @@ def test_nm_along_the_input_dimension_and_coverage(arch, method, models, workdir
     assert report["sparsity"] == pytest.approx(0.5 * (block_weights - router_weights) / block_weights)
     assert report["sparsity"] < 0.5
     # the CLI's summary says both figures and what stayed dense
-    from worker.engine.cli import summary
+    from worker.engine.report_text import summary
 
     text = summary(report)
     assert (

@@ -12,11 +12,12 @@ import transformers
 
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.architectures import adapter_for, prunable_linears, weight_matrix
-from worker.engine.cli import build_parser, main, spec_data, summary
+from worker.engine.cli import build_parser, main, spec_data
 from worker.engine.contract.spec import JobSpec
 from worker.engine.errors import InvalidJob
 from worker.engine.owl import owl_targets
 from worker.engine.pipeline import RunOptions, run_job
+from worker.engine.report_text import summary
 
 BLOCKS, PLANTED = 4, 3
 DEVICE = os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu")  # as tests/engine/test_driver.py
@@ -243,5 +244,5 @@ def test_the_job_page_chart_draws_target_and_achieved_per_block():
     assert svg.count('class="bar-target"') == 2 and svg.count('class="bar-achieved"') == 2  # block 0 left dense
     assert "block 1: target 62.00%" in svg and "block 2: achieved 78.03%" in svg
     assert profile_chart(None) is None and profile_chart({"targets": [None], "achieved": [None]}) is None
-    svg = str(profile_chart({"profile": "<script>", "targets": [0.5], "achieved": [0.5]}))
+    svg = str(profile_chart({"profile": "<script>", "targets": [0.5, 0.6], "achieved": [0.5, 0.6]}))
     assert "<script>" not in svg and "&lt;script&gt;" in svg

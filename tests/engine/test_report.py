@@ -15,10 +15,10 @@ from pydantic import Field
 
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.card import model_card
-from worker.engine.cli import summary
 from worker.engine.contract.report import Report, Timings, facts, shown
 from worker.engine.contract.spec import JobSpec
 from worker.engine.pipeline import RunOptions, run
+from worker.engine.report_text import summary
 
 OLD_REPORT = Path(__file__).parent / "data" / "report_before_typing.json"  # written by the code before this module
 # What a job row's result held before the worker stored the whole report (its hand-kept key list).

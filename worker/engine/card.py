@@ -26,8 +26,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load,
 from pydantic import BaseModel
 
 from worker.engine.contract.report import Calibration, Report, Solver, as_report, facts
-from worker.engine.contract.spec import BUILTIN_DATASETS, upload_id
 from worker.engine.contract.spec_fields import leaf_fields
+from worker.engine.contract.spec_sections import BUILTIN_DATASETS, upload_id
 from worker.engine.quant_text import card_section
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

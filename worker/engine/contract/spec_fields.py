@@ -18,7 +18,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from worker.engine.contract.spec import UI, JobSpec
+from worker.engine.contract.spec import JobSpec
+from worker.engine.contract.spec_sections import UI
 
 # --- walking the spec's fields (the form and the CLI are built from this) ----------------------
 
