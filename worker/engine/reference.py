@@ -23,9 +23,10 @@ from functools import partial
 
 import torch
 
+from worker.engine.block_steps import block_column_loop
 from worker.engine.contract.patterns import SparsityPattern
 from worker.engine.quant import Quantization
-from worker.engine.sparsegpt import LayerStack, PruneResult, block_column_loop, dampened_factor, solve
+from worker.engine.sparsegpt import LayerStack, PruneResult, dampened_factor, solve
 
 
 class RunningHessian:

@@ -7,7 +7,8 @@ weights and scaled errors, ``d = Hinv1[i, i]``.
 
 In the order they run: ``Hessian`` (accumulate H), ``LayerStack`` (the layers reading one H,
 dead inputs zeroed, the optional ``Quantizer``), ``inverse_hessian_factor`` (dampen, factor),
-``solve`` (block by block: mask, OBS updates, lazy update of the later columns). The same steps
+``solve`` (block by block: mask, OBS updates, lazy update of the later columns; each block's
+columns are a ``worker.engine.block_steps`` step). The same steps
 with the reference's own arithmetic (the bit-for-bit mode) are ``worker.engine.reference``.
 """
 
@@ -18,17 +19,15 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
+from worker.engine.block_steps import BlockStep, fast_block_step
 from worker.engine.contract.patterns import SparsityPattern
 from worker.engine.quant import Quantization, QuantizedWeight, Quantizer, SolveGrids
 
 log = logging.getLogger(__name__)
 
-# (W1, Hinv1, M1) -> (Q1, Err1): one block's columns; fills M1 for N:M
-BlockStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # (H, percdamp) -> (upper Cholesky factor of (H + damp I)^-1, percdamp used, damp); dampens H in place
 Factorization = Callable[[torch.Tensor, float], tuple[torch.Tensor, float, float]]
 
@@ -213,7 +212,7 @@ def sparsegpt_prune_shared(
     each layer what solving it alone would, with one inverse Hessian and one loop for all.
 
     ``column_loop`` runs the blocks one column at a time (always so with quantization), else
-    a group of columns at a time (``_block_solved``: the same masks and weights up to float
+    a group of columns at a time (``worker.engine.block_steps``: the same masks and weights up to float
     rounding); None picks the faster for the pattern and device.
 
     ``quantization`` quantizes jointly (the paper's section 5, GPTQ's groups): per column the
@@ -227,25 +226,10 @@ def sparsegpt_prune_shared(
             "use it with unstructured sparsity or none"
         )
     stack = LayerStack.of(weights, H, wbits, quantization)
-    step = _fast_block_step(pattern, stack.quantizer, stack.W.device, column_loop)
+    step = fast_block_step(pattern, stack.quantizer, stack.W.device, column_loop)
     return solve(
         stack, pattern, blocksize=blocksize, percdamp=percdamp, factorize=inverse_hessian_factor, block_step=step
     )
-
-
-def _fast_block_step(
-    pattern: SparsityPattern, quantizer: Quantizer | SolveGrids | None, device: torch.device, column_loop: bool | None
-) -> BlockStep:
-    """The fast solver's block step: the column loop with quantization, else lean loop or solved blocks."""
-    if quantizer is not None:
-        return partial(block_column_loop, pattern=pattern, quantizer=quantizer)
-    # Measured on protocol P's layers (2 CPU threads, ms per block): unstructured, loop 786 vs
-    # solved 659 (its mask is known up front, 16 columns a step); N:M, loop 914 vs solved 1077
-    # (the mask follows the running weights, M columns a step). On a GPU the solved path's
-    # batched triangular solve is one kernel for many columns, so it is used there for both.
-    if column_loop is None:
-        column_loop = pattern.structured and device.type == "cpu"
-    return partial(_block_column_loop_pruning if column_loop else _block_solved, pattern=pattern)
 
 
 @torch.no_grad()
@@ -334,109 +318,3 @@ def unstructured_mask(
         thresh = torch.kthvalue(seg.flatten().cpu(), k + 1).values.to(seg.device)  # = sort(seg)[k]
         M1[r0:r1] = seg <= thresh
     return M1
-
-
-def _nm_lowest(Wg: torch.Tensor, diag_g: torch.Tensor, n: int) -> torch.Tensor:
-    """Per row, the positions of the n lowest scores w^2 / [H^-1]_jj^2 in a group of M columns."""
-    score = Wg**2 / diag_g.reshape(1, -1) ** 2
-    return torch.topk(score, n, dim=1, largest=False)[1]
-
-
-def block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quantizer | SolveGrids | None):
-    """The reference's inner loop over the block's columns, with its operations; returns (Q1, Err1).
-
-    Fills M1 for N:M. Used with quantization and by ``worker.engine.reference``.
-    """
-    count = W1.shape[1]
-    n, m = pattern.n, pattern.m
-    diag1 = torch.diag(Hinv1)
-    Q1 = torch.zeros_like(W1)
-    Err1 = torch.zeros_like(W1)
-    for i in range(count):
-        w = W1[:, i]
-        d = Hinv1[i, i]
-        if pattern.structured and i % m == 0 and i + m <= count:  # a ragged tail stays dense
-            M1.scatter_(1, i + _nm_lowest(W1[:, i : i + m], diag1[i : i + m], n), True)
-        q = w.masked_fill(M1[:, i], 0)
-        if quantizer is not None:
-            q = quantizer.column(i, q, W1, Err1)
-        Q1[:, i] = q
-        err1 = (w - q) / d
-        W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-        Err1[:, i] = err1
-    return Q1, Err1
-
-
-def _block_column_loop_pruning(W1, Hinv1, M1, pattern: SparsityPattern):
-    """The same loop without quantization, in three small ops per column (``W1`` is updated in place).
-
-    A kept weight has q = w, so err = (w * pruned) / d, the reference's value; the update of
-    column i itself leaves w there (kept) or ~0 (pruned, set to exactly 0 at the end), so the
-    running ``W1`` ends as Q1. The per-column views are made once per block.
-    """
-    count = W1.shape[1]
-    n, m = pattern.n, pattern.m
-    diag1 = torch.diag(Hinv1)
-    Err1 = torch.empty_like(W1)
-    pruned = M1.to(W1.dtype)  # 1 where pruned
-    err_cols, pruned_cols, w_cols, d_cols = Err1.unbind(1), pruned.unbind(1), W1.unbind(1), diag1.unbind(0)
-    for i in range(count):
-        if pattern.structured and i % m == 0 and i + m <= count:  # a ragged tail stays dense
-            lowest = _nm_lowest(W1[:, i : i + m], diag1[i : i + m], n)
-            M1[:, i : i + m].scatter_(1, lowest, True)
-            pruned[:, i : i + m].scatter_(1, lowest, 1.0)
-        err1 = torch.mul(w_cols[i], pruned_cols[i], out=err_cols[i]).div_(d_cols[i])
-        W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
-    return W1.masked_fill_(M1, 0), Err1
-
-
-SUBBLOCK = 16  # columns per step of an unstructured block in the solved path
-
-
-def _block_solved(W1, Hinv1, M1, pattern: SparsityPattern):
-    """The same block without a Python step per column; returns (Q1, Err1). Fills M1 for N:M.
-
-    Without quantization a kept weight has no error (q = w), so the loop's errors E solve,
-    row by row, the triangular system "for each pruned i: sum_{k<=i} E_k U_ki = W1_i" with
-    U = Hinv1 (upper), and the kept weights end as W1 - E U. The mask of an N:M group depends
-    on the running weights, so groups are solved in order (M columns a step); an
-    unstructured block's mask is known up front, and it is solved SUBBLOCK columns a step,
-    which keeps the per-row triangular systems small.
-    """
-    rows, count = W1.shape
-    step = pattern.m if pattern.structured else SUBBLOCK
-    diag1 = torch.diag(Hinv1)
-    E = torch.zeros_like(W1)
-    Q1 = W1.clone()  # a ragged N:M tail stays as it is
-    for g in range(0, count, step):
-        h = min(g + step, count)
-        Wg = W1[:, g:h]  # the running weights: every earlier step's update is applied
-        if pattern.structured:
-            if h - g < pattern.m:
-                break  # a ragged tail stays dense
-            M1[:, g:h].scatter_(1, _nm_lowest(Wg, diag1[g:h], pattern.n), True)
-        Ug = Hinv1[g:h, g:h]
-        Eg = _masked_forward_substitution(Wg, Ug, M1[:, g:h])
-        E[:, g:h] = Eg
-        Q1[:, g:h] = (Wg - Eg.matmul(Ug)).masked_fill_(M1[:, g:h], 0)
-        if h < count:
-            W1[:, h:] -= Eg.matmul(Hinv1[g:h, h:])
-    return Q1, E
-
-
-def _masked_forward_substitution(Wg: torch.Tensor, U: torch.Tensor, Mg: torch.Tensor) -> torch.Tensor:
-    """Per row r: E_r with E_ri = 0 where kept, and sum_{k<=i} E_rk U_ki = Wg_ri where pruned.
-
-    Solved as one batched lower-triangular system T_r E_r = (Mg * Wg)_r with
-    T_r = diag(Mg_r) U^T + diag(1 - Mg_r), in row chunks of at most 64 MB.
-    """
-    rows, k = Wg.shape
-    out = torch.empty_like(Wg)
-    eye = torch.eye(k, dtype=Wg.dtype, device=Wg.device)
-    chunk = max(1, (1 << 24) // (k * k))
-    for r0 in range(0, rows, chunk):
-        m = Mg[r0 : r0 + chunk].to(Wg.dtype)  # (r, k)
-        T = m.unsqueeze(2) * U.t().unsqueeze(0) + (1 - m).unsqueeze(2) * eye  # (r, k, k), lower
-        rhs = (m * Wg[r0 : r0 + chunk]).unsqueeze(2)
-        out[r0 : r0 + chunk] = torch.linalg.solve_triangular(T, rhs, upper=False).squeeze(2)
-    return out
