@@ -11,10 +11,10 @@ import transformers
 from tests.engine.test_driver import direct_perplexity, job_for, load
 from tests.support.tiny_models import make_tokenizer, sample_text
 from worker.engine.architectures import adapter_for, prunable_linears, weight_matrix
+from worker.engine.block_inputs import capture_block_inputs
 from worker.engine.calibration import evaluation_windows
 from worker.engine.errors import InvalidJob
 from worker.engine.pipeline import run_job
-from worker.engine.sequential import capture_block_inputs
 
 WINDOW = 8  # the sliding window; every sequence here is longer
 ALTERNATING = ["sliding_attention", "full_attention"] * 2

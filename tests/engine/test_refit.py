@@ -19,6 +19,7 @@ import transformers
 from tests.support.paths import REPO
 from tests.support.tiny_models import make_tiny_model, sample_text
 from worker.engine.architectures import adapter_for, prunable_linears, weight_matrix
+from worker.engine.block_inputs import capture_block_inputs, run_block
 from worker.engine.calibration import calibration_windows
 from worker.engine.contract.patterns import parse_sparsity
 from worker.engine.contract.spec import JobSpec
@@ -27,7 +28,7 @@ from worker.engine.methods.wanda import wanda_prune
 from worker.engine.pipeline import RunOptions, run_job
 from worker.engine.refit import REFITS, refit_shared
 from worker.engine.report_text import summary
-from worker.engine.sequential import HessianCollector, capture_block_inputs, run_block
+from worker.engine.sequential import HessianCollector
 from worker.engine.sparsegpt import sparsegpt_prune_shared
 
 DEVICE = os.environ.get("SPARSEGPT_TEST_DEVICE", "cpu")  # as tests/engine/test_driver.py

@@ -27,9 +27,9 @@ from torch import nn
 
 from worker.engine import offload as host
 from worker.engine.architectures import Adapter, LayerSelection, prunable_linears, weight_matrix
+from worker.engine.block_inputs import capture_block_inputs, release_memory, run_block
 from worker.engine.errors import InvalidJob
 from worker.engine.progress import Tracker
-from worker.engine.sequential import capture_block_inputs, release_memory, run_block
 
 
 def selected_modules(adapter: Adapter, selection: LayerSelection, i: int) -> dict[str, nn.Module]:

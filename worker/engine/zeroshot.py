@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from worker.engine.architectures import Adapter
+from worker.engine.block_inputs import release_memory
 from worker.engine.errors import DataError, InvalidJob
 from worker.engine.progress import Tracker
-from worker.engine.sequential import release_memory
 
 log = logging.getLogger(__name__)
 
