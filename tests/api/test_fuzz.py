@@ -61,6 +61,7 @@ OPERATIONS = [
     "DELETE /api/v1/jobs/{job_id}",
     "POST /api/v1/jobs/{job_id}/cancel",
     "GET /api/v1/jobs/{job_id}/artifact",
+    "GET /api/v1/jobs/{job_id}/artifacts/{format}",
     "POST /api/v1/calibration-sets",
     "GET /api/v1/calibration-sets",
     "GET /api/v1/health",

@@ -118,6 +118,8 @@ def test_jobs_go_to_the_worker_that_fits(make_stack, redis_server, models_dir, t
     wide = models_dir.parent / f"wide-{tmp_path.name}"
     wide.mkdir()
     (wide / "config.json").write_text(json.dumps(WIDE))
+    (wide / "tokenizer.json").write_text("{}")  # a loadable directory at submit (app/services/specs.py)
+    (wide / "model.safetensors").touch()  # (the API only sees that it has weights)
     stack = make_stack(redis_server.url, local_dirs=f"{models_dir}:{wide}", max_job_memory_gb=0)
     stack.start_api()
     start_gpu_worker(stack, "small", 24)

@@ -98,8 +98,8 @@ def _closed_port() -> int:
 
 
 def test_an_unreachable_hub_is_a_422_at_once_unless_the_model_is_cached(client, monkeypatch, tmp_path):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):  # scripts/test sets all three
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     hub._answers.clear()
     t0 = time.monotonic()
