@@ -232,7 +232,7 @@ def summarize(runs: dict[str, dict]) -> dict:
     d = {}
     for k, target in (("ours-w4a16", 0.30), ("llmc-w4a16", 0.30), ("ours-fp8", 0.52), ("llmc-fp8", 0.52)):
         r = runs.get(k, {})
-        dec = _ratio(r.get("decoder_weight_bytes"), fp16_decoder)
+        dec = _ratio(r.get("decoder_weight_bytes"), fp16_decoder or r.get("decoder_weight_bytes_fp16"))
         d[k] = {
             "decoder_vs_fp16": dec,
             "target": target,
