@@ -37,7 +37,7 @@ from app.config import Settings
 from app.job_files import JobFiles
 from app.models import utcnow
 from app.queue import enqueue_job
-from app.services import uploads
+from app.services import upload_store
 from app.storage import StorageError
 
 log = logging.getLogger("sparsegpt.sweeper")
@@ -193,16 +193,16 @@ def _expire_uploads(settings, sessions, report: SweepReport) -> None:
         if set_id in in_use:
             continue  # a queued or running job names it: a later round
         with sessions() as session:
-            removal = uploads.remove(session, settings, set_id)
+            removal = upload_store.remove(session, settings, set_id)
         if removal.deleted:
             report.uploads_deleted.append(set_id)
             log.info("upload:%s deleted (older than %ss)", set_id, settings.upload_retention_s)
 
 
 def _remove_upload_temps(settings: Settings, report: SweepReport) -> None:
-    """Upload temp files an API killed mid-upload left behind (``uploads.remove_stale_temps``)."""
+    """Upload temp files an API killed mid-upload left behind (``upload_store.remove_stale_temps``)."""
     try:
-        report.upload_temps_removed = uploads.remove_stale_temps(settings.uploads_dir)
+        report.upload_temps_removed = upload_store.remove_stale_temps(settings.uploads_dir)
     except OSError as err:
         report.errors.append(f"upload temp files: {err}")
 

@@ -16,7 +16,7 @@ from app.api.deps import SessionDep, SettingsDep
 from app.auth import UserDep
 from app.models import CalibrationSet
 from app.schemas import CalibrationSetOut
-from app.services import uploads
+from app.services import upload_store, uploads
 
 router = APIRouter(prefix="/calibration-sets", tags=["calibration sets"])
 
@@ -77,7 +77,7 @@ async def upload_calibration_set(
     received = await uploads.receive(request, settings, file_field="file")
     if received.file is None:
         raise uploads.UploadError(422, "no file: send it in a multipart field named 'file'")
-    return out(await uploads.store(session, settings, received.file, owner_id=user.id), user.name)
+    return out(await upload_store.store(session, settings, received.file, owner_id=user.id), user.name)
 
 
 @router.get("", response_model=CalibrationSetItems)
@@ -105,7 +105,7 @@ def delete_calibration_set(set_id: SetId, session: SessionDep, settings: Setting
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, detail=f"upload:{set_id} is not yours: only its owner or an admin may delete it"
         )
-    removal = uploads.remove(session, settings, set_id)
+    removal = upload_store.remove(session, settings, set_id)
     if removal.in_use_by:
         jobs = ", ".join(str(j) for j in removal.in_use_by)
         raise HTTPException(

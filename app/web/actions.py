@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.services import jobs, uploads
+from app.services import jobs, upload_store, uploads
 from app.services.specs import SpecError
 from app.web import csrf, forms
 from app.web.pages import form_page
@@ -56,7 +56,7 @@ async def _take_file(
     if file is None:
         return {"calibration_source": ["choose a .txt or .jsonl file to upload"]}, ""
     try:
-        row = await uploads.store(session, request.app.state.settings, file, owner_id=current_user(request).id)
+        row = await upload_store.store(session, request.app.state.settings, file, owner_id=current_user(request).id)
     except uploads.UploadError as err:
         return {"calibration_source": [str(err.detail)]}, ""
     values.update(calibration_source="upload", calibration_upload=f"upload:{row.id}")  # kept for the next try

@@ -18,7 +18,7 @@ import redis
 
 from app import db
 from app.config import Settings
-from app.services.uploads import TEMP_MAX_AGE_S
+from app.services.upload_store import TEMP_MAX_AGE_S
 from app.sweeper import sweep_once
 from tests.support.processes import base_env, serve_api
 
