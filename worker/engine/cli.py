@@ -242,11 +242,10 @@ def path_problem(spec: JobSpec, args: argparse.Namespace) -> str | None:
             return f"{flag} {name!r} does not exist"
         if not os.access(name, os.R_OK):
             return f"{flag} {name!r}: not readable"
-    for flag, name in [("--eval-include", d) for d in args.task_dirs] + [("--checkpoint-dir", args.checkpoint_dir)]:
-        if name and Path(name).expanduser().exists() and not Path(name).expanduser().is_dir():
-            return f"{flag} {name!r}: not a directory"
-        if name and flag == "--eval-include" and not Path(name).expanduser().is_dir():
-            return f"{flag} {name!r} does not exist"
+    # (--eval-include's directories are checked with the tasks: the engine's own message, before any load)
+    name = args.checkpoint_dir
+    if name and Path(name).expanduser().exists() and not Path(name).expanduser().is_dir():
+        return f"--checkpoint-dir {name!r}: not a directory"
     if args.formats and not args.output:
         return "--format says what --output writes: set --output DIR"
     if "compressed-tensors" in (args.formats or ()) and spec.quantization is None:
