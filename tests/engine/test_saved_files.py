@@ -84,10 +84,6 @@ def test_saved_files_follow_the_umask_and_a_log_gets_progress_lines(files, tmp_p
         (["MODEL", "--calibration", "/nonexistent/cal.txt"], "--calibration '/nonexistent/cal.txt' does not exist"),
         (["MODEL", "--calibration", "CAL", "--eval", "missing-eval.txt"], "--eval"),
         (["/no/such/model", "--calibration", "CAL"], "model '/no/such/model' does not exist"),
-        (
-            ["MODEL", "--calibration", "CAL", "--eval-include", "/nonexistent-tasks"],
-            "/nonexistent-tasks does not exist",
-        ),
         (["MODEL", "--calibration", "CAL", "--output", "MODEL"], "exists and is not empty"),
     ],
 )
