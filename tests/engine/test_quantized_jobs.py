@@ -96,6 +96,11 @@ def test_quantized_job_saves_the_model_it_evaluated(method, sparsity, scheme, gr
     assert q.sizes.formats["compressed-tensors"].bytes == written
     assert q.sizes.formats["compressed-tensors"].ratio == pytest.approx(written / (2 * dense_params), abs=1e-4)
     assert json.loads((out / "sparsegpt_report.json").read_text())["quantization"]["sizes"] == q.sizes.to_dict()
+    from worker.engine.report_text import summary
+
+    headline = summary(report).splitlines()[0]  # never "pruned" where no weight was
+    assert ("quantization only, no weight pruned" in headline) == (sparsity == "0")
+    assert ("pruned layers" in headline) == (sparsity != "0")
 
 
 def test_moe_experts_are_quantized_per_expert(workdir, tmp_path):

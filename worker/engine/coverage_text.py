@@ -11,6 +11,11 @@ from collections import Counter
 def sparsity_headline(report: dict) -> str:
     """Both figures: over every weight of the pruned blocks, and over the pruned layers only."""
     layers = len(report["layers"])
+    if (report.get("quantization") or {}).get("quantization_only"):  # no weight pruned: zeros are rounding's
+        return (
+            f"quantization only, no weight pruned ({report['sparsity']:.4f} of the blocks' weights round to zero "
+            f"on the grid, over {layers} quantized layers)"
+        )
     if "sparsity_pruned_modules" not in report:  # a report from before coverage was counted
         return f"sparsity {report['sparsity']:.4f} over {layers} layers"
     return (
