@@ -73,6 +73,7 @@ def _users(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Long on purpose: a flat list of argparse declarations, one block per subcommand.
     parser = argparse.ArgumentParser(
         prog="sparsegpt",
         description="SparseGPT pruning service: API server, GPU workers, and the engine's CLI.",

@@ -345,6 +345,7 @@ def _run_uvicorn(settings: Settings, host: str, port: int, log_level: str, sock)
 def serve(
     *, host: str | None, port: int | None, workers: int | None, log_level: str = "info", api_workers: int | None = None
 ) -> int:
+    # Long on purpose: what `sparsegpt serve` starts (Redis, workers, API processes) and stops again, in order.
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )

@@ -192,6 +192,8 @@ async def job_events(
 
 
 async def _open(job_id, request, sessions, r_sync, r, resume, resume_at, slots) -> _SlotStream:
+    # Long on purpose: one async generator's state (snapshot, replay after Last-Event-ID, the live loop and its back-
+    # off) stays in one place.
     settings = request.app.state.settings
 
     def load(with_snapshot: bool) -> tuple[str | None, dict[str, Any] | None, int]:

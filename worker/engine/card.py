@@ -284,6 +284,7 @@ def _data_lines(report: Report, names: Mapping[str, str]) -> list[str]:
 
 def model_card(report: Report | Mapping[str, Any]) -> str:
     """The README.md of the saved model."""
+    # Long on purpose: the card's sections in the order a reader meets them, like a template.
     report = as_report(report)
     data, names = card_data(report), public_names(report)
     cal, solver = report.calibration or Calibration(), report.solver or Solver()

@@ -130,6 +130,8 @@ def load_model(
     weight found in a file mapping of this process where /proc tells), False when transformers
     converted them into host memory (or it cannot be told). ``allowed_roots``: a local model's
     every file must resolve inside one of them (checked here, right before the load); None: any."""
+    # Long on purpose: the loader's cases (local directory, Hub id, GGUF, dtype, memory-mapping check) in the one order
+    # they are decided.
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # the engine reports its own progress

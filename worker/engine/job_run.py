@@ -300,6 +300,7 @@ class JobRun:
 
     def report(self, layers: list[LayerResult], dense_ppl: dict, pruned_ppl: dict) -> Report:
         """The report; each path it names is named as ``options.labels`` says (the walk's one place)."""
+        # Long on purpose: the typed report's fields assembled in one call, each from where the run keeps it.
         spec, device, label = self.spec, self.device, self.options.label
         sizes = self.layer_sizes
         used = [r.percdamp for r in layers]

@@ -357,6 +357,8 @@ def prune_experts(
     and loss summed over them weighted as one layer; one record per experts module: tokens and
     Hessian source per expert). ``stats`` None: no data (a method that reads none, magnitude).
     """
+    # Long on purpose: per expert: its Hessian, prune, refit, quantization and record, with the sums over experts beside
+    # them.
     layers, records = [], []
     for name, experts in modules.items():
         full = f"{prefix}.{name}"

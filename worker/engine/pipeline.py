@@ -63,6 +63,7 @@ def run(
     config (a dict), parameter count, working dtype, device kind, seqlen and whether the weights
     stay memory-mapped (``mapped``, worker.engine.checkpoint.load_model); it may raise to stop
     the job (the worker checks the job's memory estimate there)."""
+    # Long on purpose: the job's stages in the order they run (load, calibrate, evaluate, prune, evaluate, save).
     options = options or RunOptions()
     options.validate(spec)
     run = JobRun(spec, options, Tracker(on_progress, should_cancel, _stages(spec, options), options.labels))

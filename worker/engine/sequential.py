@@ -202,6 +202,8 @@ def prune_sequential(
     ``quantized``: with ``solver.quantization``, each quantized Linear's codes and scales by module name,
     and each expert's by ``expert_key`` (worker.engine.moe); kept with the checkpoints to resume.
     """
+    # Long on purpose: the block loop (inputs in, Hessians, solve, outputs out, checkpoint) is one sequence read in
+    # order; split, its per-block state would travel through every piece.
     blocks = adapter.blocks
     nblocks = len(blocks)
     selection.validate(nblocks)

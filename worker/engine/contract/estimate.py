@@ -294,6 +294,8 @@ def estimate(config: dict[str, Any], job: JobSize, *, parameters: int | None = N
 
 
 def _sized(shape: ModelShape, job: JobSize, parameters: int | None) -> Estimate:
+    # Long on purpose: one term per memory item (weights, activations, Hessians, the solve, evaluation), each with the
+    # words that explain it.
     size = ITEMSIZE.get(job.dtype, 4)
     dtype = f"{size} bytes ({job.dtype})"
     seqlen = job.seqlen or min(DEFAULT_SEQLEN, shape.context or DEFAULT_SEQLEN)
