@@ -108,4 +108,6 @@ def test_zero_shot_tasks_through_a_real_worker(make_stack, redis_server, zero_sh
         compare = client.get(f"/compare?ids={job_id},{failed['id']}")
         assert compare.status_code == 200
         cells = re.search(rf'<tr data-task="{TASK}" data-metric="acc">(.*?)</tr>', compare.text, re.S).group(1)
-        assert f"75.00% → <strong>{pruned_pct}</strong>" in cells and "–" in cells
+        assert (
+            f"75.00% → <strong>{pruned_pct}</strong>" in cells and ">failed<" in cells
+        )  # the failed job: "failed", not a blank
