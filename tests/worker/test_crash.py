@@ -41,7 +41,9 @@ def wait_attempt_running(stack, job_id: int, attempt: int, timeout: float = 120)
     deadline = time.monotonic() + timeout
     with stack.client() as c:
         while time.monotonic() < deadline:
-            job = c.get(f"/api/v1/jobs/{job_id}").json()
+            response = c.get(f"/api/v1/jobs/{job_id}")
+            assert response.status_code == 200, (response.status_code, dict(response.headers), response.text[:300])
+            job = response.json()
             if (
                 job["status"] == "running"
                 and job["attempt"] == attempt
