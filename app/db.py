@@ -56,7 +56,9 @@ def get_engine(url: str) -> Engine:
 
 
 def dispose_all() -> None:
-    """After a fork: drop pooled connections inherited from the parent without closing them."""
+    """After a fork: drop pooled connections inherited from the parent without closing them. Two
+    processes on one PostgreSQL connection corrupt each other's transactions (500s, "server closed the
+    connection unexpectedly"): workers and each of `serve --api-workers`' processes call this first."""
     with _lock:
         for engine in _engines.values():
             engine.dispose(close=False)

@@ -53,10 +53,7 @@ def run_processes(count: int, sock: socket.socket, child: Callable[[socket.socke
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             code = 1
-            # the database connections inherited from the parent (its migrations and checks ran before
-            # the fork) are dropped, never shared: two processes on one PostgreSQL connection corrupt each
-            # other's transactions (500s, "server closed the connection unexpectedly")
-            db.dispose_all()
+            db.dispose_all()  # the parent's pooled connections (its migrations) are never shared: see db
             try:
                 code = child(sock)
             except KeyboardInterrupt:
