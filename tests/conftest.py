@@ -255,7 +255,9 @@ def dashboard(redis_available, allowed_dir, tmp_path_factory, request) -> Iterat
     yield from run_service(env, logs, "test-dashboard")
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: sync Playwright keeps an event loop running in the main thread while
+# it is open, which would stop later modules' own asyncio loops (tests/support/sse_clients.py).
+@pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM_PATH)")

@@ -140,7 +140,10 @@ def test_a_hung_broker_answers_503_and_the_key_waits_for_it(make_stack, redis_se
             first.start()
             time.sleep(3)
             twin = client.post("/api/v1/jobs", json=body, headers=key)
-            assert twin.status_code == 409 and twin.headers.get("retry-after"), twin.text
+            # never the row that is about to go: 409 while the first is sending, or (when the first is still
+            # routing, which reads the live workers from the frozen Redis, and has no row yet) the same 503
+            assert twin.status_code in (409, 503) and twin.headers.get("retry-after"), twin.text
+            assert twin.status_code == 409 or "nothing was queued" in twin.text, twin.text
             first.join(90)
             took = time.monotonic() - started
         finally:
