@@ -128,18 +128,24 @@ def form_page(
     errors: dict[str, list[str]],
     *,
     status_code: int = 200,
+    server_defaults: bool = False,
     **extra: Any,
 ) -> HTMLResponse:
-    """The new-job form with these values and errors (by input name; "" for the whole form)."""
+    """The new-job form with these values and errors (by input name; "" for the whole form);
+    ``server_defaults``: the values are the defaults, fitted to what this server can load."""
+    uploads = crud.list_calibration_sets(session, limit=100)
+    unavailable = unavailable_sets()
+    if server_defaults:
+        values = offline_defaults(values, unavailable, bool(uploads))
     context = {
         "form": values,
         "errors": errors,
-        "uploads": crud.list_calibration_sets(session, limit=100),
+        "uploads": uploads,
         "choices": forms.CHOICES,
         "helps": forms.HELP,
         "builtin": BUILTIN_DATASETS,
         "allowed_dirs": [str(d) for d in request.app.state.settings.allowed_dirs],
-        "unavailable": unavailable_sets(),
+        "unavailable": unavailable,
         "paces": past_paces(session),
         **extra,
     }
@@ -179,10 +185,7 @@ def offline_defaults(values: dict[str, Any], unavailable: dict[str, str], has_up
 def new_job_page(request: Request, clone: str = "") -> HTMLResponse:
     with open_session(request) as session:
         if not clone:
-            has_uploads = bool(crud.list_calibration_sets(session, limit=1))
-            return form_page(
-                request, session, offline_defaults(forms.FORM_DEFAULTS, unavailable_sets(), has_uploads), {}
-            )
+            return form_page(request, session, dict(forms.FORM_DEFAULTS), {}, server_defaults=True)
         job_id = parse_job_id(clone)
         job = crud.get_job(session, job_id) if job_id else None
         if job is None:
