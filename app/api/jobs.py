@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from app import archive, packagers
 from app.api.deps import RedisDep, SessionDep, SettingsDep
 from app.auth import UserDep
-from app.crud.jobs import list_job_summaries
+from app.crud import list_job_summaries
 from app.models import SUCCEEDED, Job
 from app.schemas import (
     ArtifactFileOut,

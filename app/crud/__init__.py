@@ -39,7 +39,7 @@ from app.crud.jobs import (  # noqa: F401
     get_job,
     get_job_by_idempotency_key,
     jobs_page,
-    list_jobs,
+    list_job_summaries,
     lock_user,
     refresh_job,
     request_cancel,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import case, delete, func, select, update
-from sqlalchemy.orm import Session, defer, selectinload
+from sqlalchemy.orm import Session, selectinload
 
 from app.models import (
     CANCELLED,
@@ -99,23 +99,6 @@ def get_job(session: Session, job_id: int, *, details: bool = False) -> Job | No
 def get_artifact(session: Session, job_id: int, format: str) -> Artifact | None:
     """The job's artifact in ``format`` (expired ones too: the caller words a 410)."""
     return session.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.format == format)).one_or_none()
-
-
-_LISTING_SKIPS = (Job.spec, Job.result, Job.checkpoint_files)
-
-
-def list_jobs(
-    session: Session, *, status: str | None = None, limit: int = 20, offset: int = 0
-) -> tuple[list[Job], int]:
-    """Newest first. The rows' large JSON columns (spec, report, checkpoint digests) are not
-    loaded: a listing shows none of them, and decoding them was most of its cost."""
-    query = select(Job).options(*(defer(column) for column in _LISTING_SKIPS))
-    count = select(func.count()).select_from(Job)
-    if status is not None:
-        query = query.where(Job.status == status)
-        count = count.where(Job.status == status)
-    items = session.scalars(query.order_by(Job.id.desc()).limit(limit).offset(offset)).unique().all()
-    return list(items), session.scalar(count) or 0
 
 
 _SUMMARY_COLUMNS = (

@@ -35,9 +35,9 @@ def post_job(env: InProcess, who: str, body: dict | None = None, **headers):
 
 def cancel_all(env: InProcess) -> None:
     with db.session_scope(env.settings.database) as session:
-        items, _ = crud.list_jobs(session, status="queued", limit=200)
+        items, _ = crud.list_job_summaries(session, status="queued", limit=200)
         for job in items:
-            crud.request_cancel(session, job_id=job.id)
+            crud.request_cancel(session, job_id=job["id"])
 
 
 def finished_job_with_artifact(env: InProcess, who: str, tmp: Path) -> int:
