@@ -123,8 +123,11 @@ class Settings(BaseSettings):
     secret_key: str | None = None
     session_max_age_s: int = 14 * 24 * 3600
 
-    # Per-user cap on queued + running jobs (0: no cap); 429 beyond it.
+    # Per-user cap on queued + running jobs (0: no cap); 429 beyond it. A compression plan's jobs
+    # count too: its points beyond the cap wait in the plan and are queued as jobs finish.
     max_active_jobs_per_user: int = 8
+    # Jobs one compression plan may hold (its points, the dense reference not counted; 0: no cap); 422 beyond it.
+    max_jobs_per_plan: int = 24
     # A worker fails a job before it starts when the data directory has less free space.
     min_free_disk_mb: int = 2048
     # Artifacts of finished jobs are deleted this long after the job ended (0: kept forever).

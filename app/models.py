@@ -136,6 +136,10 @@ class Job(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column()
     # POST /jobs/{id}/retry: the job this one repeats.
     retry_of: Mapped[int | None] = mapped_column(Integer)
+    # The compression plan it belongs to (a retry keeps it), and the Celery message priority every
+    # (re)send of its run message uses (None: the default; a "low" plan's jobs go after the others).
+    plan_id: Mapped[int | None] = mapped_column(ForeignKey("plans.id", ondelete="SET NULL"), index=True)
+    priority: Mapped[int | None] = mapped_column(Integer)
 
     owner: Mapped[User | None] = relationship(lazy="joined")
     modules: Mapped[list[ModuleResult]] = relationship(
@@ -151,6 +155,36 @@ class Job(Base):
     artifacts: Mapped[list[Artifact]] = relationship(
         back_populates="job", cascade="all, delete-orphan", order_by="Artifact.id", passive_deletes=True
     )
+
+
+class Plan(Base):
+    """A compression plan: one model, calibration and evaluation, and candidate settings (``points``,
+    each with its state and job) run as ordinary jobs, over a grid or a budget search
+    (app/services/plans.py). ``base`` is the shared part of every job's spec."""
+
+    __tablename__ = "plans"
+    __table_args__ = (
+        Index("ux_plans_owner_idempotency_key", "owner_id", "idempotency_key", unique=True),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    name: Mapped[str | None] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(512))
+    base: Mapped[dict[str, Any]] = mapped_column(JSON)
+    mode: Mapped[str] = mapped_column(String(8))  # grid | budget
+    budget: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    points: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    priority: Mapped[str] = mapped_column(String(8), default="normal")  # normal | low
+    status: Mapped[str] = mapped_column(String(16), default=QUEUED, index=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    body_sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+    owner: Mapped[User | None] = relationship(lazy="joined")
 
 
 class ModuleResult(Base):

@@ -10,6 +10,11 @@ from celery import Celery
 from app.config import Settings
 
 RUN_JOB_TASK = "sparsegpt.run_job"
+# Message priorities (kombu's Redis transport: one list per step of 0, 3, 6, 9; a worker pops the
+# lowest number first, and a message without one counts as 0). A "low" plan's jobs are sent with 9:
+# they start after every ordinary job waiting in the same queue (tests/api/test_plans.py checks the
+# order against a real worker). None: the message carries no priority (every ordinary job).
+PRIORITIES: dict[str, int | None] = {"normal": None, "low": 9}
 
 _clients: dict[tuple[str, int], Celery] = {}
 _lock = threading.Lock()
@@ -40,14 +45,24 @@ def client(settings: Settings) -> Celery:
         return app
 
 
-def enqueue_job(settings: Settings, job_id: int, *, queue: str | None = None, task_id: str | None = None) -> str:
-    """Send the run message for a committed job row; returns the Celery task id."""
+def enqueue_job(
+    settings: Settings,
+    job_id: int,
+    *,
+    queue: str | None = None,
+    task_id: str | None = None,
+    priority: int | None = None,
+) -> str:
+    """Send the run message for a committed job row (with the job's ``priority``, None: none);
+    returns the Celery task id."""
     task_id = task_id or f"job-{job_id}-{uuid.uuid4().hex[:12]}"
+    options = {} if priority is None else {"priority": priority}
     client(settings).send_task(
         RUN_JOB_TASK,
         args=[job_id],
         task_id=task_id,
         queue=queue or settings.queue,
+        **options,
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
     )

@@ -69,7 +69,8 @@ def test_the_wheel_holds_every_package_templates_static_files_and_migrations(whe
     missing = [p for p in packages if f"{p}/__init__.py" not in names]
     assert missing == [], f"packages missing from the wheel (list them in pyproject.toml): {missing}"
     expected = {f"app/templates/{p.name}" for p in (REPO / "templates").glob("*.html")}
-    expected |= {f"app/static/{p.name}" for p in (REPO / "app" / "static").iterdir() if p.is_file()}
+    static = REPO / "app" / "static"  # with its vendor/ folder (the plan page's chart library)
+    expected |= {f"app/static/{p.relative_to(static).as_posix()}" for p in static.rglob("*") if p.is_file()}
     expected |= {f"migrations/versions/{p.name}" for p in (REPO / "migrations" / "versions").glob("*.py")}
     expected |= {"migrations/script.py.mako", "migrations/env.py", "app/templates/__init__.py"}
     assert {"app/templates/login.html", "app/templates/base.html", "app/static/dashboard.js"} <= expected

@@ -5,6 +5,7 @@ both move a job (a redelivered message, a late cancel).
 - ``app.crud.jobs``: jobs as the API and the dashboard see them (create, read, list, cancel, delete)
 - ``app.crud.lifecycle``: the worker's and the sweeper's side (claim, heartbeat, finish, lost jobs)
 - ``app.crud.accounts``: users and uploaded calibration sets
+- ``app.crud.plans``: compression plans (their rows, lock, points) and the jobs' plan columns
 
 Callers write ``from app import crud`` and ``crud.<function>``.
 """
@@ -60,6 +61,18 @@ from app.crud.lifecycle import (  # noqa: F401
     replace_task_id,
     running_jobs_with_stale_heartbeat,
     stale_before,
+)
+from app.crud.plans import (  # noqa: F401
+    create_plan,
+    get_plan,
+    get_plan_by_idempotency_key,
+    job_priorities,
+    list_plans,
+    lock_plan,
+    mark_plan_job,
+    plan_jobs,
+    plans_to_advance,
+    save_plan,
 )
 from app.crud.sessions import (  # noqa: F401
     create_web_session,

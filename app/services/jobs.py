@@ -152,11 +152,14 @@ def create(
     *,
     idempotency_key: str | None = None,
     retry_of: int | None = None,
+    plan_id: int | None = None,
+    priority: int | None = None,
 ) -> Created:
-    """The one way a job is made (the API, its retry, the dashboard's form): the spec checked
-    against the server (422 SpecError), the idempotency key's earlier job if any, then under the
-    user's row lock the per-user cap (429), the row, the commit and the run message (503 when
-    the queue is down)."""
+    """The one way a job is made by a person (the API, its retry, the dashboard's form): the spec
+    checked against the server (422 SpecError), the idempotency key's earlier job if any, then
+    under the user's row lock the per-user cap (429), the row, the commit and the run message (503
+    when the queue is down). ``plan_id`` / ``priority``: a retried plan job's (a plan's own jobs
+    are made by app.services.plans.advance)."""
     digest = spec_digest(spec)
     if idempotency_key is not None:
         existing = crud.get_job_by_idempotency_key(session, owner_id=user.id, key=idempotency_key)
@@ -181,6 +184,8 @@ def create(
             retry_of=retry_of,
             queue=checked.queue,
         )
+        if plan_id is not None or priority is not None:
+            crud.mark_plan_job(session, job, plan_id=plan_id, priority=priority)
         session.commit()  # the worker must find the row: enqueue only after the commit
     except IntegrityError:  # the twin committed between our check and our insert
         session.rollback()
@@ -188,16 +193,19 @@ def create(
         if existing is None:
             raise
         return _replayed(existing, digest, idempotency_key or "")
-    _enqueue(session, settings, job.id, queue=checked.queue)
+    _enqueue(session, settings, job.id, queue=checked.queue, priority=priority)
     return Created(crud.get_job(session, job.id, details=True))
 
 
-def _enqueue(session: Session, settings: Settings, job_id: int, *, queue: str | None = None) -> None:
-    """Send the run message for a committed row. When Redis is down the row is taken back (its
-    message never went out, so no worker has it) and the answer is 503: the client's retry,
-    with the same Idempotency-Key or without one, makes the job afresh, and it runs once."""
+def _enqueue(
+    session: Session, settings: Settings, job_id: int, *, queue: str | None = None, priority: int | None = None
+) -> None:
+    """Send the run message for a committed row (with the job's message priority). When Redis is
+    down the row is taken back (its message never went out, so no worker has it) and the answer is
+    503: the client's retry, with the same Idempotency-Key or without one, makes the job afresh,
+    and it runs once."""
     try:
-        task_id = enqueue_job(settings, job_id, queue=queue)
+        task_id = enqueue_job(settings, job_id, queue=queue, priority=priority)
     except Exception as err:  # kombu/redis connection errors
         log.warning("could not enqueue job %s: %s", job_id, err)
         taken_back = crud.discard_unsent(session, job_id=job_id)
@@ -214,7 +222,8 @@ def _enqueue(session: Session, settings: Settings, job_id: int, *, queue: str | 
 
 
 def retry(session: Session, settings: Settings, user: CurrentUser, job_id: int) -> Job:
-    """A new job with the same spec, checked again against today's limits; the old one stays."""
+    """A new job with the same spec, checked again against today's limits; the old one stays. A
+    plan's job stays in its plan (and its message priority): the plan's point names the new job."""
     old = get_or_404(session, job_id)
     forbid_unless_manager(user, old, "retry")
     if old.status not in TERMINAL:
@@ -226,7 +235,7 @@ def retry(session: Session, settings: Settings, user: CurrentUser, job_id: int) 
         spec = JobSpec.model_validate(old.spec)
     except ValidationError as err:  # a spec stored by an older version
         raise SpecError([{**e, "loc": ["body", *e["loc"]]} for e in err.errors(include_input=False)]) from None
-    return create(session, settings, user, spec, retry_of=old.id).job
+    return create(session, settings, user, spec, retry_of=old.id, plan_id=old.plan_id, priority=old.priority).job
 
 
 # --- cancel and delete -------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from typing import Any
 from urllib.parse import quote
 
 from worker.engine.contract.estimate import UnreadableConfig
+from worker.engine.contract.patterns import SparsityPattern
+from worker.engine.contract.spec_quant import linear_widths
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 HUB_TIMEOUT_S = 5.0  # a Hub fetch's TOTAL deadline (connection, redirects, body)
@@ -36,6 +38,25 @@ def local_config(directory: str | Path) -> dict[str, Any] | None:
             "nests more than a few levels); fix the model's config.json"
         )
     return data if isinstance(data, dict) else None
+
+
+def nm_width_message(config: dict[str, Any], pattern: SparsityPattern) -> str | None:
+    """For an N:M pattern, the layers (from config.json) whose input width is not a multiple of M,
+    in one sentence; None when every width is (or the pattern is not N:M). The engine would leave
+    such a layer's last columns dense; a plan, whose points are compared by size, refuses it."""
+    if not pattern.structured:
+        return None
+    widths = linear_widths(config)
+    bad = [(kind, width) for kind, width in widths if width % pattern.m]
+    if not bad:
+        return None
+    layers = "; ".join(f"{kind} {width} wide" for kind, width in bad)
+    fits = [m for m in (4, 8, 16, 32) if m > pattern.n and all(w % m == 0 for _, w in widths)]
+    offer = f" (an M that divides every width: {', '.join(map(str, fits))})" if fits else ""
+    return (
+        f"sparsity {pattern}: M={pattern.m} does not divide the input width of {layers}; its last "
+        f"columns could not follow the pattern: choose another N:M{offer}"
+    )
 
 
 _hub_cache: dict[tuple[str, str | None], tuple[float, dict[str, Any] | None]] = {}

@@ -13,7 +13,7 @@ from app import crud
 from app.config import Settings
 from app.model_links import escaped_file
 from app.paths import PathNotAllowed, resolve_allowed
-from app.services.model_config import hub_config, local_config
+from app.services.model_config import hub_config, local_config, nm_width_message
 from app.services.routing import choose_queue
 from worker.engine.contract.estimate import Estimate, JobSize, estimate, estimate_method
 from worker.engine.contract.hub import dataset_unavailable, model_unavailable
@@ -93,8 +93,10 @@ class Checked:
     queue: str  # where it fits (app/services/routing.py)
 
 
-def check_spec(spec: JobSpec, settings: Settings, session: Session) -> Checked:
-    """The spec as stored and its queue. Raises SpecError listing every problem."""
+def check_spec(spec: JobSpec, settings: Settings, session: Session, *, whole_nm: bool = False) -> Checked:
+    """The spec as stored and its queue. Raises SpecError listing every problem. ``whole_nm``
+    (a plan's jobs): an N:M pattern whose M does not divide a layer's input width is refused too
+    (a single job leaves that layer's last columns dense, and says so in its report)."""
     errors: list[dict[str, Any]] = []
     data = spec.model_dump(mode="json")
     if spec.trust_remote_code and not settings.allow_trust_remote_code:
@@ -143,7 +145,7 @@ def check_spec(spec: JobSpec, settings: Settings, session: Session) -> Checked:
         _dataset(v, ("evaluation", "datasets", i), settings, session, errors) for i, v in enumerate(sets)
     ]
     if not errors:
-        found = _check_memory(spec, data, settings, session, errors)
+        found = _check_memory(spec, data, settings, session, errors, whole_nm=whole_nm)
         if not errors:
             queue, refusal = choose_queue(settings, data["resources"], found)
             if refusal:
@@ -233,7 +235,7 @@ def _check_group_size(spec: JobSpec, config: dict[str, Any], errors: list) -> No
 
 
 def _check_memory(
-    spec: JobSpec, data: dict[str, Any], settings: Settings, session: Session, errors: list
+    spec: JobSpec, data: dict[str, Any], settings: Settings, session: Session, errors: list, *, whole_nm: bool = False
 ) -> Estimate | None:
     """The job's memory estimate (returned: the job is routed by it) against
     SPARSEGPT_MAX_JOB_MEMORY_GB, when the model's config can be read here: a local directory's
@@ -246,6 +248,9 @@ def _check_memory(
     if config is None:
         return None
     _check_group_size(spec, config, errors)
+    nm_problem = nm_width_message(config, spec.pattern) if whole_nm else None
+    if nm_problem:
+        errors.append(_error(("sparsity",), nm_problem))
     dtype, device = job_dtype(spec.dtype, settings.worker_device, config)
     names = spec.evaluation.datasets
     size = JobSize(
