@@ -5,6 +5,7 @@
     sparsegpt sweeper [--interval S]                        requeues lost jobs, expires artifacts
     sparsegpt prune  MODEL --sparsity 2:4 ...              the engine alone (worker.engine.cli)
     sparsegpt pull   JOB_ID [DIR] [--server URL]           download, check and unpack a job's model
+    sparsegpt plan   MODEL --sparsities 0,0.5,2:4 [--wait] a compression plan on a server (app/plan_client.py)
     sparsegpt users  add NAME [--admin] | token [NAME] | remove NAME | list   API accounts
 
 Each subcommand imports what it runs only when it runs, so ``serve`` never loads torch.
@@ -149,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     from app.client import add_parser as add_pull
 
     add_pull(sub)
+
+    from app.plan_client import add_parser as add_plan
+
+    add_plan(sub)
 
     p = sub.add_parser("users", help="manage API accounts")
     usub = p.add_subparsers(dest="users_command", metavar="ACTION")

@@ -17,7 +17,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from app import auth, db, guard, json_body, login, web
-from app.api import events, health, jobs, uploads, usage, workers
+from app.api import events, health, jobs, plans, uploads, usage, workers
 from app.config import Settings, get_settings
 from app.sweeper import Sweeper
 from worker.engine.contract.spec import METHODS
@@ -72,7 +72,15 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, bind_h
         responses={401: {"description": "sign in: Authorization: Bearer <token>, or the dashboard's session"}},
     )
     app.state.settings = settings
-    for router in (jobs.router, events.router, uploads.router, health.router, usage.router, workers.router):
+    for router in (
+        jobs.router,
+        plans.router,
+        events.router,
+        uploads.router,
+        health.router,
+        usage.router,
+        workers.router,
+    ):
         app.include_router(router, prefix="/api/v1")
     app.include_router(health.router, include_in_schema=False)  # /health for load balancers
     app.include_router(login.router)  # /login, /logout

@@ -9,6 +9,10 @@
 - Artifacts older than the retention time: marked expired, then their files removed.
 - Uploaded calibration sets older than SPARSEGPT_UPLOAD_RETENTION_S: the row and the file
   deleted, unless a queued or running job names them (they go in a later round).
+- Compression plans not finished (or with a job active again): advanced (app/services/plans.py:
+  their next jobs queued as the user's cap allows, a budget's finished job judged).
+
+Every message sent again keeps the job's priority (a "low" plan's jobs stay behind ordinary ones).
 
 Every change is a compare-and-set on the job row, so sweepers in several processes and a worker's
 own heartbeat or claim never both move a job; a duplicate message is harmless too (the worker's
@@ -37,7 +41,7 @@ from app.config import Settings
 from app.job_files import JobFiles
 from app.models import utcnow
 from app.queue import enqueue_job
-from app.services import upload_store
+from app.services import plans, upload_store
 from app.storage import StorageError
 
 log = logging.getLogger("sparsegpt.sweeper")
@@ -60,6 +64,7 @@ class SweepReport:
     resent: list[int] = field(default_factory=list)
     expired: list[int] = field(default_factory=list)
     uploads_deleted: list[int] = field(default_factory=list)
+    plans_advanced: list[int] = field(default_factory=list)
     upload_temps_removed: list[str] = field(default_factory=list)
     sessions_purged: int = 0
     errors: list[str] = field(default_factory=list)
@@ -90,6 +95,7 @@ def sweep_once(settings: Settings, sessions, r: redis_lib.Redis, *, send=enqueue
     _expire_artifacts(settings, sessions, report)
     _expire_uploads(settings, sessions, report)
     _remove_upload_temps(settings, report)
+    _advance_plans(settings, sessions, report, send)
     with sessions() as session, session.begin():  # sign-ins that admit nobody any more
         report.sessions_purged = crud.purge_web_sessions(session)
     return report
@@ -115,7 +121,7 @@ def _release_stale(settings, sessions, r, report: SweepReport, send) -> None:
                 settings, r, job.id, "queued", job.attempt, "requeued: its worker stopped sending heartbeats"
             )
             try:
-                send(settings, job.id, task_id=task_id, queue=job.queue or settings.queue)
+                send(settings, job.id, task_id=task_id, queue=job.queue or settings.queue, priority=job.priority)
             except Exception as err:  # the lost-message sweep sends it once the broker is back
                 report.errors.append(f"job {job.id}: could not send: {err}")
         else:
@@ -135,6 +141,7 @@ def _resend_lost(settings, sessions, r, report: SweepReport, send) -> None:
         return
     with sessions() as session:
         queues = crud.job_queues(session, [job_id for job_id, _ in candidates], default=settings.queue)
+        priorities = crud.job_priorities(session, [job_id for job_id, _ in candidates])
     present: dict[str, str] = {}
     try:
         for queue in set(queues.values()):
@@ -152,7 +159,7 @@ def _resend_lost(settings, sessions, r, report: SweepReport, send) -> None:
         if not won:
             continue
         try:
-            send(settings, job_id, task_id=new, queue=queues[job_id])
+            send(settings, job_id, task_id=new, queue=queues[job_id], priority=priorities.get(job_id))
         except Exception as err:
             report.errors.append(f"job {job_id}: could not send: {err}")
             continue
@@ -205,6 +212,21 @@ def _remove_upload_temps(settings: Settings, report: SweepReport) -> None:
         report.upload_temps_removed = upload_store.remove_stale_temps(settings.uploads_dir)
     except OSError as err:
         report.errors.append(f"upload temp files: {err}")
+
+
+def _advance_plans(settings: Settings, sessions, report: SweepReport, send) -> None:
+    """Each plan still running (or whose job was retried) advanced, in a session of its own."""
+    with sessions() as session:
+        plan_ids = crud.plans_to_advance(session)
+    for plan_id in plan_ids:
+        with sessions() as session:
+            try:
+                plans.advance(session, settings, plan_id, send=send)
+            except Exception as err:  # noqa: BLE001 (one plan's trouble does not stop the others)
+                session.rollback()
+                report.errors.append(f"plan {plan_id}: {err}")
+                continue
+        report.plans_advanced.append(plan_id)
 
 
 def _publish_status(settings, r, job_id, status, attempt, error, final=False) -> None:
