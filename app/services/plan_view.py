@@ -26,7 +26,7 @@ import math
 from typing import Any
 
 from app import packagers
-from app.models import QUEUED, RUNNING, SUCCEEDED
+from app.models import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from app.services.plan_points import DENSE, DENSE_KEY, JOB, PENDING, SKIPPED
 
 GRID_PPL_PCT = 10.0  # a grid's recommendation: within +10% of the dense perplexity
@@ -98,13 +98,22 @@ def dense_figures(jobs: list, dataset: str | None) -> dict[str, Any]:
             dense["accuracy"] = accuracies(zero_shot)
             dense["mean_accuracy"] = mean(dense["accuracy"])
             dense["job_id"] = job.id
-        if dense["bytes"] is None and job.artifact_expired_at is None:
-            if not packagers.is_quantizing(job.spec or {}):
-                dense["bytes"] = job.artifact_size
-            else:
-                rows = [a for a in job.artifacts if a.format == packagers.DENSE and a.expired_at is None]
-                dense["bytes"] = rows[0].size if rows else None
+    dense["bytes"] = _dense_bytes(jobs)
     return dense
+
+
+def _dense_bytes(jobs: list) -> int | None:
+    """A finished non-quantizing job's artifact (the model with its zeros stored), else a
+    quantizing job's ``dense`` format."""
+    kept = [j for j in jobs if j.status == SUCCEEDED and j.artifact_expired_at is None]
+    for job in kept:
+        if not packagers.is_quantizing(job.spec or {}) and job.artifact_size is not None:
+            return job.artifact_size
+    for job in kept:
+        rows = [a for a in job.artifacts if a.format == packagers.DENSE and a.expired_at is None]
+        if rows:
+            return rows[0].size
+    return None
 
 
 def point_row(point: dict[str, Any], job, dataset: str | None) -> dict[str, Any]:
@@ -185,6 +194,18 @@ def reason_text(metric: str, limit: float, budget: bool) -> str:
     return f"no budget was set: the smallest artifact on the Pareto front whose {what}"
 
 
+def live_status(plan, rows: list[dict[str, Any]]) -> str:
+    """The plan's status from its points' jobs as they are now (the advancer stores the same):
+    cancelled; queued until a job starts; running while a point is pending or a job active;
+    succeeded once one job succeeded and nothing is left (failed jobs shown), else failed."""
+    if plan.status == CANCELLED or getattr(plan, "cancel_requested", False):
+        return CANCELLED
+    states = [r["status"] for r in rows if r["state"] == JOB]
+    if any(r["state"] == PENDING for r in rows) or any(s in (QUEUED, RUNNING) for s in states):
+        return QUEUED if plan.status == QUEUED and all(s == QUEUED for s in states) else RUNNING
+    return SUCCEEDED if SUCCEEDED in states else FAILED
+
+
 def recommend(rows: list[dict[str, Any]], metric: str, limit: float, *, budget: bool) -> dict[str, Any] | None:
     """Mark and return the recommended row: the smallest downloadable artifact meeting the budget,
     or (no budget) on the Pareto front within ``limit``; ties: the better quality."""
@@ -241,7 +262,7 @@ def view(plan, jobs: list) -> dict[str, Any]:
         "mode": plan.mode,
         "budget": plan.budget,
         "priority": plan.priority,
-        "status": plan.status,
+        "status": live_status(plan, rows),
         "created_at": plan.created_at.isoformat() if plan.created_at else None,
         "finished_at": plan.finished_at.isoformat() if plan.finished_at else None,
         "dense": dense,

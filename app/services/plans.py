@@ -51,6 +51,7 @@ from app.services.plan_view import (
     compare_to_dense,
     current_jobs,
     dense_figures,
+    live_status,
     point_row,
     table_csv,
     view,
@@ -229,12 +230,8 @@ def _judge(plan: Plan, points: list[dict[str, Any]], jobs: list, dataset: str | 
 
 
 def _status(plan: Plan, points: list[dict[str, Any]], jobs_by_id: dict) -> str:
-    if plan.cancel_requested:
-        return CANCELLED
-    states = [jobs_by_id[p["job_id"]].status for p in points if p["state"] == JOB and p["job_id"] in jobs_by_id]
-    if any(p["state"] == PENDING for p in points) or any(s in ACTIVE for s in states):
-        return QUEUED if all(s == QUEUED for s in states) and plan.status == QUEUED else RUNNING
-    return SUCCEEDED if SUCCEEDED in states else FAILED
+    rows = [point_row(p, jobs_by_id.get(p["job_id"]) if p["state"] == JOB else None, None) for p in points]
+    return live_status(plan, rows)
 
 
 def _make_job(session: Session, settings: Settings, plan: Plan, point: dict[str, Any], dense: bool):
@@ -332,8 +329,9 @@ def cancel(session: Session, settings: Settings, r: redis.Redis, user: CurrentUs
         )
     jobs = crud.plan_jobs(session, plan_id)
     active = [j.id for j in jobs if j.status in ACTIVE]
-    if plan.status in (SUCCEEDED, FAILED, CANCELLED) and not active:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"plan {plan_id} is already {plan.status}")
+    now = view(plan, jobs)["status"]  # as the jobs are now (the stored status lags a sweeper round)
+    if now in (SUCCEEDED, FAILED, CANCELLED) and not active:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"plan {plan_id} is already {now}")
     plan = crud.lock_plan(session, plan_id)
     points = json.loads(json.dumps(plan.points))
     for point in points:
