@@ -2,7 +2,8 @@
 ``app.templates``) and static files (app/static/, package data).
 
 - ``pages``: the jobs table (/), the new-job form (/jobs/new), a job (/jobs/{id}), a comparison
-  (/compare?ids=1,2); ``workers_page``: the live workers (/workers)
+  (/compare?ids=1,2); ``workers_page``: the live workers (/workers); ``plans``: compression plans
+  (/plans, /plans/new, /plans/{id}), with ``plan_forms`` (its form) and ``plan_view`` (how it reads)
 - ``actions``: what the pages' forms post: a new job, cancel, retry; each parses the form,
   calls ``app.services`` (the same path as the API) and renders
 - ``forms``: the new-job form's inputs <-> the job spec, built from the spec's own fields
@@ -20,7 +21,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from app.web import actions, pages, workers_page
+from app.web import actions, pages, plans, workers_page
 
 STATIC_DIR = str(files("app").joinpath("static"))  # package data, installed or not
 
@@ -38,3 +39,4 @@ def install(app: FastAPI) -> None:
     app.include_router(pages.router)
     app.include_router(workers_page.router)
     app.include_router(actions.router)
+    app.include_router(plans.router)
