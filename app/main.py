@@ -23,6 +23,7 @@ from app.sweeper import Sweeper
 from worker.engine.contract.spec import METHODS
 
 log = logging.getLogger(__name__)
+API_ROUTERS = (jobs.router, plans.router, events.router, uploads.router, health.router, usage.router, workers.router)
 DOCS_ASSETS = "/static/api-docs"  # under /static/: public, cacheable, like the dashboard's own files
 
 
@@ -72,15 +73,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, bind_h
         responses={401: {"description": "sign in: Authorization: Bearer <token>, or the dashboard's session"}},
     )
     app.state.settings = settings
-    for router in (
-        jobs.router,
-        plans.router,
-        events.router,
-        uploads.router,
-        health.router,
-        usage.router,
-        workers.router,
-    ):
+    for router in API_ROUTERS:
         app.include_router(router, prefix="/api/v1")
     app.include_router(health.router, include_in_schema=False)  # /health for load balancers
     app.include_router(login.router)  # /login, /logout
