@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -67,6 +67,12 @@ def dispose_all() -> None:
 
 def session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
+def connect(sessions: sessionmaker[Session]) -> Connection:
+    """A Core connection from the sessions' engine (``with connect(sessions) as connection``), for
+    a read that builds no ORM objects: no Session to set up; rolled back when it closes."""
+    return sessions.kw["bind"].connect()
 
 
 def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:

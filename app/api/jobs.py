@@ -8,11 +8,13 @@ import re
 from datetime import timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import TypeAdapter
+from starlette.concurrency import run_in_threadpool
 
-from app import archive, packagers
+from app import archive, db, packagers
 from app.api.deps import RedisDep, SessionDep, SettingsDep
 from app.auth import UserDep
 from app.crud import list_job_summaries
@@ -24,7 +26,6 @@ from app.schemas import (
     JobOut,
     JobSpec,
     JobStatus,
-    JobSummary,
     MetricOut,
     ModuleResultOut,
 )
@@ -161,17 +162,30 @@ def submit_job(
 
 
 @router.get("", response_model=JobList)
-def list_jobs(
-    session: SessionDep,
+async def list_jobs(
+    request: Request,
     status_: Annotated[JobStatus | None, Query(alias="status", description="only jobs in this state")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
-) -> JobList:
+) -> Response:
     """Newest first."""
-    rows, total = list_job_summaries(session, status=status_, limit=limit, offset=offset)
-    return JobList(
-        items=[JobSummary(**row, url=job_url(row["id"])) for row in rows], total=total, limit=limit, offset=offset
-    )
+    body = await run_in_threadpool(_listing, request.app.state.sessions, status_, limit, offset)
+    return Response(body, media_type="application/json")
+
+
+_JOB_LIST = TypeAdapter(JobList)
+
+
+def _listing(sessions, status_: JobStatus | None, limit: int, offset: int) -> bytes:
+    """The page as JSON, in one thread-pool hop: a Core connection (no ORM session), the rows
+    checked against JobList and serialized once (the route returns the bytes, so FastAPI does
+    not check and serialize them again)."""
+    with db.connect(sessions) as connection:
+        rows, total = list_job_summaries(connection, status=status_, limit=limit, offset=offset)
+    for row in rows:
+        row["url"] = job_url(row["id"])
+    page = {"items": rows, "total": total, "limit": limit, "offset": offset}
+    return _JOB_LIST.dump_json(_JOB_LIST.validate_python(page))
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=NOT_FOUND)
