@@ -11,6 +11,7 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from app import streams
 from app.schemas import ComponentHealth, HealthOut, WorkerOut
@@ -45,15 +46,17 @@ def _redis_and_workers(request: Request) -> tuple[ComponentHealth, list[dict]]:
         return ComponentHealth(ok=False, error=_short(err)), []
 
 
+def _remembered(request: Request) -> tuple[ComponentHealth, ComponentHealth, list[dict]] | None:
+    cached = getattr(request.app.state, "health_checks", None)
+    return cached[1] if cached is not None and cached[0] > time.monotonic() else None
+
+
 def _checks(request: Request) -> tuple[ComponentHealth, ComponentHealth, list[dict]]:
     """The database, Redis and the workers: checked again when the last healthy answer is older
     than CHECK_TTL_S (a load balancer's probe, or hundreds of them a second, costs a lookup),
     at once after any failure. So /health may report a component that failed less than
     CHECK_TTL_S ago as up, never the other way round."""
-    cached = getattr(request.app.state, "health_checks", None)
     now = time.monotonic()
-    if cached is not None and cached[0] > now:
-        return cached[1]
     database = _database(request)
     redis_ok, records = _redis_and_workers(request)
     answer = (database, redis_ok, records)
@@ -64,10 +67,11 @@ def _checks(request: Request) -> tuple[ComponentHealth, ComponentHealth, list[di
 @router.get(
     "/health", response_model=HealthOut, responses={503: {"model": HealthOut, "description": "database or Redis down"}}
 )
-def health(request: Request) -> JSONResponse:
+async def health(request: Request) -> JSONResponse:
     """200 while the database and Redis answer ("degraded" when no worker was seen), else 503.
-    Without sign-in (the public /health), only ``{"status": ...}``."""
-    database, redis_ok, records = _checks(request)
+    Without sign-in (the public /health), only ``{"status": ...}``. Async: a remembered answer
+    is read in the event loop; the checks themselves (blocking clients) run in the thread pool."""
+    database, redis_ok, records = _remembered(request) or await run_in_threadpool(_checks, request)
     now = time.time()
     workers = [
         WorkerOut(
