@@ -237,6 +237,20 @@ def form_submits_and_cancels(stack, browser, models_dir) -> None:
         page.fill("#eval_extra", str(models_dir / "calib.txt"))
         page.fill("#max_windows", "2")
         shot(page, "plan-new")
+
+        # a setting the model cannot take: the form again (422), the setting named, nothing made
+        page.check('input[name="quantization"][value="W4A16"]')
+        page.fill("#quant_group_size", "48")  # divides none of the tiny model's input widths
+        with page.expect_response(lambda r: r.url.endswith("/plans") and r.request.method == "POST") as answer:
+            page.click("#submit-plan")
+        assert answer.value.status == 422
+        assert page.locator("#form-errors").count() == 1
+        refusal = " ".join(page.locator(".field-error").all_inner_texts())
+        assert "48" in refusal and "W4A16" in refusal, refusal
+        assert page.locator("#name").input_value() == "from the form"  # the form keeps what was typed
+        with stack.client() as c:
+            assert c.get("/api/v1/plans").json()["total"] == before
+        page.uncheck('input[name="quantization"][value="W4A16"]')
         page.click("#submit-plan")
         page.wait_for_url(lambda url: "/plans/" in url and not url.endswith("/new"))
         plan_id = int(page.url.rstrip("/").rsplit("/", 1)[-1])
