@@ -73,9 +73,11 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, bind_h
         responses={401: {"description": "sign in: Authorization: Bearer <token>, or the dashboard's session"}},
     )
     app.state.settings = settings
+    # /health for load balancers first: the most frequent request is matched without walking the
+    # API's routers (FastAPI tries routes in order; no other route's path is /health).
+    app.include_router(health.router, include_in_schema=False)
     for router in API_ROUTERS:
         app.include_router(router, prefix="/api/v1")
-    app.include_router(health.router, include_in_schema=False)  # /health for load balancers
     app.include_router(login.router)  # /login, /logout
     web.install(app)  # the browser pages (templates/) and /static
     # 422s name the field and the problem, never the input (a file, a megabyte of JSON).
