@@ -7,14 +7,19 @@ The schema is only ever made or changed by Alembic (``migrations/``): ``migrate(
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+T = TypeVar("T")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -58,11 +63,14 @@ def get_engine(url: str) -> Engine:
 def dispose_all() -> None:
     """After a fork: drop pooled connections inherited from the parent without closing them. Two
     processes on one PostgreSQL connection corrupt each other's transactions (500s, "server closed the
-    connection unexpectedly"): workers and each of `serve --api-workers`' processes call this first."""
+    connection unexpectedly"): workers and each of `serve --api-workers`' processes call this first
+    (it also forgets run_read's threads, which a forked process does not have)."""
+    global _readers
     with _lock:
         for engine in _engines.values():
             engine.dispose(close=False)
         _engines.clear()
+        _readers = None  # the parent's reader threads do not exist here: new ones on first use
 
 
 def session_factory(url: str) -> sessionmaker[Session]:
@@ -73,6 +81,23 @@ def connect(sessions: sessionmaker[Session]) -> Connection:
     """A Core connection from the sessions' engine (``with connect(sessions) as connection``), for
     a read that builds no ORM objects: no Session to set up; rolled back when it closes."""
     return sessions.kw["bind"].connect()
+
+
+READ_THREADS = 4  # per process: short reads at once (more only contend for the GIL and the pool)
+_readers: ThreadPoolExecutor | None = None
+
+
+async def run_read(func: Callable[..., T], *args) -> T:
+    """``func(*args)``, a short blocking database read, on one of READ_THREADS threads kept for
+    them: asyncio's own executor hop, cheaper than the thread pool FastAPI's sync routes share,
+    and at most READ_THREADS such reads at once in this process. The threads start on first use
+    (after `serve --api-workers` forked)."""
+    global _readers
+    if _readers is None:
+        with _lock:
+            if _readers is None:
+                _readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="db-read")
+    return await asyncio.get_running_loop().run_in_executor(_readers, func, *args)
 
 
 def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:

@@ -31,6 +31,13 @@ def _inline_threadpool() -> None:
 
     anyio.to_thread.run_sync = run_sync
 
+    from app import db
+
+    async def run_read(func, *args):
+        return func(*args)
+
+    db.run_read = run_read  # the listing's reader threads, inline too
+
 
 def _report(blocks: int) -> dict:
     """A finished job's report about as large as a real one (per block and module rows)."""

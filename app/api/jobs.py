@@ -12,7 +12,6 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, 
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import TypeAdapter
-from starlette.concurrency import run_in_threadpool
 
 from app import archive, db, packagers
 from app.api.deps import RedisDep, SessionDep, SettingsDep
@@ -169,7 +168,7 @@ async def list_jobs(
     offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> Response:
     """Newest first."""
-    body = await run_in_threadpool(_listing, request.app.state.sessions, status_, limit, offset)
+    body = await db.run_read(_listing, request.app.state.sessions, status_, limit, offset)
     return Response(body, media_type="application/json")
 
 
@@ -177,7 +176,7 @@ _JOB_LIST = TypeAdapter(JobList)
 
 
 def _listing(sessions, status_: JobStatus | None, limit: int, offset: int) -> bytes:
-    """The page as JSON, in one thread-pool hop: a Core connection (no ORM session), the rows
+    """The page as JSON, in one hop to a reader thread: a Core connection (no ORM session), the rows
     checked against JobList and serialized once (the route returns the bytes, so FastAPI does
     not check and serialize them again)."""
     with db.connect(sessions) as connection:
