@@ -51,7 +51,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(workdir: Path) -> tuple[subprocess.Popen, str, Path]:
+def start_server(workdir: Path, api_workers: int | None = None) -> tuple[subprocess.Popen, str, Path]:
+    """`sparsegpt serve --workers 1` on a free port (``--api-workers`` when given), the models it
+    may use, once it reports a worker."""
     sys.path.insert(0, str(REPO))
     from tests.support.tiny_models import make_tiny_model, sample_text
 
@@ -87,7 +89,8 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, str, Path]:
             "1",
             "--log-level",
             "warning",
-        ],
+        ]
+        + (["--api-workers", str(api_workers)] if api_workers else []),
         cwd=REPO,
         env=env,
         stdout=log,
@@ -230,13 +233,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wrk",
         action="store_true",
-        help="measure with wrk against a bare FastAPI app instead (benchmarks/load_wrk.py)",
+        help="measure with wrk against a bare FastAPI app instead (benchmarks/load_wrk.py); each wrk run "
+        "lasts --duration seconds (at most 30)",
+    )
+    parser.add_argument("--wrk-rounds", type=int, default=3, help="--wrk: API / bare rounds per request (1..10)")
+    parser.add_argument(
+        "--api-workers", type=int, help="the server's API processes (--wrk: the bare app's too; default: serve's)"
     )
     args = parser.parse_args(argv)
+    if args.api_workers is not None and not 1 <= args.api_workers <= 8:
+        parser.error("--api-workers: 1..8")
     if args.wrk:
+        if not 1 <= args.wrk_rounds <= 10:
+            parser.error("--wrk-rounds: 1..10")
+        sys.path.insert(0, str(REPO))  # run as a script, benchmarks/ is on the path, not the repository
         from benchmarks.load_wrk import run_wrk
 
-        return run_wrk(seconds=min(int(args.duration), 30))
+        seconds = max(1, min(int(args.duration), 30))
+        return run_wrk(seconds=seconds, rounds=args.wrk_rounds, api_workers=args.api_workers or 1)
     if not (1 <= args.clients <= 200 and 1 <= args.rounds <= 200 and 0 < args.duration <= 600):
         parser.error("bounded on purpose: --clients 1..200, --rounds 1..200, --duration up to 600 s")
     proc = workdir = None
@@ -249,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         workdir = Path(tempfile.mkdtemp(prefix="sparsegpt-load-"))
         print(f"starting a server in {workdir} ...")
-        proc, base, models = start_server(workdir)
+        proc, base, models = start_server(workdir, api_workers=args.api_workers)
     try:
         code = asyncio.run(run(base, args.token, models, args.clients, args.rounds, args.duration))
         if code and workdir is not None:

@@ -1,9 +1,17 @@
 """`benchmarks/load.py --wrk`: requests/s and latency with wrk (Debian's package) against the real
-API and, in the same run, a bare FastAPI app on the same uvicorn settings (h11, one process, the
-same host) returning the same bytes. Targets (issue 22, "an API that keeps up"): GET /api/v1/jobs
-with 20 jobs at least 0.3x the bare app's requests/s, /health at least 0.7x, and with 200 SSE
-streams open the p99 of GET /api/v1/jobs at most 2x its p99 without them. Writes
-benchmarks/results/load.json and prints the table; the targets are reported, not enforced."""
+API and, in the same run, a bare FastAPI app on the same uvicorn settings (h11, the same number of
+processes on one listening socket, the same host) returning the same bytes. Targets (issue 22, "an
+API that keeps up"): GET /api/v1/jobs with 20 jobs at least 0.3x the bare app's requests/s,
+/health at least 0.7x, and with 200 SSE streams open the p99 of GET /api/v1/jobs at most 2x its
+p99 without them.
+
+The machine is shared, so each figure is a ratio taken within one round (the API and the bare app
+measured back to back, the order alternating round by round), over ``rounds`` rounds: the report
+gives each round's ratio, their min/median/max and the load average while they ran. Beside
+requests/s it gives each server's CPU time per request (its processes' user+system time over the
+requests wrk completed), which other programs on the machine disturb far less. The measurement
+starts once the long job is running. Writes benchmarks/results/load.json and prints the table; the
+targets are reported, not enforced."""
 
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -24,7 +33,7 @@ RESULTS = REPO / "benchmarks" / "results" / "load.json"
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
 BARE_APP = """
-import os, sys
+import os, signal, socket, sys
 from fastapi import FastAPI
 from fastapi.responses import Response
 import uvicorn
@@ -36,7 +45,26 @@ def jobs(limit: int = 20):
 @app.get("/health")
 def health():
     return Response(bodies["/health"], media_type="application/json")
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), http="h11", log_level="warning", timeout_keep_alive=5)
+port, processes = int(sys.argv[1]), int(sys.argv[4])
+settings = dict(host="127.0.0.1", port=port, http="h11", log_level="warning", timeout_keep_alive=5)
+if processes == 1:
+    uvicorn.run(app, **settings)
+    sys.exit(0)
+# as `sparsegpt serve --api-workers N` does: one socket bound here, N forked processes accept on it
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind(("127.0.0.1", port))
+sock.listen(2048)
+children = []
+for _ in range(processes):
+    pid = os.fork()
+    if pid == 0:
+        uvicorn.Server(uvicorn.Config(app, **settings)).run(sockets=[sock])
+        os._exit(0)
+    children.append(pid)
+signal.signal(signal.SIGTERM, lambda *_: [os.kill(c, signal.SIGTERM) for c in children])
+for _ in children:
+    os.wait()
 """
 
 
@@ -92,19 +120,72 @@ def open_streams(base: str, job_id: int, count: int, stop: threading.Event, answ
     return thread
 
 
-def measure(base: str, models: Path, workdir: Path, seconds: int, connections: int) -> dict:
+def _cpu_s(processes: list) -> float:
+    """User + system CPU seconds of these processes (psutil.Process), so far."""
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except Exception:  # a process gone: its time is not counted
+            pass
+    return total
+
+
+def server_processes(pid: int, api_workers: int) -> list:
+    """The processes that answer HTTP: ``pid`` itself with one, else its forked copies (the same
+    command line: not the local workers or redis-server it also started)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    if api_workers == 1:
+        return [parent]
+    return [child for child in parent.children() if child.cmdline() == parent.cmdline()]
+
+
+def timed_wrk(url: str, processes: list, *, connections: int, seconds: int) -> dict:
+    """One wrk run, with the load average when it began and the servers' CPU us per request."""
+    load = os.getloadavg()[0]
+    cpu = _cpu_s(processes)
+    result = wrk(url, connections=connections, seconds=seconds)
+    requests = max(1, round(result["rps"] * seconds))
+    result["cpu_us_per_request"] = round((_cpu_s(processes) - cpu) / requests * 1e6)
+    result["load_1m"] = round(load, 2)
+    return result
+
+
+def wait_running(client: httpx.Client, job_id: int, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.get(f"/api/v1/jobs/{job_id}").json()["status"] == "running":
+            time.sleep(3)  # past its start (loading the model)
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"the long job {job_id} did not start in {timeout_s} s")
+
+
+def measure(server_pid: int, base: str, models: Path, workdir: Path, opts: dict) -> dict:
+    # Long on purpose: the whole measurement in order (jobs, the bare twin, alternating rounds, SSE).
     from benchmarks.load import busy_job, free_port, small_job
 
+    seconds, connections, rounds, api_workers = (
+        opts["seconds"],
+        opts["connections"],
+        opts["rounds"],
+        opts["api_workers"],
+    )
     with httpx.Client(base_url=base, timeout=30) as c:
         running = c.post("/api/v1/jobs", json=busy_job(models)).json()["id"]
         for _ in range(19):
             assert c.post("/api/v1/jobs", json=small_job(models)).status_code in (200, 201, 202)
+        wait_running(c, running)
         listing, health = c.get("/api/v1/jobs?limit=20"), c.get("/health")
     (workdir / "jobs.json").write_bytes(listing.content)
     (workdir / "health.json").write_bytes(health.content)
     port = free_port()
     bare = subprocess.Popen(
-        [sys.executable, "-c", BARE_APP, str(port), str(workdir / "jobs.json"), str(workdir / "health.json")],
+        [sys.executable, "-c", BARE_APP, str(port), str(workdir / "jobs.json"), str(workdir / "health.json")]
+        + [str(api_workers)],
         cwd=REPO,
         start_new_session=True,
     )
@@ -112,23 +193,32 @@ def measure(base: str, models: Path, workdir: Path, seconds: int, connections: i
     try:
         for _ in range(100):
             try:
-                httpx.get(f"{bare_base}/health", timeout=1)
+                if httpx.get(f"{bare_base}/health", timeout=1).content != health.content:
+                    raise SystemExit("the bare app does not answer the same bytes")
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        rows = {}
+        time.sleep(1)  # every bare process listening
+        sides = {
+            "api": (base, server_processes(server_pid, api_workers)),
+            "bare": (bare_base, server_processes(bare.pid, api_workers)),
+        }
+        rows: dict = {}
         for path in ("/api/v1/jobs?limit=20", "/health"):
-            rows[path] = {
-                "api": wrk(base + path, connections=connections, seconds=seconds),
-                "bare": wrk(bare_base + path, connections=connections, seconds=seconds),
-            }
+            rows[path] = {"api": [], "bare": []}
+            for number in range(rounds):
+                for who in ("api", "bare") if number % 2 == 0 else ("bare", "api"):
+                    url, processes = sides[who]
+                    rows[path][who].append(timed_wrk(url + path, processes, connections=connections, seconds=seconds))
         stop = threading.Event()
         answered: list[int] = []
         holder = open_streams(base, running, 200, stop, answered)
         try:
-            during = wrk(base + "/api/v1/jobs?limit=20", connections=connections, seconds=seconds)
+            during = timed_wrk(
+                base + "/api/v1/jobs?limit=20", sides["api"][1], connections=connections, seconds=seconds
+            )
             during["sse_streams_open"] = sum(1 for code in answered if code == 200)
-            rows["/api/v1/jobs?limit=20 with 200 SSE"] = {"api": during}
+            rows["/api/v1/jobs?limit=20 with 200 SSE"] = {"api": [during]}
         finally:
             stop.set()
             holder.join(10)
@@ -138,37 +228,58 @@ def measure(base: str, models: Path, workdir: Path, seconds: int, connections: i
     return rows
 
 
-def report(rows: dict, seconds: int, connections: int) -> dict:
-    jobs, health = rows["/api/v1/jobs?limit=20"], rows["/health"]
-    sse = rows["/api/v1/jobs?limit=20 with 200 SSE"]["api"]
+def _spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "each": values}
+
+
+def report(rows: dict, opts: dict) -> dict:
+    def ratios(path: str, key: str, invert: bool = False) -> dict:
+        pairs = zip(rows[path]["api"], rows[path]["bare"], strict=True)
+        values = [(b[key] / a[key]) if invert else (a[key] / b[key]) for a, b in pairs]
+        return _spread([round(v, 3) for v in values])
+
+    jobs, health = "/api/v1/jobs?limit=20", "/health"
+    sse = rows["/api/v1/jobs?limit=20 with 200 SSE"]["api"][0]
+    quiet_p99 = statistics.median(r["p99_ms"] for r in rows[jobs]["api"])
     targets = {
-        "jobs_rps_ratio": {"value": jobs["api"]["rps"] / jobs["bare"]["rps"], "target": ">= 0.3"},
-        "health_rps_ratio": {"value": health["api"]["rps"] / health["bare"]["rps"], "target": ">= 0.7"},
-        "p99_ratio_with_200_sse": {"value": sse["p99_ms"] / jobs["api"]["p99_ms"], "target": "<= 2"},
+        "jobs_rps_ratio": {**ratios(jobs, "rps"), "target": ">= 0.3"},
+        "health_rps_ratio": {**ratios(health, "rps"), "target": ">= 0.7"},
+        "p99_ratio_with_200_sse": {"median": sse["p99_ms"] / quiet_p99, "target": "<= 2"},
     }
-    targets["jobs_rps_ratio"]["met"] = targets["jobs_rps_ratio"]["value"] >= 0.3
-    targets["health_rps_ratio"]["met"] = targets["health_rps_ratio"]["value"] >= 0.7
-    targets["p99_ratio_with_200_sse"]["met"] = targets["p99_ratio_with_200_sse"]["value"] <= 2
+    targets["jobs_rps_ratio"]["met"] = targets["jobs_rps_ratio"]["median"] >= 0.3
+    targets["health_rps_ratio"]["met"] = targets["health_rps_ratio"]["median"] >= 0.7
+    targets["p99_ratio_with_200_sse"]["met"] = targets["p99_ratio_with_200_sse"]["median"] <= 2
+    cpu = {path: ratios(path, "cpu_us_per_request", invert=True) for path in (jobs, health)}
+    loads = [r["load_1m"] for by in rows.values() for runs in by.values() for r in runs]
     result = {
         "tool": "wrk -t2 --latency",
-        "connections": connections,
-        "seconds": seconds,
+        **opts,
         "cpus": os.cpu_count(),
+        "load_1m": {"min": min(loads), "max": max(loads)},
         "rows": rows,
         "targets": targets,
+        "cpu_per_request_ratio_bare_over_api": cpu,
     }
-    print(f"{'request':42} {'server':6} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'non-2xx':>8}")
+    print(f"{'request':38} {'server':6} {'round':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>10} load")
     for path, by in rows.items():
-        for who, r in by.items():
-            print(f"{path:42} {who:6} {r['rps']:9.1f} {r['p50_ms']:9.1f} {r['p99_ms']:9.1f} {r['non_2xx']:8d}")
-    print(f"SSE streams answered 200 and held: {sse.get('sse_streams_open')}")
+        for who, runs in by.items():
+            for number, r in enumerate(runs, 1):
+                print(
+                    f"{path:38} {who:6} {number:5d} {r['rps']:8.1f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} "
+                    f"{r['cpu_us_per_request']:10d} {r['load_1m']:5.1f}"
+                    + (f"  non-2xx {r['non_2xx']}" if r["non_2xx"] else "")
+                )
+    print(f"SSE streams answered 200 and held: {sse.get('sse_streams_open')}; load average {min(loads)}-{max(loads)}")
     for name, t in targets.items():
-        print(f"{name:28} {t['value']:6.2f} (target {t['target']}): {'met' if t['met'] else 'MISSED'}")
+        each = f" (rounds: {', '.join(f'{v:.2f}' for v in t['each'])}; min {t['min']:.2f})" if "each" in t else ""
+        print(f"{name:24} median {t['median']:5.2f} (target {t['target']}): {'met' if t['met'] else 'MISSED'}{each}")
+    for path, c in cpu.items():
+        print(f"CPU per request, bare / API, {path}: median {c['median']:.2f} (min {c['min']:.2f}, max {c['max']:.2f})")
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def run_wrk(seconds: int = 10, connections: int = 50) -> int:
+def run_wrk(seconds: int = 8, connections: int = 50, rounds: int = 3, api_workers: int = 1) -> int:
     import tempfile
 
     from benchmarks.load import start_server, stop_server
@@ -176,9 +287,10 @@ def run_wrk(seconds: int = 10, connections: int = 50) -> int:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (Debian: apt-get install -y wrk)")
     workdir = Path(tempfile.mkdtemp(prefix="sparsegpt-wrk-"))
-    proc, base, models = start_server(workdir)
+    proc, base, models = start_server(workdir, api_workers=api_workers)
+    opts = {"connections": connections, "seconds": seconds, "rounds": rounds, "api_workers": api_workers}
     try:
-        report(measure(base, models, workdir, seconds, connections), seconds, connections)
+        report(measure(proc.pid, base, models, workdir, opts), opts)
         return 0
     finally:
         stop_server(proc, workdir)
