@@ -14,7 +14,8 @@ For each HTTP request, before any route runs and before any of the body is read:
    session cookie changes nothing on /api/*: API clients send ``Authorization: Bearer``.
 3. **Who is asking**: the user is resolved from the headers alone (app.auth.resolve_user:
    Bearer token, session cookie, single-user mode); 401 / a redirect to /login comes before
-   the body is read.
+   the body is read. A credential remembered for a moment (app.auth_cache) and single-user
+   mode's local user are decided in the event loop, with no database, route match or thread.
 4. **Body caps**: settings.max_body_bytes for JSON and form routes, the upload cap (plus the
    multipart framing) for uploads; a larger Content-Length is refused at once, and a body
    (chunked too) is counted as it streams: 413 when it passes the cap. It must also come at an
