@@ -176,3 +176,25 @@ def test_bad_exports_are_refused(tmp_path):
         save_compressed_from_dense(
             dense, linears, q, tmp_path / "c", experts={"model.layers.0.mlp.experts.9.w1": linears[name]}
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_values_that_round_to_zero_are_stored_as_the_solvers_codes(dtype, tmp_path):
+    """A weight far below its row's amax / 448 / 2^9 rounds to an FP8 zero; a negative one used to keep
+    its sign (-0), which compressed-tensors stores as +0: the export refused SmolLM2 at FP8 (fp32)."""
+    path = make_tiny_model(tmp_path / "m", "llama")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    q = Quantization("FP8_DYNAMIC", -1, scale_dtype=dtype)
+    name, linear = next((n, m) for n, m in model.named_modules() if n.endswith("q_proj"))
+    W = linear.weight.detach().float().clone()
+    W[0, :4] = torch.tensor([-1e-9, 1e-9, -0.0, 0.0]) * W.abs().max()
+    codes = q.codes(W, q.fit(W))
+    assert not torch.any(codes.view(torch.int8) == torch.tensor(-128, dtype=torch.int8))  # no -0 code
+    scale = q.fit(W)
+    quantized = QuantizedWeight.of(codes, scale.unsqueeze(1), q)
+    with torch.no_grad():
+        linear.weight.copy_(quantized.weight.to(dtype))
+    save_compressed(model, {name: quantized}, q, tmp_path / "out")  # refused before the fix
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        stored = f.get_tensor(f"{name}.weight")
+    assert torch.equal(stored.view(torch.int8), codes.view(torch.int8))

@@ -94,7 +94,9 @@ class Quantization:
         scaled = x.float() / scale
         if self.type == "int":
             return torch.round(torch.clamp(scaled, -self.qmax - 1, self.qmax)).to(torch.int8)
-        return torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        # A value below half the smallest subnormal rounds to zero, keeping its sign; -0 + 0 is +0, the code
+        # compressed-tensors stores (it adds the zero point), so the checkpoint holds these very codes.
+        return (torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() + 0.0).to(torch.float8_e4m3fn)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
