@@ -28,7 +28,7 @@ from app.schemas import (
     MetricOut,
     ModuleResultOut,
 )
-from app.services import jobs
+from app.services import jobs, plans
 from app.services.jobs import job_url, live_progress
 from app.services.specs import SpecError
 
@@ -212,6 +212,7 @@ def retry_job(job_id: JobId, response: Response, session: SessionDep, settings: 
         job = jobs.retry(session, settings, user, job_id)
     except SpecError as err:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=err.errors) from None
+    plans.job_changed(session, settings, job.plan_id)  # its plan's point names the new job
     response.headers["Location"] = job_url(job.id)
     return job_out(job, retention_s=settings.artifact_retention_s)
 
@@ -245,6 +246,7 @@ def cancel_job(job_id: JobId, session: SessionDep, settings: SettingsDep, r: Red
     if result.outcome == "finished":
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"job {job_id} is already {result.job.status}")
     job = jobs.get_or_404(session, job_id, details=True)
+    plans.job_changed(session, settings, job.plan_id)  # a budget search goes on without it
     code = status.HTTP_202_ACCEPTED if result.outcome == "requested" else status.HTTP_200_OK
     body = job_out(job, retention_s=settings.artifact_retention_s)
     return JSONResponse(body.model_dump(mode="json"), status_code=code)

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.services import jobs, upload_store, uploads
+from app.services import jobs, plans, upload_store, uploads
 from app.services.specs import SpecError
 from app.web import csrf, forms
 from app.web.pages import form_page
@@ -133,6 +133,7 @@ def cancel_job_form(request: Request, job_id: str, csrf_token: Annotated[str, Fo
             message = f"The job had already ended ({outcome.job.status if outcome.job else ''})."
         else:
             message = _CANCELLED.get(outcome.outcome, "")
+            plans.job_changed(session, request.app.state.settings, outcome.job.plan_id if outcome.job else None)
     return RedirectResponse(f"/jobs/{parsed}?message={message}", status_code=303)
 
 
@@ -172,4 +173,5 @@ def retry_job_form(request: Request, job_id: str, csrf_token: Annotated[str, For
         except HTTPException as err:  # 404, 403 (not yours), 409 (not finished), 429, 503
             return _refusal(request, err, "Cannot retry")
         new_id = new.id
+        plans.job_changed(session, request.app.state.settings, new.plan_id)
     return RedirectResponse(f"/jobs/{new_id}?message=A retry of job {parsed}.", status_code=303)
