@@ -4,7 +4,6 @@ parse and render; ``app.services.jobs`` does the work."""
 from __future__ import annotations
 
 import base64
-import re
 from datetime import timedelta
 from typing import Annotated, Any
 
@@ -14,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import TypeAdapter
 
 from app import archive, db, packagers
-from app.api.deps import RedisDep, SessionDep, SettingsDep
+from app.api.deps import RedisDep, SessionDep, SettingsDep, check_idempotency_key, idempotency_key_header
 from app.auth import UserDep
 from app.crud import list_job_summaries
 from app.models import SUCCEEDED, Job
@@ -37,7 +36,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 NOT_FOUND = {404: {"description": "no such job"}}
 FORBIDDEN = {403: {"description": "only the job's owner or an admin may do this"}}
 LIMITED = {429: {"description": "the per-user cap on queued + running jobs is reached"}}
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+IdempotencyKey = idempotency_key_header("job")
 JobId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="the job's id")]
 
 
@@ -130,21 +129,10 @@ def submit_job(
     session: SessionDep,
     settings: SettingsDep,
     user: UserDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            alias="Idempotency-Key",
-            max_length=255,
-            description="repeat a POST safely: the same key and body return the first job (200)",
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Any:
     """Queue a pruning job. 201 with the job and its Location."""
-    if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail="Idempotency-Key: 1 to 255 visible ASCII characters (a UUID, for example)",
-        )
+    check_idempotency_key(idempotency_key)
     try:
         created = jobs.create(session, settings, user, spec, idempotency_key=idempotency_key)
     except SpecError as err:

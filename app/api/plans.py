@@ -3,14 +3,13 @@ and render; ``app.services.plans`` does the work (and ``plan_view.view`` makes t
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 
-from app.api.deps import RedisDep, SessionDep, SettingsDep
+from app.api.deps import RedisDep, SessionDep, SettingsDep, check_idempotency_key, idempotency_key_header
 from app.auth import UserDep
 from app.plan_schemas import PlanIn, PlanList, PlanOut, PlanSummary
 from app.services import plans
@@ -20,7 +19,7 @@ from app.services.specs import SpecError
 router = APIRouter(prefix="/plans", tags=["plans"])
 
 NOT_FOUND = {404: {"description": "no such plan"}}
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+IdempotencyKey = idempotency_key_header("plan")
 PlanId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="the plan's id")]
 
 
@@ -43,22 +42,11 @@ def submit_plan(
     session: SessionDep,
     settings: SettingsDep,
     user: UserDep,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            alias="Idempotency-Key",
-            max_length=255,
-            description="repeat a POST safely: the same key and body return the first plan (200)",
-        ),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> Any:
     """Start a compression plan: a grid of settings, or a budget searched in order of size. Its jobs
     are queued as the user's cap on active jobs allows. 201 with the plan and its Location."""
-    if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail="Idempotency-Key: 1 to 255 visible ASCII characters (a UUID, for example)",
-        )
+    check_idempotency_key(idempotency_key)
     try:
         created = plans.submit(session, settings, user, body, idempotency_key=idempotency_key)
     except SpecError as err:
