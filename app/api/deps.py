@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import redis
 from fastapi import Depends, Header, HTTPException, Request, status
+from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -55,3 +56,11 @@ def check_idempotency_key(key: str | None) -> None:
             status.HTTP_422_UNPROCESSABLE_CONTENT,
             detail="Idempotency-Key: 1 to 255 visible ASCII characters (a UUID, for example)",
         )
+
+
+def replayed(content: Any, location: str) -> JSONResponse:
+    """The answer to a POST whose Idempotency-Key an earlier request made the thing with: 200,
+    that thing (``content``: JSON-ready), its Location and Idempotent-Replayed: true."""
+    return JSONResponse(
+        content, status_code=status.HTTP_200_OK, headers={"Location": location, "Idempotent-Replayed": "true"}
+    )

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import TypeAdapter
 
 from app import archive, db, packagers
-from app.api.deps import RedisDep, SessionDep, SettingsDep, check_idempotency_key, idempotency_key_header
+from app.api.deps import RedisDep, SessionDep, SettingsDep, check_idempotency_key, idempotency_key_header, replayed
 from app.auth import UserDep
 from app.crud import list_job_summaries
 from app.models import SUCCEEDED, Job
@@ -139,11 +139,7 @@ def submit_job(
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=err.errors) from None
     body = job_out(created.job, retention_s=settings.artifact_retention_s)
     if created.replayed:
-        return JSONResponse(
-            body.model_dump(mode="json"),
-            status_code=status.HTTP_200_OK,
-            headers={"Location": job_url(created.job.id), "Idempotent-Replayed": "true"},
-        )
+        return replayed(body.model_dump(mode="json"), job_url(created.job.id))
     response.headers["Location"] = job_url(created.job.id)
     return body
 

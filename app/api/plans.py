@@ -7,9 +7,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse
 
-from app.api.deps import RedisDep, SessionDep, SettingsDep, check_idempotency_key, idempotency_key_header
+from app.api.deps import RedisDep, SessionDep, SettingsDep, check_idempotency_key, idempotency_key_header, replayed
 from app.auth import UserDep
 from app.plan_schemas import PlanIn, PlanList, PlanOut, PlanSummary
 from app.services import plans
@@ -54,11 +53,7 @@ def submit_plan(
     data = plans.plan_json(session, created.plan)
     location = plans.plan_url(created.plan.id)
     if created.replayed:
-        return JSONResponse(
-            PlanOut.model_validate(data).model_dump(mode="json"),
-            status_code=status.HTTP_200_OK,
-            headers={"Location": location, "Idempotent-Replayed": "true"},
-        )
+        return replayed(PlanOut.model_validate(data).model_dump(mode="json"), location)
     response.headers["Location"] = location
     return data
 
