@@ -69,6 +69,11 @@ OPERATIONS = [
     "GET /api/v1/workers",
     "GET /api/v1/usage",
     "DELETE /api/v1/calibration-sets/{set_id}",
+    "POST /api/v1/plans",
+    "GET /api/v1/plans",
+    "GET /api/v1/plans/{plan_id}",
+    "POST /api/v1/plans/{plan_id}/cancel",
+    "GET /api/v1/plans/{plan_id}/table.csv",
 ]
 
 
