@@ -209,9 +209,14 @@ class Guard:
             if reason:
                 await _send(JSONResponse({"detail": reason}, 403), scope, receive, send, has_body)
                 return
-        if auth.is_public(path):
-            _settle_public(scope, headers)
-        elif path not in self.open_paths and not _signed_in(scope, headers, method, path) and _routed(scope):
+        # A public path (/health, /login) is left to its route's own sign-in check: settling it here
+        # broke the connection bound under a slow-headers flood (tests/api/test_slowloris.py).
+        if (
+            not auth.is_public(path)
+            and path not in self.open_paths
+            and not _signed_in(scope, headers, method, path)
+            and _routed(scope)
+        ):
             refusal = await self._authenticate(scope, headers, method, path)
             if refusal is not None:
                 await _send(refusal, scope, receive, send, has_body)
@@ -306,25 +311,6 @@ def _signed_in(scope: Scope, headers: dict[str, str], method: str, path: str) ->
     request.state.user = user
     request.state.user_resolved = True
     return True
-
-
-def _settle_public(scope: Scope, headers: dict[str, str]) -> None:
-    """A public path (/health, /login, ...) still learns who is asking (the full health report
-    is for signed-in users): decided here when no database is needed (no credential, or a
-    remembered one), so the route's dependency takes it without a thread-pool hop; else left
-    to app.auth.authenticate."""
-    request = Request(scope)
-    if "authorization" not in headers and auth.SESSION_COOKIE not in headers.get("cookie", ""):
-        try:
-            user = auth.resolve_user(request)
-        except HTTPException:
-            user = None
-    else:
-        user = auth.remembered_user(request)
-        if user is None:
-            return
-    request.state.user = user
-    request.state.user_resolved = True
 
 
 def _routed(scope: Scope) -> bool:
