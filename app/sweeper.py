@@ -140,17 +140,17 @@ def _resend_lost(settings, sessions, r, report: SweepReport, send) -> None:
     if not candidates:
         return
     with sessions() as session:
-        queues = crud.job_queues(session, [job_id for job_id, _ in candidates], default=settings.queue)
-        priorities = crud.job_priorities(session, [job_id for job_id, _ in candidates])
+        routes = crud.job_routes(session, [job_id for job_id, _ in candidates], default=settings.queue)
     present: dict[str, str] = {}
     try:
-        for queue in set(queues.values()):
+        for queue in {queue for queue, _ in routes.values()}:
             present[queue] = broker_messages(r, queue)
     except redis_lib.RedisError as err:
         report.errors.append(f"broker unreachable: {err}")
         return
     for job_id, task_id in candidates:
-        if task_id and task_id in present[queues[job_id]]:
+        queue, priority = routes[job_id]
+        if task_id and task_id in present[queue]:
             continue
         new = new_task_id(job_id)
         with sessions() as session:
@@ -159,7 +159,7 @@ def _resend_lost(settings, sessions, r, report: SweepReport, send) -> None:
         if not won:
             continue
         try:
-            send(settings, job_id, task_id=new, queue=queues[job_id], priority=priorities.get(job_id))
+            send(settings, job_id, task_id=new, queue=queue, priority=priority)
         except Exception as err:
             report.errors.append(f"job {job_id}: could not send: {err}")
             continue

@@ -210,11 +210,11 @@ def queued_jobs_sent_before(session: Session, *, before: datetime, limit: int = 
     return [(row[0], row[1]) for row in rows]
 
 
-def job_queues(session: Session, job_ids: list[int], *, default: str) -> dict[int, str]:
-    """{id: the queue it was routed to, else ``default``}."""
-    found = {job_id: default for job_id in job_ids}
-    for job_id, queue in session.execute(select(Job.id, Job.queue).where(Job.id.in_(job_ids))):
-        found[job_id] = queue or default
+def job_routes(session: Session, job_ids: list[int], *, default: str) -> dict[int, tuple[str, int | None]]:
+    """{id: (the queue it was routed to, else ``default``; its message priority)} in one query."""
+    found: dict[int, tuple[str, int | None]] = {job_id: (default, None) for job_id in job_ids}
+    for job_id, queue, priority in session.execute(select(Job.id, Job.queue, Job.priority).where(Job.id.in_(job_ids))):
+        found[job_id] = (queue or default, priority)
     return found
 
 

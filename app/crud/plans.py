@@ -129,11 +129,3 @@ def mark_plan_job(session: Session, job: Job, *, plan_id: int | None, priority: 
     job.plan_id = plan_id
     job.priority = priority
     session.flush()
-
-
-def job_priorities(session: Session, job_ids: list[int]) -> dict[int, int | None]:
-    """The message priority of each job (the sweeper's re-send keeps it)."""
-    if not job_ids:
-        return {}
-    rows = session.execute(select(Job.id, Job.priority).where(Job.id.in_(job_ids)))
-    return {row[0]: row[1] for row in rows}
