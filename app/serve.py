@@ -5,15 +5,15 @@ free loopback port (when REDIS_URL is not set), migrations applied, ``--workers`
 processes, and the API on 127.0.0.1:8000. SIGINT/SIGTERM stop the API, then the workers, then
 Redis. On a team server (``--workers 0``) the workers run as their own services.
 
-uvicorn (h11) runs with limits it lacks alone (``EdgeProtocol``): request headers within
+uvicorn (h11) runs with limits it lacks alone (``app.edge_server``): request headers within
 settings.header_timeout_s, settings.keepalive_timeout_s idle between requests, at most
-settings.max_connections held (below the open-files limit, raised to its hard limit); "Too many
-open files" is logged once a minute, not once per connection (``app.log_limits``).
+settings.max_connections held (below the open-files limit, raised to its hard limit), accepted
+only into room; "Too many open files" is logged once a minute, not once per connection
+(``app.log_limits``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import resource
@@ -26,12 +26,10 @@ import threading
 import time
 from pathlib import Path
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
-
 from app import db
 from app.config import Settings, get_settings, is_loopback
-from app.log_limits import install_log_limits, limited_log
+from app.edge_server import EdgeProtocol, EdgeServer
+from app.log_limits import install_log_limits
 from app.serve_procs import bind, default_api_workers, run_processes
 
 log = logging.getLogger("sparsegpt.serve")
@@ -160,121 +158,6 @@ class Workers:
                         pass
 
 
-class _Pool:
-    """One server's connections that are not in a request (waiting for headers, or idle),
-    oldest first: the ones closed to make room when the bound is passed."""
-
-    def __init__(self, connections: set, loop) -> None:
-        self.connections, self.loop = connections, loop
-        self.waiting: dict[EdgeProtocol, None] = {}
-        self.trim_pending = False
-
-    def evict(self, count: int, *, keep=None) -> int:
-        """Close up to ``count`` waiting connections, oldest first, but not one that was accepted
-        a moment ago and has not been read yet (its request may be there)."""
-        now, closed = self.loop.time(), 0
-        for other in list(self.waiting):
-            if closed >= count:
-                break
-            if other is not keep and (other.heard or now - other.born >= EdgeProtocol.GRACE_S):
-                other.close_quietly()
-                closed += 1
-        return closed
-
-    def schedule_trim(self) -> None:
-        if not self.trim_pending:
-            self.trim_pending = True
-            self.loop.call_later(0.02, self.trim)
-
-    def trim(self) -> None:
-        """Back to the bound, a moment after a burst of connections (their requests read by then)."""
-        self.trim_pending = False
-        excess = len(self.connections) - EdgeProtocol.max_connections
-        if excess > 0 and self.evict(excess) < excess:
-            self.schedule_trim()
-
-
-class EdgeProtocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for request headers and a bound on connections
-    (class attributes, set by ``serve``): past ``max_connections`` the oldest connections
-    that are not in a request are closed (a moment later: a burst's own requests are read
-    first); past ``ceiling`` (what the open-files limit allows) at once, and a new connection
-    gets a 503 when no connection can be closed for it."""
-
-    header_timeout_s: float = 10.0
-    max_connections: int = 1000
-    ceiling: int = 1000
-    GRACE_S = 0.1
-    _BUSY_503 = (
-        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nretry-after: 2\r\n"
-        b"connection: close\r\ncontent-length: 36\r\n\r\ntoo many connections; try again soon"
-    )
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._header_timer = None
-        self.heard, self.born = False, 0.0
-        pool = self.server_state.__dict__.get("edge_pool") or _Pool(self.connections, self.loop)
-        self._pool: _Pool = self.server_state.__dict__.setdefault("edge_pool", pool)
-
-    def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self.born = self.loop.time()
-        count = len(self.connections)
-        if count > self.ceiling and not self._pool.evict(count - self.ceiling, keep=self):
-            limited_log.warning("%d connections, none of them idle: refusing new ones (503)", count - 1)
-            transport.write(self._BUSY_503)
-            transport.close()
-            return
-        if count > self.max_connections:
-            self._pool.schedule_trim()
-        self._wait_for_headers()
-
-    def _wait_for_headers(self) -> None:
-        self._pool.waiting[self] = None
-        if self._header_timer is None:
-            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
-
-    def _headers_late(self) -> None:
-        self._header_timer = None
-        if self.cycle is None or self.cycle.response_complete:  # still no complete request headers
-            self.close_quietly()
-
-    def _in_request(self) -> None:
-        self._pool.waiting.pop(self, None)
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def close_quietly(self) -> None:
-        self._pool.waiting.pop(self, None)
-        if not self.transport.is_closing():
-            with contextlib.suppress(h11.LocalProtocolError):
-                self.conn.send(h11.ConnectionClosed())
-            self.transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        self.heard = True
-        if self.cycle is not None and self.cycle.response_complete and self._header_timer is None:
-            self._wait_for_headers()  # a next request begins: its headers have the same deadline
-        super().data_received(data)
-
-    def handle_events(self) -> None:
-        before = self.cycle
-        super().handle_events()
-        if self.cycle is not before:
-            self._in_request()
-
-    def on_response_complete(self) -> None:
-        if not self.transport.is_closing():
-            self._pool.waiting[self] = None  # idle: the keep-alive timeout runs
-        super().on_response_complete()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._in_request()
-        super().connection_lost(exc)
-
-
 def raise_open_files_limit() -> int:
     """The soft RLIMIT_NOFILE raised to the hard limit; returns the soft limit now in force."""
     try:
@@ -317,8 +200,8 @@ def auth_mode(settings: Settings, host: str) -> str:
     return mode
 
 
-def _run_uvicorn(settings: Settings, host: str, port: int, log_level: str, sock) -> int:
-    """One API process: the app and uvicorn with the edge limits (on ``sock`` when one is shared)."""
+def _run_uvicorn(settings: Settings, host: str, port: int, log_level: str, sock: socket.socket) -> int:
+    """One API process: the app and uvicorn with the edge limits, on ``sock`` (bound by serve)."""
     import uvicorn
 
     from app.main import create_app
@@ -337,8 +220,8 @@ def _run_uvicorn(settings: Settings, host: str, port: int, log_level: str, sock)
         forwarded_allow_ips=forwarded or None,
     )
     install_log_limits()  # after uvicorn set up its handlers
-    server = uvicorn.Server(config)
-    server.run(sockets=[sock] if sock is not None else None)
+    server = EdgeServer(config)
+    server.run(sockets=[sock])
     return 0 if server.started else 1
 
 
@@ -391,13 +274,21 @@ def serve(
         open_files = raise_open_files_limit()
         EdgeProtocol.header_timeout_s = settings.header_timeout_s
         EdgeProtocol.max_connections = connection_bound(settings, open_files)  # per API process
-        EdgeProtocol.ceiling = max(EdgeProtocol.max_connections, open_files - FD_RESERVE)
         count = api_workers if api_workers is not None else default_api_workers(settings.database)
         if count < 1:
             raise SystemExit("sparsegpt serve: --api-workers must be 1 or more")
+        try:
+            sock = bind(host, port)
+        except OSError as err:
+            raise SystemExit(f"sparsegpt serve: cannot listen on {host}:{port}: {err.strerror or err}") from None
+        shown = f"[{host}]" if ":" in host else host
+        log.info("the API listens on http://%s:%d (Ctrl-C stops everything)", shown, sock.getsockname()[1])
         if count == 1:
-            return _run_uvicorn(settings, host, port, log_level, None)
-        return run_processes(count, bind(host, port), lambda sock: _run_uvicorn(settings, host, port, log_level, sock))
+            try:
+                return _run_uvicorn(settings, host, port, log_level, sock)
+            finally:
+                sock.close()
+        return run_processes(count, sock, lambda sock: _run_uvicorn(settings, host, port, log_level, sock))
     except (KeyboardInterrupt, _Terminated):
         return 0
     finally:

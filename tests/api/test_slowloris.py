@@ -6,11 +6,13 @@ same deadline for its next request's headers and is closed when idle."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import logging
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -36,8 +38,9 @@ def _limit_files() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, SERVER_FILES)
 
 
-@pytest.fixture
-def slow_server(redis_server, tmp_path):
+@contextlib.contextmanager
+def _serve(redis_server, tmp_path, bound: int):
+    """``sparsegpt serve --workers 0`` with this test's timeouts and at most ``bound`` connections."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard < SERVER_FILES[1]:
         pytest.skip(f"needs a hard open-files limit of {SERVER_FILES[1]} (it is {hard})")
@@ -48,7 +51,7 @@ def slow_server(redis_server, tmp_path):
         SPARSEGPT_AUTH="required",
         SPARSEGPT_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT),
         SPARSEGPT_KEEPALIVE_TIMEOUT_S="1",
-        SPARSEGPT_MAX_CONNECTIONS=str(BOUND),
+        SPARSEGPT_MAX_CONNECTIONS=str(bound),
     )
     log = tmp_path / "api.log"
     with log.open("wb") as handle:
@@ -68,6 +71,12 @@ def slow_server(redis_server, tmp_path):
         yield api, port
     finally:
         api.stop()
+
+
+@pytest.fixture
+def slow_server(redis_server, tmp_path):
+    with _serve(redis_server, tmp_path, BOUND) as served:
+        yield served
 
 
 def _closed(sock: socket.socket) -> bool:
@@ -101,6 +110,35 @@ def _files_limit(pid: int) -> int:
 
 def _open_files(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.slow
+def test_a_stalled_process_does_not_take_in_its_whole_listen_queue(slow_server):
+    """The API stopped (SIGSTOP: a loaded machine, a long pause) while 1500 half-open connections
+    queue up in the kernel: when it runs again it accepts only into room, so its open files stay
+    at the bound at every moment, not just after a trim; /health still answers."""
+    api, port = slow_server
+    socks: list[socket.socket] = []
+    os.kill(api.popen.pid, signal.SIGSTOP)
+    try:
+        for _ in range(1500):
+            sock = socket.socket()
+            sock.settimeout(3)
+            sock.connect(("127.0.0.1", port))  # the kernel completes the handshake into the queue
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            socks.append(sock)
+    finally:
+        os.kill(api.popen.pid, signal.SIGCONT)
+    try:
+        peak, until = 0, time.monotonic() + 1.5
+        while time.monotonic() < until:
+            peak = max(peak, _open_files(api.popen.pid))
+            time.sleep(0.002)
+        assert peak <= BOUND + 60, f"the API held {peak} open files right after it ran again (bound {BOUND})"
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 @pytest.mark.slow
@@ -303,3 +341,39 @@ def test_running_out_of_files_is_logged_once_per_interval():
         "an unrelated error",
         "socket.accept() out of system resource (1999 more like it in the last interval)",
     ], lines
+
+
+@pytest.mark.slow
+def test_with_every_connection_in_a_request_a_new_one_gets_503_at_once(redis_server, tmp_path):
+    """A bound of 4 held by 4 requests whose bodies have not come yet: nothing can be closed to
+    make room, so a fifth connection is answered 503 with Retry-After at once (not left waiting
+    or accepted beyond the bound); once those requests end (408 after the grace), it is served."""
+    with _serve(redis_server, tmp_path, 4) as (api, port):
+        busy = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+        try:
+            for sock in busy:
+                sock.sendall(_login_head(100) + b"token=")
+            time.sleep(0.3)
+            started = time.monotonic()
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+            sock.close()
+            assert data.startswith(b"HTTP/1.1 503") and b"retry-after: 2" in data.lower(), data
+            assert time.monotonic() - started < 1.5
+            assert _open_files(api.popen.pid) <= 4 + 60
+            deadline = time.monotonic() + HEADER_TIMEOUT + 8
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.3)
+            else:
+                pytest.fail("no connection was served after the busy requests ended")
+        finally:
+            for sock in busy:
+                sock.close()
+        assert api.popen.poll() is None
