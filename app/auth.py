@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from app import auth_cache, crud
 from app import sessions as sessions_mod
@@ -113,14 +114,36 @@ def _cookie_user(sessions, settings: Settings, cookie: str) -> CurrentUser | Non
         return _current(user) if user is not None else None
 
 
+def _bearer(request: Request) -> str | None:
+    """The Authorization header as resolve_user reads it (None: no credential there)."""
+    header = request.headers.get("authorization")
+    if header is not None and not auth_required(request) and header.strip().lower() == "bearer":
+        return None  # single-user mode: `-H "Authorization: Bearer $TOKEN"` with TOKEN unset is no credential
+    return header
+
+
+def remembered_user(request: Request) -> CurrentUser | None:
+    """The user resolve_user would answer, when its credential (a well-formed Bearer token, or the
+    session cookie of a request without one) is remembered (app.auth_cache): no database, so the
+    edge can answer it in the event loop. None: ask resolve_user (a lookup, or a refusal)."""
+    database = request.app.state.settings.database
+    header = _bearer(request)
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or len(token) > TOKEN_MAX_LEN:
+            return None
+        return auth_cache.peek(database, "token", hash_token(token))
+    cookie = request.cookies.get(SESSION_COOKIE)
+    return auth_cache.peek(database, "cookie", cookie) if cookie else None
+
+
 def resolve_user(request: Request) -> CurrentUser | None:
     """The user the request's credentials name; raises 401 for a bad token or cookie-less
     request when sign-in is required; None on a public path without credentials."""
     settings: Settings = request.app.state.settings
-    header = request.headers.get("authorization")
+    header = _bearer(request)
     sessions = request.app.state.sessions
-    if header is not None and not auth_required(request) and header.strip().lower() == "bearer":
-        header = None  # single-user mode: `-H "Authorization: Bearer $TOKEN"` with TOKEN unset is no credential
     if header is not None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -153,13 +176,8 @@ def resolve_user(request: Request) -> CurrentUser | None:
 bearer_scheme = HTTPBearer(auto_error=False, description="an API token from `sparsegpt users add NAME`")
 
 
-def authenticate(
-    request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None
-) -> CurrentUser | None:
-    """The app-wide dependency: sets request.state.user (None only on public paths). When an
-    outer layer already decided (before the body was read), its answer stands."""
-    if getattr(request.state, "user_resolved", False):
-        return request.state.user
+def _decide(request: Request) -> CurrentUser | None:
+    """authenticate's work for a request no outer layer decided (an app without the edge)."""
     if is_public(request.url.path):
         try:
             user = resolve_user(request)
@@ -168,14 +186,28 @@ def authenticate(
     else:
         user = resolve_user(request)
     request.state.user = user
+    request.state.user_resolved = True
     return user
 
 
-def require_user(request: Request) -> CurrentUser:
+async def authenticate(
+    request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)] = None
+) -> CurrentUser | None:
+    """The app-wide dependency: sets request.state.user (None only on public paths). When an
+    outer layer already decided (before the body was read), its answer stands, read in the
+    event loop (no thread-pool hop per request); else it is decided in the thread pool (a
+    database lookup)."""
+    if getattr(request.state, "user_resolved", False):
+        return request.state.user
+    return await run_in_threadpool(_decide, request)
+
+
+async def require_user(request: Request) -> CurrentUser:
     """For route parameters: the user ``authenticate`` found."""
-    user = getattr(request.state, "user", None)
-    if user is None:
-        user = authenticate(request)
+    if getattr(request.state, "user_resolved", False):
+        user = request.state.user
+    else:
+        user = await run_in_threadpool(_decide, request)
     if user is None:
         raise unauthorized(request, "sign in: send Authorization: Bearer <token>")
     return user

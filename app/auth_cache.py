@@ -46,3 +46,10 @@ def forget_all() -> None:
     """After a logout (or any revocation made in this process): nothing remembered stands."""
     with _lock:
         _entries.clear()
+
+
+def peek(database: str, kind: str, key: str) -> object | None:
+    """The remembered answer for this credential while it is younger than TTL_S, else None
+    (nothing is looked up)."""
+    entry = _entries.get((database, kind, key))
+    return entry[1] if entry is not None and entry[0] > time.monotonic() else None

@@ -14,7 +14,8 @@ For each HTTP request, before any route runs and before any of the body is read:
    session cookie changes nothing on /api/*: API clients send ``Authorization: Bearer``.
 3. **Who is asking**: the user is resolved from the headers alone (app.auth.resolve_user:
    Bearer token, session cookie, single-user mode); 401 / a redirect to /login comes before
-   the body is read.
+   the body is read. A credential remembered for a moment (app.auth_cache) and single-user
+   mode's local user are decided in the event loop, with no database, route match or thread.
 4. **Body caps**: settings.max_body_bytes for JSON and form routes, the upload cap (plus the
    multipart framing) for uploads; a larger Content-Length is refused at once, and a body
    (chunked too) is counted as it streams: 413 when it passes the cap. It must also come at an
@@ -208,7 +209,9 @@ class Guard:
             if reason:
                 await _send(JSONResponse({"detail": reason}, 403), scope, receive, send, has_body)
                 return
-        if not auth.is_public(path) and path not in self.open_paths and _routed(scope):
+        if auth.is_public(path):
+            _settle_public(scope, headers)
+        elif path not in self.open_paths and not _signed_in(scope, headers, method, path) and _routed(scope):
             refusal = await self._authenticate(scope, headers, method, path)
             if refusal is not None:
                 await _send(refusal, scope, receive, send, has_body)
@@ -282,6 +285,46 @@ class Guard:
 
         wrapped.started = False
         return wrapped
+
+
+def _signed_in(scope: Scope, headers: dict[str, str], method: str, path: str) -> bool:
+    """The common case decided without the database, the route table or the thread pool: a
+    remembered credential (app.auth_cache), or single-user mode's local user for a request
+    without any. True: request.state.user is set. False: Guard._authenticate decides (a
+    lookup, or a refusal), for routed requests only."""
+    if method in UNSAFE_METHODS and path.startswith("/api/") and "authorization" not in headers:
+        return False  # the session cookie's refusal over the API is _authenticate's
+    request = Request(scope)
+    if "authorization" in headers or auth.SESSION_COOKIE in headers.get("cookie", ""):
+        user = auth.remembered_user(request)
+    elif not auth.auth_required(request):
+        user = auth.resolve_user(request)  # the local user: no credential, no lookup
+    else:
+        return False
+    if user is None:
+        return False
+    request.state.user = user
+    request.state.user_resolved = True
+    return True
+
+
+def _settle_public(scope: Scope, headers: dict[str, str]) -> None:
+    """A public path (/health, /login, ...) still learns who is asking (the full health report
+    is for signed-in users): decided here when no database is needed (no credential, or a
+    remembered one), so the route's dependency takes it without a thread-pool hop; else left
+    to app.auth.authenticate."""
+    request = Request(scope)
+    if "authorization" not in headers and auth.SESSION_COOKIE not in headers.get("cookie", ""):
+        try:
+            user = auth.resolve_user(request)
+        except HTTPException:
+            user = None
+    else:
+        user = auth.remembered_user(request)
+        if user is None:
+            return
+    request.state.user = user
+    request.state.user_resolved = True
 
 
 def _routed(scope: Scope) -> bool:

@@ -97,12 +97,13 @@ def test_the_jobs_list_pages_filters_and_totals(tmp_path, database, redis_availa
         assert raw.headers["x-content-type-options"] == "nosniff" and raw.headers["cache-control"] == "no-store"
 
 
-def test_a_remembered_credential_is_served_and_others_still_refused(tmp_path, redis_available):
+def test_a_remembered_credential_is_decided_at_the_edge_and_others_still_refused(tmp_path, redis_available):
     database = f"sqlite:///{tmp_path / 'auth.db'}"
     token, _ = _seed(database)
     with TestClient(create_app(_settings(tmp_path, database, "required"), migrate=False)) as client:
         bearer = {"Authorization": f"Bearer {token}"}
         assert client.get("/api/v1/jobs", headers=bearer).status_code == 200  # looked up, now remembered
+        assert auth_cache.peek(database, "token", hash_token(token)) is not None
         assert client.get("/api/v1/jobs", headers=bearer).status_code == 200  # from memory
         for headers in ({}, {"Authorization": "Bearer sgpt_nope"}, {"Authorization": "Basic abc"}):
             refused = client.get("/api/v1/jobs", headers=headers)
@@ -110,7 +111,7 @@ def test_a_remembered_credential_is_served_and_others_still_refused(tmp_path, re
         # a remembered token does not carry a cookie-signed POST over the API (no Bearer sent)
         cookie = client.post("/api/v1/jobs", json=SPEC, headers={"Cookie": "sparsegpt_session=x"})
         assert cookie.status_code in (401, 403)
-        # /health: the details only with a credential the route recognised
+        # /health: the details only with a credential the edge or the route recognised
         assert client.get("/health").json() == {"status": client.get("/health").json()["status"]}
         detailed = client.get("/health", headers=bearer).json()
         assert {"database", "redis", "workers"} <= detailed.keys()
