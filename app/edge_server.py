@@ -200,6 +200,7 @@ class Acceptor:
                 self._refuse(conn)
                 continue
             conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small responses leave at once
             self.pool.pending += 1
             self.loop.create_task(self._set_up(conn))
 

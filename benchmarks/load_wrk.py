@@ -51,7 +51,7 @@ if processes == 1:
     uvicorn.run(app, **settings)
     sys.exit(0)
 # as `sparsegpt serve --api-workers N` does: one socket bound here, N forked processes accept on it
-sock = socket.socket()
+sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # as serve_procs.bind: TCP_NODELAY
 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 sock.bind(("127.0.0.1", port))
 sock.listen(2048)
