@@ -89,7 +89,10 @@ def test_quantize_writes_compressed_tensors_that_load_as_measured(files, tmp_pat
     size = q["sizes"]["formats"]["compressed-tensors"]
     assert size["bytes"] == directory_bytes(out)
     # the summary: the scheme and how, the layers, what stayed in float and why, the format's bytes and ratio
-    assert "quantization W4A16 (group size 32): inside the SparseGPT solve" in stdout
+    assert (
+        "quantization W4A16 (group size 32, scales searched for the least rounding error): inside the SparseGPT solve"
+        in stdout
+    )
     assert "quantized 14 layers" in stdout and "left in float: lm_head (the output head" in stdout
     assert "format compressed-tensors: " in stdout and f"({size['bytes']} bytes), {size['ratio']:.3f}x" in stdout
     assert f"saved to {out} (compressed-tensors, W4A16" in stdout

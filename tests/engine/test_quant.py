@@ -78,6 +78,64 @@ def test_grids_are_compressed_tensors_grids(scheme, group, scale_dtype):
     assert (preset.num_bits, preset.type, preset.symmetric) == (q.bits, q.type, True)
 
 
+@pytest.mark.parametrize("scheme,group", [("W4A16", 64), ("W4A16", -1), ("W8A16", 32)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_searched_scales_are_the_least_error_of_their_candidates(scheme, group, scale_dtype):
+    """observer "mse": each group's scale is, of the max |x| shrunk by 0..19% (rounded to the saved
+    dtype), the one with the least sum |q(x) - x|^2.4, computed here directly in float64; the codes
+    are still what compressed-tensors makes from the stored scale, and zeros stay zero."""
+    W, _ = make_inputs(seed=11)
+    W[2, :32] = 0
+    W[torch.rand(W.shape, generator=torch.Generator().manual_seed(3)) < 0.3] = 0
+    q = Quantization(scheme, group, scale_dtype=scale_dtype, observer="mse")
+    ours = round_to_nearest(W, q)
+    g = W.shape[1] if group == -1 else group
+    groups = W.double().reshape(W.shape[0], -1, g)
+    amax = groups.abs().amax(-1)
+    half = (2**q.bits - 1) / 2
+    qmin, qmax = -(2 ** (q.bits - 1)), 2 ** (q.bits - 1) - 1
+
+    def error(scale):
+        codes = torch.clamp(torch.round(groups / scale.unsqueeze(-1)), qmin, qmax)
+        return (codes * scale.unsqueeze(-1) - groups).abs().pow(2.4).sum(-1)
+
+    candidates = []
+    for step in range(20):
+        s = (amax * (1 - step / 100) / half).to(scale_dtype)
+        candidates.append(torch.where(s == 0, torch.finfo(scale_dtype).eps, s).double())
+    errors = torch.stack([error(s) for s in candidates])
+    chosen = error(ours.scale.double())
+    assert torch.all(chosen <= errors.min(0).values * (1 + 1e-3))  # the least (up to float32 near-ties)
+    minmax = round_to_nearest(W, Quantization(scheme, group, scale_dtype=scale_dtype))
+    assert torch.all(ours.scale.float() <= minmax.scale.float())  # only ever shrunk
+    assert torch.any(ours.scale.float() < minmax.scale.float())  # and the search does shrink some
+    assert torch.all(chosen <= error(minmax.scale.double()) * (1 + 1e-3))
+    used = ours.scale.float()
+    zp = torch.zeros_like(used)
+    assert torch.equal(ours.codes.float(), quantize(W, used, zp, ct_args(q), dtype=q.code_dtype).float())
+    assert torch.all(ours.weight[W == 0] == 0)
+
+
+def test_jobs_search_the_integer_grids_and_say_so():
+    """The engine's jobs use the searched scales for W4A16 / W8A16 (FP8 keeps the preset's min-max),
+    and the report's words say which."""
+    from worker.engine.contract.report import QuantizationPart
+    from worker.engine.quant_text import scheme_text
+    from worker.engine.quantized_job import quantization_of
+
+    class Spec:
+        def __init__(self, scheme, group):
+            self.quantization = type("Q", (), {"scheme": scheme, "group_size": group, "actorder": False})()
+
+    assert quantization_of(Spec("W4A16", 64), torch.float16).observer == "mse"
+    assert quantization_of(Spec("W8A16", -1), torch.float16).observer == "mse"
+    assert quantization_of(Spec("FP8_DYNAMIC", -1), torch.float16).observer == "minmax"
+    text = scheme_text(QuantizationPart(scheme="W4A16", group_size=64, actorder=True, observer="mse"))
+    assert text == "W4A16 (group size 64, act order, scales searched for the least rounding error)"
+    with pytest.raises(ValueError, match="observer"):
+        Quantization("W4A16", 64, observer="percentile")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_an_all_zero_group_gets_the_dtypes_eps(dtype):
     W = torch.zeros(4, 64, dtype=dtype)
@@ -231,6 +289,10 @@ def test_actorder_uses_static_groups_in_the_original_order():
     W0 = W.clone()
     W0[:, 7] = 0
     assert torch.equal(result.quantized.scale, round_to_nearest(W0, q).scale)  # fitted once, to the dense W
+    searched = Quantization("W4A16", 64, actorder=True, scale_dtype=torch.float32, observer="mse")
+    result = sparsegpt_prune(W, H, p, quantization=searched)
+    assert torch.equal(result.quantized.scale, round_to_nearest(W0, searched).scale)  # the searched ones, once
+    assert not torch.equal(result.quantized.scale, round_to_nearest(W0, q).scale)
     assert torch.all(result.weight[:, 7] == 0)
 
 

@@ -19,9 +19,16 @@ RUNTIME_NOTE = (
 )
 
 
+OBSERVER = {
+    "mse": "scales searched for the least rounding error",
+    "minmax": "scales from each group's largest weight",
+}
+
+
 def scheme_text(q: QuantizationPart) -> str:
     group = "one scale per output channel" if q.group_size == -1 else f"group size {q.group_size}"
-    return f"{q.scheme} ({group}{', act order' if q.actorder else ''})"
+    observer = f", {OBSERVER[q.observer]}" if q.observer in OBSERVER else ""
+    return f"{q.scheme} ({group}{', act order' if q.actorder else ''}{observer})"
 
 
 def size_text(nbytes: int | None) -> str:

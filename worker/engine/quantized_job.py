@@ -29,7 +29,10 @@ def quantization_of(spec, dtype: torch.dtype) -> Quantization | None:
     q = spec.quantization
     if q is None:
         return None
-    return Quantization(scheme=q.scheme, group_size=q.group_size, actorder=q.actorder, scale_dtype=dtype)
+    observer = "mse" if q.scheme in ("W4A16", "W8A16") else "minmax"  # FP8: the preset's min-max, as measured
+    return Quantization(
+        scheme=q.scheme, group_size=q.group_size, actorder=q.actorder, scale_dtype=dtype, observer=observer
+    )
 
 
 def check_quantizable(quantization: Quantization, model, adapter, selection) -> None:
@@ -143,6 +146,7 @@ def quantization_part(
             "group_size": quantization.group_size,
             "actorder": quantization.actorder,
             "bits": quantization.bits,
+            "observer": quantization.observer,
             "how": "in-solve" if joint else "round-to-nearest",
             "quantization_only": spec.pattern.sparsity == 0,
             "layers_quantized": len(quantized),

@@ -120,6 +120,7 @@ class QuantizationPart(Part):
     group_size: int | None = None  # -1: one scale per output channel
     actorder: bool | None = None
     bits: int | None = None
+    observer: str | None = None  # how each group's scale was chosen: mse (searched) | minmax
     how: str | None = None  # in-solve (the joint solve; GPTQ at sparsity 0) | round-to-nearest (after the prune)
     quantization_only: bool | None = None  # sparsity 0: no weight pruned
     layers_quantized: int | None = None  # Linears and expert matrices
