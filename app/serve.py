@@ -214,6 +214,7 @@ def _run_uvicorn(settings: Settings, host: str, port: int, log_level: str, sock:
         log_level=log_level,
         timeout_graceful_shutdown=5,
         http=EdgeProtocol,
+        loop="asyncio",  # the edge's Acceptor serves asyncio's selector loop (uvloop listens in libuv)
         timeout_keep_alive=settings.keepalive_timeout_s,
         # X-Forwarded-Proto/-For are believed only from these addresses (none: ignored).
         proxy_headers=bool(forwarded),
