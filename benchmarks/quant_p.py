@@ -52,6 +52,7 @@ RUNS = {
     "llmc-w4a16": ("llmc", None, "W4A16", ("--method", "gptq")),
     "ours-w4a16-actorder": ("ours", "0", "W4A16", ("--actorder",)),
     "ours-s50-w4a16": ("ours", "0.5", "W4A16", ()),
+    "ours-s50-w4a16-actorder": ("ours", "0.5", "W4A16", ("--actorder",)),
     "llmc-s50-w4a16": ("llmc", "0.5", "W4A16", ("--method", "sparsegpt")),
     "ours-s24-w4a16": ("ours", "2:4", "W4A16", ()),
     "llmc-s24-w4a16": ("llmc", "2:4", "W4A16", ("--method", "sparsegpt")),
@@ -240,7 +241,7 @@ def summarize(runs: dict[str, dict]) -> dict:
     a["time_met"] = a["time_ratio"] is not None and a["time_ratio"] <= 0.6
     b = {
         k: pick(k, "perplexity", "surviving_sparsity", "prune_seconds", "process_cpu_seconds")
-        for k in ("ours-s50-w4a16", "llmc-s50-w4a16", "ours-s24-w4a16", "llmc-s24-w4a16")
+        for k in ("ours-s50-w4a16", "ours-s50-w4a16-actorder", "llmc-s50-w4a16", "ours-s24-w4a16", "llmc-s24-w4a16")
     }
     c = {
         k: {**pick(k, "perplexity"), "vs_dense": _ratio(runs.get(k, {}).get("perplexity"), dense.get("perplexity"))}

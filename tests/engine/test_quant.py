@@ -206,8 +206,13 @@ def naive_joint(W, H, pattern: SparsityPattern, q: Quantization, blocksize=128, 
         if pattern.structured and i % pattern.m == 0:
             score = W[:, i : i + pattern.m] ** 2 / torch.diag(U)[i : i + pattern.m] ** 2
             mask[:, i : i + pattern.m].scatter_(1, score.argsort(dim=1)[:, : pattern.n], True)
-        if not static and i % g == 0:  # refit from the running weights
-            scales[:, i // g] = fit(W[:, i : i + g])
+        if not static and i % g == 0:  # refit from the running weights, without the ones to be pruned:
+            ahead = mask[:, i : i + g].clone()  # unstructured: the block's mask, chosen at its start
+            if pattern.structured:  # N:M: the same rule a step ahead, on this block's later groups of m
+                for k in range(i, min(i + g, (i // blocksize + 1) * blocksize), pattern.m):
+                    score = W[:, k : k + pattern.m] ** 2 / torch.diag(U)[k : k + pattern.m] ** 2
+                    ahead[:, k - i : k - i + pattern.m].scatter_(1, score.argsort(dim=1)[:, : pattern.n], True)
+            scales[:, i // g] = fit(W[:, i : i + g].masked_fill(ahead, 0))
         s = scales[:, perm[i] // g]
         x = torch.where(mask[:, i], torch.zeros_like(W[:, i]), W[:, i])
         code = torch.clamp(x / s, qmin, qmax)
@@ -297,12 +302,17 @@ def test_actorder_uses_static_groups_in_the_original_order():
 
 
 def test_group_grids_are_refitted_from_the_running_weights():
-    """Without act order the second and later groups' scales come from the updated weights, not the dense W."""
+    """Without act order the second and later groups' scales come from the updated weights, not the dense
+    W; the weights the solve prunes have no say in any group's grid."""
     W, H = make_inputs(seed=8)
     q = Quantization("W4A16", 64, scale_dtype=torch.float32)
     result = sparsegpt_prune(W, H, parse_sparsity(0.5), quantization=q)
     dense = round_to_nearest(W, q).scale
-    assert torch.equal(result.quantized.scale[:, 0], dense[:, 0])  # the first group sees the dense W
+    # the first group sees the dense W without its pruned weights (this block's mask): never a larger
+    # scale, smaller in a row whose largest weight is pruned
+    assert torch.all(result.quantized.scale[:, 0] <= dense[:, 0])
+    kept = W[:, :64].masked_fill(result.weight[:, :64] == 0, 0)
+    assert torch.equal(result.quantized.scale[:, 0], round_to_nearest(kept, q).scale[:, 0])
     assert not torch.equal(result.quantized.scale[:, 1:], dense[:, 1:])
 
 

@@ -61,7 +61,7 @@ def block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quanti
             M1.scatter_(1, i + _nm_lowest(W1[:, i : i + m], diag1[i : i + m], n), True)
         q = w.masked_fill(M1[:, i], 0)
         if quantizer is not None:
-            q = quantizer.column(i, q, W1, Err1)
+            q = quantizer.column(i, q, W1, Err1, M1, (n, m) if pattern.structured else None)
         Q1[:, i] = q
         err1 = (w - q) / d
         W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))

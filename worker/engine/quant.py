@@ -201,13 +201,26 @@ class SolveGrids:
         """The solve's W (lazy updates of earlier blocks applied) and Hinv as block i1:i2 starts."""
         self._block = (W, Hinv, i1, i2)
 
-    def column(self, i: int, q: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor) -> torch.Tensor:
-        """Column ``i`` of the block: ``q`` (masked entries 0) -> its values on the grid; codes recorded."""
+    def column(
+        self,
+        i: int,
+        q: torch.Tensor,
+        W1: torch.Tensor,
+        Err1: torch.Tensor,
+        M1: torch.Tensor,
+        nm: tuple[int, int] | None,
+    ) -> torch.Tensor:
+        """Column ``i`` of the block: ``q`` (masked entries 0) -> its values on the grid; codes recorded.
+        ``M1``: the block's mask so far; ``nm``: (n, m) of an N:M pattern, whose masks are chosen m
+        columns at a time (None: the block's mask is whole already)."""
         W, Hinv, i1, i2 = self._block
         c = i1 + i
         if not self.static and c % self.group == 0:
             end = min(c + self.group, W.shape[1])
             running = W1[:, i : i + end - c]  # the block's own columns, fully updated
+            # The weights the solve will prune get no say in the grid: the block's mask, and for N:M
+            # the groups not reached yet predicted by the solve's own rule on the running weights.
+            running = running.masked_fill(_pruned_ahead(running, M1[:, i : i + end - c], Hinv, c, nm), 0)
             if end > i2:  # columns past the block still owe this block's updates so far
                 later = W[:, i2:end] - Err1[:, :i].matmul(Hinv[i1:c, i2:end])
                 running = torch.cat([running, later], dim=1)
@@ -251,9 +264,31 @@ class Quantizer:
         q = torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
         return scale * (q - zero)
 
-    def column(self, i: int, q: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor) -> torch.Tensor:
+    def column(self, i: int, q: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, M1, nm) -> torch.Tensor:
         """``SolveGrids.column``'s contract: one grid for every column."""
         return self.quantize(q)
+
+
+def _pruned_ahead(
+    running: torch.Tensor, known: torch.Tensor, Hinv: torch.Tensor, c: int, nm: tuple[int, int] | None
+) -> torch.Tensor:
+    """Which of ``running`` (the block's columns c.. of a group) the solve will prune: ``known`` (the
+    mask chosen so far) and, for N:M, in each whole group of m columns the n lowest w^2 / [H^-1]_jj^2
+    (worker.engine.block_steps._nm_lowest's score) of the running weights."""
+    if nm is None:
+        return known
+    n, m = nm
+    rows, width = running.shape
+    whole = width - width % m
+    if whole == 0:
+        return known
+    d = torch.diagonal(Hinv)[c : c + whole].reshape(1, -1, m)
+    score = running[:, :whole].reshape(rows, -1, m) ** 2 / d**2
+    ahead = torch.zeros(rows, whole // m, m, dtype=torch.bool, device=running.device)
+    ahead.scatter_(2, torch.topk(score, n, dim=2, largest=False)[1], True)
+    predicted = known.clone()
+    predicted[:, :whole] |= ahead.reshape(rows, whole)
+    return predicted
 
 
 # --- a resumed job's grids (worker.engine.sequential: beside the per-block checkpoints) ---------
