@@ -122,18 +122,23 @@ class Quantization:
         return scale.float()
 
     def _error(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return (self.codes(x, scale).float() * scale.unsqueeze(1) - x).abs_().pow_(MSE_NORM).sum(dim=1)
+        scale = scale.unsqueeze(1)
+        return self.rounded(x / scale).mul_(scale).sub_(x).abs_().pow_(MSE_NORM).sum(dim=1)
 
     def codes(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``x`` (rows, ...) on the grid of ``scale`` (rows,) or broadcastable -> codes in ``code_dtype``."""
         if scale.dim() == 1 and x.dim() == 2:
             scale = scale.unsqueeze(1)
-        scaled = x.float() / scale
+        return self.rounded(x.float() / scale).to(self.code_dtype)
+
+    def rounded(self, scaled: torch.Tensor) -> torch.Tensor:
+        """``x / scale`` (fp32) -> its codes as fp32 values (exact in fp32 for both grids); a code 0 is +0,
+        so the weights it makes are the int8 codes' own, byte for byte."""
         if self.type == "int":
-            return torch.round(torch.clamp(scaled, -self.qmax - 1, self.qmax)).to(torch.int8)
+            return torch.round(torch.clamp(scaled, -self.qmax - 1, self.qmax)).add_(0.0)
         # A value below half the smallest subnormal rounds to zero, keeping its sign; -0 + 0 is +0, the code
         # compressed-tensors stores (it adds the zero point), so the checkpoint holds these very codes.
-        return (torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() + 0.0).to(torch.float8_e4m3fn)
+        return torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float().add_(0.0)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
@@ -192,7 +197,7 @@ class SolveGrids:
             .tolist()
         )
         self.scales = torch.zeros(rows, cols // self.group, dtype=torch.float32, device=W.device)
-        self.codes = torch.zeros(rows, cols, dtype=quantization.code_dtype, device=W.device)
+        self.codes = torch.zeros(rows, cols, dtype=torch.float32, device=W.device)  # code values, in solve order
         if self.static:  # W in original order here
             self.scales = quantization.fit_groups(W.float())
         self._block: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
@@ -226,14 +231,14 @@ class SolveGrids:
                 running = torch.cat([running, later], dim=1)
             self.scales[:, c // self.group] = self.quantization.fit(running)
         scale = self.scales[:, self.group_of[c]]
-        codes = self.quantization.codes(q.unsqueeze(1), scale.unsqueeze(1))[:, 0]
-        self.codes[:, c] = codes
-        return codes.float() * scale
+        codes = self.codes[:, c]
+        codes.copy_(self.quantization.rounded(q / scale))
+        return codes * scale
 
     def result(self, rows: slice, inverse: torch.Tensor | None) -> QuantizedWeight:
         """The layer in ``rows``: codes in original column order, scales in the scale dtype."""
         codes = self.codes[rows] if inverse is None else self.codes[rows][:, inverse]
-        return QuantizedWeight.of(codes, self.scales[rows], self.quantization)
+        return QuantizedWeight.of(codes.to(self.quantization.code_dtype), self.scales[rows], self.quantization)
 
 
 @dataclass
