@@ -166,7 +166,10 @@ def test_a_plan_from_the_api_to_its_page(make_stack, module_redis, models_dir, b
         assert [r["key"] for r in table] == [r["key"] for r in rows]
         for line, row in zip(table, rows):
             assert line["status"] == row["status"] and line["job_id"] == row["job"] and line["bytes"] == row["bytes"]
-            assert line["pareto"].lower() == row["pareto"] and f"{float(line['perplexity']):.2f}" == row["perplexity"]
+            assert line["pareto"].lower() == row["pareto"]
+            # the CSV keeps 6 significant digits of the API's figure (rounding it again to the page's 2
+            # decimals could differ from the page by one in the last digit: 393.7652 -> 393.765 -> 393.76)
+            assert float(line["perplexity"]) == pytest.approx(points[line["key"]]["perplexity"], rel=1e-5)
 
         # the recommended download is that job's artifact
         with page.expect_download() as got:
