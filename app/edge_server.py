@@ -145,7 +145,6 @@ class Acceptor:
     def __init__(self, loop, server: asyncio.base_events.Server, sock: socket.socket, factory, pool: _Pool) -> None:
         self.loop, self.server, self.sock, self.factory, self.pool = loop, server, sock, factory, pool
         self.fd = sock.fileno()
-        self.paused = False
 
     def start(self) -> None:
         self.loop.remove_reader(self.fd)  # asyncio's own handler: it takes in the whole queue
@@ -153,17 +152,14 @@ class Acceptor:
 
     def _pause(self, delay: float | None) -> None:
         """Stop accepting until the next turn of the loop (``None``: connections just closed are
-        gone by then) or for ``delay`` seconds."""
-        if not self.paused:
-            self.paused = True
-            self.loop.remove_reader(self.fd)
-            if delay is None:
-                self.loop.call_soon(self._resume)
-            else:
-                self.loop.call_later(delay, self._resume)
+        gone by then) or for ``delay`` seconds. Called only from ``_ready``, i.e. while accepting."""
+        self.loop.remove_reader(self.fd)
+        if delay is None:
+            self.loop.call_soon(self._resume)
+        else:
+            self.loop.call_later(delay, self._resume)
 
     def _resume(self) -> None:
-        self.paused = False
         if self.server.is_serving() and self.sock.fileno() == self.fd:
             self.loop.add_reader(self.fd, self._ready)
 

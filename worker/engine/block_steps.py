@@ -7,7 +7,7 @@ rounding: ``block_column_loop`` (the reference's column loop, with quantization;
 ``worker.engine.reference``), ``_block_column_loop_quantized`` (the same loop in fewer ops, with
 quantization), ``_block_column_loop_pruning`` (the same loop, lean, pruning only) and
 ``_block_solved`` (groups of columns as one triangular solve). ``fast_block_step`` picks one.
-N:M masks are chosen group by group from the running weights (``_nm_lowest``).
+N:M masks are chosen group by group from the running weights (``worker.engine.quant.nm_lowest``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from functools import partial
 import torch
 
 from worker.engine.contract.patterns import SparsityPattern
-from worker.engine.quant import Quantizer, SolveGrids
+from worker.engine.quant import Quantizer, SolveGrids, nm_lowest
 
 # (W1, Hinv1, M1) -> (Q1, Err1): one block's columns; fills M1 for N:M
 BlockStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -39,12 +39,6 @@ def fast_block_step(
     return partial(_block_column_loop_pruning if column_loop else _block_solved, pattern=pattern)
 
 
-def _nm_lowest(Wg: torch.Tensor, diag_g: torch.Tensor, n: int) -> torch.Tensor:
-    """Per row, the positions of the n lowest scores w^2 / [H^-1]_jj^2 in a group of M columns."""
-    score = Wg**2 / diag_g.reshape(1, -1) ** 2
-    return torch.topk(score, n, dim=1, largest=False)[1]
-
-
 def block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quantizer | SolveGrids | None):
     """The reference's inner loop over the block's columns, with its operations; returns (Q1, Err1).
 
@@ -59,7 +53,7 @@ def block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quanti
         w = W1[:, i]
         d = Hinv1[i, i]
         if pattern.structured and i % m == 0 and i + m <= count:  # a ragged tail stays dense
-            M1.scatter_(1, i + _nm_lowest(W1[:, i : i + m], diag1[i : i + m], n), True)
+            M1.scatter_(1, i + nm_lowest(W1[:, i : i + m], diag1[i : i + m], n), True)
         q = w.masked_fill(M1[:, i], 0)
         if quantizer is not None:
             q = quantizer.column(i, q, W1, Err1, M1, (n, m) if pattern.structured else None)
@@ -85,7 +79,7 @@ def _block_column_loop_quantized(W1, Hinv1, M1, pattern: SparsityPattern, quanti
     d_cols, h_rows = diag1.unbind(0), Hinv1.unbind(0)
     for i in range(count):
         if pattern.structured and i % m == 0 and i + m <= count:  # a ragged tail stays dense
-            M1.scatter_(1, i + _nm_lowest(W1[:, i : i + m], diag1[i : i + m], n), True)
+            M1.scatter_(1, i + nm_lowest(W1[:, i : i + m], diag1[i : i + m], n), True)
         w = w_cols[i]
         q = quantizer.column(i, w.masked_fill(M1[:, i], 0) if prunes else w, W1, Err1, M1, nm)
         q_cols[i].copy_(q)
@@ -109,7 +103,7 @@ def _block_column_loop_pruning(W1, Hinv1, M1, pattern: SparsityPattern):
     err_cols, pruned_cols, w_cols, d_cols = Err1.unbind(1), pruned.unbind(1), W1.unbind(1), diag1.unbind(0)
     for i in range(count):
         if pattern.structured and i % m == 0 and i + m <= count:  # a ragged tail stays dense
-            lowest = _nm_lowest(W1[:, i : i + m], diag1[i : i + m], n)
+            lowest = nm_lowest(W1[:, i : i + m], diag1[i : i + m], n)
             M1[:, i : i + m].scatter_(1, lowest, True)
             pruned[:, i : i + m].scatter_(1, lowest, 1.0)
         err1 = torch.mul(w_cols[i], pruned_cols[i], out=err_cols[i]).div_(d_cols[i])
@@ -141,7 +135,7 @@ def _block_solved(W1, Hinv1, M1, pattern: SparsityPattern):
         if pattern.structured:
             if h - g < pattern.m:
                 break  # a ragged tail stays dense
-            M1[:, g:h].scatter_(1, _nm_lowest(Wg, diag1[g:h], pattern.n), True)
+            M1[:, g:h].scatter_(1, nm_lowest(Wg, diag1[g:h], pattern.n), True)
         Ug = Hinv1[g:h, g:h]
         Eg = _masked_forward_substitution(Wg, Ug, M1[:, g:h])
         E[:, g:h] = Eg

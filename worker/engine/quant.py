@@ -196,10 +196,12 @@ class SolveGrids:
             .div(self.group, rounding_mode="floor")
             .tolist()
         )
-        self.scales = torch.zeros(rows, cols // self.group, dtype=torch.float32, device=W.device)
+        self.scales = (  # static: all fitted now, W in original order; else each as the solve reaches it
+            quantization.fit_groups(W.float())
+            if self.static
+            else torch.zeros(rows, cols // self.group, dtype=torch.float32, device=W.device)
+        )
         self.codes = torch.zeros(rows, cols, dtype=torch.float32, device=W.device)  # code values, in solve order
-        if self.static:  # W in original order here
-            self.scales = quantization.fit_groups(W.float())
         self._block: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
 
     def begin_block(self, W: torch.Tensor, Hinv: torch.Tensor, i1: int, i2: int) -> None:
@@ -274,12 +276,19 @@ class Quantizer:
         return self.quantize(q)
 
 
+def nm_lowest(Wg: torch.Tensor, diag_g: torch.Tensor, n: int) -> torch.Tensor:
+    """The N:M rule: per row and group of M columns (the last dim of ``Wg``; ``diag_g`` the groups'
+    [H^-1]_jj, broadcast against it), the positions of the n lowest scores w^2 / [H^-1]_jj^2."""
+    score = Wg**2 / diag_g**2
+    return torch.topk(score, n, dim=-1, largest=False)[1]
+
+
 def _pruned_ahead(
     running: torch.Tensor, known: torch.Tensor, Hinv: torch.Tensor, c: int, nm: tuple[int, int] | None
 ) -> torch.Tensor:
     """Which of ``running`` (the block's columns c.. of a group) the solve will prune: ``known`` (the
     mask chosen so far) and, for N:M, in each whole group of m columns the n lowest w^2 / [H^-1]_jj^2
-    (worker.engine.block_steps._nm_lowest's score) of the running weights."""
+    (``nm_lowest``, the solve's own rule) of the running weights."""
     if nm is None:
         return known
     n, m = nm
@@ -287,10 +296,9 @@ def _pruned_ahead(
     whole = width - width % m
     if whole == 0:
         return known
-    d = torch.diagonal(Hinv)[c : c + whole].reshape(1, -1, m)
-    score = running[:, :whole].reshape(rows, -1, m) ** 2 / d**2
+    d = torch.diagonal(Hinv)[c : c + whole].reshape(-1, m)
     ahead = torch.zeros(rows, whole // m, m, dtype=torch.bool, device=running.device)
-    ahead.scatter_(2, torch.topk(score, n, dim=2, largest=False)[1], True)
+    ahead.scatter_(2, nm_lowest(running[:, :whole].reshape(rows, -1, m), d, n), True)
     predicted = known.clone()
     predicted[:, :whole] |= ahead.reshape(rows, whole)
     return predicted

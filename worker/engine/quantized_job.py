@@ -19,7 +19,7 @@ from worker.engine.contract.report import FormatSize, QuantizationPart, Report
 from worker.engine.contract.spec_quant import FORMATS, group_size_message
 from worker.engine.errors import InvalidJob
 from worker.engine.moe import quantization_refusal
-from worker.engine.quant import Quantization, QuantizedWeight
+from worker.engine.quant import SCHEMES, Quantization, QuantizedWeight
 
 COMPRESSED, DENSE = FORMATS
 
@@ -29,7 +29,7 @@ def quantization_of(spec, dtype: torch.dtype) -> Quantization | None:
     q = spec.quantization
     if q is None:
         return None
-    observer = "mse" if q.scheme in ("W4A16", "W8A16") else "minmax"  # FP8: the preset's min-max, as measured
+    observer = "mse" if SCHEMES[q.scheme][0] == "int" else "minmax"  # FP8: the preset's min-max, as measured
     return Quantization(
         scheme=q.scheme, group_size=q.group_size, actorder=q.actorder, scale_dtype=dtype, observer=observer
     )
