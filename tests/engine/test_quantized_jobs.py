@@ -77,6 +77,10 @@ def test_quantized_job_saves_the_model_it_evaluated(method, sparsity, scheme, gr
     q = report.quantization
     assert (q.scheme, q.group_size, q.how, q.quantization_only) == (scheme, group, how, sparsity == "0")
     assert q.layers_quantized == 14 and [u["name"] for u in q.unquantized] == ["lm_head"]
+    # the joint solve takes each Hessian from the layers before it as quantized: one pass a block
+    one_pass = how == "in-solve"
+    assert (q.blocks_one_pass, q.blocks_two_passes) == ((2, 0) if one_pass else (0, 2))
+    assert {layer["passes"] for layer in report.to_dict()["layers"]} == {1 if one_pass else 2}
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["ignore"] == ["lm_head"]
     loaded = check_saved(out, report, workdir)
@@ -101,6 +105,7 @@ def test_quantized_job_saves_the_model_it_evaluated(method, sparsity, scheme, gr
     headline = summary(report).splitlines()[0]  # never "pruned" where no weight was
     assert ("quantization only, no weight pruned" in headline) == (sparsity == "0")
     assert ("pruned layers" in headline) == (sparsity != "0")
+    assert ("2 blocks solved in one pass each" in summary(report)) == one_pass
 
 
 def test_moe_experts_are_quantized_per_expert(workdir, tmp_path):
@@ -110,6 +115,7 @@ def test_moe_experts_are_quantized_per_expert(workdir, tmp_path):
         job(model, workdir, sparsity=0.5, scheme="W4A16", group_size=32), RunOptions(device="cpu", output=str(out))
     )
     assert report.quantization.experts_quantized > 0
+    assert (report.quantization.blocks_one_pass, report.quantization.blocks_two_passes) == (0, 2)  # routed by value
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:

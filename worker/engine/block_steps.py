@@ -4,8 +4,8 @@
 ``(W1, Hinv1, M1)`` to a ``BlockStep``, which returns ``(Q1, Err1)``: the block's pruned (and
 quantized) weights and its scaled errors. Four steps, the same masks and weights up to float
 rounding: ``block_column_loop`` (the reference's column loop, with quantization; used by
-``worker.engine.reference``), ``_block_column_loop_quantized`` (the same loop in fewer ops, with
-quantization), ``_block_column_loop_pruning`` (the same loop, lean, pruning only) and
+``worker.engine.reference``), ``_block_column_loop_quantized`` (the same loop in fewer ops and lazy
+steps, with quantization), ``_block_column_loop_pruning`` (the same loop, lean, pruning only) and
 ``_block_solved`` (groups of columns as one triangular solve). ``fast_block_step`` picks one.
 N:M masks are chosen group by group from the running weights (``worker.engine.quant.nm_lowest``).
 """
@@ -49,6 +49,7 @@ def block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quanti
     diag1 = torch.diag(Hinv1)
     Q1 = torch.zeros_like(W1)
     Err1 = torch.zeros_like(W1)
+    fits = set(quantizer.fits(count)) if quantizer is not None else set()
     for i in range(count):
         w = W1[:, i]
         d = Hinv1[i, i]
@@ -56,7 +57,9 @@ def block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quanti
             M1.scatter_(1, i + nm_lowest(W1[:, i : i + m], diag1[i : i + m], n), True)
         q = w.masked_fill(M1[:, i], 0)
         if quantizer is not None:
-            q = quantizer.column(i, q, W1, Err1, M1, (n, m) if pattern.structured else None)
+            if i in fits:
+                quantizer.fit_at(i, W1.t(), Err1.t(), M1.t(), (n, m) if pattern.structured else None)
+            q = quantizer.values(i, q).add_(0.0)
         Q1[:, i] = q
         err1 = (w - q) / d
         W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
@@ -64,28 +67,51 @@ def block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quanti
     return Q1, Err1
 
 
+SUBBLOCK_QUANTIZED = 16  # columns a step inside a block of the quantized column loop (then one product)
+
+
 def _block_column_loop_quantized(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quantizer | SolveGrids):
-    """``block_column_loop`` with quantization in fewer ops per column: the per-column views made once,
-    the update one rank-1 ``addr_``, no mask step when nothing is pruned. Equal up to float rounding
-    (the reference path keeps the reference's operations)."""
-    count = W1.shape[1]
+    """``block_column_loop`` with quantization in fewer, cheaper ops per column; equal up to float
+    rounding (the reference path keeps the reference's operations).
+
+    The block is held transposed (a column per contiguous row) and swept SUBBLOCK_QUANTIZED columns a
+    step: inside a step each column's error updates the step's later columns (one rank-1 ``addr_``),
+    and at its end one product updates the rest of the block, as the solve does between blocks. A
+    step starts at every column where a group's grid is fitted, so the fit sees fully updated
+    weights; for N:M every step is whole groups of M (else the block is one step).
+    """
+    count, rows = W1.shape[1], W1.shape[0]
     n, m = pattern.n, pattern.m
     nm = (n, m) if pattern.structured else None
     prunes = pattern.structured or pattern.sparsity > 0
+    Wt, Mt = W1.t().contiguous(), M1.t().contiguous()
+    Qt = torch.zeros(count, rows, dtype=W1.dtype, device=W1.device)
+    Et = torch.zeros_like(Qt)
+    fits = quantizer.fits(count)
+    edges = sorted({*range(0, count, SUBBLOCK_QUANTIZED), *fits, count})
+    if pattern.structured and any(e % m and e != count for e in edges):
+        edges = [0, count]
+    fit_at = set(fits)
     diag1 = torch.diag(Hinv1)
-    Q1 = torch.zeros_like(W1)
-    Err1 = torch.zeros_like(W1)
-    w_cols, q_cols, err_cols = W1.unbind(1), Q1.unbind(1), Err1.unbind(1)
+    w_cols, q_cols, e_cols, m_cols = Wt.unbind(0), Qt.unbind(0), Et.unbind(0), Mt.unbind(0)
     d_cols, h_rows = diag1.unbind(0), Hinv1.unbind(0)
-    for i in range(count):
-        if pattern.structured and i % m == 0 and i + m <= count:  # a ragged tail stays dense
-            M1.scatter_(1, i + nm_lowest(W1[:, i : i + m], diag1[i : i + m], n), True)
-        w = w_cols[i]
-        q = quantizer.column(i, w.masked_fill(M1[:, i], 0) if prunes else w, W1, Err1, M1, nm)
-        q_cols[i].copy_(q)
-        err1 = torch.sub(w, q, out=err_cols[i]).div_(d_cols[i])
-        W1[:, i:].addr_(err1, h_rows[i][i:], alpha=-1)
-    return Q1, Err1
+    for a, b in zip(edges[:-1], edges[1:]):
+        for i in range(a, b):
+            if pattern.structured and i % m == 0 and i + m <= count:  # a ragged tail stays dense
+                lowest = nm_lowest(Wt[i : i + m].t(), diag1[i : i + m], n)  # (rows, n)
+                Mt.scatter_(0, (i + lowest).t(), True)
+            if i in fit_at:
+                quantizer.fit_at(i, Wt, Et, Mt, nm)
+            w = w_cols[i]
+            q = quantizer.values(i, w.masked_fill(m_cols[i], 0) if prunes else w, out=q_cols[i])
+            err1 = torch.sub(w, q, out=e_cols[i]).div_(d_cols[i])
+            if i + 1 < b:
+                Wt[i + 1 : b].addr_(h_rows[i][i + 1 : b], err1, alpha=-1)
+        if b < count:
+            Wt[b:].addmm_(Hinv1[a:b, b:].t(), Et[a:b], alpha=-1)
+    if pattern.structured:
+        M1.copy_(Mt.t())
+    return Qt.add_(0.0).t(), Et.t()  # + 0: a zero code's value is +0, the codes' own bytes
 
 
 def _block_column_loop_pruning(W1, Hinv1, M1, pattern: SparsityPattern):

@@ -19,6 +19,7 @@ from worker.engine.architectures import LayerSelection, adapter_for
 from worker.engine.calibration import calibration_windows, check_hub, evaluation_windows, is_named, read_text_file
 from worker.engine.card import data_files, model_card
 from worker.engine.checkpoint import context_length, load_model, resolve_device, resolve_dtype, save_pruned
+from worker.engine.contract.method_table import method_info
 from worker.engine.contract.report import Environment, Report, Timings
 from worker.engine.contract.spec import JobSpec
 from worker.engine.contract.spec_sections import upload_id
@@ -145,6 +146,12 @@ class JobRun:
         check_profile(spec.sparsity_profile, len(self.adapter.blocks))
         self.quantization = quantization_of(spec, self.dtype)
         self.formats = formats_of(self.options.formats, self.quantization)
+        # A quantizing SparseGPT solve takes each Linear's Hessian from the solved Linears before it, in
+        # one pass per block (GPTQ's true-sequential order); pruning alone keeps the reference's two
+        # passes (every Hessian from the dense block), as does the bit-for-bit mode.
+        self.one_pass = (
+            self.quantization is not None and method_info(spec.method).joint_quantization and not spec.solver.exact
+        )
         if self.quantization is not None:
             check_quantizable(self.quantization, self.model, self.adapter, self.selection)
         context = context_length(self.model, self.tokenizer)
@@ -219,6 +226,7 @@ class JobRun:
             exact=spec.solver.exact,
             refit=spec.solver.refit,
             quantization=self.quantization,
+            one_pass=self.one_pass,
         )
         self.quantized = {}  # with quantization: codes and scales by module name (experts: moe.expert_key)
         batch = 1 if spec.solver.exact else self.batch_size  # the reference's one sequence per forward
@@ -280,6 +288,7 @@ class JobRun:
                     self.model,
                     report.coverage.dense if report.coverage else [],
                     self.parameters,
+                    report.layers,
                 )
             self.seconds["total"] = time.perf_counter() - self.start
             report.seconds = Timings(**self.seconds)

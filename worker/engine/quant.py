@@ -179,11 +179,15 @@ class SolveGrids:
     """The grids of one joint solve (stacked rows), as SparseGPT's column loop reaches each column.
 
     Without act order each group's grid is refitted at its first column from the running weights
-    (every earlier OBS update applied: the in-block ones from ``W1``, the lazy ones of the current
-    block computed for columns past it), i.e. GPTQ's refit when groups and blocks align. With act
-    order (and per-channel grids) all grids are fitted before the sweep, in original column order,
-    and each column keeps its original group (GPTQ's --static-groups). ``perm[j]``: the original
-    column solved at position j (None: original order). Codes are kept in solve order.
+    (every earlier OBS update applied: the in-block ones from the block's running weights, the lazy
+    ones of the current block computed for columns past it), i.e. GPTQ's refit when groups and blocks
+    align. With act order (and per-channel grids) all grids are fitted before the sweep, in original
+    column order, and each column keeps its original group (GPTQ's --static-groups). ``perm[j]``: the
+    original column solved at position j (None: original order). Codes are kept in solve order.
+
+    The column loop (worker.engine.block_steps) calls, per column ``i`` of the block: ``fit_at`` where
+    ``fits(count)`` says (a group's first column), then ``values``. It hands the block's running
+    weights, errors and mask transposed, a column per row: ``Wt``, ``Et``, ``Mt`` (count, rows).
     """
 
     def __init__(self, quantization: Quantization, W: torch.Tensor, perm: torch.Tensor | None):
@@ -191,56 +195,65 @@ class SolveGrids:
         self.quantization = quantization
         self.group = quantization.group_width(cols)
         self.static = perm is not None or self.group == cols
-        self.group_of = (
-            (perm if perm is not None else torch.arange(cols, device=W.device))
-            .div(self.group, rounding_mode="floor")
-            .tolist()
+        group_of = (perm if perm is not None else torch.arange(cols, device=W.device)).div(
+            self.group, rounding_mode="floor"
         )
         self.scales = (  # static: all fitted now, W in original order; else each as the solve reaches it
             quantization.fit_groups(W.float())
             if self.static
             else torch.zeros(rows, cols // self.group, dtype=torch.float32, device=W.device)
         )
-        self.codes = torch.zeros(rows, cols, dtype=torch.float32, device=W.device)  # code values, in solve order
+        # per column in solve order: its code values (a contiguous row each) and its group's scales (a view)
+        self.codes_t = torch.zeros(cols, rows, dtype=torch.float32, device=W.device)
+        self._code_rows = self.codes_t.unbind(0)
+        scale_cols = self.scales.unbind(1)
+        self._scale_of = [scale_cols[g] for g in group_of.tolist()]
         self._block: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
 
     def begin_block(self, W: torch.Tensor, Hinv: torch.Tensor, i1: int, i2: int) -> None:
         """The solve's W (lazy updates of earlier blocks applied) and Hinv as block i1:i2 starts."""
         self._block = (W, Hinv, i1, i2)
 
-    def column(
-        self,
-        i: int,
-        q: torch.Tensor,
-        W1: torch.Tensor,
-        Err1: torch.Tensor,
-        M1: torch.Tensor,
-        nm: tuple[int, int] | None,
-    ) -> torch.Tensor:
-        """Column ``i`` of the block: ``q`` (masked entries 0) -> its values on the grid; codes recorded.
-        ``M1``: the block's mask so far; ``nm``: (n, m) of an N:M pattern, whose masks are chosen m
-        columns at a time (None: the block's mask is whole already)."""
+    def fits(self, count: int) -> list[int]:
+        """The block's columns (0..count) where a group's grid is fitted: none when they are static."""
+        i1 = self._block[2]
+        return [] if self.static else [i for i in range(count) if (i1 + i) % self.group == 0]
+
+    def fit_at(self, i: int, Wt: torch.Tensor, Et: torch.Tensor, Mt: torch.Tensor, nm: tuple[int, int] | None) -> None:
+        """Fit the grid of the group starting at block column ``i``: ``Wt`` the block's running weights
+        (every update so far applied to columns i..), ``Et`` its errors (columns ..i), ``Mt`` its mask so
+        far, all transposed; ``nm``: (n, m) of an N:M pattern, whose masks are chosen m columns at a time
+        (None: the block's mask is whole already)."""
         W, Hinv, i1, i2 = self._block
         c = i1 + i
-        if not self.static and c % self.group == 0:
-            end = min(c + self.group, W.shape[1])
-            running = W1[:, i : i + end - c]  # the block's own columns, fully updated
-            # The weights the solve will prune get no say in the grid: the block's mask, and for N:M
-            # the groups not reached yet predicted by the solve's own rule on the running weights.
-            running = running.masked_fill(_pruned_ahead(running, M1[:, i : i + end - c], Hinv, c, nm), 0)
-            if end > i2:  # columns past the block still owe this block's updates so far
-                later = W[:, i2:end] - Err1[:, :i].matmul(Hinv[i1:c, i2:end])
-                running = torch.cat([running, later], dim=1)
-            self.scales[:, c // self.group] = self.quantization.fit(running)
-        scale = self.scales[:, self.group_of[c]]
-        codes = self.codes[:, c]
-        codes.copy_(self.quantization.rounded(q / scale))
-        return codes * scale
+        end = min(c + self.group, W.shape[1])
+        running = Wt[i : i + end - c].t()  # the block's own columns, fully updated
+        # The weights the solve will prune get no say in the grid: the block's mask, and for N:M
+        # the groups not reached yet predicted by the solve's own rule on the running weights.
+        running = running.masked_fill(_pruned_ahead(running, Mt[i : i + end - c].t(), Hinv, c, nm), 0)
+        if end > i2:  # columns past the block still owe this block's updates so far
+            later = W[:, i2:end] - Et[:i].t().matmul(Hinv[i1:c, i2:end])
+            running = torch.cat([running, later], dim=1)
+        self.scales[:, c // self.group] = self.quantization.fit(running)
+
+    def values(self, i: int, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Block column ``i``: ``q`` (masked entries 0) -> its values on the grid (into ``out``); codes
+        recorded. A zero code's value may be -0 (``q`` negative, tiny): the caller's ``+ 0`` clears it."""
+        c = self._block[2] + i
+        scale, codes = self._scale_of[c], self._code_rows[c]
+        if self.quantization.type == "int":  # round(clamp(q / s)), as ``rounded``, in place
+            torch.div(q, scale, out=codes).clamp_(-self.quantization.qmax - 1, self.quantization.qmax).round_()
+        else:
+            codes.copy_(self.quantization.rounded(q / scale))
+        return torch.mul(codes, scale, out=out)
 
     def result(self, rows: slice, inverse: torch.Tensor | None) -> QuantizedWeight:
         """The layer in ``rows``: codes in original column order, scales in the scale dtype."""
-        codes = self.codes[rows] if inverse is None else self.codes[rows][:, inverse]
-        return QuantizedWeight.of(codes.to(self.quantization.code_dtype), self.scales[rows], self.quantization)
+        codes = self.codes_t.t()[rows] if inverse is None else self.codes_t[inverse].t()[rows]
+        # a zero code as +0: the int8 cast makes 0 of -0 anyway; FP8 keeps the sign (``rounded``'s + 0)
+        return QuantizedWeight.of(
+            codes.add(0.0).to(self.quantization.code_dtype).contiguous(), self.scales[rows], self.quantization
+        )
 
 
 @dataclass
@@ -271,9 +284,14 @@ class Quantizer:
         q = torch.clamp(torch.round(w / scale) + zero, 0, self.maxq)
         return scale * (q - zero)
 
-    def column(self, i: int, q: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, M1, nm) -> torch.Tensor:
-        """``SolveGrids.column``'s contract: one grid for every column."""
-        return self.quantize(q)
+    def fits(self, count: int) -> list[int]:
+        """``SolveGrids``' contract: one grid, fitted before the solve."""
+        return []
+
+    def values(self, i: int, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``SolveGrids.values``' contract: ``q`` on the one grid."""
+        v = self.quantize(q)
+        return v if out is None else out.copy_(v)
 
 
 def nm_lowest(Wg: torch.Tensor, diag_g: torch.Tensor, n: int) -> torch.Tensor:

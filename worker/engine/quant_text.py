@@ -31,6 +31,18 @@ def scheme_text(q: QuantizationPart) -> str:
     return f"{q.scheme} ({group}{', act order' if q.actorder else ''}{observer})"
 
 
+def order_text(q: QuantizationPart) -> str:
+    """Which Hessians the solve read: one pass per block (the solved layers before), or the dense block's."""
+    one, two = q.blocks_one_pass or 0, q.blocks_two_passes or 0
+    if not one:
+        return ""
+    blocks = f"{one} block{'s' if one != 1 else ''}"
+    text = f"{blocks} solved in one pass each, every layer's Hessian from the block's layers before it as quantized"
+    if two:
+        text += f"; {two} with fused experts in two passes, every Hessian from the dense block"
+    return text
+
+
 def size_text(nbytes: int | None) -> str:
     if nbytes is None:
         return "?"
@@ -53,7 +65,10 @@ def quantization_lines(q: QuantizationPart | None) -> list[str]:
     how = HOW.get(q.how or "", q.how or "?")
     only = " (quantization only: no weight pruned, i.e. GPTQ through the solver)" if q.quantization_only else ""
     experts = f", of which {q.experts_quantized} expert matrices" if q.experts_quantized else ""
-    lines = [f"quantization {scheme_text(q)}{only}: {how}", f"  quantized {q.layers_quantized} layers{experts}"]
+    lines = [f"quantization {scheme_text(q)}{only}: {how}"]
+    if order := order_text(q):
+        lines.append(f"  {order}")
+    lines.append(f"  quantized {q.layers_quantized} layers{experts}")
     if q.sizes and q.sizes.decoder_weights_ratio is not None:
         lines[-1] += (
             f"; their weights {size_text(q.sizes.decoder_weights_bytes)} vs "
@@ -80,7 +95,8 @@ def card_section(q: QuantizationPart, output_name: str = "DIR") -> list[str]:
         "## Quantized weights",
         "",
         f"Weights quantized to **{scheme_text(q)}**, {HOW.get(q.how or '', q.how or '')}. "
-        f"{q.layers_quantized} layers are quantized"
+        + (f"{order[0].upper()}{order[1:]}. " if (order := order_text(q)) else "")
+        + f"{q.layers_quantized} layers are quantized"
         + (f" ({q.experts_quantized} of them expert matrices)" if q.experts_quantized else "")
         + "; "
         + ", ".join(f"`{u.get('name')}`" for u in q.unquantized[:8])

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from worker.engine.contract.patterns import SparsityPattern
 from worker.engine.methods import prune_layers
 from worker.engine.methods.sparsegpt import sparsegpt_arithmetic
 from worker.engine.moe import ExpertCollector, MoeSettings, fused_experts, prune_experts
+from worker.engine.one_pass import find_groups, fits, run_one_pass
 from worker.engine.progress import Tracker
 from worker.engine.quant import Quantization, QuantizedWeight, restore_quantized, save_quantized
 from worker.engine.reference import RunningHessian
@@ -56,6 +58,7 @@ class LayerResult:
     percdamp: float = 0.0  # SparseGPT's dampening as used (above the asked one when H needed more); 0 for the baselines
     target: float | None = None  # the sparsity asked of this layer's block (its profile's value; N:M: N/M)
     refit: dict | None = None  # worker.engine.refit: mode, error_before, swaps, seconds (None: no refit)
+    passes: int | None = None  # 1: solved in the block's one pass; 2: from the dense block; None: no data read
 
     def as_dict(self) -> dict:
         return {
@@ -68,6 +71,7 @@ class LayerResult:
             "loss": self.loss,
             "percdamp": self.percdamp,
             "refit": self.refit,
+            "passes": self.passes,
         }
 
 
@@ -81,6 +85,7 @@ class SolverSettings:
     exact: bool = False  # the reference's arithmetic, operation for operation (methods.sparsegpt_arithmetic)
     refit: str = "none"  # after the prune, worker.engine.refit.REFITS
     quantization: Quantization | None = None  # weights on a grid (worker.engine.quant); None: float
+    one_pass: bool = False  # a block's groups solved in one pass where it can (worker.engine.one_pass)
 
 
 class HessianCollector:
@@ -171,6 +176,59 @@ def solve_group(
     return stats
 
 
+@dataclass
+class GroupSolve:
+    """Solving one block's Hessian groups, one call each: progress, the solve, one ``LayerResult`` per
+    Linear (``results``) and the quantized grids by full module name (``grids``)."""
+
+    block: int
+    nblocks: int
+    last: int
+    prefix: str  # the block's module name
+    modules: dict[str, nn.Module]
+    solver: SolverSettings
+    device: torch.device
+    prune_shared: Callable[..., list[PruneResult]]
+    tracker: Tracker
+    passes: int | None = None  # each result's (LayerResult.passes)
+    results: list[LayerResult] = field(default_factory=list)
+    grids: dict[str, QuantizedWeight] = field(default_factory=dict)
+
+    def __call__(self, g: int, names: list[str], H: torch.Tensor | None, *, count: int) -> None:
+        """Group ``g`` of the block's ``count``: ``names`` (owner first) read the input of Hessian ``H``."""
+        i, modules = self.block, self.modules
+        self.tracker.emit(
+            (i + g / count) / (self.last + 1),
+            layer=i,
+            layers=self.nblocks,
+            module=f"{self.prefix}.{names[0]}",
+            message=f"pruning {', '.join(names)}",
+        )
+        t0 = time.perf_counter()
+        grids: dict[str, QuantizedWeight] = {}
+        stats = solve_group(
+            names, modules, H, self.solver, self.device, prune_shared=self.prune_shared, quantized=grids
+        )
+        self.grids.update({f"{self.prefix}.{n}": q for n, q in grids.items()})
+        seconds = time.perf_counter() - t0
+        rows = [weight_matrix(modules[n]).shape[0] for n in names]
+        for n, r, (error, loss, percdamp, refit) in zip(names, rows, stats):
+            self.results.append(
+                LayerResult(
+                    block=i,
+                    name=f"{self.prefix}.{n}",
+                    sparsity=_sparsity(weight_matrix(modules[n])),
+                    error=error,
+                    loss=loss,
+                    percdamp=percdamp,
+                    seconds=seconds * r / sum(rows),
+                    target=self.solver.pattern.sparsity,
+                    refit=refit,
+                    passes=self.passes,
+                )
+            )
+
+
 def _to_cpu(q: QuantizedWeight) -> QuantizedWeight:
     return QuantizedWeight(codes=q.codes.cpu(), scale=q.scale.cpu(), weight=q.weight.cpu())
 
@@ -201,6 +259,8 @@ def prune_sequential(
     sources are appended to ``expert_records``. ``checkpoints``: resume and checkpoint (worker.engine.resume).
     ``quantized``: with ``solver.quantization``, each quantized Linear's codes and scales by module name,
     and each expert's by ``expert_key`` (worker.engine.moe); kept with the checkpoints to resume.
+    With ``solver.one_pass`` a block without fused experts runs once (worker.engine.one_pass); the
+    others run twice (dense, then solved). Each result says which (``LayerResult.passes``).
     """
     # Long on purpose: the block loop (inputs in, Hessians, solve, outputs out, checkpoint) is one sequence read in
     # order; split, its per-block state would travel through every piece.
@@ -213,6 +273,7 @@ def prune_sequential(
         capture_block_inputs(model, adapter, calibration, batch_size=batch_size, device=device) if needs_data else None
     )
     arithmetic = sparsegpt_arithmetic(solver)
+    one_pass = solver.one_pass and needs_data
     results: list[LayerResult] = []
     start = checkpoints.restore(blocks, inputs, results, expert_records, LayerResult, tracker) if checkpoints else 0
     if start and quantized is not None and solver.quantization is not None:
@@ -233,55 +294,35 @@ def prune_sequential(
         }
         experts = {name: m for name, m in fused_experts(block).items() if selection.module_selected(f"{prefix}.{name}")}
         expert_stats = None
-        if needs_data:
-            collector = HessianCollector(modules, device, hessian=arithmetic.hessian, stop_early=not experts)
-            moe_collector = ExpertCollector(experts, device, moe or MoeSettings(), arithmetic.hessian, block=block)
-            try:
-                run_block(block, inputs, device, keep=False, after_chunk=collector.end_pass)
-                collector.remove()
-                moe_collector.fallback(lambda: run_block(block, inputs, device, keep=False))  # noqa: B023 (called here)
-            finally:
-                collector.remove()
-                moe_collector.remove()
-            expert_stats = moe_collector.stats
-            groups = [(names, collector.hessians[owner].H) for owner, names in collector.groups.items()]
-            del collector
-        else:
-            groups = [([name], None) for name in modules]
-
         block_solver = solver if targets is None else replace(solver, pattern=SparsityPattern(targets[i]))
-        block_grids: dict[str, QuantizedWeight] = {}  # this block's quantized layers and experts
-        for g, (names, H) in enumerate(groups):
-            tracker.emit(
-                (i + g / max(len(groups), 1)) / (last + 1),
-                layer=i,
-                layers=nblocks,
-                module=f"{prefix}.{names[0]}",
-                message=f"pruning {', '.join(names)}",
-            )
-            t0 = time.perf_counter()
-            grids: dict[str, QuantizedWeight] = {}
-            stats = solve_group(
-                names, modules, H, block_solver, device, prune_shared=arithmetic.prune_shared, quantized=grids
-            )
-            block_grids.update({f"{prefix}.{n}": q for n, q in grids.items()})
-            seconds = time.perf_counter() - t0
-            rows = [weight_matrix(modules[n]).shape[0] for n in names]
-            for n, r, (error, loss, percdamp, refit) in zip(names, rows, stats):
-                results.append(
-                    LayerResult(
-                        block=i,
-                        name=f"{prefix}.{n}",
-                        sparsity=_sparsity(weight_matrix(modules[n])),
-                        error=error,
-                        loss=loss,
-                        percdamp=percdamp,
-                        seconds=seconds * r / sum(rows),
-                        target=block_solver.pattern.sparsity,
-                        refit=refit,
-                    )
-                )
-        del groups
+        solve = GroupSolve(i, nblocks, last, prefix, modules, block_solver, device, arithmetic.prune_shared, tracker)
+        block_grids = solve.grids  # this block's quantized layers, then its experts
+        order = None
+        if one_pass and modules and not experts and fits(inputs, modules, device):
+            order = find_groups(block, modules, inputs)
+        solve.passes = (1 if order else 2) if needs_data else None
+        if order:  # each group solved as its inputs complete; the next block's inputs made in the same pass
+            run_one_pass(block, modules, order, inputs, device, arithmetic.hessian, partial(solve, count=len(order)))
+        else:
+            if needs_data:
+                collector = HessianCollector(modules, device, hessian=arithmetic.hessian, stop_early=not experts)
+                moe_collector = ExpertCollector(experts, device, moe or MoeSettings(), arithmetic.hessian, block=block)
+                try:
+                    run_block(block, inputs, device, keep=False, after_chunk=collector.end_pass)
+                    collector.remove()
+                    moe_collector.fallback(lambda: run_block(block, inputs, device, keep=False))  # noqa: B023 (called here)
+                finally:
+                    collector.remove()
+                    moe_collector.remove()
+                expert_stats = moe_collector.stats
+                groups = [(names, collector.hessians[owner].H) for owner, names in collector.groups.items()]
+                del collector
+            else:
+                groups = [([name], None) for name in modules]
+            for g, (names, H) in enumerate(groups):
+                solve(g, names, H, count=len(groups))
+            del groups
+        results += solve.results
         if experts:
             fields, records = prune_experts(
                 experts,
@@ -293,10 +334,10 @@ def prune_sequential(
                 prune_shared=arithmetic.prune_shared,
                 quantized=block_grids,
             )
-            results += [LayerResult(**f) for f in fields]
+            results += [LayerResult(**f, passes=solve.passes) for f in fields]
             if expert_records is not None:
                 expert_records += records
-        if needs_data and i < last:
+        if needs_data and i < last and not order:
             run_block(block, inputs, device, keep=True)  # the pruned block feeds the next one
         if quantized is not None:
             quantized.update(block_grids)

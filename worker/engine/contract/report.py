@@ -122,6 +122,8 @@ class QuantizationPart(Part):
     bits: int | None = None
     observer: str | None = None  # how each group's scale was chosen: mse (searched) | minmax
     how: str | None = None  # in-solve (the joint solve; GPTQ at sparsity 0) | round-to-nearest (after the prune)
+    blocks_one_pass: int | None = None  # blocks solved in one pass (Hessians from the solved layers before)
+    blocks_two_passes: int | None = None  # blocks solved from the dense block's Hessians (fused experts)
     quantization_only: bool | None = None  # sparsity 0: no weight pruned
     layers_quantized: int | None = None  # Linears and expert matrices
     experts_quantized: int | None = None  # of which expert matrices (one per expert and fused parameter)
@@ -183,6 +185,9 @@ class Layer(Part):
     loss: Number = None
     percdamp: float | None = None
     refit: LayerRefit | None = None
+    # 1: solved in its block's one pass, its Hessian from the block's layers before it as solved;
+    # 2: its Hessian from the dense block (the reference's order); None: no calibration data read
+    passes: int | None = None
 
 
 class Timings(Part):

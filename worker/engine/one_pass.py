@@ -1,0 +1,170 @@
+"""One pass through a decoder block: each Hessian group solved as soon as its inputs are complete.
+
+The two-pass driver (worker.engine.sequential) runs a block over the calibration data twice: the
+dense block, to collect every Linear's Hessian, then the solved block, to make the next block's
+inputs. Here the block runs once. The calibration chunks go through it in turn, each one paused at
+the first Linear of every Hessian group (a greenlet per chunk, all in this thread) until every chunk
+has added its input to that group's Hessian; the group is solved and written back, and the chunks go
+on through the solved weights. So a Linear's Hessian comes from the block's Linears before it as
+solved (GPTQ's "true sequential" order), and the next block's inputs come out of the same pass.
+
+The groups and their order are found by running the block on the meta device (shapes only, no
+arithmetic): Linears called with one tensor share a Hessian (q/k/v, gate/up, a parallel block's
+attention and MLP inputs). A block that cannot run there (fused experts route by value) keeps the
+two passes, as does a block whose chunks would not all fit on the accelerator at once (``fits``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import torch
+from greenlet import greenlet
+from torch import nn
+from torch.func import functional_call
+
+from worker.engine.architectures import weight_matrix
+from worker.engine.block_inputs import BlockInputs, to_device
+
+META = torch.device("meta")
+# On an accelerator, all chunks' activations live at once at a pause: allowed this share of free memory
+ACCELERATOR_SHARE = 0.5
+
+
+class OnePassError(RuntimeError):
+    """A chunk did not follow the path the meta run found (it would be solved from wrong inputs)."""
+
+
+def _hooks(modules: dict[str, nn.Module], hook: Callable[[str], Callable]) -> list:
+    return [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
+
+
+@torch.no_grad()
+def find_groups(block: nn.Module, modules: dict[str, nn.Module], inputs: BlockInputs) -> list[list[str]] | None:
+    """The Hessian groups of ``modules`` in the order the block first calls them, each its owner (the first
+    caller) then its other readers, from a run on the meta device. None when the block cannot run
+    there, or a hooked Linear is not called."""
+    order: list[str] = []
+    owner_of: dict[str, str] = {}
+    seen: dict[int, tuple[torch.Tensor, str]] = {}
+
+    def hook(name: str):
+        def record(_module, args):
+            x = args[0]
+            earlier = seen.get(id(x))
+            owner = earlier[1] if earlier is not None and earlier[0] is x else name
+            owner_of.setdefault(name, owner)
+            if owner == name and name not in order:
+                seen[id(x)] = (x, name)
+                order.append(name)
+
+        return record
+
+    state = {k: torch.empty_like(v, device=META) for k, v in (*block.named_parameters(), *block.named_buffers())}
+    handles = _hooks(modules, hook)
+    try:
+        functional_call(
+            block,
+            state,
+            (inputs.hidden[0].to(META), *to_device(inputs.args[0], META)),
+            to_device(inputs.kwargs_for(block, 0), META),
+        )
+    except Exception:  # noqa: BLE001 (any failure on meta: the block keeps the two passes)
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    if set(owner_of) != set(modules):
+        return None
+    return [[owner, *(n for n in owner_of if owner_of[n] == owner and n != owner)] for owner in order]
+
+
+def fits(inputs: BlockInputs, modules: dict[str, nn.Module], device: torch.device) -> bool:
+    """Whether every chunk's activations can be held at once (they are, at each pause): always on the
+    CPU; on an accelerator when the chunks are kept there and the widest Linear's activations for all of
+    them, three times over, take at most ``ACCELERATOR_SHARE`` of its free memory."""
+    if device.type != "cuda":
+        return True
+    if not inputs.hidden or inputs.hidden[0].device != device:
+        return False
+    tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
+    widest = max(max(weight_matrix(m).shape) for m in modules.values())
+    need = 3 * tokens * widest * inputs.hidden[0].element_size()
+    free, _total = torch.cuda.mem_get_info(device)
+    return need <= ACCELERATOR_SHARE * free
+
+
+@torch.no_grad()
+def run_one_pass(
+    block: nn.Module,
+    modules: dict[str, nn.Module],
+    groups: list[list[str]],
+    inputs: BlockInputs,
+    device: torch.device,
+    hessian: Callable[[int, torch.device], object],
+    solve: Callable[[int, list[str], torch.Tensor], None],
+) -> None:
+    """Run every chunk of ``inputs`` through ``block`` once; ``solve(g, names, H)`` is called when group
+    ``g``'s Hessian has every chunk's input, and must write the group's solved weights into its Linears.
+    The block's outputs replace ``inputs.hidden`` in place."""
+    # Long on purpose: the chunks' scheduler and the hooks they pause in share one small state; apart,
+    # that state would travel through every piece.
+    station = {names[0]: g for g, names in enumerate(groups)}
+    owner_of = {n: names[0] for names in groups for n in names}
+    hessians: list = [hessian(weight_matrix(modules[names[0]]).shape[1], device) for names in groups]
+    main = greenlet.getcurrent()
+    chunk_of: dict[greenlet, int] = {}
+    paused_at: dict[int, int] = {}  # chunk -> the group it waits at
+    read: dict[int, dict[str, weakref.ref]] = {}  # chunk -> owner -> the tensor its group read (not kept alive)
+
+    def hook(name: str):
+        def pause(_module, args):
+            c = chunk_of.get(greenlet.getcurrent())
+            if c is None:
+                return
+            x, owner = args[0], owner_of[name]
+            if name != owner:
+                ref = read[c].get(owner)
+                if ref is None or ref() is not x:
+                    raise OnePassError(f"{name} did not read what {owner} read, as the meta run found")
+                return
+            if name in read[c]:
+                raise OnePassError(f"{name} was called twice in one forward pass")
+            read[c][name] = weakref.ref(x)
+            hessians[station[name]].add_batch(x)
+            paused_at[c] = station[name]
+            main.switch()  # the other chunks add theirs; the group is solved; then this chunk goes on
+
+        return pause
+
+    def run_chunk(c: int) -> None:
+        hidden = inputs.hidden[c]
+        out = block(hidden.to(device, non_blocking=True), *inputs.args[c], **inputs.kwargs_for(block, c))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        inputs.hidden[c] = out.to(hidden.device, non_blocking=True)
+        read.pop(c, None)
+
+    chunks = [greenlet(lambda c=c: run_chunk(c)) for c in range(len(inputs.hidden))]
+    chunk_of.update({g: c for c, g in enumerate(chunks)})
+    read.update({c: {} for c in range(len(chunks))})
+    handles = _hooks(modules, hook)
+    try:
+        for g in range(len(groups) + 1):  # a stop at each group, then the block's end
+            for c, chunk in enumerate(chunks):
+                chunk.switch()
+                if g < len(groups) and (chunk.dead or paused_at.get(c) != g):
+                    raise OnePassError(f"chunk {c} of the calibration data did not reach {groups[g][0]} in turn")
+                if g == len(groups) and not chunk.dead:
+                    raise OnePassError(f"chunk {c} of the calibration data called a solved group's Linear again")
+            if g < len(groups):
+                H = hessians[g].H
+                hessians[g] = None  # its accumulator's memory back before the solve
+                solve(g, groups[g], H)
+                del H
+    finally:
+        for h in handles:
+            h.remove()
+        for chunk in chunks:
+            if not chunk.dead:
+                chunk.throw()  # unwinds the paused forward (GreenletExit), nothing left suspended
