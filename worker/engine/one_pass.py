@@ -86,7 +86,7 @@ def fits(inputs: BlockInputs, modules: dict[str, nn.Module], device: torch.devic
     them, three times over, take at most ``ACCELERATOR_SHARE`` of its free memory."""
     if device.type != "cuda":
         return True
-    if not inputs.hidden or inputs.hidden[0].device != device:
+    if not inputs.hidden or inputs.hidden[0].device.type != device.type:  # kept on the CPU: no room
         return False
     tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
     widest = max(max(weight_matrix(m).shape) for m in modules.values())
