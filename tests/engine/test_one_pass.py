@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import transformers
+from greenlet import greenlet
 from torch import nn
 
 from tests.support.tiny_models import make_tiny_model
@@ -169,11 +170,15 @@ def test_a_failing_solve_leaves_no_chunk_paused(tmp_path):
         if g == 1:
             raise RuntimeError("cancelled")
 
+    chunks = set()  # each chunk's greenlet, seen at o_proj, where they wait when its solve fails
+    handle = block.self_attn.o_proj.register_forward_pre_hook(lambda _m, _a: chunks.add(greenlet.getcurrent()))
     before = [h.clone() for h in inputs.hidden]
     with pytest.raises(RuntimeError, match="cancelled"):
         run_one_pass(block, modules, LLAMA_GROUPS, inputs, CPU, Hessian, solve)
     assert solved == [0, 1]
-    assert all(not m._forward_pre_hooks for m in block.modules())
+    assert len(chunks) == 3 and all(g.dead for g in chunks)  # every chunk paused at o_proj was unwound
+    handle.remove()
+    assert all(not m._forward_pre_hooks for m in block.modules())  # the pass's own hooks are gone
     assert all(torch.equal(a, b) for a, b in zip(before, inputs.hidden))  # no chunk finished
     run_block(block, inputs, CPU, keep=True)  # the block runs as usual after
 
@@ -184,6 +189,39 @@ def test_a_chunk_off_the_meta_path_is_an_error(tmp_path):
     inputs = capture_block_inputs(model, adapter, calibration(model), batch_size=3, device=CPU)
     block = adapter.blocks[0]
     wrong = [LLAMA_GROUPS[0], LLAMA_GROUPS[2], LLAMA_GROUPS[1], LLAMA_GROUPS[3]]  # o_proj is called before gate
-    with pytest.raises(OnePassError, match="did not reach mlp.gate_proj"):
+    with pytest.raises(OnePassError, match="did not reach mlp.gate_proj") as raised:
         run_one_pass(block, prunable_linears(block), wrong, inputs, CPU, Hessian, lambda g, names, H: None)
+    assert raised.value.weights_changed  # q/k/v were solved before: the job cannot fall back
     assert all(not m._forward_pre_hooks for m in block.modules())
+    first_wrong = [LLAMA_GROUPS[1], LLAMA_GROUPS[0], *LLAMA_GROUPS[2:]]
+    with pytest.raises(OnePassError, match="did not reach self_attn.o_proj") as raised:
+        run_one_pass(block, prunable_linears(block), first_wrong, inputs, CPU, Hessian, lambda g, names, H: None)
+    assert not raised.value.weights_changed  # nothing solved yet: the block can still run twice
+
+
+def test_a_block_calling_a_linear_twice_runs_twice_and_says_why(tmp_path):
+    model = load(tmp_path, "llama")
+    mlp = model.model.layers[0].mlp
+    plain = mlp.forward
+
+    def twice(x):  # down_proj called a second time (its output unused): two inputs, two Hessians
+        mlp.down_proj(torch.zeros_like(mlp.up_proj(x)))
+        return plain(x)
+
+    mlp.forward = twice
+    quantization = Quantization("W4A16", 32, scale_dtype=torch.float32)
+    why: dict[int, str] = {}
+    results = prune_sequential(
+        model,
+        adapter_for(model),
+        calibration(model),
+        solver=SolverSettings("sparsegpt", pattern("0"), quantization=quantization, one_pass=True),
+        selection=LayerSelection(),
+        device=CPU,
+        batch_size=3,
+        tracker=Tracker(None, None, ["pruning"]),
+        quantized={},
+        two_passes=why,
+    )
+    assert {r.block: r.passes for r in results} == {0: 2, 1: 1}
+    assert why == {0: "it does not run on the meta device with one call per Linear"}

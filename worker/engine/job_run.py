@@ -231,6 +231,7 @@ class JobRun:
         self.quantized = {}  # with quantization: codes and scales by module name (experts: moe.expert_key)
         batch = 1 if spec.solver.exact else self.batch_size  # the reference's one sequence per forward
         self.experts: list[dict] = []  # per experts module: routed tokens and Hessian source per expert
+        self.two_passes: dict[int, str] = {}  # block -> why it ran twice where one pass was asked
         layers = prune_sequential(
             self.model,
             self.adapter,
@@ -245,6 +246,7 @@ class JobRun:
             moe=MoeSettings(all_experts=spec.moe.all_experts, min_tokens=spec.moe.min_tokens),
             checkpoints=self.checkpoints(batch),
             quantized=self.quantized,
+            two_passes=self.two_passes,
         )
         self.peak_prune_rss = _peak_rss_bytes()
         # measured now: a quantized model is compressed before it is evaluated (compressed-tensors' modules)
@@ -289,6 +291,7 @@ class JobRun:
                     report.coverage.dense if report.coverage else [],
                     self.parameters,
                     report.layers,
+                    self.two_passes,
                 )
             self.seconds["total"] = time.perf_counter() - self.start
             report.seconds = Timings(**self.seconds)

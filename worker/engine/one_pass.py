@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from greenlet import greenlet
@@ -28,12 +29,15 @@ from worker.engine.architectures import weight_matrix
 from worker.engine.block_inputs import BlockInputs, to_device
 
 META = torch.device("meta")
-# On an accelerator, all chunks' activations live at once at a pause: allowed this share of free memory
-ACCELERATOR_SHARE = 0.5
+# All chunks' activations live at once at a pause: allowed this share of the free memory
+SHARE = 0.5
 
 
 class OnePassError(RuntimeError):
-    """A chunk did not follow the path the meta run found (it would be solved from wrong inputs)."""
+    """A chunk did not follow the path the meta run found (it would be solved from wrong inputs).
+    ``weights_changed``: whether a group was solved before it (else the block can still run twice)."""
+
+    weights_changed = False
 
 
 def _hooks(modules: dict[str, nn.Module], hook: Callable[[str], Callable]) -> list:
@@ -44,14 +48,18 @@ def _hooks(modules: dict[str, nn.Module], hook: Callable[[str], Callable]) -> li
 def find_groups(block: nn.Module, modules: dict[str, nn.Module], inputs: BlockInputs) -> list[list[str]] | None:
     """The Hessian groups of ``modules`` in the order the block first calls them, each its owner (the first
     caller) then its other readers, from a run on the meta device. None when the block cannot run
-    there, or a hooked Linear is not called."""
+    there, or a hooked Linear is not called, or called twice."""
     order: list[str] = []
     owner_of: dict[str, str] = {}
     seen: dict[int, tuple[torch.Tensor, str]] = {}
+    twice: list[str] = []
 
     def hook(name: str):
         def record(_module, args):
             x = args[0]
+            if name in owner_of:  # a second call: its inputs would need two Hessians
+                twice.append(name)
+                return
             earlier = seen.get(id(x))
             owner = earlier[1] if earlier is not None and earlier[0] is x else name
             owner_of.setdefault(name, owner)
@@ -75,24 +83,56 @@ def find_groups(block: nn.Module, modules: dict[str, nn.Module], inputs: BlockIn
     finally:
         for h in handles:
             h.remove()
-    if set(owner_of) != set(modules):
+    if set(owner_of) != set(modules) or twice:
         return None
     return [[owner, *(n for n in owner_of if owner_of[n] == owner and n != owner)] for owner in order]
 
 
-def fits(inputs: BlockInputs, modules: dict[str, nn.Module], device: torch.device) -> bool:
-    """Whether every chunk's activations can be held at once (they are, at each pause): always on the
-    CPU; on an accelerator when the chunks are kept there and the widest Linear's activations for all of
-    them, three times over, take at most ``ACCELERATOR_SHARE`` of its free memory."""
-    if device.type != "cuda":
-        return True
-    if not inputs.hidden or inputs.hidden[0].device.type != device.type:  # kept on the CPU: no room
-        return False
+def _available_bytes(device: torch.device) -> int | None:
+    """Free memory where the activations live: the GPU's, or the host's MemAvailable (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def no_room(inputs: BlockInputs, modules: dict[str, nn.Module], device: torch.device) -> str | None:
+    """Why every chunk's activations cannot be held at once (they are, at each pause); None when they
+    can: on the CPU or a CUDA GPU where the activations are kept, three times the widest layer's
+    activations for every token, plus its Hessian twice, take at most ``SHARE`` of the free memory."""
+    if device.type not in ("cpu", "cuda"):
+        return f"one pass is used on the CPU and CUDA GPUs, not on {device.type}"
+    if not inputs.hidden or inputs.hidden[0].device.type != device.type:
+        return "the calibration activations are kept on the CPU (too large for the GPU)"
     tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
     widest = max(max(weight_matrix(m).shape) for m in modules.values())
-    need = 3 * tokens * widest * inputs.hidden[0].element_size()
-    free, _total = torch.cuda.mem_get_info(device)
-    return need <= ACCELERATOR_SHARE * free
+    columns = max(weight_matrix(m).shape[1] for m in modules.values())
+    need = 3 * tokens * widest * inputs.hidden[0].element_size() + 2 * 4 * columns * columns
+    free = _available_bytes(device)
+    if free is None or need <= SHARE * free:
+        return None
+    return f"every chunk's activations at once would take {need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB free"
+
+
+def one_pass_order(
+    block: nn.Module, modules: dict[str, nn.Module], experts: dict, inputs: BlockInputs, device: torch.device
+) -> tuple[list[list[str]] | None, str | None]:
+    """The block's Hessian groups in call order for one pass, or (None, why it runs twice); (None, None)
+    when it has no Linear to solve."""
+    if not modules:
+        return None, None
+    if experts:
+        return None, "fused experts route tokens by value"
+    why = no_room(inputs, modules, device)
+    if why is not None:
+        return None, why
+    order = find_groups(block, modules, inputs)
+    return (order, None) if order else (None, "it does not run on the meta device with one call per Linear")
 
 
 @torch.no_grad()
@@ -112,11 +152,12 @@ def run_one_pass(
     # that state would travel through every piece.
     station = {names[0]: g for g, names in enumerate(groups)}
     owner_of = {n: names[0] for names in groups for n in names}
-    hessians: list = [hessian(weight_matrix(modules[names[0]]).shape[1], device) for names in groups]
+    hessians: dict[int, object] = {}  # made as the first chunk reaches the group, dropped once solved
     main = greenlet.getcurrent()
     chunk_of: dict[greenlet, int] = {}
     paused_at: dict[int, int] = {}  # chunk -> the group it waits at
     read: dict[int, dict[str, weakref.ref]] = {}  # chunk -> owner -> the tensor its group read (not kept alive)
+    solved = 0
 
     def hook(name: str):
         def pause(_module, args):
@@ -132,8 +173,11 @@ def run_one_pass(
             if name in read[c]:
                 raise OnePassError(f"{name} was called twice in one forward pass")
             read[c][name] = weakref.ref(x)
-            hessians[station[name]].add_batch(x)
-            paused_at[c] = station[name]
+            g = station[name]
+            if g not in hessians:
+                hessians[g] = hessian(x.shape[-1], device)
+            hessians[g].add_batch(x)
+            paused_at[c] = g
             main.switch()  # the other chunks add theirs; the group is solved; then this chunk goes on
 
         return pause
@@ -148,6 +192,7 @@ def run_one_pass(
     chunks = [greenlet(lambda c=c: run_chunk(c)) for c in range(len(inputs.hidden))]
     chunk_of.update({g: c for c, g in enumerate(chunks)})
     read.update({c: {} for c in range(len(chunks))})
+    state = _torch_state(device)
     handles = _hooks(modules, hook)
     try:
         for g in range(len(groups) + 1):  # a stop at each group, then the block's end
@@ -157,14 +202,33 @@ def run_one_pass(
                     raise OnePassError(f"chunk {c} of the calibration data did not reach {groups[g][0]} in turn")
                 if g == len(groups) and not chunk.dead:
                     raise OnePassError(f"chunk {c} of the calibration data called a solved group's Linear again")
+                if _torch_state(device) != state:  # thread-wide: a chunk paused inside a context would leak it
+                    raise OnePassError(
+                        f"chunk {c} paused at {groups[min(g, len(groups) - 1)][0]} inside a torch context"
+                    )
             if g < len(groups):
-                H = hessians[g].H
-                hessians[g] = None  # its accumulator's memory back before the solve
+                H = hessians.pop(g).H  # the accumulator's memory back before the solve
+                solved += 1
                 solve(g, groups[g], H)
                 del H
+    except OnePassError as e:
+        e.weights_changed = solved > 0
+        raise
     finally:
         for h in handles:
             h.remove()
         for chunk in chunks:
             if not chunk.dead:
-                chunk.throw()  # unwinds the paused forward (GreenletExit), nothing left suspended
+                try:
+                    chunk.throw()  # unwinds the paused forward (GreenletExit), nothing left suspended
+                except Exception:  # noqa: BLE001 (the error being raised is the one to report)
+                    pass
+
+
+def _torch_state(device: torch.device) -> tuple:
+    """The thread-wide torch modes a forward may set (all greenlets share them)."""
+    try:
+        autocast = torch.is_autocast_enabled(device.type)
+    except TypeError:  # an older torch: no device argument
+        autocast = torch.is_autocast_enabled()
+    return torch.is_grad_enabled(), autocast, torch.is_inference_mode_enabled()

@@ -32,15 +32,22 @@ def scheme_text(q: QuantizationPart) -> str:
 
 
 def order_text(q: QuantizationPart) -> str:
-    """Which Hessians the solve read: one pass per block (the solved layers before), or the dense block's."""
+    """Which Hessians the solve read: one pass per block (the solved layers before), or the dense block's;
+    "" where one pass was not asked (round to nearest, or a report without it)."""
     one, two = q.blocks_one_pass or 0, q.blocks_two_passes or 0
-    if not one:
+    if not one and not q.two_passes:
         return ""
-    blocks = f"{one} block{'s' if one != 1 else ''}"
-    text = f"{blocks} solved in one pass each, every layer's Hessian from the block's layers before it as quantized"
+    parts = []
+    if one:
+        parts.append(
+            f"{one} block{'s' if one != 1 else ''} solved in one pass each, every layer's Hessian from the block's "
+            "layers before it as quantized"
+        )
     if two:
-        text += f"; {two} with fused experts in two passes, every Hessian from the dense block"
-    return text
+        reasons = sorted({entry.get("reason") for entry in q.two_passes if entry.get("reason")})
+        why = f" ({'; '.join(reasons)})" if reasons else ""
+        parts.append(f"{two} block{'s' if two != 1 else ''} in two passes, every Hessian from the dense block{why}")
+    return "; ".join(parts)
 
 
 def size_text(nbytes: int | None) -> str:

@@ -119,10 +119,12 @@ def quantization_part(
     coverage_dense: list,
     dense_parameters: int,
     layers: list | None = None,
+    two_passes: dict[int, str] | None = None,
 ) -> QuantizationPart:
     """The report's ``quantization`` part, its formats' sizes not yet known (``settle_sizes``);
     ``dense_parameters``: the model's parameters as loaded (the model may be compressed by now);
-    ``layers``: the report's layers (their blocks, and how many passes solved each)."""
+    ``layers``: the report's layers (their blocks, and how many passes solved each); ``two_passes``: why
+    a block ran twice where one pass was asked (worker.engine.sequential)."""
     joint = method_info(spec.method).joint_quantization and spec.solver.refit == "none"
     decoder = sum(_quantized_bytes(q, quantization.bits) for q in quantized.values())
     decoder_fp16 = 2 * sum(q.codes.numel() for q in quantized.values())
@@ -152,6 +154,7 @@ def quantization_part(
             "how": "in-solve" if joint else "round-to-nearest",
             "blocks_one_pass": len({r.block for r in layers or [] if r.passes == 1}),
             "blocks_two_passes": len({r.block for r in layers or [] if r.passes == 2}),
+            "two_passes": [{"block": b, "reason": why} for b, why in sorted((two_passes or {}).items())],
             "quantization_only": spec.pattern.sparsity == 0,
             "layers_quantized": len(quantized),
             "experts_quantized": sum(1 for k in quantized if ":" in k),

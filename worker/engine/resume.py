@@ -40,7 +40,7 @@ from worker.engine.offload import attach
 
 log = logging.getLogger(__name__)
 STATE = "state.json"
-VERSION = 1
+VERSION = 2  # 2: a quantizing solve in one pass per block (results carry ``passes``)
 
 
 def write_checkpoint(directory: Path, name: str, write: Callable[[Path], None]) -> Path:
@@ -158,11 +158,18 @@ class Checkpoints:
         self.state = None
 
     def restore(
-        self, blocks: nn.ModuleList, inputs, results: list, expert_records: list | None, result_type: type, tracker=None
+        self,
+        blocks: nn.ModuleList,
+        inputs,
+        results: list,
+        expert_records: list | None,
+        result_type: type,
+        tracker=None,
+        two_passes: dict | None = None,
     ) -> int:
         """Put back what the finished blocks left: their weights into ``blocks``, their results into
-        ``results`` (as ``result_type``), the next block's hidden states into ``inputs``. Returns the
-        block to go on with (0: nothing to resume)."""
+        ``results`` (as ``result_type``), the next block's hidden states into ``inputs``, why a block ran
+        twice into ``two_passes``. Returns the block to go on with (0: nothing to resume)."""
         if not self.state:
             return 0
         state, k = self.state, self.state["next_block"]
@@ -186,6 +193,8 @@ class Checkpoints:
         results += [result_type(**r) for r in state["results"]]
         if expert_records is not None:
             expert_records += state.get("experts", [])
+        if two_passes is not None:
+            two_passes.update({int(b): why for b, why in state.get("two_passes", {}).items()})
         log.warning(
             "resuming at block %d of %d: blocks %s restored from the checkpoint in %s",
             k,
@@ -203,9 +212,18 @@ class Checkpoints:
         return k
 
     def block_done(
-        self, i: int, block: nn.Module | None, inputs, results: list, expert_records: list | None, *, last: int
+        self,
+        i: int,
+        block: nn.Module | None,
+        inputs,
+        results: list,
+        expert_records: list | None,
+        *,
+        last: int,
+        two_passes: dict | None = None,
     ) -> None:
-        """Block ``i`` is finished (``block``: pruned, None: run unchanged); ``inputs`` are block ``i+1``'s."""
+        """Block ``i`` is finished (``block``: pruned, None: run unchanged); ``inputs`` are block ``i+1``'s;
+        ``two_passes``: why blocks so far ran twice where one pass was asked."""
         state = dict(self.state or {"fingerprint": self.fingerprint, "blocks": []})
         if block is not None:
             tensors = _tensors(block)
@@ -219,6 +237,7 @@ class Checkpoints:
             name = state["hidden"] = f"hidden-{i + 1:05d}.safetensors"
             write_checkpoint(self.dir, name, lambda p: save_file(_tensors(hidden), str(p)))
         state.update(next_block=i + 1, results=[r.as_dict() for r in results], experts=list(expert_records or []))
+        state["two_passes"] = {str(b): why for b, why in (two_passes or {}).items()}
         text = json.dumps(state)
         write_checkpoint(self.dir, STATE, lambda p: p.write_text(text, encoding="utf-8"))
         self.state = state

@@ -36,7 +36,7 @@ from worker.engine.contract.patterns import SparsityPattern
 from worker.engine.methods import prune_layers
 from worker.engine.methods.sparsegpt import sparsegpt_arithmetic
 from worker.engine.moe import ExpertCollector, MoeSettings, fused_experts, prune_experts
-from worker.engine.one_pass import find_groups, fits, run_one_pass
+from worker.engine.one_pass import OnePassError, one_pass_order, run_one_pass
 from worker.engine.progress import Tracker
 from worker.engine.quant import Quantization, QuantizedWeight, restore_quantized, save_quantized
 from worker.engine.reference import RunningHessian
@@ -249,6 +249,7 @@ def prune_sequential(
     expert_records: list[dict] | None = None,
     checkpoints: Checkpoints | None = None,
     quantized: dict[str, QuantizedWeight] | None = None,
+    two_passes: dict[int, str] | None = None,
 ) -> list[LayerResult]:
     """Prune the selected Linears of every selected block; returns one result per Linear.
 
@@ -259,8 +260,8 @@ def prune_sequential(
     sources are appended to ``expert_records``. ``checkpoints``: resume and checkpoint (worker.engine.resume).
     ``quantized``: with ``solver.quantization``, each quantized Linear's codes and scales by module name,
     and each expert's by ``expert_key`` (worker.engine.moe); kept with the checkpoints to resume.
-    With ``solver.one_pass`` a block without fused experts runs once (worker.engine.one_pass); the
-    others run twice (dense, then solved). Each result says which (``LayerResult.passes``).
+    With ``solver.one_pass`` a block runs once where it can (worker.engine.one_pass), else twice (dense,
+    then solved), the reason in ``two_passes`` by block. Each result says which (``LayerResult.passes``).
     """
     # Long on purpose: the block loop (inputs in, Hessians, solve, outputs out, checkpoint) is one sequence read in
     # order; split, its per-block state would travel through every piece.
@@ -275,7 +276,11 @@ def prune_sequential(
     arithmetic = sparsegpt_arithmetic(solver)
     one_pass = solver.one_pass and needs_data
     results: list[LayerResult] = []
-    start = checkpoints.restore(blocks, inputs, results, expert_records, LayerResult, tracker) if checkpoints else 0
+    start = (
+        checkpoints.restore(blocks, inputs, results, expert_records, LayerResult, tracker, two_passes)
+        if checkpoints
+        else 0
+    )
     if start and quantized is not None and solver.quantization is not None:
         quantized.update(restore_quantized(checkpoints.dir, start))
     for i in range(start, last + 1):
@@ -297,13 +302,21 @@ def prune_sequential(
         block_solver = solver if targets is None else replace(solver, pattern=SparsityPattern(targets[i]))
         solve = GroupSolve(i, nblocks, last, prefix, modules, block_solver, device, arithmetic.prune_shared, tracker)
         block_grids = solve.grids  # this block's quantized layers, then its experts
-        order = None
-        if one_pass and modules and not experts and fits(inputs, modules, device):
-            order = find_groups(block, modules, inputs)
+        order, why = one_pass_order(block, modules, experts, inputs, device) if one_pass else (None, None)
         solve.passes = (1 if order else 2) if needs_data else None
         if order:  # each group solved as its inputs complete; the next block's inputs made in the same pass
-            run_one_pass(block, modules, order, inputs, device, arithmetic.hessian, partial(solve, count=len(order)))
-        else:
+            try:
+                run_one_pass(
+                    block, modules, order, inputs, device, arithmetic.hessian, partial(solve, count=len(order))
+                )
+            except OnePassError as e:
+                if e.weights_changed:
+                    raise
+                order, why, solve.passes = None, f"its forward left the path the meta run found ({e})", 2
+        if why is not None and two_passes is not None:
+            two_passes[i] = why
+            log.info("block %d solved in two passes: %s", i, why)
+        if not order:
             if needs_data:
                 collector = HessianCollector(modules, device, hessian=arithmetic.hessian, stop_early=not experts)
                 moe_collector = ExpertCollector(experts, device, moe or MoeSettings(), arithmetic.hessian, block=block)
@@ -344,7 +357,7 @@ def prune_sequential(
         if checkpoints is not None:
             if block_grids:  # before the block is marked done: a kill in between redoes the block
                 save_quantized(checkpoints.dir, i, block_grids)
-            checkpoints.block_done(i, block, inputs, results, expert_records, last=last)
+            checkpoints.block_done(i, block, inputs, results, expert_records, last=last, two_passes=two_passes)
         host.offload(block, changed=True, written=checkpoints.block_file(i) if checkpoints else None)
         release_memory(device)
     tracker.emit(1.0, layer=nblocks - 1, layers=nblocks, message="pruned")

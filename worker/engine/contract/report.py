@@ -123,7 +123,8 @@ class QuantizationPart(Part):
     observer: str | None = None  # how each group's scale was chosen: mse (searched) | minmax
     how: str | None = None  # in-solve (the joint solve; GPTQ at sparsity 0) | round-to-nearest (after the prune)
     blocks_one_pass: int | None = None  # blocks solved in one pass (Hessians from the solved layers before)
-    blocks_two_passes: int | None = None  # blocks solved from the dense block's Hessians (fused experts)
+    blocks_two_passes: int | None = None  # blocks solved from the dense block's Hessians
+    two_passes: list[dict] = []  # {block, reason}: why a block asked to run once ran twice
     quantization_only: bool | None = None  # sparsity 0: no weight pruned
     layers_quantized: int | None = None  # Linears and expert matrices
     experts_quantized: int | None = None  # of which expert matrices (one per expert and fused parameter)
