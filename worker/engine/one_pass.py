@@ -10,8 +10,9 @@ solved (GPTQ's "true sequential" order), and the next block's inputs come out of
 
 The groups and their order are found by running the block on the meta device (shapes only, no
 arithmetic): Linears called with one tensor share a Hessian (q/k/v, gate/up, a parallel block's
-attention and MLP inputs). A block that cannot run there (fused experts route by value) keeps the
-two passes, as does a block whose chunks would not all fit on the accelerator at once (``fits``).
+attention and MLP inputs). ``one_pass_order`` says when a block keeps the two passes instead: fused
+experts (they route by value), a block the meta run cannot follow, too little memory for every
+chunk's activations at once (``no_room``).
 """
 
 from __future__ import annotations

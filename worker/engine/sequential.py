@@ -8,6 +8,8 @@ model larger than the accelerator is pruned with one accelerator. Per block:
 2. the Linears are solved (layers sharing a Hessian in one stacked solve) and written back;
 3. a second pass through the PRUNED block makes the next block's inputs, in place.
 
+A quantizing SparseGPT solve (``SolverSettings.one_pass``) runs a block once where it can instead,
+each group solved as its inputs complete (worker.engine.one_pass); each result says which.
 The calibration batch runs through a block in chunks of several sequences, not one at a time.
 """
 
