@@ -32,6 +32,31 @@ class BlockInputs:
         return self.by_kind[kind][c] if kind in self.by_kind else self.kwargs[c]
 
 
+class SharedInputs:
+    """Which hooked Linears read the very same tensor in one forward pass (q/k/v, gate/up): they share
+    the Hessian of the first of them, its owner. ``owner(name, x)`` at each call; ``groups`` maps each
+    owner to all its readers, in call order; ``end_pass()`` between forward passes."""
+
+    def __init__(self) -> None:
+        self.owner_of: dict[str, str] = {}
+        self.groups: dict[str, list[str]] = {}
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, owner), one pass
+
+    def owner(self, name: str, x: torch.Tensor) -> str:
+        if name not in self.owner_of:
+            seen = self._seen.get(id(x))
+            owner = seen[1] if seen is not None and seen[0] is x else name
+            self.owner_of[name] = owner
+            self.groups.setdefault(owner, []).append(name)
+        owner = self.owner_of[name]
+        if owner == name:
+            self._seen[id(x)] = (x, name)
+        return owner
+
+    def end_pass(self) -> None:
+        self._seen.clear()
+
+
 class StopBlockPass(Exception):
     """Raised by a hook to end a block's forward pass early (its output is not needed)."""
 

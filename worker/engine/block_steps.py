@@ -59,7 +59,7 @@ def block_column_loop(W1, Hinv1, M1, pattern: SparsityPattern, quantizer: Quanti
         if quantizer is not None:
             if i in fits:
                 quantizer.fit_at(i, W1.t(), Err1.t(), M1.t(), (n, m) if pattern.structured else None)
-            q = quantizer.values(i, q).add_(0.0)
+            q = quantizer.values(i, q)
         Q1[:, i] = q
         err1 = (w - q) / d
         W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
@@ -111,7 +111,7 @@ def _block_column_loop_quantized(W1, Hinv1, M1, pattern: SparsityPattern, quanti
             Wt[b:].addmm_(Hinv1[a:b, b:].t(), Et[a:b], alpha=-1)
     if pattern.structured:
         M1.copy_(Mt.t())
-    return Qt.add_(0.0).t(), Et.t()  # + 0: a zero code's value is +0, the codes' own bytes
+    return Qt.t(), Et.t()
 
 
 def _block_column_loop_pruning(W1, Hinv1, M1, pattern: SparsityPattern):

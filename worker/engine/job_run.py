@@ -146,12 +146,6 @@ class JobRun:
         check_profile(spec.sparsity_profile, len(self.adapter.blocks))
         self.quantization = quantization_of(spec, self.dtype)
         self.formats = formats_of(self.options.formats, self.quantization)
-        # A quantizing SparseGPT solve takes each Linear's Hessian from the solved Linears before it, in
-        # one pass per block (GPTQ's true-sequential order); pruning alone keeps the reference's two
-        # passes (every Hessian from the dense block), as does the bit-for-bit mode.
-        self.one_pass = (
-            self.quantization is not None and method_info(spec.method).joint_quantization and not spec.solver.exact
-        )
         if self.quantization is not None:
             check_quantizable(self.quantization, self.model, self.adapter, self.selection)
         context = context_length(self.model, self.tokenizer)
@@ -226,7 +220,12 @@ class JobRun:
             exact=spec.solver.exact,
             refit=spec.solver.refit,
             quantization=self.quantization,
-            one_pass=self.one_pass,
+            # A quantizing SparseGPT solve takes each Linear's Hessian from the solved Linears before it, in
+            # one pass per block (GPTQ's true-sequential order); pruning alone keeps the reference's two
+            # passes (every Hessian from the dense block), as does the bit-for-bit mode.
+            one_pass=self.quantization is not None
+            and method_info(spec.method).joint_quantization
+            and not spec.solver.exact,
         )
         self.quantized = {}  # with quantization: codes and scales by module name (experts: moe.expert_key)
         batch = 1 if spec.solver.exact else self.batch_size  # the reference's one sequence per forward

@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 from worker.engine.architectures import weight_matrix
-from worker.engine.block_inputs import BlockInputs, to_device
+from worker.engine.block_inputs import BlockInputs, SharedInputs, to_device
 
 META = torch.device("meta")
 # All chunks' activations live at once at a pause: allowed this share of the free memory
@@ -50,23 +50,15 @@ def find_groups(block: nn.Module, modules: dict[str, nn.Module], inputs: BlockIn
     """The Hessian groups of ``modules`` in the order the block first calls them, each its owner (the first
     caller) then its other readers, from a run on the meta device. None when the block cannot run
     there, or a hooked Linear is not called, or called twice."""
-    order: list[str] = []
-    owner_of: dict[str, str] = {}
-    seen: dict[int, tuple[torch.Tensor, str]] = {}
+    shared = SharedInputs()
     twice: list[str] = []
 
     def hook(name: str):
         def record(_module, args):
-            x = args[0]
-            if name in owner_of:  # a second call: its inputs would need two Hessians
+            if name in shared.owner_of:  # a second call: its inputs would need two Hessians
                 twice.append(name)
-                return
-            earlier = seen.get(id(x))
-            owner = earlier[1] if earlier is not None and earlier[0] is x else name
-            owner_of.setdefault(name, owner)
-            if owner == name and name not in order:
-                seen[id(x)] = (x, name)
-                order.append(name)
+            else:
+                shared.owner(name, args[0])
 
         return record
 
@@ -84,9 +76,9 @@ def find_groups(block: nn.Module, modules: dict[str, nn.Module], inputs: BlockIn
     finally:
         for h in handles:
             h.remove()
-    if set(owner_of) != set(modules) or twice:
+    if set(shared.owner_of) != set(modules) or twice:
         return None
-    return [[owner, *(n for n in owner_of if owner_of[n] == owner and n != owner)] for owner in order]
+    return list(shared.groups.values())
 
 
 def _available_bytes(device: torch.device) -> int | None:
@@ -111,8 +103,8 @@ def no_room(inputs: BlockInputs, modules: dict[str, nn.Module], device: torch.de
     if not inputs.hidden or inputs.hidden[0].device.type != device.type:
         return "the calibration activations are kept on the CPU (too large for the GPU)"
     tokens = sum(h.shape[0] * h.shape[1] for h in inputs.hidden)
-    widest = max(max(weight_matrix(m).shape) for m in modules.values())
-    columns = max(weight_matrix(m).shape[1] for m in modules.values())
+    shapes = [weight_matrix(m).shape for m in modules.values()]
+    widest, columns = max(max(shape) for shape in shapes), max(shape[1] for shape in shapes)
     need = 3 * tokens * widest * inputs.hidden[0].element_size() + 2 * 4 * columns * columns
     free = _available_bytes(device)
     if free is None or need <= SHARE * free:

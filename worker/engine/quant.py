@@ -123,22 +123,22 @@ class Quantization:
 
     def _error(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         scale = scale.unsqueeze(1)
-        return self.rounded(x / scale).mul_(scale).sub_(x).abs_().pow_(MSE_NORM).sum(dim=1)
+        return self.rounded_(x / scale).mul_(scale).sub_(x).abs_().pow_(MSE_NORM).sum(dim=1)
 
     def codes(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """``x`` (rows, ...) on the grid of ``scale`` (rows,) or broadcastable -> codes in ``code_dtype``."""
         if scale.dim() == 1 and x.dim() == 2:
             scale = scale.unsqueeze(1)
-        return self.rounded(x.float() / scale).to(self.code_dtype)
+        return self.rounded_(x.float() / scale).to(self.code_dtype)
 
-    def rounded(self, scaled: torch.Tensor) -> torch.Tensor:
-        """``x / scale`` (fp32) -> its codes as fp32 values (exact in fp32 for both grids); a code 0 is +0,
-        so the weights it makes are the int8 codes' own, byte for byte."""
+    def rounded_(self, scaled: torch.Tensor) -> torch.Tensor:
+        """``x / scale`` (fp32), in place -> its codes as fp32 values (exact in fp32 for both grids); a code
+        0 is +0, so the weights it makes (code x scale) are the stored codes' own, byte for byte."""
         if self.type == "int":
-            return torch.round(torch.clamp(scaled, -self.qmax - 1, self.qmax)).add_(0.0)
+            return scaled.clamp_(-self.qmax - 1, self.qmax).round_().add_(0.0)
         # A value below half the smallest subnormal rounds to zero, keeping its sign; -0 + 0 is +0, the code
         # compressed-tensors stores (it adds the zero point), so the checkpoint holds these very codes.
-        return torch.clamp(scaled, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float().add_(0.0)
+        return scaled.copy_(scaled.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)).add_(0.0)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
@@ -238,21 +238,17 @@ class SolveGrids:
 
     def values(self, i: int, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Block column ``i``: ``q`` (masked entries 0) -> its values on the grid (into ``out``); codes
-        recorded. A zero code's value may be -0 (``q`` negative, tiny): the caller's ``+ 0`` clears it."""
+        recorded."""
         c = self._block[2] + i
         scale, codes = self._scale_of[c], self._code_rows[c]
-        if self.quantization.type == "int":  # round(clamp(q / s)), as ``rounded``, in place
-            torch.div(q, scale, out=codes).clamp_(-self.quantization.qmax - 1, self.quantization.qmax).round_()
-        else:
-            codes.copy_(self.quantization.rounded(q / scale))
+        self.quantization.rounded_(torch.div(q, scale, out=codes))
         return torch.mul(codes, scale, out=out)
 
     def result(self, rows: slice, inverse: torch.Tensor | None) -> QuantizedWeight:
         """The layer in ``rows``: codes in original column order, scales in the scale dtype."""
         codes = self.codes_t.t()[rows] if inverse is None else self.codes_t[inverse].t()[rows]
-        # a zero code as +0: the int8 cast makes 0 of -0 anyway; FP8 keeps the sign (``rounded``'s + 0)
         return QuantizedWeight.of(
-            codes.add(0.0).to(self.quantization.code_dtype).contiguous(), self.scales[rows], self.quantization
+            codes.to(self.quantization.code_dtype).contiguous(), self.scales[rows], self.quantization
         )
 
 

@@ -32,7 +32,7 @@ from worker.engine.architectures import (
     set_weight_matrix,
     weight_matrix,
 )
-from worker.engine.block_inputs import StopBlockPass, capture_block_inputs, release_memory, run_block
+from worker.engine.block_inputs import SharedInputs, StopBlockPass, capture_block_inputs, release_memory, run_block
 from worker.engine.contract.method_table import method_info
 from worker.engine.contract.patterns import SparsityPattern
 from worker.engine.methods import prune_layers
@@ -94,8 +94,8 @@ class HessianCollector:
     """Forward pre-hooks that accumulate the Hessian of each hooked Linear's input.
 
     Linears called with the very same input tensor in one forward pass (q/k/v, gate/up)
-    share the Hessian of the first of them: ``groups`` maps that owner to all its readers.
-    ``hessian(columns, device)`` makes each accumulator.
+    share the Hessian of the first of them (``SharedInputs``): ``groups`` maps that owner to all
+    its readers. ``hessian(columns, device)`` makes each accumulator.
     """
 
     def __init__(
@@ -111,9 +111,8 @@ class HessianCollector:
         # hook stops the pass, provided every other hooked Linear has been called by then.
         self.stop_at = next(reversed(modules), None) if stop_early else None
         self.hessians: dict[str, Hessian | RunningHessian] = {}
-        self.groups: dict[str, list[str]] = {}
-        self._owner_of: dict[str, str] = {}
-        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, owner), one pass
+        self.shared = SharedInputs()
+        self.groups = self.shared.groups
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
         self.device = device
         self.hessian = hessian
@@ -121,32 +120,23 @@ class HessianCollector:
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
-            if name in self._owner_of:
-                if self._owner_of[name] != name:
-                    return
-            else:
-                seen = self._seen.get(id(x))
-                owner = seen[1] if seen is not None and seen[0] is x else name
-                self._owner_of[name] = owner
-                self.groups.setdefault(owner, []).append(name)
-                if owner != name:
-                    return
-            self._seen[id(x)] = (x, name)
+            if self.shared.owner(name, x) != name:
+                return
             if name not in self.hessians:
                 self.hessians[name] = self.hessian(x.shape[-1], self.device)
             self.hessians[name].add_batch(x)
-            if name == self.stop_at and self.names <= self._owner_of.keys():
+            if name == self.stop_at and self.names <= self.shared.owner_of.keys():
                 raise StopBlockPass
 
         return hook
 
     def end_pass(self) -> None:
-        self._seen.clear()
+        self.shared.end_pass()
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        self._seen.clear()
+        self.shared.end_pass()
 
 
 def _sparsity(W: torch.Tensor) -> float:
